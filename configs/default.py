@@ -1,0 +1,40 @@
+"""Base configuration. Every other config starts from this one.
+
+Key names under "User-facing keys" are the public interface; see README "Config reference".
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # User-facing keys.
+    config.model = ml_collections.ConfigDict()
+    config.model.arch = "wide_resnet50_2"
+    # 'imagenet' (download/cache), a .pth/.safetensors/.npz file, an rdjax teacher
+    # directory, or 'none' (random teacher: for tests and demos only).
+    config.model.teacher_weights = "imagenet"
+
+    config.dataset = ml_collections.ConfigDict()
+    config.dataset.name = "mvtec"
+    config.dataset.root = ""
+    config.dataset.category = "bottle"
+
+    config.image_size = 256
+    config.batch_size = 16
+    config.num_epochs = 200
+    config.learning_rate = 0.005
+    config.eval_every = 10
+    config.checkpoint_every = 10
+    config.seed = 111
+    config.dtype = "float32"
+
+    # Further keys.
+    config.adam_b1 = 0.5
+    config.adam_b2 = 0.999
+    config.keep_checkpoints = 3
+    config.map_mode = "add"  # 'add' or 'mul' over the three scales
+    config.blur_sigma = 4.0
+    config.eval_batch_size = 16
+    return config

@@ -1,0 +1,1 @@
+"""rdjax: RD4AD (reverse distillation anomaly detection) in JAX/Flax."""

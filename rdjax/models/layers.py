@@ -1,0 +1,104 @@
+"""Layers whose numerics match torch.nn exactly (same padding, same statistics).
+
+Flax's stock layers differ from PyTorch in ways that matter for a weight port:
+'SAME' padding is asymmetric for stride-2 convolutions, and BatchNorm updates its
+running variance with the biased batch variance where PyTorch uses the unbiased one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu'), used by the
+# official code for every Conv2d of the OCBE and the decoder. Flax's fan_out of an
+# HWIO kernel is kh*kw*out, the same number PyTorch uses for an OIHW one.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch's default ConvTranspose2d init, kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan)),
+# where PyTorch's fan_in of an (in, out, kh, kw) weight is out*kh*kw.
+deconv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
+
+
+class Conv(nn.Module):
+    """Bias-free 2-D convolution with PyTorch's symmetric zero padding (k // 2)."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, pad = self.kernel_size, self.kernel_size // 2
+        kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), jnp.float32)
+        return jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            window_strides=(self.stride, self.stride),
+            padding=((pad, pad), (pad, pad)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+
+
+class ConvTranspose2x2(nn.Module):
+    """PyTorch's ConvTranspose2d(kernel_size=2, stride=2, bias=False).
+
+    With kernel 2 and stride 2 the output blocks do not overlap: input pixel (i, j)
+    writes the 2x2 block at (2i, 2j) with weight[:, :, a, b]. That is one matmul and
+    a reshape, with no kernel flip to get wrong. The parameter is named
+    'transposed_kernel' so that the weight port knows its PyTorch layout
+    (in, out, kh, kw) without guessing from shapes.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h, w, c = x.shape
+        kernel = self.param(
+            "transposed_kernel", deconv_init, (2, 2, c, self.features), jnp.float32
+        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = jnp.einsum("nhwc,abco->nhawbo", x, kernel)
+        return y.reshape(n, 2 * h, 2 * w, self.features)
+
+
+class BatchNorm(nn.Module):
+    """PyTorch BatchNorm2d semantics (eps 1e-5, momentum 0.1), statistics in float32.
+
+    In train mode the batch statistics are reduced over the whole (global) batch: under
+    jit with a batch-sharded input, XLA inserts the cross-device reduction itself.
+    The running variance is updated with the unbiased batch variance, as PyTorch does.
+    """
+
+    use_running_average: bool
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            mean = jnp.mean(xf, axis=(0, 1, 2))
+            var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+            if not self.is_initializing():
+                n = xf.size // c
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+        y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.astype(self.dtype)

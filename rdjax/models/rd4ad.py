@@ -1,0 +1,144 @@
+"""Reverse distillation: frozen teacher -> one-class bottleneck (OCBE) -> student decoder.
+
+Variables are two explicit pytrees:
+  teacher_vars = {'params', 'batch_stats'} of the frozen encoder, never differentiated;
+  student_vars = {'params': {'ocbe', 'decoder'}, 'batch_stats': {...}}, the only trainable ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rdjax.models.layers import BatchNorm, Conv, Dtype
+from rdjax.models.resnet import ArchSpec, Teacher, check_image_size, get_arch, run_layer
+
+Features = tuple[jax.Array, jax.Array, jax.Array]
+Variables = dict[str, Any]
+
+
+class OCBE(nn.Module):
+    """One-class bottleneck embedding (official BN_layer): multi-scale fusion + embedding.
+
+    The official module also defines conv4/bn4, which its forward never uses; they are
+    not built here, and the port drops them.
+    """
+
+    spec: ArchSpec
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, feats: Features, train: bool) -> jax.Array:
+        a, b, c = feats
+        e = self.spec.expansion
+
+        def conv_bn_relu(x: jax.Array, features: int, i: int) -> jax.Array:
+            x = Conv(features, 3, 2, dtype=self.dtype, name=f"conv{i}")(x)
+            return nn.relu(BatchNorm(not train, dtype=self.dtype, name=f"bn{i}")(x))
+
+        a = conv_bn_relu(conv_bn_relu(a, 128 * e, 1), 256 * e, 2)
+        b = conv_bn_relu(b, 256 * e, 3)
+        x = jnp.concatenate([a.astype(self.dtype), b.astype(self.dtype), c.astype(self.dtype)], axis=-1)
+        return run_layer(x, self.spec, "bn_layer", 512, self.spec.ocbe_blocks, 2, train=train, dtype=self.dtype)
+
+
+class Decoder(nn.Module):
+    """The student: the teacher's layer3..layer1 in reverse, each stage upsampling 2x."""
+
+    spec: ArchSpec
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> Features:
+        outs = []
+        for i, planes in enumerate((256, 128, 64)):
+            x = run_layer(
+                x, self.spec, f"layer{i + 1}", planes, self.spec.layers[2 - i], 2,
+                train=train, dtype=self.dtype, transposed=True,
+            )
+            outs.append(x)
+        # Decoder layer3 (largest) pairs with teacher layer1, and so on.
+        return tuple(reversed(outs))
+
+
+class Student(nn.Module):
+    """OCBE + decoder: everything that trains."""
+
+    spec: ArchSpec
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.ocbe = OCBE(self.spec, self.dtype)
+        self.decoder = Decoder(self.spec, self.dtype)
+
+    def __call__(self, teacher_feats: Features, train: bool) -> Features:
+        return self.decoder(self.ocbe(teacher_feats, train), train)
+
+
+@dataclasses.dataclass(frozen=True)
+class RD4AD:
+    """Assembles teacher -> OCBE -> decoder; pure functions of explicit variables.
+
+    ``dtype`` is the compute dtype of convolutions (float32 or bfloat16). Parameters,
+    BatchNorm statistics and everything downstream of the features stay float32.
+    """
+
+    arch: str = "wide_resnet50_2"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        get_arch(self.arch)
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose 'float32' or 'bfloat16'")
+
+    @property
+    def spec(self) -> ArchSpec:
+        return get_arch(self.arch)
+
+    @property
+    def teacher(self) -> Teacher:
+        return Teacher(self.spec, jnp.dtype(self.dtype))
+
+    @property
+    def student(self) -> Student:
+        return Student(self.spec, jnp.dtype(self.dtype))
+
+    def init(self, rng: jax.Array, image_size: int = 256) -> tuple[Variables, Variables]:
+        """Random (teacher_vars, student_vars) for a square input of ``image_size``."""
+        t_rng, s_rng = jax.random.split(rng)
+        x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        check_image_size(x.shape)
+        teacher_vars = self.teacher.init(t_rng, x)
+        feats = self.teacher.apply(teacher_vars, x)
+        student_vars = self.student.init(s_rng, feats, train=False)
+        return dict(teacher_vars), dict(student_vars)
+
+    def teacher_features(self, teacher_vars: Variables, images: jax.Array) -> Features:
+        """Teacher layer1-3 features in float32; constants as far as autodiff is concerned."""
+        check_image_size(images.shape)
+        feats = self.teacher.apply(jax.lax.stop_gradient(teacher_vars), images)
+        return tuple(jax.lax.stop_gradient(f.astype(jnp.float32)) for f in feats)
+
+    def student_features(
+        self, student_vars: Variables, teacher_feats: Features, train: bool
+    ) -> tuple[Features, Variables]:
+        """Student features (float32) and, in train mode, the updated batch_stats."""
+        if train:
+            feats, updates = self.student.apply(student_vars, teacher_feats, train=True, mutable=["batch_stats"])
+            batch_stats = updates["batch_stats"]
+        else:
+            feats = self.student.apply(student_vars, teacher_feats, train=False)
+            batch_stats = student_vars["batch_stats"]
+        return tuple(f.astype(jnp.float32) for f in feats), batch_stats
+
+    def __call__(
+        self, teacher_vars: Variables, student_vars: Variables, images: jax.Array, train: bool = False
+    ) -> tuple[Features, Features]:
+        """(teacher features, student features), three scales each, NHWC float32."""
+        t = self.teacher_features(teacher_vars, images)
+        s, _ = self.student_features(student_vars, t, train)
+        return t, s

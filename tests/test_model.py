@@ -1,0 +1,88 @@
+"""Assembly, input checks, the loss, and the frozen teacher."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from conftest import nchw_to_nhwc
+from rdjax import train
+from rdjax.models import RD4AD
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = RD4AD("resnet18")
+    teacher_vars, student_vars = model.init(jax.random.key(0), 64)
+    return model, teacher_vars, student_vars
+
+
+def test_outputs_pair_teacher_and_student_scales(small):
+    model, teacher_vars, student_vars = small
+    t, s = model(teacher_vars, student_vars, jnp.ones((2, 96, 64, 3)))
+    assert [x.shape for x in t] == [(2, 24, 16, 64), (2, 12, 8, 128), (2, 6, 4, 256)]
+    assert [x.shape for x in s] == [x.shape for x in t]
+
+
+@pytest.mark.parametrize("h,w", [(100, 64), (64, 250)])
+def test_size_not_multiple_of_32_is_rejected(small, h, w):
+    model, teacher_vars, student_vars = small
+    with pytest.raises(ValueError, match=f"image size {h}x{w} is not a multiple of 32"):
+        model(teacher_vars, student_vars, jnp.ones((1, h, w, 3)))
+
+
+def test_unknown_arch_and_dtype_are_rejected():
+    with pytest.raises(ValueError, match="unknown architecture 'resnet19'"):
+        RD4AD("resnet19")
+    with pytest.raises(ValueError, match="unknown dtype 'float16'"):
+        RD4AD("resnet18", dtype="float16")
+
+
+def test_loss_equals_official_flattened_cosine():
+    """Against torch.nn.CosineSimilarity on flattened (C*H*W) maps, as in the official main.py."""
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(3, c, s, s, generator=g) for c, s in ((4, 8), (6, 4), (8, 2))]
+    b = [x + 0.7 * torch.randn(x.shape, generator=g) for x in a]
+    cos = torch.nn.CosineSimilarity()
+    want = sum(torch.mean(1 - cos(x.view(x.shape[0], -1), y.view(y.shape[0], -1))) for x, y in zip(a, b))
+    ours = train.cosine_distance_loss(
+        tuple(jnp.asarray(nchw_to_nhwc(x)) for x in a), tuple(jnp.asarray(nchw_to_nhwc(y)) for y in b)
+    )
+    np.testing.assert_allclose(float(ours), float(want), rtol=1e-6)
+
+
+def test_teacher_is_frozen_through_a_train_step(small):
+    model, teacher_vars, student_vars = small
+    tx = train.make_optimizer()
+    state = train.create_train_state(jax.tree_util.tree_map(jnp.copy, student_vars), tx)  # donated below
+    images = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
+
+    # Gradients with respect to both variable sets: the teacher's are exactly zero.
+    def loss(tv, sv):
+        t = model.teacher_features(tv, images)
+        s, _ = model.student_features(sv, t, train=True)
+        return train.cosine_distance_loss(t, s)
+
+    g_teacher, g_student = jax.grad(loss, argnums=(0, 1))(teacher_vars, student_vars)
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree_util.tree_leaves(g_teacher))
+    assert set(g_student["params"]) == {"ocbe", "decoder"}
+    assert sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree_util.tree_leaves(g_student["params"])) > 0
+
+    # The optimizer state covers student params only.
+    n_student = sum(x.size for x in jax.tree_util.tree_leaves(student_vars["params"]))
+    n_opt = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim > 0)
+    assert n_opt == 2 * n_student  # Adam: mu and nu
+
+    before = jax.tree_util.tree_map(np.array, teacher_vars)
+    step = jax.jit(functools.partial(train.train_step, model, tx), donate_argnums=0)
+    new_state, loss_value = step(state, teacher_vars, images)
+    jax.block_until_ready(new_state)
+    assert np.isfinite(float(loss_value))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before, teacher_vars)
+    # Student params and BN statistics did move; the step counter advanced.
+    assert int(new_state.step) == 1
+    moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != b)), new_state.batch_stats, student_vars["batch_stats"])
+    assert all(jax.tree_util.tree_leaves(moved))

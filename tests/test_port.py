@@ -1,0 +1,271 @@
+"""Weight import: exactness against torchvision and a torch-built student, formats,
+strictness, download and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from conftest import ROOT, nchw_to_nhwc, randomize_batchnorm, rel_err, state_dict_numpy
+from rdjax import checkpoint, port
+from rdjax.models import ARCHS, RD4AD
+from torch_reference import TorchDecoder, TorchOCBE, official_state_dict, teacher_features
+
+TOL = 1e-4  # max |diff| / max |torch|, float32
+
+
+@functools.lru_cache(maxsize=None)
+def torch_teacher(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None)
+    randomize_batchnorm(model, seed=1)
+    return model.eval()
+
+
+def _compare_teacher(arch: str, size: int, batch: int) -> float:
+    ref = torch_teacher(arch)
+    teacher_vars = port.convert_teacher(arch, state_dict_numpy(ref))
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = [nchw_to_nhwc(f) for f in teacher_features(ref, x)]
+    ours = RD4AD(arch).teacher_features(teacher_vars, jnp.asarray(nchw_to_nhwc(x)))
+    errs = []
+    for o, w in zip(ours, want):
+        assert o.shape == w.shape
+        errs.append(rel_err(o, w))
+    print(f"{arch} @ {size}px: rel err per scale {errs}")
+    return max(errs)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_teacher_matches_torchvision(arch):
+    assert _compare_teacher(arch, size=64, batch=2) <= TOL
+
+
+def test_wide_resnet50_teacher_matches_torchvision_at_256():
+    assert _compare_teacher("wide_resnet50_2", size=256, batch=2) <= TOL
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_student_matches_torch_reference(arch):
+    """OCBE + decoder ported from an official-format checkpoint equal a torch student built
+    from torchvision blocks, in eval mode and in train mode (batch statistics)."""
+    torch.manual_seed(5)
+    ocbe, decoder = TorchOCBE(arch), TorchDecoder(arch)
+    randomize_batchnorm(ocbe, 6)
+    randomize_batchnorm(decoder, 7)
+    sd = official_state_dict(ocbe, decoder)
+    sd["bn"]["memory_bank"] = torch.zeros(3)  # the official test code drops 'memory' keys
+    flat = port._flatten({k: {n: t.numpy() for n, t in v.items()} for k, v in sd.items()})
+    student_vars = port.convert_official(arch, flat)
+    model = RD4AD(arch)
+    g = torch.Generator().manual_seed(8)
+    c = get_channels(arch)
+    feats = [torch.randn(2, ch, s, s, generator=g) for ch, s in zip(c, (32, 16, 8))]  # 128 px: enough samples per channel for train-mode BN
+    jfeats = tuple(jnp.asarray(nchw_to_nhwc(f)) for f in feats)
+    for train in (False, True):
+        ocbe.train(train)
+        decoder.train(train)
+        with torch.no_grad():
+            want = decoder(ocbe(feats))
+            # Deep train-mode BatchNorm at a small batch is ill-conditioned: judge against a
+            # float64 run, allowing what torch's own float32 run deviates from it (x2).
+            exact = copy.deepcopy(decoder).double()(copy.deepcopy(ocbe).double()([f.double() for f in feats]))
+        ours, _ = model.student_features(student_vars, jfeats, train=train)
+        for o, w, e in zip(ours, want, exact):
+            assert o.shape == nchw_to_nhwc(w).shape
+            if train:
+                allowed = max(TOL, 2 * rel_err(nchw_to_nhwc(w), nchw_to_nhwc(e)))
+                assert rel_err(o, nchw_to_nhwc(e)) <= allowed, (arch, train)
+            else:
+                assert rel_err(o, nchw_to_nhwc(w)) <= TOL, (arch, train)
+
+
+def get_channels(arch: str) -> tuple[int, int, int]:
+    return ARCHS[arch].feature_channels
+
+
+def test_safetensors_and_pth_give_identical_variables(tmp_path):
+    from safetensors.torch import save_file
+
+    ref = torch_teacher("resnet18")
+    torch.save(ref.state_dict(), tmp_path / "w.pth")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    np.savez(tmp_path / "w.npz", **state_dict_numpy(ref))
+    variants = [port.convert_teacher("resnet18", port.read_state_dict(tmp_path / f"w.{ext}")) for ext in ("pth", "safetensors", "npz")]
+    for other in variants[1:]:
+        jax.tree_util.tree_map(np.testing.assert_array_equal, variants[0], other)
+
+
+def test_official_checkpoint_pth_roundtrip(tmp_path):
+    torch.manual_seed(1)
+    ocbe, decoder = TorchOCBE("resnet18"), TorchDecoder("resnet18")
+    torch.save(official_state_dict(ocbe, decoder), tmp_path / "ckpt.pth")
+    student_vars = port.convert_official("resnet18", port.read_state_dict(tmp_path / "ckpt.pth"))
+    np.testing.assert_array_equal(
+        student_vars["params"]["ocbe"]["conv1"]["kernel"], ocbe.conv1.weight.detach().numpy().transpose(2, 3, 1, 0)
+    )
+    np.testing.assert_array_equal(
+        student_vars["params"]["decoder"]["layer1_0"]["conv1"]["transposed_kernel"],
+        decoder.layer1[0].conv1.weight.detach().numpy().transpose(2, 3, 0, 1),
+    )
+
+
+def test_strictness_names_the_key():
+    sd = state_dict_numpy(torch_teacher("resnet18"))
+    missing = dict(sd)
+    del missing["layer2.0.conv1.weight"]
+    with pytest.raises(port.PortError, match=r"missing key 'layer2.0.conv1.weight' \(expected shape \(128, 64, 3, 3\)\)"):
+        port.convert_teacher("resnet18", missing)
+    extra = dict(sd, **{"layer3.0.extra.weight": np.zeros(3, np.float32)})
+    with pytest.raises(port.PortError, match=r"unexpected key 'layer3.0.extra.weight' with shape \(3,\)"):
+        port.convert_teacher("resnet18", extra)
+    bad = dict(sd, **{"bn1.weight": np.zeros(65, np.float32)})
+    with pytest.raises(port.PortError, match=r"key 'bn1.weight' has shape \(65,\), expected \(64,\)"):
+        port.convert_teacher("resnet18", bad)
+    # fc, layer4 and num_batches_tracked are ignored on purpose: sd has all three.
+    assert any(k.startswith("layer4.") for k in sd) and "fc.weight" in sd
+
+
+def test_wrong_architecture_is_reported():
+    sd = state_dict_numpy(torch_teacher("resnet18"))
+    with pytest.raises(port.PortError, match="is this a resnet34 teacher file"):
+        port.convert_teacher("resnet34", sd)
+
+
+def test_truncated_file_is_reported(tmp_path):
+    ref = torch_teacher("resnet18")
+    torch.save(ref.state_dict(), tmp_path / "w.pth")
+    data = (tmp_path / "w.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(port.PortError, match=r"cut.pth: cannot read weights"):
+        port.read_state_dict(tmp_path / "cut.pth")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00")
+    with pytest.raises(port.PortError, match=r"cut.safetensors: cannot read weights"):
+        port.read_state_dict(tmp_path / "cut.safetensors")
+
+
+def test_pth_without_torch_says_so(tmp_path):
+    (tmp_path / "w.pth").write_bytes(b"not used")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from rdjax import port\n"
+        f"port.read_state_dict({str(tmp_path / 'w.pth')!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "reading .pth/.pt files needs PyTorch" in proc.stderr
+
+
+def _fake_imagenet_file(directory: Path, arch: str, good_hash: bool = True) -> Path:
+    """A torchvision-style file whose name carries its own SHA-256 prefix, like the real ones."""
+    import hashlib
+
+    ref = torch_teacher(arch)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "tmp.pth"
+    torch.save(ref.state_dict(), tmp)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]
+    target = directory / port.IMAGENET_FILES[arch]
+    os.replace(tmp, target)
+    return target, digest
+
+
+def test_download_over_http_verifies_hash(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    target, digest = _fake_imagenet_file(served, "resnet18")
+    monkeypatch.setitem(port.IMAGENET_FILES, "resnet18", f"resnet18-{digest}.pth")
+    os.replace(target, served / f"resnet18-{digest}.pth")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("RDJAX_WEIGHTS_BASE_URL", f"http://127.0.0.1:{server.server_port}/")
+        monkeypatch.setenv("RDJAX_CACHE_DIR", str(tmp_path / "cache"))
+        variables = port.load_teacher("resnet18", "imagenet")
+    finally:
+        server.shutdown()
+    assert (tmp_path / "cache" / f"resnet18-{digest}.pth").is_file()
+    want = port.convert_teacher("resnet18", state_dict_numpy(torch_teacher("resnet18")))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, want)
+
+
+def test_download_rejects_bad_hash_and_leaves_nothing(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    target, _ = _fake_imagenet_file(served, "resnet18")
+    monkeypatch.setitem(port.IMAGENET_FILES, "resnet18", "resnet18-00000000.pth")
+    os.replace(target, served / "resnet18-00000000.pth")
+    monkeypatch.setenv("RDJAX_WEIGHTS_BASE_URL", served.as_uri())
+    with pytest.raises(port.PortError, match="does not start with '00000000'"):
+        port.download_imagenet("resnet18", tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_offline_download_fails_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("RDJAX_WEIGHTS_BASE_URL", "http://127.0.0.1:9/")  # discard port: refused
+    with pytest.raises(port.PortError) as info:
+        port.download_imagenet("wide_resnet50_2", tmp_path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert f"place it at {tmp_path / 'wide_resnet50_2-95faca4d.pth'}" in msg
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rdjax.port", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_cli_teacher_writes_orbax_checkpoint(tmp_path):
+    ref = torch_teacher("resnet18")
+    torch.save(ref.state_dict(), tmp_path / "w.pth")
+    proc = _run_cli("teacher", "--arch", "resnet18", "--src", str(tmp_path / "w.pth"), "--out", str(tmp_path / "t"))
+    assert proc.returncode == 0, proc.stderr
+    arch, restored = checkpoint.restore_teacher(tmp_path / "t")
+    assert arch == "resnet18"
+    want = port.convert_teacher("resnet18", state_dict_numpy(ref))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored, want)
+    # An existing output is refused, not overwritten.
+    again = _run_cli("teacher", "--arch", "resnet18", "--src", str(tmp_path / "w.pth"), "--out", str(tmp_path / "t"))
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_cli_teacher_wrong_arch_is_one_line_error(tmp_path):
+    torch.save(torch_teacher("resnet18").state_dict(), tmp_path / "w.pth")
+    proc = _run_cli("teacher", "--arch", "resnet50", "--src", str(tmp_path / "w.pth"), "--out", str(tmp_path / "t"))
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "is this a resnet50 teacher file" in proc.stderr
+    assert not (tmp_path / "t").exists()
+
+
+def test_cli_rd4ad_writes_a_restorable_workdir(tmp_path):
+    from rdjax import train
+
+    torch.manual_seed(2)
+    ocbe, decoder = TorchOCBE("resnet18"), TorchDecoder("resnet18")
+    torch.save(official_state_dict(ocbe, decoder), tmp_path / "ckpt.pth")
+    torch.save(torch_teacher("resnet18").state_dict(), tmp_path / "w.pth")
+    out = tmp_path / "work"
+    proc = _run_cli("rd4ad", "--arch", "resnet18", "--teacher", str(tmp_path / "w.pth"), "--src", str(tmp_path / "ckpt.pth"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    config = checkpoint.load_config(out)
+    assert config.model.arch == "resnet18"
+    assert checkpoint.restore_teacher(config.model.teacher_weights)[0] == "resnet18"
+    model = RD4AD("resnet18")
+    _, student = model.init(jax.random.key(0), 64)
+    template = train.create_train_state(student, train.make_optimizer())
+    with checkpoint.checkpoint_manager(out) as manager:
+        state = checkpoint.restore_state(manager, template)
+    want = port.convert_official("resnet18", port.read_state_dict(tmp_path / "ckpt.pth"))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state.student_vars, want)

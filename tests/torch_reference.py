@@ -1,0 +1,84 @@
+"""A PyTorch RD4AD student assembled from torchvision's own blocks, as an independent
+reference for rdjax's OCBE and decoder.
+
+It follows the structure documented in shared design notes (BN_layer and de_resnet of the
+official code): torchvision Bottleneck/BasicBlock forwards, with the decoder's stride-2
+convolutions swapped for 2x2 stride-2 ConvTranspose2d. State-dict keys are renamed to the
+official ones ('downsample' -> 'upsample' in the decoder) so the real port is exercised.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models import resnet as tvr
+
+from rdjax.models.resnet import get_arch
+
+
+def teacher_features(model: tvr.ResNet, x: torch.Tensor) -> list[torch.Tensor]:
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    a = model.layer1(x)
+    b = model.layer2(a)
+    return [a, b, model.layer3(b)]
+
+
+class TorchOCBE(nn.Module):
+    def __init__(self, arch: str):
+        super().__init__()
+        spec = get_arch(arch)
+        e = spec.expansion
+        block = tvr.BasicBlock if spec.block == "basic" else tvr.Bottleneck
+        kw = {} if spec.block == "basic" else {"base_width": spec.base_width}
+        self.conv1 = nn.Conv2d(64 * e, 128 * e, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(128 * e)
+        self.conv2 = nn.Conv2d(128 * e, 256 * e, 3, 2, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(256 * e)
+        self.conv3 = nn.Conv2d(128 * e, 256 * e, 3, 2, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(256 * e)
+        self.conv4 = nn.Conv2d(1024 * e, 512 * e, 1, bias=False)  # defined, never used: as official
+        self.bn4 = nn.BatchNorm2d(512 * e)
+        inplanes = 256 * e * 3
+        down = nn.Sequential(nn.Conv2d(inplanes, 512 * e, 1, 2, bias=False), nn.BatchNorm2d(512 * e))
+        blocks = [block(inplanes, 512, 2, down, **kw)]
+        blocks += [block(512 * e, 512, **kw) for _ in range(1, spec.ocbe_blocks)]
+        self.bn_layer = nn.Sequential(*blocks)
+
+    def forward(self, feats):
+        a, b, c = feats
+        a = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(a))))))
+        b = torch.relu(self.bn3(self.conv3(b)))
+        return self.bn_layer(torch.cat([a, b, c], 1))
+
+
+class TorchDecoder(nn.Module):
+    def __init__(self, arch: str):
+        super().__init__()
+        spec = get_arch(arch)
+        e = spec.expansion
+        block = tvr.BasicBlock if spec.block == "basic" else tvr.Bottleneck
+        kw = {} if spec.block == "basic" else {"base_width": spec.base_width}
+        inplanes = 512 * e
+        for i, planes in enumerate((256, 128, 64)):
+            up = nn.Sequential(nn.ConvTranspose2d(inplanes, planes * e, 2, 2, bias=False), nn.BatchNorm2d(planes * e))
+            first = block(inplanes, planes, 1, up, **kw)
+            if spec.block == "basic":
+                first.conv1 = nn.ConvTranspose2d(inplanes, planes, 2, 2, bias=False)
+            else:
+                width = first.conv2.in_channels
+                first.conv2 = nn.ConvTranspose2d(width, width, 2, 2, bias=False)
+            rest = [block(planes * e, planes, **kw) for _ in range(1, spec.layers[2 - i])]
+            setattr(self, f"layer{i + 1}", nn.Sequential(first, *rest))
+            inplanes = planes * e
+
+    def forward(self, x):
+        a = self.layer1(x)
+        b = self.layer2(a)
+        c = self.layer3(b)
+        return [c, b, a]
+
+
+def official_state_dict(ocbe: TorchOCBE, decoder: TorchDecoder) -> dict:
+    """The official checkpoint layout: {'bn': ..., 'decoder': ...}, decoder shortcuts as 'upsample'."""
+    dec = {k.replace("downsample", "upsample"): v for k, v in decoder.state_dict().items()}
+    return {"bn": ocbe.state_dict(), "decoder": dec}
