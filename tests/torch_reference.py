@@ -67,7 +67,7 @@ class TorchDecoder(nn.Module):
             else:
                 width = first.conv2.in_channels
                 first.conv2 = nn.ConvTranspose2d(width, width, 2, 2, bias=False)
-            rest = [block(planes * e, planes, **kw) for _ in range(1, spec.layers[2 - i])]
+            rest = [block(planes * e, planes, **kw) for _ in range(1, spec.layers[i])]
             setattr(self, f"layer{i + 1}", nn.Sequential(first, *rest))
             inplanes = planes * e
 

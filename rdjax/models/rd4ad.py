@@ -47,7 +47,9 @@ class OCBE(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The student: the teacher's layer3..layer1 in reverse, each stage upsampling 2x."""
+    """The student: three stages from the bottleneck code back to the teacher's scales,
+    each upsampling 2x. As in the official de_resnet.py, stage i has as many blocks as the
+    teacher's layer i (so WRN-50-2's decoder runs 3, 4, 6 blocks from coarse to fine)."""
 
     spec: ArchSpec
     dtype: Dtype = jnp.float32
@@ -57,7 +59,7 @@ class Decoder(nn.Module):
         outs = []
         for i, planes in enumerate((256, 128, 64)):
             x = run_layer(
-                x, self.spec, f"layer{i + 1}", planes, self.spec.layers[2 - i], 2,
+                x, self.spec, f"layer{i + 1}", planes, self.spec.layers[i], 2,
                 train=train, dtype=self.dtype, transposed=True,
             )
             outs.append(x)
