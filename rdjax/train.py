@@ -7,13 +7,20 @@ by the optimizer, and never donated or rewritten.
 
 from __future__ import annotations
 
+import functools
+import time
+from pathlib import Path
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import tqdm
+from absl import logging
 
+from rdjax.data.mvtec import Split
 from rdjax.models.rd4ad import RD4AD, Features, Variables
 
 
@@ -88,3 +95,214 @@ def train_step(
 ) -> tuple[TrainState, jax.Array]:
     """One step from images: one teacher forward, then the student update."""
     return train_step_features(model, tx, state, model.teacher_features(teacher_vars, images))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _log(fmt: str, *args: Any) -> None:
+    """Progress lines on stdout, above any progress bar (library logs stay at WARNING)."""
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(fmt % args)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example a non-finite loss)."""
+
+
+def load_teacher_vars(config: Any, model: RD4AD, workdir: Path) -> tuple[Variables, list[str]]:
+    """The workdir's own teacher if it has one (resume, eval), else config.model.teacher_weights,
+    saved into the workdir so the run never depends on the original file again."""
+    from rdjax import checkpoint, port
+
+    warnings: list[str] = []
+    teacher_dir = workdir / "teacher"
+    if teacher_dir.exists():
+        arch, variables = checkpoint.restore_teacher(teacher_dir)
+        if arch != model.arch:
+            raise port.PortError(f"{teacher_dir}: holds a {arch} teacher, but config.model.arch is {model.arch}")
+        source = checkpoint.load_config(workdir).model.teacher_weights if (workdir / "config.json").exists() else "workdir"
+    else:
+        source = config.model.teacher_weights
+        if source == "none":
+            variables, _ = model.init(jax.random.key(config.seed), config.image_size)
+        else:
+            variables = port.load_teacher(model.arch, source)
+        if jax.process_index() == 0:
+            checkpoint.save_teacher(teacher_dir, model.arch, variables)
+    if source == "none":
+        warnings.append(
+            "the teacher is RANDOM (config.model.teacher_weights='none'): results are not comparable with the paper"
+        )
+        logging.warning("=" * 70)
+        logging.warning("RANDOM TEACHER: %s", warnings[-1])
+        logging.warning("=" * 70)
+    return variables, warnings
+
+
+def cache_teacher_features(model: RD4AD, teacher_vars: Variables, images: np.ndarray, batch_size: int, put) -> list[np.ndarray]:
+    """The frozen teacher's features of every training image, computed once.
+
+    With no augmentation (the paper's protocol) they are identical in every epoch, so the
+    teacher forward leaves the training loop entirely.
+    """
+    from rdjax.evaluate import normalize
+
+    @jax.jit
+    def features(tv: Variables, x: jax.Array) -> Features:
+        return model.teacher_features(tv, normalize(x))
+
+    out: list[list[np.ndarray]] = [[], [], []]
+    for start in tqdm.tqdm(range(0, len(images), batch_size), desc="teacher features", leave=False, disable=None):
+        batch = images[start:start + batch_size]
+        valid = len(batch)
+        if valid < batch_size:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, axis=0)])
+        for k, f in enumerate(features(teacher_vars, put(batch))):
+            out[k].append(np.asarray(f)[:valid])
+    return [np.concatenate(parts) for parts in out]
+
+
+def _evaluate_and_write(
+    config: Any, workdir: Path, model: RD4AD, teacher_vars: Variables, student_vars: Variables,
+    test: Split, epoch: int, step: int, warnings: list[str], put, writer,
+) -> dict:
+    from rdjax import evaluate, metrics
+
+    eval_step = evaluate.make_eval_step(model, config.map_mode, config.blur_sigma)
+    start = time.perf_counter()
+    maps, scores = evaluate.predict_split(eval_step, teacher_vars, student_vars, test.images, config.eval_batch_size, put)
+    seconds = time.perf_counter() - start
+    result = metrics.compute_all(maps, scores, test.masks, test.labels, test.defect_types)
+    result.update(
+        epoch=epoch, step=step, seed=config.seed, category=config.dataset.category, arch=config.model.arch,
+        teacher_weights=config.model.teacher_weights, dtype=config.dtype, image_size=config.image_size,
+        eval_images_per_second=len(test) / seconds, warnings=warnings,
+    )
+    if jax.process_index() == 0:
+        out = workdir / "eval" / f"epoch_{epoch:04d}"
+        evaluate.write_overlays(out / "images", test, maps, scores)
+        evaluate.write_json(out / "metrics.json", result)
+        evaluate.write_text(out / "results.md", evaluate.results_markdown(result))
+        evaluate.write_json(workdir / "metrics.json", result)
+        evaluate.write_text(workdir / "results.md", evaluate.results_markdown(result))
+        if writer is not None:
+            for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
+                writer.add_scalar(f"eval/{key}", result[key], step)
+            writer.flush()
+    _log(
+        "epoch %d: image AUROC %.4f  pixel AUROC %.4f  AUPRO %.4f",
+        epoch, result["image_auroc"], result["pixel_auroc"], result["aupro"],
+    )
+    return result
+
+
+def _setup(config: Any, workdir: Path):
+    from rdjax.data import pipeline
+
+    model = RD4AD(config.model.arch, config.dtype)
+    mesh = pipeline.make_mesh()
+    sharding = pipeline.batch_sharding(mesh)
+    put = functools.partial(pipeline.put_batch, sharding=sharding)
+    teacher_vars, warnings = load_teacher_vars(config, model, workdir)
+    teacher_vars = jax.device_put(teacher_vars, pipeline.replicated(mesh))
+    _, student_vars = model.init(jax.random.key(config.seed), config.image_size)
+    tx = make_optimizer(config.learning_rate, config.adam_b1, config.adam_b2)
+    state = jax.device_put(create_train_state(student_vars, tx), pipeline.replicated(mesh))
+    return model, mesh, put, teacher_vars, warnings, tx, state
+
+
+def train_and_evaluate(config: Any, workdir: str | Path) -> dict:
+    """Train (resuming from the workdir's latest checkpoint), evaluating every
+    config.eval_every epochs and at the end. Returns the last evaluation's metrics."""
+    from rdjax import checkpoint
+    from rdjax.data import load_dataset, pipeline
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_split, test_split = load_dataset(config)
+    model, mesh, put, teacher_vars, warnings, tx, state = _setup(config, workdir)
+    if jax.process_index() == 0:
+        checkpoint.save_config(workdir, config)
+
+    num_devices = mesh.devices.size
+    if config.batch_size % num_devices:
+        raise ValueError(f"config.batch_size={config.batch_size} does not divide evenly over {num_devices} devices")
+    steps_per_epoch = len(pipeline.epoch_batches(len(train_split), config.batch_size, config.seed, 0, num_devices))
+
+    manager = checkpoint.checkpoint_manager(workdir, config.keep_checkpoints)
+    start_epoch = 0
+    if manager.latest_step() is not None:
+        state = checkpoint.restore_state(manager, state)
+        start_epoch = int(state.step) // steps_per_epoch
+        _log("resuming from step %d (epoch %d)", int(state.step), start_epoch)
+
+    features = cache_teacher_features(model, teacher_vars, train_split.images, config.eval_batch_size, put)
+    step_fn = jax.jit(functools.partial(train_step_features, model, tx), donate_argnums=0)
+    writer = None
+    if jax.process_index() == 0:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(str(workdir / "tensorboard"))
+
+    result: dict = {}
+    for epoch in range(start_epoch + 1, config.num_epochs + 1):
+        batches = pipeline.epoch_batches(len(train_split), config.batch_size, config.seed, epoch, num_devices)
+        gather = lambda idx: put(tuple(f[idx] for f in features))  # noqa: E731
+        losses = []
+        start = time.perf_counter()
+        bar = tqdm.tqdm(total=len(train_split), desc=f"epoch {epoch}/{config.num_epochs}", unit="img", leave=False, disable=None)
+        for idx, feats in zip(batches, pipeline.prefetch(batches, gather)):
+            state, loss = step_fn(state, feats)
+            losses.append(loss)
+            bar.update(len(idx))
+        losses = np.asarray(jax.device_get(losses))  # one host round-trip per epoch
+        seconds = time.perf_counter() - start
+        bar.set_postfix(loss=f"{losses.mean():.4f}", img_s=f"{len(train_split) / seconds:.1f}")
+        bar.close()
+        if not np.all(np.isfinite(losses)):
+            bad = int(np.flatnonzero(~np.isfinite(losses))[0])
+            raise TrainingError(
+                f"non-finite loss {losses[bad]} at step {(epoch - 1) * steps_per_epoch + bad + 1} (epoch {epoch}); "
+                f"stopped, the last good checkpoint is kept"
+            )
+        _log("epoch %d: loss %.5f, %.1f img/s", epoch, losses.mean(), len(train_split) / seconds)
+        if writer is not None:
+            writer.add_scalar("train/loss", float(losses.mean()), int(state.step))
+            writer.add_scalar("train/images_per_second", len(train_split) / seconds, int(state.step))
+        last = epoch == config.num_epochs
+        if epoch % config.checkpoint_every == 0 or last:
+            checkpoint.save_state(manager, int(state.step), state)
+        if epoch % config.eval_every == 0 or last:
+            result = _evaluate_and_write(
+                config, workdir, model, teacher_vars, state.student_vars, test_split, epoch, int(state.step), warnings, put, writer
+            )
+    if not result:  # already trained: evaluate what is there
+        result = _evaluate_and_write(
+            config, workdir, model, teacher_vars, state.student_vars, test_split,
+            int(state.step) // steps_per_epoch, int(state.step), warnings, put, writer,
+        )
+    manager.close()
+    if writer is not None:
+        writer.close()
+    return result
+
+
+def evaluate_workdir(config: Any, workdir: str | Path) -> dict:
+    """--mode=eval: evaluate the latest checkpoint of a workdir (trained here or ported)."""
+    from rdjax import checkpoint
+    from rdjax.data import dataset_root, load_dataset, mvtec, pipeline
+
+    workdir = Path(workdir)
+    with checkpoint.checkpoint_manager(workdir, config.keep_checkpoints) as manager:
+        if manager.latest_step() is None:
+            raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint to evaluate")
+        _, test_split = load_dataset(config)
+        model, mesh, put, teacher_vars, warnings, tx, state = _setup(config, workdir)
+        state = checkpoint.restore_state(manager, state)
+    num_train = len(mvtec.scan_category(dataset_root(config), config.dataset.category)["train"])
+    steps_per_epoch = len(pipeline.epoch_batches(num_train, config.batch_size, config.seed, 0, mesh.devices.size))
+    step = int(state.step)
+    return _evaluate_and_write(
+        config, workdir, model, teacher_vars, state.student_vars, test_split, step // max(steps_per_epoch, 1), step, warnings, put, None
+    )

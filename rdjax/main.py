@@ -1,0 +1,63 @@
+"""Entry point: python -m rdjax.main --config=configs/mvtec.py --workdir=DIR [--mode=train|eval]
+
+Holds the flags and the config; the work happens in rdjax.train.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if possible) or eval (latest checkpoint).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run(config, workdir: Path, mode: str) -> dict:
+    from rdjax import train
+
+    if mode == "eval":
+        return train.evaluate_workdir(config, workdir)
+    return train.train_and_evaluate(config, workdir)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from rdjax import evaluate, port
+    from rdjax.data import DataError, dataset_root, mvtec
+    from rdjax.train import TrainingError
+
+    logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
+    config, workdir = FLAGS.config, Path(FLAGS.workdir)
+    try:
+        if config.dataset.category == "all":
+            categories = mvtec.list_categories(dataset_root(config))
+            if not categories:
+                raise DataError(f"{config.dataset.root}: no categories found (folders with train/ and test/)")
+            results = {}
+            for category in categories:
+                with config.unlocked():
+                    config.dataset.category = category
+                results[category] = run(config, workdir / category, FLAGS.mode)
+            table = evaluate.summary_markdown(results)
+            evaluate.write_text(workdir / "results.md", table)
+            print(table)
+        else:
+            r = run(config, workdir, FLAGS.mode)
+            print(
+                f"{config.dataset.category}: image AUROC {r['image_auroc']:.4f}  pixel AUROC {r['pixel_auroc']:.4f}  "
+                f"AUPRO {r['aupro']:.4f}  (epoch {r['epoch']}; {workdir / 'results.md'})"
+            )
+    except (DataError, port.PortError, TrainingError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
