@@ -19,7 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "mvtec"
     config.dataset.root = ""
-    config.dataset.category = "bottle"
+    config.dataset.category = "bottle"  # or "all": every category under root
+    config.dataset.data_dir = ""  # where TFDS keeps prepared data ("" = ~/tensorflow_datasets)
+    config.dataset.synthetic_seed = 0  # dataset.name='synthetic' only
 
     config.image_size = 256
     config.batch_size = 16

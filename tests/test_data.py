@@ -1,0 +1,129 @@
+"""Synthetic data, the TFDS builder, preprocessing against torchvision, batching."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from rdjax import evaluate
+from rdjax.data import mvtec, pipeline, synthetic
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    return synthetic.generate(root, categories=("disk",), size=64, num_train=6, num_test_good=3, num_per_defect=2)
+
+
+def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    a = synthetic.generate(tmp_path / "a", categories=("weave",), size=32, num_train=2, num_test_good=1, num_per_defect=1)
+    b = synthetic.generate(tmp_path / "b", categories=("weave",), size=32, num_train=2, num_test_good=1, num_per_defect=1)
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert files_a == sorted(p.relative_to(b) for p in b.rglob("*.png"))
+    assert len(files_a) == 2 + 1 + 3 * 2
+    for f in files_a:
+        assert (a / f).read_bytes() == (b / f).read_bytes()
+
+
+@pytest.mark.parametrize("category", synthetic.CATEGORIES)
+@pytest.mark.parametrize("kind", synthetic.DEFECT_TYPES)
+def test_synthetic_masks_are_exactly_the_changed_pixels(category, kind):
+    rng = np.random.default_rng(0)
+    img, center, spread = synthetic._sample(rng, category, 128)
+    mask = synthetic._defect_mask(rng, kind, 128, center, spread)
+    changed = np.any(synthetic._to_uint8(synthetic._apply_defect(rng, img, mask, kind)) != synthetic._to_uint8(img), axis=-1)
+    assert mask.sum() > 20
+    assert not np.any(changed & ~mask)  # nothing outside the mask changed
+    assert changed[mask].mean() > 0.97  # (a pixel may by chance round to its old value)
+
+
+def test_builder_reads_the_layout(synth_root, tmp_path):
+    builder = mvtec.prepare(synth_root, "disk", tmp_path / "tfds")
+    train = mvtec.load_split(builder, "train", 32)
+    test = mvtec.load_split(builder, "test", 32)
+    assert train.images.shape == (6, 32, 32, 3) and train.images.dtype == np.uint8
+    assert len(test) == 3 + 3 * 2
+    assert test.defect_types.count("good") == 3
+    assert list(test.labels) == [0 if t == "good" else 1 for t in test.defect_types]
+    assert not test.masks[test.labels == 0].any()
+    assert all(test.masks[i].any() for i in np.flatnonzero(test.labels))
+    i = test.filenames.index("hole/001.png")
+    want = mvtec.decode_mask((synth_root / "disk/ground_truth/hole/001_mask.png").read_bytes(), 32)
+    np.testing.assert_array_equal(test.masks[i], want)
+
+
+def test_builder_sees_an_edited_folder(synth_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(synth_root, root)
+    first = mvtec.prepare(root, "disk", tmp_path / "tfds")
+    (root / "disk/train/good/000.png").unlink()
+    second = mvtec.prepare(root, "disk", tmp_path / "tfds")
+    assert first.builder_config.name != second.builder_config.name
+    assert len(mvtec.load_split(second, "train", 32)) == 5
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_image_preprocessing_equals_torchvision(mode):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
+    pil = Image.fromarray(rgb).convert(mode)
+    data = io.BytesIO()
+    pil.save(data, format="PNG")
+    ours = mvtec.decode_image(data.getvalue(), 64)
+    reference = Image.open(io.BytesIO(data.getvalue())).convert("RGB")  # the official dataset.py
+    official = transforms.Compose([transforms.Resize((64, 64)), transforms.ToTensor()])(reference)
+    np.testing.assert_array_equal(ours.astype(np.float32) / 255.0, official.permute(1, 2, 0).numpy())
+    norm = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(official)
+    np.testing.assert_allclose(np.asarray(evaluate.normalize(ours[None]))[0], norm.permute(1, 2, 0).numpy(), atol=1e-6)
+
+
+def test_mask_preprocessing_equals_official():
+    mask = np.zeros((70, 90), np.uint8)
+    mask[10:40, 20:61] = 255
+    mask[50:52, 5:80] = 255  # thin: bilinear shrinking makes it partly fall below 0.5
+    gt = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])(Image.fromarray(mask))
+    np.testing.assert_array_equal(mvtec.decode_mask(_png(mask), 32), gt[0].numpy() > 0.5)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped():
+    arr = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    out = mvtec.decode_image(_png(arr), 64)
+    assert out.shape == (64, 64, 3)
+    assert out.max() == 255 and out.min() == 0
+    np.testing.assert_array_equal(out[..., 0], np.round(arr / 65535 * 255).astype(np.uint8))
+
+
+def test_epoch_batches_cover_every_image_once_and_depend_only_on_seed_and_epoch():
+    a = pipeline.epoch_batches(37, 8, seed=5, epoch=3)
+    assert [len(b) for b in a] == [8, 8, 8, 8, 5]
+    assert sorted(np.concatenate(a)) == list(range(37))
+    assert all(np.array_equal(x, y) for x, y in zip(a, pipeline.epoch_batches(37, 8, seed=5, epoch=3)))
+    assert not np.array_equal(np.concatenate(a), np.concatenate(pipeline.epoch_batches(37, 8, seed=5, epoch=4)))
+    trimmed = pipeline.epoch_batches(37, 8, seed=5, epoch=3, multiple_of=4)
+    assert [len(b) for b in trimmed] == [8, 8, 8, 8, 4]
+
+
+def test_evaluation_sees_every_image_exactly_once():
+    images = np.arange(11, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+    calls = []
+
+    def fake_step(tv, sv, batch):
+        calls.append(len(batch))
+        maps = np.asarray(batch, np.float32)[..., 0]
+        return maps, maps.max(axis=(1, 2))
+
+    maps, scores = evaluate.predict_split(fake_step, None, None, images, 4, put=lambda x: x)
+    assert calls == [4, 4, 4]  # the last batch is padded to full size
+    np.testing.assert_array_equal(scores, np.arange(11))
+    assert maps.shape == (11, 4, 4)
