@@ -219,8 +219,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict:
     from rdjax.data import load_dataset, pipeline
 
     workdir = Path(workdir)
+    train_split, test_split = load_dataset(config)  # bad data fails before the workdir is touched
     workdir.mkdir(parents=True, exist_ok=True)
-    train_split, test_split = load_dataset(config)
     model, mesh, put, teacher_vars, warnings, tx, state = _setup(config, workdir)
     if jax.process_index() == 0:
         checkpoint.save_config(workdir, config)

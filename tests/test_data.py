@@ -127,3 +127,20 @@ def test_evaluation_sees_every_image_exactly_once():
     assert calls == [4, 4, 4]  # the last batch is padded to full size
     np.testing.assert_array_equal(scores, np.arange(11))
     assert maps.shape == (11, 4, 4)
+
+
+def test_official_tar_archive_is_accepted(synth_root, tmp_path):
+    import tarfile
+
+    import ml_collections
+
+    from rdjax.data import dataset_root
+
+    archive = tmp_path / "mvtec_anomaly_detection.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(synth_root / "disk", arcname="disk")
+    config = ml_collections.ConfigDict({"dataset": {"name": "mvtec", "root": str(archive), "data_dir": str(tmp_path / "cache"), "synthetic_seed": 0}})
+    root = dataset_root(config)
+    assert mvtec.list_categories(root) == ["disk"]
+    assert (root / "disk/ground_truth/hole/001_mask.png").read_bytes() == (synth_root / "disk/ground_truth/hole/001_mask.png").read_bytes()
+    assert dataset_root(config) == root  # extracted once, reused

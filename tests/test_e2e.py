@@ -179,3 +179,29 @@ def test_ported_official_model_evaluates_like_the_official_code(synth_root, tmp_
     assert ours["pixel_auroc"] == pytest.approx(pixel, abs=1e-3)
     assert ours["image_auroc"] == pytest.approx(image, abs=1e-3)
     assert ours["epoch"] == 0
+
+
+def test_cli_all_categories_writes_one_table(synth_root, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rdjax.main", "--config=configs/synthetic.py", f"--workdir={tmp_path}",
+         f"--config.dataset.root={synth_root}", f"--config.dataset.data_dir={synth_root / '_tfds'}",
+         "--config.dataset.category=all", "--config.image_size=64", "--config.num_epochs=1"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["category", "disk", "weave", "**mean**"]
+    per = [json.loads((tmp_path / c / "metrics.json").read_text())["image_auroc"] for c in ("disk", "weave")]
+    assert f"**{100 * np.mean(per):.1f}**" in rows[-1]
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rdjax.main", "--config=configs/mvtec.py", f"--workdir={tmp_path / 'w'}",
+         f"--config.dataset.root={tmp_path}", "--config.dataset.category=bottle"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0
+    assert "no such category" in proc.stderr and "found: none" in proc.stderr

@@ -20,9 +20,40 @@ def dataset_root(config: ml_collections.ConfigDict) -> Path:
     if not config.dataset.root:
         raise DataError("config.dataset.root is empty; set --config.dataset.root=/path/to/mvtec_anomaly_detection")
     root = Path(config.dataset.root).expanduser()
+    if root.name.endswith((".tar.xz", ".tar.gz", ".tar")):
+        root = extract_archive(root, Path(config.dataset.data_dir or Path.home() / "tensorflow_datasets"))
     if name == "synthetic":
         synthetic.generate(root, seed=config.dataset.synthetic_seed)
     return root
+
+
+def extract_archive(archive: Path, cache: Path) -> Path:
+    """Unpack the official mvtec_anomaly_detection.tar.xz once; return the folder of categories.
+
+    Extraction goes to a temporary folder renamed into place when complete, so an
+    interrupted extraction is never mistaken for a dataset.
+    """
+    import shutil
+    import tarfile
+    import tempfile
+
+    if not archive.is_file():
+        raise DataError(f"{archive}: no such archive")
+    target = cache / "extracted" / archive.name.split(".tar")[0]
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".extract."))
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+            entries = [p for p in tmp.iterdir()]
+            inner = entries[0] if len(entries) == 1 and not mvtec.list_categories(tmp) else tmp
+            inner.rename(target)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"{archive}: cannot extract ({e})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> tuple[Split, Split]:
