@@ -1,0 +1,124 @@
+"""Throughput and memory of training and inference, compile time reported apart.
+
+  python experiments/benchmark.py                       # paper setting and a small one, one table
+  python experiments/benchmark.py --arch=wide_resnet50_2 --size=256 --batch=8 --json
+
+Training is measured as rdjax trains: one optimizer step on cached teacher features
+(`train_img_s`), and also with the teacher forward inside every step as the official code
+does (`train_teacher_img_s`). Inference is the full path from uint8 images: teacher,
+OCBE, decoder, maps, upsampling, blur and score (`eval_img_s`). Peak memory is the
+device's peak where the backend reports it (GPUs, TPUs), else the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rdjax import evaluate, train  # noqa: E402
+from rdjax.data import pipeline  # noqa: E402
+from rdjax.models import RD4AD  # noqa: E402
+
+
+def _timed(fn, args_fn, steps: int) -> tuple[float, float]:
+    """(first call seconds, steady seconds per call) with results blocked on."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args_fn()))
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = fn(*args_fn())
+    jax.block_until_ready(out)
+    return first, (time.perf_counter() - start) / steps
+
+
+def peak_memory_mb() -> float:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def measure(arch: str, size: int, batch: int, steps: int, dtype: str) -> dict:
+    model = RD4AD(arch, dtype)
+    mesh = pipeline.make_mesh()
+    put = functools.partial(pipeline.put_batch, sharding=pipeline.batch_sharding(mesh))
+    teacher_vars, student_vars = model.init(jax.random.key(0), size)
+    tx = train.make_optimizer()
+    images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    x = put(images)
+
+    feats = jax.jit(lambda tv, im: model.teacher_features(tv, evaluate.normalize(im)))(teacher_vars, x)
+    state = train.create_train_state(student_vars, tx)
+    step = jax.jit(functools.partial(train.train_step_features, model, tx), donate_argnums=0)
+    holder = {"state": state}
+
+    def run_cached(f):
+        holder["state"], loss = step(holder["state"], f)
+        return loss
+
+    c_train, t_train = _timed(run_cached, lambda: (feats,), steps)
+
+    full = jax.jit(
+        lambda s, tv, im: train.train_step(model, tx, s, tv, evaluate.normalize(im)), donate_argnums=0
+    )
+
+    def run_full(im):
+        holder["state"], loss = full(holder["state"], teacher_vars, im)
+        return loss
+
+    c_full, t_full = _timed(run_full, lambda: (x,), steps)
+
+    eval_step = evaluate.make_eval_step(model)
+    student_now = holder["state"].student_vars
+    c_eval, t_eval = _timed(eval_step, lambda: (teacher_vars, student_now, x), steps)
+    return {
+        "device": jax.devices()[0].device_kind,
+        "num_devices": jax.device_count(),
+        "arch": arch,
+        "size": size,
+        "batch": batch,
+        "dtype": dtype,
+        "train_img_s": batch / t_train,
+        "train_teacher_img_s": batch / t_full,
+        "eval_img_s": batch / t_eval,
+        "compile_s": (c_train - t_train) + (c_full - t_full) + (c_eval - t_eval),
+        "peak_mem_mb": peak_memory_mb(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", help="one setting only (default: the paper's and a small one)")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3, help="timed calls after the first")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = parser.parse_args()
+    settings = [(args.arch, args.size, args.batch)] if args.arch else [("wide_resnet50_2", 256, 16), ("resnet18", 128, 8)]
+    rows = [measure(a, s, b, args.steps, args.dtype) for a, s, b in settings]
+    print("| device | arch | px | batch | dtype | train img/s (cached teacher) | train img/s (teacher in step) "
+          "| eval img/s (full path) | compile s | peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['device']} x{r['num_devices']} | {r['arch']} | {r['size']} | {r['batch']} | {r['dtype']} "
+              f"| {r['train_img_s']:.2f} | {r['train_teacher_img_s']:.2f} | {r['eval_img_s']:.2f} "
+              f"| {r['compile_s']:.1f} | {r['peak_mem_mb']:.0f} |")
+    if args.json:
+        print(json.dumps(rows[-1] if len(rows) == 1 else rows))
+
+
+if __name__ == "__main__":
+    main()
