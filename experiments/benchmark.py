@@ -55,13 +55,14 @@ def measure(arch: str, size: int, batch: int, steps: int, dtype: str) -> dict:
     mesh = pipeline.make_mesh()
     put = functools.partial(pipeline.put_batch, sharding=pipeline.batch_sharding(mesh))
     teacher_vars, student_vars = model.init(jax.random.key(0), size)
+    teacher_vars = jax.device_put(teacher_vars, pipeline.replicated(mesh))
     tx = train.make_optimizer()
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     x = put(images)
 
     feats = jax.jit(lambda tv, im: model.teacher_features(tv, evaluate.normalize(im)))(teacher_vars, x)
-    state = train.create_train_state(student_vars, tx)
-    step = jax.jit(functools.partial(train.train_step_features, model, tx), donate_argnums=0)
+    state = jax.device_put(train.create_train_state(student_vars, tx), pipeline.replicated(mesh))
+    step = train.make_train_step(model, tx, mesh)
     holder = {"state": state}
 
     def run_cached(f):
@@ -71,7 +72,10 @@ def measure(arch: str, size: int, batch: int, steps: int, dtype: str) -> dict:
     c_train, t_train = _timed(run_cached, lambda: (feats,), steps)
 
     full = jax.jit(
-        lambda s, tv, im: train.train_step(model, tx, s, tv, evaluate.normalize(im)), donate_argnums=0
+        lambda s, tv, im: train.train_step(model, tx, s, tv, evaluate.normalize(im)),
+        in_shardings=(pipeline.replicated(mesh), pipeline.replicated(mesh), pipeline.batch_sharding(mesh)),
+        out_shardings=(pipeline.replicated(mesh), pipeline.replicated(mesh)),
+        donate_argnums=0,
     )
 
     def run_full(im):

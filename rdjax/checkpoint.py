@@ -17,6 +17,7 @@ from typing import Any
 
 import flax.serialization
 import jax
+import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -28,7 +29,11 @@ def _abs(path: str | os.PathLike) -> Path:
 
 
 def save_teacher(directory: str | os.PathLike, arch: str, teacher_vars: Any) -> None:
-    """Write the teacher as an orbax checkpoint that any host can read without torch."""
+    """Write the teacher as an orbax checkpoint that any host can read without torch.
+
+    Saved as host numpy arrays: identical on every process, written once by the primary.
+    """
+    teacher_vars = jax.tree_util.tree_map(np.asarray, teacher_vars)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         ckptr.save(
             _abs(directory),

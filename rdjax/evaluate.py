@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdjax.data.mvtec import IMAGENET_MEAN, IMAGENET_STD, Split
+from rdjax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Split
 from rdjax.models.rd4ad import RD4AD, Features, Variables
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -107,21 +107,12 @@ def make_eval_step(model: RD4AD, mode: str = "add", sigma: float = 4.0):
 def predict_split(
     eval_step, teacher_vars: Variables, student_vars: Variables, images: np.ndarray, batch_size: int, put
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Maps and scores for every image exactly once: the last batch is padded, and the
-    padding is dropped on the host. ``put`` places a host batch on the devices."""
-    from tqdm import tqdm
+    """Maps and scores for every image exactly once, gathered on every process."""
+    from rdjax.data.pipeline import map_global_batches
 
-    n = len(images)
-    maps, scores = [], []
-    for start in tqdm(range(0, n, batch_size), desc="evaluating", leave=False, disable=None):
-        batch = images[start:start + batch_size]
-        valid = len(batch)
-        if valid < batch_size:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, axis=0)])
-        m, s = eval_step(teacher_vars, student_vars, put(batch))
-        maps.append(np.asarray(m)[:valid])
-        scores.append(np.asarray(s)[:valid])
-    return np.concatenate(maps), np.concatenate(scores)
+    fn = lambda x: eval_step(teacher_vars, student_vars, x)  # noqa: E731
+    maps, scores = map_global_batches(fn, images, batch_size, put, desc="evaluating")
+    return maps, scores
 
 
 # ----------------------------------------------------------------------------- outputs

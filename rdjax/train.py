@@ -8,6 +8,7 @@ by the optimizer, and never donated or rewritten.
 from __future__ import annotations
 
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import optax
 import tqdm
 from absl import logging
 
-from rdjax.data.mvtec import Split
+from rdjax.data.preprocess import Split
 from rdjax.models.rd4ad import RD4AD, Features, Variables
 
 
@@ -90,6 +91,19 @@ def train_step_features(
     return new_state, loss
 
 
+def make_train_step(model: RD4AD, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+    """The jitted step with explicit shardings: state replicated, features split along the
+    batch axis over every device; the old state's buffers are donated."""
+    from rdjax.data.pipeline import batch_sharding, replicated
+
+    return jax.jit(
+        functools.partial(train_step_features, model, tx),
+        in_shardings=(replicated(mesh), batch_sharding(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
 def train_step(
     model: RD4AD, tx: optax.GradientTransformation, state: TrainState, teacher_vars: Variables, images: jax.Array
 ) -> tuple[TrainState, jax.Array]:
@@ -128,8 +142,7 @@ def load_teacher_vars(config: Any, model: RD4AD, workdir: Path) -> tuple[Variabl
             variables, _ = model.init(jax.random.key(config.seed), config.image_size)
         else:
             variables = port.load_teacher(model.arch, source)
-        if jax.process_index() == 0:
-            checkpoint.save_teacher(teacher_dir, model.arch, variables)
+        checkpoint.save_teacher(teacher_dir, model.arch, variables)  # orbax: every process takes part
     if source == "none":
         warnings.append(
             "the teacher is RANDOM (config.model.teacher_weights='none'): results are not comparable with the paper"
@@ -148,19 +161,56 @@ def cache_teacher_features(model: RD4AD, teacher_vars: Variables, images: np.nda
     """
     from rdjax.evaluate import normalize
 
-    @jax.jit
-    def features(tv: Variables, x: jax.Array) -> Features:
-        return model.teacher_features(tv, normalize(x))
+    from rdjax.data.pipeline import map_global_batches
 
-    out: list[list[np.ndarray]] = [[], [], []]
-    for start in tqdm.tqdm(range(0, len(images), batch_size), desc="teacher features", leave=False, disable=None):
-        batch = images[start:start + batch_size]
-        valid = len(batch)
-        if valid < batch_size:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, axis=0)])
-        for k, f in enumerate(features(teacher_vars, put(batch))):
-            out[k].append(np.asarray(f)[:valid])
-    return [np.concatenate(parts) for parts in out]
+    @jax.jit
+    def features(x: jax.Array) -> Features:
+        # Stored in the compute dtype: bfloat16 halves the cache.
+        return tuple(f.astype(model.dtype) for f in model.teacher_features(teacher_vars, normalize(x)))
+
+    return map_global_batches(features, images, batch_size, put, desc="teacher features")
+
+
+def check_config(config: Any) -> None:
+    """Fail before any work on settings that cannot run: one clear line each."""
+    from rdjax.models.resnet import check_image_size
+
+    RD4AD(config.model.arch, config.dtype)  # unknown arch or dtype
+    size = config.image_size
+    if size % 32:
+        check_image_size((1, size, size, 3))
+    for key in ("batch_size", "eval_batch_size", "num_epochs", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        if config[key] < 1:
+            raise ValueError(f"config.{key}={config[key]} must be at least 1")
+    if config.batch_size % jax.device_count():
+        raise ValueError(
+            f"config.batch_size={config.batch_size} does not divide evenly over {jax.device_count()} devices; "
+            f"use a multiple of {jax.device_count()}"
+        )
+    if config.map_mode not in ("add", "mul"):
+        raise ValueError(f"config.map_mode={config.map_mode!r}; choose 'add' or 'mul'")
+
+
+def check_workdir(workdir: Path, student_vars: Variables) -> None:
+    """A workdir that cannot take a checkpoint fails now, not after hours of training."""
+    import shutil
+    import tempfile
+
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise OSError(f"{workdir}: workdir is not writable ({e.strerror or e})") from None
+    params = sum(x.size for x in jax.tree_util.tree_leaves(student_vars))
+    need = params * 4 * 3 * 2  # params + Adam's two moments, float32, with room for a second copy
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        raise OSError(f"{workdir}: only {free / 2**20:.0f} MiB free, a checkpoint needs about {need / 2**21:.0f} MiB")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _evaluate_and_write(
@@ -171,7 +221,8 @@ def _evaluate_and_write(
 
     eval_step = evaluate.make_eval_step(model, config.map_mode, config.blur_sigma)
     start = time.perf_counter()
-    maps, scores = evaluate.predict_split(eval_step, teacher_vars, student_vars, test.images, config.eval_batch_size, put)
+    batch = _round_up(config.eval_batch_size, jax.device_count())
+    maps, scores = evaluate.predict_split(eval_step, teacher_vars, student_vars, test.images, batch, put)
     seconds = time.perf_counter() - start
     result = metrics.compute_all(maps, scores, test.masks, test.labels, test.defect_types)
     result.update(
@@ -216,18 +267,18 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict:
     """Train (resuming from the workdir's latest checkpoint), evaluating every
     config.eval_every epochs and at the end. Returns the last evaluation's metrics."""
     from rdjax import checkpoint
-    from rdjax.data import load_dataset, pipeline
+    from rdjax.data import pipeline
+    from rdjax.data.datasets import load_dataset
 
     workdir = Path(workdir)
+    check_config(config)
     train_split, test_split = load_dataset(config)  # bad data fails before the workdir is touched
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir(workdir, jax.eval_shape(lambda: RD4AD(config.model.arch).init(jax.random.key(0), 32))[1])
     model, mesh, put, teacher_vars, warnings, tx, state = _setup(config, workdir)
     if jax.process_index() == 0:
         checkpoint.save_config(workdir, config)
 
     num_devices = mesh.devices.size
-    if config.batch_size % num_devices:
-        raise ValueError(f"config.batch_size={config.batch_size} does not divide evenly over {num_devices} devices")
     steps_per_epoch = len(pipeline.epoch_batches(len(train_split), config.batch_size, config.seed, 0, num_devices))
 
     manager = checkpoint.checkpoint_manager(workdir, config.keep_checkpoints)
@@ -237,18 +288,21 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict:
         start_epoch = int(state.step) // steps_per_epoch
         _log("resuming from step %d (epoch %d)", int(state.step), start_epoch)
 
-    features = cache_teacher_features(model, teacher_vars, train_split.images, config.eval_batch_size, put)
-    step_fn = jax.jit(functools.partial(train_step_features, model, tx), donate_argnums=0)
+    eval_batch = _round_up(config.eval_batch_size, num_devices)
+    features = cache_teacher_features(model, teacher_vars, train_split.images, eval_batch, put)
+    step_fn = make_train_step(model, tx, mesh)
     writer = None
     if jax.process_index() == 0:
         from tensorboardX import SummaryWriter
 
         writer = SummaryWriter(str(workdir / "tensorboard"))
 
+    log_path = workdir / "train_log.json"
+    train_log = [e for e in (json.loads(log_path.read_text()) if log_path.is_file() else []) if e["epoch"] <= start_epoch]
     result: dict = {}
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
         batches = pipeline.epoch_batches(len(train_split), config.batch_size, config.seed, epoch, num_devices)
-        gather = lambda idx: put(tuple(f[idx] for f in features))  # noqa: E731
+        gather = lambda idx: put(tuple(f[pipeline.local_share(idx)] for f in features))  # noqa: E731
         losses = []
         start = time.perf_counter()
         bar = tqdm.tqdm(total=len(train_split), desc=f"epoch {epoch}/{config.num_epochs}", unit="img", leave=False, disable=None)
@@ -267,12 +321,18 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict:
                 f"stopped, the last good checkpoint is kept"
             )
         _log("epoch %d: loss %.5f, %.1f img/s", epoch, losses.mean(), len(train_split) / seconds)
+        train_log.append({"epoch": epoch, "step": int(state.step), "loss": float(losses.mean()),
+                          "images_per_second": len(train_split) / seconds})
         if writer is not None:
             writer.add_scalar("train/loss", float(losses.mean()), int(state.step))
             writer.add_scalar("train/images_per_second", len(train_split) / seconds, int(state.step))
         last = epoch == config.num_epochs
         if epoch % config.checkpoint_every == 0 or last:
             checkpoint.save_state(manager, int(state.step), state)
+            if jax.process_index() == 0:
+                from rdjax.evaluate import write_json
+
+                write_json(workdir / "train_log.json", train_log)
         if epoch % config.eval_every == 0 or last:
             result = _evaluate_and_write(
                 config, workdir, model, teacher_vars, state.student_vars, test_split, epoch, int(state.step), warnings, put, writer
@@ -291,7 +351,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict:
 def evaluate_workdir(config: Any, workdir: str | Path) -> dict:
     """--mode=eval: evaluate the latest checkpoint of a workdir (trained here or ported)."""
     from rdjax import checkpoint
-    from rdjax.data import dataset_root, load_dataset, mvtec, pipeline
+    from rdjax.data import mvtec, pipeline
+    from rdjax.data.datasets import dataset_root, load_dataset
 
     workdir = Path(workdir)
     with checkpoint.checkpoint_manager(workdir, config.keep_checkpoints) as manager:

@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision import transforms
 
 from rdjax import evaluate
-from rdjax.data import mvtec, pipeline, synthetic
+from rdjax.data import mvtec, pipeline, preprocess, synthetic
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_builder_reads_the_layout(synth_root, tmp_path):
     assert not test.masks[test.labels == 0].any()
     assert all(test.masks[i].any() for i in np.flatnonzero(test.labels))
     i = test.filenames.index("hole/001.png")
-    want = mvtec.decode_mask((synth_root / "disk/ground_truth/hole/001_mask.png").read_bytes(), 32)
+    want = preprocess.decode_mask((synth_root / "disk/ground_truth/hole/001_mask.png").read_bytes(), 32)
     np.testing.assert_array_equal(test.masks[i], want)
 
 
@@ -80,7 +80,7 @@ def test_image_preprocessing_equals_torchvision(mode):
     pil = Image.fromarray(rgb).convert(mode)
     data = io.BytesIO()
     pil.save(data, format="PNG")
-    ours = mvtec.decode_image(data.getvalue(), 64)
+    ours = preprocess.decode_image(data.getvalue(), 64)
     reference = Image.open(io.BytesIO(data.getvalue())).convert("RGB")  # the official dataset.py
     official = transforms.Compose([transforms.Resize((64, 64)), transforms.ToTensor()])(reference)
     np.testing.assert_array_equal(ours.astype(np.float32) / 255.0, official.permute(1, 2, 0).numpy())
@@ -93,12 +93,12 @@ def test_mask_preprocessing_equals_official():
     mask[10:40, 20:61] = 255
     mask[50:52, 5:80] = 255  # thin: bilinear shrinking makes it partly fall below 0.5
     gt = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])(Image.fromarray(mask))
-    np.testing.assert_array_equal(mvtec.decode_mask(_png(mask), 32), gt[0].numpy() > 0.5)
+    np.testing.assert_array_equal(preprocess.decode_mask(_png(mask), 32), gt[0].numpy() > 0.5)
 
 
 def test_sixteen_bit_grayscale_is_scaled_not_clipped():
     arr = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
-    out = mvtec.decode_image(_png(arr), 64)
+    out = preprocess.decode_image(_png(arr), 64)
     assert out.shape == (64, 64, 3)
     assert out.max() == 255 and out.min() == 0
     np.testing.assert_array_equal(out[..., 0], np.round(arr / 65535 * 255).astype(np.uint8))
@@ -134,7 +134,7 @@ def test_official_tar_archive_is_accepted(synth_root, tmp_path):
 
     import ml_collections
 
-    from rdjax.data import dataset_root
+    from rdjax.data.datasets import dataset_root
 
     archive = tmp_path / "mvtec_anomaly_detection.tar.xz"
     with tarfile.open(archive, "w:xz") as tar:

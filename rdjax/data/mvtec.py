@@ -17,26 +17,20 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
-import io
 import os
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
+
+from rdjax.data.preprocess import DataError, Split, decode_image, decode_mask, original_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
 )
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(ValueError):
-    """A dataset folder that does not have the expected layout or content."""
 
 
 # ----------------------------------------------------------------------------- layout
@@ -87,6 +81,12 @@ def scan_category(root: str | os.PathLike, category: str) -> dict[str, list[Item
             raise DataError(
                 f"{directory / 'ground_truth' / type_dir.name}: no mask for {len(missing)} of {len(images)} "
                 f"'{type_dir.name}' images (first: {missing[0]}, expected {Path(missing[0]).stem}_mask.png)"
+            )
+        orphans = sorted(set(masks) - {p.stem for p in images})
+        if orphans:
+            raise DataError(
+                f"{masks[orphans[0]]}: mask without an image ({len(orphans)} such masks; "
+                f"{len(masks)} masks for {len(images)} '{type_dir.name}' images)"
             )
         test += [Item(p, masks[p.stem], type_dir.name) for p in images]
     if not test:
@@ -174,58 +174,12 @@ def prepare(root: str | os.PathLike, category: str, data_dir: str | os.PathLike 
     return builder
 
 
-# ----------------------------------------------------------------------------- decoding
+def load_split(builder: MVTecAD, split: str, image_size: int, desc: str | None = None, location: Path | None = None) -> Split:
+    """Decode a prepared split with a thread pool (PIL releases the GIL) and a progress bar.
 
-
-def _open(data: bytes, name: str) -> Image.Image:
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as e:
-        raise DataError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
-    return img
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. 16/32-bit grayscale is scaled, not clipped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    return img.convert("RGB")
-
-
-def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
-    """Encoded file -> uint8 (size, size, 3), resized as torchvision's Resize on PIL."""
-    img = to_rgb(_open(data, name))
-    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
-
-
-def decode_mask(data: bytes, size: int, name: str = "mask") -> np.ndarray:
-    """Encoded mask -> bool (size, size): same bilinear resize, then > 0.5 as the official code."""
-    img = _open(data, name)
-    if img.mode != "L":
-        img = to_rgb(img).convert("L")
-    resized = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
-    return resized > 0.5
-
-
-@dataclasses.dataclass
-class Split:
-    """A split decoded into memory: preprocessing happens once per run, not per epoch."""
-
-    images: np.ndarray  # uint8 (N, S, S, 3)
-    masks: np.ndarray  # bool (N, S, S)
-    labels: np.ndarray  # int32 (N,), 0 = good
-    defect_types: list[str]
-    filenames: list[str]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def load_split(builder: MVTecAD, split: str, image_size: int, desc: str | None = None) -> Split:
-    """Decode a prepared split with a thread pool (PIL releases the GIL) and a progress bar."""
+    Errors name the file under ``location`` (the category folder), e.g. a corrupt image or
+    a mask whose size differs from its image's.
+    """
     from tqdm import tqdm
 
     source = builder.as_data_source()[split]
@@ -235,9 +189,10 @@ def load_split(builder: MVTecAD, split: str, image_size: int, desc: str | None =
         ex = source[i]
         filename = ex["filename"].decode() if isinstance(ex["filename"], bytes) else str(ex["filename"])
         defect_type = ex["defect_type"].decode() if isinstance(ex["defect_type"], bytes) else str(ex["defect_type"])
-        image = decode_image(ex["image"], image_size, filename)
+        where = str(Path(location or builder.builder_config.category) / split / filename)
+        image = decode_image(ex["image"], image_size, where)
         if ex["mask"]:
-            mask = decode_mask(ex["mask"], image_size, f"{filename} (mask)")
+            mask = decode_mask(ex["mask"], image_size, f"{where} (its mask)", expected_size=original_size(ex["image"]))
         else:
             mask = np.zeros((image_size, image_size), bool)
         return image, mask, int(ex["label"]), defect_type, filename

@@ -1,0 +1,81 @@
+"""Which dataset a config names, where it lives, and loading its splits into memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+
+from rdjax.data import mvtec, synthetic
+from rdjax.data.preprocess import DataError, Split
+
+DATASETS = ("mvtec", "synthetic")
+
+
+def dataset_root(config: ml_collections.ConfigDict) -> Path:
+    """The folder holding the categories; the synthetic one is generated when absent."""
+    name = config.dataset.name
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset.name {name!r}; choose one of {DATASETS}")
+    if not config.dataset.root:
+        raise DataError("config.dataset.root is empty; set --config.dataset.root=/path/to/mvtec_anomaly_detection")
+    root = Path(config.dataset.root).expanduser()
+    if root.name.endswith((".tar.xz", ".tar.gz", ".tar")):
+        root = extract_archive(root, Path(config.dataset.data_dir or Path.home() / "tensorflow_datasets"))
+    if name == "synthetic":
+        synthetic.generate(root, seed=config.dataset.synthetic_seed)
+    return root
+
+
+def extract_archive(archive: Path, cache: Path) -> Path:
+    """Unpack the official mvtec_anomaly_detection.tar.xz once; return the folder of categories.
+
+    Extraction goes to a temporary folder renamed into place when complete, so an
+    interrupted extraction is never mistaken for a dataset.
+    """
+    import shutil
+    import tarfile
+    import tempfile
+
+    if not archive.is_file():
+        raise DataError(f"{archive}: no such archive")
+    target = cache / "extracted" / archive.name.split(".tar")[0]
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".extract."))
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+            entries = [p for p in tmp.iterdir()]
+            inner = entries[0] if len(entries) == 1 and not mvtec.list_categories(tmp) else tmp
+            inner.rename(target)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"{archive}: cannot extract ({e})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> tuple[Split, Split]:
+    """(train, test) splits of config.dataset.category, decoded at config.image_size.
+
+    With several processes, process 0 generates/prepares the data first and the others
+    wait, so no two processes write the same TFDS folder.
+    """
+    import jax
+    from jax.experimental import multihost_utils
+
+    def ready() -> mvtec.MVTecAD:
+        return mvtec.prepare(dataset_root(config), config.dataset.category, config.dataset.data_dir or None)
+
+    if jax.process_count() > 1:
+        if jax.process_index() == 0:
+            ready()
+        multihost_utils.sync_global_devices("rdjax: dataset prepared")
+    builder = ready()
+    size = config.image_size
+    location = dataset_root(config) / config.dataset.category
+    return (
+        mvtec.load_split(builder, "train", size, desc="decoding train", location=location),
+        mvtec.load_split(builder, "test", size, desc="decoding test", location=location),
+    )

@@ -1,0 +1,101 @@
+"""Interruption: SIGKILL and resume equals an uninterrupted run; a non-finite loss stops
+training and keeps the last good checkpoint; two runs with one seed agree exactly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from rdjax import checkpoint, train
+from rdjax.data import synthetic
+from rdjax.models import RD4AD
+
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthetic.generate(tmp_path_factory.mktemp("data"), categories=("disk",), size=64, num_train=16,
+                              num_test_good=4, num_per_defect=2)
+
+
+def command(data: Path, workdir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rdjax.main", "--config=configs/synthetic.py", f"--workdir={workdir}",
+            f"--config.dataset.root={data}", f"--config.dataset.data_dir={data / '_tfds'}",
+            "--config.dataset.category=disk", "--config.image_size=64", f"--config.num_epochs={EPOCHS}",
+            "--config.checkpoint_every=1", "--config.eval_every=100", *extra]
+
+
+def restore(workdir: Path):
+    _, student = RD4AD("resnet18").init(jax.random.key(0), 64)
+    template = train.create_train_state(student, train.make_optimizer())
+    with checkpoint.checkpoint_manager(workdir) as manager:
+        return checkpoint.restore_state(manager, template), manager.latest_step()
+
+
+def finished_steps(workdir: Path) -> list[int]:
+    folder = workdir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("whole")
+    proc = subprocess.run(command(data, workdir), cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def test_sigkill_then_resume_equals_uninterrupted(data, uninterrupted, tmp_path):
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(command(data, workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not finished_steps(workdir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = finished_steps(workdir)
+    assert steps and steps[-1] < EPOCHS * 2, "the run was not killed mid-training"
+    restore(workdir)  # the latest complete checkpoint is readable right after the kill
+    resumed = subprocess.run(command(data, workdir), cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step" in resumed.stdout
+    (a, step_a), (b, step_b) = restore(uninterrupted), restore(workdir)
+    assert step_a == step_b == EPOCHS * 2  # 16 images, batch 8
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a.opt_state, b.opt_state)
+    ma, mb = (json.loads((w / "metrics.json").read_text()) for w in (uninterrupted, workdir))
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
+        assert ma[key] == mb[key]
+
+
+def test_same_seed_same_metrics(data, uninterrupted, tmp_path):
+    proc = subprocess.run(command(data, tmp_path / "again"), cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ma, mb = (json.loads((w / "metrics.json").read_text()) for w in (uninterrupted, tmp_path / "again"))
+    assert ma["seed"] == mb["seed"] == 111
+    for key in ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max"):
+        assert ma[key] == mb[key]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    workdir = tmp_path / "nan"
+    first = subprocess.run(command(data, workdir) + ["--config.num_epochs=1"], cwd=ROOT, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    bad = subprocess.run(command(data, workdir) + ["--config.num_epochs=2", "--config.learning_rate=inf"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "non-finite loss" in errors[0] and "at step 4 (epoch 2)" in errors[0], bad.stderr[-2000:]
+    state, latest = restore(workdir)
+    assert latest == 2 and int(state.step) == 2
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
