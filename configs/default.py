@@ -39,4 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.map_mode = "add"  # 'add' or 'mul' over the three scales
     config.blur_sigma = 4.0
     config.eval_batch_size = 16
+
+    # Decision thresholds, calibrated after training and stored in calibration.json.
+    config.threshold = ml_collections.ConfigDict()
+    config.threshold.method = "f1"  # 'f1' on the labelled test set, or 'quantile' of held-out normal images
+    config.threshold.quantile = 0.99  # 'quantile' only
+    config.threshold.validation_size = 0  # train/good images held out of training for 'quantile'
     return config

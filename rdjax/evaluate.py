@@ -91,8 +91,11 @@ def anomaly_map(
     return total
 
 
+@functools.lru_cache(maxsize=None)
 def make_eval_step(model: RD4AD, mode: str = "add", sigma: float = 4.0):
-    """A jitted (teacher_vars, student_vars, uint8 images) -> (maps, scores): the full path."""
+    """A jitted (teacher_vars, student_vars, uint8 images) -> (maps, scores): the full path.
+
+    Cached, so that every evaluation of a run reuses one compilation."""
 
     @jax.jit
     def eval_step(teacher_vars: Variables, student_vars: Variables, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -166,13 +169,17 @@ def summary_markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def overlay(image: np.ndarray, amap: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """uint8 image blended half and half with the map in the 'jet' colour map (fixed lo..hi)."""
+    from matplotlib import colormaps
+
+    heat = colormaps["jet"](np.clip((amap - lo) / max(hi - lo, 1e-12), 0, 1))[..., :3]
+    return (np.clip(0.5 * image.astype(np.float32) / 255.0 + 0.5 * heat, 0, 1) * 255).astype(np.uint8)
+
+
 def write_overlays(directory: Path, split: Split, maps: np.ndarray, scores: np.ndarray, per_group: int = 4) -> list[Path]:
     """(image | ground truth | map) sheets for the hardest cases: the highest-scoring good
     images and the lowest-scoring defective ones. Maps share one colour scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import colormaps
     from PIL import Image
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -181,16 +188,14 @@ def write_overlays(directory: Path, split: Split, maps: np.ndarray, scores: np.n
     chosen = [("good_high", i) for i in good[np.argsort(-scores[good])][:per_group]]
     chosen += [("defect_low", i) for i in bad[np.argsort(scores[bad])][:per_group]]
     lo, hi = float(maps.min()), float(maps.max())
-    jet = colormaps["jet"]
     paths = []
     for rank, (group, i) in enumerate(chosen):
-        img = split.images[i].astype(np.float32) / 255.0
-        gt = img.copy()
-        gt[split.masks[i]] = 0.5 * gt[split.masks[i]] + 0.5 * np.array([1.0, 0.0, 0.0])
-        heat = jet((maps[i] - lo) / max(hi - lo, 1e-12))[..., :3]
-        sheet = np.concatenate([img, gt, 0.5 * img + 0.5 * heat], axis=1)
+        img = split.images[i]
+        gt = img.astype(np.float32)
+        gt[split.masks[i]] = 0.5 * gt[split.masks[i]] + 0.5 * np.array([255.0, 0.0, 0.0])
+        sheet = np.concatenate([img, gt.astype(np.uint8), overlay(img, maps[i], lo, hi)], axis=1)
         name = split.filenames[i].replace("/", "_").rsplit(".", 1)[0]
         path = directory / f"{rank:02d}_{group}_{name}_score{scores[i]:.4f}.png"
-        Image.fromarray((np.clip(sheet, 0, 1) * 255).astype(np.uint8)).save(path)
+        Image.fromarray(sheet).save(path)
         paths.append(path)
     return paths

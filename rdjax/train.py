@@ -187,8 +187,24 @@ def check_config(config: Any) -> None:
             f"config.batch_size={config.batch_size} does not divide evenly over {jax.device_count()} devices; "
             f"use a multiple of {jax.device_count()}"
         )
+    if config.threshold.method not in ("f1", "quantile"):
+        raise ValueError(f"config.threshold.method={config.threshold.method!r}; choose 'f1' or 'quantile'")
+    if config.threshold.method == "quantile" and config.threshold.validation_size < 1:
+        raise ValueError("config.threshold.method='quantile' needs config.threshold.validation_size >= 1 held-out images")
     if config.map_mode not in ("add", "mul"):
         raise ValueError(f"config.map_mode={config.map_mode!r}; choose 'add' or 'mul'")
+
+
+def hold_out(train_split: Split, config: Any) -> tuple[Split, Split | None]:
+    """Take config.threshold.validation_size normal images out of training, chosen by the
+    seed, for threshold calibration; (train, None) when none are asked for."""
+    k = config.threshold.validation_size
+    if k <= 0:
+        return train_split, None
+    if k >= len(train_split):
+        raise ValueError(f"config.threshold.validation_size={k} leaves no training images (there are {len(train_split)})")
+    order = np.random.default_rng([config.seed, 7]).permutation(len(train_split))
+    return train_split.subset(np.sort(order[k:])), train_split.subset(np.sort(order[:k]))
 
 
 def check_workdir(workdir: Path, student_vars: Variables) -> None:
@@ -215,9 +231,9 @@ def _round_up(n: int, multiple: int) -> int:
 
 def _evaluate_and_write(
     config: Any, workdir: Path, model: RD4AD, teacher_vars: Variables, student_vars: Variables,
-    test: Split, epoch: int, step: int, warnings: list[str], put, writer,
+    test: Split, epoch: int, step: int, warnings: list[str], put, writer, validation: Split | None = None,
 ) -> dict:
-    from rdjax import evaluate, metrics
+    from rdjax import evaluate, inference, metrics, report
 
     eval_step = evaluate.make_eval_step(model, config.map_mode, config.blur_sigma)
     start = time.perf_counter()
@@ -230,8 +246,19 @@ def _evaluate_and_write(
         teacher_weights=config.model.teacher_weights, dtype=config.dtype, image_size=config.image_size,
         eval_images_per_second=len(test) / seconds, warnings=warnings,
     )
+    if config.threshold.method == "quantile":
+        v_maps, v_scores = evaluate.predict_split(eval_step, teacher_vars, student_vars, validation.images, batch, put)
+        calibration = inference.calibrate("quantile", v_scores, validation.labels, v_maps, validation.masks,
+                                          config.threshold.quantile, f"{len(validation)} held-out train/good images")
+    else:
+        calibration = inference.calibrate("f1", scores, test.labels, maps, test.masks, config.threshold.quantile,
+                                          f"{len(test)} labelled test images")
+    calibration.update(step=step, epoch=epoch)
+    result["calibration"] = calibration
     if jax.process_index() == 0:
         out = workdir / "eval" / f"epoch_{epoch:04d}"
+        evaluate.write_json(workdir / "calibration.json", calibration)
+        report.write_report(out / "report.png", test, maps, scores, calibration)
         evaluate.write_overlays(out / "images", test, maps, scores)
         evaluate.write_json(out / "metrics.json", result)
         evaluate.write_text(out / "results.md", evaluate.results_markdown(result))
@@ -273,6 +300,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     check_config(config)
     train_split, test_split = load_dataset(config)  # bad data fails before the workdir is touched
+    train_split, validation = hold_out(train_split, config)
     check_workdir(workdir, jax.eval_shape(lambda: RD4AD(config.model.arch).init(jax.random.key(0), 32))[1])
     model, mesh, put, teacher_vars, warnings, tx, state = _setup(config, workdir)
     if jax.process_index() == 0:
@@ -335,12 +363,13 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict:
                 write_json(workdir / "train_log.json", train_log)
         if epoch % config.eval_every == 0 or last:
             result = _evaluate_and_write(
-                config, workdir, model, teacher_vars, state.student_vars, test_split, epoch, int(state.step), warnings, put, writer
+                config, workdir, model, teacher_vars, state.student_vars, test_split, epoch, int(state.step), warnings,
+                put, writer, validation,
             )
     if not result:  # already trained: evaluate what is there
         result = _evaluate_and_write(
             config, workdir, model, teacher_vars, state.student_vars, test_split,
-            int(state.step) // steps_per_epoch, int(state.step), warnings, put, writer,
+            int(state.step) // steps_per_epoch, int(state.step), warnings, put, writer, validation,
         )
     manager.close()
     if writer is not None:
@@ -351,19 +380,20 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict:
 def evaluate_workdir(config: Any, workdir: str | Path) -> dict:
     """--mode=eval: evaluate the latest checkpoint of a workdir (trained here or ported)."""
     from rdjax import checkpoint
-    from rdjax.data import mvtec, pipeline
-    from rdjax.data.datasets import dataset_root, load_dataset
+    from rdjax.data import pipeline
+    from rdjax.data.datasets import load_dataset
 
     workdir = Path(workdir)
     with checkpoint.checkpoint_manager(workdir, config.keep_checkpoints) as manager:
         if manager.latest_step() is None:
             raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint to evaluate")
-        _, test_split = load_dataset(config)
+        train_split, test_split = load_dataset(config)
+        train_split, validation = hold_out(train_split, config)
         model, mesh, put, teacher_vars, warnings, tx, state = _setup(config, workdir)
         state = checkpoint.restore_state(manager, state)
-    num_train = len(mvtec.scan_category(dataset_root(config), config.dataset.category)["train"])
-    steps_per_epoch = len(pipeline.epoch_batches(num_train, config.batch_size, config.seed, 0, mesh.devices.size))
+    steps_per_epoch = len(pipeline.epoch_batches(len(train_split), config.batch_size, config.seed, 0, mesh.devices.size))
     step = int(state.step)
     return _evaluate_and_write(
-        config, workdir, model, teacher_vars, state.student_vars, test_split, step // max(steps_per_epoch, 1), step, warnings, put, None
+        config, workdir, model, teacher_vars, state.student_vars, test_split, step // max(steps_per_epoch, 1), step, warnings,
+        put, None, validation,
     )

@@ -24,9 +24,8 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rdjax.data.preprocess import DataError, Split, decode_image, decode_mask, original_size
+from rdjax.data.preprocess import IMAGE_EXTENSIONS, DataError, Split, decode_image, decode_mask, original_size
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",

@@ -12,6 +12,7 @@ import io
 import numpy as np
 from PIL import Image
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -73,3 +74,7 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> "Split":
+        return Split(self.images[idx], self.masks[idx], self.labels[idx],
+                     [self.defect_types[i] for i in idx], [self.filenames[i] for i in idx])

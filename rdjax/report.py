@@ -1,0 +1,77 @@
+"""The evaluation report: one PNG sheet per evaluation, made with matplotlib.
+
+Top row: ROC curve (image level), PRO curve up to FPR 0.3 (MVTec standard), histograms
+of good and defective image scores with the threshold. Bottom rows: the worst false
+positives (highest-scoring good images) and false negatives (lowest-scoring defective
+images), each with its anomaly map.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from rdjax.data.preprocess import Split
+
+
+def write_report(path: Path, test: Split, maps: np.ndarray, scores: np.ndarray, calibration: dict, worst: int = 4) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from rdjax import metrics
+
+    labels = test.labels
+    fig = plt.figure(figsize=(16, 12), constrained_layout=True)
+    grid = fig.add_gridspec(3, 2 * worst)
+    third = (2 * worst) // 3
+
+    ax = fig.add_subplot(grid[0, :third])
+    if labels.min() != labels.max():
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, label=f"AUROC {roc_auc_score(labels, scores):.3f}")
+        ax.legend(loc="lower right")
+    ax.plot([0, 1], [0, 1], ":", color="gray")
+    ax.set(title="ROC (images)", xlabel="false positive rate", ylabel="true positive rate")
+
+    ax = fig.add_subplot(grid[0, third:2 * third])
+    if test.masks.any():
+        fpr, pro = metrics.pro_curve(maps, test.masks)
+        keep = fpr <= 0.3
+        ax.plot(fpr[keep], pro[keep], label=f"AUPRO {metrics.aupro(maps, test.masks):.3f}")
+        ax.legend(loc="lower right")
+    ax.set(title="PRO up to FPR 0.3 (pixels)", xlabel="false positive rate", ylabel="per-region overlap", xlim=(0, 0.3))
+
+    ax = fig.add_subplot(grid[0, 2 * third:])
+    bins = np.linspace(scores.min(), scores.max(), 30)
+    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="good")
+    ax.hist(scores[labels != 0], bins=bins, alpha=0.6, label="defective")
+    ax.axvline(calibration["image_threshold"], color="k", linestyle="--", label=f"threshold ({calibration['method']})")
+    ax.set(title="image scores", xlabel="score", ylabel="images")
+    ax.legend()
+
+    lo, hi = float(maps.min()), float(maps.max())
+    good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels != 0)
+    rows = [("false positive?", good[np.argsort(-scores[good])][:worst]), ("false negative?", bad[np.argsort(scores[bad])][:worst])]
+    for r, (kind, chosen) in enumerate(rows, start=1):
+        for j, i in enumerate(chosen):
+            ax = fig.add_subplot(grid[r, 2 * j])
+            ax.imshow(test.images[i])
+            if test.masks[i].any():
+                ax.contour(test.masks[i], levels=[0.5], colors="red", linewidths=0.8)
+            ax.set_title(f"{kind}\n{test.filenames[i]}", fontsize=8)
+            ax.axis("off")
+            ax = fig.add_subplot(grid[r, 2 * j + 1])
+            ax.imshow(maps[i], cmap="jet", vmin=lo, vmax=hi)
+            ax.set_title(f"score {scores[i]:.4f}", fontsize=8)
+            ax.axis("off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
