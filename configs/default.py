@@ -22,6 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.category = "bottle"  # or "all": every category under root
     config.dataset.data_dir = ""  # where TFDS keeps prepared data ("" = ~/tensorflow_datasets)
     config.dataset.synthetic_seed = 0  # dataset.name='synthetic' only
+    # dataset.name='folder' only: any folders of images (masks optional, matched by file stem).
+    config.dataset.train_dir = ""
+    config.dataset.test_good_dir = ""
+    config.dataset.test_anomalous_dir = ""
+    config.dataset.mask_dir = ""
 
     config.image_size = 256
     config.batch_size = 16

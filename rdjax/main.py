@@ -52,8 +52,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from rdjax import evaluate, port
-    from rdjax.data import mvtec
-    from rdjax.data.datasets import DataError, dataset_root
+    from rdjax.data.datasets import DataError, list_categories
     from rdjax.train import TrainingError
 
     logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
@@ -61,7 +60,7 @@ def main(argv: list[str]) -> None:
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     try:
         if config.dataset.category == "all":
-            categories = mvtec.list_categories(dataset_root(config))
+            categories = list_categories(config)
             if not categories:
                 raise DataError(f"{config.dataset.root}: no categories found (folders with train/ and test/)")
             results = {}

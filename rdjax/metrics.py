@@ -109,11 +109,13 @@ def pro_rd4ad_per_image(maps: np.ndarray, masks: np.ndarray, num_thresholds: int
 
 
 def compute_all(
-    maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: np.ndarray, defect_types: list[str]
+    maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: np.ndarray, defect_types: list[str],
+    pixel: bool = True,
 ) -> dict:
-    """Every metric rdjax reports, as plain floats (JSON-ready)."""
+    """Every metric rdjax reports, as plain floats (JSON-ready). ``pixel=False`` (no ground
+    truth masks) reports the image-level metrics only; the pixel ones are NaN."""
     labels = np.asarray(labels)
-    has_regions = bool(np.asarray(masks).any())
+    has_regions = pixel and bool(np.asarray(masks).any())
     result = {
         "image_auroc": auroc(labels, scores),
         "pixel_auroc": auroc(masks, maps) if has_regions else float("nan"),

@@ -240,7 +240,10 @@ def _evaluate_and_write(
     batch = _round_up(config.eval_batch_size, jax.device_count())
     maps, scores = evaluate.predict_split(eval_step, teacher_vars, student_vars, test.images, batch, put)
     seconds = time.perf_counter() - start
-    result = metrics.compute_all(maps, scores, test.masks, test.labels, test.defect_types)
+    result = metrics.compute_all(maps, scores, test.masks, test.labels, test.defect_types, pixel=test.has_masks)
+    if not test.has_masks:
+        warnings = warnings + ["the anomalous test images have no masks: image-level metrics only"]
+        _log("note: %s", warnings[-1])
     result.update(
         epoch=epoch, step=step, seed=config.seed, category=config.dataset.category, arch=config.model.arch,
         teacher_weights=config.model.teacher_weights, dtype=config.dtype, image_size=config.image_size,

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import ml_collections
 
-from rdjax.data import mvtec, synthetic
+from rdjax.data import layouts, mvtec, synthetic
 from rdjax.data.preprocess import DataError, Split
 
-DATASETS = ("mvtec", "synthetic")
+DATASETS = ("mvtec", "synthetic", "visa", "folder")
 
 
 def dataset_root(config: ml_collections.ConfigDict) -> Path:
@@ -17,6 +17,8 @@ def dataset_root(config: ml_collections.ConfigDict) -> Path:
     name = config.dataset.name
     if name not in DATASETS:
         raise DataError(f"unknown dataset.name {name!r}; choose one of {DATASETS}")
+    if name == "folder":
+        return Path(config.dataset.train_dir).expanduser().parent
     if not config.dataset.root:
         raise DataError("config.dataset.root is empty; set --config.dataset.root=/path/to/mvtec_anomaly_detection")
     root = Path(config.dataset.root).expanduser()
@@ -56,6 +58,24 @@ def extract_archive(archive: Path, cache: Path) -> Path:
     return target
 
 
+def list_categories(config: ml_collections.ConfigDict) -> list[str]:
+    """What dataset.category='all' runs over."""
+    if config.dataset.name == "folder":
+        return [config.dataset.category]
+    if config.dataset.name == "visa":
+        return layouts.visa_categories(dataset_root(config))
+    return mvtec.list_categories(dataset_root(config))
+
+
+def _items(config: ml_collections.ConfigDict) -> dict | None:
+    d = config.dataset
+    if d.name == "visa":
+        return layouts.scan_visa(dataset_root(config), d.category)
+    if d.name == "folder":
+        return layouts.scan_folders(d.train_dir, d.test_good_dir, d.test_anomalous_dir, d.mask_dir)
+    return None  # MVTec layout: mvtec.prepare scans it
+
+
 def load_dataset(config: ml_collections.ConfigDict) -> tuple[Split, Split]:
     """(train, test) splits of config.dataset.category, decoded at config.image_size.
 
@@ -66,7 +86,8 @@ def load_dataset(config: ml_collections.ConfigDict) -> tuple[Split, Split]:
     from jax.experimental import multihost_utils
 
     def ready() -> mvtec.MVTecAD:
-        return mvtec.prepare(dataset_root(config), config.dataset.category, config.dataset.data_dir or None)
+        name = config.dataset.category if config.dataset.name in ("mvtec", "synthetic") else f"{config.dataset.name}_{config.dataset.category}"
+        return mvtec.prepare(dataset_root(config), name, config.dataset.data_dir or None, items=_items(config))
 
     if jax.process_count() > 1:
         if jax.process_index() == 0:
@@ -74,8 +95,9 @@ def load_dataset(config: ml_collections.ConfigDict) -> tuple[Split, Split]:
         multihost_utils.sync_global_devices("rdjax: dataset prepared")
     builder = ready()
     size = config.image_size
-    location = dataset_root(config) / config.dataset.category
+    location = dataset_root(config) / (config.dataset.category if config.dataset.name != "folder" else "")
+    nonzero = config.dataset.name == "visa"  # VisA masks are not 0/255
     return (
-        mvtec.load_split(builder, "train", size, desc="decoding train", location=location),
-        mvtec.load_split(builder, "test", size, desc="decoding test", location=location),
+        mvtec.load_split(builder, "train", size, desc="decoding train", location=location, nonzero_masks=nonzero),
+        mvtec.load_split(builder, "test", size, desc="decoding test", location=location, nonzero_masks=nonzero),
     )

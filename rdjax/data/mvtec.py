@@ -159,9 +159,11 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
             }
 
 
-def prepare(root: str | os.PathLike, category: str, data_dir: str | os.PathLike | None = None) -> MVTecAD:
-    """Scan, validate and (once) prepare ``category``; return the ready builder."""
-    items = scan_category(root, category)
+def prepare(root: str | os.PathLike, category: str, data_dir: str | os.PathLike | None = None,
+            items: dict[str, list[Item]] | None = None) -> MVTecAD:
+    """Scan (MVTec layout unless ``items`` are given), validate and (once) prepare a
+    category; return the ready builder."""
+    items = scan_category(root, category) if items is None else items
     builder = MVTecAD(
         config=MVTecConfig(category=category, items=items),
         data_dir=str(data_dir) if data_dir else None,
@@ -173,7 +175,8 @@ def prepare(root: str | os.PathLike, category: str, data_dir: str | os.PathLike 
     return builder
 
 
-def load_split(builder: MVTecAD, split: str, image_size: int, desc: str | None = None, location: Path | None = None) -> Split:
+def load_split(builder: MVTecAD, split: str, image_size: int, desc: str | None = None, location: Path | None = None,
+               nonzero_masks: bool = False) -> Split:
     """Decode a prepared split with a thread pool (PIL releases the GIL) and a progress bar.
 
     Errors name the file under ``location`` (the category folder), e.g. a corrupt image or
@@ -184,23 +187,27 @@ def load_split(builder: MVTecAD, split: str, image_size: int, desc: str | None =
     source = builder.as_data_source()[split]
     n = len(source)
 
-    def decode(i: int) -> tuple[np.ndarray, np.ndarray, int, str, str]:
+    def decode(i: int) -> tuple[np.ndarray, np.ndarray, int, str, str, bool]:
         ex = source[i]
         filename = ex["filename"].decode() if isinstance(ex["filename"], bytes) else str(ex["filename"])
         defect_type = ex["defect_type"].decode() if isinstance(ex["defect_type"], bytes) else str(ex["defect_type"])
         where = str(Path(location or builder.builder_config.category) / split / filename)
         image = decode_image(ex["image"], image_size, where)
         if ex["mask"]:
-            mask = decode_mask(ex["mask"], image_size, f"{where} (its mask)", expected_size=original_size(ex["image"]))
+            mask = decode_mask(ex["mask"], image_size, f"{where} (its mask)", expected_size=original_size(ex["image"]),
+                               nonzero=nonzero_masks)
         else:
             mask = np.zeros((image_size, image_size), bool)
-        return image, mask, int(ex["label"]), defect_type, filename
+        return image, mask, int(ex["label"]), defect_type, filename, bool(ex["mask"])
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         rows = list(tqdm(pool.map(decode, range(n)), total=n, desc=desc or f"decoding {split}", leave=False, disable=None))
     order = sorted(range(n), key=lambda i: rows[i][4])  # a stable order, whatever the storage order
     rows = [rows[i] for i in order]
+    defective = [r for r in rows if r[2] != 0]
+    has_masks = bool(defective) and all(r[5] for r in defective)
     return Split(
+        has_masks=has_masks,
         images=np.stack([r[0] for r in rows]),
         masks=np.stack([r[1] for r in rows]),
         labels=np.array([r[2] for r in rows], np.int32),

@@ -51,9 +51,15 @@ def original_size(data: bytes) -> tuple[int, int]:
         return img.size
 
 
-def decode_mask(data: bytes, size: int, name: str = "mask", expected_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Encoded mask -> bool (size, size): same bilinear resize, then > 0.5 as the official code."""
+def decode_mask(data: bytes, size: int, name: str = "mask", expected_size: tuple[int, int] | None = None,
+                nonzero: bool = False) -> np.ndarray:
+    """Encoded mask -> bool (size, size): same bilinear resize, then > 0.5 as the official code.
+
+    ``nonzero``: the mask marks defects with any non-zero value (VisA's are not 0/255), so it
+    is binarized to 0/255 before the resize."""
     img = _open(data, name)
+    if nonzero:
+        img = Image.fromarray(((np.asarray(to_rgb(img).convert("L")) > 0) * 255).astype(np.uint8))
     if expected_size is not None and img.size != expected_size:
         raise DataError(f"{name}: mask is {img.size[0]}x{img.size[1]} but its image is {expected_size[0]}x{expected_size[1]}")
     if img.mode != "L":
@@ -71,10 +77,11 @@ class Split:
     labels: np.ndarray  # int32 (N,), 0 = good
     defect_types: list[str]
     filenames: list[str]
+    has_masks: bool = True  # False: anomalous images without masks (image-level metrics only)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, idx: np.ndarray) -> "Split":
         return Split(self.images[idx], self.masks[idx], self.labels[idx],
-                     [self.defect_types[i] for i in idx], [self.filenames[i] for i in idx])
+                     [self.defect_types[i] for i in idx], [self.filenames[i] for i in idx], self.has_masks)

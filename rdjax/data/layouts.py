@@ -1,0 +1,85 @@
+"""Dataset layouts other than MVTec AD's, scanned into the same train/test items that the
+TFDS builder in mvtec.py stores: VisA (its official 1cls split CSV) and any folders.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from rdjax.data.mvtec import Item, _images
+from rdjax.data.preprocess import DataError
+
+VISA_CATEGORIES = (
+    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
+    "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
+)
+
+
+def visa_csv(root: Path) -> Path:
+    return root / "split_csv" / "1cls.csv"
+
+
+def _visa_rows(root: Path) -> list[dict]:
+    path = visa_csv(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root does not exist")
+    if not path.is_file():
+        raise DataError(f"{path}: no VisA split file (expected the official split_csv/1cls.csv under the root)")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    needed = {"object", "split", "label", "image", "mask"}
+    if not rows or not needed <= set(rows[0]):
+        raise DataError(f"{path}: expected columns {sorted(needed)}")
+    return rows
+
+
+def visa_categories(root: Path) -> list[str]:
+    return sorted({r["object"] for r in _visa_rows(root)})
+
+
+def scan_visa(root: Path, category: str) -> dict[str, list[Item]]:
+    """Items of one VisA category from the 1cls split ('normal' -> good, 'anomaly' -> anomaly)."""
+    rows = [r for r in _visa_rows(root) if r["object"] == category]
+    if not rows:
+        raise DataError(f"{visa_csv(root)}: no rows for category {category!r}; found: {', '.join(visa_categories(root))}")
+    items: dict[str, list[Item]] = {"train": [], "test": []}
+    for r in rows:
+        image = root / r["image"]
+        if not image.is_file():
+            raise DataError(f"{image}: listed in {visa_csv(root).name} but missing")
+        normal = r["label"] == "normal"
+        mask = None if normal or not r["mask"] else root / r["mask"]
+        if not normal and (mask is None or not mask.is_file()):
+            raise DataError(f"{mask or image}: mask of an anomalous image is missing")
+        if r["split"] not in items:
+            raise DataError(f"{visa_csv(root)}: unknown split {r['split']!r} for {r['image']}")
+        items[r["split"]].append(Item(image, mask, "good" if normal else "anomaly"))
+    if not items["train"]:
+        raise DataError(f"{visa_csv(root)}: no training images for {category!r}")
+    return items
+
+
+def scan_folders(train_dir: str, test_good_dir: str, test_anomalous_dir: str, mask_dir: str = "") -> dict[str, list[Item]]:
+    """Any folders: normal training images, normal and anomalous test images, and optional
+    masks matched to anomalous images by file stem ('<stem>.png' or '<stem>_mask.png')."""
+    for key, value in (("train_dir", train_dir), ("test_good_dir", test_good_dir), ("test_anomalous_dir", test_anomalous_dir)):
+        if not value or not Path(value).is_dir():
+            raise DataError(f"config.dataset.{key}={value!r}: not a folder")
+    train = [Item(p, None, "good") for p in _images(Path(train_dir))]
+    if not train:
+        raise DataError(f"{train_dir}: no training images (.png/.jpg/.bmp/.tif)")
+    good = [Item(p, None, "good") for p in _images(Path(test_good_dir))]
+    anomalous = _images(Path(test_anomalous_dir))
+    if not good or not anomalous:
+        raise DataError(f"{test_good_dir if not good else test_anomalous_dir}: no test images")
+    masks = {}
+    if mask_dir:
+        if not Path(mask_dir).is_dir():
+            raise DataError(f"config.dataset.mask_dir={mask_dir!r}: not a folder")
+        masks = {p.stem.removesuffix("_mask"): p for p in _images(Path(mask_dir))}
+        missing = [p.name for p in anomalous if p.stem not in masks]
+        if missing:
+            raise DataError(f"{mask_dir}: no mask for {len(missing)} of {len(anomalous)} anomalous images (first: {missing[0]})")
+    bad = [Item(p, masks.get(p.stem), "anomalous") for p in anomalous]
+    return {"train": train, "test": good + bad}

@@ -1,0 +1,123 @@
+"""VisA (1cls split CSV, non-0/255 masks) and plain folders, through the same training and
+evaluation as MVTec AD."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import synthetic as synthetic_config
+from conftest import ROOT
+from rdjax import train
+from rdjax.data import synthetic
+from rdjax.data.datasets import list_categories, load_dataset
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return synthetic.generate(tmp_path_factory.mktemp("src"), categories=("disk",), size=64, num_train=8,
+                              num_test_good=3, num_per_defect=2)
+
+
+@pytest.fixture(scope="module")
+def visa_root(source, tmp_path_factory):
+    """A tiny tree in VisA's layout: JPG images, 0/1 masks, and split_csv/1cls.csv."""
+    root = tmp_path_factory.mktemp("visa")
+    rows = []
+    for category in ("candle", "pcb1"):
+        base = root / category / "Data"
+        for sub in ("Images/Normal", "Images/Anomaly", "Masks/Anomaly"):
+            (base / sub).mkdir(parents=True)
+        for i, p in enumerate(sorted((source / "disk/train/good").glob("*.png"))):
+            Image.open(p).convert("RGB").save(base / "Images/Normal" / f"{i:04d}.JPG", quality=95)
+            rows.append([category, "train", "normal", f"{category}/Data/Images/Normal/{i:04d}.JPG", ""])
+        for i, p in enumerate(sorted((source / "disk/test/good").glob("*.png"))):
+            Image.open(p).convert("RGB").save(base / "Images/Normal" / f"t{i:03d}.JPG", quality=95)
+            rows.append([category, "test", "normal", f"{category}/Data/Images/Normal/t{i:03d}.JPG", ""])
+        defects = sorted((source / "disk/test").glob("[!g]*/*.png"))
+        for i, p in enumerate(defects):
+            Image.open(p).convert("RGB").save(base / "Images/Anomaly" / f"{i:03d}.JPG", quality=95)
+            gt = source / "disk/ground_truth" / p.parent.name / f"{p.stem}_mask.png"
+            Image.fromarray((np.asarray(Image.open(gt)) > 0).astype(np.uint8)).save(base / "Masks/Anomaly" / f"{i:03d}.png")
+            rows.append([category, "test", "anomaly", f"{category}/Data/Images/Anomaly/{i:03d}.JPG",
+                         f"{category}/Data/Masks/Anomaly/{i:03d}.png"])
+    (root / "split_csv").mkdir()
+    with open(root / "split_csv" / "1cls.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["object", "split", "label", "image", "mask"])
+        writer.writerows(rows)
+    return root
+
+
+def small_config(**dataset):
+    config = synthetic_config.get_config()
+    config.image_size = 64
+    config.num_epochs = 1
+    for k, v in dataset.items():
+        config.dataset[k] = v
+    return config
+
+
+def test_visa_split_and_masks(visa_root, source, tmp_path):
+    config = small_config(name="visa", root=str(visa_root), category="pcb1", data_dir=str(tmp_path / "tfds"))
+    assert list_categories(config) == ["candle", "pcb1"]
+    train_split, test = load_dataset(config)
+    assert len(train_split) == 8 and len(test) == 3 + 6
+    assert test.has_masks and set(test.defect_types) == {"good", "anomaly"}
+    # 0/1 masks are binarized before the resize: they match the 0/255 originals.
+    want = np.asarray(Image.open(source / "disk/ground_truth/hole/000_mask.png").resize((64, 64), Image.BILINEAR)) > 127
+    i = test.filenames.index("anomaly/000.JPG")
+    np.testing.assert_array_equal(test.masks[i], want)
+
+
+def test_visa_unknown_category(visa_root, tmp_path):
+    from rdjax.data.preprocess import DataError
+
+    config = small_config(name="visa", root=str(visa_root), category="fryum", data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(DataError, match="no rows for category 'fryum'; found: candle, pcb1"):
+        load_dataset(config)
+
+
+def test_visa_all_categories_through_main(visa_root, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rdjax.main", "--config=configs/visa.py", f"--workdir={tmp_path / 'w'}",
+         f"--config.dataset.root={visa_root}", "--config.dataset.category=all", f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+         "--config.model.arch=resnet18", "--config.model.teacher_weights=none", "--config.image_size=64",
+         "--config.batch_size=4", "--config.num_epochs=1"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "w" / "results.md").read_text()
+    assert "| candle |" in table and "| pcb1 |" in table and "**mean**" in table
+    metrics = json.loads((tmp_path / "w" / "pcb1" / "metrics.json").read_text())
+    assert 0 <= metrics["pixel_auroc"] <= 1 and metrics["num_images"] == 9
+
+
+@pytest.mark.parametrize("with_masks", [True, False])
+def test_folder_dataset(source, tmp_path, with_masks):
+    anomalous, masks = tmp_path / "bad", tmp_path / "masks"
+    anomalous.mkdir()
+    masks.mkdir()
+    for p in sorted((source / "disk/test").glob("[!g]*/*.png")):
+        name = f"{p.parent.name}_{p.stem}"
+        (anomalous / f"{name}.png").write_bytes(p.read_bytes())
+        (masks / f"{name}_mask.png").write_bytes((source / "disk/ground_truth" / p.parent.name / f"{p.stem}_mask.png").read_bytes())
+    config = small_config(name="folder", category="parts", data_dir=str(tmp_path / "tfds"),
+                          train_dir=str(source / "disk/train/good"), test_good_dir=str(source / "disk/test/good"),
+                          test_anomalous_dir=str(anomalous), mask_dir=str(masks) if with_masks else "")
+    result = train.train_and_evaluate(config, tmp_path / "w")
+    assert result["num_images"] == 3 + 6 and result["num_defective"] == 6
+    assert 0 <= result["image_auroc"] <= 1
+    if with_masks:
+        assert 0 <= result["pixel_auroc"] <= 1 and not result["warnings"][1:]
+    else:
+        assert np.isnan(result["pixel_auroc"]) and np.isnan(result["aupro"])
+        assert any("image-level metrics only" in w for w in result["warnings"])
+        assert "image-level metrics only" in (tmp_path / "w" / "results.md").read_text()
