@@ -27,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.test_good_dir = ""
     config.dataset.test_anomalous_dir = ""
     config.dataset.mask_dir = ""
+    # dataset.name in ('mnist', 'fashion_mnist', 'cifar10') only: the normal class, "0".."9" or "all".
+    config.dataset.normal_class = "0"
 
     config.image_size = 256
     config.batch_size = 16
@@ -43,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.map_mode = "add"  # 'add' or 'mul' over the three scales
     config.blur_sigma = 4.0
+    config.imagenet_normalize = True  # False for MNIST/Fashion-MNIST, as the official helpers
     config.eval_batch_size = 16
 
     # Decision thresholds, calibrated after training and stored in calibration.json.

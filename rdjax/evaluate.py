@@ -26,9 +26,12 @@ from rdjax.models.rd4ad import RD4AD, Features, Variables
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def normalize(images: jax.Array) -> jax.Array:
-    """uint8 NHWC -> ImageNet-normalised float32, as ToTensor + Normalize."""
+def normalize(images: jax.Array, imagenet: bool = True) -> jax.Array:
+    """uint8 NHWC -> float32 as ToTensor + Normalize(ImageNet mean, std); ToTensor alone
+    with ``imagenet=False`` (the official MNIST/Fashion-MNIST helpers skip Normalize)."""
     x = images.astype(jnp.float32) / 255.0
+    if not imagenet:
+        return x
     return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
 
 
@@ -92,14 +95,14 @@ def anomaly_map(
 
 
 @functools.lru_cache(maxsize=None)
-def make_eval_step(model: RD4AD, mode: str = "add", sigma: float = 4.0):
+def make_eval_step(model: RD4AD, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True):
     """A jitted (teacher_vars, student_vars, uint8 images) -> (maps, scores): the full path.
 
     Cached, so that every evaluation of a run reuses one compilation."""
 
     @jax.jit
     def eval_step(teacher_vars: Variables, student_vars: Variables, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        x = normalize(images)
+        x = normalize(images, imagenet_normalize)
         t, s = model(teacher_vars, student_vars, x, train=False)
         maps = anomaly_map(t, s, x.shape[1:3], mode, sigma)
         return maps, jnp.max(maps, axis=(1, 2))
@@ -158,10 +161,14 @@ def results_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_markdown(results: dict[str, dict]) -> str:
+HEADERS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO",
+           "image_auroc_sum": "image AUROC (sum of map)"}
+
+
+def summary_markdown(results: dict[str, dict], keys: tuple[str, ...] | None = None) -> str:
     """One table over categories with a mean row, in the paper's layout (percent)."""
-    keys = ("image_auroc", "pixel_auroc", "aupro")
-    lines = ["| category | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|"]
+    keys = keys or ("image_auroc", "pixel_auroc", "aupro")
+    lines = ["| category | " + " | ".join(HEADERS[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(r[k]) for k in keys) + " |")
     means = [float(np.nanmean([r[k] for r in results.values()])) for k in keys]

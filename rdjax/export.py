@@ -42,7 +42,7 @@ def export_model(model) -> jax.export.Exported:
     net = RD4AD(config.model.arch, config.dtype)
     teacher = jax.tree_util.tree_map(np.asarray, model.teacher_vars)
     student = jax.tree_util.tree_map(np.asarray, model.student_vars)
-    eval_step = evaluate.make_eval_step(net, config.map_mode, config.blur_sigma)
+    eval_step = evaluate.make_eval_step(net, config.map_mode, config.blur_sigma, config.imagenet_normalize)
     (batch,) = jax.export.symbolic_shape("batch")
     size = int(config.image_size)
     spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)

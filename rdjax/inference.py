@@ -227,6 +227,6 @@ def load(workdir: str | os.PathLike, step: int | None = None) -> Model:
         teacher_vars=jax.device_put(teacher_vars, pipeline.replicated(mesh)),
         student_vars=state.student_vars,
         calibration=calibration,
-        _eval_step=evaluate.make_eval_step(model, config.map_mode, config.blur_sigma),
+        _eval_step=evaluate.make_eval_step(model, config.map_mode, config.blur_sigma, config.imagenet_normalize),
         _put=lambda b: pipeline.put_batch(b, pipeline.batch_sharding(mesh)),
     )

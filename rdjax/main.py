@@ -58,6 +58,12 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
     initialize_distributed()
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
+    from rdjax.data.novelty import NOVELTY_DATASETS
+
+    if config.dataset.name in NOVELTY_DATASETS:  # one-class novelty: the category is the normal class
+        with config.unlocked():
+            nc = config.dataset.normal_class
+            config.dataset.category = "all" if nc == "all" else f"class_{nc}"
     try:
         if config.dataset.category == "all":
             categories = list_categories(config)
@@ -68,7 +74,8 @@ def main(argv: list[str]) -> None:
                 with config.unlocked():
                     config.dataset.category = category
                 results[category] = run(config, workdir / category, FLAGS.mode)
-            table = evaluate.summary_markdown(results)
+            keys = ("image_auroc", "image_auroc_sum") if config.dataset.name in NOVELTY_DATASETS else None
+            table = evaluate.summary_markdown(results, keys)
             if jax.process_index() == 0:
                 evaluate.write_text(workdir / "results.md", table)
                 print(table)

@@ -153,7 +153,9 @@ def load_teacher_vars(config: Any, model: RD4AD, workdir: Path) -> tuple[Variabl
     return variables, warnings
 
 
-def cache_teacher_features(model: RD4AD, teacher_vars: Variables, images: np.ndarray, batch_size: int, put) -> list[np.ndarray]:
+def cache_teacher_features(
+    model: RD4AD, teacher_vars: Variables, images: np.ndarray, batch_size: int, put, imagenet_normalize: bool = True
+) -> list[np.ndarray]:
     """The frozen teacher's features of every training image, computed once.
 
     With no augmentation (the paper's protocol) they are identical in every epoch, so the
@@ -166,7 +168,7 @@ def cache_teacher_features(model: RD4AD, teacher_vars: Variables, images: np.nda
     @jax.jit
     def features(x: jax.Array) -> Features:
         # Stored in the compute dtype: bfloat16 halves the cache.
-        return tuple(f.astype(model.dtype) for f in model.teacher_features(teacher_vars, normalize(x)))
+        return tuple(f.astype(model.dtype) for f in model.teacher_features(teacher_vars, normalize(x, imagenet_normalize)))
 
     return map_global_batches(features, images, batch_size, put, desc="teacher features")
 
@@ -235,12 +237,13 @@ def _evaluate_and_write(
 ) -> dict:
     from rdjax import evaluate, inference, metrics, report
 
-    eval_step = evaluate.make_eval_step(model, config.map_mode, config.blur_sigma)
+    eval_step = evaluate.make_eval_step(model, config.map_mode, config.blur_sigma, config.imagenet_normalize)
     start = time.perf_counter()
     batch = _round_up(config.eval_batch_size, jax.device_count())
     maps, scores = evaluate.predict_split(eval_step, teacher_vars, student_vars, test.images, batch, put)
     seconds = time.perf_counter() - start
     result = metrics.compute_all(maps, scores, test.masks, test.labels, test.defect_types, pixel=test.has_masks)
+    result["image_auroc_sum"] = metrics.auroc(test.labels, maps.sum(axis=(1, 2)))  # the novelty benchmarks' second score
     if not test.has_masks:
         warnings = warnings + ["the anomalous test images have no masks: image-level metrics only"]
         _log("note: %s", warnings[-1])
@@ -320,7 +323,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict:
         _log("resuming from step %d (epoch %d)", int(state.step), start_epoch)
 
     eval_batch = _round_up(config.eval_batch_size, num_devices)
-    features = cache_teacher_features(model, teacher_vars, train_split.images, eval_batch, put)
+    features = cache_teacher_features(model, teacher_vars, train_split.images, eval_batch, put, config.imagenet_normalize)
     step_fn = make_train_step(model, tx, mesh)
     writer = None
     if jax.process_index() == 0:

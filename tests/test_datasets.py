@@ -121,3 +121,46 @@ def test_folder_dataset(source, tmp_path, with_masks):
         assert np.isnan(result["pixel_auroc"]) and np.isnan(result["aupro"])
         assert any("image-level metrics only" in w for w in result["warnings"])
         assert "image-level metrics only" in (tmp_path / "w" / "results.md").read_text()
+
+
+@pytest.fixture
+def mock_tfds():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=80, policy=tfds.testing.MockPolicy.USE_CODE):
+        yield
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
+def test_novelty_split_protocol(mock_tfds, name):
+    import tensorflow_datasets as tfds
+
+    from rdjax.data.novelty import load_novelty
+
+    train_split, test = load_novelty(name, 3, 32, None)
+    source = {s: tfds.builder(name).as_data_source(split=s) for s in ("train", "test")}
+    all_train = np.array([int(source["train"][i]["label"]) for i in range(len(source["train"]))])
+    all_test = np.array([int(source["test"][i]["label"]) for i in range(len(source["test"]))])
+    assert len(train_split) == int((all_train == 3).sum()) and not train_split.labels.any()
+    assert len(test) == len(all_test)
+    np.testing.assert_array_equal(test.labels, (all_test != 3).astype(int))
+    assert train_split.images.shape[1:] == (32, 32, 3) and not test.has_masks
+    if name != "cifar10":  # grayscale -> three equal channels
+        np.testing.assert_array_equal(test.images[..., 0], test.images[..., 2])
+
+
+def test_novelty_trains_and_reports_both_scores(mock_tfds, tmp_path):
+    from configs import mnist as mnist_config
+
+    config = mnist_config.get_config()
+    config.dataset.category = "class_3"
+    config.model.teacher_weights = "none"
+    config.num_epochs = 1
+    assert config.imagenet_normalize is False  # as the official MNIST helper
+    result = train.train_and_evaluate(config, tmp_path / "w")
+    assert 0 <= result["image_auroc"] <= 1 and 0 <= result["image_auroc_sum"] <= 1
+    assert np.isnan(result["pixel_auroc"])
+    from rdjax.evaluate import summary_markdown
+
+    table = summary_markdown({"class_3": result}, ("image_auroc", "image_auroc_sum"))
+    assert "image AUROC (sum of map)" in table and "**mean**" in table

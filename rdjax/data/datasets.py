@@ -6,10 +6,10 @@ from pathlib import Path
 
 import ml_collections
 
-from rdjax.data import layouts, mvtec, synthetic
+from rdjax.data import layouts, mvtec, novelty, synthetic
 from rdjax.data.preprocess import DataError, Split
 
-DATASETS = ("mvtec", "synthetic", "visa", "folder")
+DATASETS = ("mvtec", "synthetic", "visa", "folder") + novelty.NOVELTY_DATASETS
 
 
 def dataset_root(config: ml_collections.ConfigDict) -> Path:
@@ -19,6 +19,8 @@ def dataset_root(config: ml_collections.ConfigDict) -> Path:
         raise DataError(f"unknown dataset.name {name!r}; choose one of {DATASETS}")
     if name == "folder":
         return Path(config.dataset.train_dir).expanduser().parent
+    if name in novelty.NOVELTY_DATASETS:
+        return Path(config.dataset.data_dir or Path.home() / "tensorflow_datasets")
     if not config.dataset.root:
         raise DataError("config.dataset.root is empty; set --config.dataset.root=/path/to/mvtec_anomaly_detection")
     root = Path(config.dataset.root).expanduser()
@@ -59,7 +61,9 @@ def extract_archive(archive: Path, cache: Path) -> Path:
 
 
 def list_categories(config: ml_collections.ConfigDict) -> list[str]:
-    """What dataset.category='all' runs over."""
+    """What dataset.category='all' (dataset.normal_class='all' for novelty) runs over."""
+    if config.dataset.name in novelty.NOVELTY_DATASETS:
+        return [f"class_{c}" for c in novelty.CLASSES]
     if config.dataset.name == "folder":
         return [config.dataset.category]
     if config.dataset.name == "visa":
@@ -84,6 +88,10 @@ def load_dataset(config: ml_collections.ConfigDict) -> tuple[Split, Split]:
     """
     import jax
     from jax.experimental import multihost_utils
+
+    if config.dataset.name in novelty.NOVELTY_DATASETS:
+        return novelty.load_novelty(config.dataset.name, int(config.dataset.category.removeprefix("class_")),
+                                    config.image_size, config.dataset.data_dir or None)
 
     def ready() -> mvtec.MVTecAD:
         name = config.dataset.category if config.dataset.name in ("mvtec", "synthetic") else f"{config.dataset.name}_{config.dataset.category}"

@@ -1,0 +1,66 @@
+"""One-class novelty detection (the paper's Table 3): MNIST, Fashion-MNIST, CIFAR-10.
+
+Train on the training images of one class; test on the whole test split, where that class
+is normal and the nine others anomalous. Images are resized to 32x32 (PIL bilinear, as the
+official helpers' torchvision Resize) and grayscale becomes 3 channels. There are no
+masks: only image-level metrics are reported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from rdjax.data.preprocess import DataError, Split
+
+NOVELTY_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+CLASSES = tuple(str(c) for c in range(10))
+
+
+def _sources(name: str, data_dir: str | None) -> dict:
+    """{'train', 'test'} random-access sources, preparing the dataset with TFDS if needed."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+        return {split: builder.as_data_source(split=split) for split in ("train", "test")}
+    except (AssertionError, FileNotFoundError, ValueError):
+        pass  # not prepared yet
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    except ImportError as e:
+        raise DataError(
+            f"preparing {name} with tensorflow-datasets needs TensorFlow ({e}); pip install tensorflow, "
+            f"or prepare it once elsewhere into config.dataset.data_dir"
+        ) from None
+    return {split: builder.as_data_source(split=split) for split in ("train", "test")}
+
+
+def _to_rgb32(image: np.ndarray, size: int) -> np.ndarray:
+    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), np.uint8)
+
+
+def load_novelty(name: str, normal_class: int, image_size: int, data_dir: str | None) -> tuple[Split, Split]:
+    if normal_class not in range(10):
+        raise DataError(f"config.dataset.normal_class={normal_class} must be 0..9 or 'all'")
+    sources = _sources(name, data_dir)
+    splits = []
+    for split in ("train", "test"):
+        source = sources[split]
+        examples = [source[i] for i in range(len(source))]
+        labels = np.array([int(e["label"]) for e in examples])
+        keep = np.flatnonzero(labels == normal_class) if split == "train" else np.arange(len(examples))
+        if split == "train" and not len(keep):
+            raise DataError(f"{name}: no training images of class {normal_class}")
+        images = np.stack([_to_rgb32(np.asarray(examples[i]["image"]), image_size) for i in keep])
+        anomalous = (labels[keep] != normal_class).astype(np.int32)
+        splits.append(Split(
+            images=images,
+            masks=np.zeros((len(keep), image_size, image_size), bool),
+            labels=anomalous,
+            defect_types=["good" if a == 0 else f"class_{labels[i]}" for a, i in zip(anomalous, keep)],
+            filenames=[f"{split}/{i:05d}" for i in keep],
+            has_masks=False,
+        ))
+    return splits[0], splits[1]
