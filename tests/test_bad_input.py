@@ -178,3 +178,18 @@ def test_image_kinds_that_are_not_errors(root, tmp_path):
     np.testing.assert_array_equal(gray[..., 0], gray[..., 2])  # grayscale -> 3 equal channels
     sixteen = train.images[train.filenames.index("good/sixteen.png")]
     np.testing.assert_array_equal(sixteen, gray)  # 16-bit scaled to the same 8-bit image
+
+
+def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    import jax
+
+    from rdjax import train
+    from rdjax.models import RD4AD
+
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: usage._replace(free=1 << 20))
+    student = jax.eval_shape(lambda: RD4AD("resnet18").init(jax.random.key(0), 32))[1]
+    with pytest.raises(OSError, match=r"only 1 MiB free, a checkpoint needs about \d+ MiB"):
+        train.check_workdir(tmp_path / "w", student)

@@ -173,3 +173,26 @@ def test_export_cli(workdir, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)  # no rdjax on the path
     assert run.returncode == 0, run.stderr[-2000:]
     assert "(3, 64, 64) (3,)" in run.stdout
+
+
+def test_quantile_threshold_from_held_out_images(workdir, tmp_path):
+    _, data, _ = workdir
+    config = synthetic_config.get_config()
+    config.dataset.root = str(data)
+    config.dataset.data_dir = str(data / "_tfds")
+    config.dataset.category = "disk"
+    config.image_size = 64
+    config.num_epochs = 1
+    config.threshold.method = "quantile"
+    config.threshold.validation_size = 4
+    config.threshold.quantile = 0.75
+    train.train_and_evaluate(config, tmp_path / "q")
+    cal = json.loads((tmp_path / "q" / "calibration.json").read_text())
+    assert cal["method"] == "quantile" and cal["source"] == "4 held-out train/good images"
+    model = rdjax.load(tmp_path / "q")
+    from rdjax.data.datasets import load_dataset
+
+    held = train.hold_out(load_dataset(config)[0], config)[1]
+    scores = model.predict_resized(held.images)[1]
+    assert cal["image_threshold"] == pytest.approx(float(np.quantile(scores, 0.75)), rel=1e-6)
+    assert json.loads((tmp_path / "q" / "train_log.json").read_text())[0]["step"] == 2  # 12 images left, batch 8
