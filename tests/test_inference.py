@@ -71,6 +71,8 @@ def test_predict_accepts_every_input_kind(workdir, model):
     assert mixed.maps[0].shape == (100, 150) and mixed.masks[0].shape == (100, 150)
     assert mixed.maps[1].shape == arr.shape[:2]
     assert mixed.decisions.dtype == bool and np.all((0 <= mixed.normalized_scores) & (mixed.normalized_scores <= 1))
+    normalized = model.normalized_map(mixed.maps[1])
+    np.testing.assert_array_equal(normalized >= 0.5, mixed.masks[1])  # 0.5 is the pixel threshold
     # Batching is automatic and does not change results.
     many = model.predict([arr] * 5, batch_size=2)
     np.testing.assert_allclose(many.scores, by_array.scores[0], rtol=1e-6)

@@ -73,15 +73,8 @@ def test_sigkill_then_resume_equals_uninterrupted(data, uninterrupted, tmp_path)
     assert step_a == step_b == EPOCHS * 2  # 16 images, batch 8
     jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, a.opt_state, b.opt_state)
+    # Two runs with the same seed (one of them killed and resumed) give identical metrics.
     ma, mb = (json.loads((w / "metrics.json").read_text()) for w in (uninterrupted, workdir))
-    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
-        assert ma[key] == mb[key]
-
-
-def test_same_seed_same_metrics(data, uninterrupted, tmp_path):
-    proc = subprocess.run(command(data, tmp_path / "again"), cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ma, mb = (json.loads((w / "metrics.json").read_text()) for w in (uninterrupted, tmp_path / "again"))
     assert ma["seed"] == mb["seed"] == 111
     for key in ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max"):
         assert ma[key] == mb[key]
