@@ -1,21 +1,12 @@
-"""One-class novelty detection on fashion_mnist: ResNet-18 teacher, 32x32, as the official helpers.
+"""One-class novelty detection on Fashion-MNIST: the MNIST settings on another dataset.
 
 python -m rdjax.main --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist --config.dataset.normal_class=all
 """
 
-from configs import default
+from configs import mnist
 
 
 def get_config():
-    config = default.get_config()
-    config.model.arch = "resnet18"
+    config = mnist.get_config()
     config.dataset.name = "fashion_mnist"
-    config.dataset.normal_class = "all"
-    config.image_size = 32
-    config.imagenet_normalize = False  # the official helper applies ToTensor only
-    config.batch_size = 64
-    config.num_epochs = 50
-    config.eval_every = 10
-    config.checkpoint_every = 10
-    config.eval_batch_size = 256
     return config

@@ -1,4 +1,4 @@
-"""One-class novelty detection on mnist: ResNet-18 teacher, 32x32, as the official helpers.
+"""One-class novelty detection on MNIST: ResNet-18 teacher, 32x32, as the official helpers.
 
 python -m rdjax.main --config=configs/mnist.py --workdir=runs/mnist --config.dataset.normal_class=all
 """

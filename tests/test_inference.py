@@ -22,16 +22,21 @@ from rdjax import inference, train
 from rdjax.data import synthetic
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    data = synthetic.generate(tmp_path_factory.mktemp("data"), categories=("disk",), num_train=16,
-                              num_test_good=6, num_per_defect=3)
+def disk_config(data: Path, num_epochs: int):
     config = synthetic_config.get_config()
     config.dataset.root = str(data)
     config.dataset.data_dir = str(data / "_tfds")
     config.dataset.category = "disk"
     config.image_size = 64
-    config.num_epochs = 3
+    config.num_epochs = num_epochs
+    return config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    data = synthetic.generate(tmp_path_factory.mktemp("data"), categories=("disk",), num_train=16,
+                              num_test_good=6, num_per_defect=3)
+    config = disk_config(data, num_epochs=3)
     work = tmp_path_factory.mktemp("work")
     result = train.train_and_evaluate(config, work)
     return work, data, result
@@ -179,12 +184,7 @@ def test_export_cli(workdir, tmp_path):
 
 def test_quantile_threshold_from_held_out_images(workdir, tmp_path):
     _, data, _ = workdir
-    config = synthetic_config.get_config()
-    config.dataset.root = str(data)
-    config.dataset.data_dir = str(data / "_tfds")
-    config.dataset.category = "disk"
-    config.image_size = 64
-    config.num_epochs = 1
+    config = disk_config(data, num_epochs=1)
     config.threshold.method = "quantile"
     config.threshold.validation_size = 4
     config.threshold.quantile = 0.75
