@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import jax
@@ -55,11 +54,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     from rdjax import inference
 
-    try:
-        model = inference.load(FLAGS.workdir)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    model = inference.load_or_exit(FLAGS.workdir)
     out = Path(FLAGS.out)
     data = export_model(model).serialize()
     tmp = out.with_name(out.name + ".tmp")

@@ -230,3 +230,14 @@ def load(workdir: str | os.PathLike, step: int | None = None) -> Model:
         _eval_step=evaluate.make_eval_step(model, config.map_mode, config.blur_sigma, config.imagenet_normalize),
         _put=lambda b: pipeline.put_batch(b, pipeline.batch_sharding(mesh)),
     )
+
+
+def load_or_exit(workdir: str | os.PathLike) -> Model:
+    """load() for the command-line tools: a bad workdir is one line on stderr and exit 1."""
+    import sys
+
+    try:
+        return load(workdir)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -50,11 +50,7 @@ def main(argv: list[str]) -> None:
     if not files:
         print(f"error: {FLAGS.input}: no image files found", file=sys.stderr)
         sys.exit(1)
-    try:
-        model = inference.load(FLAGS.workdir)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    model = inference.load_or_exit(FLAGS.workdir)
     out = Path(FLAGS.output)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     if model.calibration is not None:

@@ -198,3 +198,12 @@ def test_quantile_threshold_from_held_out_images(workdir, tmp_path):
     scores = model.predict_resized(held.images)[1]
     assert cal["image_threshold"] == pytest.approx(float(np.quantile(scores, 0.75)), rel=1e-6)
     assert json.loads((tmp_path / "q" / "train_log.json").read_text())[0]["step"] == 2  # 12 images left, batch 8
+
+
+def test_cli_on_a_missing_workdir_is_one_line(tmp_path):
+    for module, extra in (("rdjax.export", [f"--out={tmp_path / 'm'}"]), ("rdjax.predict", [f"--input={ROOT / 'configs'}/*.py", f"--output={tmp_path / 'o'}"])):
+        proc = subprocess.run([sys.executable, "-m", module, f"--workdir={tmp_path / 'nowhere'}", *extra],
+                              cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "no config.json" in errors[0]
