@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import nchw_to_nhwc, rel_err
-from rdjax.models.layers import BatchNorm, Conv, ConvTranspose2x2
+from rdjax.models.layers import BatchNorm, Conv, ConvTranspose2x2, conv2d
 from rdjax.port import convert
 
 TOL = 1e-5
@@ -32,6 +32,24 @@ def test_conv_matches_torch(kernel, stride, cin, cout, size):
     want = nchw_to_nhwc(ref(x).detach())
     assert ours.shape == want.shape
     assert rel_err(ours, want) < TOL
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 9), (3, 2, 10), (3, 2, 9), (1, 1, 6), (1, 2, 9), (7, 2, 17)])
+def test_conv_gradients_match_torch(kernel, stride, size):
+    """conv2d lowers 1x1 kernels to a matmul and, on the CPU, computes kxk kernel
+    gradients tap by tap; both gradients must still be torch's."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 6, size, size, requires_grad=True)
+    w = torch.randn(5, 6, kernel, kernel, requires_grad=True)
+    y = torch.nn.functional.conv2d(x, w, stride=stride, padding=kernel // 2)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x_j, w_j = jnp.asarray(nchw_to_nhwc(x.detach())), jnp.asarray(w.detach().numpy().transpose(2, 3, 1, 0))
+    ours, vjp = jax.vjp(lambda a, k: conv2d(a, k, stride), x_j, w_j)
+    dx, dw = jax.jit(vjp)(jnp.asarray(nchw_to_nhwc(dy)))
+    assert rel_err(ours, nchw_to_nhwc(y.detach())) < TOL
+    assert rel_err(dx, nchw_to_nhwc(x.grad)) < TOL
+    assert rel_err(dw, w.grad.numpy().transpose(2, 3, 1, 0)) < TOL
 
 
 @pytest.mark.parametrize("cin,cout,h,w", [(4, 6, 3, 5), (8, 8, 4, 4)])

@@ -7,6 +7,7 @@ running variance with the biased batch variance where PyTorch uses the unbiased 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +25,86 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 deconv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
 
 
+def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    pad = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+def _weight_grad_by_taps(x: jax.Array, dy: jax.Array, ksize: int, stride: int) -> jax.Array:
+    """The kernel gradient as one 2-D matmul per kernel tap.
+
+    XLA:CPU computes a convolution's kernel gradient several times slower than its
+    forward pass (a 3x3, 64-channel, 64x64 layer at batch 16: 186 ms against 50 ms),
+    while a (pixels, C)^T @ (pixels, O) matmul runs near the machine's matmul peak.
+    Tap (a, b) of the kernel sees the padded input shifted by (a, b), so its gradient
+    is that strided window times the output gradient.
+    """
+    pad = ksize // 2
+    n, _, _, c = x.shape
+    _, ho, wo, o = dy.shape
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    dy2 = dy.reshape(-1, o)
+    taps = []
+    for a in range(ksize):
+        for b in range(ksize):
+            window = jax.lax.slice(
+                xp,
+                (0, a, b, 0),
+                (n, a + stride * (ho - 1) + 1, b + stride * (wo - 1) + 1, c),
+                (1, stride, stride, 1),
+            )
+            taps.append(window.reshape(-1, c).T @ dy2)
+    return jnp.stack(taps).reshape(ksize, ksize, c, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_kxk(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    return _xla_conv(x, kernel, stride)
+
+
+def _conv_kxk_fwd(x, kernel, stride):
+    return _xla_conv(x, kernel, stride), (x, kernel)
+
+
+def _conv_kxk_bwd(stride, residuals, dy):
+    x, kernel = residuals
+    dx = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride), x)[1](dy)[0]
+    dk = jax.lax.platform_dependent(
+        x,
+        dy,
+        cpu=lambda x_, dy_: _weight_grad_by_taps(x_, dy_, kernel.shape[0], stride),
+        default=lambda x_, dy_: jax.vjp(lambda k: _xla_conv(x_, k, stride), kernel)[1](dy_)[0],
+    )
+    return dx, dk.astype(kernel.dtype)
+
+
+_conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+    """PyTorch's bias-free Conv2d(padding=k // 2) on NHWC input and an HWIO kernel.
+
+    The arithmetic is the convolution's; only its lowering is chosen for speed.
+    A 1x1 convolution is a strided subsample and one matmul: XLA:CPU runs its
+    convolution op for 1x1 kernels 1.5-8x slower than the same matmul, forward and
+    backward, and on GPUs and TPUs the matmul is the same work. A larger kernel uses
+    XLA's convolution, except for its kernel gradient on the CPU (see
+    `_weight_grad_by_taps`); other backends keep XLA's own.
+    """
+    if kernel.shape[0] == 1:
+        if stride > 1:
+            x = x[:, ::stride, ::stride]
+        n, h, w, c = x.shape
+        return (x.reshape(-1, c) @ kernel.reshape(c, -1)).reshape(n, h, w, -1)
+    return _conv_kxk(x, kernel, stride)
+
+
 class Conv(nn.Module):
     """Bias-free 2-D convolution with PyTorch's symmetric zero padding (k // 2)."""
 
@@ -34,15 +115,9 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        k, pad = self.kernel_size, self.kernel_size // 2
+        k = self.kernel_size
         kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), jnp.float32)
-        return jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(self.stride, self.stride),
-            padding=((pad, pad), (pad, pad)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
 
 
 class ConvTranspose2x2(nn.Module):
