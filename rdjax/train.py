@@ -22,6 +22,7 @@ import tqdm
 from absl import logging
 
 from rdjax.data.preprocess import Split
+from rdjax.models.layers import at_least_float32
 from rdjax.models.rd4ad import RD4AD, Features, Variables
 
 
@@ -61,8 +62,8 @@ def cosine_distance_loss(teacher: Features, student: Features, eps: float = 1e-8
     """
     total = jnp.zeros((), jnp.float32)
     for t, s in zip(teacher, student):
-        t = t.reshape(t.shape[0], -1).astype(jnp.float32)
-        s = s.reshape(s.shape[0], -1).astype(jnp.float32)
+        t = at_least_float32(t.reshape(t.shape[0], -1))
+        s = at_least_float32(s.reshape(s.shape[0], -1))
         dot = jnp.sum(t * s, axis=1)
         norm = jnp.linalg.norm(t, axis=1) * jnp.linalg.norm(s, axis=1)
         total = total + jnp.mean(1.0 - dot / jnp.maximum(norm, eps))
@@ -177,7 +178,9 @@ def check_config(config: Any) -> None:
     """Fail before any work on settings that cannot run: one clear line each."""
     from rdjax.models.resnet import check_image_size
 
-    RD4AD(config.model.arch, config.dtype)  # unknown arch or dtype
+    if config.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.dtype={config.dtype!r} is not supported; choose 'float32' or 'bfloat16'")
+    RD4AD(config.model.arch, config.dtype)  # unknown arch
     size = config.image_size
     if size % 32:
         check_image_size((1, size, size, 3))

@@ -16,6 +16,11 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """float32 for bfloat16/float32 input; float64 stays float64 (the reference precision)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
 # PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu'), used by the
 # official code for every Conv2d of the OCBE and the decoder. Flax's fan_out of an
 # HWIO kernel is kh*kw*out, the same number PyTorch uses for an OIHW one.
@@ -164,7 +169,7 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-        xf = x.astype(jnp.float32)
+        xf = at_least_float32(x)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:

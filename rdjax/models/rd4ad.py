@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rdjax.models.layers import BatchNorm, Conv, Dtype
+from rdjax.models.layers import BatchNorm, Conv, Dtype, at_least_float32
 from rdjax.models.resnet import ArchSpec, Teacher, check_image_size, get_arch, run_layer
 
 Features = tuple[jax.Array, jax.Array, jax.Array]
@@ -87,6 +87,8 @@ class RD4AD:
 
     ``dtype`` is the compute dtype of convolutions (float32 or bfloat16). Parameters,
     BatchNorm statistics and everything downstream of the features stay float32.
+    'float64' (with jax_enable_x64 and float64 variables) is a reference precision for
+    numerical checks, such as the device-count invariance test; configs do not offer it.
     """
 
     arch: str = "wide_resnet50_2"
@@ -94,8 +96,10 @@ class RD4AD:
 
     def __post_init__(self) -> None:
         get_arch(self.arch)
-        if self.dtype not in ("float32", "bfloat16"):
+        if self.dtype not in ("float32", "bfloat16", "float64"):
             raise ValueError(f"unknown dtype {self.dtype!r}; choose 'float32' or 'bfloat16'")
+        if self.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError("dtype 'float64' needs jax_enable_x64")
 
     @property
     def spec(self) -> ArchSpec:
@@ -123,7 +127,7 @@ class RD4AD:
         """Teacher layer1-3 features in float32; constants as far as autodiff is concerned."""
         check_image_size(images.shape)
         feats = self.teacher.apply(jax.lax.stop_gradient(teacher_vars), images)
-        return tuple(jax.lax.stop_gradient(f.astype(jnp.float32)) for f in feats)
+        return tuple(jax.lax.stop_gradient(at_least_float32(f)) for f in feats)
 
     def student_features(
         self, student_vars: Variables, teacher_feats: Features, train: bool
@@ -135,7 +139,7 @@ class RD4AD:
         else:
             feats = self.student.apply(student_vars, teacher_feats, train=False)
             batch_stats = student_vars["batch_stats"]
-        return tuple(f.astype(jnp.float32) for f in feats), batch_stats
+        return tuple(at_least_float32(f) for f in feats), batch_stats
 
     def __call__(
         self, teacher_vars: Variables, student_vars: Variables, images: jax.Array, train: bool = False
