@@ -92,21 +92,29 @@ def _conv_kxk_bwd(stride, residuals, dy):
 _conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
 
 
+def _conv_1x1_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    if stride > 1:
+        x = x[:, ::stride, ::stride]
+    n, h, w, c = x.shape
+    return (x.reshape(-1, c) @ kernel.reshape(c, -1)).reshape(n, h, w, -1)
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
     """PyTorch's bias-free Conv2d(padding=k // 2) on NHWC input and an HWIO kernel.
 
-    The arithmetic is the convolution's; only its lowering is chosen for speed.
-    A 1x1 convolution is a strided subsample and one matmul: XLA:CPU runs its
-    convolution op for 1x1 kernels 1.5-8x slower than the same matmul, forward and
-    backward, and on GPUs and TPUs the matmul is the same work. A larger kernel uses
-    XLA's convolution, except for its kernel gradient on the CPU (see
-    `_weight_grad_by_taps`); other backends keep XLA's own.
+    The arithmetic is the convolution's; only its lowering on the CPU is chosen for
+    speed. There a 1x1 convolution is a strided subsample and one matmul (XLA:CPU runs
+    its convolution op for 1x1 kernels 1.5-8x slower than the same matmul, forward and
+    backward), and a larger kernel's gradient is computed tap by tap (see
+    `_weight_grad_by_taps`). GPUs and TPUs keep XLA's own convolutions throughout.
     """
     if kernel.shape[0] == 1:
-        if stride > 1:
-            x = x[:, ::stride, ::stride]
-        n, h, w, c = x.shape
-        return (x.reshape(-1, c) @ kernel.reshape(c, -1)).reshape(n, h, w, -1)
+        return jax.lax.platform_dependent(
+            x,
+            kernel,
+            cpu=functools.partial(_conv_1x1_matmul, stride=stride),
+            default=functools.partial(_xla_conv, stride=stride),
+        )
     return _conv_kxk(x, kernel, stride)
 
 
