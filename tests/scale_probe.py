@@ -58,8 +58,9 @@ def float64_steps(steps: int) -> dict:
     model = RD4AD("resnet18", "float64")
     to64 = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)  # noqa: E731
     teacher_vars, student_vars = map(to64, model.init(jax.random.key(0), 64))
+    features = jax.jit(model.teacher_features)
     batches = [
-        to64(model.teacher_features(teacher_vars, np.asarray(jax.random.normal(jax.random.key(i), (8, 64, 64, 3)), np.float64)))
+        to64(features(teacher_vars, np.asarray(jax.random.normal(jax.random.key(i), (8, 64, 64, 3)), np.float64)))
         for i in range(steps)
     ]
     tx = train.make_optimizer()
