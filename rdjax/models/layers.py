@@ -21,6 +21,7 @@ def at_least_float32(x: jax.Array) -> jax.Array:
     """float32 for bfloat16/float32 input; float64 stays float64 (the reference precision)."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
+
 # PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu'), used by the
 # official code for every Conv2d of the OCBE and the decoder. Flax's fan_out of an
 # HWIO kernel is kh*kw*out, the same number PyTorch uses for an OIHW one.
