@@ -27,6 +27,14 @@ if str(ROOT) not in sys.path:
 torch = pytest.importorskip("torch") if os.environ.get("RDJAX_ALLOW_NO_TORCH") else __import__("torch")
 
 
+def cpu_devices_env(devices: int) -> dict:
+    """The environment for a subprocess that sees ``devices`` CPU devices."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
 def randomize_batchnorm(module: "torch.nn.Module", seed: int) -> None:
     """Give every BatchNorm random affine parameters and running statistics, so that
     a port that confuses or drops them cannot pass."""
