@@ -1,4 +1,5 @@
-"""Each layer kind against torch.nn with the same weights (float32)."""
+"""Each layer kind against torch.nn with the same weights (float32), and the bfloat16
+CPU lowerings against torch in float64 on the same bfloat16-valued data."""
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,52 @@ def test_conv_gradients_match_torch(kernel, stride, size):
     assert rel_err(ours, nchw_to_nhwc(y.detach())) < TOL
     assert rel_err(dx, nchw_to_nhwc(x.grad)) < TOL
     assert rel_err(dw, w.grad.numpy().transpose(2, 3, 1, 0)) < TOL
+
+
+# bfloat16 results are rounded once, from float32 sums: within 2^-8 of the largest value.
+BF16_TOL = 2.0**-7
+
+
+def _bf16_valued(*shape: int) -> torch.Tensor:
+    """float64 data that bfloat16 holds exactly, so rounding inputs is not the difference."""
+    return torch.randn(*shape).to(torch.bfloat16).to(torch.float64).requires_grad_(True)
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 7), (3, 2, 8), (3, 2, 7), (1, 1, 5), (1, 2, 7)])
+def test_bfloat16_conv_and_gradients_match_torch_float64(kernel, stride, size):
+    """The CPU's bfloat16 lowering (tap-wise float32-accumulated matmuls for >= 256
+    input channels, custom VJPs) computes torch's convolution and both gradients."""
+    torch.manual_seed(4)
+    x, w = _bf16_valued(2, 256, size, size), _bf16_valued(8, 256, kernel, kernel)
+    y = torch.nn.functional.conv2d(x, w, stride=stride, padding=kernel // 2)
+    dy = torch.randn_like(y).to(torch.bfloat16).to(torch.float64)
+    y.backward(dy)
+    bf = lambda a: jnp.asarray(np.asarray(a, np.float32), jnp.bfloat16)  # noqa: E731
+    x_j, w_j = bf(nchw_to_nhwc(x.detach())), bf(w.detach().numpy().transpose(2, 3, 1, 0))
+    fn = lambda a, k: jax.vjp(lambda a_, k_: conv2d(a_, k_, stride), a, k)  # noqa: E731
+    ours, vjp = fn(x_j, w_j)
+    dx, dw = vjp(bf(nchw_to_nhwc(dy)))
+    assert ours.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+    assert rel_err(ours.astype(jnp.float32), nchw_to_nhwc(y.detach())) < BF16_TOL
+    assert rel_err(dx.astype(jnp.float32), nchw_to_nhwc(x.grad)) < BF16_TOL
+    assert rel_err(dw.astype(jnp.float32), w.grad.numpy().transpose(2, 3, 1, 0)) < BF16_TOL
+    # The forward really is matmuls on the CPU (XLA would convolve in float32).
+    hlo = jax.jit(lambda a, k: conv2d(a, k, stride)).lower(x_j, w_j).compile().as_text()
+    assert "convolution(" not in hlo
+
+
+def test_bfloat16_conv_transpose_matches_torch_float64():
+    torch.manual_seed(5)
+    ref = torch.nn.ConvTranspose2d(16, 8, 2, stride=2, bias=False).double()
+    with torch.no_grad():
+        ref.weight.copy_(ref.weight.to(torch.bfloat16).double())
+    x = _bf16_valued(2, 16, 3, 5).detach()
+    layer = ConvTranspose2x2(8, dtype=jnp.bfloat16)
+    variables = layer.init(jax.random.key(0), jnp.zeros((1, 3, 5, 16)))
+    ported = _port_single(ref.float(), variables)
+    ours = layer.apply(ported, jnp.asarray(nchw_to_nhwc(x), jnp.bfloat16))
+    assert ours.dtype == jnp.bfloat16
+    assert rel_err(ours.astype(jnp.float32), nchw_to_nhwc(ref.double()(x).detach())) < BF16_TOL
 
 
 @pytest.mark.parametrize("cin,cout,h,w", [(4, 6, 3, 5), (8, 8, 4, 4)])
