@@ -25,6 +25,7 @@ flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir.")
 flags.DEFINE_string("input", None, "A folder (searched recursively) or a glob of image files.")
 flags.DEFINE_string("output", None, "Output folder.")
 flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+flags.DEFINE_string("dtype", None, "Compute dtype (float32 or bfloat16); default: the workdir's.")
 flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
@@ -50,7 +51,7 @@ def main(argv: list[str]) -> None:
     if not files:
         print(f"error: {FLAGS.input}: no image files found", file=sys.stderr)
         sys.exit(1)
-    model = inference.load_or_exit(FLAGS.workdir)
+    model = inference.load_or_exit(FLAGS.workdir, FLAGS.dtype)
     out = Path(FLAGS.output)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     if model.calibration is not None:

@@ -63,6 +63,21 @@ def test_load_restores_the_trained_model(workdir, model):
     assert roc_auc_score(labels, pred.scores) == pytest.approx(result["image_auroc"], abs=1e-6)
 
 
+def test_load_in_bfloat16_keeps_the_maps(workdir, model):
+    """A float32-trained workdir evaluated in bfloat16: maps stay within the bound that
+    tests/test_scale.py sets for bf16, and the image ranking is kept."""
+    work, data, _ = workdir
+    fast = rdjax.load(work, dtype="bfloat16")
+    assert fast.config.dtype == "bfloat16" and model.config.dtype == "float32"
+    files = [str(f) for f in sorted((data / "disk" / "test").rglob("*.png"))]
+    p32, p16 = model.predict(files), fast.predict(files)
+    maps32, maps16 = np.stack(p32.maps), np.stack(p16.maps)
+    assert not np.array_equal(maps16, maps32)  # bf16 arithmetic really ran
+    assert float(np.max(np.abs(maps16 - maps32)) / np.max(np.abs(maps32))) < 0.05
+    assert np.corrcoef(maps16.ravel(), maps32.ravel())[0, 1] > 0.99
+    assert np.corrcoef(p16.scores, p32.scores)[0, 1] > 0.99
+
+
 def test_predict_accepts_every_input_kind(workdir, model):
     _, data, _ = workdir
     path = sorted((data / "disk" / "test" / "hole").glob("*.png"))[0]
@@ -207,3 +222,13 @@ def test_cli_on_a_missing_workdir_is_one_line(tmp_path):
         assert proc.returncode == 1, proc.stderr[-2000:]
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and "no config.json" in errors[0]
+
+
+def test_predict_cli_rejects_an_unknown_dtype(workdir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rdjax.predict", f"--workdir={workdir[0]}", "--dtype=float16",
+                           f"--input={workdir[1] / 'disk' / 'test'}", f"--output={tmp_path / 'o'}"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "float16" in errors[0]
+    assert not (tmp_path / "o").exists()
