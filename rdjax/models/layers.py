@@ -17,9 +17,13 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+def _accum(dtype: Any) -> Any:
+    """float32 for bfloat16/float32; float64 stays float64 (the reference precision)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def at_least_float32(x: jax.Array) -> jax.Array:
-    """float32 for bfloat16/float32 input; float64 stays float64 (the reference precision)."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x.astype(_accum(x.dtype))
 
 
 # PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu'), used by the
@@ -29,10 +33,6 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # PyTorch's default ConvTranspose2d init, kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan)),
 # where PyTorch's fan_in of an (in, out, kh, kw) weight is out*kh*kw.
 deconv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
-
-
-def _accum(dtype: Any) -> Any:
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 @jax.custom_vjp
@@ -113,7 +113,7 @@ def _conv_by_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     n, h, w, _ = x.shape
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     acc = sum(
-        jnp.dot(window, kernel[i // ksize, i % ksize], preferred_element_type=jnp.float32)
+        jnp.dot(window, kernel[i // ksize, i % ksize], preferred_element_type=_accum(x.dtype))
         for i, window in enumerate(_windows(x, ksize, stride, (ho, wo)))
     )
     return acc.astype(x.dtype).reshape(n, ho, wo, -1)
