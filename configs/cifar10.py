@@ -4,7 +4,7 @@
 python -m rdjax.main --config=configs/cifar10.py --workdir=runs/cifar10 --config.dataset.normal_class=all
 """
 
-from configs import mnist
+from rdjax.configs import mnist
 
 
 def get_config():

@@ -1,6 +1,7 @@
 """Base configuration. Every other config starts from this one.
 
-Key names under "User-facing keys" are the public interface; see README "Config reference".
+Key names under "User-facing keys" are the public interface; see docs/config.md.
+Run any config by name or path: `rdjax train --config=default --workdir=DIR`.
 """
 
 import ml_collections
@@ -11,6 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # User-facing keys.
     config.model = ml_collections.ConfigDict()
+    config.model.name = "rd4ad"  # a name in rdjax.registry.MODELS
     config.model.arch = "wide_resnet50_2"
     # 'imagenet' (download/cache), a .pth/.safetensors/.npz file, an rdjax teacher
     # directory, or 'none' (random teacher: for tests and demos only).
@@ -47,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.blur_sigma = 4.0
     config.imagenet_normalize = True  # False for MNIST/Fashion-MNIST, as the official helpers
     config.eval_batch_size = 16
+    # What runs after each evaluation pass, in order (names in rdjax.registry.EVALUATORS).
+    config.evaluators = ("anomaly", "calibration", "report")
 
     # Decision thresholds, calibrated after training and stored in calibration.json.
     config.threshold = ml_collections.ConfigDict()

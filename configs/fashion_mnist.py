@@ -3,7 +3,7 @@
 python -m rdjax.main --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist --config.dataset.normal_class=all
 """
 
-from configs import mnist
+from rdjax.configs import mnist
 
 
 def get_config():

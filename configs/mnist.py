@@ -3,7 +3,7 @@
 python -m rdjax.main --config=configs/mnist.py --workdir=runs/mnist --config.dataset.normal_class=all
 """
 
-from configs import default
+from rdjax.configs import default
 
 
 def get_config():

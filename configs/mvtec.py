@@ -8,7 +8,7 @@ python -m rdjax.main --config=configs/mvtec.py --workdir=runs/bottle \
     --config.dataset.root=/data/mvtec_anomaly_detection --config.dataset.category=bottle
 """
 
-from configs import default
+from rdjax.configs import default
 
 
 def get_config():

@@ -4,7 +4,7 @@ A random ResNet-18 teacher (no pretrained weights are needed, so it runs offline
 run says so loudly), 128 px, small enough for a few minutes on 2 CPU cores.
 """
 
-from configs import default
+from rdjax.configs import default
 
 
 def get_config():

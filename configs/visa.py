@@ -5,7 +5,7 @@ python -m rdjax.main --config=configs/visa.py --workdir=runs/visa \
     --config.dataset.root=/data/VisA --config.dataset.category=all
 """
 
-from configs import mvtec
+from rdjax.configs import mvtec
 
 
 def get_config():

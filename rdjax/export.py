@@ -1,6 +1,6 @@
 """Serialize the whole inference function with jax.export (StableHLO).
 
-  python -m rdjax.export --workdir=DIR --out=model.jaxexport
+  rdjax export --workdir=DIR --out=model.jaxexport
 
 The artifact maps uint8 images (batch, S, S, 3), S = the workdir's image_size and any
 batch size, to (maps (batch, S, S) float32, scores (batch,) float32): normalization, the
@@ -17,55 +17,48 @@ pipeline's), because PIL's antialiasing filter has no exact StableHLO equivalent
 
 from __future__ import annotations
 
-import json
-import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir.")
-flags.DEFINE_string("out", None, "Output file for the serialized function.")
-flags.mark_flags_as_required(["workdir", "out"])
+from rdjax.errors import WorkdirError
 
 
-def export_model(model) -> jax.export.Exported:
+def export_model(model: Any) -> jax.export.Exported:
     """The model's full inference path with its weights as constants, batch size symbolic."""
-    from rdjax import evaluate
-    from rdjax.models.rd4ad import RD4AD
-
-    config = model.config
-    net = RD4AD(config.model.arch, config.dtype)
     teacher = jax.tree_util.tree_map(np.asarray, model.teacher_vars)
     student = jax.tree_util.tree_map(np.asarray, model.student_vars)
-    eval_step = evaluate.make_eval_step(net, config.map_mode, config.blur_sigma, config.imagenet_normalize)
     (batch,) = jax.export.symbolic_shape("batch")
-    size = int(config.image_size)
+    size = model.image_size
     spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
-    return jax.export.export(jax.jit(lambda images: eval_step(teacher, student, images)))(spec)
+    return jax.export.export(jax.jit(lambda images: model.eval_step(teacher, student, images)))(spec)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+def export_workdir(workdir: str, out: Path) -> None:
+    """Write ``out`` and ``out``.json (the input contract, the step and the calibration)."""
     from rdjax import inference
+    from rdjax.workdir import write_bytes, write_json
 
-    model = inference.load_or_exit(FLAGS.workdir)
-    out = Path(FLAGS.out)
+    if not out.parent.is_dir():
+        raise WorkdirError(f"{out.parent}: no such folder for --out")
+    if out.is_dir():
+        raise WorkdirError(f"{out}: is a folder; --out names the file to write")
+    model = inference.load(workdir)
     data = export_model(model).serialize()
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
     meta = {"input": ["batch", model.image_size, model.image_size, 3], "input_dtype": "uint8",
             "outputs": ["maps (batch, S, S) float32", "scores (batch,) float32"],
-            "arch": model.config.model.arch, "step": model.step, "calibration": model.calibration}
-    out.with_name(out.name + ".json").write_text(json.dumps(meta, indent=2) + "\n")
+            "model": model.config.model.name, "arch": model.config.model.arch, "step": model.step,
+            "calibration": model.calibration}
+    write_bytes(out, data)
+    write_json(out.with_name(out.name + ".json"), meta)
     print(f"wrote {out} ({len(data) / 2**20:.1f} MiB) and {out.name}.json")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from rdjax import cli
+
+    sys.exit(cli.run(["export", *sys.argv[1:]]))

@@ -1,14 +1,8 @@
-"""Using a trained model: rdjax.load(workdir).predict(images), thresholds, normalized scores.
+"""Using a trained model: rdjax.load(workdir).predict(images).
 
 A workdir holds everything: config.json, the teacher, checkpoints and calibration.json
-(thresholds written after training). Nothing else is needed, on any device.
-
-Normalized scores map a raw score s to [0, 1] with the threshold t at exactly 0.5,
-piecewise linearly between the calibration set's lowest score lo and highest score hi:
-    s <= t:  0.5 * (s - lo) / (t - lo)
-    s >  t:  0.5 + 0.5 * (s - t) / (hi - t)
-clipped to [0, 1]. Scores of different categories become comparable: 0.5 is the
-decision boundary everywhere, 0 the most normal calibration image, 1 the most anomalous.
+(thresholds and the normalized-score range, see rdjax.calibration). Nothing else is
+needed, on any device, and no optimizer is built.
 """
 
 from __future__ import annotations
@@ -18,62 +12,19 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
 from PIL import Image
 
-from rdjax.data.preprocess import DataError, to_rgb
+from rdjax import maps as maps_lib, sharding, workdir as workdir_lib
+from rdjax.calibration import normalize_scores
+from rdjax.data.preprocess import to_rgb
+from rdjax.errors import ConfigError, DataError
+from rdjax.registry import MODELS
 
 ImageLike = Any  # uint8 HxWx3 array, a batch of them, a PIL image, or a path
-
-
-# ----------------------------------------------------------------------------- thresholds
-
-
-def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The threshold of best F1 (scores >= threshold are anomalous)."""
-    from sklearn.metrics import precision_recall_curve
-
-    precision, recall, thresholds = precision_recall_curve(np.asarray(labels).ravel(), np.asarray(scores).ravel())
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    return float(thresholds[int(np.argmax(f1[:-1]))])
-
-
-def normalize_scores(scores: np.ndarray, threshold: float, lo: float, hi: float) -> np.ndarray:
-    """See the module docstring for the formula."""
-    s = np.asarray(scores, np.float64)
-    below = 0.5 * (s - lo) / max(threshold - lo, 1e-12)
-    above = 0.5 + 0.5 * (s - threshold) / max(hi - threshold, 1e-12)
-    return np.clip(np.where(s <= threshold, below, above), 0.0, 1.0)
-
-
-def calibrate(method: str, scores: np.ndarray, labels: np.ndarray, maps: np.ndarray, masks: np.ndarray,
-              quantile: float, source: str) -> dict:
-    """Image and pixel thresholds, and the range used for normalized scores.
-
-    'f1': F1-optimal on a labelled set (image labels; pixel masks).
-    'quantile': the given quantile of held-out normal images' scores (and of their pixels).
-    """
-    if method == "f1":
-        image_t = f1_threshold(labels, scores)
-        pixel_t = f1_threshold(masks, maps) if np.asarray(masks).any() else float(np.quantile(maps, 0.99))
-    elif method == "quantile":
-        image_t = float(np.quantile(scores, quantile))
-        pixel_t = float(np.quantile(maps, quantile))
-    else:
-        raise ValueError(f"unknown threshold method {method!r}; choose 'f1' or 'quantile'")
-    return {
-        "method": method,
-        "source": source,
-        "image_threshold": image_t,
-        "pixel_threshold": pixel_t,
-        "score_min": float(np.min(scores)),
-        "score_max": float(np.max(scores)),
-        "pixel_min": float(np.min(maps)),
-        "pixel_max": float(np.max(maps)),
-    }
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -140,8 +91,8 @@ class Model:
     teacher_vars: Any
     student_vars: Any
     calibration: dict | None
-    _eval_step: Any = dataclasses.field(repr=False)
-    _put: Any = dataclasses.field(repr=False)
+    eval_step: Callable = dataclasses.field(repr=False)
+    _put: Callable = dataclasses.field(repr=False)
 
     @property
     def image_size(self) -> int:
@@ -158,11 +109,8 @@ class Model:
 
     def predict_resized(self, batch: np.ndarray, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Maps (at image_size) and scores of uint8 images already at image_size."""
-        from rdjax.evaluate import predict_split
-
-        bs = batch_size or int(self.config.eval_batch_size)
-        bs = -(-bs // jax.device_count()) * jax.device_count()
-        return predict_split(self._eval_step, self.teacher_vars, self.student_vars, batch, bs, self._put)
+        bs = sharding.round_up(batch_size or int(self.config.eval_batch_size), jax.device_count())
+        return maps_lib.predict_images(self.eval_step, self.teacher_vars, self.student_vars, batch, bs, self._put)
 
     def predict(self, x: ImageLike | Sequence[ImageLike], batch_size: int | None = None) -> Prediction:
         """Scores, maps at each input's own resolution, and masks/decisions when calibrated.
@@ -190,7 +138,7 @@ class Model:
         """A map on the normalized pixel scale: 0.5 at the pixel threshold."""
         cal = self.calibration
         if cal is None:
-            raise ValueError(f"{self.workdir}: no calibration.json; train (or evaluate) first to calibrate")
+            raise ConfigError(f"{self.workdir}: no calibration.json; train (or evaluate) first to calibrate")
         return normalize_scores(amap, cal["pixel_threshold"], cal["pixel_min"], cal["pixel_max"])
 
 
@@ -198,55 +146,31 @@ def load(workdir: str | os.PathLike, step: int | None = None, dtype: str | None 
     """Restore the model in ``workdir`` (its latest checkpoint by default) on the available devices.
 
     ``dtype`` overrides the compute dtype the model was trained with: ``'bfloat16'`` runs a
-    float32-trained model about twice as fast on CPUs with AVX512-BF16/AMX, with maps
-    within a few percent (README, "Mixed precision"). The calibrated thresholds were fitted
-    on maps of the training dtype, so images scored within that margin of a threshold may
+    float32-trained model faster on CPUs with AVX512-BF16/AMX, with maps within a few
+    percent (docs/scaling.md, "Mixed precision"). The calibrated thresholds were fitted on
+    maps of the training dtype, so images scored within that margin of a threshold may
     be decided differently.
     """
-    from rdjax import checkpoint, evaluate, train
-    from rdjax.data import pipeline
-    from rdjax.models.rd4ad import RD4AD
-
     workdir = Path(workdir)
-    config = checkpoint.load_config(workdir)
+    config = workdir_lib.load_config(workdir)
     if dtype is not None:
+        if dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype {dtype!r} is not supported; choose 'float32' or 'bfloat16'")
         config.dtype = dtype
-    model = RD4AD(config.model.arch, config.dtype)
-    mesh = pipeline.make_mesh()
-    arch, teacher_vars = checkpoint.restore_teacher(workdir / "teacher")
-    if arch != model.arch:
-        raise ValueError(f"{workdir / 'teacher'}: holds a {arch} teacher but the config says {model.arch}")
-    _, student_vars = jax.eval_shape(lambda: model.init(jax.random.key(0), 32))
-    tx = train.make_optimizer(config.learning_rate, config.adam_b1, config.adam_b2)
-    template = jax.eval_shape(lambda: train.create_train_state(student_vars, tx))
-    template = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=pipeline.replicated(mesh)), template
-    )
-    with checkpoint.checkpoint_manager(workdir) as manager:
-        latest = manager.latest_step() if step is None else step
-        if latest is None:
-            raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint")
-        state = checkpoint.restore_state(manager, template, latest)
-    cal_path = workdir / "calibration.json"
+    model = MODELS.get(config.model.name)(config.model.arch, config.dtype)
+    mesh = sharding.make_mesh()
+    teacher_vars = workdir_lib.restore_teacher(workdir / workdir_lib.TEACHER, model.arch)
+    step, student_vars = workdir_lib.restore_student(workdir, model.abstract_variables()[1],
+                                                     sharding.replicated(mesh), step)
+    cal_path = workdir / workdir_lib.CALIBRATION
     calibration = json.loads(cal_path.read_text()) if cal_path.is_file() else None
     return Model(
         config=config,
         workdir=workdir,
-        step=int(latest),
-        teacher_vars=jax.device_put(teacher_vars, pipeline.replicated(mesh)),
-        student_vars=state.student_vars,
+        step=step,
+        teacher_vars=jax.device_put(teacher_vars, sharding.replicated(mesh)),
+        student_vars=student_vars,
         calibration=calibration,
-        _eval_step=evaluate.make_eval_step(model, config.map_mode, config.blur_sigma, config.imagenet_normalize),
-        _put=lambda b: pipeline.put_batch(b, pipeline.batch_sharding(mesh)),
+        eval_step=maps_lib.eval_step_for(model, config),
+        _put=lambda b: sharding.put_batch(b, sharding.batch_sharding(mesh)),
     )
-
-
-def load_or_exit(workdir: str | os.PathLike, dtype: str | None = None) -> Model:
-    """load() for the command-line tools: a bad workdir or dtype is one line on stderr and exit 1."""
-    import sys
-
-    try:
-        return load(workdir, dtype=dtype)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)

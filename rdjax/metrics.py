@@ -24,11 +24,16 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(skm.roc_auc_score(labels, np.asarray(scores).ravel()))
 
 
-def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Best F1 over all thresholds of the image scores."""
-    precision, recall, _ = skm.precision_recall_curve(np.asarray(labels).ravel(), np.asarray(scores).ravel())
+def best_f1(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """(best F1 over all thresholds, its threshold); scores >= threshold are anomalous."""
+    precision, recall, thresholds = skm.precision_recall_curve(np.asarray(labels).ravel(), np.asarray(scores).ravel())
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    return float(np.max(f1))
+    best = int(np.argmax(f1[:-1]))  # the last point (recall 0) has no threshold
+    return float(f1[best]), float(thresholds[best])
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    return best_f1(labels, scores)[0]
 
 
 def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,22 +8,23 @@ images), each with its anomaly map.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from rdjax import metrics
 from rdjax.data.preprocess import Split
+from rdjax.outputs import hardest_cases
+from rdjax.workdir import atomic_path
 
 
-def write_report(path: Path, test: Split, maps: np.ndarray, scores: np.ndarray, calibration: dict, worst: int = 4) -> Path:
+def write_report(path: Path, test: Split, maps: np.ndarray, scores: np.ndarray, calibration: dict | None,
+                 worst: int = 4) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_auc_score, roc_curve
-
-    from rdjax import metrics
 
     labels = test.labels
     fig = plt.figure(figsize=(16, 12), constrained_layout=True)
@@ -50,13 +51,14 @@ def write_report(path: Path, test: Split, maps: np.ndarray, scores: np.ndarray, 
     bins = np.linspace(scores.min(), scores.max(), 30)
     ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="good")
     ax.hist(scores[labels != 0], bins=bins, alpha=0.6, label="defective")
-    ax.axvline(calibration["image_threshold"], color="k", linestyle="--", label=f"threshold ({calibration['method']})")
+    if calibration is not None:
+        ax.axvline(calibration["image_threshold"], color="k", linestyle="--", label=f"threshold ({calibration['method']})")
     ax.set(title="image scores", xlabel="score", ylabel="images")
     ax.legend()
 
     lo, hi = float(maps.min()), float(maps.max())
-    good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels != 0)
-    rows = [("false positive?", good[np.argsort(-scores[good])][:worst]), ("false negative?", bad[np.argsort(scores[bad])][:worst])]
+    high_good, low_bad = hardest_cases(labels, scores, worst)
+    rows = [("false positive?", high_good), ("false negative?", low_bad)]
     for r, (kind, chosen) in enumerate(rows, start=1):
         for j, i in enumerate(chosen):
             ax = fig.add_subplot(grid[r, 2 * j])
@@ -69,9 +71,7 @@ def write_report(path: Path, test: Split, maps: np.ndarray, scores: np.ndarray, 
             ax.imshow(maps[i], cmap="jet", vmin=lo, vmax=hi)
             ax.set_title(f"score {scores[i]:.4f}", fontsize=8)
             ax.axis("off")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -1,5 +1,6 @@
-"""Dataset layouts other than MVTec AD's, scanned into the same train/test items that the
-TFDS builder in mvtec.py stores: VisA (its official 1cls split CSV) and any folders.
+"""Datasets 'visa' (its official 1cls split CSV) and 'folder' (any folders): layouts other
+than MVTec AD's, scanned into the same train/test items that the TFDS builder in
+mvtec.py stores.
 """
 
 from __future__ import annotations
@@ -7,8 +8,11 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from rdjax.data.mvtec import Item, _images
-from rdjax.data.preprocess import DataError
+from typing import Any
+
+from rdjax.data.mvtec import FileDataset, Item, dataset_root, images_in, requested
+from rdjax.errors import DataError
+from rdjax.registry import DATASETS
 
 VISA_CATEGORIES = (
     "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
@@ -66,20 +70,37 @@ def scan_folders(train_dir: str, test_good_dir: str, test_anomalous_dir: str, ma
     for key, value in (("train_dir", train_dir), ("test_good_dir", test_good_dir), ("test_anomalous_dir", test_anomalous_dir)):
         if not value or not Path(value).is_dir():
             raise DataError(f"config.dataset.{key}={value!r}: not a folder")
-    train = [Item(p, None, "good") for p in _images(Path(train_dir))]
+    train = [Item(p, None, "good") for p in images_in(Path(train_dir))]
     if not train:
         raise DataError(f"{train_dir}: no training images (.png/.jpg/.bmp/.tif)")
-    good = [Item(p, None, "good") for p in _images(Path(test_good_dir))]
-    anomalous = _images(Path(test_anomalous_dir))
+    good = [Item(p, None, "good") for p in images_in(Path(test_good_dir))]
+    anomalous = images_in(Path(test_anomalous_dir))
     if not good or not anomalous:
         raise DataError(f"{test_good_dir if not good else test_anomalous_dir}: no test images")
     masks = {}
     if mask_dir:
         if not Path(mask_dir).is_dir():
             raise DataError(f"config.dataset.mask_dir={mask_dir!r}: not a folder")
-        masks = {p.stem.removesuffix("_mask"): p for p in _images(Path(mask_dir))}
+        masks = {p.stem.removesuffix("_mask"): p for p in images_in(Path(mask_dir))}
         missing = [p.name for p in anomalous if p.stem not in masks]
         if missing:
             raise DataError(f"{mask_dir}: no mask for {len(missing)} of {len(anomalous)} anomalous images (first: {missing[0]})")
     bad = [Item(p, masks.get(p.stem), "anomalous") for p in anomalous]
     return {"train": train, "test": good + bad}
+
+
+@DATASETS.register("visa")
+def visa(dataset: Any) -> FileDataset:
+    """VisA with its official 1cls split; its masks mark defects with any non-zero value."""
+    root = dataset_root(dataset)
+    return FileDataset(root, dataset.data_dir or None, requested(dataset.category, lambda: visa_categories(root)),
+                       lambda category: scan_visa(root, category), prefix="visa_", nonzero_masks=True)
+
+
+@DATASETS.register("folder")
+def folder(dataset: Any) -> FileDataset:
+    """Any folders of normal and anomalous images, masks optional; one category."""
+    d = dataset
+    return FileDataset(Path(d.train_dir).expanduser().parent, d.data_dir or None, lambda: [d.category],
+                       lambda _: scan_folders(d.train_dir, d.test_good_dir, d.test_anomalous_dir, d.mask_dir),
+                       prefix="folder_", flat=True)

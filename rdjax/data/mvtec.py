@@ -1,4 +1,5 @@
-"""MVTec AD as a tensorflow-datasets builder, and the official preprocessing.
+"""Datasets 'mvtec' (and the layout shared by every folder dataset): a
+tensorflow-datasets builder over image files, and decoding as the official code.
 
 The builder reads MVTec's own folder layout from a manual directory:
   <root>/<category>/train/good/*.png
@@ -19,12 +20,14 @@ import dataclasses
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rdjax.data.preprocess import IMAGE_EXTENSIONS, DataError, Split, decode_image, decode_mask, original_size
+from rdjax.data.preprocess import IMAGE_EXTENSIONS, Split, decode_image, decode_mask, original_size
+from rdjax.errors import DataError
+from rdjax.registry import DATASETS
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -35,7 +38,7 @@ MVTEC_CATEGORIES = (
 # ----------------------------------------------------------------------------- layout
 
 
-def _images(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -65,16 +68,16 @@ def scan_category(root: str | os.PathLike, category: str) -> dict[str, list[Item
     if not (directory / "train").is_dir() or not (directory / "test").is_dir():
         found = list_categories(root)
         raise DataError(f"{directory}: no such category (needs train/ and test/); found: {', '.join(found) or 'none'}")
-    train = [Item(p, None, "good") for p in _images(directory / "train" / "good")]
+    train = [Item(p, None, "good") for p in images_in(directory / "train" / "good")]
     if not train:
         raise DataError(f"{directory / 'train' / 'good'}: no training images (.png/.jpg/.bmp/.tif)")
     test: list[Item] = []
     for type_dir in sorted(p for p in (directory / "test").iterdir() if p.is_dir()):
-        images = _images(type_dir)
+        images = images_in(type_dir)
         if type_dir.name == "good":
             test += [Item(p, None, "good") for p in images]
             continue
-        masks = {p.stem.removesuffix("_mask"): p for p in _images(directory / "ground_truth" / type_dir.name)}
+        masks = {p.stem.removesuffix("_mask"): p for p in images_in(directory / "ground_truth" / type_dir.name)}
         missing = [p.name for p in images if p.stem not in masks]
         if missing:
             raise DataError(
@@ -214,3 +217,108 @@ def load_split(builder: MVTecAD, split: str, image_size: int, desc: str | None =
         defect_types=[r[3] for r in rows],
         filenames=[r[4] for r in rows],
     )
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class FileDataset:
+    """A dataset of image files, prepared once per category through the TFDS builder.
+
+    ``scan`` lists a category's items (and validates them, naming any bad file);
+    ``names`` are the categories the config asks for. Used by every file-based dataset
+    (MVTec layout, synthetic, VisA, any folders), which differ only in how they scan.
+    """
+
+    root: Path
+    data_dir: str | None
+    names: Callable[[], list[str]]
+    scan: Callable[[str], dict[str, list[Item]]]
+    prefix: str = ""  # builder config names: distinct per layout, so caches never mix
+    nonzero_masks: bool = False  # masks mark defects with any non-zero value (VisA)
+    flat: bool = False  # the files are not under root/<category> (any folders)
+    summary_keys: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro")
+
+    def categories(self) -> list[str]:
+        return self.names()
+
+    def load(self, category: str, image_size: int) -> tuple[Split, Split]:
+        """(train, test) decoded at ``image_size``. With several processes, process 0
+        prepares the data first and the others wait, so no two write the same folder."""
+        import jax
+        from jax.experimental import multihost_utils
+
+        def ready() -> MVTecAD:
+            return prepare(self.root, f"{self.prefix}{category}", self.data_dir, items=self.scan(category))
+
+        if jax.process_count() > 1:
+            if jax.process_index() == 0:
+                ready()
+            multihost_utils.sync_global_devices("rdjax: dataset prepared")
+        builder = ready()
+        location = self.root if self.flat else self.root / category
+        return tuple(
+            load_split(builder, split, image_size, desc=f"decoding {split}", location=location,
+                       nonzero_masks=self.nonzero_masks)
+            for split in ("train", "test")
+        )
+
+
+def requested(category: str, available: Callable[[], list[str]]) -> Callable[[], list[str]]:
+    """dataset.category as a list: every available category for 'all'."""
+    return available if category == "all" else lambda: [category]
+
+
+def extract_archive(archive: Path, cache: Path) -> Path:
+    """Unpack the official mvtec_anomaly_detection.tar.xz once; return the folder of categories.
+
+    Extraction goes to a temporary folder renamed into place when complete, so an
+    interrupted extraction is never mistaken for a dataset.
+    """
+    import shutil
+    import tarfile
+    import tempfile
+
+    if not archive.is_file():
+        raise DataError(f"{archive}: no such archive")
+    target = cache / "extracted" / archive.name.split(".tar")[0]
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".extract."))
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+            entries = list(tmp.iterdir())
+            inner = entries[0] if len(entries) == 1 and not list_categories(tmp) else tmp
+            inner.rename(target)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"{archive}: cannot extract ({e})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def tfds_dir(dataset: Any) -> Path:
+    return Path(dataset.data_dir or Path.home() / "tensorflow_datasets").expanduser()
+
+
+def dataset_root(dataset: Any) -> Path:
+    """config.dataset.root as a folder of categories; an official archive is extracted once."""
+    if not dataset.root:
+        raise DataError(f"config.dataset.root is empty; set --config.dataset.root=/path/to/{dataset.name}")
+    root = Path(dataset.root).expanduser()
+    if root.name.endswith((".tar.xz", ".tar.gz", ".tar")):
+        root = extract_archive(root, tfds_dir(dataset))
+    return root
+
+
+def mvtec_layout(root: Path, dataset: Any) -> FileDataset:
+    return FileDataset(root, dataset.data_dir or None, requested(dataset.category, lambda: list_categories(root)),
+                       lambda category: scan_category(root, category))
+
+
+@DATASETS.register("mvtec")
+def mvtec(dataset: Any) -> FileDataset:
+    """MVTec AD, or any folder in its layout (the official .tar.xz is accepted too)."""
+    return mvtec_layout(dataset_root(dataset), dataset)

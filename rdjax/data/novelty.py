@@ -1,4 +1,5 @@
-"""One-class novelty detection (the paper's Table 3): MNIST, Fashion-MNIST, CIFAR-10.
+"""Datasets 'mnist', 'fashion_mnist', 'cifar10': one-class novelty detection (the paper's
+Table 3).
 
 Train on the training images of one class; test on the whole test split, where that class
 is normal and the nine others anomalous. Images are resized to 32x32 (PIL bilinear, as the
@@ -11,7 +12,12 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from rdjax.data.preprocess import DataError, Split
+import dataclasses
+from typing import Any
+
+from rdjax.data.preprocess import Split
+from rdjax.errors import DataError
+from rdjax.registry import DATASETS
 
 NOVELTY_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 CLASSES = tuple(str(c) for c in range(10))
@@ -64,3 +70,29 @@ def load_novelty(name: str, normal_class: int, image_size: int, data_dir: str | 
             has_masks=False,
         ))
     return splits[0], splits[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class NoveltyDataset:
+    """One problem per normal class, named 'class_<c>' (dataset.normal_class, or all ten)."""
+
+    name: str
+    normal_class: str
+    data_dir: str | None
+    summary_keys: tuple[str, ...] = ("image_auroc", "image_auroc_sum")
+
+    def categories(self) -> list[str]:
+        if self.normal_class != "all" and self.normal_class not in CLASSES:
+            raise DataError(f"config.dataset.normal_class={self.normal_class!r} must be 0..9 or 'all'")
+        return [f"class_{c}" for c in (CLASSES if self.normal_class == "all" else (self.normal_class,))]
+
+    def load(self, category: str, image_size: int) -> tuple[Split, Split]:
+        return load_novelty(self.name, int(category.removeprefix("class_")), image_size, self.data_dir)
+
+
+def _register(name: str) -> None:
+    DATASETS.register(name)(lambda dataset: NoveltyDataset(name, str(dataset.normal_class), dataset.data_dir or None))
+
+
+for _name in NOVELTY_DATASETS:
+    _register(_name)

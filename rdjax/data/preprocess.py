@@ -12,13 +12,11 @@ import io
 import numpy as np
 from PIL import Image
 
+from rdjax.errors import DataError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(ValueError):
-    """A dataset folder or file that does not have the expected layout or content."""
 
 
 def _open(data: bytes, name: str) -> Image.Image:

@@ -1,4 +1,5 @@
-"""A deterministic synthetic dataset in MVTec AD layout, for the demo and the tests.
+"""Dataset 'synthetic': a deterministic dataset in MVTec AD layout, generated into
+config.dataset.root when absent, for the demo and the tests.
 
 Two categories: 'weave' (texture-like, a periodic pattern with noise) and 'disk'
 (object-like, a shaded disk on a plain background, with small pose jitter). Defects of
@@ -15,9 +16,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from rdjax.data.mvtec import FileDataset, mvtec_layout
+from rdjax.errors import DataError
+from rdjax.registry import DATASETS
 
 CATEGORIES = ("weave", "disk")
 DEFECT_TYPES = ("scratch", "hole", "stain")
@@ -141,6 +147,13 @@ def generate(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+@DATASETS.register("synthetic")
+def synthetic(dataset: Any) -> FileDataset:
+    if not dataset.root:
+        raise DataError("config.dataset.root is empty; set --config.dataset.root=DIR (generated when absent)")
+    return mvtec_layout(generate(Path(dataset.root).expanduser(), seed=dataset.synthetic_seed), dataset)
 
 
 def main() -> None:

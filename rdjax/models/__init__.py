@@ -1,4 +1,5 @@
-"""Teacher encoder, OCBE and student decoder."""
+"""Flax modules and the models built from them. A model is chosen by name from
+`rdjax.registry.MODELS` (config.model.name); RD4AD is 'rd4ad'."""
 
 from rdjax.models.rd4ad import RD4AD
 from rdjax.models.resnet import ARCHS, ArchSpec, get_arch

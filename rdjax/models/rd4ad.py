@@ -1,4 +1,5 @@
-"""Reverse distillation: frozen teacher -> one-class bottleneck (OCBE) -> student decoder.
+"""RD4AD, registered as model 'rd4ad': frozen teacher -> one-class bottleneck (OCBE) ->
+student decoder, its loss, and its port rules for the official checkpoints.
 
 Variables are two explicit pytrees:
   teacher_vars = {'params', 'batch_stats'} of the frozen encoder, never differentiated;
@@ -14,8 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rdjax.models.layers import BatchNorm, Conv, Dtype, at_least_float32
-from rdjax.models.resnet import ArchSpec, Teacher, check_image_size, get_arch, run_layer
+from rdjax import weights
+from rdjax.errors import ConfigError, PortError
+from rdjax.models.layers import BatchNorm, Conv, Dtype
+from rdjax.models.lowering import at_least_float32
+from rdjax.models.resnet import ArchSpec, Teacher, check_image_size, convert_teacher, get_arch, run_layer
+from rdjax.registry import MODELS
 
 Features = tuple[jax.Array, jax.Array, jax.Array]
 Variables = dict[str, Any]
@@ -81,6 +86,33 @@ class Student(nn.Module):
         return self.decoder(self.ocbe(teacher_feats, train), train)
 
 
+def cosine_distance_loss(teacher: Features, student: Features, eps: float = 1e-8) -> jax.Array:
+    """Official loss: per sample, 1 - cos between the *flattened* (H*W*C) feature maps,
+    averaged over the batch and summed over the three scales.
+
+    The paper's text describes a per-pixel loss; the code's flattened one is what
+    produced the published numbers (see docs/differences.md), so rdjax uses it.
+    """
+    total = jnp.zeros((), jnp.float32)
+    for t, s in zip(teacher, student):
+        t = at_least_float32(t.reshape(t.shape[0], -1))
+        s = at_least_float32(s.reshape(s.shape[0], -1))
+        dot = jnp.sum(t * s, axis=1)
+        norm = jnp.linalg.norm(t, axis=1) * jnp.linalg.norm(s, axis=1)
+        total = total + jnp.mean(1.0 - dot / jnp.maximum(norm, eps))
+    return total
+
+
+def _ignore_ocbe(key: str) -> bool:
+    """The official BN_layer's unused conv4/bn4, BN counters, and the 'memory' keys its test code drops."""
+    return key.startswith(("conv4.", "bn4.")) or key.endswith("num_batches_tracked") or "memory" in key
+
+
+def _ignore_decoder(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+@MODELS.register("rd4ad")
 @dataclasses.dataclass(frozen=True)
 class RD4AD:
     """Assembles teacher -> OCBE -> decoder; pure functions of explicit variables.
@@ -97,9 +129,9 @@ class RD4AD:
     def __post_init__(self) -> None:
         get_arch(self.arch)
         if self.dtype not in ("float32", "bfloat16", "float64"):
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose 'float32' or 'bfloat16'")
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose 'float32' or 'bfloat16'")
         if self.dtype == "float64" and not jax.config.jax_enable_x64:
-            raise ValueError("dtype 'float64' needs jax_enable_x64")
+            raise ConfigError("dtype 'float64' needs jax_enable_x64")
 
     @property
     def spec(self) -> ArchSpec:
@@ -148,3 +180,29 @@ class RD4AD:
         t = self.teacher_features(teacher_vars, images)
         s, _ = self.student_features(student_vars, t, train)
         return t, s
+
+    def loss(self, teacher_feats: Features, student_feats: Features) -> jax.Array:
+        return cosine_distance_loss(teacher_feats, student_feats)
+
+    def abstract_variables(self) -> tuple[Variables, Variables]:
+        """Shapes and dtypes of (teacher_vars, student_vars), without computing them."""
+        return jax.eval_shape(lambda: self.init(jax.random.key(0), 64))
+
+    def port_teacher(self, state_dict: weights.StateDict, source: str = "state dict") -> Variables:
+        """torchvision ImageNet weights -> teacher variables (strict; see rdjax.weights)."""
+        return convert_teacher(self.arch, state_dict, self.abstract_variables()[0], source)
+
+    def port_official(self, state_dict: weights.StateDict, source: str = "checkpoint") -> Variables:
+        """Official RD4AD checkpoint {'bn': ..., 'decoder': ...} -> student {'params', 'batch_stats'}."""
+        student_shapes = self.abstract_variables()[1]
+        unknown = sorted(k for k in state_dict if not k.startswith(("bn.", "decoder.")))
+        if unknown:
+            raise PortError(f"{source}: not an official RD4AD checkpoint: key {unknown[0]!r} is outside 'bn' and 'decoder'")
+        parts = {}
+        for name, prefix, ignore in (("ocbe", "bn.", _ignore_ocbe), ("decoder", "decoder.", _ignore_decoder)):
+            target = {c: tree[name] for c, tree in student_shapes.items()}
+            try:
+                parts[name] = weights.convert(state_dict, target, prefix=prefix, ignore=ignore, source=source)
+            except PortError as e:
+                raise PortError(f"{e} -- is this a {self.arch} RD4AD checkpoint?") from None
+        return {c: {name: parts[name][c] for name in parts} for c in student_shapes}

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rdjax import weights
+from rdjax.errors import ConfigError, PortError
 from rdjax.models.layers import BatchNorm, Conv, ConvTranspose2x2, Dtype
 
 
@@ -48,9 +50,19 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
+# torchvision's ImageNet files (V1 weights, the ones the official code loads).
+IMAGENET_FILES = {
+    "resnet18": "resnet18-f37072fd.pth",
+    "resnet34": "resnet34-b627a593.pth",
+    "resnet50": "resnet50-0676ba61.pth",
+    "wide_resnet50_2": "wide_resnet50_2-95faca4d.pth",
+    "wide_resnet101_2": "wide_resnet101_2-32ee1156.pth",
+}
+
+
 def get_arch(name: str) -> ArchSpec:
     if name not in ARCHS:
-        raise ValueError(f"unknown architecture {name!r}; choose one of {sorted(ARCHS)}")
+        raise ConfigError(f"unknown architecture {name!r}; choose one of {sorted(ARCHS)}")
     return ARCHS[name]
 
 
@@ -169,7 +181,24 @@ class Teacher(nn.Module):
 def check_image_size(shape: Sequence[int]) -> None:
     """Reject sizes the encoder-decoder cannot round-trip: down 32x, then up 8x."""
     if len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"expected images of shape (batch, height, width, 3), got {tuple(shape)}")
+        raise ConfigError(f"expected images of shape (batch, height, width, 3), got {tuple(shape)}")
     h, w = shape[1], shape[2]
     if h % 32 or w % 32:
-        raise ValueError(f"image size {h}x{w} is not a multiple of 32 in both height and width (e.g. 256x256)")
+        raise ConfigError(f"image size {h}x{w} is not a multiple of 32 in both height and width (e.g. 256x256)")
+
+
+# ----------------------------------------------------------------------------- port rules
+
+
+def _ignore_teacher(key: str) -> bool:
+    """torchvision keys the teacher does not use: the classifier, layer4, BN counters."""
+    return key.startswith(("fc.", "layer4.")) or key.endswith("num_batches_tracked")
+
+
+def convert_teacher(arch: str, state_dict: weights.StateDict, teacher_shapes: weights.Variables,
+                    source: str = "state dict") -> weights.Variables:
+    """torchvision (or timm, same names) ImageNet weights -> teacher {'params', 'batch_stats'}."""
+    try:
+        return weights.convert(state_dict, teacher_shapes, ignore=_ignore_teacher, source=source)
+    except PortError as e:
+        raise PortError(f"{e} -- is this a {arch} teacher file?") from None

@@ -1,0 +1,213 @@
+"""The `rdjax` command: `rdjax train|eval|predict|export|port [--flag=value ...]`.
+
+One style for every subcommand: absl flags (`--name=value`), and for train and eval an
+ml_collections config, named (`--config=mvtec`, shipped with the package) or by path
+(`--config=configs/mvtec.py`), with `--config.key=value` overrides. Every error a user
+can cause is one line, `error: ...`, on stderr with exit status 1, and nothing is
+written before it. `run(argv)` is the same command in-process (tests use it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from rdjax import config as config_lib
+from rdjax.errors import ConfigError, RdjaxError, one_line
+
+USAGE = "usage: rdjax {train,eval,predict,export,port} [--flag=value ...]   (rdjax COMMAND --help for its flags)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    summary: str
+    define: Callable[[flags.FlagValues], None]
+    run: Callable[[flags.FlagValues, list[str]], None]  # (parsed flags, positional arguments)
+
+
+# ----------------------------------------------------------------------------- train / eval
+
+
+def define_run_flags(fv: flags.FlagValues) -> None:
+    config_flags.DEFINE_config_file("config", None, "A config name (mvtec, synthetic, ...) or a config file.",
+                                    flag_values=fv, lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.", flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize(); on TPU pods and SLURM it finds "
+                      "its own settings.", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, where the platform does not supply it.",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Number of processes, where the platform does not supply it.",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index, where the platform does not supply it.",
+                         flag_values=fv)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+
+
+def initialize_distributed(fv: flags.FlagValues) -> None:
+    """JAX's multi-controller runtime: one process per host, all running this same command."""
+    import jax
+
+    if not (fv.distributed or fv.coordinator_address is not None):
+        return
+    # Collectives between CPU processes (CPU-only clusters, the tests); no effect on GPU/TPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
+                               process_id=fv.process_id)
+
+
+def run_training(fv: flags.FlagValues, mode: str) -> None:
+    import jax
+
+    from rdjax import train
+
+    initialize_distributed(fv)
+    workdir = Path(fv.workdir)
+    results = train.run(fv.config, workdir, mode)
+    if jax.process_index() != 0:
+        return
+    if len(results) > 1 or fv.config.dataset.category == "all":
+        print((workdir / "results.md").read_text(), end="")
+        return
+    (category, r), = results.items()
+    print(f"{category}: image AUROC {r['image_auroc']:.4f}  pixel AUROC {r['pixel_auroc']:.4f}  "
+          f"AUPRO {r['aupro']:.4f}  (epoch {r['epoch']}; {workdir / 'results.md'})")
+
+
+# ----------------------------------------------------------------------------- predict / export / port
+
+
+def define_predict_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir.", flag_values=fv)
+    flags.DEFINE_string("input", None, "A folder (searched recursively) or a glob of image files.", flag_values=fv)
+    flags.DEFINE_string("output", None, "Output folder.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", flag_values=fv)
+    flags.DEFINE_string("dtype", None, "Compute dtype (float32 or bfloat16); default: the workdir's.", flag_values=fv)
+    flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
+
+
+def define_export_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output file for the serialized function (its folder must exist).", flag_values=fv)
+    flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
+
+
+def define_port_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("arch", None, "Backbone: resnet18, resnet34, resnet50, wide_resnet50_2, wide_resnet101_2.",
+                        flag_values=fv)
+    flags.DEFINE_string("src", None, "teacher: a .pth/.pt/.safetensors/.npz file or 'imagenet'; "
+                        "a model (rd4ad): its official checkpoint.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output directory (must not exist).", flag_values=fv)
+    flags.DEFINE_string("teacher", None, "A model's teacher: a weights file, 'imagenet' or an rdjax teacher "
+                        "directory.", flag_values=fv)
+    flags.DEFINE_integer("image_size", 256, "Image size recorded in a ported workdir's config.", flag_values=fv)
+    flags.mark_flags_as_required(["arch", "src", "out"], flag_values=fv)
+
+
+def _predict(fv: flags.FlagValues, args: list[str]) -> None:
+    from rdjax import predict
+
+    predict.predict_folder(fv.workdir, fv.input, Path(fv.output), fv.batch_size, fv.dtype)
+
+
+def _export(fv: flags.FlagValues, args: list[str]) -> None:
+    from rdjax import export
+
+    export.export_workdir(fv.workdir, Path(fv.out))
+
+
+def _port(fv: flags.FlagValues, args: list[str]) -> None:
+    from rdjax import port
+
+    if len(args) != 1:
+        raise ConfigError("rdjax port needs what to port: 'teacher' or a model name (rd4ad), e.g. "
+                          "rdjax port rd4ad --arch=wide_resnet50_2 --teacher=imagenet --src=CKPT --out=WORKDIR")
+    port.port(args[0], fv.arch, fv.src, Path(fv.out), fv.teacher, fv.image_size)
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train and evaluate (resumes from the workdir)", define_run_flags,
+                     lambda fv, _: run_training(fv, "train")),
+    "eval": Command("evaluate a workdir's latest checkpoint", define_run_flags, lambda fv, _: run_training(fv, "eval")),
+    "predict": Command("score image files with a trained workdir", define_predict_flags, _predict),
+    "export": Command("serialize the inference function (jax.export)", define_export_flags, _export),
+    "port": Command("import PyTorch weights: 'teacher', or an official model checkpoint ('rd4ad')",
+                    define_port_flags, _port),
+}
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+def _config_by_name(args: list[str]) -> list[str]:
+    """--config=<name> -> the shipped file, so configs work from any folder."""
+    out = []
+    for a in args:
+        if a.startswith("--config="):
+            a = "--config=" + str(config_lib.resolve(a.split("=", 1)[1]))
+        out.append(a)
+    return out
+
+
+def _parse(name: str, command: Command, args: list[str], extra: Callable[[flags.FlagValues], None] | None
+           ) -> tuple[flags.FlagValues, list[str]]:
+    fv = flags.FlagValues()
+    command.define(fv)
+    if extra is not None:
+        extra(fv)
+    try:
+        positional = fv([f"rdjax {name}", *_config_by_name(args)])[1:]
+    except flags.UnrecognizedFlagError as e:
+        key = e.flagname
+        if key.startswith("config."):
+            raise ConfigError(f"unknown config key {key[len('config.'):]!r} (--{key}); docs/config.md lists them") from None
+        raise ConfigError(f"unknown flag --{key}; rdjax {name} --help lists the flags") from None
+    except (AttributeError, KeyError) as e:  # ml_collections: a misspelt --config.a.b=... key
+        key, hint = re.match(r"""\W*(\w+)\W*(.*)""", one_line(str(e).replace("\\n", " "))).groups()
+        raise ConfigError(f"unknown config key {key!r}. {hint}".strip()) from None
+    except (flags.Error, TypeError, ValueError) as e:
+        raise ConfigError(one_line(e)) from None
+    except OSError as e:  # a config file that fails to load
+        raise ConfigError(one_line(e).split(" Attempted")[0]) from None
+    return fv, positional
+
+
+def run(argv: list[str], extra_flags: Callable[[flags.FlagValues], None] | None = None,
+        handler: Callable[[flags.FlagValues, list[str]], None] | None = None) -> int:
+    """Run ``rdjax <argv>`` in this process; return the exit status. ``extra_flags`` and
+    ``handler`` let `python -m rdjax.main` add its --mode flag to `train`."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + "\n" + "\n".join(f"  {n:8s} {c.summary}" for n, c in COMMANDS.items()))
+        return 0 if argv else 2
+    name, args = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; {USAGE}", file=sys.stderr)
+        return 1
+    command = COMMANDS[name]
+    if "--help" in args or "-h" in args:
+        fv = flags.FlagValues()
+        command.define(fv)
+        print(f"rdjax {name}: {command.summary}\n{fv.get_help()}")
+        return 0
+    if not flags.FLAGS.is_parsed():  # absl logging asks for it; rdjax keeps no global flags
+        flags.FLAGS.mark_as_parsed()
+    logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
+    try:
+        fv, positional = _parse(name, command, args, extra_flags)
+        if positional and name != "port":
+            raise ConfigError(f"unexpected arguments: {' '.join(positional)}")
+        (handler or command.run)(fv, positional)
+    except (RdjaxError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> None:
+    """The console script."""
+    sys.exit(run(sys.argv[1:]))

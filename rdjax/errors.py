@@ -1,0 +1,59 @@
+"""The errors a user can cause, and the one way they become a one-line message and exit 1.
+
+Every error rdjax raises on purpose derives from `RdjaxError`; the command-line tools
+print its message as a single `error: ...` line and exit with status 1. Python callers
+see ordinary exceptions: the subclasses also derive from ValueError or OSError, so
+existing `except ValueError` code keeps working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
+
+
+class RdjaxError(Exception):
+    """An error whose message alone tells the user what to change."""
+
+
+class ConfigError(RdjaxError, ValueError):
+    """A config value or command-line flag that cannot run."""
+
+
+class DataError(RdjaxError, ValueError):
+    """A dataset folder or file that does not have the expected layout or content."""
+
+
+class PortError(RdjaxError, ValueError):
+    """A weights file that cannot be read or does not fit the architecture."""
+
+
+class WorkdirError(RdjaxError, OSError):
+    """A workdir (or output path) that is missing, unwritable or not an rdjax workdir."""
+
+
+class TrainingError(RdjaxError, RuntimeError):
+    """Training cannot go on (for example a non-finite loss)."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message as one line: OSError's strerror and filename, else its first line."""
+    if isinstance(error, OSError) and not isinstance(error, RdjaxError) and error.strerror:
+        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def exit_on_error() -> Iterator[None]:
+    """Turn the errors a user can cause into `error: <message>` on stderr and exit 1.
+
+    OSError is included (a full disk, a permission denied); programming errors are not,
+    so a bug still shows its traceback."""
+    try:
+        yield
+    except (RdjaxError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,92 @@
+"""The train state, the optimizer and the jitted train step: pure functions, no I/O.
+
+The train state holds only what trains (the student) and its optimizer state. The
+teacher's variables are a separate argument: they are never differentiated, never seen
+by the optimizer, and never donated or rewritten. The loss is the model's own.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rdjax.sharding import batch_sharding, replicated
+
+Variables = dict[str, Any]
+Features = tuple[jax.Array, ...]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    @property
+    def student_vars(self) -> Variables:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def make_optimizer(learning_rate: float = 0.005, b1: float = 0.5, b2: float = 0.999) -> optax.GradientTransformation:
+    """Adam with the official defaults (lr 0.005, betas (0.5, 0.999))."""
+    return optax.adam(learning_rate, b1=b1, b2=b2)
+
+
+def optimizer_from_config(config: Any) -> optax.GradientTransformation:
+    return make_optimizer(config.learning_rate, config.adam_b1, config.adam_b2)
+
+
+def create_train_state(student_vars: Variables, tx: optax.GradientTransformation) -> TrainState:
+    params = student_vars["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=student_vars["batch_stats"],
+        opt_state=tx.init(params),
+    )
+
+
+def train_step_features(
+    model: Any, tx: optax.GradientTransformation, state: TrainState, teacher_feats: Features
+) -> tuple[TrainState, jax.Array]:
+    """One optimizer step given the teacher's features (precomputed or fresh)."""
+
+    def loss_fn(params: Any) -> tuple[jax.Array, Any]:
+        s, batch_stats = model.student_features(
+            {"params": params, "batch_stats": state.batch_stats}, teacher_feats, train=True
+        )
+        return model.loss(teacher_feats, s), batch_stats
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+    return new_state, loss
+
+
+def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+    """The jitted step with explicit shardings: state replicated, features split along the
+    batch axis over every device; the old state's buffers are donated."""
+    return jax.jit(
+        functools.partial(train_step_features, model, tx),
+        in_shardings=(replicated(mesh), batch_sharding(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def train_step(
+    model: Any, tx: optax.GradientTransformation, state: TrainState, teacher_vars: Variables, images: jax.Array
+) -> tuple[TrainState, jax.Array]:
+    """One step from images: one teacher forward, then the student update."""
+    return train_step_features(model, tx, state, model.teacher_features(teacher_vars, images))

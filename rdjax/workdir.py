@@ -1,0 +1,178 @@
+"""The workdir: its layout, atomic file writes, the config, the teacher and checkpoints.
+
+A workdir is self-describing, so evaluation, prediction and export need nothing else:
+  config.json     the full config;
+  teacher/        the frozen teacher, saved once (orbax: 'variables' + 'meta' JSON);
+  checkpoints/N/  orbax CheckpointManager steps holding the train state
+                  {step, params, batch_stats, opt_state};
+  calibration.json, metrics.json, results.md, eval/, train_log.json: see docs/config.md.
+Every file is written atomically (a temporary name, then a rename), and orbax renames a
+checkpoint into place when complete, so a killed run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import flax.serialization
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from rdjax import config as config_lib
+from rdjax.errors import WorkdirError
+
+TEACHER_FORMAT = "rdjax-teacher-v1"
+CONFIG = "config.json"
+TEACHER = "teacher"
+CHECKPOINTS = "checkpoints"
+CALIBRATION = "calibration.json"
+
+
+def _abs(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path``, renamed onto it when the block succeeds and
+    removed when it fails: readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")  # same suffix: PIL picks the format by it
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def check_writable(directory: Path, need_bytes: int = 0) -> None:
+    """A directory that cannot take our files fails now, not after hours of work."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise WorkdirError(f"{directory}: not writable ({e.strerror or e})") from None
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes:
+        raise WorkdirError(f"{directory}: only {free / 2**20:.0f} MiB free, a checkpoint needs about {need_bytes / 2**21:.0f} MiB")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+    write_text(_abs(workdir) / CONFIG, config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The workdir's config, with keys added since it was written set to their defaults."""
+    path = _abs(workdir) / CONFIG
+    if not path.is_file():
+        raise WorkdirError(f"{path}: no config.json; is this an rdjax workdir?")
+    return config_lib.from_dict(json.loads(path.read_text()))
+
+
+# ----------------------------------------------------------------------------- teacher
+
+
+def save_teacher(directory: str | os.PathLike, arch: str, teacher_vars: Any) -> None:
+    """Write the teacher as an orbax checkpoint that any host can read without torch.
+
+    Saved as host numpy arrays: identical on every process, written once by the primary.
+    """
+    teacher_vars = jax.tree_util.tree_map(np.asarray, teacher_vars)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(
+            _abs(directory),
+            args=ocp.args.Composite(
+                variables=ocp.args.StandardSave(teacher_vars),
+                meta=ocp.args.JsonSave({"format": TEACHER_FORMAT, "arch": arch}),
+            ),
+        )
+
+
+def restore_teacher(directory: str | os.PathLike, arch: str) -> Any:
+    """The teacher variables in ``directory``; a WorkdirError if it holds another architecture."""
+    path = _abs(directory)
+    if not path.is_dir():
+        raise WorkdirError(f"{path}: no teacher checkpoint")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(
+            path, args=ocp.args.Composite(variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        )
+    meta = restored["meta"] or {}
+    if meta.get("format") != TEACHER_FORMAT:
+        raise WorkdirError(f"{path}: not an rdjax teacher checkpoint")
+    if meta["arch"] != arch:
+        raise WorkdirError(f"{path}: holds a {meta['arch']} teacher, but the model is {arch}")
+    return restored["variables"]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(workdir: str | os.PathLike, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
+    """``create=False`` for readers: a mistyped workdir is an error, not a new empty folder."""
+    directory = _abs(workdir) / CHECKPOINTS
+    if not create and not directory.is_dir():
+        raise WorkdirError(f"{directory}: no checkpoint")
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create))
+
+
+def save_state(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flax.serialization.to_state_dict(state))))
+    manager.wait_until_finished()
+
+
+def restore_state(manager: ocp.CheckpointManager, template: Any, step: int | None = None) -> Any:
+    """Restore into the structure (and shardings) of ``template``; latest step by default."""
+    step = manager.latest_step() if step is None else step
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, flax.serialization.to_state_dict(template))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    return flax.serialization.from_state_dict(template, restored["state"])
+
+
+def restore_student(workdir: str | os.PathLike, student_shapes: Any, sharding: jax.sharding.Sharding,
+                    step: int | None = None) -> tuple[int, Any]:
+    """(step, student variables) of a checkpoint, without the optimizer state: evaluation
+    and inference need no optimizer, so they never build one."""
+    with checkpoint_manager(workdir, create=False) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise WorkdirError(f"{_abs(workdir) / CHECKPOINTS}: no checkpoint")
+        target = {
+            "step": jax.ShapeDtypeStruct((), np.int32, sharding=sharding),
+            **{k: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), v)
+               for k, v in student_shapes.items()},
+        }
+        args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=True)
+        restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+    return int(restored["step"]), {k: restored[k] for k in student_shapes}
