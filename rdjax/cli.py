@@ -27,16 +27,17 @@ USAGE = "usage: rdjax {train,eval,predict,export,port} [--flag=value ...]   (rdj
 @dataclasses.dataclass(frozen=True)
 class Command:
     summary: str
-    define: Callable[[flags.FlagValues], None]
+    define: Callable[[flags.FlagValues, list[str]], None]  # (flags to fill, the argv they will parse)
     run: Callable[[flags.FlagValues, list[str]], None]  # (parsed flags, positional arguments)
 
 
 # ----------------------------------------------------------------------------- train / eval
 
 
-def define_run_flags(fv: flags.FlagValues) -> None:
+def define_run_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+    # ml_collections finds the --config.key=value overrides in the argv given here.
     config_flags.DEFINE_config_file("config", None, "A config name (mvtec, synthetic, ...) or a config file.",
-                                    flag_values=fv, lock_config=True)
+                                    flag_values=fv, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.", flag_values=fv)
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize(); on TPU pods and SLURM it finds "
                       "its own settings.", flag_values=fv)
@@ -82,7 +83,7 @@ def run_training(fv: flags.FlagValues, mode: str) -> None:
 # ----------------------------------------------------------------------------- predict / export / port
 
 
-def define_predict_flags(fv: flags.FlagValues) -> None:
+def define_predict_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir.", flag_values=fv)
     flags.DEFINE_string("input", None, "A folder (searched recursively) or a glob of image files.", flag_values=fv)
     flags.DEFINE_string("output", None, "Output folder.", flag_values=fv)
@@ -91,13 +92,13 @@ def define_predict_flags(fv: flags.FlagValues) -> None:
     flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
 
 
-def define_export_flags(fv: flags.FlagValues) -> None:
+def define_export_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir.", flag_values=fv)
     flags.DEFINE_string("out", None, "Output file for the serialized function (its folder must exist).", flag_values=fv)
     flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
 
 
-def define_port_flags(fv: flags.FlagValues) -> None:
+def define_port_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string("arch", None, "Backbone: resnet18, resnet34, resnet50, wide_resnet50_2, wide_resnet101_2.",
                         flag_values=fv)
     flags.DEFINE_string("src", None, "teacher: a .pth/.pt/.safetensors/.npz file or 'imagenet'; "
@@ -156,12 +157,13 @@ def _config_by_name(args: list[str]) -> list[str]:
 
 def _parse(name: str, command: Command, args: list[str], extra: Callable[[flags.FlagValues], None] | None
            ) -> tuple[flags.FlagValues, list[str]]:
+    argv = [f"rdjax {name}", *_config_by_name(args)]
     fv = flags.FlagValues()
-    command.define(fv)
+    command.define(fv, argv)
     if extra is not None:
         extra(fv)
     try:
-        positional = fv([f"rdjax {name}", *_config_by_name(args)])[1:]
+        positional = fv(argv)[1:]
     except flags.UnrecognizedFlagError as e:
         key = e.flagname
         if key.startswith("config."):
@@ -169,7 +171,7 @@ def _parse(name: str, command: Command, args: list[str], extra: Callable[[flags.
         raise ConfigError(f"unknown flag --{key}; rdjax {name} --help lists the flags") from None
     except (AttributeError, KeyError) as e:  # ml_collections: a misspelt --config.a.b=... key
         key, hint = re.match(r"""\W*(\w+)\W*(.*)""", one_line(str(e).replace("\\n", " "))).groups()
-        raise ConfigError(f"unknown config key {key!r}. {hint}".strip()) from None
+        raise ConfigError(f"unknown config key {key!r}. {hint.rstrip(chr(39))}".strip()) from None
     except (flags.Error, TypeError, ValueError) as e:
         raise ConfigError(one_line(e)) from None
     except OSError as e:  # a config file that fails to load
@@ -191,7 +193,7 @@ def run(argv: list[str], extra_flags: Callable[[flags.FlagValues], None] | None 
     command = COMMANDS[name]
     if "--help" in args or "-h" in args:
         fv = flags.FlagValues()
-        command.define(fv)
+        command.define(fv, [name])
         print(f"rdjax {name}: {command.summary}\n{fv.get_help()}")
         return 0
     if not flags.FLAGS.is_parsed():  # absl logging asks for it; rdjax keeps no global flags

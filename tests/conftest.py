@@ -1,10 +1,20 @@
-"""Shared test helpers: torch reference models with non-trivial BatchNorm statistics."""
+"""Shared test helpers: one synthetic-data fixture, an in-process CLI runner, torch
+reference helpers, and the suite's compilation cache.
+
+Tiers: tests marked `slow` start subprocesses (CLIs as a user runs them, several
+processes, kill and resume, device-count invariance); the rest run in-process. CI runs
+both; `pytest -m "not slow"` is the fast tier.
+"""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import dataclasses
+import io
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -14,17 +24,97 @@ import pytest
 
 # One persistent XLA compilation cache for the whole run, shared with the CLI
 # subprocesses the tests start (they inherit the environment): most of the suite's time
-# is compiling the same small train and eval steps again in each fresh process. Set
-# before anything imports jax, which reads it at import.
+# is compiling the same small train and eval steps. Set before anything imports jax.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rdjax_xla_cache_")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch  # noqa: E402  (after the cache variable)
 
-torch = pytest.importorskip("torch") if os.environ.get("RDJAX_ALLOW_NO_TORCH") else __import__("torch")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """synthetic_data(**generate_kwargs) -> a generated root, made once per set of
+    arguments in this test process; its TFDS cache is root/_tfds."""
+    from rdjax.data import synthetic
+
+    made: dict[tuple, Path] = {}
+
+    def make(categories: tuple[str, ...] = ("disk",), size: int = 64, num_train: int = 16, num_test_good: int = 4,
+             num_per_defect: int = 3) -> Path:
+        key = (categories, size, num_train, num_test_good, num_per_defect)
+        if key not in made:
+            made[key] = synthetic.generate(tmp_path_factory.mktemp("synthetic"), categories=categories, size=size,
+                                           num_train=num_train, num_test_good=num_test_good,
+                                           num_per_defect=num_per_defect)
+        return made[key]
+
+    return make
+
+
+def small_config(root: Path, category: str = "disk", **overrides):
+    """The demo config on a generated root: ResNet-18, random teacher, 64 px, 1 epoch.
+    ``overrides`` use dotted keys, as on the command line: small_config(r, **{"threshold.method": "quantile"})."""
+    from rdjax.configs import synthetic
+
+    config = synthetic.get_config()
+    config.dataset.root = str(root)
+    config.dataset.data_dir = str(root / "_tfds")
+    config.dataset.category = category
+    config.image_size = 64
+    config.num_epochs = 1
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def data_flags(root: Path, category: str = "disk") -> list[str]:
+    """Command-line flags equal to small_config(root, category)."""
+    return ["--config=synthetic", f"--config.dataset.root={root}", f"--config.dataset.data_dir={root / '_tfds'}",
+            f"--config.dataset.category={category}", "--config.image_size=64", "--config.num_epochs=1"]
+
+
+# ----------------------------------------------------------------------------- running the CLI
+
+
+@dataclasses.dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    def error_line(self) -> str:
+        """The one `error: ...` line a failing command prints (asserts there is exactly one)."""
+        errors = [line for line in self.stderr.splitlines() if line.startswith("error: ")]
+        assert self.code == 1 and len(errors) == 1, (self.code, self.stderr[-3000:])
+        return errors[0]
+
+
+def rdjax_cli(*argv: str) -> Result:
+    """`rdjax <argv>` in this process (rdjax.cli.run), capturing stdout and stderr."""
+    from rdjax import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.run(list(argv))
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def subprocess_run(*argv: str, devices: int | None = None, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
+    """A command in a fresh process (``devices``: that many CPU devices)."""
+    env = dict(os.environ)
+    if devices is not None:
+        env.update(cpu_devices_env(devices))
+    return subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, env=env, **kwargs)
 
 
 def cpu_devices_env(devices: int) -> dict:
@@ -33,6 +123,9 @@ def cpu_devices_env(devices: int) -> dict:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     return env
+
+
+# ----------------------------------------------------------------------------- torch references
 
 
 def randomize_batchnorm(module: "torch.nn.Module", seed: int) -> None:
@@ -61,3 +154,28 @@ def rel_err(ours, ref) -> float:
 
 def nchw_to_nhwc(x) -> np.ndarray:
     return np.transpose(np.asarray(x), (0, 2, 3, 1))
+
+
+def restore_state(workdir: Path, arch: str = "resnet18"):
+    """(train state, latest step) of a workdir, with the optimizer state."""
+    import jax
+
+    from rdjax import steps, workdir as workdir_lib
+    from rdjax.models import RD4AD
+
+    _, student = RD4AD(arch).init(jax.random.key(0), 64)
+    template = steps.create_train_state(student, steps.make_optimizer())
+    with workdir_lib.checkpoint_manager(workdir, create=False) as manager:
+        return workdir_lib.restore_state(manager, template), manager.latest_step()
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic_data, tmp_path_factory):
+    """(config, workdir, result): the demo config trained 3 epochs on a small 'disk'
+    category (16 images, batch 8: 6 steps), in-process. Shared by the files that use it."""
+    from rdjax import train
+
+    root = synthetic_data()
+    config = small_config(root, num_epochs=3, eval_every=2)
+    workdir = tmp_path_factory.mktemp("trained")
+    return config, workdir, train.train_and_evaluate(config, workdir)

@@ -7,14 +7,14 @@ import pytest
 from PIL import Image
 from torchvision import transforms
 
-from rdjax import evaluate
+from rdjax import data, features, maps
 from rdjax.data import mvtec, pipeline, preprocess, synthetic
+from rdjax.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    return synthetic.generate(root, categories=("disk",), size=64, num_train=6, num_test_good=3, num_per_defect=2)
+def synth_root(synthetic_data):
+    return synthetic_data(num_train=6, num_test_good=3, num_per_defect=2)
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
@@ -84,7 +84,7 @@ def test_image_preprocessing_equals_torchvision(mode):
     official = transforms.Compose([transforms.Resize((64, 64)), transforms.ToTensor()])(reference)
     np.testing.assert_array_equal(ours.astype(np.float32) / 255.0, official.permute(1, 2, 0).numpy())
     norm = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(official)
-    np.testing.assert_allclose(np.asarray(evaluate.normalize(ours[None]))[0], norm.permute(1, 2, 0).numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(features.normalize(ours[None]))[0], norm.permute(1, 2, 0).numpy(), atol=1e-6)
 
 
 def test_mask_preprocessing_equals_official():
@@ -122,10 +122,10 @@ def test_evaluation_sees_every_image_exactly_once():
         maps = np.asarray(batch, np.float32)[..., 0]
         return maps, maps.max(axis=(1, 2))
 
-    maps, scores = evaluate.predict_split(fake_step, None, None, images, 4, put=lambda x: x)
+    out_maps, scores = maps.predict_images(fake_step, None, None, images, 4, put=lambda x: x)
     assert calls == [4, 4, 4]  # the last batch is padded to full size
     np.testing.assert_array_equal(scores, np.arange(11))
-    assert maps.shape == (11, 4, 4)
+    assert out_maps.shape == (11, 4, 4)
 
 
 def test_official_tar_archive_is_accepted(synth_root, tmp_path):
@@ -133,13 +133,31 @@ def test_official_tar_archive_is_accepted(synth_root, tmp_path):
 
     import ml_collections
 
-    from rdjax.data.datasets import dataset_root
-
     archive = tmp_path / "mvtec_anomaly_detection.tar.xz"
     with tarfile.open(archive, "w:xz") as tar:
         tar.add(synth_root / "disk", arcname="disk")
-    config = ml_collections.ConfigDict({"dataset": {"name": "mvtec", "root": str(archive), "data_dir": str(tmp_path / "cache"), "synthetic_seed": 0}})
-    root = dataset_root(config)
-    assert mvtec.list_categories(root) == ["disk"]
+    config = ml_collections.ConfigDict({"name": "mvtec", "root": str(archive), "data_dir": str(tmp_path / "cache"),
+                                        "category": "all"})
+    dataset = data.build(config)
+    assert dataset.categories() == ["disk"]
+    root = dataset.root
     assert (root / "disk/ground_truth/hole/001_mask.png").read_bytes() == (synth_root / "disk/ground_truth/hole/001_mask.png").read_bytes()
-    assert dataset_root(config) == root  # extracted once, reused
+    mtime = root.stat().st_mtime_ns
+    assert data.build(config).root == root and root.stat().st_mtime_ns == mtime  # extracted once, reused
+    train, test = dataset.load("disk", 32)
+    assert len(train) == 6 and len(test) == 3 + 3 * 2
+
+
+def test_hold_out_is_disjoint_and_a_function_of_the_seed():
+    split = preprocess.Split(np.arange(10)[:, None, None, None].astype(np.uint8) * np.ones((1, 2, 2, 3), np.uint8),
+                             np.zeros((10, 2, 2), bool), np.zeros(10, np.int32), ["good"] * 10,
+                             [f"{i}.png" for i in range(10)])
+    kept, held = data.hold_out(split, 3, seed=111)
+    assert len(kept) == 7 and len(held) == 3
+    assert sorted(kept.filenames + held.filenames) == sorted(split.filenames)
+    assert data.hold_out(split, 3, seed=111)[1].filenames == held.filenames
+    assert data.hold_out(split, 3, seed=5)[1].filenames != held.filenames
+    np.testing.assert_array_equal(held.images[:, 0, 0, 0], [int(f.split(".")[0]) for f in held.filenames])
+    assert data.hold_out(split, 0, seed=1) == (split, None)
+    with pytest.raises(ConfigError, match="validation_size=10 leaves no training images"):
+        data.hold_out(split, 10, seed=1)

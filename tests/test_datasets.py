@@ -5,24 +5,21 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
-from configs import synthetic as synthetic_config
-from conftest import ROOT
-from rdjax import train
-from rdjax.data import synthetic
-from rdjax.data.datasets import list_categories, load_dataset
+import rdjax
+from conftest import rdjax_cli, small_config
+from rdjax import data, train
+from rdjax.errors import DataError
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    return synthetic.generate(tmp_path_factory.mktemp("src"), categories=("disk",), size=64, num_train=8,
-                              num_test_good=3, num_per_defect=2)
+def source(synthetic_data):
+    return synthetic_data(num_train=8, num_test_good=3, num_per_defect=2)
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +52,22 @@ def visa_root(source, tmp_path_factory):
     return root
 
 
-def small_config(**dataset):
-    config = synthetic_config.get_config()
-    config.image_size = 64
-    config.num_epochs = 1
+def dataset_config(tmp_path, **dataset):
+    config = small_config(tmp_path)
     for k, v in dataset.items():
         config.dataset[k] = v
     return config
 
 
+def reevaluate(workdir, split):
+    """Maps and scores of a split from the saved workdir, for an independent sklearn check."""
+    return rdjax.load(workdir).predict_resized(split.images)
+
+
 def test_visa_split_and_masks(visa_root, source, tmp_path):
-    config = small_config(name="visa", root=str(visa_root), category="pcb1", data_dir=str(tmp_path / "tfds"))
-    assert list_categories(config) == ["candle", "pcb1"]
-    train_split, test = load_dataset(config)
+    config = dataset_config(tmp_path, name="visa", root=str(visa_root), category="pcb1", data_dir=str(tmp_path / "tfds"))
+    assert data.build(dict_with(config.dataset, category="all")).categories() == ["candle", "pcb1"]
+    train_split, test = data.build(config.dataset).load("pcb1", 64)
     assert len(train_split) == 8 and len(test) == 3 + 6
     assert test.has_masks and set(test.defect_types) == {"good", "anomaly"}
     # 0/1 masks are binarized before the resize: they match the 0/255 originals.
@@ -77,26 +77,34 @@ def test_visa_split_and_masks(visa_root, source, tmp_path):
 
 
 def test_visa_unknown_category(visa_root, tmp_path):
-    from rdjax.data.preprocess import DataError
-
-    config = small_config(name="visa", root=str(visa_root), category="fryum", data_dir=str(tmp_path / "tfds"))
+    config = dataset_config(tmp_path, name="visa", root=str(visa_root), category="fryum", data_dir=str(tmp_path / "tfds"))
     with pytest.raises(DataError, match="no rows for category 'fryum'; found: candle, pcb1"):
-        load_dataset(config)
+        data.build(config.dataset).load("fryum", 64)
 
 
-def test_visa_all_categories_through_main(visa_root, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "rdjax.main", "--config=configs/visa.py", f"--workdir={tmp_path / 'w'}",
-         f"--config.dataset.root={visa_root}", "--config.dataset.category=all", f"--config.dataset.data_dir={tmp_path / 'tfds'}",
-         "--config.model.arch=resnet18", "--config.model.teacher_weights=none", "--config.image_size=64",
-         "--config.batch_size=4", "--config.num_epochs=1"],
-        cwd=ROOT, capture_output=True, text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_visa_all_categories_through_the_cli(visa_root, tmp_path):
+    result = rdjax_cli(
+        "train", "--config=visa", f"--workdir={tmp_path / 'w'}", f"--config.dataset.root={visa_root}",
+        "--config.dataset.category=all", f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+        "--config.model.arch=resnet18", "--config.model.teacher_weights=none", "--config.image_size=64",
+        "--config.batch_size=4", "--config.num_epochs=1")
+    assert result.code == 0, result.stderr[-3000:]
     table = (tmp_path / "w" / "results.md").read_text()
     assert "| candle |" in table and "| pcb1 |" in table and "**mean**" in table
+    assert table in result.stdout
     metrics = json.loads((tmp_path / "w" / "pcb1" / "metrics.json").read_text())
-    assert 0 <= metrics["pixel_auroc"] <= 1 and metrics["num_images"] == 9
+    assert metrics["num_images"] == 9
+    _, test = data.build(dict_with(small_config(tmp_path).dataset, name="visa", root=str(visa_root),
+                                   data_dir=str(tmp_path / "tfds"))).load("pcb1", 64)
+    maps, _ = reevaluate(tmp_path / "w" / "pcb1", test)
+    assert metrics["pixel_auroc"] == pytest.approx(roc_auc_score(test.masks.ravel(), maps.ravel()), abs=1e-6)
+
+
+def dict_with(node, **changes):
+    copy = node.copy_and_resolve_references()
+    for k, v in changes.items():
+        copy[k] = v
+    return copy
 
 
 @pytest.mark.parametrize("with_masks", [True, False])
@@ -108,14 +116,17 @@ def test_folder_dataset(source, tmp_path, with_masks):
         name = f"{p.parent.name}_{p.stem}"
         (anomalous / f"{name}.png").write_bytes(p.read_bytes())
         (masks / f"{name}_mask.png").write_bytes((source / "disk/ground_truth" / p.parent.name / f"{p.stem}_mask.png").read_bytes())
-    config = small_config(name="folder", category="parts", data_dir=str(tmp_path / "tfds"),
-                          train_dir=str(source / "disk/train/good"), test_good_dir=str(source / "disk/test/good"),
-                          test_anomalous_dir=str(anomalous), mask_dir=str(masks) if with_masks else "")
+    config = dataset_config(tmp_path, name="folder", category="parts", data_dir=str(tmp_path / "tfds"),
+                            train_dir=str(source / "disk/train/good"), test_good_dir=str(source / "disk/test/good"),
+                            test_anomalous_dir=str(anomalous), mask_dir=str(masks) if with_masks else "")
     result = train.train_and_evaluate(config, tmp_path / "w")
     assert result["num_images"] == 3 + 6 and result["num_defective"] == 6
-    assert 0 <= result["image_auroc"] <= 1
+    _, test = data.build(config.dataset).load("parts", 64)
+    maps, scores = reevaluate(tmp_path / "w", test)
+    assert result["image_auroc"] == pytest.approx(roc_auc_score(test.labels, scores), abs=1e-6)
     if with_masks:
-        assert 0 <= result["pixel_auroc"] <= 1 and not result["warnings"][1:]
+        assert result["pixel_auroc"] == pytest.approx(roc_auc_score(test.masks.ravel(), maps.ravel()), abs=1e-6)
+        assert not result["warnings"][1:]
     else:
         assert np.isnan(result["pixel_auroc"]) and np.isnan(result["aupro"])
         assert any("image-level metrics only" in w for w in result["warnings"])
@@ -131,12 +142,14 @@ def mock_tfds():
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
-def test_novelty_split_protocol(mock_tfds, name):
+def test_novelty_split_protocol(mock_tfds, name, tmp_path):
     import tensorflow_datasets as tfds
 
-    from rdjax.data.novelty import load_novelty
-
-    train_split, test = load_novelty(name, 3, 32, None)
+    config = dict_with(small_config(tmp_path).dataset, name=name, normal_class="3", data_dir="")
+    dataset = data.build(config)
+    assert dataset.categories() == ["class_3"]
+    assert data.build(dict_with(config, normal_class="all")).categories() == [f"class_{c}" for c in range(10)]
+    train_split, test = dataset.load("class_3", 32)
     source = {s: tfds.builder(name).as_data_source(split=s) for s in ("train", "test")}
     all_train = np.array([int(source["train"][i]["label"]) for i in range(len(source["train"]))])
     all_test = np.array([int(source["test"][i]["label"]) for i in range(len(source["test"]))])
@@ -149,17 +162,22 @@ def test_novelty_split_protocol(mock_tfds, name):
 
 
 def test_novelty_trains_and_reports_both_scores(mock_tfds, tmp_path):
-    from configs import mnist as mnist_config
+    from rdjax.configs import mnist as mnist_config
 
     config = mnist_config.get_config()
-    config.dataset.category = "class_3"
+    config.dataset.normal_class = "3"
     config.model.teacher_weights = "none"
     config.num_epochs = 1
     assert config.imagenet_normalize is False  # as the official MNIST helper
-    result = train.train_and_evaluate(config, tmp_path / "w")
-    assert 0 <= result["image_auroc"] <= 1 and 0 <= result["image_auroc_sum"] <= 1
+    results = train.run(config, tmp_path / "w")
+    assert list(results) == ["class_3"] and config.dataset.category == "class_3"
+    result = results["class_3"]
     assert np.isnan(result["pixel_auroc"])
-    from rdjax.evaluate import summary_markdown
+    _, test = data.build(config.dataset).load("class_3", 32)
+    maps, scores = reevaluate(tmp_path / "w", test)
+    assert result["image_auroc"] == pytest.approx(roc_auc_score(test.labels, scores), abs=1e-6)
+    assert result["image_auroc_sum"] == pytest.approx(roc_auc_score(test.labels, maps.sum(axis=(1, 2))), abs=1e-5)
+    from rdjax.outputs import summary_markdown
 
-    table = summary_markdown({"class_3": result}, ("image_auroc", "image_auroc_sum"))
+    table = summary_markdown({"class_3": result}, data.build(config.dataset).summary_keys)
     assert "image AUROC (sum of map)" in table and "**mean**" in table

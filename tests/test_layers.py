@@ -1,5 +1,17 @@
-"""Each layer kind against torch.nn with the same weights (float32), and the bfloat16
-CPU lowerings against torch in float64 on the same bfloat16-valued data."""
+"""Each layer kind against torch.nn with the same weights, and the CPU lowerings
+against torch in float64.
+
+Tolerances, and why they hold on any CPU:
+- float32 forward of one layer (TOL = 1e-5 of the largest output): each output is a dot
+  product of at most 7*7*8 = 392 terms; float32 accumulation errs by at most
+  about sqrt(n) * 2^-24 of the terms' magnitude for random data (at most n * 2^-24 =
+  2.3e-5 in the worst case, never approached by random data), whatever order a CPU's
+  kernels sum in.
+- gradients are compared in float64 (jax.enable_x64 against torch float64), where the
+  same argument gives ~1e-14; FLOAT64_TOL = 1e-10 leaves four orders of magnitude.
+- bfloat16 results are rounded once from float32 sums: within 2^-8 of the largest value
+  plus the float32 sum's error; BF16_TOL = 2^-7.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +20,12 @@ import pytest
 import torch
 
 from conftest import nchw_to_nhwc, rel_err
-from rdjax.models.layers import BatchNorm, Conv, ConvTranspose2x2, conv2d
-from rdjax.port import convert
+from rdjax.models.layers import BatchNorm, Conv, ConvTranspose2x2
+from rdjax.models.lowering import conv2d
+from rdjax.weights import convert
 
 TOL = 1e-5
+FLOAT64_TOL = 1e-10
 
 
 def _port_single(module: torch.nn.Module, flax_vars):
@@ -36,24 +50,25 @@ def test_conv_matches_torch(kernel, stride, cin, cout, size):
 
 
 @pytest.mark.parametrize("kernel,stride,size", [(3, 1, 9), (3, 2, 10), (3, 2, 9), (1, 1, 6), (1, 2, 9), (7, 2, 17)])
-def test_conv_gradients_match_torch(kernel, stride, size):
+def test_conv_and_its_gradients_match_torch_in_float64(kernel, stride, size):
     """conv2d lowers 1x1 kernels to a matmul and, on the CPU, computes kxk kernel
-    gradients tap by tap; both gradients must still be torch's."""
+    gradients tap by tap (custom VJPs); output and both gradients must be torch's."""
     torch.manual_seed(3)
-    x = torch.randn(2, 6, size, size, requires_grad=True)
-    w = torch.randn(5, 6, kernel, kernel, requires_grad=True)
+    x = torch.randn(2, 6, size, size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, kernel, kernel, dtype=torch.float64, requires_grad=True)
     y = torch.nn.functional.conv2d(x, w, stride=stride, padding=kernel // 2)
     dy = torch.randn_like(y)
     y.backward(dy)
-    x_j, w_j = jnp.asarray(nchw_to_nhwc(x.detach())), jnp.asarray(w.detach().numpy().transpose(2, 3, 1, 0))
-    ours, vjp = jax.vjp(lambda a, k: conv2d(a, k, stride), x_j, w_j)
-    dx, dw = jax.jit(vjp)(jnp.asarray(nchw_to_nhwc(dy)))
-    assert rel_err(ours, nchw_to_nhwc(y.detach())) < TOL
-    assert rel_err(dx, nchw_to_nhwc(x.grad)) < TOL
-    assert rel_err(dw, w.grad.numpy().transpose(2, 3, 1, 0)) < TOL
+    with jax.enable_x64(True):
+        x_j, w_j = jnp.asarray(nchw_to_nhwc(x.detach())), jnp.asarray(w.detach().numpy().transpose(2, 3, 1, 0))
+        ours, vjp = jax.vjp(lambda a, k: conv2d(a, k, stride), x_j, w_j)
+        dx, dw = jax.jit(vjp)(jnp.asarray(nchw_to_nhwc(dy)))
+        assert ours.dtype == dx.dtype == dw.dtype == jnp.float64
+    assert rel_err(ours, nchw_to_nhwc(y.detach())) < FLOAT64_TOL
+    assert rel_err(dx, nchw_to_nhwc(x.grad)) < FLOAT64_TOL
+    assert rel_err(dw, w.grad.numpy().transpose(2, 3, 1, 0)) < FLOAT64_TOL
 
 
-# bfloat16 results are rounded once, from float32 sums: within 2^-8 of the largest value.
 BF16_TOL = 2.0**-7
 
 

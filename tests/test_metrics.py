@@ -58,6 +58,16 @@ def test_aupro_hand_computed():
     assert metrics.aupro(maps, masks) == pytest.approx(0.5)
 
 
+def test_best_f1_threshold_gives_the_best_f1():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 80)
+    scores = labels + rng.normal(scale=0.8, size=80)
+    f1, t = metrics.best_f1(labels, scores)
+    best = max(skm.f1_score(labels, scores >= c) for c in np.unique(scores))
+    assert skm.f1_score(labels, scores >= t) == pytest.approx(best)
+    assert f1 == pytest.approx(best)
+
+
 def test_auroc_and_f1_max_against_sklearn():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200)
