@@ -16,18 +16,14 @@ import argparse
 import functools
 import json
 import resource
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from rdjax import evaluate, train  # noqa: E402
-from rdjax.data import pipeline  # noqa: E402
-from rdjax.models import RD4AD  # noqa: E402
+from rdjax import maps, sharding, steps as steps_lib
+from rdjax.features import normalize
+from rdjax.models import RD4AD
 
 
 def _timed(fn, args_fn, steps: int) -> tuple[float, float]:
@@ -51,17 +47,17 @@ def peak_memory_mb() -> float:
 
 def measure(arch: str, size: int, batch: int, steps: int, dtype: str) -> dict:
     model = RD4AD(arch, dtype)
-    mesh = pipeline.make_mesh()
-    put = functools.partial(pipeline.put_batch, sharding=pipeline.batch_sharding(mesh))
+    mesh = sharding.make_mesh()
+    put = functools.partial(sharding.put_batch, sharding=sharding.batch_sharding(mesh))
     teacher_vars, student_vars = model.init(jax.random.key(0), size)
-    teacher_vars = jax.device_put(teacher_vars, pipeline.replicated(mesh))
-    tx = train.make_optimizer()
+    teacher_vars = jax.device_put(teacher_vars, sharding.replicated(mesh))
+    tx = steps_lib.make_optimizer()
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     x = put(images)
 
-    feats = jax.jit(lambda tv, im: model.teacher_features(tv, evaluate.normalize(im)))(teacher_vars, x)
-    state = jax.device_put(train.create_train_state(student_vars, tx), pipeline.replicated(mesh))
-    step = train.make_train_step(model, tx, mesh)
+    feats = jax.jit(lambda tv, im: model.teacher_features(tv, normalize(im)))(teacher_vars, x)
+    state = jax.device_put(steps_lib.create_train_state(student_vars, tx), sharding.replicated(mesh))
+    step = steps_lib.make_train_step(model, tx, mesh)
     holder = {"state": state}
 
     def run_cached(f):
@@ -71,9 +67,9 @@ def measure(arch: str, size: int, batch: int, steps: int, dtype: str) -> dict:
     c_train, t_train = _timed(run_cached, lambda: (feats,), steps)
 
     full = jax.jit(
-        lambda s, tv, im: train.train_step(model, tx, s, tv, evaluate.normalize(im)),
-        in_shardings=(pipeline.replicated(mesh), pipeline.replicated(mesh), pipeline.batch_sharding(mesh)),
-        out_shardings=(pipeline.replicated(mesh), pipeline.replicated(mesh)),
+        lambda s, tv, im: steps_lib.train_step(model, tx, s, tv, normalize(im)),
+        in_shardings=(sharding.replicated(mesh), sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+        out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
         donate_argnums=0,
     )
 
@@ -83,7 +79,7 @@ def measure(arch: str, size: int, batch: int, steps: int, dtype: str) -> dict:
 
     c_full, t_full = _timed(run_full, lambda: (x,), steps)
 
-    eval_step = evaluate.make_eval_step(model)
+    eval_step = maps.make_eval_step(model)
     student_now = holder["state"].student_vars
     c_eval, t_eval = _timed(eval_step, lambda: (teacher_vars, student_now, x), steps)
     return {

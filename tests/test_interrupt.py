@@ -14,32 +14,20 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
-from rdjax import checkpoint, train
-from rdjax.data import synthetic
-from rdjax.models import RD4AD
+from conftest import ROOT, data_flags, restore_state as restore
 
+pytestmark = pytest.mark.slow
 EPOCHS = 4
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synthetic.generate(tmp_path_factory.mktemp("data"), categories=("disk",), size=64, num_train=16,
-                              num_test_good=4, num_per_defect=2)
+def data(synthetic_data):
+    return synthetic_data()
 
 
 def command(data: Path, workdir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "rdjax.main", "--config=configs/synthetic.py", f"--workdir={workdir}",
-            f"--config.dataset.root={data}", f"--config.dataset.data_dir={data / '_tfds'}",
-            "--config.dataset.category=disk", "--config.image_size=64", f"--config.num_epochs={EPOCHS}",
-            "--config.checkpoint_every=1", "--config.eval_every=100", *extra]
-
-
-def restore(workdir: Path):
-    _, student = RD4AD("resnet18").init(jax.random.key(0), 64)
-    template = train.create_train_state(student, train.make_optimizer())
-    with checkpoint.checkpoint_manager(workdir) as manager:
-        return checkpoint.restore_state(manager, template), manager.latest_step()
+    return [sys.executable, "-m", "rdjax.main", *data_flags(data), f"--workdir={workdir}",
+            f"--config.num_epochs={EPOCHS}", "--config.checkpoint_every=1", "--config.eval_every=100", *extra]
 
 
 def finished_steps(workdir: Path) -> list[int]:

@@ -1,26 +1,31 @@
-"""Device-count invariance: one float32 step and four float64 steps on 1, 2, 4 and 8 CPU
-devices, computed by tests/scale_probe.py in a subprocess with 8 host devices.
+"""Device-count invariance: the same step on 1, 2, 4 and 8 CPU devices computes the same
+function (sharded forward, global BatchNorm statistics, gradient all-reduce).
 
-Kept apart from test_scale.py so that the two long module fixtures can run on different
-pytest-xdist workers."""
+Float32 gradients cannot show it: at a random init the gradients of this loss are
+ill-conditioned (moving the teacher features by 7e-7 relative moves some decoder
+gradients by 6%, in the official PyTorch code too), so float32 summation order, which
+differs between CPUs and between sharded and unsharded programs, shows up as percent-
+level gradient differences. In float64 the same amplification of rounding (2^-53
+instead of 2^-24) stays below 1e-9 relative on any CPU, so gradients and parameters are
+compared there. Computed by tests/scale_probe.py in a subprocess with 8 host devices."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, cpu_devices_env
+from conftest import ROOT, subprocess_run
 from rdjax.models import RD4AD
+
+pytestmark = pytest.mark.slow
 
 
 def _run_probe(tmp_path_factory, *args: str) -> dict:
     out = tmp_path_factory.mktemp("probe") / "probe.npz"
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scale_probe.py"), str(out), *args],
-                          cwd=ROOT, env=dict(cpu_devices_env(8), PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+    proc = subprocess_run(sys.executable, str(ROOT / "tests" / "scale_probe.py"), str(out), *args, devices=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(np.load(out))
 
@@ -37,13 +42,11 @@ def probe64(tmp_path_factory):
 
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_n_steps_are_invariant_to_the_device_count(probe64, n):
-    """Four Adam steps on four batches from the same state: the parameters and BatchNorm
-    statistics on 2, 4 and 8 devices equal those on 1 device within float32 tolerance.
-
-    The run is in float64 so that the only differences left are those of the computation
-    itself (sharded forward, global BatchNorm statistics, gradient all-reduce) rather than
-    float32 summation-order noise, which Adam's sign-like early steps amplify (see
-    the one-step test below and README, Scaling)."""
+    """Four Adam steps on four batches from the same state, float64: parameters and
+    BatchNorm statistics on 2, 4 and 8 devices equal those on 1 device (rtol 1e-6, atol
+    1e-7: float64 rounding amplified by the conditioning above is ~1e-9; Adam's first
+    steps move each entry by ~lr * sign(g), so a gradient near zero may turn a 1e-9
+    difference into lr * 1e-9 / eps-sized ones, still below atol)."""
     keys = [k.split("/", 2)[2] for k in probe64 if k.startswith("param64/1/")]
     assert keys and probe64[f"param64/1/{keys[0]}"].dtype == np.float64
     for kind in ("param64", "stats64"):
@@ -58,21 +61,16 @@ def test_n_steps_are_invariant_to_the_device_count(probe64, n):
 
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_one_step_is_invariant_to_the_device_count(probe, n):
-    """Loss and gradients of the same state and global batch agree across 1, 2, 4 and 8
-    devices to float32 reduction-order noise, BatchNorm using global batch statistics.
+    """Loss and gradients of the same state and global batch on n devices against 1.
 
-    After the Adam step the parameters agree too, except where the gradient itself is at
-    the level of that noise (|g| <= 1e-3 max|g|): Adam's first step moves every entry by about
-    lr * sign(g), so noise-level gradients may move either way. Over many steps such
-    differences compound, which is why longer runs on different device counts are not
-    bit-identical (see README, Scaling)."""
-    assert float(probe[f"loss/{n}"]) == pytest.approx(float(probe["loss/1"]), rel=1e-6)
+    float64 gradients: rtol 1e-7 with atol 1e-9 of the largest gradient (see the module
+    docstring for why ~1e-9 is the most float64 rounding can do here). float32 loss:
+    rtol 1e-5; the loss is a forward quantity, three means of cosines after ~30 layers,
+    each adding at most ~1e-7 relative rounding whatever the order."""
+    assert float(probe[f"loss_float32/{n}"]) == pytest.approx(float(probe["loss_float32/1"]), rel=1e-5)
+    assert float(probe[f"loss_float64/{n}"]) == pytest.approx(float(probe["loss_float64/1"]), rel=1e-12)
     grads = sorted(k.split("/", 2)[2] for k in probe if k.startswith("grad/1/"))
-    assert grads
+    assert grads and probe[f"grad/1/{grads[0]}"].dtype == np.float64
     for key in grads:
         g1, gn = probe[f"grad/1/{key}"], probe[f"grad/{n}/{key}"]
-        np.testing.assert_allclose(gn, g1, rtol=1e-3, atol=1e-4 * np.abs(g1).max(), err_msg=key)
-        p1, pn = probe[f"param/1/{key}"], probe[f"param/{n}/{key}"]
-        off = ~np.isclose(pn, p1, rtol=1e-5, atol=1e-6)
-        assert np.all(np.abs(g1[off]) <= 1e-3 * np.abs(g1).max()), key  # noise-level gradients only
-        assert off.mean() < 1e-2, key
+        np.testing.assert_allclose(gn, g1, rtol=1e-7, atol=1e-9 * np.abs(g1).max(), err_msg=key)
