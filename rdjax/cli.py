@@ -145,19 +145,22 @@ COMMANDS: dict[str, Command] = {
 # ----------------------------------------------------------------------------- the runner
 
 
-def _config_by_name(args: list[str]) -> list[str]:
-    """--config=<name> -> the shipped file, so configs work from any folder."""
+def _normalize_args(args: list[str]) -> list[str]:
+    """--config=<name> -> the shipped file, so configs work from any folder; and the
+    argparse-era spelling --image-size of `python -m rdjax.port` -> --image_size."""
     out = []
     for a in args:
         if a.startswith("--config="):
             a = "--config=" + str(config_lib.resolve(a.split("=", 1)[1]))
+        elif a.startswith("--image-size"):
+            a = a.replace("--image-size", "--image_size", 1)
         out.append(a)
     return out
 
 
 def _parse(name: str, command: Command, args: list[str], extra: Callable[[flags.FlagValues], None] | None
            ) -> tuple[flags.FlagValues, list[str]]:
-    argv = [f"rdjax {name}", *_config_by_name(args)]
+    argv = [f"rdjax {name}", *_normalize_args(args)]
     fv = flags.FlagValues()
     command.define(fv, argv)
     if extra is not None:

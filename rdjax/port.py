@@ -65,5 +65,4 @@ def port(what: str, arch: str, src: str, out: Path, teacher: str | None = None, 
 if __name__ == "__main__":
     from rdjax import cli
 
-    # The argparse-era spelling --image-size still works.
-    sys.exit(cli.run(["port", *(a.replace("--image-size", "--image_size", 1) for a in sys.argv[1:])]))
+    sys.exit(cli.run(["port", *sys.argv[1:]]))

@@ -163,19 +163,34 @@ def restore_state(workdir: Path, arch: str = "resnet18"):
     from rdjax import steps, workdir as workdir_lib
     from rdjax.models import RD4AD
 
-    _, student = RD4AD(arch).init(jax.random.key(0), 64)
-    template = steps.create_train_state(student, steps.make_optimizer())
+    student = RD4AD(arch).abstract_variables()[1]
+    template = jax.eval_shape(lambda: steps.create_train_state(student, steps.make_optimizer()))
     with workdir_lib.checkpoint_manager(workdir, create=False) as manager:
         return workdir_lib.restore_state(manager, template), manager.latest_step()
 
 
 @pytest.fixture(scope="session")
-def trained(synthetic_data, tmp_path_factory):
+def trained(tmp_path_factory, worker_id):
     """(config, workdir, result): the demo config trained 3 epochs on a small 'disk'
-    category (16 images, batch 8: 6 steps), in-process. Shared by the files that use it."""
-    from rdjax import train
+    category (16 images, batch 8: 6 steps), in-process. Made once for the whole run and
+    shared by the pytest-xdist workers (a file lock; the first one trains); tests must
+    not change the workdir (copy it first)."""
+    import json
 
-    root = synthetic_data()
-    config = small_config(root, num_epochs=3, eval_every=2)
-    workdir = tmp_path_factory.mktemp("trained")
-    return config, workdir, train.train_and_evaluate(config, workdir)
+    from filelock import FileLock
+
+    from rdjax import train, workdir as workdir_lib
+    from rdjax.data import synthetic
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if worker_id != "master" else base
+    workdir = shared / "trained_workdir"
+    with FileLock(str(shared / "trained.lock")):
+        if not (workdir / "result.json").is_file():
+            root = synthetic.generate(shared / "trained_data", categories=("disk",), size=64, num_train=16,
+                                      num_test_good=4, num_per_defect=3)
+            result = train.train_and_evaluate(small_config(root, num_epochs=3, eval_every=2), workdir / "w")
+            workdir_lib.write_json(workdir / "result.json", result)
+    root = shared / "trained_data"
+    return (small_config(root, num_epochs=3, eval_every=2), workdir / "w",
+            json.loads((workdir / "result.json").read_text()))

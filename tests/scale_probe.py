@@ -1,10 +1,8 @@
-"""Run in a subprocess with 8 host devices; saves its results to an .npz.
-
-  scale_probe.py OUT           one train step of the same state and global batch on
-                               meshes of 1, 2, 4 and 8 devices: the float32 loss, and
-                               the float64 loss and gradients
-  scale_probe.py OUT --steps N N train steps (a new batch each) on the same meshes in
-                               float64: the final params and BatchNorm statistics
+"""Run in a subprocess with 8 host devices: `scale_probe.py OUT STEPS` saves to an .npz,
+on meshes of 1, 2, 4 and 8 devices, all in float64:
+  loss/N, grad/N/...     the loss and gradients of one step (same state, same global batch)
+  param64/N/..., stats64/N/...  the parameters and BatchNorm statistics after STEPS train
+                         steps (a new batch each) from the same state
 """
 
 import sys
@@ -17,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from rdjax import steps
 from rdjax.models import RD4AD
 
-jax.config.update("jax_enable_x64", True)  # float64 is a reference precision here; float32 is asked for explicitly
+jax.config.update("jax_enable_x64", True)  # float64: the reference precision of these checks
 
 
 def _meshes():
@@ -44,22 +42,20 @@ def _setup(dtype: str, batches: int):
 
 
 def one_step() -> dict:
+    model, student_vars, (feats,) = _setup("float64", 1)
     result = {}
-    for dtype in ("float32", "float64"):
-        model, student_vars, (feats,) = _setup(dtype, 1)
-        for n, mesh, rep, dat in _meshes():
+    for n, mesh, rep, dat in _meshes():
 
-            @jax.jit
-            def grads(params, f):
-                def loss(p):
-                    s, _ = model.student_features({"params": p, "batch_stats": student_vars["batch_stats"]}, f, train=True)
-                    return model.loss(f, s)
-                return jax.value_and_grad(loss)(params)
+        @jax.jit
+        def grads(params, f):
+            def loss(p):
+                s, _ = model.student_features({"params": p, "batch_stats": student_vars["batch_stats"]}, f, train=True)
+                return model.loss(f, s)
+            return jax.value_and_grad(loss)(params)
 
-            value, g = grads(jax.device_put(student_vars["params"], rep), jax.device_put(feats, dat))
-            result[f"loss_{dtype}/{n}"] = np.asarray(value)
-            if dtype == "float64":
-                result.update(_flat(f"grad/{n}", g))
+        value, g = grads(jax.device_put(student_vars["params"], rep), jax.device_put(feats, dat))
+        result[f"loss/{n}"] = np.asarray(value)
+        result.update(_flat(f"grad/{n}", g))
     return result
 
 
@@ -78,5 +74,4 @@ def float64_steps(count: int) -> dict:
 
 
 if __name__ == "__main__":
-    out = sys.argv[1]
-    np.savez(out, **(float64_steps(int(sys.argv[3])) if sys.argv[2:3] == ["--steps"] else one_step()))
+    np.savez(sys.argv[1], **one_step(), **float64_steps(int(sys.argv[2])))

@@ -82,12 +82,13 @@ def test_visa_unknown_category(visa_root, tmp_path):
         data.build(config.dataset).load("fryum", 64)
 
 
+@pytest.mark.slow
 def test_visa_all_categories_through_the_cli(visa_root, tmp_path):
     result = rdjax_cli(
         "train", "--config=visa", f"--workdir={tmp_path / 'w'}", f"--config.dataset.root={visa_root}",
         "--config.dataset.category=all", f"--config.dataset.data_dir={tmp_path / 'tfds'}",
         "--config.model.arch=resnet18", "--config.model.teacher_weights=none", "--config.image_size=64",
-        "--config.batch_size=4", "--config.num_epochs=1")
+        "--config.num_epochs=1")
     assert result.code == 0, result.stderr[-3000:]
     table = (tmp_path / "w" / "results.md").read_text()
     assert "| candle |" in table and "| pcb1 |" in table and "**mean**" in table
@@ -107,7 +108,7 @@ def dict_with(node, **changes):
     return copy
 
 
-@pytest.mark.parametrize("with_masks", [True, False])
+@pytest.mark.parametrize("with_masks", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_folder_dataset(source, tmp_path, with_masks):
     anomalous, masks = tmp_path / "bad", tmp_path / "masks"
     anomalous.mkdir()
@@ -161,6 +162,7 @@ def test_novelty_split_protocol(mock_tfds, name, tmp_path):
         np.testing.assert_array_equal(test.images[..., 0], test.images[..., 2])
 
 
+@pytest.mark.slow
 def test_novelty_trains_and_reports_both_scores(mock_tfds, tmp_path):
     from rdjax.configs import mnist as mnist_config
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import nchw_to_nhwc, randomize_batchnorm, rdjax_cli, rel_err, restore_state, state_dict_numpy, subprocess_run
+from conftest import nchw_to_nhwc, randomize_batchnorm, rdjax_cli, rel_err, restore_state, state_dict_numpy
 from rdjax import teacher, weights, workdir as workdir_lib
 from rdjax.errors import PortError
 from rdjax.models import ARCHS, RD4AD
@@ -263,17 +263,16 @@ def test_cli_model_without_teacher_or_with_a_bad_size_writes_nothing(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.slow
-def test_module_port_command_writes_a_restorable_workdir(tmp_path):
-    """The documented `python -m rdjax.port rd4ad ... --image-size` spelling, in a subprocess."""
+def test_port_command_writes_a_restorable_workdir(tmp_path):
+    """`rdjax port rd4ad` (here with the older `python -m rdjax.port` spelling --image-size)."""
     torch.manual_seed(2)
     ocbe, decoder = TorchOCBE("resnet18"), TorchDecoder("resnet18")
     torch.save(official_state_dict(ocbe, decoder), tmp_path / "ckpt.pth")
     torch.save(torch_teacher("resnet18").state_dict(), tmp_path / "w.pth")
     out = tmp_path / "work"
-    proc = subprocess_run(sys.executable, "-m", "rdjax.port", "rd4ad", "--arch=resnet18", f"--teacher={tmp_path / 'w.pth'}",
-                          f"--src={tmp_path / 'ckpt.pth'}", f"--out={out}", "--image-size=64")
-    assert proc.returncode == 0, proc.stderr
+    result = rdjax_cli("port", "rd4ad", "--arch=resnet18", f"--teacher={tmp_path / 'w.pth'}",
+                       f"--src={tmp_path / 'ckpt.pth'}", f"--out={out}", "--image-size=64")
+    assert result.code == 0, result.stderr
     config = workdir_lib.load_config(out)
     assert config.model.arch == "resnet18" and config.model.name == "rd4ad" and config.image_size == 64
     workdir_lib.restore_teacher(config.model.teacher_weights, "resnet18")

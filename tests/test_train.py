@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -19,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 from torchvision import transforms
 
 import rdjax
-from conftest import data_flags, randomize_batchnorm, rdjax_cli, small_config, subprocess_run
+from conftest import data_flags, randomize_batchnorm, rdjax_cli, restore_state, small_config, subprocess_run
 from rdjax import data, metrics, train, workdir as workdir_lib
 from rdjax.data import synthetic
 from torch_reference import TorchDecoder, TorchOCBE, official_state_dict, teacher_features
@@ -73,8 +74,10 @@ def test_workdir_outputs(trained):
     assert {"train/loss", "eval/image_auroc", "eval/pixel_auroc"} <= tags
 
 
-def test_eval_command_reproduces_the_metrics(trained):
-    config, workdir, result = trained
+def test_eval_command_reproduces_the_metrics(trained, tmp_path):
+    config, trained_dir, result = trained
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_dir, workdir)
     before = json.loads((workdir / "metrics.json").read_text())
     out = rdjax_cli("eval", f"--workdir={workdir}", *data_flags(Path(config.dataset.root)))
     assert out.code == 0, out.stderr[-2000:]
@@ -83,6 +86,22 @@ def test_eval_command_reproduces_the_metrics(trained):
     assert again["step"] == 6 and again["epoch"] == 3
     for key in ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image"):
         assert again[key] == pytest.approx(before[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path):
+    """One more epoch at an infinite learning rate: step 7 makes the parameters
+    non-finite, so step 8's loss is; one error line names it, and the workdir's latest
+    checkpoint is still the last good one."""
+    config, trained_dir, _ = trained
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_dir, workdir)
+    out = rdjax_cli("train", f"--workdir={workdir}", *data_flags(Path(config.dataset.root)),
+                    "--config.num_epochs=4", "--config.learning_rate=inf")
+    assert "non-finite loss" in out.error_line() and "at step 8 (epoch 4)" in out.error_line()
+    state, latest = restore_state(workdir)
+    assert latest == 6 and int(state.step) == 6
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
 
 
 def test_a_workdir_written_before_new_config_keys_still_loads(trained, tmp_path):
@@ -194,20 +213,22 @@ def test_training_reaches_the_demo_targets(synthetic_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_promised_command_runs_from_another_folder(synthetic_data, tmp_path):
+def test_the_promised_commands_run_from_another_folder(synthetic_data, tmp_path):
     """`python -m rdjax.main --config=configs/synthetic.py --workdir=DIR` (the documented
-    command) and the `rdjax` console script, as a user runs them, outside the repository."""
+    command) and the `rdjax` console script, as a user runs them, outside the repository;
+    the older module entry points still answer."""
     root = synthetic_data()
     flags = data_flags(root)[1:]
     proc = subprocess_run(sys.executable, "-m", "rdjax.main", "--config=configs/synthetic.py",
                           f"--workdir={tmp_path / 'a'}", *flags, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "disk: image AUROC" in proc.stdout
-    proc = subprocess_run(sys.executable, "-m", "rdjax.main", "--config=configs/synthetic.py",
-                          f"--workdir={tmp_path / 'a'}", "--mode=eval", *flags, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    before = json.loads((tmp_path / "a" / "metrics.json").read_text())
     script = str(Path(sys.executable).parent / "rdjax")
-    proc = subprocess_run(script, "train", "--config=synthetic", f"--workdir={tmp_path / 'b'}", *flags, cwd=tmp_path)
+    proc = subprocess_run(script, "eval", "--config=synthetic", f"--workdir={tmp_path / 'a'}", *flags, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    a, b = (json.loads((tmp_path / w / "metrics.json").read_text()) for w in ("a", "b"))
-    assert a["image_auroc"] == b["image_auroc"] and a["aupro"] == b["aupro"]
+    after = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert after["image_auroc"] == before["image_auroc"] and after["aupro"] == before["aupro"]
+    for module in ("rdjax.predict", "rdjax.export", "rdjax.port"):
+        proc = subprocess_run(sys.executable, "-m", module, "--help", cwd=tmp_path)
+        assert proc.returncode == 0 and "--out" in proc.stdout, (module, proc.stderr[-2000:])
