@@ -1,16 +1,13 @@
-"""The errors a user can cause, and the one way they become a one-line message and exit 1.
+"""The errors a user can cause.
 
-Every error rdjax raises on purpose derives from `RdjaxError`; the command-line tools
-print its message as a single `error: ...` line and exit with status 1. Python callers
+Every error rdjax raises on purpose derives from `RdjaxError`; the command line
+(rdjax.cli.run, the one place that does it) prints its message, or an OSError's, as a
+single `error: ...` line and exits with status 1. Python callers
 see ordinary exceptions: the subclasses also derive from ValueError or OSError, so
 existing `except ValueError` code keeps working.
 """
 
 from __future__ import annotations
-
-import contextlib
-import sys
-from typing import Iterator
 
 
 class RdjaxError(Exception):
@@ -44,16 +41,3 @@ def one_line(error: BaseException) -> str:
     else:
         text = str(error) or type(error).__name__
     return " ".join(text.split())
-
-
-@contextlib.contextmanager
-def exit_on_error() -> Iterator[None]:
-    """Turn the errors a user can cause into `error: <message>` on stderr and exit 1.
-
-    OSError is included (a full disk, a permission denied); programming errors are not,
-    so a bug still shows its traceback."""
-    try:
-        yield
-    except (RdjaxError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(1)

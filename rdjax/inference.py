@@ -8,7 +8,6 @@ needed, on any device, and no optimizer is built.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 from pathlib import Path
@@ -20,7 +19,7 @@ from PIL import Image
 
 from rdjax import maps as maps_lib, sharding, workdir as workdir_lib
 from rdjax.calibration import normalize_scores
-from rdjax.data.preprocess import to_rgb
+from rdjax.data.preprocess import open_image, to_rgb
 from rdjax.errors import ConfigError, DataError
 from rdjax.registry import MODELS
 
@@ -36,12 +35,7 @@ def _to_array(item: ImageLike, name: str) -> np.ndarray:
             data = Path(item).read_bytes()
         except OSError as e:
             raise DataError(f"{item}: cannot read ({e.strerror or e})") from None
-        try:
-            img = Image.open(io.BytesIO(data))
-            img.load()
-        except Exception as e:
-            raise DataError(f"{item}: not a readable image ({type(e).__name__})") from None
-        return np.asarray(to_rgb(img), np.uint8)
+        item = open_image(data, str(item))
     if isinstance(item, Image.Image):
         return np.asarray(to_rgb(item), np.uint8)
     arr = np.asarray(item)
@@ -120,7 +114,7 @@ class Model:
         """
         images = as_images(x)
         if not images:
-            raise ValueError("predict() got no images")
+            raise DataError("predict() got no images")
         maps, scores = self.predict_resized(self.preprocess(images), batch_size)
         full = [resize_map(m, a.shape[:2]) for m, a in zip(maps, images)]
         cal = self.calibration

@@ -24,10 +24,14 @@ import pytest
 
 # One persistent XLA compilation cache for the whole run, shared with the CLI
 # subprocesses the tests start (they inherit the environment): most of the suite's time
-# is compiling the same small train and eval steps. Set before anything imports jax.
+# is compiling the same small programs again in each process. Every compilation is kept,
+# not only those over a second: a CLI run is mostly many small ones (flax's eager init
+# among them), and keeping them all halves a repeated run. Set before jax is imported.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rdjax_xla_cache_")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import torch  # noqa: E402  (after the cache variable)
 
@@ -164,7 +168,9 @@ def restore_state(workdir: Path, arch: str = "resnet18"):
     from rdjax.models import RD4AD
 
     student = RD4AD(arch).abstract_variables()[1]
-    template = jax.eval_shape(lambda: steps.create_train_state(student, steps.make_optimizer()))
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever topology saved it
+    template = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
+                                      jax.eval_shape(lambda: steps.create_train_state(student, steps.make_optimizer())))
     with workdir_lib.checkpoint_manager(workdir, create=False) as manager:
         return workdir_lib.restore_state(manager, template), manager.latest_step()
 

@@ -19,7 +19,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _open(data: bytes, name: str) -> Image.Image:
+def open_image(data: bytes, name: str) -> Image.Image:
+    """Decode an encoded file; a DataError naming ``name`` if it is not a readable image."""
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -39,7 +40,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
     """Encoded file -> uint8 (size, size, 3), resized as torchvision's Resize on PIL."""
-    img = to_rgb(_open(data, name))
+    img = to_rgb(open_image(data, name))
     return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
@@ -55,7 +56,7 @@ def decode_mask(data: bytes, size: int, name: str = "mask", expected_size: tuple
 
     ``nonzero``: the mask marks defects with any non-zero value (VisA's are not 0/255), so it
     is binarized to 0/255 before the resize."""
-    img = _open(data, name)
+    img = open_image(data, name)
     if nonzero:
         img = Image.fromarray(((np.asarray(to_rgb(img).convert("L")) > 0) * 255).astype(np.uint8))
     if expected_size is not None and img.size != expected_size:
