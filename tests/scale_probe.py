@@ -16,6 +16,7 @@ from rdjax import steps
 from rdjax.models import RD4AD
 
 jax.config.update("jax_enable_x64", True)  # float64: the reference precision of these checks
+SIZE = 32  # the smallest input the network takes: the checks are about sharding, not resolution
 
 
 def _meshes():
@@ -34,9 +35,9 @@ def _cast(tree, dtype):
 
 def _setup(dtype: str, batches: int):
     model = RD4AD("resnet18", dtype)
-    teacher_vars, student_vars = (_cast(v, dtype) for v in RD4AD("resnet18").init(jax.random.key(0), 64))
+    teacher_vars, student_vars = (_cast(v, dtype) for v in RD4AD("resnet18").init(jax.random.key(0), SIZE))
     features = jax.jit(model.teacher_features)
-    feats = [_cast(features(teacher_vars, np.asarray(jax.random.normal(jax.random.key(i + 1), (8, 64, 64, 3)), dtype)),
+    feats = [_cast(features(teacher_vars, np.asarray(jax.random.normal(jax.random.key(i + 1), (8, SIZE, SIZE, 3)), dtype)),
                    dtype) for i in range(batches)]
     return model, student_vars, feats
 

@@ -17,17 +17,14 @@ import pytest
 from conftest import ROOT, data_flags, restore_state as restore
 
 pytestmark = pytest.mark.slow
-EPOCHS = 4
 
 
-@pytest.fixture(scope="module")
-def data(synthetic_data):
-    return synthetic_data()
-
-
-def command(data: Path, workdir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "rdjax.main", *data_flags(data), f"--workdir={workdir}",
-            f"--config.num_epochs={EPOCHS}", "--config.checkpoint_every=1", "--config.eval_every=100", *extra]
+def command(config, workdir: Path) -> list[str]:
+    """The CLI run of the shared trained workdir's config (3 epochs, 6 steps), with a
+    checkpoint every epoch."""
+    return [sys.executable, "-m", "rdjax.main", *data_flags(Path(config.dataset.root)), f"--workdir={workdir}",
+            f"--config.num_epochs={config.num_epochs}", f"--config.eval_every={config.eval_every}",
+            "--config.checkpoint_every=1"]
 
 
 def finished_steps(workdir: Path) -> list[int]:
@@ -35,30 +32,26 @@ def finished_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(data, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("whole")
-    proc = subprocess.run(command(data, workdir), cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir
-
-
-def test_sigkill_then_resume_equals_uninterrupted(data, uninterrupted, tmp_path):
+def test_sigkill_then_resume_equals_uninterrupted(trained, tmp_path):
+    """Killed after its first checkpoint and run again, the CLI run ends with the same
+    parameters, optimizer state and metrics, bit for bit, as the uninterrupted run of
+    the same config (the shared trained workdir, trained in-process)."""
+    config, uninterrupted, _ = trained
     workdir = tmp_path / "killed"
-    proc = subprocess.Popen(command(data, workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(config, workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not finished_steps(workdir) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     steps = finished_steps(workdir)
-    assert steps and steps[-1] < EPOCHS * 2, "the run was not killed mid-training"
+    assert steps and steps[-1] < 6, "the run was not killed mid-training"
     restore(workdir)  # the latest complete checkpoint is readable right after the kill
-    resumed = subprocess.run(command(data, workdir), cwd=ROOT, capture_output=True, text=True)
+    resumed = subprocess.run(command(config, workdir), cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step" in resumed.stdout
     (a, step_a), (b, step_b) = restore(uninterrupted), restore(workdir)
-    assert step_a == step_b == EPOCHS * 2  # 16 images, batch 8
+    assert step_a == step_b == 6  # 16 images, batch 8, 3 epochs
     jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, a.opt_state, b.opt_state)
     # Two runs with the same seed (one of them killed and resumed) give identical metrics.
