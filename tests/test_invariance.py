@@ -1,4 +1,4 @@
-"""Device-count invariance: the same step on 1, 2, 4 and 8 CPU devices computes the same
+"""Device-count invariance: the same step on 1, 2 and 8 CPU devices computes the same
 function (sharded forward, global BatchNorm statistics, gradient all-reduce).
 
 Float32 gradients cannot show it: at a random init the gradients of this loss are
@@ -31,10 +31,10 @@ def probe(tmp_path_factory):
     return dict(np.load(out))
 
 
-@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("n", [2, 8])
 def test_n_steps_are_invariant_to_the_device_count(probe, n):
     """Four Adam steps on four batches from the same state, float64: parameters and
-    BatchNorm statistics on 2, 4 and 8 devices equal those on 1 device (rtol 1e-6, atol
+    BatchNorm statistics on 2 and 8 devices equal those on 1 device (rtol 1e-6, atol
     1e-7: float64 rounding amplified by the conditioning above is ~1e-9; Adam's first
     steps move each entry by ~lr * sign(g), so a gradient near zero may turn a 1e-9
     difference into lr * 1e-9 / eps-sized ones, still below atol)."""
@@ -50,10 +50,10 @@ def test_n_steps_are_invariant_to_the_device_count(probe, n):
     assert np.abs(probe["param64/1/decoder/layer1_0/conv2/kernel"] - start).max() > 1e-3
 
 
-@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("n", [2, 8])
 def test_one_step_is_invariant_to_the_device_count(probe, n):
-    """Loss and gradients of the same state and global batch on n devices against 1, in
-    float64: rtol 1e-7 with atol 1e-9 of the largest gradient (see the module docstring
+    """Loss and gradients of the first step (same state and global batch) on n devices
+    against 1, in float64: rtol 1e-7 with atol 1e-9 of the largest gradient (see the module docstring
     for why ~1e-9 is the most float64 rounding can do here). Unlike parameters after Adam,
     gradients would also show a wrongly scaled all-reduce."""
     assert float(probe[f"loss/{n}"]) == pytest.approx(float(probe["loss/1"]), rel=1e-12)
