@@ -15,7 +15,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 

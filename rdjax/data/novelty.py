@@ -13,7 +13,6 @@ import numpy as np
 from PIL import Image
 
 import dataclasses
-from typing import Any
 
 from rdjax.data.preprocess import Split
 from rdjax.errors import DataError
