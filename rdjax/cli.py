@@ -87,7 +87,7 @@ def define_predict_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir.", flag_values=fv)
     flags.DEFINE_string("input", None, "A folder (searched recursively) or a glob of image files.", flag_values=fv)
     flags.DEFINE_string("output", None, "Output folder.", flag_values=fv)
-    flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("dtype", None, "Compute dtype (float32 or bfloat16); default: the workdir's.", flag_values=fv)
     flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
 
@@ -146,12 +146,15 @@ COMMANDS: dict[str, Command] = {
 
 
 def _normalize_args(args: list[str]) -> list[str]:
-    """--config=<name> -> the shipped file, so configs work from any folder; and the
-    argparse-era spelling --image-size of `python -m rdjax.port` -> --image_size."""
+    """--config=<name> (or --config <name>, or ml_collections' <name>:<arg>) -> the shipped
+    file, so configs work from any folder; and the argparse-era spelling --image-size of
+    `python -m rdjax.port` -> --image_size."""
     out = []
-    for a in args:
-        if a.startswith("--config="):
-            a = "--config=" + str(config_lib.resolve(a.split("=", 1)[1]))
+    for i, a in enumerate(args):
+        if a.startswith("--config=") or (i and args[i - 1] == "--config"):
+            prefix, value = ("--config=", a.split("=", 1)[1]) if a.startswith("--config=") else ("", a)
+            name, colon, rest = value.partition(":")
+            a = prefix + str(config_lib.resolve(name)) + colon + rest
         elif a.startswith("--image-size"):
             a = a.replace("--image-size", "--image_size", 1)
         out.append(a)
@@ -179,6 +182,9 @@ def _parse(name: str, command: Command, args: list[str], extra: Callable[[flags.
         raise ConfigError(one_line(e)) from None
     except OSError as e:  # a config file that fails to load
         raise ConfigError(one_line(e).split(" Attempted")[0]) from None
+    except ImportError as e:  # a config that imports what is not installed
+        raise ConfigError(f"{one_line(e)}; configs import rdjax.configs, which needs rdjax installed "
+                          f"(pip install -e . in the repository)") from None
     return fv, positional
 
 
@@ -207,7 +213,7 @@ def run(argv: list[str], extra_flags: Callable[[flags.FlagValues], None] | None 
         if positional and name != "port":
             raise ConfigError(f"unexpected arguments: {' '.join(positional)}")
         (handler or command.run)(fv, positional)
-    except (RdjaxError, OSError) as e:
+    except (RdjaxError, OSError, ValueError) as e:  # what a user can cause; other errors keep their traceback
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     return 0

@@ -73,6 +73,11 @@ def check(config: Any, device_count: int) -> None:
     DATASETS.get(config.dataset.name)
     for name in config.evaluators:
         EVALUATORS.get(name)
+    names = list(config.evaluators)
+    if "anomaly" not in names:
+        raise ConfigError(f"config.evaluators={tuple(names)} must include 'anomaly' (the metrics every run reports)")
+    if "report" in names and "calibration" in names and names.index("report") < names.index("calibration"):
+        raise ConfigError("config.evaluators: 'calibration' must come before 'report', which draws its threshold")
     size = config.image_size
     check_image_size((1, size, size, 3))
     for key in _POSITIVE:

@@ -1,7 +1,7 @@
 """python -m rdjax.main --config=configs/mvtec.py --workdir=DIR [--mode=train|eval]
 
-The command users were first promised; it is `rdjax train` (or `rdjax eval` with
---mode=eval), which calls rdjax.train.train_and_evaluate for each category.
+The same as `rdjax train` (`rdjax eval` with --mode=eval): rdjax.train.run, which calls
+train_and_evaluate (or evaluate) for each category the config asks for.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ dataset's own evaluation code): 8-connected ground-truth regions, one global thr
 swept over every distinct score, FPR over all anomaly-free pixels, PRO the mean overlap
 over all regions, area to FPR 0.3 by trapezoids with linear interpolation at 0.3,
 divided by 0.3. The RD4AD paper's own per-image variant is offered as
-``pro_rd4ad_per_image``; it is not the same number (see README).
+``pro_rd4ad_per_image``; it is not the same number (see docs/differences.md).
 """
 
 from __future__ import annotations

@@ -31,9 +31,10 @@ def from_source(model: Any, source: str) -> Variables:
     return model.port_teacher(weights.read_state_dict(path), source=str(path))
 
 
-def for_run(config: Any, model: Any, workdir: Path) -> tuple[Variables, list[str]]:
+def for_run(config: Any, model: Any, workdir: Path) -> tuple[Variables, list[str], bool]:
     """The workdir's own teacher if it has one (resume, eval), else
-    config.model.teacher_weights, saved into the workdir. Returns the warnings to report."""
+    config.model.teacher_weights. Returns (variables, the warnings to report, whether it
+    is already in the workdir); the caller saves it there once the workdir is checked."""
     teacher_dir = workdir / workdir_lib.TEACHER
     source = config.model.teacher_weights
     if teacher_dir.exists():
@@ -45,10 +46,10 @@ def for_run(config: Any, model: Any, workdir: Path) -> tuple[Variables, list[str
             variables, _ = model.init(jax.random.key(config.seed), config.image_size)
         else:
             variables = from_source(model, source)
-        workdir_lib.save_teacher(teacher_dir, model.arch, variables)  # orbax: every process takes part
+    saved = teacher_dir.exists()
     if source != "none":
-        return variables, []
+        return variables, [], saved
     logging.warning("=" * 70)
     logging.warning("RANDOM TEACHER: %s", RANDOM_WARNING)
     logging.warning("=" * 70)
-    return variables, [RANDOM_WARNING]
+    return variables, [RANDOM_WARNING], saved

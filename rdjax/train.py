@@ -64,12 +64,14 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
     dataset = dataset or data.build(config.dataset)
     train_split, test_split = dataset.load(config.dataset.category, config.image_size)
     train_split, validation = data.hold_out(train_split, config.threshold.validation_size, config.seed)
+    teacher_vars, warnings, saved = teacher.for_run(config, model, workdir)  # a bad weights file fails here
     if writing:
         student = model.abstract_variables()[1]
         params = sum(x.size for x in jax.tree_util.tree_leaves(student))
         workdir_lib.check_writable(workdir, params * 4 * 3 * 2)  # params + Adam's two moments, float32, twice
+    if not saved:
+        workdir_lib.save_teacher(workdir / workdir_lib.TEACHER, model.arch, teacher_vars)  # every process takes part
     mesh = sharding.make_mesh()
-    teacher_vars, warnings = teacher.for_run(config, model, workdir)
     return Run(
         config=config, workdir=workdir, model=model, mesh=mesh,
         put=functools.partial(sharding.put_batch, sharding=sharding.batch_sharding(mesh)),
@@ -210,6 +212,7 @@ def run(config: Any, workdir: str | Path, mode: str = "train") -> dict[str, dict
     category runs in workdir/<category>, and workdir/results.md holds one table over
     them with the mean row."""
     workdir = Path(workdir)
+    config_lib.check(config, jax.device_count())  # before the dataset is built (it may generate or extract)
     dataset = data.build(config.dataset)
     categories = dataset.categories()
     if not categories:
@@ -218,9 +221,9 @@ def run(config: Any, workdir: str | Path, mode: str = "train") -> dict[str, dict
     step = train_and_evaluate if mode == "train" else evaluate
     results = {}
     for category in categories:
-        with config.unlocked():
-            config.dataset.category = category
-        results[category] = step(config, workdir / category if several else workdir, dataset)
+        run_config = config.copy_and_resolve_references()  # the caller's config keeps 'all'
+        run_config.dataset.category = category
+        results[category] = step(run_config, workdir / category if several else workdir, dataset)
     if several and jax.process_index() == 0:
         workdir_lib.write_text(workdir / "results.md", outputs.summary_markdown(results, dataset.summary_keys))
     return results

@@ -1,6 +1,7 @@
 """Run in a subprocess with 8 host devices: `scale_probe.py OUT STEPS` runs STEPS steps of
 rdjax's own jitted train step (a new batch each, the same start) on meshes of 1, 2 and 8
-devices (4 lies between; each mesh is a compilation of its own), all in float64, and saves to an .npz:
+devices, all in float64, and saves to an .npz (each mesh is a compilation of its own, the
+slowest part, so 4 devices, between 2 and 8, is left out):
   loss/N, grad/N/...            the first step's loss and gradients. The gradients are
                                 read from Adam's first moment, which after one step is
                                 exactly (1 - b1) * g (b1 = 0.5: a multiplication by 0.5,

@@ -60,7 +60,10 @@ def dataset_config(tmp_path, **dataset):
 
 
 def reevaluate(workdir, split):
-    """Maps and scores of a split from the saved workdir, for an independent sklearn check."""
+    """Maps and scores of a split from the saved workdir, for an independent sklearn check.
+    AUROCs computed from them match the run's within 1e-6 (1e-5 for the sum of the map):
+    the maps differ at most by float32 rounding between batch sizes, which changes a
+    ranking only where two scores tie to ~1e-7 relative (see test_train.py)."""
     return rdjax.load(workdir).predict_resized(split.images)
 
 
@@ -172,7 +175,7 @@ def test_novelty_trains_and_reports_both_scores(mock_tfds, tmp_path):
     config.num_epochs = 1
     assert config.imagenet_normalize is False  # as the official MNIST helper
     results = train.run(config, tmp_path / "w")
-    assert list(results) == ["class_3"] and config.dataset.category == "class_3"
+    assert list(results) == ["class_3"]
     result = results["class_3"]
     assert np.isnan(result["pixel_auroc"])
     _, test = data.build(config.dataset).load("class_3", 32)

@@ -43,7 +43,9 @@ def test_map_matches_scipy_reference(mode, size):
 
 @pytest.mark.parametrize("size", [5, 17, 40, 256])
 def test_blur_matrix_equals_scipy_reflect(size):
-    """Including sizes below the kernel radius, where the reflection folds several times."""
+    """Including sizes below the kernel radius, where the reflection folds several times.
+    rtol 1e-5: the matrix is stored in float32 (weights rounded to 2^-24 relative) and
+    each output is a 33-tap weighted mean; the rest is float64."""
     x = np.random.default_rng(1).normal(size=(size, 7))
     ours = maps.blur_matrix(size, 4.0).astype(np.float64) @ x
     want = gaussian_filter(x, sigma=(4, 0))  # axis 0 only, scipy defaults: truncate 4, 'reflect'
@@ -51,6 +53,7 @@ def test_blur_matrix_equals_scipy_reflect(size):
 
 
 def test_normalize_is_imagenet():
+    """1e-6: one float32 subtraction and division of values below 3 (rounding ~2e-7)."""
     x = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
     want = (x / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
     np.testing.assert_allclose(np.asarray(features.normalize(jnp.asarray(x))), want, rtol=1e-6, atol=1e-6)
