@@ -165,6 +165,7 @@ def test_export_round_trip_and_the_artifact_runs_without_rdjax(workdir, model, t
     assert "(3, 64, 64) (3,)" in run.stdout
 
 
+@pytest.mark.slow
 def test_quantile_threshold_from_held_out_images(workdir, tmp_path):
     _, root, _ = workdir
     config = small_config(root, **{"threshold.method": "quantile", "threshold.validation_size": 8,

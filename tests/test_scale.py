@@ -92,6 +92,7 @@ def test_checkpoints_move_between_topologies(runs, synth_root, tmp_path):
             assert after[key] == pytest.approx(before[key], abs=1e-4), (devices, key)
 
 
+@pytest.mark.slow
 def test_bfloat16_maps_stay_close_to_float32():
     """Within 5% of the largest map value (bf16 keeps 8 significant bits; a ResNet-18
     forward stacks a few dozen such roundings, partly cancelling) and ranked alike."""
