@@ -59,6 +59,12 @@ def from_dict(saved: dict) -> ml_collections.ConfigDict:
     return config
 
 
+def check_dtype(value: str, name: str = "config.dtype") -> None:
+    """The compute dtypes a run may use (float64 is a test-only reference, see RD4AD)."""
+    if value not in ("float32", "bfloat16"):
+        raise ConfigError(f"{name}={value!r} is not supported; choose 'float32' or 'bfloat16'")
+
+
 _POSITIVE = ("batch_size", "eval_batch_size", "num_epochs", "eval_every", "checkpoint_every", "keep_checkpoints")
 
 
@@ -67,8 +73,7 @@ def check(config: Any, device_count: int) -> None:
     from rdjax.models.resnet import check_image_size
     from rdjax.registry import DATASETS, EVALUATORS, MODELS
 
-    if config.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"config.dtype={config.dtype!r} is not supported; choose 'float32' or 'bfloat16'")
+    check_dtype(config.dtype)
     MODELS.get(config.model.name)(config.model.arch, config.dtype)  # unknown model or architecture
     DATASETS.get(config.dataset.name)
     for name in config.evaluators:

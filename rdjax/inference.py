@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from rdjax import maps as maps_lib, sharding, workdir as workdir_lib
+from rdjax import config as config_lib, maps as maps_lib, sharding, workdir as workdir_lib
 from rdjax.calibration import normalize_scores
 from rdjax.data.preprocess import open_image, to_rgb
 from rdjax.errors import ConfigError, DataError
@@ -148,8 +148,7 @@ def load(workdir: str | os.PathLike, step: int | None = None, dtype: str | None 
     workdir = Path(workdir)
     config = workdir_lib.load_config(workdir)
     if dtype is not None:
-        if dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"dtype {dtype!r} is not supported; choose 'float32' or 'bfloat16'")
+        config_lib.check_dtype(dtype, "dtype")
         config.dtype = dtype
     model = MODELS.get(config.model.name)(config.model.arch, config.dtype)
     mesh = sharding.make_mesh()
