@@ -49,6 +49,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.blur_sigma = 4.0
     config.imagenet_normalize = True  # False for MNIST/Fashion-MNIST, as the official helpers
     config.eval_batch_size = 16
+    # Where training reads the teacher's features: 'auto', 'memory', 'disk' or 'off'
+    # (docs/scaling.md). 'disk' writes under feature_cache_dir ("" = the workdir).
+    config.feature_cache = "auto"
+    config.feature_cache_dir = ""
+    # Test sets up to this many pixels keep every map for exact pixel metrics; larger
+    # ones use binned metrics accumulated batch by batch (within 1e-3, docs/scaling.md).
+    config.exact_metrics_max_pixels = 2 ** 24
     # What runs after each evaluation pass, in order (names in rdjax.registry.EVALUATORS).
     config.evaluators = ("anomaly", "calibration", "report")
 

@@ -66,12 +66,7 @@ def measure(arch: str, size: int, batch: int, steps: int, dtype: str) -> dict:
 
     c_train, t_train = _timed(run_cached, lambda: (feats,), steps)
 
-    full = jax.jit(
-        lambda s, tv, im: steps_lib.train_step(model, tx, s, tv, normalize(im)),
-        in_shardings=(sharding.replicated(mesh), sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-        out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    full = steps_lib.make_image_train_step(model, tx, mesh)
 
     def run_full(im):
         holder["state"], loss = full(holder["state"], teacher_vars, im)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from rdjax.errors import ConfigError
-from rdjax.metrics import best_f1
+from rdjax.metrics import PixelStats, best_f1
 
 
 def normalize_scores(scores: np.ndarray, threshold: float, lo: float, hi: float) -> np.ndarray:
@@ -24,19 +24,20 @@ def normalize_scores(scores: np.ndarray, threshold: float, lo: float, hi: float)
     return np.clip(np.where(s <= threshold, below, above), 0.0, 1.0)
 
 
-def calibrate(method: str, scores: np.ndarray, labels: np.ndarray, maps: np.ndarray, masks: np.ndarray,
-              quantile: float, source: str) -> dict:
+def calibrate(method: str, scores: np.ndarray, labels: np.ndarray, pixels: PixelStats, quantile: float,
+              source: str) -> dict:
     """Image and pixel thresholds, and the range used for normalized scores.
 
     'f1': F1-optimal on a labelled set (image labels; pixel masks).
     'quantile': the given quantile of held-out normal images' scores (and of their pixels).
+    Pixel thresholds come from ``pixels``, exact or binned (rdjax.metrics.PixelStats).
     """
     if method == "f1":
         image_t = best_f1(labels, scores)[1]
-        pixel_t = best_f1(masks, maps)[1] if np.asarray(masks).any() else float(np.quantile(maps, 0.99))
+        pixel_t = pixels.best_f1()[1] if pixels.has_regions else pixels.quantile(0.99)
     elif method == "quantile":
         image_t = float(np.quantile(scores, quantile))
-        pixel_t = float(np.quantile(maps, quantile))
+        pixel_t = pixels.quantile(quantile)
     else:
         raise ConfigError(f"unknown threshold method {method!r}; choose 'f1' or 'quantile'")
     return {
@@ -46,6 +47,6 @@ def calibrate(method: str, scores: np.ndarray, labels: np.ndarray, maps: np.ndar
         "pixel_threshold": pixel_t,
         "score_min": float(np.min(scores)),
         "score_max": float(np.max(scores)),
-        "pixel_min": float(np.min(maps)),
-        "pixel_max": float(np.max(maps)),
+        "pixel_min": pixels.lo,
+        "pixel_max": pixels.hi,
     }

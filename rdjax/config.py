@@ -97,6 +97,10 @@ def check(config: Any, device_count: int) -> None:
         raise ConfigError(f"config.threshold.method={config.threshold.method!r}; choose 'f1' or 'quantile'")
     if config.threshold.method == "quantile" and config.threshold.validation_size < 1:
         raise ConfigError("config.threshold.method='quantile' needs config.threshold.validation_size >= 1 held-out images")
+    if config.feature_cache not in ("auto", "memory", "disk", "off"):
+        raise ConfigError(f"config.feature_cache={config.feature_cache!r}; choose 'auto', 'memory', 'disk' or 'off'")
+    if config.exact_metrics_max_pixels < 0:
+        raise ConfigError(f"config.exact_metrics_max_pixels={config.exact_metrics_max_pixels} must be >= 0")
     if config.map_mode not in ("add", "mul"):
         raise ConfigError(f"config.map_mode={config.map_mode!r}; choose 'add' or 'mul'")
 

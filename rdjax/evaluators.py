@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from rdjax import metrics, outputs, report
+from rdjax.maps import PassResult
 from rdjax.calibration import calibrate
 from rdjax.data.preprocess import Split
 from rdjax.registry import EVALUATORS
@@ -29,9 +30,9 @@ NO_MASKS = "the anomalous test images have no masks: image-level metrics only"
 class EvalData:
     config: Any
     test: Split
-    maps: np.ndarray  # (N, S, S) float32
-    scores: np.ndarray  # (N,)
-    predict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # uint8 images -> (maps, scores)
+    result_pass: PassResult  # the test split's scores and pixel statistics
+    run_pass: Callable[[Split], PassResult]  # an evaluation pass over another split (all processes call it)
+    predict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # a few uint8 images -> (maps, scores)
     validation: Split | None  # held-out normal training images, if any
     out_dir: Path | None  # this evaluation's folder (eval/epoch_NNNN) on process 0, else None
     result: dict  # what the evaluators before this one returned
@@ -39,10 +40,10 @@ class EvalData:
 
 @EVALUATORS.register("anomaly")
 def anomaly(data: EvalData) -> dict:
-    test = data.test
-    result = metrics.compute_all(data.maps, data.scores, test.masks, test.labels, test.defect_types,
-                                 pixel=test.has_masks)
-    result["image_auroc_sum"] = metrics.auroc(test.labels, data.maps.sum(axis=(1, 2)))
+    test, passed = data.test, data.result_pass
+    result = metrics.compute_all(passed.scores, test.labels, test.defect_types,
+                                 passed.pixels if test.has_masks else None, passed.pro_images)
+    result["image_auroc_sum"] = metrics.auroc(test.labels, passed.sums)
     if not test.has_masks:
         result["warnings"] = [NO_MASKS]
     return result
@@ -53,24 +54,32 @@ def calibration(data: EvalData) -> dict:
     threshold = data.config.threshold
     if threshold.method == "quantile":
         held = data.validation
-        maps, scores = data.predict(held.images)
-        cal = calibrate("quantile", scores, held.labels, maps, held.masks, threshold.quantile,
+        passed = data.run_pass(held)
+        cal = calibrate("quantile", passed.scores, held.labels, passed.pixels, threshold.quantile,
                         f"{len(held)} held-out train/good images")
     else:
-        test = data.test
-        cal = calibrate("f1", data.scores, test.labels, data.maps, test.masks, threshold.quantile,
+        test, passed = data.test, data.result_pass
+        cal = calibrate("f1", passed.scores, test.labels, passed.pixels, threshold.quantile,
                         f"{len(test)} labelled test images")
     return {"calibration": cal}
 
 
 @EVALUATORS.register("report")
 def report_pictures(data: EvalData) -> dict:
+    """The hardest cases' maps are computed again (a few images): nothing else of the
+    pass's maps is kept. Every process takes part in that computation."""
+    test, passed = data.test, data.result_pass
+    rows = np.concatenate(outputs.hardest_cases(test.labels, passed.scores, 4))
+    images = test.images(rows)
+    masks = test.masks(rows)
+    maps = data.predict(images)[0]
     if data.out_dir is not None:
-        report.write_report(data.out_dir / "report.png", data.test, data.maps, data.scores, data.result.get("calibration"))
-        outputs.write_overlays(data.out_dir / "images", data.test, data.maps, data.scores)
+        cases = outputs.Cases(rows, images, masks, maps, passed.scores[rows], [test.filenames[i] for i in rows],
+                              test.labels[rows], passed.pixels.lo, passed.pixels.hi)
+        report.write_report(data.out_dir / "report.png", test.labels, passed.scores, passed.pixels, cases,
+                            data.result.get("calibration"))
+        outputs.write_overlays(data.out_dir / "images", cases)
     return {}
-
-
 def run_all(names: Any, data: EvalData) -> dict:
     """The configured evaluators in order, each seeing the results of those before it.
     'warnings' lists are joined, every other key is set once."""

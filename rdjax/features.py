@@ -1,19 +1,33 @@
-"""Images -> model inputs -> teacher features, and the cache of the training images' features.
+"""Images -> model inputs -> teacher features, and where training gets them from
+(config.feature_cache):
+
+  memory  this process's share of the training images' features, computed once, in host
+          memory in the compute dtype (bfloat16 halves it);
+  disk    the same share written once to .npy files and read back row by row with
+          pread, so host memory stays flat (the page cache is the kernel's to evict);
+  off     no cache: the teacher runs in every step (what augmentation and RD++ need);
+  auto    memory if the share takes at most half of the available memory, else disk if
+          the disk has room, else off; the choice is logged with its figures.
 
 With no augmentation (the paper's protocol) the frozen teacher's features are identical
-in every epoch, so they are computed once and the teacher leaves the training loop.
+in every epoch, so memory and disk train the same weights as off.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rdjax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from rdjax.sharding import map_global_batches
+from rdjax.errors import ConfigError
 
 Features = tuple[jax.Array, ...]
 
@@ -27,12 +41,177 @@ def normalize(images: jax.Array, imagenet: bool = True) -> jax.Array:
     return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
 
 
-def cache_teacher_features(model: Any, teacher_vars: Any, images: np.ndarray, batch_size: int,
-                           put: Callable[[Any], Any], imagenet_normalize: bool = True) -> list[np.ndarray]:
-    """The teacher's features of every image, in the compute dtype (bfloat16 halves the cache)."""
+def teacher_fn(model: Any, imagenet_normalize: bool) -> Callable[[Any, jax.Array], Features]:
+    """(teacher_vars, uint8 images) -> features in the compute dtype."""
 
-    @jax.jit
-    def features(x: jax.Array) -> Features:
-        return tuple(f.astype(model.dtype) for f in model.teacher_features(teacher_vars, normalize(x, imagenet_normalize)))
+    def features(teacher_vars: Any, images: jax.Array) -> Features:
+        return tuple(f.astype(model.dtype) for f in model.teacher_features(teacher_vars, normalize(images, imagenet_normalize)))
 
-    return map_global_batches(features, images, batch_size, put, desc="teacher features")
+    return features
+
+
+def feature_shapes(model: Any, image_size: int) -> list[jax.ShapeDtypeStruct]:
+    """Per-image shapes of the teacher's features, without computing them."""
+    out = jax.eval_shape(lambda v, x: teacher_fn(model, True)(v, x), model.abstract_variables()[0],
+                         jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8))
+    return [jax.ShapeDtypeStruct(o.shape[1:], o.dtype) for o in out]
+
+
+def bytes_per_image(shapes: list[jax.ShapeDtypeStruct]) -> int:
+    return int(sum(np.prod(s.shape) * np.dtype(s.dtype).itemsize for s in shapes))
+
+
+# ----------------------------------------------------------------------------- choosing the mode
+
+
+def available_memory() -> int:
+    """Bytes this process may still allocate: MemAvailable, capped by a cgroup limit."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 1 << 60:
+                avail = min(avail, int(limit) - int(Path(usage_file).read_text()))
+        except (OSError, ValueError):
+            continue
+    return max(avail, 0)
+
+
+def _free_disk(directory: Path) -> int:
+    directory = directory.expanduser().resolve()
+    while not directory.exists():
+        directory = directory.parent
+    return shutil.disk_usage(directory).free
+
+
+def choose_mode(requested: str, need: int, directory: Path) -> tuple[str, str]:
+    """(mode, the reason with its figures). Fails with a one-line ConfigError when the
+    requested mode can be foreseen not to fit."""
+    memory, disk = available_memory(), _free_disk(directory)
+    figures = f"features {need / 2**30:.2f} GiB, available memory {memory / 2**30:.1f} GiB, free disk {disk / 2**30:.1f} GiB"
+    if requested == "memory" and need > memory:
+        raise ConfigError(f"config.feature_cache='memory' does not fit ({figures}); use 'disk', 'off' or 'auto'")
+    if requested == "disk" and need > disk:
+        raise ConfigError(f"config.feature_cache='disk' does not fit in {directory} ({figures}); "
+                          f"set config.feature_cache_dir, or use 'off'")
+    if requested != "auto":
+        return requested, figures
+    if need <= memory // 2:
+        return "memory", figures
+    if need <= disk * 0.8:
+        return "disk", figures
+    return "off", figures
+
+
+# ----------------------------------------------------------------------------- stores
+
+
+class MemoryStore:
+    """Preallocated host arrays, one per scale, (rows, h, w, c)."""
+
+    def __init__(self, shapes: list[jax.ShapeDtypeStruct], rows: int):
+        self.arrays = [np.empty((rows, *s.shape), s.dtype) for s in shapes]
+
+    def write(self, start: int, feats: list[np.ndarray]) -> None:
+        for a, f in zip(self.arrays, feats):
+            a[start:start + len(f)] = f
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(a[rows] for a in self.arrays)
+
+    def close(self, delete: bool) -> None:
+        self.arrays = []
+
+
+class DiskStore:
+    """One preallocated .npy file per scale, written and read by row offsets (pwrite and
+    pread), so neither a second copy nor a memory map holds the cache in this process.
+
+    ``meta`` identifies what the files hold; files with other metadata or an unfinished
+    fill are rewritten, so a resumed run reuses them and a changed run never does."""
+
+    def __init__(self, directory: Path, shapes: list[jax.ShapeDtypeStruct], rows: int, meta: dict):
+        self.directory = directory
+        self.shapes = shapes
+        self.meta = dict(meta, rows=rows, shapes=[[list(s.shape), np.dtype(s.dtype).name] for s in shapes])
+        self.complete = self._meta_path.is_file() and json.loads(self._meta_path.read_text()) == self.meta
+        directory.mkdir(parents=True, exist_ok=True)
+        self.files, self.offsets, self.row_bytes = [], [], []
+        for k, s in enumerate(shapes):
+            path = directory / f"scale{k}.npy"
+            dtype = np.dtype(s.dtype)
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, *s.shape)}
+            if not self.complete:
+                self._meta_path.unlink(missing_ok=True)
+                with open(path, "wb") as fh:
+                    np.lib.format.write_array_header_1_0(fh, header)
+                    offset = fh.tell()
+                    fh.truncate(offset + rows * int(np.prod(s.shape)) * dtype.itemsize)
+            fd = os.open(path, os.O_RDWR)
+            with open(path, "rb") as fh:
+                np.lib.format.read_magic(fh)
+                np.lib.format.read_array_header_1_0(fh)
+                offset = fh.tell()
+            self.files.append(fd)
+            self.offsets.append(offset)
+            self.row_bytes.append(int(np.prod(s.shape)) * dtype.itemsize)
+
+    @property
+    def _meta_path(self) -> Path:
+        return self.directory / "complete.json"
+
+    def write(self, start: int, feats: list[np.ndarray]) -> None:
+        for fd, off, nb, f in zip(self.files, self.offsets, self.row_bytes, feats):
+            os.pwrite(fd, np.ascontiguousarray(f).tobytes(), off + start * nb)
+
+    def finish(self) -> None:
+        for fd in self.files:
+            os.fsync(fd)
+        self._meta_path.write_text(json.dumps(self.meta))
+        self.complete = True
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        out = []
+        for fd, off, nb, s in zip(self.files, self.offsets, self.row_bytes, self.shapes):
+            buf = np.empty((len(rows), *s.shape), s.dtype)
+            view = buf.reshape(len(rows), -1).view(np.uint8)
+            for i, r in enumerate(rows):
+                if os.preadv(fd, [view[i]], off + int(r) * nb) != nb:
+                    raise OSError(f"{self.directory}: feature cache is truncated")
+            out.append(buf)
+        return tuple(out)
+
+    def close(self, delete: bool) -> None:
+        for fd in self.files:
+            os.close(fd)
+        self.files = []
+        if delete:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.directory.parent.rmdir()  # the cache folder, once no process has files there
+
+
+def fill(store: Any, rows: int, local_batch: int, steps: int, batches: Iterator[dict],
+         compute: Callable[[np.ndarray], list[np.ndarray]]) -> None:
+    """Run ``compute`` (this process's images -> its features; a global computation, so
+    every process runs all ``steps``) over the decoded batches and write this process's
+    ``rows`` (padding dropped) into the store in order."""
+    from tqdm import tqdm
+
+    for step, batch in enumerate(tqdm(batches, total=steps, desc="teacher features", leave=False,
+                                      disable=None if jax.process_index() == 0 else True)):
+        start = step * local_batch
+        valid = max(min(local_batch, rows - start), 0)
+        feats = compute(batch["image"])
+        if valid:
+            store.write(start, [f[:valid] for f in feats])

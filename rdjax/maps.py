@@ -10,15 +10,20 @@ matmuls with exact interpolation / reflect-boundary matrices, at HIGHEST precisi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
+from rdjax import metrics
+from rdjax.data.pipeline import load_batches, padded, prefetch
+from rdjax.data.preprocess import Split
 from rdjax.features import Features, normalize
-from rdjax.sharding import map_global_batches
+from rdjax.sharding import gather, local_rows, local_share, map_global_batches
 
 Variables = dict[str, Any]
 
@@ -100,6 +105,63 @@ def make_eval_step(model: Any, mode: str = "add", sigma: float = 4.0, imagenet_n
     return eval_step
 
 
+# ----------------------------------------------------------------------------- binned pixel statistics
+
+HIST_LOW = 2.0 ** -20  # scores below fall in the first bin (maps are >= 0 up to rounding)
+HIST_EXPONENTS = 24  # up to 2^4 = 16 > 8, the largest possible map (three scales, 'mul')
+HIST_MANTISSA_BITS = 12  # bins of relative width 2^-12
+NUM_BINS = HIST_EXPONENTS << HIST_MANTISSA_BITS
+
+
+def bin_edges() -> np.ndarray:
+    """The NUM_BINS + 1 bin edges: float32 numbers whose low mantissa bits are zero, so a
+    score's bin is its bit pattern shifted (constant relative width, no range to guess)."""
+    base = np.array(HIST_LOW, np.float32).view(np.int32)
+    bits = base + (np.arange(NUM_BINS + 1, dtype=np.int64) << (23 - HIST_MANTISSA_BITS))
+    return bits.astype(np.int32).view(np.float32).astype(np.float64)
+
+
+def bin_index(x: jax.Array) -> jax.Array:
+    base = np.array(HIST_LOW, np.float32).view(np.int32)
+    x = jnp.clip(x.astype(jnp.float32), HIST_LOW, np.float32(2.0 ** (HIST_EXPONENTS - 20)) * (1 - 2 ** -24))
+    return (jax.lax.bitcast_convert_type(x, jnp.int32) - base) >> (23 - HIST_MANTISSA_BITS)
+
+
+def pixel_histograms(maps: jax.Array, masks: jax.Array, pro_weights: jax.Array, valid: jax.Array) -> dict:
+    """Per-bin counts of normal and anomalous pixels and sums of region weights, over the
+    valid rows of a (global) batch; summed over every device and host by the compiler."""
+    idx = bin_index(maps).ravel()
+    rows = valid[:, None, None]
+    normal = (~masks & rows).ravel().astype(jnp.int32)
+    anomalous = (masks & rows).ravel().astype(jnp.int32)
+    zeros = jnp.zeros(NUM_BINS, jnp.int32)
+    inf = jnp.float32(jnp.inf)
+    return {
+        "neg": zeros.at[idx].add(normal),
+        "pos": zeros.at[idx].add(anomalous),
+        "pro": jnp.zeros(NUM_BINS, jnp.float32).at[idx].add(jnp.where(rows, pro_weights, 0.0).ravel()),
+        "lo": jnp.min(jnp.where(rows, maps, inf)),
+        "hi": jnp.max(jnp.where(rows, maps, -inf)),
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def make_pass_step(model: Any, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True):
+    """The eval step of an evaluation pass: maps, scores, map sums and the batch's
+    binned pixel statistics."""
+    eval_step = make_eval_step(model, mode, sigma, imagenet_normalize)
+
+    @jax.jit
+    def pass_step(teacher_vars: Variables, student_vars: Variables, images: jax.Array, masks: jax.Array,
+                  pro_weights: jax.Array, regions: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
+        maps, scores = eval_step(teacher_vars, student_vars, images)
+        stats = pixel_histograms(maps, masks, pro_weights, valid)
+        stats["regions"] = jnp.sum(jnp.where(valid, regions, 0))
+        return maps, scores, jnp.sum(maps, axis=(1, 2)), stats
+
+    return pass_step
+
+
 def predict_images(
     eval_step: Callable, teacher_vars: Variables, student_vars: Variables, images: np.ndarray, batch_size: int,
     put: Callable[[Any], Any],
@@ -110,6 +172,68 @@ def predict_images(
     return maps, scores
 
 
-def eval_step_for(model: Any, config: Any) -> Callable:
-    """The eval step a config asks for (map mode, blur, input normalization)."""
-    return make_eval_step(model, config.map_mode, config.blur_sigma, config.imagenet_normalize)
+def eval_step_for(model: Any, config: Any, full_pass: bool = False) -> Callable:
+    """The eval step a config asks for (map mode, blur, input normalization); with
+    ``full_pass`` the pass step that adds the binned pixel statistics."""
+    make = make_pass_step if full_pass else make_eval_step
+    return make(model, config.map_mode, config.blur_sigma, config.imagenet_normalize)
+
+
+# ----------------------------------------------------------------------------- an evaluation pass
+
+
+@dataclasses.dataclass
+class PassResult:
+    """What an evaluation pass keeps: a few numbers per image and the pixel statistics."""
+
+    scores: np.ndarray  # (N,) image scores, the map's max
+    sums: np.ndarray  # (N,) the map's sum (the novelty benchmarks' image score)
+    pro_images: np.ndarray  # (N,) the RD4AD paper's per-image PRO, NaN where undefined
+    pixels: metrics.PixelStats
+
+
+def run_pass(pass_step: Callable, teacher_vars: Variables, student_vars: Variables, split: Split, batch_size: int,
+             put: Callable[[Any], Any], exact: bool, kind: str = "test") -> PassResult:
+    """Maps of every row of ``split`` exactly once, in global batches of ``batch_size``
+    (the last padded, its padding masked out), each process decoding only its share.
+    Kept: one score, one sum and one per-image PRO per image, and the binned pixel
+    statistics summed over hosts; with ``exact``, every map and mask too (small sets)."""
+    n = len(split)
+    global_batches = [padded(np.arange(s, min(s + batch_size, n)), batch_size) for s in range(0, n, batch_size)]
+    local = [local_share(rows) for rows, _ in global_batches]
+    local_valid = [local_share(np.arange(batch_size) < valid) for _, valid in global_batches]
+
+    def prepare(item: tuple[dict, np.ndarray]) -> tuple:
+        batch, valid = item
+        weights, regions = zip(*(metrics.region_weights(m) for m in batch["mask"]))
+        host = (batch["image"], batch["mask"], np.stack(weights).astype(np.float32), np.asarray(regions, np.int32), valid)
+        return host, put(host)
+
+    scores, sums, pro_images, kept_maps, kept_masks = [], [], [], [], []
+    hist = {k: np.zeros(NUM_BINS, np.int64 if k != "pro" else np.float64) for k in ("neg", "pos", "pro")}
+    lo, hi, num_regions = np.inf, -np.inf, 0
+    batches = zip(load_batches(split, local, kind, with_masks=True), local_valid)
+    bar = tqdm.tqdm(total=n, desc=f"evaluating {kind}", unit="img", leave=False,
+                    disable=None if jax.process_index() == 0 else True)
+    for ((_, valid_count), (host, device)) in zip(global_batches, prefetch(batches, prepare)):
+        maps, batch_scores, batch_sums, stats = pass_step(teacher_vars, student_vars, *device)
+        for k in hist:
+            hist[k] += np.asarray(stats[k])
+        lo, hi = min(lo, float(stats["lo"])), max(hi, float(stats["hi"]))
+        num_regions += int(stats["regions"])
+        scores.append(gather(batch_scores)[:valid_count])
+        sums.append(gather(batch_sums)[:valid_count])
+        mine = local_rows(maps)
+        per_image = np.array([metrics.pro_rd4ad_image(m, k) if v else np.nan
+                              for m, k, v in zip(mine, host[1], host[4])], np.float32)
+        pro_images.append(gather(put(per_image))[:valid_count])
+        if exact:
+            kept_maps.append(gather(maps)[:valid_count])
+            kept_masks.append(gather(device[1])[:valid_count])
+        bar.update(valid_count)
+    bar.close()
+    pixels = metrics.PixelStats(lo=lo, hi=hi, edges=bin_edges(), neg=hist["neg"], pos=hist["pos"], pro=hist["pro"],
+                                num_regions=num_regions)
+    if exact:
+        pixels = dataclasses.replace(pixels, maps=np.concatenate(kept_maps), masks=np.concatenate(kept_masks))
+    return PassResult(np.concatenate(scores), np.concatenate(sums), np.concatenate(pro_images), pixels)

@@ -6,9 +6,17 @@ swept over every distinct score, FPR over all anomaly-free pixels, PRO the mean 
 over all regions, area to FPR 0.3 by trapezoids with linear interpolation at 0.3,
 divided by 0.3. The RD4AD paper's own per-image variant is offered as
 ``pro_rd4ad_per_image``; it is not the same number (see docs/differences.md).
+
+Large test sets use the binned form of the same pixel metrics (`PixelStats`): histograms
+over bins of constant relative width 2^-12, accumulated batch by batch, so memory does
+not grow with the test set (docs/scaling.md gives the error bounds).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -47,18 +55,12 @@ def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarr
     masks = np.asarray(masks).astype(bool)
     if maps.shape != masks.shape:
         raise ValueError(f"maps {maps.shape} and masks {masks.shape} differ in shape")
-    fp_weight = np.zeros(maps.shape, np.float64)
+    fp_weight = (~masks).astype(np.float64)
     pro_weight = np.zeros(maps.shape, np.float64)
     num_regions = 0
     for i, mask in enumerate(masks):
-        labeled, n = ndimage.label(mask, structure=EIGHT_CONNECTED)
-        if n:
-            areas = np.bincount(labeled.ravel(), minlength=n + 1).astype(np.float64)
-            inv_area = np.zeros(n + 1)
-            inv_area[1:] = 1.0 / areas[1:]
-            pro_weight[i] = inv_area[labeled]
+        pro_weight[i], n = region_weights(mask)
         num_regions += n
-        fp_weight[i] = ~mask
     num_ok = fp_weight.sum()
     if num_regions == 0 or num_ok == 0:
         raise ValueError("AUPRO needs at least one anomalous region and one normal pixel")
@@ -90,45 +92,159 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
     return area_to(fpr, pro, fpr_limit) / fpr_limit
 
 
+def pro_rd4ad_image(amap: np.ndarray, mask: np.ndarray, num_thresholds: int = 200) -> float:
+    """The RD4AD paper's PRO of one anomalous image: 200 evenly spaced thresholds between
+    the image's min and max score, points with FPR < 0.3 with FPR rescaled by its max,
+    sklearn's auc. NaN where it is undefined (no region, fewer than two points)."""
+    amap, mask = np.asarray(amap, np.float64), np.asarray(mask).astype(bool)
+    if not mask.any():
+        return float("nan")
+    labeled, n = ndimage.label(mask, structure=EIGHT_CONNECTED)
+    areas = np.bincount(labeled.ravel(), minlength=n + 1)[1:]
+    lo, hi = amap.min(), amap.max()
+    thresholds = np.arange(lo, hi, (hi - lo) / num_thresholds) if hi > lo else np.array([lo])
+    binary = amap[None] > thresholds[:, None, None]
+    hits = np.stack([np.bincount(labeled.ravel(), weights=b.ravel(), minlength=n + 1)[1:] for b in binary])
+    pros = np.mean(hits / areas, axis=1)
+    fprs = (binary & ~mask).sum(axis=(1, 2)) / (~mask).sum()
+    keep = fprs < 0.3
+    if keep.sum() < 2 or fprs[keep].max() == 0:
+        return float("nan")
+    return float(skm.auc(fprs[keep] / fprs[keep].max(), pros[keep]))
+
+
 def pro_rd4ad_per_image(maps: np.ndarray, masks: np.ndarray, num_thresholds: int = 200) -> float:
-    """The RD4AD paper's PRO: per anomalous image, 200 evenly spaced thresholds between
-    that image's min and max score, points with FPR < 0.3 with FPR rescaled by its max,
-    sklearn's auc, then the mean over images."""
-    results = []
-    for amap, mask in zip(np.asarray(maps, np.float64), np.asarray(masks).astype(bool)):
-        if not mask.any():
-            continue
-        labeled, n = ndimage.label(mask, structure=EIGHT_CONNECTED)
-        areas = np.bincount(labeled.ravel(), minlength=n + 1)[1:]
-        lo, hi = amap.min(), amap.max()
-        thresholds = np.arange(lo, hi, (hi - lo) / num_thresholds) if hi > lo else np.array([lo])
-        binary = amap[None] > thresholds[:, None, None]
-        hits = np.stack([np.bincount(labeled.ravel(), weights=b.ravel(), minlength=n + 1)[1:] for b in binary])
-        pros = np.mean(hits / areas, axis=1)
-        fprs = (binary & ~mask).sum(axis=(1, 2)) / (~mask).sum()
-        keep = fprs < 0.3
-        if keep.sum() < 2 or fprs[keep].max() == 0:
-            continue
-        results.append(skm.auc(fprs[keep] / fprs[keep].max(), pros[keep]))
-    return float(np.mean(results)) if results else float("nan")
+    """The RD4AD paper's PRO: the mean of `pro_rd4ad_image` over the images where it is defined."""
+    values = [pro_rd4ad_image(m, k, num_thresholds) for m, k in zip(maps, masks)]
+    return nanmean(values)
 
 
-def compute_all(
-    maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: np.ndarray, defect_types: list[str],
-    pixel: bool = True,
-) -> dict:
-    """Every metric rdjax reports, as plain floats (JSON-ready). ``pixel=False`` (no ground
-    truth masks) reports the image-level metrics only; the pixel ones are NaN."""
+def nanmean(values: Any) -> float:
+    values = np.asarray(values, np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def region_weights(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """(per-pixel 1/area of its 8-connected ground-truth region, 0 elsewhere; the number of
+    regions): summed over pixels above a threshold and divided by the number of regions,
+    the weights give the mean per-region overlap, so PRO can be accumulated batch by batch."""
+    labeled, n = ndimage.label(np.asarray(mask, bool), structure=EIGHT_CONNECTED)
+    if not n:
+        return np.zeros(mask.shape), 0
+    areas = np.bincount(labeled.ravel(), minlength=n + 1).astype(np.float64)
+    inv_area = np.zeros(n + 1)
+    inv_area[1:] = 1.0 / areas[1:]
+    return inv_area[labeled], n
+
+
+# ----------------------------------------------------------------------------- streaming (binned) pixel metrics
+
+
+def auroc_from_histograms(neg: np.ndarray, pos: np.ndarray) -> float:
+    """AUROC of pixels counted in the same bins: pairs in one bin count one half (the
+    bins' only error, at most half the probability that a normal and an anomalous pixel
+    share a bin)."""
+    neg, pos = np.asarray(neg, np.float64), np.asarray(pos, np.float64)
+    if neg.sum() == 0 or pos.sum() == 0:
+        return float("nan")
+    below = np.cumsum(neg) - neg
+    return float(np.sum(pos * (below + 0.5 * neg)) / (neg.sum() * pos.sum()))
+
+
+def best_f1_from_histograms(neg: np.ndarray, pos: np.ndarray, edges: np.ndarray) -> tuple[float, float]:
+    """(best F1, its threshold) over the bins' lower edges; scores >= threshold are anomalous."""
+    neg, pos = np.asarray(neg, np.float64), np.asarray(pos, np.float64)
+    tp = np.cumsum(pos[::-1])[::-1]
+    fp = np.cumsum(neg[::-1])[::-1]
+    precision = tp / np.maximum(tp + fp, 1e-300)
+    recall = tp / max(pos.sum(), 1e-300)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = int(np.argmax(f1))
+    return float(f1[best]), float(edges[best])
+
+
+def quantile_from_histogram(counts: np.ndarray, edges: np.ndarray, q: float) -> float:
+    """The q-quantile of the binned values, linear within its bin (error below one bin)."""
+    cum = np.cumsum(np.asarray(counts, np.float64))
+    target = q * cum[-1]
+    k = min(int(np.searchsorted(cum, target, side="left")), len(counts) - 1)
+    before = cum[k - 1] if k else 0.0
+    frac = (target - before) / counts[k] if counts[k] else 0.0
+    return float(edges[k] + (edges[k + 1] - edges[k]) * frac)
+
+
+def pro_curve_from_histograms(neg: np.ndarray, pro: np.ndarray, num_regions: int) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, PRO) at every bin edge, from (0, 0) up: the exact curve sampled at the bins."""
+    fp = np.cumsum(np.asarray(neg, np.float64)[::-1]) / max(float(np.sum(neg)), 1e-300)
+    overlap = np.cumsum(np.asarray(pro, np.float64)[::-1]) / num_regions
+    return np.clip(np.concatenate([[0.0], fp]), 0, 1), np.clip(np.concatenate([[0.0], overlap]), 0, 1)
+
+
+@dataclasses.dataclass
+class PixelStats:
+    """The pixel-level statistics of one evaluation pass, in one of two forms: exact
+    (``maps`` and ``masks`` kept, for small test sets) or binned (histograms of normal and
+    anomalous pixel scores and of region-overlap weights, accumulated batch by batch).
+    Every pixel metric and threshold is asked of this object, so callers never care which."""
+
+    lo: float
+    hi: float
+    maps: np.ndarray | None = None
+    masks: np.ndarray | None = None
+    edges: np.ndarray | None = None
+    neg: np.ndarray | None = None
+    pos: np.ndarray | None = None
+    pro: np.ndarray | None = None
+    num_regions: int = 0
+
+    @property
+    def exact(self) -> bool:
+        return self.maps is not None
+
+    @property
+    def has_regions(self) -> bool:
+        return bool(self.masks.any()) if self.exact else bool(self.pos.sum() > 0)
+
+    def auroc(self) -> float:
+        return auroc(self.masks, self.maps) if self.exact else auroc_from_histograms(self.neg, self.pos)
+
+    @functools.cached_property
+    def pro_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.exact:
+            return pro_curve(self.maps, self.masks)
+        return pro_curve_from_histograms(self.neg, self.pro, self.num_regions)
+
+    def aupro(self, fpr_limit: float = 0.3) -> float:
+        fpr, pro = self.pro_curve
+        return area_to(fpr, pro, fpr_limit) / fpr_limit
+
+    def best_f1(self) -> tuple[float, float]:
+        return best_f1(self.masks, self.maps) if self.exact else best_f1_from_histograms(self.neg, self.pos, self.edges)
+
+    def quantile(self, q: float) -> float:
+        if self.exact:
+            return float(np.quantile(self.maps, q))
+        return quantile_from_histogram(self.neg + self.pos, self.edges, q)
+
+
+def compute_all(scores: np.ndarray, labels: np.ndarray, defect_types: Sequence[str], pixels: PixelStats | None,
+                pro_images: np.ndarray) -> dict:
+    """Every metric rdjax reports, as plain floats (JSON-ready). ``pixels=None`` (no ground
+    truth masks) reports the image-level metrics only; the pixel ones are NaN.
+    ``pro_images``: the per-image PRO of each image (NaN where undefined)."""
     labels = np.asarray(labels)
-    has_regions = pixel and bool(np.asarray(masks).any())
+    has_regions = pixels is not None and pixels.has_regions
+    nan = float("nan")
     result = {
         "image_auroc": auroc(labels, scores),
-        "pixel_auroc": auroc(masks, maps) if has_regions else float("nan"),
-        "aupro": aupro(maps, masks) if has_regions else float("nan"),
-        "pro_rd4ad_per_image": pro_rd4ad_per_image(maps, masks) if has_regions else float("nan"),
+        "pixel_auroc": pixels.auroc() if has_regions else nan,
+        "aupro": pixels.aupro() if has_regions else nan,
+        "pro_rd4ad_per_image": nanmean(pro_images) if has_regions else nan,
         "image_f1_max": f1_max(labels, scores),
         "num_images": int(len(labels)),
         "num_defective": int(labels.sum()),
+        "pixel_metrics": ("exact" if pixels.exact else "binned") if has_regions else "none",
     }
     types = np.asarray(defect_types)
     per_type = {}

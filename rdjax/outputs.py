@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
-from rdjax.data.preprocess import Split
 from rdjax.workdir import atomic_path
 
 
@@ -62,21 +62,35 @@ def hardest_cases(labels: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.nd
     return good[np.argsort(-scores[good], kind="stable")][:k], bad[np.argsort(scores[bad], kind="stable")][:k]
 
 
-def write_overlays(directory: Path, split: Split, maps: np.ndarray, scores: np.ndarray, per_group: int = 4) -> list[Path]:
+@dataclasses.dataclass
+class Cases:
+    """The hardest cases of an evaluation with their maps: all a report shows, and all
+    it keeps (the other maps of the pass are gone)."""
+
+    rows: np.ndarray
+    images: np.ndarray  # uint8 (k, S, S, 3)
+    masks: np.ndarray  # bool (k, S, S)
+    maps: np.ndarray  # float32 (k, S, S)
+    scores: np.ndarray
+    filenames: list[str]
+    labels: np.ndarray
+    lo: float  # the colour scale: the lowest and highest pixel score of the whole pass
+    hi: float
+
+
+def write_overlays(directory: Path, cases: Cases) -> list[Path]:
     """(image | ground truth | map) sheets for the hardest cases. Maps share one colour scale."""
     from PIL import Image
 
-    high_good, low_bad = hardest_cases(split.labels, scores, per_group)
-    chosen = [("good_high", i) for i in high_good] + [("defect_low", i) for i in low_bad]
-    lo, hi = float(maps.min()), float(maps.max())
     paths = []
-    for rank, (group, i) in enumerate(chosen):
-        img = split.images[i]
+    for rank in range(len(cases.rows)):
+        img, mask = cases.images[rank], cases.masks[rank]
         gt = img.astype(np.float32)
-        gt[split.masks[i]] = 0.5 * gt[split.masks[i]] + 0.5 * np.array([255.0, 0.0, 0.0])
-        sheet = np.concatenate([img, gt.astype(np.uint8), overlay(img, maps[i], lo, hi)], axis=1)
-        name = split.filenames[i].replace("/", "_").rsplit(".", 1)[0]
-        path = directory / f"{rank:02d}_{group}_{name}_score{scores[i]:.4f}.png"
+        gt[mask] = 0.5 * gt[mask] + 0.5 * np.array([255.0, 0.0, 0.0])
+        sheet = np.concatenate([img, gt.astype(np.uint8), overlay(img, cases.maps[rank], cases.lo, cases.hi)], axis=1)
+        group = "good_high" if cases.labels[rank] == 0 else "defect_low"
+        name = cases.filenames[rank].replace("/", "_").rsplit(".", 1)[0]
+        path = directory / f"{rank:02d}_{group}_{name}_score{cases.scores[rank]:.4f}.png"
         with atomic_path(path) as tmp:
             Image.fromarray(sheet).save(tmp)
         paths.append(path)

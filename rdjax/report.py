@@ -12,21 +12,20 @@ from pathlib import Path
 
 import numpy as np
 
-from rdjax import metrics
-from rdjax.data.preprocess import Split
-from rdjax.outputs import hardest_cases
+from rdjax.metrics import PixelStats
+from rdjax.outputs import Cases
 from rdjax.workdir import atomic_path
 
 
-def write_report(path: Path, test: Split, maps: np.ndarray, scores: np.ndarray, calibration: dict | None,
-                 worst: int = 4) -> Path:
+def write_report(path: Path, labels: np.ndarray, scores: np.ndarray, pixels: PixelStats, cases: Cases,
+                 calibration: dict | None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    labels = test.labels
+    worst = max(int(np.sum(cases.labels == 0)), int(np.sum(cases.labels != 0)), 4)
     fig = plt.figure(figsize=(16, 12), constrained_layout=True)
     grid = fig.add_gridspec(3, 2 * worst)
     third = (2 * worst) // 3
@@ -40,10 +39,10 @@ def write_report(path: Path, test: Split, maps: np.ndarray, scores: np.ndarray, 
     ax.set(title="ROC (images)", xlabel="false positive rate", ylabel="true positive rate")
 
     ax = fig.add_subplot(grid[0, third:2 * third])
-    if test.masks.any():
-        fpr, pro = metrics.pro_curve(maps, test.masks)
+    if pixels.has_regions:
+        fpr, pro = pixels.pro_curve
         keep = fpr <= 0.3
-        ax.plot(fpr[keep], pro[keep], label=f"AUPRO {metrics.aupro(maps, test.masks):.3f}")
+        ax.plot(fpr[keep], pro[keep], label=f"AUPRO {pixels.aupro():.3f}")
         ax.legend(loc="lower right")
     ax.set(title="PRO up to FPR 0.3 (pixels)", xlabel="false positive rate", ylabel="per-region overlap", xlim=(0, 0.3))
 
@@ -56,20 +55,20 @@ def write_report(path: Path, test: Split, maps: np.ndarray, scores: np.ndarray, 
     ax.set(title="image scores", xlabel="score", ylabel="images")
     ax.legend()
 
-    lo, hi = float(maps.min()), float(maps.max())
-    high_good, low_bad = hardest_cases(labels, scores, worst)
-    rows = [("false positive?", high_good), ("false negative?", low_bad)]
+    good = np.flatnonzero(cases.labels == 0)
+    bad = np.flatnonzero(cases.labels != 0)
+    rows = [("false positive?", good), ("false negative?", bad)]
     for r, (kind, chosen) in enumerate(rows, start=1):
         for j, i in enumerate(chosen):
             ax = fig.add_subplot(grid[r, 2 * j])
-            ax.imshow(test.images[i])
-            if test.masks[i].any():
-                ax.contour(test.masks[i], levels=[0.5], colors="red", linewidths=0.8)
-            ax.set_title(f"{kind}\n{test.filenames[i]}", fontsize=8)
+            ax.imshow(cases.images[i])
+            if cases.masks[i].any():
+                ax.contour(cases.masks[i], levels=[0.5], colors="red", linewidths=0.8)
+            ax.set_title(f"{kind}\n{cases.filenames[i]}", fontsize=8)
             ax.axis("off")
             ax = fig.add_subplot(grid[r, 2 * j + 1])
-            ax.imshow(maps[i], cmap="jet", vmin=lo, vmax=hi)
-            ax.set_title(f"score {scores[i]:.4f}", fontsize=8)
+            ax.imshow(cases.maps[i], cmap="jet", vmin=cases.lo, vmax=cases.hi)
+            ax.set_title(f"score {cases.scores[i]:.4f}", fontsize=8)
             ax.axis("off")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80)

@@ -43,6 +43,23 @@ def local_share(global_rows: np.ndarray) -> np.ndarray:
     return np.split(global_rows, jax.process_count())[jax.process_index()]
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order, with no gather."""
+    parts: dict[int, np.ndarray] = {}
+    for shard in x.addressable_shards:
+        parts.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+    return np.concatenate([parts[k] for k in sorted(parts)])
+
+
+def gather(x: jax.Array) -> np.ndarray:
+    """A batch-sharded global array on every process (for per-image values, not maps)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def map_global_batches(fn: Callable[[Any], tuple], inputs: np.ndarray, batch_size: int, put: Callable[[Any], Any],
                        desc: str) -> list[np.ndarray]:
     """Apply ``fn`` to every row of ``inputs`` exactly once, in global batches sharded over

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rdjax.features import teacher_fn
 from rdjax.sharding import batch_sharding, replicated
 
 Variables = dict[str, Any]
@@ -85,8 +86,19 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: jax.shar
     )
 
 
-def train_step(
-    model: Any, tx: optax.GradientTransformation, state: TrainState, teacher_vars: Variables, images: jax.Array
-) -> tuple[TrainState, jax.Array]:
-    """One step from images: one teacher forward, then the student update."""
-    return train_step_features(model, tx, state, model.teacher_features(teacher_vars, images))
+def make_image_train_step(model: Any, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                          imagenet_normalize: bool = True):
+    """The jitted step from uint8 images (config.feature_cache='off'): one teacher
+    forward, then the student update. The teacher's variables are an argument, replicated
+    and never donated."""
+    teacher = teacher_fn(model, imagenet_normalize)
+
+    def step(state: TrainState, teacher_vars: Variables, images: jax.Array) -> tuple[TrainState, jax.Array]:
+        return train_step_features(model, tx, state, teacher(teacher_vars, images))
+
+    return jax.jit(
+        step,
+        in_shardings=(replicated(mesh), replicated(mesh), batch_sharding(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=0,
+    )

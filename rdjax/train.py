@@ -1,7 +1,8 @@
 """The training loop: train_and_evaluate (flax examples' shape) and evaluate.
 
-Data flows one way: the dataset's splits -> the teacher's features (cached once) -> the
-jitted step -> maps -> the configured evaluators -> the workdir.
+Data flows one way: the dataset's splits (decoded batch by batch, each process its own
+share) -> the teacher's features (config.feature_cache) -> the jitted step -> maps ->
+the configured evaluators -> the workdir.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import jax
 import numpy as np
 import tqdm
 
-from rdjax import config as config_lib, data, evaluators, maps, outputs, sharding, steps, teacher, workdir as workdir_lib
-from rdjax.data.pipeline import epoch_batches, prefetch
+from rdjax import config as config_lib, data, evaluators, features, maps, outputs, sharding, steps, teacher
+from rdjax import workdir as workdir_lib
+from rdjax.data import pipeline
+from rdjax.data.pipeline import prefetch
 from rdjax.data.preprocess import Split
 from rdjax.errors import DataError, TrainingError, WorkdirError
-from rdjax.features import cache_teacher_features
 from rdjax.registry import MODELS
 
 
@@ -48,7 +50,7 @@ class Run:
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(len(epoch_batches(len(self.train), self.config.batch_size, self.config.seed, 0, self.mesh.size)), 1)
+        return pipeline.steps_per_epoch(len(self.train), self.config.batch_size)
 
     @property
     def eval_batch(self) -> int:
@@ -64,6 +66,7 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
     dataset = dataset or data.build(config.dataset)
     train_split, test_split = dataset.load(config.dataset.category, config.image_size)
     train_split, validation = data.hold_out(train_split, config.threshold.validation_size, config.seed)
+    pipeline.lanes(len(train_split), config.batch_size, config.seed)  # fails if the batch is larger than the data
     teacher_vars, warnings, saved = teacher.for_run(config, model, workdir)  # a bad weights file fails here
     if writing:
         student = model.abstract_variables()[1]
@@ -81,20 +84,25 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
 
 
 def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, writer: Any = None) -> dict:
-    """Maps of every test image, the configured evaluators, and their files."""
+    """One evaluation pass over the test images, the configured evaluators, and their files."""
     config = run.config
+    pass_step = maps.eval_step_for(run.model, config, full_pass=True)
     eval_step = maps.eval_step_for(run.model, config)
+
+    def run_pass(split: Split, kind: str = "validation") -> maps.PassResult:
+        exact = len(split) * config.image_size ** 2 <= config.exact_metrics_max_pixels
+        return maps.run_pass(pass_step, run.teacher_vars, student_vars, split, run.eval_batch, run.put, exact, kind)
 
     def predict(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return maps.predict_images(eval_step, run.teacher_vars, student_vars, images, run.eval_batch, run.put)
 
     start = time.perf_counter()
-    test_maps, scores = predict(run.test.images)
+    test_pass = run_pass(run.test, "test")
     seconds = time.perf_counter() - start
     out_dir = outputs.evaluation_dir(run.workdir, epoch) if jax.process_index() == 0 else None
     result = evaluators.run_all(config.evaluators, evaluators.EvalData(
-        config=config, test=run.test, maps=test_maps, scores=scores, predict=predict, validation=run.validation,
-        out_dir=out_dir, result={"warnings": list(run.warnings)},
+        config=config, test=run.test, result_pass=test_pass, run_pass=run_pass, predict=predict,
+        validation=run.validation, out_dir=out_dir, result={"warnings": list(run.warnings)},
     ))
     for w in result["warnings"][len(run.warnings):]:
         _log("note: %s", w)
@@ -116,6 +124,54 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, writer:
         _log("epoch %d: image AUROC %.4f  pixel AUROC %.4f  AUPRO %.4f",
              epoch, result["image_auroc"], result["pixel_auroc"], result["aupro"])
     return result
+
+
+def _feature_mode(run: Run, need: int, directory: Path) -> str:
+    """config.feature_cache resolved on every process, then agreed on: the most frugal
+    choice of any process wins, since 'off' compiles a different step."""
+    mode, figures = features.choose_mode(run.config.feature_cache, need, directory)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        order = ("memory", "disk", "off")
+        mode = order[int(np.max(multihost_utils.process_allgather(np.int32(order.index(mode)))))]
+    _log("feature cache: %s (%s%s)", mode, figures,
+         ", requested 'auto'" if run.config.feature_cache == "auto" else "")
+    return mode
+
+
+def cached_features(run: Run, owned: np.ndarray, mode: str, directory: Path) -> Any:
+    """This process's share of the training images' teacher features, in a store
+    (features.MemoryStore or DiskStore), computed once (a complete disk cache of the same
+    run is reused, e.g. on resume)."""
+    config, model = run.config, run.model
+    shapes = features.feature_shapes(model, config.image_size)
+    if mode == "memory":
+        store = features.MemoryStore(shapes, len(owned))
+    else:
+        meta = {"arch": model.arch, "teacher_weights": config.model.teacher_weights, "image_size": config.image_size,
+                "dtype": config.dtype, "imagenet_normalize": config.imagenet_normalize, "seed": config.seed,
+                "batch_size": config.batch_size, "validation_size": config.threshold.validation_size,
+                "category": config.dataset.category, "train_rows": len(run.train)}
+        store = features.DiskStore(directory, shapes, len(owned), meta)
+        if store.complete:
+            _log("feature cache: reusing %s", directory)
+            return store
+    local_batch = run.eval_batch // jax.process_count()
+    most = max(len(pipeline.owned_rows(len(run.train), config.batch_size, config.seed, q, jax.process_count()))
+               for q in range(jax.process_count()))
+    steps = -(-most // local_batch)
+    chunks = [owned[i * local_batch:(i + 1) * local_batch] for i in range(steps)]
+    batches = [pipeline.padded(c if len(c) else owned[-1:], local_batch)[0] for c in chunks]
+    teacher = jax.jit(features.teacher_fn(model, config.imagenet_normalize))
+
+    def compute(images: np.ndarray) -> list[np.ndarray]:
+        return [sharding.local_rows(f) for f in teacher(run.teacher_vars, run.put(images))]
+
+    features.fill(store, len(owned), local_batch, steps, pipeline.load_batches(run.train, batches, "train"), compute)
+    if mode == "disk":
+        store.finish()
+    return store
 
 
 def _check_finite(losses: np.ndarray, epoch: int, steps_per_epoch: int) -> None:
@@ -146,9 +202,22 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
         start_epoch = int(state.step) // steps_per_epoch
         _log("resuming from step %d (epoch %d)", int(state.step), start_epoch)
 
-    features = cache_teacher_features(run.model, run.teacher_vars, run.train.images, run.eval_batch, run.put,
-                                      config.imagenet_normalize)
-    step_fn = steps.make_train_step(run.model, tx, run.mesh)
+    n, batch = len(run.train), config.batch_size
+    columns = pipeline.share(batch, jax.process_index(), jax.process_count())
+    owned = pipeline.owned_rows(n, batch, config.seed, jax.process_index(), jax.process_count())
+    position = np.full(n, -1, np.int64)
+    position[owned] = np.arange(len(owned))
+    directory = (Path(config.feature_cache_dir).expanduser() / config.dataset.category if config.feature_cache_dir
+                 else workdir / "feature_cache") / f"process_{jax.process_index()}_of_{jax.process_count()}"
+    need = features.bytes_per_image(features.feature_shapes(run.model, config.image_size)) * len(owned)
+    mode = _feature_mode(run, need, directory) if start_epoch < config.num_epochs else "off"
+    if mode == "off":
+        store = None
+        image_step = steps.make_image_train_step(run.model, tx, run.mesh, config.imagenet_normalize)
+        step_fn = lambda state, images: image_step(state, run.teacher_vars, images)  # noqa: E731
+    else:
+        store = cached_features(run, owned, mode, directory)
+        step_fn = steps.make_train_step(run.model, tx, run.mesh)
     writer = None
     if jax.process_index() == 0:
         from tensorboardX import SummaryWriter
@@ -157,28 +226,31 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
 
     log_path = workdir / "train_log.json"
     train_log = [e for e in (json.loads(log_path.read_text()) if log_path.is_file() else []) if e["epoch"] <= start_epoch]
-    n = len(run.train)
     result: dict = {}
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
-        batches = epoch_batches(n, config.batch_size, config.seed, epoch, run.mesh.size)
-        gather = lambda idx: run.put(tuple(f[sharding.local_share(idx)] for f in features))  # noqa: E731
+        rows = pipeline.epoch_batches(n, batch, config.seed, epoch)[:, columns]  # this process's share of each step
+        if store is None:
+            inputs = prefetch((b["image"] for b in pipeline.load_batches(run.train, rows, "train")), run.put)
+        else:
+            inputs = prefetch(rows, lambda r: run.put(store.read(position[r])))
         losses = []
         start = time.perf_counter()
-        bar = tqdm.tqdm(total=n, desc=f"epoch {epoch}/{config.num_epochs}", unit="img", leave=False, disable=None)
-        for idx, feats in zip(batches, prefetch(batches, gather)):
-            state, loss = step_fn(state, feats)
+        seen = len(rows) * batch
+        bar = tqdm.tqdm(total=seen, desc=f"epoch {epoch}/{config.num_epochs}", unit="img", leave=False, disable=None)
+        for x in inputs:
+            state, loss = step_fn(state, x)
             losses.append(loss)
-            bar.update(len(idx))
+            bar.update(batch)
         losses = np.asarray(jax.device_get(losses))  # one host round-trip per epoch
         seconds = time.perf_counter() - start
         bar.close()
         _check_finite(losses, epoch, steps_per_epoch)
-        _log("epoch %d: loss %.5f, %.1f img/s", epoch, losses.mean(), n / seconds)
+        _log("epoch %d: loss %.5f, %.1f img/s", epoch, losses.mean(), seen / seconds)
         train_log.append({"epoch": epoch, "step": int(state.step), "loss": float(losses.mean()),
-                          "images_per_second": n / seconds})
+                          "images_per_second": seen / seconds, "feature_cache": mode})
         if writer is not None:
             writer.add_scalar("train/loss", float(losses.mean()), int(state.step))
-            writer.add_scalar("train/images_per_second", n / seconds, int(state.step))
+            writer.add_scalar("train/images_per_second", seen / seconds, int(state.step))
         last = epoch == config.num_epochs
         if epoch % config.checkpoint_every == 0 or last:
             workdir_lib.save_state(manager, int(state.step), state)
@@ -189,8 +261,13 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
     if not result:  # already trained: evaluate what is there
         result = evaluate_student(run, state.student_vars, int(state.step) // steps_per_epoch, int(state.step), writer)
     manager.close()
+    if store is not None:
+        store.close(delete=True)  # training is complete: the cache is no longer needed
     if writer is not None:
         writer.close()
+    if jax.process_count() > 1:
+        tqdm.tqdm.write(f"process {jax.process_index()} of {jax.process_count()}: decoded "
+                        f"{pipeline.decoded['train']} training and {pipeline.decoded['test']} test images")
     return result
 
 

@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rdjax.data.preprocess import IMAGE_EXTENSIONS, Split, decode_image, decode_mask, original_size
+from rdjax.data.preprocess import (IMAGE_EXTENSIONS, Split, check_mask_header, decode_image, decode_mask,
+                                   header_size)
 from rdjax.errors import DataError
 from rdjax.registry import DATASETS
 
@@ -178,44 +179,56 @@ def prepare(root: str | os.PathLike, category: str, data_dir: str | os.PathLike 
     return builder
 
 
-def load_split(builder: MVTecAD, split: str, image_size: int, desc: str | None = None, location: Path | None = None,
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def load_split(builder: MVTecAD, split: str, image_size: int, location: Path | None = None,
                nonzero_masks: bool = False) -> Split:
-    """Decode a prepared split with a thread pool (PIL releases the GIL) and a progress bar.
+    """A prepared split as a lazy `Split`: one pass over the records reads the labels and
+    names (the pixels are decoded later, batch by batch). Rows are sorted by file name,
+    a stable order whatever the storage order.
 
-    Errors name the file under ``location`` (the category folder), e.g. a corrupt image or
-    a mask whose size differs from its image's.
+    Decoding errors name the file under ``location`` (the category folder), e.g. a corrupt
+    image or a mask whose size differs from its image's.
     """
-    from tqdm import tqdm
-
     source = builder.as_data_source()[split]
     n = len(source)
 
-    def decode(i: int) -> tuple[np.ndarray, np.ndarray, int, str, str, bool]:
+    where = Path(location or builder.builder_config.category) / split
+
+    def meta(i: int) -> tuple[str, str, int, bool]:
+        """Names and label; the headers are checked here, so that an unreadable file or a
+        mask of the wrong size fails before training starts."""
         ex = source[i]
-        filename = ex["filename"].decode() if isinstance(ex["filename"], bytes) else str(ex["filename"])
-        defect_type = ex["defect_type"].decode() if isinstance(ex["defect_type"], bytes) else str(ex["defect_type"])
-        where = str(Path(location or builder.builder_config.category) / split / filename)
-        image = decode_image(ex["image"], image_size, where)
+        filename = _text(ex["filename"])
+        size = header_size(ex["image"], str(where / filename))
         if ex["mask"]:
-            mask = decode_mask(ex["mask"], image_size, f"{where} (its mask)", expected_size=original_size(ex["image"]),
-                               nonzero=nonzero_masks)
-        else:
-            mask = np.zeros((image_size, image_size), bool)
-        return image, mask, int(ex["label"]), defect_type, filename, bool(ex["mask"])
+            check_mask_header(ex["mask"], size, f"{where / filename} (its mask)")
+        return filename, _text(ex["defect_type"]), int(ex["label"]), bool(ex["mask"])
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        rows = list(tqdm(pool.map(decode, range(n)), total=n, desc=desc or f"decoding {split}", leave=False, disable=None))
-    order = sorted(range(n), key=lambda i: rows[i][4])  # a stable order, whatever the storage order
+        rows = list(pool.map(meta, range(n)))
+    order = sorted(range(n), key=lambda i: rows[i][0])
     rows = [rows[i] for i in order]
     defective = [r for r in rows if r[2] != 0]
-    has_masks = bool(defective) and all(r[5] for r in defective)
+
+    def read(record: int) -> tuple[np.ndarray, np.ndarray | None]:
+        ex = source[record]
+        name = str(where / _text(ex["filename"]))
+        image = decode_image(ex["image"], image_size, name)
+        if not ex["mask"]:
+            return image, None
+        return image, decode_mask(ex["mask"], image_size, f"{name} (its mask)", nonzero=nonzero_masks)
+
     return Split(
-        has_masks=has_masks,
-        images=np.stack([r[0] for r in rows]),
-        masks=np.stack([r[1] for r in rows]),
+        read=read,
+        records=np.asarray(order, np.int64),
         labels=np.array([r[2] for r in rows], np.int32),
-        defect_types=[r[3] for r in rows],
-        filenames=[r[4] for r in rows],
+        defect_types=tuple(r[1] for r in rows),
+        filenames=tuple(r[0] for r in rows),
+        image_size=image_size,
+        has_masks=bool(defective) and all(r[3] for r in defective),
     )
 
 
@@ -244,7 +257,7 @@ class FileDataset:
         return self.names()
 
     def load(self, category: str, image_size: int) -> tuple[Split, Split]:
-        """(train, test) decoded at ``image_size``. With several processes, process 0
+        """(train, test) at ``image_size``, decoded lazily. With several processes, process 0
         prepares the data first and the others wait, so no two write the same folder."""
         import jax
         from jax.experimental import multihost_utils
@@ -258,11 +271,8 @@ class FileDataset:
             multihost_utils.sync_global_devices("rdjax: dataset prepared")
         builder = ready()
         location = self.root if self.flat else self.root / category
-        return tuple(
-            load_split(builder, split, image_size, desc=f"decoding {split}", location=location,
-                       nonzero_masks=self.nonzero_masks)
-            for split in ("train", "test")
-        )
+        return tuple(load_split(builder, split, image_size, location=location, nonzero_masks=self.nonzero_masks)
+                     for split in ("train", "test"))
 
 
 def requested(category: str, available: Callable[[], list[str]]) -> Callable[[], list[str]]:

@@ -47,25 +47,25 @@ def _to_rgb32(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_novelty(name: str, normal_class: int, image_size: int, data_dir: str | None) -> tuple[Split, Split]:
+    """(train, test) as lazy splits: one pass reads the labels, pixels are decoded on demand."""
     if normal_class not in range(10):
         raise DataError(f"config.dataset.normal_class={normal_class} must be 0..9 or 'all'")
     sources = _sources(name, data_dir)
     splits = []
     for split in ("train", "test"):
         source = sources[split]
-        examples = [source[i] for i in range(len(source))]
-        labels = np.array([int(e["label"]) for e in examples])
-        keep = np.flatnonzero(labels == normal_class) if split == "train" else np.arange(len(examples))
+        labels = np.array([int(source[i]["label"]) for i in range(len(source))])
+        keep = np.flatnonzero(labels == normal_class) if split == "train" else np.arange(len(source))
         if split == "train" and not len(keep):
             raise DataError(f"{name}: no training images of class {normal_class}")
-        images = np.stack([_to_rgb32(np.asarray(examples[i]["image"]), image_size) for i in keep])
         anomalous = (labels[keep] != normal_class).astype(np.int32)
         splits.append(Split(
-            images=images,
-            masks=np.zeros((len(keep), image_size, image_size), bool),
+            read=lambda i, source=source: (_to_rgb32(np.asarray(source[i]["image"]), image_size), None),
+            records=keep.astype(np.int64),
             labels=anomalous,
-            defect_types=["good" if a == 0 else f"class_{labels[i]}" for a, i in zip(anomalous, keep)],
-            filenames=[f"{split}/{i:05d}" for i in keep],
+            defect_types=tuple("good" if a == 0 else f"class_{labels[i]}" for a, i in zip(anomalous, keep)),
+            filenames=tuple(f"{split}/{i:05d}" for i in keep),
+            image_size=image_size,
             has_masks=False,
         ))
     return splits[0], splits[1]

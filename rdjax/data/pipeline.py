@@ -1,34 +1,110 @@
-"""Batching on the host: a deterministic order per epoch, and prefetching."""
+"""The input pipeline: which rows each step uses, and decoding them batch by batch.
+
+The epoch order is built from *lanes*. The training rows are dealt once, by the seed,
+into ``batch_size`` lanes; every epoch each lane is shuffled on its own (a pure function
+of seed, epoch and lane) and step k takes the k-th row of every lane. Column j of every
+global batch therefore comes from lane j, and the process holding columns j is the only
+one that ever needs those rows: each process decodes (and caches the teacher's
+features of) only its own share, with no gather, for any number of processes. The
+global batches themselves depend on the seed and the batch size only, not on the
+device or process count, so results do not either (grain's per-process sharding is the
+same idea with one lane per process, which would tie the order to the process count).
+
+Decoding and resizing run in grain's reader threads (PIL releases the GIL), and a
+background thread puts each batch on the devices ahead of the step.
+"""
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import os
+import threading
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
+from rdjax.data.preprocess import Split
+from rdjax.errors import ConfigError
+
 T = TypeVar("T")
 
+decoded: collections.Counter = collections.Counter()  # images decoded by this process, per split kind
+_lock = threading.Lock()
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, multiple_of: int = 1) -> list[np.ndarray]:
-    """Index batches for one epoch, a pure function of (seed, epoch): a resumed run sees
-    exactly the order an uninterrupted one would.
 
-    Like the official DataLoader (shuffle=True, drop_last=False) the last batch may be
-    smaller; it is trimmed to a multiple of ``multiple_of`` (the device count) so that it
-    shards evenly, and dropped if that leaves nothing.
-    """
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    last = batches[-1]
-    keep = len(last) - len(last) % multiple_of
-    batches[-1] = last[:keep]
-    return [b for b in batches if len(b)]
+def lanes(n: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """The training rows dealt into ``batch_size`` lanes, fixed for the whole run."""
+    if n < batch_size:
+        raise ConfigError(f"config.batch_size={batch_size} is larger than the {n} training images; lower it")
+    order = np.random.default_rng([seed, 0xA11E]).permutation(n)
+    return [np.sort(order[j::batch_size]) for j in range(batch_size)]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches only: the N mod B rows left over differ from epoch to epoch (a
+    partial last batch could not be split evenly over the processes that own its lanes)."""
+    return n // batch_size
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """(steps, batch_size) row indices of one epoch, a pure function of (seed, epoch): a
+    resumed run sees exactly the order an uninterrupted one would. Every row appears at
+    most once, and all but N mod B rows exactly once."""
+    steps = steps_per_epoch(n, batch_size)
+    columns = [np.random.default_rng([seed, epoch, j]).permutation(lane)[:steps]
+               for j, lane in enumerate(lanes(n, batch_size, seed))]
+    return np.stack(columns, axis=1)
+
+
+def share(columns: int, process_index: int, process_count: int) -> slice:
+    """The columns of a global batch that one process feeds (its devices' contiguous part)."""
+    per = columns // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
+def owned_rows(n: int, batch_size: int, seed: int, process_index: int, process_count: int) -> np.ndarray:
+    """Every training row this process will ever use: the rows of its lanes."""
+    return np.concatenate(lanes(n, batch_size, seed)[share(batch_size, process_index, process_count)])
+
+
+def _threads() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def load_batches(split: Split, batches: Iterable[np.ndarray], kind: str, with_masks: bool = False) -> Iterator[dict]:
+    """Decode the rows of each batch (this process's share) in grain's reader threads:
+    {'image': uint8 (b, S, S, 3)} and, ``with_masks``, {'mask': bool (b, S, S)}. Every
+    batch in ``batches`` must have the same length (pad the last one by repeating rows)."""
+    import grain
+
+    batches = [np.asarray(b) for b in batches]
+    if not batches:
+        return iter(())
+    size = len(batches[0])
+
+    def decode(row: int) -> dict:
+        image, mask = split.example(int(row))
+        with _lock:
+            decoded[kind] += 1
+        return {"image": image, "mask": mask} if with_masks else {"image": image}
+
+    rows = np.concatenate(batches).tolist()
+    dataset = grain.MapDataset.source(rows).map(decode).batch(size)
+    options = grain.ReadOptions(num_threads=_threads(), prefetch_buffer_size=2 * size)
+    return iter(dataset.to_iter_dataset(options))
+
+
+def padded(rows: np.ndarray, size: int) -> tuple[np.ndarray, int]:
+    """``rows`` padded to ``size`` by repeating the last one, and how many are real."""
+    valid = len(rows)
+    if valid == 0:
+        raise ValueError("no rows to pad")
+    return np.concatenate([rows, np.repeat(rows[-1:], size - valid)]), valid
 
 
 def prefetch(iterable: Iterable[T], fn: Callable[[T], object], size: int = 2) -> Iterator[object]:
-    """Apply ``fn`` (gather + device_put) in a background thread, ``size`` items ahead."""
+    """Apply ``fn`` (a gather or a device_put) in a background thread, ``size`` items ahead."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         queue: collections.deque = collections.deque()
         it = iter(iterable)

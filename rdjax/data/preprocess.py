@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -44,14 +45,29 @@ def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
+def header_size(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) from the file header; a DataError naming ``name`` if there is none."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception as e:
+        raise DataError(f"{name}: not a readable image ({type(e).__name__})") from None
+
+
+def check_mask_header(data: bytes, image_size: tuple[int, int], name: str) -> None:
+    """A mask must be readable and as large as its image (checked from the headers)."""
+    size = header_size(data, name)
+    if size != image_size:
+        raise DataError(f"{name}: mask is {size[0]}x{size[1]} but its image is {image_size[0]}x{image_size[1]}")
+
+
 def original_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels."""
     with Image.open(io.BytesIO(data)) as img:
         return img.size
 
 
-def decode_mask(data: bytes, size: int, name: str = "mask", expected_size: tuple[int, int] | None = None,
-                nonzero: bool = False) -> np.ndarray:
+def decode_mask(data: bytes, size: int, name: str = "mask", nonzero: bool = False) -> np.ndarray:
     """Encoded mask -> bool (size, size): same bilinear resize, then > 0.5 as the official code.
 
     ``nonzero``: the mask marks defects with any non-zero value (VisA's are not 0/255), so it
@@ -59,28 +75,58 @@ def decode_mask(data: bytes, size: int, name: str = "mask", expected_size: tuple
     img = open_image(data, name)
     if nonzero:
         img = Image.fromarray(((np.asarray(to_rgb(img).convert("L")) > 0) * 255).astype(np.uint8))
-    if expected_size is not None and img.size != expected_size:
-        raise DataError(f"{name}: mask is {img.size[0]}x{img.size[1]} but its image is {expected_size[0]}x{expected_size[1]}")
     if img.mode != "L":
         img = to_rgb(img).convert("L")
     resized = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
     return resized > 0.5
 
 
-@dataclasses.dataclass
-class Split:
-    """A split decoded into memory: preprocessing happens once per run, not per epoch."""
+Reader = Callable[[int], tuple[np.ndarray, "np.ndarray | None"]]
 
-    images: np.ndarray  # uint8 (N, S, S, 3)
-    masks: np.ndarray  # bool (N, S, S)
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A split as per-image metadata and a reader that decodes one image on demand.
+
+    Host memory grows with the number of images by a few bytes each (label, names), never
+    by pixels: images and masks are decoded batch by batch as they are used
+    (rdjax.data.pipeline), on each process only for its own share.
+    """
+
+    read: Reader = dataclasses.field(repr=False)  # record -> (uint8 (S, S, 3), bool (S, S) or None if no mask)
+    records: np.ndarray  # int64 (N,): the record each row reads
     labels: np.ndarray  # int32 (N,), 0 = good
-    defect_types: list[str]
-    filenames: list[str]
+    defect_types: tuple[str, ...]
+    filenames: tuple[str, ...]
+    image_size: int
     has_masks: bool = True  # False: anomalous images without masks (image-level metrics only)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, idx: np.ndarray) -> "Split":
-        return Split(self.images[idx], self.masks[idx], self.labels[idx],
-                     [self.defect_types[i] for i in idx], [self.filenames[i] for i in idx], self.has_masks)
+        return dataclasses.replace(self, records=self.records[idx], labels=self.labels[idx],
+                                   defect_types=tuple(self.defect_types[i] for i in idx),
+                                   filenames=tuple(self.filenames[i] for i in idx))
+
+    def example(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row ``row`` decoded: (image, mask); the mask is all False where there is none."""
+        image, mask = self.read(int(self.records[row]))
+        return image, np.zeros(image.shape[:2], bool) if mask is None else mask
+
+    def images(self, rows: Sequence[int] | None = None) -> np.ndarray:
+        """The given rows (all rows if None: small splits only) decoded and stacked."""
+        rows = range(len(self)) if rows is None else rows
+        return np.stack([self.example(i)[0] for i in rows])
+
+    def masks(self, rows: Sequence[int] | None = None) -> np.ndarray:
+        rows = range(len(self)) if rows is None else rows
+        return np.stack([self.example(i)[1] for i in rows])
+
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, defect_types: Sequence[str],
+                    filenames: Sequence[str], has_masks: bool = True) -> "Split":
+        """A split over arrays already in memory (user data that is small, tests)."""
+        return cls(read=lambda i: (images[i], masks[i]), records=np.arange(len(labels)),
+                   labels=np.asarray(labels, np.int32), defect_types=tuple(defect_types),
+                   filenames=tuple(filenames), image_size=int(images.shape[1]), has_masks=has_masks)
