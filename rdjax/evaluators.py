@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from rdjax import metrics, outputs, report
-from rdjax.maps import PassResult
+from rdjax.evaluation import PassResult
 from rdjax.calibration import calibrate
 from rdjax.data.preprocess import Split
 from rdjax.registry import EVALUATORS

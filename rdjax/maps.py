@@ -10,20 +10,15 @@ matmuls with exact interpolation / reflect-boundary matrices, at HIGHEST precisi
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
-from rdjax import metrics
-from rdjax.data.pipeline import load_batches, padded, prefetch
-from rdjax.data.preprocess import Split
 from rdjax.features import Features, normalize
-from rdjax.sharding import gather, local_rows, local_share, map_global_batches
+from rdjax.sharding import map_global_batches
 
 Variables = dict[str, Any]
 
@@ -177,63 +172,3 @@ def eval_step_for(model: Any, config: Any, full_pass: bool = False) -> Callable:
     ``full_pass`` the pass step that adds the binned pixel statistics."""
     make = make_pass_step if full_pass else make_eval_step
     return make(model, config.map_mode, config.blur_sigma, config.imagenet_normalize)
-
-
-# ----------------------------------------------------------------------------- an evaluation pass
-
-
-@dataclasses.dataclass
-class PassResult:
-    """What an evaluation pass keeps: a few numbers per image and the pixel statistics."""
-
-    scores: np.ndarray  # (N,) image scores, the map's max
-    sums: np.ndarray  # (N,) the map's sum (the novelty benchmarks' image score)
-    pro_images: np.ndarray  # (N,) the RD4AD paper's per-image PRO, NaN where undefined
-    pixels: metrics.PixelStats
-
-
-def run_pass(pass_step: Callable, teacher_vars: Variables, student_vars: Variables, split: Split, batch_size: int,
-             put: Callable[[Any], Any], exact: bool, kind: str = "test") -> PassResult:
-    """Maps of every row of ``split`` exactly once, in global batches of ``batch_size``
-    (the last padded, its padding masked out), each process decoding only its share.
-    Kept: one score, one sum and one per-image PRO per image, and the binned pixel
-    statistics summed over hosts; with ``exact``, every map and mask too (small sets)."""
-    n = len(split)
-    global_batches = [padded(np.arange(s, min(s + batch_size, n)), batch_size) for s in range(0, n, batch_size)]
-    local = [local_share(rows) for rows, _ in global_batches]
-    local_valid = [local_share(np.arange(batch_size) < valid) for _, valid in global_batches]
-
-    def prepare(item: tuple[dict, np.ndarray]) -> tuple:
-        batch, valid = item
-        weights, regions = zip(*(metrics.region_weights(m) for m in batch["mask"]))
-        host = (batch["image"], batch["mask"], np.stack(weights).astype(np.float32), np.asarray(regions, np.int32), valid)
-        return host, put(host)
-
-    scores, sums, pro_images, kept_maps, kept_masks = [], [], [], [], []
-    hist = {k: np.zeros(NUM_BINS, np.int64 if k != "pro" else np.float64) for k in ("neg", "pos", "pro")}
-    lo, hi, num_regions = np.inf, -np.inf, 0
-    batches = zip(load_batches(split, local, kind, with_masks=True), local_valid)
-    bar = tqdm.tqdm(total=n, desc=f"evaluating {kind}", unit="img", leave=False,
-                    disable=None if jax.process_index() == 0 else True)
-    for ((_, valid_count), (host, device)) in zip(global_batches, prefetch(batches, prepare)):
-        maps, batch_scores, batch_sums, stats = pass_step(teacher_vars, student_vars, *device)
-        for k in hist:
-            hist[k] += np.asarray(stats[k])
-        lo, hi = min(lo, float(stats["lo"])), max(hi, float(stats["hi"]))
-        num_regions += int(stats["regions"])
-        scores.append(gather(batch_scores)[:valid_count])
-        sums.append(gather(batch_sums)[:valid_count])
-        mine = local_rows(maps)
-        per_image = np.array([metrics.pro_rd4ad_image(m, k) if v else np.nan
-                              for m, k, v in zip(mine, host[1], host[4])], np.float32)
-        pro_images.append(gather(put(per_image))[:valid_count])
-        if exact:
-            kept_maps.append(gather(maps)[:valid_count])
-            kept_masks.append(gather(device[1])[:valid_count])
-        bar.update(valid_count)
-    bar.close()
-    pixels = metrics.PixelStats(lo=lo, hi=hi, edges=bin_edges(), neg=hist["neg"], pos=hist["pos"], pro=hist["pro"],
-                                num_regions=num_regions)
-    if exact:
-        pixels = dataclasses.replace(pixels, maps=np.concatenate(kept_maps), masks=np.concatenate(kept_masks))
-    return PassResult(np.concatenate(scores), np.concatenate(sums), np.concatenate(pro_images), pixels)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import tqdm
 
-from rdjax import config as config_lib, data, evaluators, features, maps, outputs, sharding, steps, teacher
+from rdjax import config as config_lib, data, evaluation, evaluators, features, maps, outputs, sharding, steps, teacher
 from rdjax import workdir as workdir_lib
 from rdjax.data import pipeline
 from rdjax.data.pipeline import prefetch
@@ -89,9 +89,9 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, writer:
     pass_step = maps.eval_step_for(run.model, config, full_pass=True)
     eval_step = maps.eval_step_for(run.model, config)
 
-    def run_pass(split: Split, kind: str = "validation") -> maps.PassResult:
+    def run_pass(split: Split, kind: str = "validation") -> evaluation.PassResult:
         exact = len(split) * config.image_size ** 2 <= config.exact_metrics_max_pixels
-        return maps.run_pass(pass_step, run.teacher_vars, student_vars, split, run.eval_batch, run.put, exact, kind)
+        return evaluation.run_pass(pass_step, run.teacher_vars, student_vars, split, run.eval_batch, run.put, exact, kind)
 
     def predict(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return maps.predict_images(eval_step, run.teacher_vars, student_vars, images, run.eval_batch, run.put)

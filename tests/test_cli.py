@@ -24,7 +24,7 @@ from rdjax.errors import ConfigError, WorkdirError
 def root(synthetic_data, tmp_path):
     """A private copy of a tiny dataset, for tests that break it."""
     copy = tmp_path / "data"
-    shutil.copytree(synthetic_data(num_train=4, num_test_good=2, num_per_defect=2), copy,
+    shutil.copytree(synthetic_data(num_train=8, num_test_good=2, num_per_defect=2), copy,
                     ignore=shutil.ignore_patterns("_tfds"))
     return copy
 
@@ -196,11 +196,11 @@ def test_image_kinds_that_are_not_errors(root, tmp_path):
         (good / name).write_bytes(_encode(img, fmt))
     builder = mvtec.prepare(root, "disk", tmp_path / "tfds")
     train = mvtec.load_split(builder, "train", 32)
-    assert len(train) == 4 + len(variants)
-    assert train.images.shape[1:] == (32, 32, 3)
-    gray = train.images[train.filenames.index("good/gray.png")]
+    assert len(train) == 8 + len(variants)
+    assert train.images().shape[1:] == (32, 32, 3)
+    gray = train.images()[train.filenames.index("good/gray.png")]
     np.testing.assert_array_equal(gray[..., 0], gray[..., 2])  # grayscale -> 3 equal channels
-    sixteen = train.images[train.filenames.index("good/sixteen.png")]
+    sixteen = train.images()[train.filenames.index("good/sixteen.png")]
     np.testing.assert_array_equal(sixteen, gray)  # 16-bit scaled to the same 8-bit image
 
 

@@ -49,15 +49,15 @@ def test_builder_reads_the_layout(synth_root, tmp_path):
     builder = mvtec.prepare(synth_root, "disk", tmp_path / "tfds")
     train = mvtec.load_split(builder, "train", 32)
     test = mvtec.load_split(builder, "test", 32)
-    assert train.images.shape == (6, 32, 32, 3) and train.images.dtype == np.uint8
+    assert train.images().shape == (6, 32, 32, 3) and train.images().dtype == np.uint8
     assert len(test) == 3 + 3 * 2
     assert test.defect_types.count("good") == 3
     assert list(test.labels) == [0 if t == "good" else 1 for t in test.defect_types]
-    assert not test.masks[test.labels == 0].any()
-    assert all(test.masks[i].any() for i in np.flatnonzero(test.labels))
+    assert not test.masks()[test.labels == 0].any()
+    assert all(test.masks()[i].any() for i in np.flatnonzero(test.labels))
     i = test.filenames.index("hole/001.png")
     want = preprocess.decode_mask((synth_root / "disk/ground_truth/hole/001_mask.png").read_bytes(), 32)
-    np.testing.assert_array_equal(test.masks[i], want)
+    np.testing.assert_array_equal(test.masks()[i], want)
 
 
 def test_builder_sees_an_edited_folder(synth_root, tmp_path):
@@ -105,12 +105,45 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped():
 
 def test_epoch_batches_cover_every_image_once_and_depend_only_on_seed_and_epoch():
     a = pipeline.epoch_batches(37, 8, seed=5, epoch=3)
-    assert [len(b) for b in a] == [8, 8, 8, 8, 5]
-    assert sorted(np.concatenate(a)) == list(range(37))
-    assert all(np.array_equal(x, y) for x, y in zip(a, pipeline.epoch_batches(37, 8, seed=5, epoch=3)))
-    assert not np.array_equal(np.concatenate(a), np.concatenate(pipeline.epoch_batches(37, 8, seed=5, epoch=4)))
-    trimmed = pipeline.epoch_batches(37, 8, seed=5, epoch=3, multiple_of=4)
-    assert [len(b) for b in trimmed] == [8, 8, 8, 8, 4]
+    assert a.shape == (4, 8)  # full batches only: 37 mod 8 = 5 rows wait for another epoch
+    assert len(set(a.ravel().tolist())) == 32 and set(a.ravel().tolist()) <= set(range(37))
+    np.testing.assert_array_equal(a, pipeline.epoch_batches(37, 8, seed=5, epoch=3))
+    assert not np.array_equal(a, pipeline.epoch_batches(37, 8, seed=5, epoch=4))
+    # Column j always draws from lane j: the process feeding those columns owns those rows.
+    lanes = pipeline.lanes(37, 8, seed=5)
+    assert sorted(np.concatenate(lanes).tolist()) == list(range(37))
+    for epoch in range(1, 6):
+        batches = pipeline.epoch_batches(37, 8, seed=5, epoch=epoch)
+        for j, lane in enumerate(lanes):
+            assert set(batches[:, j].tolist()) <= set(lane.tolist())
+    # Over epochs every row is used (the left-over rows differ from epoch to epoch).
+    used = set(np.concatenate([pipeline.epoch_batches(37, 8, 5, e).ravel() for e in range(1, 9)]).tolist())
+    assert used == set(range(37))
+
+
+def test_processes_own_disjoint_rows_that_cover_their_columns():
+    """Each of P processes feeds columns share(P) of every global batch and owns exactly
+    the rows those columns draw from: the shares are disjoint and cover the data."""
+    for processes in (1, 2, 4):
+        owned = [pipeline.owned_rows(37, 8, 5, p, processes) for p in range(processes)]
+        assert sorted(np.concatenate(owned).tolist()) == list(range(37))
+        batches = pipeline.epoch_batches(37, 8, seed=5, epoch=2)
+        for p in range(processes):
+            assert set(batches[:, pipeline.share(8, p, processes)].ravel().tolist()) <= set(owned[p].tolist())
+    with pytest.raises(ConfigError, match="batch_size=8 is larger than the 5 training images"):
+        pipeline.lanes(5, 8, seed=0)
+
+
+def test_grain_batches_decode_each_requested_row_once():
+    images = np.arange(9, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    split = preprocess.Split.from_arrays(images, np.zeros((9, 2, 2), bool), np.zeros(9), ["good"] * 9,
+                                         [str(i) for i in range(9)])
+    before = pipeline.decoded["unit"]
+    rows = [np.array([4, 2, 7]), np.array([0, 8, 8])]
+    out = list(pipeline.load_batches(split, rows, "unit", with_masks=True))
+    assert [b["image"][:, 0, 0, 0].tolist() for b in out] == [[4, 2, 7], [0, 8, 8]]
+    assert out[0]["mask"].shape == (3, 2, 2)
+    assert pipeline.decoded["unit"] - before == 6
 
 
 def test_evaluation_sees_every_image_exactly_once():
@@ -149,15 +182,15 @@ def test_official_tar_archive_is_accepted(synth_root, tmp_path):
 
 
 def test_hold_out_is_disjoint_and_a_function_of_the_seed():
-    split = preprocess.Split(np.arange(10)[:, None, None, None].astype(np.uint8) * np.ones((1, 2, 2, 3), np.uint8),
-                             np.zeros((10, 2, 2), bool), np.zeros(10, np.int32), ["good"] * 10,
-                             [f"{i}.png" for i in range(10)])
+    split = preprocess.Split.from_arrays(
+        np.arange(10)[:, None, None, None].astype(np.uint8) * np.ones((1, 2, 2, 3), np.uint8),
+        np.zeros((10, 2, 2), bool), np.zeros(10, np.int32), ["good"] * 10, [f"{i}.png" for i in range(10)])
     kept, held = data.hold_out(split, 3, seed=111)
     assert len(kept) == 7 and len(held) == 3
     assert sorted(kept.filenames + held.filenames) == sorted(split.filenames)
     assert data.hold_out(split, 3, seed=111)[1].filenames == held.filenames
     assert data.hold_out(split, 3, seed=5)[1].filenames != held.filenames
-    np.testing.assert_array_equal(held.images[:, 0, 0, 0], [int(f.split(".")[0]) for f in held.filenames])
+    np.testing.assert_array_equal(held.images()[:, 0, 0, 0], [int(f.split(".")[0]) for f in held.filenames])
     assert data.hold_out(split, 0, seed=1) == (split, None)
     with pytest.raises(ConfigError, match="validation_size=10 leaves no training images"):
         data.hold_out(split, 10, seed=1)

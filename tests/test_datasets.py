@@ -64,7 +64,7 @@ def reevaluate(workdir, split):
     AUROCs computed from them match the run's within 1e-6 (1e-5 for the sum of the map):
     the maps differ at most by float32 rounding between batch sizes, which changes a
     ranking only where two scores tie to ~1e-7 relative (see test_train.py)."""
-    return rdjax.load(workdir).predict_resized(split.images)
+    return rdjax.load(workdir).predict_resized(split.images())
 
 
 def test_visa_split_and_masks(visa_root, source, tmp_path):
@@ -76,7 +76,7 @@ def test_visa_split_and_masks(visa_root, source, tmp_path):
     # 0/1 masks are binarized before the resize: they match the 0/255 originals.
     want = np.asarray(Image.open(source / "disk/ground_truth/hole/000_mask.png").resize((64, 64), Image.BILINEAR)) > 127
     i = test.filenames.index("anomaly/000.JPG")
-    np.testing.assert_array_equal(test.masks[i], want)
+    np.testing.assert_array_equal(test.masks()[i], want)
 
 
 def test_visa_unknown_category(visa_root, tmp_path):
@@ -101,7 +101,7 @@ def test_visa_all_categories_through_the_cli(visa_root, tmp_path):
     _, test = data.build(dict_with(small_config(tmp_path).dataset, name="visa", root=str(visa_root),
                                    data_dir=str(tmp_path / "tfds"))).load("pcb1", 64)
     maps, _ = reevaluate(tmp_path / "w" / "pcb1", test)
-    assert metrics["pixel_auroc"] == pytest.approx(roc_auc_score(test.masks.ravel(), maps.ravel()), abs=1e-6)
+    assert metrics["pixel_auroc"] == pytest.approx(roc_auc_score(test.masks().ravel(), maps.ravel()), abs=1e-6)
 
 
 def dict_with(node, **changes):
@@ -129,7 +129,7 @@ def test_folder_dataset(source, tmp_path, with_masks):
     maps, scores = reevaluate(tmp_path / "w", test)
     assert result["image_auroc"] == pytest.approx(roc_auc_score(test.labels, scores), abs=1e-6)
     if with_masks:
-        assert result["pixel_auroc"] == pytest.approx(roc_auc_score(test.masks.ravel(), maps.ravel()), abs=1e-6)
+        assert result["pixel_auroc"] == pytest.approx(roc_auc_score(test.masks().ravel(), maps.ravel()), abs=1e-6)
         assert not result["warnings"][1:]
     else:
         assert np.isnan(result["pixel_auroc"]) and np.isnan(result["aupro"])
@@ -160,9 +160,9 @@ def test_novelty_split_protocol(mock_tfds, name, tmp_path):
     assert len(train_split) == int((all_train == 3).sum()) and not train_split.labels.any()
     assert len(test) == len(all_test)
     np.testing.assert_array_equal(test.labels, (all_test != 3).astype(int))
-    assert train_split.images.shape[1:] == (32, 32, 3) and not test.has_masks
+    assert train_split.images().shape[1:] == (32, 32, 3) and not test.has_masks
     if name != "cifar10":  # grayscale -> three equal channels
-        np.testing.assert_array_equal(test.images[..., 0], test.images[..., 2])
+        np.testing.assert_array_equal(test.images()[..., 0], test.images()[..., 2])
 
 
 @pytest.mark.slow

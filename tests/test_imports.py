@@ -30,6 +30,7 @@ RANKS = [
     {"rdjax.steps"},
     {"rdjax.maps"},
     {"rdjax.metrics", "rdjax.calibration"},
+    {"rdjax.evaluation"},
     {"rdjax.outputs", "rdjax.report", "rdjax.evaluators"},
     {"rdjax.train", "rdjax.inference"},
     {"rdjax.predict", "rdjax.export", "rdjax.port"},

@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 import rdjax
 from conftest import rdjax_cli, small_config, subprocess_run
-from rdjax import calibration, data, train
+from rdjax import calibration, data, metrics, train
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,8 @@ def test_normalized_scores_formula():
 def test_quantile_calibration():
     rng = np.random.default_rng(1)
     scores, maps = rng.random(50), rng.random((50, 4, 4))
-    cal = calibration.calibrate("quantile", scores, np.zeros(50), maps, np.zeros((50, 4, 4), bool), 0.9, "held out")
+    pixels = metrics.PixelStats(lo=float(maps.min()), hi=float(maps.max()), maps=maps, masks=np.zeros((50, 4, 4), bool))
+    cal = calibration.calibrate("quantile", scores, np.zeros(50), pixels, 0.9, "held out")
     assert cal["image_threshold"] == pytest.approx(np.quantile(scores, 0.9))
     assert cal["pixel_threshold"] == pytest.approx(np.quantile(maps, 0.9))
     assert (cal["score_min"], cal["score_max"]) == (scores.min(), scores.max())
@@ -176,7 +177,7 @@ def test_quantile_threshold_from_held_out_images(workdir, tmp_path):
     model = rdjax.load(tmp_path / "q")
     train_split, _ = data.build(config.dataset).load("disk", 64)
     held = data.hold_out(train_split, 8, config.seed)[1]
-    scores = model.predict_resized(held.images)[1]
+    scores = model.predict_resized(held.images())[1]
     assert cal["image_threshold"] == pytest.approx(float(np.quantile(scores, 0.75)), rel=1e-6)
     assert json.loads((tmp_path / "q" / "train_log.json").read_text())[0]["step"] == 1  # 8 images left, batch 8
 

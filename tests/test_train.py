@@ -35,10 +35,10 @@ def test_metrics_equal_an_independent_recomputation(trained):
     the same curve (1e-5)."""
     config, workdir, result = trained
     _, test = data.build(config.dataset).load("disk", 64)
-    maps, scores = rdjax.load(workdir).predict_resized(test.images)
+    maps, scores = rdjax.load(workdir).predict_resized(test.images())
     assert result["image_auroc"] == pytest.approx(roc_auc_score(test.labels, scores), abs=1e-6)
-    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(test.masks.ravel(), maps.ravel()), abs=1e-6)
-    assert result["aupro"] == pytest.approx(metrics.aupro(maps, test.masks), abs=1e-5)
+    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(test.masks().ravel(), maps.ravel()), abs=1e-6)
+    assert result["aupro"] == pytest.approx(metrics.aupro(maps, test.masks()), abs=1e-5)
     assert result["num_images"] == len(test) == 4 + 3 * 3
 
 

@@ -46,9 +46,13 @@ def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
 
 
 def header_size(data: bytes, name: str) -> tuple[int, int]:
-    """(width, height) from the file header; a DataError naming ``name`` if there is none."""
+    """(width, height) from the file header, after PIL's verify() (for PNG it checks every
+    chunk's CRC, so a truncated file is caught without decoding the pixels); a DataError
+    naming ``name`` if the file fails. Damage verify() cannot see (inside a JPEG's
+    entropy-coded data) surfaces when the image is decoded, as the same one-line error."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            img.verify()
             return img.size
     except Exception as e:
         raise DataError(f"{name}: not a readable image ({type(e).__name__})") from None
