@@ -10,6 +10,7 @@ written before it. `run(argv)` is the same command in-process (tests use it).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 from pathlib import Path
@@ -47,7 +48,29 @@ def define_run_flags(fv: flags.FlagValues, argv: list[str]) -> None:
                          flag_values=fv)
     flags.DEFINE_integer("process_id", None, "This process's index, where the platform does not supply it.",
                          flag_values=fv)
+    flags.DEFINE_string("compilation_cache", default_compilation_cache(),
+                        "Persistent XLA compilation cache folder ('' turns it off); default: "
+                        "$JAX_COMPILATION_CACHE_DIR, else the user's cache folder.", flag_values=fv)
     flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+
+
+def default_compilation_cache() -> str:
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rdjax" / "xla")
+
+
+def use_compilation_cache(directory: str) -> None:
+    """Keep every compiled program on disk: a repeated run, and each category of
+    category='all' after the first, skips compiling the same steps again. Programs are
+    keyed by their HLO, jax version and devices, so a stale entry is never used."""
+    import jax
+
+    if not directory:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def initialize_distributed(fv: flags.FlagValues) -> None:
@@ -67,6 +90,7 @@ def run_training(fv: flags.FlagValues, mode: str) -> None:
 
     from rdjax import train
 
+    use_compilation_cache(fv.compilation_cache)
     initialize_distributed(fv)
     workdir = Path(fv.workdir)
     results = train.run(fv.config, workdir, mode)

@@ -91,7 +91,7 @@ def test_visa_all_categories_through_the_cli(visa_root, tmp_path):
         "train", "--config=visa", f"--workdir={tmp_path / 'w'}", f"--config.dataset.root={visa_root}",
         "--config.dataset.category=all", f"--config.dataset.data_dir={tmp_path / 'tfds'}",
         "--config.model.arch=resnet18", "--config.model.teacher_weights=none", "--config.image_size=64",
-        "--config.num_epochs=1")
+        "--config.num_epochs=1", "--config.batch_size=8")  # VisA's 16: more than these 8 training images
     assert result.code == 0, result.stderr[-3000:]
     table = (tmp_path / "w" / "results.md").read_text()
     assert "| candle |" in table and "| pcb1 |" in table and "**mean**" in table
@@ -173,6 +173,7 @@ def test_novelty_trains_and_reports_both_scores(mock_tfds, tmp_path):
     config.dataset.normal_class = "3"
     config.model.teacher_weights = "none"
     config.num_epochs = 1
+    config.batch_size = 8  # the mock has 12 training images of class 3
     assert config.imagenet_normalize is False  # as the official MNIST helper
     results = train.run(config, tmp_path / "w")
     assert list(results) == ["class_3"]

@@ -52,8 +52,7 @@ def runs(synth_root, tmp_path_factory):
         _cli(synth_root, base / "p2", 1, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}")
         for i in range(2)
     ]
-    for p in procs:
-        _finish(p)
+    out["stdout"] = [_finish(p) for p in procs]
     out["p2"] = base / "p2"
     return out
 
@@ -68,6 +67,16 @@ def test_two_processes_equal_one_process(runs):
     m1, m2 = (json.loads((runs[n] / "metrics.json").read_text()) for n in ("d2", "p2"))
     for key in ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max", "num_images"):
         assert m2[key] == m1[key], key
+
+
+@pytest.mark.slow
+def test_each_process_decodes_only_its_share(runs):
+    """16 training images, batch 8: each of the two processes owns the rows of its 4
+    lanes (8 images) and decodes each once, to fill its feature cache; the 13 test
+    images are 2 global batches of 8 (the last padded), 4 rows of each per process."""
+    for i, out in enumerate(runs["stdout"]):
+        line = next(x for x in out.splitlines() if x.startswith(f"process {i} of 2: decoded"))
+        assert line == f"process {i} of 2: decoded 8 training and 8 test images", line
 
 
 @pytest.mark.slow

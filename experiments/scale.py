@@ -1,0 +1,99 @@
+"""Host memory and speed against the size of the data: one epoch plus evaluation per row,
+each in a fresh process (`python -m rdjax.main`), on synthetic data it generates itself.
+
+  python experiments/scale.py                                  # 100 and 800 images, resnet18, 256 px
+  python experiments/scale.py --train=10000 --test=2000        # the large run of docs/scaling.md
+  python experiments/scale.py --arch=wide_resnet50_2 --size=1024 --train=50 --test=20 --batch=2
+
+Peak RSS is the child's own (os.wait4), so rows do not mix. Images/s come from the
+run's train_log.json and metrics.json. Prints a markdown table with the machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def dataset(base: Path, size: int, train: int, test: int) -> Path:
+    """A one-category MVTec-layout folder (weave), made once per shape: a third of the
+    test images are normal, the rest split over the three defect types."""
+    from rdjax.data import synthetic
+
+    root = base / f"weave_{size}px_{train}_{test}"
+    per_defect = max((test - test // 3) // 3, 1)
+    return synthetic.generate(root, categories=("weave",), size=size, num_train=train,
+                              num_test_good=test - 3 * per_defect, num_per_defect=per_defect)
+
+
+def run(args: argparse.Namespace, root: Path, workdir: Path) -> dict:
+    cmd = [sys.executable, "-m", "rdjax.main", "--config=synthetic", f"--workdir={workdir}",
+           f"--config.dataset.root={root}", f"--config.dataset.data_dir={root / '_tfds'}",
+           "--config.dataset.category=weave", f"--config.model.arch={args.arch}",
+           f"--config.image_size={args.size}", f"--config.batch_size={args.batch}",
+           f"--config.eval_batch_size={args.eval_batch}", "--config.num_epochs=1",
+           f"--config.feature_cache={args.feature_cache}"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"run failed ({status}):\n{out[-3000:]}")
+    log = json.loads((workdir / "train_log.json").read_text())[-1]
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    cache = next((line for line in out.splitlines() if line.startswith("feature cache:")), "")
+    return {"peak_rss_gb": usage.ru_maxrss / 2**20, "train_img_s": log["images_per_second"],
+            "eval_img_s": metrics["eval_images_per_second"], "pixel_metrics": metrics.get("pixel_metrics"),
+            "feature_cache": log.get("feature_cache"), "seconds": seconds, "cache_line": cache}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", default="100,800", help="training images per row, comma-separated")
+    parser.add_argument("--test", default="100,800", help="test images per row (paired with --train)")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--eval_batch", type=int, default=16)
+    parser.add_argument("--feature_cache", default="auto")
+    parser.add_argument("--data", default="/tmp/rdjax_scale", help="where generated data and workdirs go")
+    args = parser.parse_args()
+    trains = [int(x) for x in args.train.split(",")]
+    tests = [int(x) for x in args.test.split(",")]
+    if len(tests) == 1:
+        tests = tests * len(trains)
+    base = Path(args.data)
+    print(f"{cpu_model()}, {os.cpu_count()} cores; {datetime.date.today()}; {args.arch} {args.size} px, "
+          f"batch {args.batch}, feature_cache={args.feature_cache}")
+    print("| train images | test images | peak RSS (GB) | train img/s | eval img/s | feature cache | pixel metrics |")
+    print("|---|---|---|---|---|---|---|")
+    for train, test in zip(trains, tests):
+        root = dataset(base, args.size, train, test)
+        workdir = base / "runs" / f"{args.arch}_{args.size}_{train}_{test}_{args.feature_cache}_{time.time_ns()}"
+        r = run(args, root, workdir)
+        print(f"| {train} | {test} | {r['peak_rss_gb']:.2f} | {r['train_img_s']:.2f} | {r['eval_img_s']:.2f} "
+              f"| {r['feature_cache']} | {r['pixel_metrics']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
