@@ -1,9 +1,10 @@
-"""Host memory and speed against the size of the data: one epoch plus evaluation per row,
+"""Host memory and speed against the size of the data: training plus evaluation per row,
 each in a fresh process (`python -m rdjax.main`), on synthetic data it generates itself.
 
   python experiments/scale.py                                  # 100 and 800 images, resnet18, 256 px
   python experiments/scale.py --train=10000 --test=2000        # the large run of docs/scaling.md
   python experiments/scale.py --arch=wide_resnet50_2 --size=1024 --train=50 --test=20 --batch=2
+  python experiments/scale.py --size=128 --train=48 --test=48 --batch=8 --epochs=3 --feature_cache=memory,disk
 
 Peak RSS is the child's own (os.wait4), so rows do not mix. Images/s come from the
 run's train_log.json and metrics.json. Prints a markdown table with the machine and date.
@@ -16,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -45,13 +47,14 @@ def dataset(base: Path, size: int, train: int, test: int) -> Path:
                               num_test_good=test - 3 * per_defect, num_per_defect=per_defect)
 
 
-def run(args: argparse.Namespace, root: Path, workdir: Path) -> dict:
+def run(args: argparse.Namespace, root: Path, workdir: Path, mode: str) -> dict:
     cmd = [sys.executable, "-m", "rdjax.main", "--config=synthetic", f"--workdir={workdir}",
            f"--config.dataset.root={root}", f"--config.dataset.data_dir={root / '_tfds'}",
            "--config.dataset.category=weave", f"--config.model.arch={args.arch}",
            f"--config.image_size={args.size}", f"--config.batch_size={args.batch}",
-           f"--config.eval_batch_size={args.eval_batch}", "--config.num_epochs=1",
-           f"--config.feature_cache={args.feature_cache}"]
+           f"--config.eval_batch_size={args.eval_batch}", f"--config.num_epochs={args.epochs}",
+           f"--config.eval_every={args.epochs}",
+           f"--config.feature_cache={mode}"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = proc.stdout.read()
@@ -61,10 +64,9 @@ def run(args: argparse.Namespace, root: Path, workdir: Path) -> dict:
         raise SystemExit(f"run failed ({status}):\n{out[-3000:]}")
     log = json.loads((workdir / "train_log.json").read_text())[-1]
     metrics = json.loads((workdir / "metrics.json").read_text())
-    cache = next((line for line in out.splitlines() if line.startswith("feature cache:")), "")
     return {"peak_rss_gb": usage.ru_maxrss / 2**20, "train_img_s": log["images_per_second"],
             "eval_img_s": metrics["eval_images_per_second"], "pixel_metrics": metrics.get("pixel_metrics"),
-            "feature_cache": log.get("feature_cache"), "seconds": seconds, "cache_line": cache}
+            "feature_cache": log.get("feature_cache"), "seconds": seconds}
 
 
 def main() -> None:
@@ -75,7 +77,9 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--eval_batch", type=int, default=16)
-    parser.add_argument("--feature_cache", default="auto")
+    parser.add_argument("--epochs", type=int, default=1, help="train img/s is the last epoch's (the first "
+                        "includes compiling the step)")
+    parser.add_argument("--feature_cache", default="auto", help="one or more modes, comma-separated: a row each")
     parser.add_argument("--data", default="/tmp/rdjax_scale", help="where generated data and workdirs go")
     args = parser.parse_args()
     trains = [int(x) for x in args.train.split(",")]
@@ -84,15 +88,18 @@ def main() -> None:
         tests = tests * len(trains)
     base = Path(args.data)
     print(f"{cpu_model()}, {os.cpu_count()} cores; {datetime.date.today()}; {args.arch} {args.size} px, "
-          f"batch {args.batch}, feature_cache={args.feature_cache}")
-    print("| train images | test images | peak RSS (GB) | train img/s | eval img/s | feature cache | pixel metrics |")
-    print("|---|---|---|---|---|---|---|")
+          f"batch {args.batch}, eval batch {args.eval_batch}, {args.epochs} epoch(s) plus evaluation", flush=True)
+    print("| train images | test images | feature_cache | peak RSS (GB) | train img/s | eval img/s | wall (s) | pixel metrics |")
+    print("|---|---|---|---|---|---|---|---|")
     for train, test in zip(trains, tests):
         root = dataset(base, args.size, train, test)
-        workdir = base / "runs" / f"{args.arch}_{args.size}_{train}_{test}_{args.feature_cache}_{time.time_ns()}"
-        r = run(args, root, workdir)
-        print(f"| {train} | {test} | {r['peak_rss_gb']:.2f} | {r['train_img_s']:.2f} | {r['eval_img_s']:.2f} "
-              f"| {r['feature_cache']} | {r['pixel_metrics']} |", flush=True)
+        for mode in args.feature_cache.split(","):
+            workdir = base / "runs" / f"{args.arch}_{args.size}_{train}_{test}_{mode}_{time.time_ns()}"
+            r = run(args, root, workdir, mode)
+            chosen = mode if mode == r["feature_cache"] else f"{mode} -> {r['feature_cache']}"
+            print(f"| {train} | {test} | {chosen} | {r['peak_rss_gb']:.2f} | {r['train_img_s']:.2f} "
+                  f"| {r['eval_img_s']:.2f} | {r['seconds']:.0f} | {r['pixel_metrics']} |", flush=True)
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

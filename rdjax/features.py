@@ -6,8 +6,11 @@
   disk    the same share written once to .npy files and read back row by row with
           pread, so host memory stays flat (the page cache is the kernel's to evict);
   off     no cache: the teacher runs in every step (what augmentation and RD++ need);
-  auto    memory if the share takes at most half of the available memory, else disk if
-          the disk has room, else off; the choice is logged with its figures.
+  auto    memory for a share of at most AUTO_MEMORY_MAX_BYTES (1 GiB) that fits in half the
+          available memory; beyond that disk if the disk has room, since through the page
+          cache it trains as fast as memory (docs/scaling.md) while leaving the process's
+          own memory flat and the kernel free to evict it; else memory if it fits in half
+          the available memory, else off. The choice is logged with its figures.
 
 With no augmentation (the paper's protocol) the frozen teacher's features are identical
 in every epoch, so memory and disk train the same weights as off.
@@ -30,6 +33,7 @@ from rdjax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from rdjax.errors import ConfigError
 
 Features = tuple[jax.Array, ...]
+AUTO_MEMORY_MAX_BYTES = 2**30
 
 
 def normalize(images: jax.Array, imagenet: bool = True) -> jax.Array:
@@ -106,10 +110,12 @@ def choose_mode(requested: str, need: int, directory: Path) -> tuple[str, str]:
                           f"set config.feature_cache_dir, or use 'off'")
     if requested != "auto":
         return requested, figures
-    if need <= memory // 2:
+    if need <= min(AUTO_MEMORY_MAX_BYTES, memory // 2):
         return "memory", figures
     if need <= disk * 0.8:
         return "disk", figures
+    if need <= memory // 2:
+        return "memory", figures
     return "off", figures
 
 

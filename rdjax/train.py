@@ -50,7 +50,7 @@ class Run:
 
     @property
     def steps_per_epoch(self) -> int:
-        return pipeline.steps_per_epoch(len(self.train), self.config.batch_size)
+        return max(pipeline.steps_per_epoch(len(self.train), self.config.batch_size), 1)
 
     @property
     def eval_batch(self) -> int:
@@ -66,7 +66,8 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
     dataset = dataset or data.build(config.dataset)
     train_split, test_split = dataset.load(config.dataset.category, config.image_size)
     train_split, validation = data.hold_out(train_split, config.threshold.validation_size, config.seed)
-    pipeline.lanes(len(train_split), config.batch_size, config.seed)  # fails if the batch is larger than the data
+    if writing:
+        pipeline.lanes(len(train_split), config.batch_size, config.seed)  # fails if the batch is larger than the data
     teacher_vars, warnings, saved = teacher.for_run(config, model, workdir)  # a bad weights file fails here
     if writing:
         student = model.abstract_variables()[1]

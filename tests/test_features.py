@@ -34,19 +34,16 @@ def test_memory_and_disk_train_bit_identical_weights(trained_modes):
     jax.tree_util.tree_map(np.testing.assert_array_equal, a.opt_state, b.opt_state)
 
 
-def test_off_trains_the_same_weights_to_float32_tolerance(trained_modes):
-    """'off' computes the teacher inside the step, where the compiler may fuse and order
-    float32 sums differently from the caching pass: features then differ by float32
-    rounding (~1e-7 relative). At a random init those gradients are ill-conditioned, but
-    Adam bounds every update by about the learning rate, so after 4 steps no parameter
-    can move more than 4 * 2 * lr apart; in practice they agree far closer, so the test
-    asserts a tenth of a single update, and equal per-epoch losses to 1e-4."""
-    a, b = restore_state(trained_modes["memory"][0])[0], restore_state(trained_modes["off"][0])[0]
-    lr = 0.005
-    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=0.1 * lr, rtol=0)
+def test_off_trains_end_to_end(trained_modes):
+    """The 'off' run trains and evaluates like the others; that it computes the same
+    function is shown in float64 below (in float32 its weights drift from the cached
+    runs' by rounding, as between device counts: docs/scaling.md)."""
     ra, rb = trained_modes["memory"][1], trained_modes["off"][1]
-    assert rb["image_auroc"] == pytest.approx(ra["image_auroc"], abs=0.1)
+    assert rb["step"] == ra["step"] == 4 and rb["num_images"] == ra["num_images"]
+    log_a, log_b = _log(trained_modes["memory"][0]), _log(trained_modes["off"][0])
+    # The first epoch starts from the same state on the same batches: its mean loss agrees
+    # to float32 rounding of the features (~1e-7) amplified by at most one Adam step.
+    assert log_b[0]["loss"] == pytest.approx(log_a[0]["loss"], rel=1e-2)
 
 
 def test_each_mode_decodes_what_it_needs(trained_modes):
@@ -93,9 +90,13 @@ def test_auto_chooses_by_the_figures(monkeypatch, tmp_path):
     gib = 2**30
     monkeypatch.setattr(features, "available_memory", lambda: 8 * gib)
     monkeypatch.setattr(features, "_free_disk", lambda d: 100 * gib)
-    assert features.choose_mode("auto", 3 * gib, tmp_path)[0] == "memory"  # at most half the memory
-    assert features.choose_mode("auto", 5 * gib, tmp_path)[0] == "disk"
-    assert features.choose_mode("auto", 90 * gib, tmp_path)[0] == "off"
+    assert features.choose_mode("auto", gib // 2, tmp_path)[0] == "memory"  # small: kept in the process
+    assert features.choose_mode("auto", 3 * gib, tmp_path)[0] == "disk"  # larger: through the page cache
+    assert features.choose_mode("auto", 90 * gib, tmp_path)[0] == "off"  # fits nowhere
+    monkeypatch.setattr(features, "_free_disk", lambda d: 1 * gib)
+    assert features.choose_mode("auto", 3 * gib, tmp_path)[0] == "memory"  # no disk room, memory has
+    assert features.choose_mode("auto", 5 * gib, tmp_path)[0] == "off"  # more than half the memory
+    monkeypatch.setattr(features, "_free_disk", lambda d: 100 * gib)
     assert "features 5.00 GiB, available memory 8.0 GiB" in features.choose_mode("auto", 5 * gib, tmp_path)[1]
     with pytest.raises(ConfigError, match=r"feature_cache='memory' does not fit .* use 'disk', 'off' or 'auto'"):
         features.choose_mode("memory", 9 * gib, tmp_path)
@@ -113,3 +114,32 @@ def test_feature_size_estimate_matches_the_teacher():
     shapes = features.feature_shapes(model, 64)
     assert [s.shape for s in shapes] == [f.shape[1:] for f in real]
     assert features.bytes_per_image(shapes) == sum(f.nbytes for f in real)
+
+
+def test_off_step_equals_the_cached_step_in_float64():
+    """The 'off' step (teacher inside the jitted step) against the cached path (the
+    caching pass's teacher function, then the step on its features): three Adam steps
+    from the same state on the same images, in float64, where the ill-conditioning of
+    these gradients at a random init (percent-level in float32, see test_invariance.py)
+    stays ~1e-9: parameters agree to rtol 1e-6, atol 1e-7."""
+    from rdjax import sharding, steps
+    from rdjax.models import RD4AD
+
+    with jax.enable_x64(True):
+        model = RD4AD("resnet18", "float64")
+        cast = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)  # noqa: E731
+        teacher_vars, student_vars = (cast(v) for v in RD4AD("resnet18").init(jax.random.key(0), 32))
+        tx = steps.make_optimizer()
+        mesh = sharding.make_mesh()
+        images = [np.random.default_rng(i).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8) for i in range(3)]
+        off = steps.make_image_train_step(model, tx, mesh)
+        cached = steps.make_train_step(model, tx, mesh)
+        teacher = jax.jit(features.teacher_fn(model, True))
+        a, b = (steps.create_train_state(student_vars, tx) for _ in range(2))  # each step donates its own
+        for x in images:
+            a, loss_a = off(a, teacher_vars, x)
+            b, loss_b = cached(b, teacher(teacher_vars, x))
+            assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-12)
+        assert jax.tree_util.tree_leaves(a.params)[0].dtype == np.float64
+        for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)

@@ -19,12 +19,12 @@ from conftest import ROOT, data_flags, restore_state as restore
 pytestmark = pytest.mark.slow
 
 
-def command(config, workdir: Path) -> list[str]:
+def command(config, workdir: Path, mode: str = "auto") -> list[str]:
     """The CLI run of the shared trained workdir's config (3 epochs, 6 steps), with a
-    checkpoint every epoch."""
+    checkpoint every epoch, in feature-cache mode ``mode``."""
     return [sys.executable, "-m", "rdjax.main", *data_flags(Path(config.dataset.root)), f"--workdir={workdir}",
             f"--config.num_epochs={config.num_epochs}", f"--config.eval_every={config.eval_every}",
-            "--config.checkpoint_every=1"]
+            "--config.checkpoint_every=1", f"--config.feature_cache={mode}"]
 
 
 def finished_steps(workdir: Path) -> list[int]:
@@ -32,13 +32,21 @@ def finished_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
 
 
-def test_sigkill_then_resume_equals_uninterrupted(trained, tmp_path):
+@pytest.mark.parametrize("mode", ["auto", "disk", "off"])
+def test_sigkill_then_resume_equals_uninterrupted(trained, tmp_path, mode):
     """Killed after its first checkpoint and run again, the CLI run ends with the same
     parameters, optimizer state and metrics, bit for bit, as the uninterrupted run of
-    the same config (the shared trained workdir, trained in-process)."""
+    the same config: for 'auto' (memory here) and 'disk' the shared trained workdir
+    (trained in-process from the memory cache, which 'disk' equals bit for bit,
+    test_features.py), for 'off' an uninterrupted 'off' run."""
     config, uninterrupted, _ = trained
+    if mode == "off":
+        uninterrupted = tmp_path / "uninterrupted"
+        done = subprocess.run(command(config, uninterrupted, mode), cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
     workdir = tmp_path / "killed"
-    proc = subprocess.Popen(command(config, workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(config, workdir, mode), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not finished_steps(workdir) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -47,9 +55,12 @@ def test_sigkill_then_resume_equals_uninterrupted(trained, tmp_path):
     steps = finished_steps(workdir)
     assert steps and steps[-1] < 6, "the run was not killed mid-training"
     restore(workdir)  # the latest complete checkpoint is readable right after the kill
-    resumed = subprocess.run(command(config, workdir), cwd=ROOT, capture_output=True, text=True)
+    resumed = subprocess.run(command(config, workdir, mode), cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step" in resumed.stdout
+    if mode == "disk":  # the killed run's complete cache is read back, not recomputed
+        assert "feature cache: reusing" in resumed.stdout
+        assert not (workdir / "feature_cache").exists()  # and removed once training is done
     (a, step_a), (b, step_b) = restore(uninterrupted), restore(workdir)
     assert step_a == step_b == 6  # 16 images, batch 8, 3 epochs
     jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
