@@ -23,7 +23,7 @@ from rdjax import workdir as workdir_lib
 from rdjax.data import pipeline
 from rdjax.data.pipeline import prefetch
 from rdjax.data.preprocess import Split
-from rdjax.errors import DataError, TrainingError, WorkdirError
+from rdjax.errors import ConfigError, DataError, TrainingError, WorkdirError
 from rdjax.registry import MODELS
 
 
@@ -47,6 +47,8 @@ class Run:
     train: Split
     test: Split
     validation: Split | None
+    feature_mode: str = "off"  # config.feature_cache resolved (training only)
+    feature_dir: Path | None = None  # where 'disk' keeps this process's share
 
     @property
     def steps_per_epoch(self) -> int:
@@ -66,8 +68,11 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
     dataset = dataset or data.build(config.dataset)
     train_split, test_split = dataset.load(config.dataset.category, config.image_size)
     train_split, validation = data.hold_out(train_split, config.threshold.validation_size, config.seed)
+    check_exact_metrics(config, max(len(test_split), len(validation or ())))
+    feature_mode, feature_dir = "off", None
     if writing:
         pipeline.lanes(len(train_split), config.batch_size, config.seed)  # fails if the batch is larger than the data
+        feature_mode, feature_dir = _feature_mode(config, model, workdir, len(train_split))
     teacher_vars, warnings, saved = teacher.for_run(config, model, workdir)  # a bad weights file fails here
     if writing:
         student = model.abstract_variables()[1]
@@ -80,8 +85,21 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
         config=config, workdir=workdir, model=model, mesh=mesh,
         put=functools.partial(sharding.put_batch, sharding=sharding.batch_sharding(mesh)),
         teacher_vars=jax.device_put(teacher_vars, sharding.replicated(mesh)), warnings=warnings,
-        train=train_split, test=test_split, validation=validation,
+        train=train_split, test=test_split, validation=validation, feature_mode=feature_mode, feature_dir=feature_dir,
     )
+
+
+EXACT_BYTES_PER_PIXEL = 48  # maps and masks kept, then the exact metrics' sort and float64 weights
+
+
+def check_exact_metrics(config: Any, images: int) -> None:
+    """Exact pixel metrics keep every map: refuse before any work where that cannot fit."""
+    pixels = images * config.image_size ** 2
+    need, have = EXACT_BYTES_PER_PIXEL * pixels, features.available_memory()
+    if pixels <= config.exact_metrics_max_pixels and need > have:
+        raise ConfigError(
+            f"exact pixel metrics over {pixels} pixels need about {need / 2**30:.1f} GiB but "
+            f"{have / 2**30:.1f} GiB are available; lower config.exact_metrics_max_pixels (binned metrics)")
 
 
 def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, writer: Any = None) -> dict:
@@ -127,18 +145,24 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, writer:
     return result
 
 
-def _feature_mode(run: Run, need: int, directory: Path) -> str:
-    """config.feature_cache resolved on every process, then agreed on: the most frugal
-    choice of any process wins, since 'off' compiles a different step."""
-    mode, figures = features.choose_mode(run.config.feature_cache, need, directory)
-    if jax.process_count() > 1:
+def _feature_mode(config: Any, model: Any, workdir: Path, rows: int) -> tuple[str, Path]:
+    """config.feature_cache resolved for this process's share of ``rows`` training rows,
+    then agreed on by all processes: the most frugal choice of any process wins, since
+    'off' compiles a different step. Returns (mode, the folder 'disk' uses)."""
+    p, count = jax.process_index(), jax.process_count()
+    owned = len(pipeline.owned_rows(rows, config.batch_size, config.seed, p, count))
+    folder = Path(config.feature_cache_dir).expanduser() / config.dataset.category if config.feature_cache_dir else (
+        workdir / "feature_cache")
+    directory = folder / f"process_{p}_of_{count}"
+    need = features.bytes_per_image(features.feature_shapes(model, config.image_size)) * owned
+    mode, figures = features.choose_mode(config.feature_cache, need, directory)
+    if count > 1:
         from jax.experimental import multihost_utils
 
         order = ("memory", "disk", "off")
         mode = order[int(np.max(multihost_utils.process_allgather(np.int32(order.index(mode)))))]
-    _log("feature cache: %s (%s%s)", mode, figures,
-         ", requested 'auto'" if run.config.feature_cache == "auto" else "")
-    return mode
+    _log("feature cache: %s (%s%s)", mode, figures, ", requested 'auto'" if config.feature_cache == "auto" else "")
+    return mode, directory
 
 
 def cached_features(run: Run, owned: np.ndarray, mode: str, directory: Path) -> Any:
@@ -208,16 +232,13 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
     owned = pipeline.owned_rows(n, batch, config.seed, jax.process_index(), jax.process_count())
     position = np.full(n, -1, np.int64)
     position[owned] = np.arange(len(owned))
-    directory = (Path(config.feature_cache_dir).expanduser() / config.dataset.category if config.feature_cache_dir
-                 else workdir / "feature_cache") / f"process_{jax.process_index()}_of_{jax.process_count()}"
-    need = features.bytes_per_image(features.feature_shapes(run.model, config.image_size)) * len(owned)
-    mode = _feature_mode(run, need, directory) if start_epoch < config.num_epochs else "off"
+    mode = run.feature_mode if start_epoch < config.num_epochs else "off"  # nothing left to train: no cache
     if mode == "off":
         store = None
         image_step = steps.make_image_train_step(run.model, tx, run.mesh, config.imagenet_normalize)
         step_fn = lambda state, images: image_step(state, run.teacher_vars, images)  # noqa: E731
     else:
-        store = cached_features(run, owned, mode, directory)
+        store = cached_features(run, owned, mode, run.feature_dir)
         step_fn = steps.make_train_step(run.model, tx, run.mesh)
     writer = None
     if jax.process_index() == 0:
