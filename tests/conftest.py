@@ -174,11 +174,10 @@ def restore_state(workdir: Path, arch: str = "resnet18"):
         return workdir_lib.restore_state(manager, template), manager.latest_step()
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, worker_id):
-    """(config, workdir, result): the demo config trained 3 epochs on a small 'disk'
-    category (16 images, batch 8: 6 steps), in-process. Made once for the whole run and
-    shared by the pytest-xdist workers (a file lock; the first one trains); tests must
+def _shared_run(tmp_path_factory, worker_id, name: str, **overrides):
+    """(config, workdir, result) of the demo config trained 3 epochs on a small 'disk'
+    category (16 images, batch 8: 6 steps), in-process, made once for the whole run and
+    shared by the pytest-xdist workers (a file lock; the first one trains). Tests must
     not change the workdir (copy it first)."""
     import json
 
@@ -189,13 +188,24 @@ def trained(tmp_path_factory, worker_id):
 
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if worker_id != "master" else base
-    workdir = shared / "trained_workdir"
+    root = shared / "trained_data"
+    workdir = shared / f"{name}_workdir"
+    config = small_config(root, num_epochs=3, eval_every=2, **overrides)
     with FileLock(str(shared / "trained.lock")):
         if not (workdir / "result.json").is_file():
-            root = synthetic.generate(shared / "trained_data", categories=("disk",), size=64, num_train=16,
-                                      num_test_good=4, num_per_defect=3)
-            result = train.train_and_evaluate(small_config(root, num_epochs=3, eval_every=2), workdir / "w")
+            synthetic.generate(root, categories=("disk",), size=64, num_train=16, num_test_good=4, num_per_defect=3)
+            result = train.train_and_evaluate(config, workdir / "w")
             workdir_lib.write_json(workdir / "result.json", result)
-    root = shared / "trained_data"
-    return (small_config(root, num_epochs=3, eval_every=2), workdir / "w",
-            json.loads((workdir / "result.json").read_text()))
+    return config, workdir / "w", json.loads((workdir / "result.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, worker_id):
+    """The shared run with the default feature cache ('auto': memory at this size)."""
+    return _shared_run(tmp_path_factory, worker_id, "trained")
+
+
+@pytest.fixture(scope="session")
+def trained_off(tmp_path_factory, worker_id):
+    """The same run with config.feature_cache='off' (the teacher in every step)."""
+    return _shared_run(tmp_path_factory, worker_id, "trained_off", feature_cache="off")

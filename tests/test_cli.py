@@ -195,7 +195,7 @@ def test_image_kinds_that_are_not_errors(root, tmp_path):
         fmt = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP"}[name.rsplit(".", 1)[1].lower()]
         (good / name).write_bytes(_encode(img, fmt))
     builder = mvtec.prepare(root, "disk", tmp_path / "tfds")
-    train = mvtec.load_split(builder, "train", 32)
+    train = mvtec.load_split(builder, "train", 32, root)
     assert len(train) == 8 + len(variants)
     assert train.images().shape[1:] == (32, 32, 3)
     gray = train.images()[train.filenames.index("good/gray.png")]

@@ -47,8 +47,8 @@ def test_synthetic_masks_are_exactly_the_changed_pixels(category, kind):
 
 def test_builder_reads_the_layout(synth_root, tmp_path):
     builder = mvtec.prepare(synth_root, "disk", tmp_path / "tfds")
-    train = mvtec.load_split(builder, "train", 32)
-    test = mvtec.load_split(builder, "test", 32)
+    train = mvtec.load_split(builder, "train", 32, synth_root)
+    test = mvtec.load_split(builder, "test", 32, synth_root)
     assert train.images().shape == (6, 32, 32, 3) and train.images().dtype == np.uint8
     assert len(test) == 3 + 3 * 2
     assert test.defect_types.count("good") == 3
@@ -69,7 +69,25 @@ def test_builder_sees_an_edited_folder(synth_root, tmp_path):
     (root / "disk/train/good/000.png").unlink()
     second = mvtec.prepare(root, "disk", tmp_path / "tfds")
     assert first.builder_config.name != second.builder_config.name
-    assert len(mvtec.load_split(second, "train", 32)) == 5
+    assert len(mvtec.load_split(second, "train", 32, root)) == 5
+
+
+def test_prepared_index_holds_paths_and_survives_a_moved_root(synth_root, tmp_path):
+    """The prepared records are paths relative to the root (a few bytes each, whatever
+    the image size), so a moved root reads the same pixels from its new place."""
+    import shutil
+
+    root = tmp_path / "before"
+    shutil.copytree(synth_root, root, ignore=shutil.ignore_patterns("_tfds"))
+    builder = mvtec.prepare(root, "disk", tmp_path / "tfds")
+    record = builder.as_data_source()["train"][0]
+    assert record["image"].decode().startswith("disk/train/good/") and record["mask"] == b""
+    before = mvtec.load_split(builder, "train", 32, root).images()
+    moved = tmp_path / "after"
+    root.rename(moved)
+    again = mvtec.prepare(moved, "disk", tmp_path / "tfds")
+    assert again.builder_config.name == builder.builder_config.name  # the same index, reused
+    np.testing.assert_array_equal(mvtec.load_split(again, "train", 32, moved).images(), before)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])

@@ -6,11 +6,15 @@ The builder reads MVTec's own folder layout from a manual directory:
   <root>/<category>/test/<type>/*.png               (type 'good' = normal)
   <root>/<category>/ground_truth/<type>/*_mask.png
 Any folder in this layout works (the synthetic one too; JPEG/BMP and upper-case
-extensions are accepted). The prepared dataset stores the original encoded files, not
-decoded pixels: decoding and resizing then happen with PIL, exactly as torchvision's
-Resize does in the official code (PIL's bilinear filter, which antialiases when it
-shrinks), and TFDS needs no TensorFlow. A builder config is named after the category
-and a fingerprint of its files, so an edited folder is never served from a stale cache.
+extensions are accepted). The prepared dataset is an index: each record holds a file's
+path relative to the root, its label, defect type and name, never pixels or file bytes,
+so preparing stays small at any dataset size (TFDS's writer would otherwise spill more
+than 1 GB per split to temporary files through TensorFlow, which rdjax does not need).
+Decoding and resizing happen batch by batch with PIL, exactly as torchvision's Resize
+does in the official code (PIL's bilinear filter, which antialiases when it shrinks). A
+builder config is named after the category and a fingerprint of its files' names and
+sizes, so an edited folder is never served from a stale index, and a moved root still
+works (paths are relative).
 """
 
 from __future__ import annotations
@@ -123,7 +127,9 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
     """MVTec AD (and any folder in its layout). One builder config per category."""
 
     name = "mvtec_ad"
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"2.0.0": "Records hold file paths (relative to the manual dir), not file bytes.",
+                     "1.0.0": "Records held the encoded files."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Download MVTec AD from https://www.mvtec.com/company/research/datasets/mvtec-ad, extract "
         "mvtec_anomaly_detection.tar.xz and pass the folder holding the categories as the manual dir "
@@ -136,8 +142,8 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
             builder=self,
             description="MVTec AD: encoded image and mask files, labels and defect types.",
             features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # encoded file bytes
-                "mask": tfds.features.Tensor(shape=(), dtype=np.object_),  # b'' for good images
+                "image": tfds.features.Text(),  # the file's path relative to the manual dir
+                "mask": tfds.features.Text(),  # '' for good images
                 "label": tfds.features.ClassLabel(names=["good", "defect"]),
                 "defect_type": tfds.features.Text(),
                 "filename": tfds.features.Text(),
@@ -149,14 +155,15 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
         items = self.builder_config.items
         if items is None:
             items = scan_category(dl_manager.manual_dir, self.builder_config.category)
-        return {split: self._generate_examples(split_items) for split, split_items in items.items()}
+        root = Path(dl_manager.manual_dir)
+        return {split: self._generate_examples(split_items, root) for split, split_items in items.items()}
 
-    def _generate_examples(self, items: list[Item]) -> Iterator[tuple[str, dict]]:
+    def _generate_examples(self, items: list[Item], root: Path) -> Iterator[tuple[str, dict]]:
         for it in items:
             key = f"{it.defect_type}/{it.image.name}"
             yield key, {
-                "image": it.image.read_bytes(),
-                "mask": it.mask.read_bytes() if it.mask is not None else b"",
+                "image": os.path.relpath(it.image, root),
+                "mask": os.path.relpath(it.mask, root) if it.mask is not None else "",
                 "label": 0 if it.defect_type == "good" else 1,
                 "defect_type": it.defect_type,
                 "filename": f"{it.defect_type}/{it.image.name}",
@@ -183,28 +190,37 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def load_split(builder: MVTecAD, split: str, image_size: int, location: Path | None = None,
-               nonzero_masks: bool = False) -> Split:
-    """A prepared split as a lazy `Split`: one pass over the records reads the labels and
-    names (the pixels are decoded later, batch by batch). Rows are sorted by file name,
-    a stable order whatever the storage order.
+def _read(root: Path, relative: Any, name: str) -> bytes:
+    try:
+        return (root / _text(relative)).read_bytes()
+    except OSError as e:
+        raise DataError(f"{name}: cannot read ({e.strerror or e}); was it moved after the dataset was prepared?") from None
 
-    Decoding errors name the file under ``location`` (the category folder), e.g. a corrupt
-    image or a mask whose size differs from its image's.
+
+def load_split(builder: MVTecAD, split: str, image_size: int, root: Path, location: Path | None = None,
+               nonzero_masks: bool = False) -> Split:
+    """A prepared split as a lazy `Split` over the files under ``root``: one pass over the
+    records reads the labels and names and checks each file (the pixels are decoded
+    later, batch by batch). Rows are sorted by file name, a stable order whatever the
+    storage order.
+
+    Errors name the file under ``location`` (the category folder), e.g. a corrupt image or
+    a mask whose size differs from its image's.
     """
+    root = Path(root)
     source = builder.as_data_source()[split]
     n = len(source)
-
-    where = Path(location or builder.builder_config.category) / split
+    where = Path(location or root / builder.builder_config.category) / split
 
     def meta(i: int) -> tuple[str, str, int, bool]:
         """Names and label; the headers are checked here, so that an unreadable file or a
         mask of the wrong size fails before training starts."""
         ex = source[i]
         filename = _text(ex["filename"])
-        size = header_size(ex["image"], str(where / filename))
+        size = header_size(_read(root, ex["image"], str(where / filename)), str(where / filename))
         if ex["mask"]:
-            check_mask_header(ex["mask"], size, f"{where / filename} (its mask)")
+            name = f"{where / filename} (its mask)"
+            check_mask_header(_read(root, ex["mask"], name), size, name)
         return filename, _text(ex["defect_type"]), int(ex["label"]), bool(ex["mask"])
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -216,10 +232,11 @@ def load_split(builder: MVTecAD, split: str, image_size: int, location: Path | N
     def read(record: int) -> tuple[np.ndarray, np.ndarray | None]:
         ex = source[record]
         name = str(where / _text(ex["filename"]))
-        image = decode_image(ex["image"], image_size, name)
+        image = decode_image(_read(root, ex["image"], name), image_size, name)
         if not ex["mask"]:
             return image, None
-        return image, decode_mask(ex["mask"], image_size, f"{name} (its mask)", nonzero=nonzero_masks)
+        mask_name = f"{name} (its mask)"
+        return image, decode_mask(_read(root, ex["mask"], mask_name), image_size, mask_name, nonzero=nonzero_masks)
 
     return Split(
         read=read,
@@ -271,8 +288,8 @@ class FileDataset:
             multihost_utils.sync_global_devices("rdjax: dataset prepared")
         builder = ready()
         location = self.root if self.flat else self.root / category
-        return tuple(load_split(builder, split, image_size, location=location, nonzero_masks=self.nonzero_masks)
-                     for split in ("train", "test"))
+        return tuple(load_split(builder, split, image_size, self.root, location=location,
+                                nonzero_masks=self.nonzero_masks) for split in ("train", "test"))
 
 
 def requested(category: str, available: Callable[[], list[str]]) -> Callable[[], list[str]]:
