@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rdjax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from rdjax.errors import ConfigError
+from rdjax.errors import ConfigError, WorkdirError
+from rdjax.workdir import write_text
 
 Features = tuple[jax.Array, ...]
 AUTO_MEMORY_MAX_BYTES = 2**30
@@ -150,9 +151,24 @@ class DiskStore:
         self.directory = directory
         self.shapes = shapes
         self.meta = dict(meta, rows=rows, shapes=[[list(s.shape), np.dtype(s.dtype).name] for s in shapes])
-        self.complete = self._meta_path.is_file() and json.loads(self._meta_path.read_text()) == self.meta
-        directory.mkdir(parents=True, exist_ok=True)
         self.files, self.offsets, self.row_bytes = [], [], []
+        try:
+            self.complete = self._read_meta() == self.meta
+            directory.mkdir(parents=True, exist_ok=True)
+            self._open(shapes, rows)
+        except OSError as e:
+            self.close(delete=False)
+            raise WorkdirError(f"{directory}: cannot keep the feature cache there ({e.strerror or e}); "
+                               f"set config.feature_cache_dir, or use config.feature_cache='memory' or 'off'") from None
+
+    def _read_meta(self) -> dict | None:
+        try:
+            return json.loads(self._meta_path.read_text())
+        except (OSError, ValueError):
+            return None  # absent or unreadable: the cache is refilled
+
+    def _open(self, shapes: list[jax.ShapeDtypeStruct], rows: int) -> None:
+        directory = self.directory
         for k, s in enumerate(shapes):
             path = directory / f"scale{k}.npy"
             dtype = np.dtype(s.dtype)
@@ -177,13 +193,22 @@ class DiskStore:
         return self.directory / "complete.json"
 
     def write(self, start: int, feats: list[np.ndarray]) -> None:
-        for fd, off, nb, f in zip(self.files, self.offsets, self.row_bytes, feats):
-            os.pwrite(fd, np.ascontiguousarray(f).tobytes(), off + start * nb)
+        try:
+            for fd, off, nb, f in zip(self.files, self.offsets, self.row_bytes, feats):
+                os.pwrite(fd, np.ascontiguousarray(f).tobytes(), off + start * nb)
+        except OSError as e:
+            raise WorkdirError(f"{self.directory}: cannot write the feature cache ({e.strerror or e}); "
+                               f"set config.feature_cache_dir, or use config.feature_cache='memory' or 'off'") from None
+
+    def invalidate(self) -> None:
+        """Forget a complete cache (another process must refill its own, so all refill)."""
+        self._meta_path.unlink(missing_ok=True)
+        self.complete = False
 
     def finish(self) -> None:
         for fd in self.files:
             os.fsync(fd)
-        self._meta_path.write_text(json.dumps(self.meta))
+        write_text(self._meta_path, json.dumps(self.meta))  # atomic: a kill never leaves half a marker
         self.complete = True
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -193,7 +218,7 @@ class DiskStore:
             view = buf.reshape(len(rows), -1).view(np.uint8)
             for i, r in enumerate(rows):
                 if os.preadv(fd, [view[i]], off + int(r) * nb) != nb:
-                    raise OSError(f"{self.directory}: feature cache is truncated")
+                    raise WorkdirError(f"{self.directory}: the feature cache is truncated; delete it to refill it")
             out.append(buf)
         return tuple(out)
 

@@ -225,7 +225,7 @@ class PixelStats:
     def quantile(self, q: float) -> float:
         if self.exact:
             return float(np.quantile(self.maps, q))
-        return quantile_from_histogram(self.neg + self.pos, self.edges, q)
+        return float(np.clip(quantile_from_histogram(self.neg + self.pos, self.edges, q), self.lo, self.hi))
 
 
 def compute_all(scores: np.ndarray, labels: np.ndarray, defect_types: Sequence[str], pixels: PixelStats | None,

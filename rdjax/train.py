@@ -165,6 +165,18 @@ def _feature_mode(config: Any, model: Any, workdir: Path, rows: int) -> tuple[st
     return mode, directory
 
 
+def _cache_identity(run: Run) -> dict:
+    """What the cached features are a function of: a disk cache with other values (another
+    dataset, teacher file, size, order) is never reused."""
+    config = run.config
+    weights = Path(config.model.teacher_weights).expanduser()
+    stamp = [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None
+    return {"model": config.model.to_dict(), "teacher_file": stamp, "dataset": config.dataset.to_dict(),
+            "image_size": config.image_size, "dtype": config.dtype, "imagenet_normalize": config.imagenet_normalize,
+            "seed": config.seed, "batch_size": config.batch_size, "validation_size": config.threshold.validation_size,
+            "train_rows": len(run.train), "train_files": list(run.train.filenames)[:1] + list(run.train.filenames)[-1:]}
+
+
 def cached_features(run: Run, owned: np.ndarray, mode: str, directory: Path) -> Any:
     """This process's share of the training images' teacher features, in a store
     (features.MemoryStore or DiskStore), computed once (a complete disk cache of the same
@@ -174,12 +186,15 @@ def cached_features(run: Run, owned: np.ndarray, mode: str, directory: Path) -> 
     if mode == "memory":
         store = features.MemoryStore(shapes, len(owned))
     else:
-        meta = {"arch": model.arch, "teacher_weights": config.model.teacher_weights, "image_size": config.image_size,
-                "dtype": config.dtype, "imagenet_normalize": config.imagenet_normalize, "seed": config.seed,
-                "batch_size": config.batch_size, "validation_size": config.threshold.validation_size,
-                "category": config.dataset.category, "train_rows": len(run.train)}
-        store = features.DiskStore(directory, shapes, len(owned), meta)
-        if store.complete:
+        store = features.DiskStore(directory, shapes, len(owned), _cache_identity(run))
+        complete = store.complete
+        if jax.process_count() > 1:  # reuse only if every process can: the fill is a collective
+            from jax.experimental import multihost_utils
+
+            complete = bool(np.min(multihost_utils.process_allgather(np.int32(complete))))
+            if not complete:
+                store.invalidate()
+        if complete:
             _log("feature cache: reusing %s", directory)
             return store
     local_batch = run.eval_batch // jax.process_count()

@@ -91,7 +91,9 @@ def load_batches(split: Split, batches: Iterable[np.ndarray], kind: str, with_ma
 
     rows = np.concatenate(batches).tolist()
     dataset = grain.MapDataset.source(rows).map(decode).batch(size)
-    options = grain.ReadOptions(num_threads=_threads(), prefetch_buffer_size=2 * size)
+    # The elements are whole batches: one per reader thread in flight, so at most
+    # threads * batch images are decoded ahead, whatever the dataset size.
+    options = grain.ReadOptions(num_threads=_threads(), prefetch_buffer_size=_threads())
     return iter(dataset.to_iter_dataset(options))
 
 
