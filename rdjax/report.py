@@ -26,7 +26,8 @@ def write_report(path: Path, labels: np.ndarray, scores: np.ndarray, pixels: Pix
     from sklearn.metrics import roc_auc_score, roc_curve
 
     worst = max(int(np.sum(cases.labels == 0)), int(np.sum(cases.labels != 0)), 4)
-    fig = plt.figure(figsize=(16, 12), constrained_layout=True)
+    fig = plt.figure(figsize=(16, 12))  # fixed margins: a constrained layout triples the time to save
+    fig.subplots_adjust(left=0.04, right=0.99, top=0.96, bottom=0.02, wspace=0.3, hspace=0.35)
     grid = fig.add_gridspec(3, 2 * worst)
     third = (2 * worst) // 3
 

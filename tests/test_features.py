@@ -108,7 +108,10 @@ def test_off_step_equals_the_cached_step_in_float64():
         off = steps.make_image_train_step(model, tx, mesh)
         cached = steps.make_train_step(model, tx, mesh)
         teacher = jax.jit(features.teacher_fn(model, True))
-        a, b = (steps.create_train_state(student_vars, tx) for _ in range(2))  # each step donates its own
+        # Committed, replicated states (as train.py makes them): an uncommitted first
+        # argument would compile each step twice.
+        a, b = (jax.device_put(steps.create_train_state(student_vars, tx), sharding.replicated(mesh))
+                for _ in range(2))  # each step donates its own
         for x in images:
             a, loss_a = off(a, teacher_vars, x)
             b, loss_b = cached(b, teacher(teacher_vars, x))

@@ -86,7 +86,8 @@ def test_teacher_is_frozen_through_a_train_step(small):
     assert sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree_util.tree_leaves(g_student["params"])) > 0
 
     # The optimizer state covers student params only.
-    state = steps.create_train_state(jax.tree_util.tree_map(jnp.copy, student_vars), tx)  # donated below
+    state = jax.device_put(steps.create_train_state(jax.tree_util.tree_map(jnp.copy, student_vars), tx),
+                           sharding.replicated(sharding.make_mesh()))  # committed, as train.py makes it; donated below
     n_student = sum(x.size for x in jax.tree_util.tree_leaves(student_vars["params"]))
     n_opt = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim > 0)
     assert n_opt == 2 * n_student  # Adam: mu and nu
