@@ -6,6 +6,11 @@ piecewise linearly between the calibration set's lowest score lo and highest sco
     s >  t:  0.5 + 0.5 * (s - t) / (hi - t)
 clipped to [0, 1]. Scores of different categories become comparable: 0.5 is the
 decision boundary everywhere, 0 the most normal calibration image, 1 the most anomalous.
+
+The image threshold lies midway between two adjacent calibration scores (`midway`), never
+on one: a threshold equal to a calibration image's score lets float32 rounding (another
+runtime, another CPU, an exported artifact) flip that image's decision. An image called
+anomalous always shows why (`explanation_masks`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,42 @@ def normalize_scores(scores: np.ndarray, threshold: float, lo: float, hi: float)
     return np.clip(np.where(s <= threshold, below, above), 0.0, 1.0)
 
 
+def midway(scores: np.ndarray, threshold: float) -> float:
+    """The threshold moved to the middle of the gap that contains it, between the highest
+    score below it and the lowest score at or above it: the same decisions on these
+    scores, and as far from each of them as the gap allows. With no score below, it moves
+    below the lowest score by half the smallest gap between distinct scores (or keeps its
+    value if it lies below them all already)."""
+    s = np.unique(np.asarray(scores, np.float64))
+    above, below = s[s >= threshold], s[s < threshold]
+    if len(above) == 0:
+        return float(threshold)  # above every score: on none of them
+    if len(below):
+        return float((below[-1] + above[0]) / 2)
+    if threshold < above[0]:
+        return float(threshold)
+    gap = float(np.min(np.diff(s))) if len(s) > 1 else max(abs(float(s[0])), 1e-12)
+    return float(above[0] - gap / 2)
+
+
+def explanation_masks(maps: list[np.ndarray], decisions: np.ndarray, pixel_threshold: float,
+                      image_threshold: float) -> list[np.ndarray]:
+    """Per image, the pixels to show: map >= pixel threshold; and for an image called
+    anomalous, also the pixels at or above the image threshold, and at least the map's
+    peak. The pixel threshold is fitted on pixels and often lies above the image
+    threshold, so an image can be anomalous (its peak reaches the image threshold) with
+    no pixel above the pixel threshold; its mask is then the region around the peak that
+    reaches the image threshold (the peak alone where resizing the map to the input's
+    resolution smoothed it below). So no anomalous decision comes with an empty mask."""
+    out = []
+    for amap, anomalous in zip(maps, decisions):
+        mask = amap >= pixel_threshold
+        if anomalous:
+            mask |= amap >= min(image_threshold, float(amap.max()))
+        out.append(mask)
+    return out
+
+
 def calibrate(method: str, scores: np.ndarray, labels: np.ndarray, pixels: PixelStats, quantile: float,
               source: str) -> dict:
     """Image and pixel thresholds, and the range used for normalized scores.
@@ -33,10 +74,10 @@ def calibrate(method: str, scores: np.ndarray, labels: np.ndarray, pixels: Pixel
     Pixel thresholds come from ``pixels``, exact or binned (rdjax.metrics.PixelStats).
     """
     if method == "f1":
-        image_t = best_f1(labels, scores)[1]
+        image_t = midway(scores, best_f1(labels, scores)[1])
         pixel_t = pixels.best_f1()[1] if pixels.has_regions else pixels.quantile(0.99)
     elif method == "quantile":
-        image_t = float(np.quantile(scores, quantile))
+        image_t = midway(scores, float(np.quantile(scores, quantile)))
         pixel_t = pixels.quantile(quantile)
     else:
         raise ConfigError(f"unknown threshold method {method!r}; choose 'f1' or 'quantile'")

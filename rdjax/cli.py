@@ -119,6 +119,10 @@ def define_predict_flags(fv: flags.FlagValues, argv: list[str]) -> None:
 def define_export_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir.", flag_values=fv)
     flags.DEFINE_string("out", None, "Output file for the serialized function (its folder must exist).", flag_values=fv)
+    flags.DEFINE_string("format", "jax", "jax (jax.export for cpu, cuda and tpu) or onnx (onnxruntime, OpenVINO).",
+                        flag_values=fv)
+    flags.DEFINE_string("weights_dtype", "float32", "Stored weights: float32, float16 or bfloat16 (computed in "
+                        "float32 either way).", flag_values=fv)
     flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
 
 
@@ -143,7 +147,7 @@ def _predict(fv: flags.FlagValues, args: list[str]) -> None:
 def _export(fv: flags.FlagValues, args: list[str]) -> None:
     from rdjax import export
 
-    export.export_workdir(fv.workdir, Path(fv.out))
+    export.export_workdir(fv.workdir, Path(fv.out), fv.format, fv.weights_dtype)
 
 
 def _port(fv: flags.FlagValues, args: list[str]) -> None:
@@ -160,7 +164,7 @@ COMMANDS: dict[str, Command] = {
                      lambda fv, _: run_training(fv, "train")),
     "eval": Command("evaluate a workdir's latest checkpoint", define_run_flags, lambda fv, _: run_training(fv, "eval")),
     "predict": Command("score image files with a trained workdir", define_predict_flags, _predict),
-    "export": Command("serialize the inference function (jax.export)", define_export_flags, _export),
+    "export": Command("serialize the inference function (jax.export or ONNX)", define_export_flags, _export),
     "port": Command("import PyTorch weights: 'teacher', or an official model checkpoint ('rd4ad')",
                     define_port_flags, _port),
 }

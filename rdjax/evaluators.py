@@ -76,9 +76,9 @@ def report_pictures(data: EvalData) -> dict:
     if data.out_dir is not None:
         cases = outputs.Cases(rows, images, masks, maps, passed.scores[rows], [test.filenames[i] for i in rows],
                               test.labels[rows], passed.pixels.lo, passed.pixels.hi)
-        report.write_report(data.out_dir / "report.png", test.labels, passed.scores, passed.pixels, cases,
-                            data.result.get("calibration"))
-        outputs.write_overlays(data.out_dir / "images", cases)
+        cal = data.result.get("calibration")
+        report.write_report(data.out_dir / "report.png", test.labels, passed.scores, passed.pixels, cases, cal)
+        outputs.write_overlays(data.out_dir / "images", cases, None if cal is None else cal["image_threshold"])
     return {}
 def run_all(names: Any, data: EvalData) -> dict:
     """The configured evaluators in order, each seeing the results of those before it.

@@ -1,61 +1,129 @@
-"""Serialize the whole inference function with jax.export (StableHLO).
+"""Portable inference artifacts from a trained workdir (docs/export.md).
 
-  rdjax export --workdir=DIR --out=model.jaxexport
+  rdjax export --workdir=DIR --out=model.jaxexport                 # jax.export, cpu+cuda+tpu
+  rdjax export --workdir=DIR --out=model.onnx --format=onnx        # onnxruntime, OpenVINO
+  ... --weights_dtype=float16                                      # half-size weights
 
-The artifact maps uint8 images (batch, S, S, 3), S = the workdir's image_size and any
+Both artifacts map uint8 images (batch, S, S, 3), S = the workdir's image_size and any
 batch size, to (maps (batch, S, S) float32, scores (batch,) float32): normalization, the
-teacher, the OCBE, the decoder, the maps, the upsampling, the blur and the max. The
-weights are inside it. Running it needs jax only, not rdjax:
-
-    from jax import export
-    exported = export.deserialize(open("model.jaxexport", "rb").read())
-    maps, scores = exported.call(images_uint8)
+teacher, the OCBE, the decoder, the maps, the upsampling, the blur and the max, with the
+weights inside. ``FILE.json`` beside it holds the input contract, the normalization, the
+thresholds and how to decide (the same rule as rdjax.Model.predict).
 
 Resizing to S is left to the caller (rdjax uses PIL's bilinear resize, the official
-pipeline's), because PIL's antialiasing filter has no exact StableHLO equivalent.
+pipeline's), because PIL's antialiasing filter has no exact StableHLO or ONNX equivalent.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdjax.errors import WorkdirError
+from rdjax.errors import ConfigError, WorkdirError
+
+PLATFORMS = ("cpu", "cuda", "tpu")
+FORMATS = ("jax", "onnx")
+WEIGHTS_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def export_model(model: Any) -> jax.export.Exported:
-    """The model's full inference path with its weights as constants, batch size symbolic."""
-    teacher = jax.tree_util.tree_map(np.asarray, model.teacher_vars)
-    student = jax.tree_util.tree_map(np.asarray, model.student_vars)
+def inference_fn(model: Any, weights_dtype: str = "float32") -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+    """uint8 images -> (maps, scores), the weights closed over as constants.
+
+    With ``weights_dtype`` float16 or bfloat16 the constants are stored in that type and
+    widened to float32 where they are used: half the file, float32 arithmetic (the map
+    error this costs is measured in docs/export.md)."""
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ConfigError(f"weights_dtype {weights_dtype!r}: choose one of {', '.join(WEIGHTS_DTYPES)}")
+    store = jnp.dtype(weights_dtype)
+    teacher, student = (jax.tree_util.tree_map(lambda a: np.asarray(a).astype(store), v)
+                        for v in (model.teacher_vars, model.student_vars))
+
+    def run(images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # astype on the stored constant is staged into the program (jnp.asarray(a, float32)
+        # would convert on the host and store float32).
+        widen = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(jnp.float32), tree)  # noqa: E731
+        return model.eval_step(widen(teacher), widen(student), images)
+
+    return run
+
+
+def export_jax(model: Any, weights_dtype: str = "float32", platforms: tuple[str, ...] = PLATFORMS) -> jax.export.Exported:
+    """The inference function for every platform in ``platforms``, batch size symbolic.
+    On the CPU it keeps rdjax's CPU lowering (chosen at run time by platform)."""
     (batch,) = jax.export.symbolic_shape("batch")
-    size = model.image_size
-    spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
-    return jax.export.export(jax.jit(lambda images: model.eval_step(teacher, student, images)))(spec)
+    spec = jax.ShapeDtypeStruct((batch, model.image_size, model.image_size, 3), jnp.uint8)
+    return jax.export.export(jax.jit(inference_fn(model, weights_dtype)), platforms=platforms)(spec)
 
 
-def export_workdir(workdir: str, out: Path) -> None:
-    """Write ``out`` and ``out``.json (the input contract, the step and the calibration)."""
+def export_onnx(model: Any, weights_dtype: str = "float32") -> bytes:
+    """The inference function as an ONNX model (opset 23) with a dynamic batch axis,
+    input 'images', outputs 'maps' and 'scores'.
+
+    Converted by jax2onnx from the traced program, with XLA's plain convolutions
+    (`lowering.portable`): the CPU matmul lowering is a choice made when XLA runs and has no
+    ONNX form. Identity nodes are removed afterwards: onnxruntime 1.32's graph optimizer
+    rejects the Identity that jax2onnx writes for `stop_gradient` on a constant."""
+    try:
+        import onnx_ir
+        from jax2onnx import to_onnx
+        from onnx_ir.passes.common import IdentityEliminationPass
+    except ImportError as e:
+        raise ConfigError(f"--format=onnx needs jax2onnx and onnx-ir ({e.name} is missing): "
+                          "pip install 'rdjax[onnx]' && pip install --no-deps jax2onnx==0.17.1") from None
+    from rdjax.models import lowering
+
+    spec = jax.ShapeDtypeStruct(("batch", model.image_size, model.image_size, 3), jnp.uint8)
+    with lowering.portable():
+        ir_model = to_onnx(inference_fn(model, weights_dtype), [spec], model_name="rdjax", return_mode="ir",
+                           input_names=["images"], output_names=["maps", "scores"])
+    IdentityEliminationPass()(ir_model)
+    return onnx_ir.to_proto(ir_model).SerializeToString()
+
+
+def contract(model: Any, fmt: str, weights_dtype: str) -> dict:
+    """What a caller needs besides the artifact: the input contract, the outputs and the
+    decision rule with its thresholds (FILE.json)."""
+    cal = model.calibration
+    return {
+        "format": fmt,
+        "platforms": list(PLATFORMS) if fmt == "jax" else ["onnx"],
+        "weights_dtype": weights_dtype,
+        "compute_dtype": "float32" if fmt == "onnx" else str(model.config.dtype),
+        "input": {"name": "images", "shape": ["batch", model.image_size, model.image_size, 3], "dtype": "uint8",
+                  "channels": "RGB", "resize": f"PIL bilinear to {model.image_size}x{model.image_size}",
+                  "normalization": "inside the artifact: x / 255, then ImageNet mean (0.485, 0.456, 0.406) "
+                                   "and std (0.229, 0.224, 0.225)" if model.config.imagenet_normalize
+                                   else "inside the artifact: x / 255"},
+        "outputs": {"maps": ["batch", model.image_size, model.image_size, "float32"], "scores": ["batch", "float32"]},
+        "decision": "anomalous when score >= image_threshold; pixels with map >= pixel_threshold are anomalous",
+        "model": model.config.model.name, "arch": model.config.model.arch, "step": model.step,
+        "calibration": cal,
+    }
+
+
+def export_workdir(workdir: str, out: Path, fmt: str = "jax", weights_dtype: str = "float32") -> None:
+    """Write ``out`` and ``out``.json; checks every argument before anything is written."""
     from rdjax import inference
     from rdjax.workdir import write_bytes, write_json
 
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format={fmt}: choose one of {', '.join(FORMATS)}")
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ConfigError(f"--weights_dtype={weights_dtype}: choose one of {', '.join(WEIGHTS_DTYPES)}")
     if not out.parent.is_dir():
         raise WorkdirError(f"{out.parent}: no such folder for --out")
     if out.is_dir():
         raise WorkdirError(f"{out}: is a folder; --out names the file to write")
-    model = inference.load(workdir)
-    data = export_model(model).serialize()
-    meta = {"input": ["batch", model.image_size, model.image_size, 3], "input_dtype": "uint8",
-            "outputs": ["maps (batch, S, S) float32", "scores (batch,) float32"],
-            "model": model.config.model.name, "arch": model.config.model.arch, "step": model.step,
-            "calibration": model.calibration}
+    model = inference.load(workdir, dtype="float32" if fmt == "onnx" else None)
+    data = export_jax(model, weights_dtype).serialize() if fmt == "jax" else export_onnx(model, weights_dtype)
     write_bytes(out, data)
-    write_json(out.with_name(out.name + ".json"), meta)
-    print(f"wrote {out} ({len(data) / 2**20:.1f} MiB) and {out.name}.json")
+    write_json(out.with_name(out.name + ".json"), contract(model, fmt, weights_dtype))
+    print(f"wrote {out} ({len(data) / 2**20:.1f} MiB, {fmt}, {weights_dtype} weights) and {out.name}.json")
 
 
 if __name__ == "__main__":

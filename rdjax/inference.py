@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from rdjax import config as config_lib, maps as maps_lib, sharding, workdir as workdir_lib
-from rdjax.calibration import normalize_scores
+from rdjax.calibration import explanation_masks, normalize_scores
 from rdjax.data.preprocess import open_image, to_rgb
 from rdjax.errors import ConfigError, DataError
 from rdjax.registry import MODELS
@@ -72,7 +72,7 @@ class Prediction:
     normalized_scores: np.ndarray | None  # (N,) in [0, 1], threshold at 0.5; None if uncalibrated
     decisions: np.ndarray | None  # (N,) bool, True = anomalous; None if uncalibrated
     maps: list[np.ndarray]  # per image, float32 (H, W) at the input's original resolution
-    masks: list[np.ndarray] | None  # per image, bool (H, W), map >= pixel threshold
+    masks: list[np.ndarray] | None  # per image, bool (H, W): rdjax.calibration.explanation_masks
 
 
 @dataclasses.dataclass
@@ -120,12 +120,13 @@ class Model:
         cal = self.calibration
         if cal is None:
             return Prediction(scores, None, None, full, None)
+        decisions = scores >= cal["image_threshold"]
         return Prediction(
             scores=scores,
             normalized_scores=normalize_scores(scores, cal["image_threshold"], cal["score_min"], cal["score_max"]),
-            decisions=scores >= cal["image_threshold"],
+            decisions=decisions,
             maps=full,
-            masks=[m >= cal["pixel_threshold"] for m in full],
+            masks=explanation_masks(full, decisions, cal["pixel_threshold"], cal["image_threshold"]),
         )
 
     def normalized_map(self, amap: np.ndarray) -> np.ndarray:

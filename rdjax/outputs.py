@@ -55,6 +55,75 @@ def overlay(image: np.ndarray, amap: np.ndarray, lo: float, hi: float) -> np.nda
     return (np.clip(0.5 * image.astype(np.float32) / 255.0 + 0.5 * heat, 0, 1) * 255).astype(np.uint8)
 
 
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The mask's pixels that touch a pixel outside it (4-neighbourhood; the image border
+    counts as inside, so a mask reaching the border is not outlined along it)."""
+    m = np.pad(mask, 1, mode="edge")
+    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    return mask & ~inner
+
+
+def outcome(label: int, anomalous: bool | None) -> str:
+    """What happened to a labelled image: true/false positive/negative ('anomalous' is
+    the positive class), or its label alone where there is no threshold."""
+    if anomalous is None:
+        return "defective" if label else "good"
+    return f"{'true' if bool(label) == bool(anomalous) else 'false'} {'positive' if anomalous else 'negative'}"
+
+
+DECISION_COLOURS = {True: (190, 30, 30), False: (30, 130, 60), None: (90, 90, 90)}
+
+
+def decision_picture(image: np.ndarray, amap: np.ndarray, lo: float, hi: float, *, score: float,
+                     anomalous: bool | None = None, normalized: float | None = None,
+                     mask: np.ndarray | None = None, truth: np.ndarray | None = None,
+                     caption: str = "") -> np.ndarray:
+    """One image as a person checks it: a header with the decision (NG red, OK green, grey
+    without a threshold), the score and the normalized score; the image blended with its
+    map on the run's one colour scale (lo..hi), the mask's outline in white and the map's
+    peak marked; and a colour bar with its range. With a ground truth ``truth``, the
+    image itself with the truth outlined in red comes first. Small images are enlarged
+    (nearest neighbour) to at least 256 px so that the text fits."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
+
+    body = overlay(image, amap, lo, hi)
+    if mask is not None:
+        body[outline(mask)] = 255
+    if truth is not None:
+        plain = image.copy()
+        plain[outline(truth)] = (255, 0, 0)
+        body = np.concatenate([plain, np.full((amap.shape[0], 2, 3), 255, np.uint8), body], axis=1)
+    h, w = body.shape[:2]
+    scale = max(1, -(-256 // max(amap.shape)))
+    body_img = Image.fromarray(body).resize((w * scale, h * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(body_img)
+    py, px = np.unravel_index(int(np.argmax(amap)), amap.shape)
+    px += w - amap.shape[1]  # the overlay is the rightmost panel
+    cy, cx, r = (py + 0.5) * scale, (px + 0.5) * scale, max(4, scale * 3)
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=(255, 255, 255), width=2)
+    draw.ellipse((cx - r - 2, cy - r - 2, cx + r + 2, cy + r + 2), outline=(0, 0, 0), width=1)
+
+    font = ImageFont.load_default(size=13)
+    line = 16
+    header, bar_w, label_w = 2 * line + 6, 14, 58
+    bh, bw = h * scale, w * scale
+    canvas = Image.new("RGB", (bw + bar_w + label_w + 8, header + bh), (255, 255, 255))
+    canvas.paste(body_img, (0, header))
+    top = ImageDraw.Draw(canvas)
+    top.rectangle((0, 0, canvas.width, header - 1), fill=DECISION_COLOURS[anomalous if anomalous is None else bool(anomalous)])
+    verdict = {None: "", True: "NG  ", False: "OK  "}[anomalous if anomalous is None else bool(anomalous)]
+    first = f"{verdict}score {score:.4f}" + ("" if normalized is None else f"  normalized {normalized:.2f}")
+    top.text((4, 3), first, fill=(255, 255, 255), font=font)
+    top.text((4, 3 + line), caption[-(canvas.width // 7):], fill=(255, 255, 255), font=font)
+    ramp = colormaps["jet"](np.linspace(1, 0, bh))[:, :3]
+    bar = (np.repeat(ramp[:, None, :], bar_w, axis=1) * 255).astype(np.uint8)
+    canvas.paste(Image.fromarray(bar), (bw + 4, header))
+    top.text((bw + bar_w + 7, header), f"{hi:.3g}", fill=(0, 0, 0), font=font)
+    top.text((bw + bar_w + 7, header + bh - line), f"{lo:.3g}", fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
 def hardest_cases(labels: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the ``k`` highest-scoring good images and the ``k`` lowest-scoring
     defective ones: the candidates for false positives and false negatives."""
@@ -78,21 +147,23 @@ class Cases:
     hi: float
 
 
-def write_overlays(directory: Path, cases: Cases) -> list[Path]:
-    """(image | ground truth | map) sheets for the hardest cases. Maps share one colour scale."""
+def write_overlays(directory: Path, cases: Cases, threshold: float | None) -> list[Path]:
+    """A decision picture with the ground truth for each of the hardest cases, named by
+    rank, outcome and file. Maps share one colour scale."""
     from PIL import Image
 
     paths = []
     for rank in range(len(cases.rows)):
-        img, mask = cases.images[rank], cases.masks[rank]
-        gt = img.astype(np.float32)
-        gt[mask] = 0.5 * gt[mask] + 0.5 * np.array([255.0, 0.0, 0.0])
-        sheet = np.concatenate([img, gt.astype(np.uint8), overlay(img, cases.maps[rank], cases.lo, cases.hi)], axis=1)
-        group = "good_high" if cases.labels[rank] == 0 else "defect_low"
+        score = float(cases.scores[rank])
+        anomalous = None if threshold is None else score >= threshold
+        what = outcome(int(cases.labels[rank]), anomalous)
+        picture = decision_picture(cases.images[rank], cases.maps[rank], cases.lo, cases.hi, score=score,
+                                   anomalous=anomalous, truth=cases.masks[rank],
+                                   caption=f"{what}: {cases.filenames[rank]}")
         name = cases.filenames[rank].replace("/", "_").rsplit(".", 1)[0]
-        path = directory / f"{rank:02d}_{group}_{name}_score{cases.scores[rank]:.4f}.png"
+        path = directory / f"{rank:02d}_{what.replace(' ', '_')}_{name}.png"
         with atomic_path(path) as tmp:
-            Image.fromarray(sheet).save(tmp)
+            Image.fromarray(picture).save(tmp)
         paths.append(path)
     return paths
 

@@ -1,7 +1,9 @@
 """Score new images with a trained workdir: `rdjax predict --workdir=DIR --input=FOLDER_OR_GLOB --output=OUT`.
 
-Writes OUT/overlays/<name>.png (image blended with its map), OUT/masks/<name>_mask.png
-(when the workdir is calibrated) and OUT/scores.csv (file, score, normalized score,
+Writes OUT/overlays/<name>.png (the decision picture: OK/NG, score, normalized score, the
+image blended with its map on one colour scale for the run, the mask outlined, the map's
+peak marked, a colour bar; rdjax.outputs.decision_picture), OUT/masks/<name>_mask.png
+(when the workdir is calibrated; rdjax.calibration.explanation_masks) and OUT/scores.csv (file, score, normalized score,
 decision). <name> is the file's path under the input folder with '/' as '_'; files that
 differ only in their extension (part.png, part.jpg) keep it (part_png, part_jpg), so no
 output overwrites another. Unreadable files are reported and skipped; the last line
@@ -77,10 +79,16 @@ def predict_folder(workdir: str, pattern: str, out: Path, batch_size: int = 32, 
             lo_hi = (cal["pixel_min"], cal["pixel_max"]) if cal else (
                 float(min(m.min() for m in pred.maps)), float(max(m.max() for m in pred.maps)))
         for i, f in enumerate(chunk):
+            calibrated = pred.decisions is not None
+            picture = outputs.decision_picture(
+                arrays[i], pred.maps[i], *lo_hi, score=float(pred.scores[i]),
+                anomalous=bool(pred.decisions[i]) if calibrated else None,
+                normalized=float(pred.normalized_scores[i]) if calibrated else None,
+                mask=pred.masks[i] if calibrated else None, caption=names[f])
             with atomic_path(out / "overlays" / f"{names[f]}.png") as tmp:
-                Image.fromarray(outputs.overlay(arrays[i], pred.maps[i], *lo_hi)).save(tmp)
+                Image.fromarray(picture).save(tmp)
             row = {"file": str(f), "score": f"{pred.scores[i]:.6f}", "normalized_score": "", "decision": ""}
-            if pred.decisions is not None:
+            if calibrated:
                 with atomic_path(out / "masks" / f"{names[f]}_mask.png") as tmp:
                     Image.fromarray((pred.masks[i] * 255).astype(np.uint8)).save(tmp)
                 row["normalized_score"] = f"{pred.normalized_scores[i]:.6f}"

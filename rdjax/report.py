@@ -1,9 +1,10 @@
 """The evaluation report: one PNG sheet per evaluation, made with matplotlib.
 
 Top row: ROC curve (image level), PRO curve up to FPR 0.3 (MVTec standard), histograms
-of good and defective image scores with the threshold. Bottom rows: the worst false
-positives (highest-scoring good images) and false negatives (lowest-scoring defective
-images), each with its anomaly map.
+of good and defective image scores with the threshold. Bottom rows: the highest-scoring
+good images and the lowest-scoring defective ones (the candidates for false positives and
+false negatives), each with its anomaly map, titled with what happened to it at the
+calibrated threshold (true or false positive or negative).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rdjax.metrics import PixelStats
-from rdjax.outputs import Cases
+from rdjax.outputs import Cases, outcome
 from rdjax.workdir import atomic_path
 
 
@@ -56,11 +57,11 @@ def write_report(path: Path, labels: np.ndarray, scores: np.ndarray, pixels: Pix
     ax.set(title="image scores", xlabel="score", ylabel="images")
     ax.legend()
 
-    good = np.flatnonzero(cases.labels == 0)
-    bad = np.flatnonzero(cases.labels != 0)
-    rows = [("false positive?", good), ("false negative?", bad)]
-    for r, (kind, chosen) in enumerate(rows, start=1):
+    threshold = None if calibration is None else calibration["image_threshold"]
+    rows = [np.flatnonzero(cases.labels == 0), np.flatnonzero(cases.labels != 0)]
+    for r, chosen in enumerate(rows, start=1):
         for j, i in enumerate(chosen):
+            kind = outcome(int(cases.labels[i]), None if threshold is None else bool(cases.scores[i] >= threshold))
             ax = fig.add_subplot(grid[r, 2 * j])
             ax.imshow(cases.images[i])
             if cases.masks[i].any():

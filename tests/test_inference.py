@@ -1,12 +1,11 @@
 """Using a trained workdir: rdjax.load, predict on every input kind, thresholds and
-normalized scores, `rdjax predict`, and jax.export round trips."""
+normalized scores, and `rdjax predict`. (Export: test_export.py.)"""
 
 from __future__ import annotations
 
 import csv
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import rdjax
-from conftest import rdjax_cli, small_config, subprocess_run
-from rdjax import calibration, data, metrics, train
+from conftest import rdjax_cli, small_config
+from rdjax import calibration, data, train
 
 
 @pytest.fixture(scope="module")
@@ -78,29 +77,16 @@ def test_predict_accepts_every_input_kind(workdir, model):
     np.testing.assert_allclose(mixed.normalized_scores, calibration.normalize_scores(
         mixed.scores, cal["image_threshold"], cal["score_min"], cal["score_max"]))
     normalized = model.normalized_map(mixed.maps[1])
-    np.testing.assert_array_equal(normalized >= 0.5, mixed.masks[1])  # 0.5 is the pixel threshold
+    above = normalized >= 0.5  # 0.5 is the pixel threshold
+    if mixed.decisions[1]:  # an anomalous image also shows where its map reaches the image threshold
+        above |= mixed.maps[1] >= min(cal["image_threshold"], mixed.maps[1].max())
+    np.testing.assert_array_equal(above, mixed.masks[1])
     # Batching is automatic and does not change results (beyond float32 rounding: another
     # batch size is another compiled program, ~1e-7 relative).
     many = model.predict([arr] * 5, batch_size=2)
     np.testing.assert_allclose(many.scores, by_array.scores[0], rtol=1e-6)
     with pytest.raises(ValueError, match=r"expected a uint8 array of shape \(H, W, 3\)"):
         model.predict(np.zeros((8, 8), np.float32))
-
-
-def test_normalized_scores_formula():
-    s = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 9.0])
-    out = calibration.normalize_scores(s, threshold=3.0, lo=1.0, hi=5.0)
-    np.testing.assert_allclose(out, [0.0, 0.25, 0.5, 0.75, 1.0, 0.0, 1.0])
-
-
-def test_quantile_calibration():
-    rng = np.random.default_rng(1)
-    scores, maps = rng.random(50), rng.random((50, 4, 4))
-    pixels = metrics.PixelStats(lo=float(maps.min()), hi=float(maps.max()), maps=maps, masks=np.zeros((50, 4, 4), bool))
-    cal = calibration.calibrate("quantile", scores, np.zeros(50), pixels, 0.9, "held out")
-    assert cal["image_threshold"] == pytest.approx(np.quantile(scores, 0.9))
-    assert cal["pixel_threshold"] == pytest.approx(np.quantile(maps, 0.9))
-    assert (cal["score_min"], cal["score_max"]) == (scores.min(), scores.max())
 
 
 def test_report_is_written(workdir):
@@ -138,35 +124,6 @@ def test_predict_command(workdir, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_round_trip_and_the_artifact_runs_without_rdjax(workdir, model, tmp_path):
-    from jax import export
-
-    work, data, _ = workdir
-    out = tmp_path / "model.jaxexport"
-    result = rdjax_cli("export", f"--workdir={work}", f"--out={out}")
-    assert result.code == 0, result.stderr[-2000:]
-    meta = json.loads(Path(str(out) + ".json").read_text())
-    assert meta["input"] == ["batch", 64, 64, 3] and meta["step"] == 6 and meta["model"] == "rd4ad"
-    # The artifact computes predict's maps and scores, at any batch size (it is symbolic).
-    files = sorted((data / "disk" / "test").rglob("*.png"))[:5]
-    batch = model.preprocess([np.asarray(Image.open(f).convert("RGB")) for f in files])
-    exported = export.deserialize(out.read_bytes())
-    want_maps, want_scores = model.predict_resized(batch)
-    for n in (5, 1):
-        maps, scores = exported.call(batch[:n])
-        # The same computation with the weights as constants: XLA may fold them differently,
-        # float32 rounding of order 1e-7 relative.
-        np.testing.assert_allclose(np.asarray(maps), want_maps[:n], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(scores), want_scores[:n], rtol=1e-5)
-    code = ("import sys; sys.modules['rdjax'] = None; import numpy as np; from jax import export; "
-            f"e = export.deserialize(open({str(out)!r}, 'rb').read()); "
-            "m, s = e.call(np.zeros((3, 64, 64, 3), np.uint8)); print(m.shape, s.shape)")
-    run = subprocess_run(sys.executable, "-c", code, cwd=tmp_path)  # rdjax cannot be imported there
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "(3, 64, 64) (3,)" in run.stdout
-
-
-@pytest.mark.slow
 def test_quantile_threshold_from_held_out_images(workdir, tmp_path):
     _, root, _ = workdir
     config = small_config(root, **{"threshold.method": "quantile", "threshold.validation_size": 8,
@@ -178,7 +135,7 @@ def test_quantile_threshold_from_held_out_images(workdir, tmp_path):
     train_split, _ = data.build(config.dataset).load("disk", 64)
     held = data.hold_out(train_split, 8, config.seed)[1]
     scores = model.predict_resized(held.images())[1]
-    assert cal["image_threshold"] == pytest.approx(float(np.quantile(scores, 0.75)), rel=1e-6)
+    assert cal["image_threshold"] == pytest.approx(calibration.midway(scores, float(np.quantile(scores, 0.75))), rel=1e-6)
     assert json.loads((tmp_path / "q" / "train_log.json").read_text())[0]["step"] == 1  # 8 images left, batch 8
 
 

@@ -56,7 +56,16 @@ def test_workdir_outputs(trained):
     assert "| image AUROC |" in (workdir / "results.md").read_text()
     pictures = sorted((workdir / "eval" / "epoch_0003" / "images").glob("*.png"))
     assert len(pictures) == 8
-    assert Image.open(pictures[0]).size == (3 * config.image_size, config.image_size)
+    # Each is named by what happened to it at the calibrated threshold: recomputed here
+    # from predict's decision on the original file and its folder (the label).
+    model = rdjax.load(workdir)
+    for picture in pictures:
+        kind = next(k for k in ("true_positive", "false_positive", "true_negative", "false_negative") if k in picture.name)
+        folder, stem = picture.stem.split(kind + "_")[1].rsplit("_", 1)
+        anomalous = bool(model.predict(str(Path(config.dataset.root) / "disk" / "test" / folder / f"{stem}.png")).decisions[0])
+        want = f"{'true' if anomalous == (folder != 'good') else 'false'}_{'positive' if anomalous else 'negative'}"
+        assert kind == want, picture.name
+    assert Image.open(pictures[0]).size[0] > 2 * config.image_size  # image with truth | decision picture
     assert Image.open(workdir / "eval" / "epoch_0003" / "report.png").size[0] > 800
     assert workdir_lib.load_config(workdir).dataset.category == "disk"
     log = json.loads((workdir / "train_log.json").read_text())

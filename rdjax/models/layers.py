@@ -99,3 +99,19 @@ class BatchNorm(nn.Module):
                 ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
         y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
         return y.astype(self.dtype)
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """PyTorch's MaxPool2d(3, stride=2, padding=1): the maximum of the 9 strided windows
+    of the input padded with -inf. A max is exact, so this equals any pooling op bit for
+    bit; written with slices because ONNX converters and runtimes disagree on pooling
+    ops' padding, while slices and maxima convert everywhere (docs/export.md)."""
+    n, h, w, c = x.shape
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    windows = [jax.lax.slice(xp, (0, a, b, 0), (n, a + 2 * (ho - 1) + 1, b + 2 * (wo - 1) + 1, c), (1, 2, 2, 1))
+               for a in range(3) for b in range(3)]
+    out = windows[0]
+    for window in windows[1:]:
+        out = jnp.maximum(out, window)
+    return out

@@ -7,11 +7,37 @@ convolution ops far below its matmul speed. docs/differences.md lists the choice
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+
+_PORTABLE = contextvars.ContextVar("rdjax_portable_lowering", default=False)
+
+
+@contextlib.contextmanager
+def portable() -> Iterator[None]:
+    """Trace with XLA's own convolutions only, and no `platform_dependent`: for
+    converters that read the program (ONNX), which know neither the choice nor the CPU
+    matmul lowering. The arithmetic is the same; only the lowering differs."""
+    token = _PORTABLE.set(True)
+    try:
+        yield
+    finally:
+        _PORTABLE.reset(token)
+
+
+def _by_platform(*args: jax.Array, cpu: Callable, default: Callable) -> jax.Array:
+    """`cpu` on the CPU and `default` elsewhere, chosen when the program runs (or `default`
+    under `portable()`)."""
+    if _PORTABLE.get():
+        return default(*args)
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
 def _accum(dtype: Any) -> Any:
@@ -112,7 +138,7 @@ _MIN_TAP_CHANNELS = 256
 def _conv_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     if x.dtype != jnp.bfloat16 or x.shape[-1] < _MIN_TAP_CHANNELS:
         return _xla_conv(x, kernel, stride)
-    return jax.lax.platform_dependent(
+    return _by_platform(
         x,
         kernel,
         cpu=functools.partial(_conv_by_taps, stride=stride),
@@ -137,7 +163,7 @@ def _conv_kxk_bwd(stride, residuals, dy):
         dx = _conv_forward(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), 1)
     else:
         dx = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride), x)[1](dy)[0]
-    dk = jax.lax.platform_dependent(
+    dk = _by_platform(
         x,
         dy,
         cpu=lambda x_, dy_: _weight_grad_by_taps(x_, dy_, kernel.shape[0], stride),
@@ -166,7 +192,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
     GPUs and TPUs keep XLA's own convolutions throughout.
     """
     if kernel.shape[0] == 1:
-        return jax.lax.platform_dependent(
+        return _by_platform(
             x,
             kernel,
             cpu=functools.partial(_conv_1x1_matmul, stride=stride),
@@ -177,4 +203,4 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
 
 def deconv_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """The 2x2 stride-2 transposed convolution's one matmul, float32-accumulated on the CPU."""
-    return jax.lax.platform_dependent(x, kernel, cpu=_matmul, default=jnp.matmul)
+    return _by_platform(x, kernel, cpu=_matmul, default=jnp.matmul)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from rdjax import weights
 from rdjax.errors import ConfigError, PortError
-from rdjax.models.layers import BatchNorm, Conv, ConvTranspose2x2, Dtype
+from rdjax.models.layers import BatchNorm, Conv, ConvTranspose2x2, Dtype, max_pool_3x3_s2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +170,7 @@ class Teacher(nn.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         x = Conv(64, 7, 2, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(BatchNorm(True, dtype=self.dtype, name="bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool_3x3_s2(x)
         feats = []
         for i, (planes, stride) in enumerate(zip((64, 128, 256), (1, 2, 2))):
             x = run_layer(x, self.spec, f"layer{i + 1}", planes, self.spec.layers[i], stride, train=False, dtype=self.dtype)
