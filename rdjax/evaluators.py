@@ -6,7 +6,8 @@ returns entries for the result (metrics.json) and may write its own files into
   anomaly      image/pixel AUROC, AUPRO, the paper's PRO, F1-max, per-type AUROC, and the
                sum-of-map image AUROC of the novelty benchmarks
   calibration  the decision thresholds and normalization range (calibration.json)
-  report       report.png and the hardest cases' pictures
+  report       report.png, the hardest cases' pictures, and report.html (every image, a
+               threshold slider; rdjax.webpage)
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rdjax import metrics, outputs, report
+import sklearn.metrics as skm
+
+from rdjax import metrics, outputs, report, webpage
 from rdjax.evaluation import PassResult
 from rdjax.calibration import calibrate
 from rdjax.data.preprocess import Split
@@ -77,8 +80,20 @@ def report_pictures(data: EvalData) -> dict:
         cases = outputs.Cases(rows, images, masks, maps, passed.scores[rows], [test.filenames[i] for i in rows],
                               test.labels[rows], passed.pixels.lo, passed.pixels.hi)
         cal = data.result.get("calibration")
+        threshold = None if cal is None else cal["image_threshold"]
         report.write_report(data.out_dir / "report.png", test.labels, passed.scores, passed.pixels, cases, cal)
-        outputs.write_overlays(data.out_dir / "images", cases, None if cal is None else cal["image_threshold"])
+        written = outputs.write_overlays(data.out_dir / "images", cases, threshold)
+        roc = None
+        if test.labels.min() != test.labels.max():
+            roc = tuple(skm.roc_curve(test.labels, passed.scores)[:2])
+        pro = None
+        if passed.pixels is not None and passed.pixels.has_regions:
+            fpr, overlap = passed.pixels.pro_curve
+            pro = (fpr[fpr <= 0.3], overlap[fpr <= 0.3])
+        title = f"{data.config.dataset.category}: evaluation {data.out_dir.name.replace('_', ' ')}"
+        webpage.write_page(data.out_dir / "report.html", title, data.result, test.labels, passed.scores,
+                           test.filenames, test.images, threshold, roc, pro,
+                           {int(r): f"images/{p.name}" for r, p in zip(rows, written)})
     return {}
 def run_all(names: Any, data: EvalData) -> dict:
     """The configured evaluators in order, each seeing the results of those before it.

@@ -76,12 +76,19 @@ def anomaly_map(
         dist = 1.0 - dot / jnp.maximum(norm, 1e-8)  # (B, h_k, w_k)
         uh = jnp.asarray(upsample_matrix(h, dist.shape[1]))
         uw = jnp.asarray(upsample_matrix(w, dist.shape[2]))
-        up = jnp.einsum("Hh,bhw,Ww->bHW", uh, dist, uw, precision=HIGHEST)
+        up = _separable(uh, dist, uw)
         total = up if total is None else (total + up if mode == "add" else total * up)
     if sigma > 0:
         bh, bw = jnp.asarray(blur_matrix(h, sigma)), jnp.asarray(blur_matrix(w, sigma))
-        total = jnp.einsum("Hh,bhw,Ww->bHW", bh, total, bw, precision=HIGHEST)
+        total = _separable(bh, total, bw)
     return total
+
+
+def _separable(rows: jax.Array, x: jax.Array, cols: jax.Array) -> jax.Array:
+    """rows @ x @ cols^T for each image of x (B, h, w): two matmuls, written out rather than
+    as one three-operand einsum, which ONNX runtimes may expand into a (H, h, w, W)
+    product (OpenVINO did: gigabytes at 256 px)."""
+    return jnp.matmul(jnp.matmul(rows, x, precision=HIGHEST), cols.T, precision=HIGHEST)
 
 
 @functools.lru_cache(maxsize=None)

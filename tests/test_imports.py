@@ -31,7 +31,7 @@ RANKS = [
     {"rdjax.maps"},
     {"rdjax.metrics", "rdjax.calibration"},
     {"rdjax.evaluation"},
-    {"rdjax.outputs", "rdjax.report", "rdjax.evaluators"},
+    {"rdjax.outputs", "rdjax.report", "rdjax.webpage", "rdjax.evaluators"},
     {"rdjax.train", "rdjax.inference"},
     {"rdjax.predict", "rdjax.export", "rdjax.port"},
     {"rdjax.cli"},

@@ -1,0 +1,131 @@
+"""The evaluation as one self-contained HTML page (report.html) a person can browse.
+
+One card per test image (a thumbnail, the file name, the label, the score, and the
+decision picture for the hardest cases), the metrics table, the image ROC curve and the
+PRO curve as inline SVG, and a threshold slider: moving it re-decides every card and
+recounts true and false positives and negatives in the browser, from the scores embedded
+in the page. Every name from the data is escaped (file names are text, never markup), and
+the embedded data is JSON with '<' escaped, so no file name can end the script.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from rdjax.workdir import write_text
+
+THUMBNAIL = 128  # px, the longer side of each card's picture
+CURVE_POINTS = 400  # curves are thinned to about this many points
+
+
+def _thumbnail(image: np.ndarray) -> str:
+    from PIL import Image
+
+    img = Image.fromarray(image)
+    img.thumbnail((THUMBNAIL, THUMBNAIL))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _svg_curve(x: np.ndarray, y: np.ndarray, title: str, xlabel: str, ylabel: str, xmax: float = 1.0) -> str:
+    step = max(1, len(x) // CURVE_POINTS)
+    keep = np.r_[np.arange(0, len(x), step), len(x) - 1] if len(x) else np.array([], int)
+    pts = " ".join(f"{40 + 200 * xi / xmax:.1f},{210 - 200 * yi:.1f}" for xi, yi in zip(x[keep], y[keep]))
+    return (f'<figure class="curve"><svg width="250" height="240" viewBox="0 0 250 240">'
+            f'<rect x="40" y="10" width="200" height="200" fill="none" stroke="#999"/>'
+            f'<polyline points="{pts}" fill="none" stroke="#c33" stroke-width="2"/>'
+            f'<text x="140" y="235" text-anchor="middle" font-size="11">{html.escape(xlabel)} (0 to {xmax:g})</text>'
+            f'<text x="12" y="110" font-size="11" transform="rotate(-90 12 110)" text-anchor="middle">'
+            f'{html.escape(ylabel)}</text></svg><figcaption>{html.escape(title)}</figcaption></figure>')
+
+
+_STYLE = """
+body{font-family:sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+.curves{display:flex;gap:1.5em}.curve{margin:0}
+#controls{position:sticky;top:0;background:#fff;padding:.5em 0;border-bottom:1px solid #ddd}
+#threshold{width:28em;vertical-align:middle}
+.cards{display:flex;flex-wrap:wrap;gap:.6em;margin-top:1em}
+.card{width:150px;border:3px solid #ccc;border-radius:4px;padding:4px;font-size:12px;overflow-wrap:anywhere}
+.card img{max-width:100%}.card.tp{border-color:#1a7f37}.card.tn{border-color:#8c8}
+.card.fp{border-color:#d93}.card.fn{border-color:#c22}
+.outcome{font-weight:bold}
+"""
+
+_SCRIPT = """
+const data = JSON.parse(document.getElementById('data').textContent);
+const slider = document.getElementById('threshold');
+const cards = Array.from(document.querySelectorAll('.card'));
+const names = {tp: 'true positive', fp: 'false positive', tn: 'true negative', fn: 'false negative'};
+function update() {
+  const t = parseFloat(slider.value);
+  const counts = {tp: 0, fp: 0, tn: 0, fn: 0};
+  cards.forEach((card, i) => {
+    const anomalous = data.scores[i] >= t;
+    const kind = anomalous ? (data.labels[i] ? 'tp' : 'fp') : (data.labels[i] ? 'fn' : 'tn');
+    counts[kind] += 1;
+    card.className = 'card ' + kind;
+    card.querySelector('.outcome').textContent = (anomalous ? 'NG, ' : 'OK, ') + names[kind];
+  });
+  for (const k in counts) document.getElementById(k).textContent = counts[k];
+  document.getElementById('value').textContent = t.toPrecision(6);
+}
+slider.addEventListener('input', update);
+update();
+"""
+
+
+def write_page(path: Path, title: str, result: dict, labels: np.ndarray, scores: np.ndarray,
+               filenames: Sequence[str], images: Callable[[np.ndarray], np.ndarray], threshold: float | None,
+               roc: tuple[np.ndarray, np.ndarray] | None, pro: tuple[np.ndarray, np.ndarray] | None,
+               pictures: dict[int, str], chunk: int = 64) -> Path:
+    """``images(rows)``: uint8 images of those rows (decoded ``chunk`` at a time, so memory
+    stays bounded); ``pictures``: row -> a decision picture's path relative to the page."""
+    scores = np.asarray(scores, np.float64)
+    lo, hi = float(scores.min()), float(scores.max())
+    start = threshold if threshold is not None else float(np.median(scores))
+    cards = []
+    for begin in range(0, len(scores), chunk):
+        rows = np.arange(begin, min(begin + chunk, len(scores)))
+        for row, image in zip(rows, images(rows)):
+            extra = (f'<a href="{html.escape(pictures[row], quote=True)}">decision picture</a>'
+                     if row in pictures else "")
+            cards.append(f'<div class="card"><img alt="" src="{_thumbnail(image)}"><div>{html.escape(filenames[row])}'
+                         f'</div><div>{"defective" if labels[row] else "good"}, score {scores[row]:.5f}</div>'
+                         f'<div class="outcome"></div>{extra}</div>')
+    keys = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
+            ("pro_rd4ad_per_image", "PRO (per image)"), ("image_f1_max", "image F1-max")]
+    table = ("<table><tr>" + "".join(f"<th>{name}</th>" for _, name in keys) + "</tr><tr>"
+             + "".join(f"<td>{100 * float(result[k]):.1f}</td>" for k, _ in keys) + "</tr></table>")
+    curves = []
+    if roc is not None:
+        curves.append(_svg_curve(*roc, "ROC (images)", "false positive rate", "true positive rate"))
+    if pro is not None:
+        curves.append(_svg_curve(*pro, "PRO (pixels)", "false positive rate", "per-region overlap", 0.3))
+    data = json.dumps({"scores": scores.tolist(), "labels": [int(v != 0) for v in labels]}).replace("<", "\\u003c")
+    step = "any"
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
+<body><h1>{html.escape(title)}</h1>
+{table}
+<div class="curves">{''.join(curves)}</div>
+<div id="controls"><label for="threshold">image threshold</label>
+<input type="range" id="threshold" min="{lo!r}" max="{hi!r}" step="{step}" value="{start!r}">
+<span id="value"></span> &nbsp; true positives <b id="tp"></b>, false positives <b id="fp"></b>,
+true negatives <b id="tn"></b>, false negatives <b id="fn"></b>
+{'' if threshold is None else f'(calibrated: {threshold:.6g})'}</div>
+<div class="cards">{''.join(cards)}</div>
+<script type="application/json" id="data">{data}</script>
+<script>{_SCRIPT}</script>
+</body></html>
+"""
+    write_text(path, page)
+    return path
