@@ -44,8 +44,6 @@ def throwaway_workdir(base: Path, arch: str, size: int, batch: int) -> Path:
 
 
 def images_per_second(call: Callable[[np.ndarray], object], batch: np.ndarray, repeats: int) -> float:
-    import resource
-    print("timing ...", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "MB", flush=True)
     call(batch)
     times = []
     for _ in range(repeats):

@@ -74,6 +74,7 @@ def onnx_file(setup, tmp_path_factory):
     return out, meta
 
 
+@pytest.mark.slow
 def test_onnxruntime_reproduces_predict(setup, onnx_file):
     """Maps within 1e-4 of the largest value (the same float32 arithmetic in another
     runtime: convolution algorithms and summation orders differ, ~1e-6), and predict's
@@ -93,6 +94,7 @@ def test_onnxruntime_reproduces_predict(setup, onnx_file):
     np.testing.assert_array_equal(_decisions(scores, meta), want_scores >= model.image_threshold)
 
 
+@pytest.mark.slow
 def test_openvino_runs_the_onnx_model_with_the_same_decisions(setup, onnx_file):
     """OpenVINO's CPU plugin, asked for float32 (by default it computes in bfloat16 on
     CPUs with AVX512-BF16): maps within 1e-4 of the largest value, as onnxruntime."""
@@ -107,6 +109,7 @@ def test_openvino_runs_the_onnx_model_with_the_same_decisions(setup, onnx_file):
     np.testing.assert_array_equal(_decisions(scores, meta), want_scores >= model.image_threshold)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,bits", [("float16", 11), ("bfloat16", 8)])
 def test_half_precision_weights_halve_the_file_and_keep_the_maps(setup, tmp_path, dtype, bits):
     """Weights rounded to ``bits`` significant bits (relative error at most 2^-bits each),
