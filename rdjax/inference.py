@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from rdjax import config as config_lib, maps as maps_lib, sharding, workdir as workdir_lib
+from rdjax import config as config_lib, maps as maps_lib, sharding, tiling, workdir as workdir_lib
 from rdjax.calibration import explanation_masks, normalize_scores
 from rdjax.data.preprocess import open_image, to_rgb
 from rdjax.errors import ConfigError, DataError
@@ -106,17 +106,29 @@ class Model:
         bs = sharding.round_up(batch_size or int(self.config.eval_batch_size), jax.device_count())
         return maps_lib.predict_images(self.eval_step, self.teacher_vars, self.student_vars, batch, bs, self._put)
 
-    def predict(self, x: ImageLike | Sequence[ImageLike], batch_size: int | None = None) -> Prediction:
+    def predict(self, x: ImageLike | Sequence[ImageLike], batch_size: int | None = None, resize: str = "squeeze",
+                tile_size: int | None = None, overlap: int = 0) -> Prediction:
         """Scores, maps at each input's own resolution, and masks/decisions when calibrated.
 
         ``x``: a uint8 HxWx3 array, a uint8 NxHxWx3 batch, a PIL image, a path, or a list
         of any of these (sizes may differ). Large inputs are batched automatically.
+        ``resize``: 'squeeze' (the whole image to image_size, the paper's protocol),
+        'fit' or 'tile' (windows of a proportionally scaled copy, blended; ``tile_size``
+        native pixels per window, ``overlap`` native pixels between windows): see
+        rdjax.tiling. Thresholds are calibrated on squeezed test images.
         """
         images = as_images(x)
         if not images:
             raise DataError("predict() got no images")
-        maps, scores = self.predict_resized(self.preprocess(images), batch_size)
-        full = [resize_map(m, a.shape[:2]) for m, a in zip(maps, images)]
+        if resize == "squeeze":
+            maps, scores = self.predict_resized(self.preprocess(images), batch_size)
+            full = [resize_map(m, a.shape[:2]) for m, a in zip(maps, images)]
+        else:
+            size = self.image_size
+            tiled = [tiling.tiled_map(a, size, tiling.scale_for(resize, a.shape[:2], size, tile_size), overlap,
+                                      lambda w: self.predict_resized(w, batch_size)[0]) for a in images]
+            scores = np.array([m.max() for m in tiled], np.float32)
+            full = [resize_map(m, a.shape[:2]) for m, a in zip(tiled, images)]
         cal = self.calibration
         if cal is None:
             return Prediction(scores, None, None, full, None)

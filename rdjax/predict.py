@@ -38,7 +38,8 @@ def output_names(files: list[Path], root: Path) -> list[str]:
     return [s if counts[s] == 1 else f"{s}_{f.suffix.lstrip('.').lower()}" for s, f in zip(stems, files)]
 
 
-def predict_folder(workdir: str, pattern: str, out: Path, batch_size: int = 32, dtype: str | None = None) -> None:
+def predict_folder(workdir: str, pattern: str, out: Path, batch_size: int = 32, dtype: str | None = None,
+                   resize: str = "squeeze", tile_size: int | None = None, overlap: int = 0) -> None:
     import numpy as np
     from PIL import Image
     from tqdm import tqdm
@@ -73,7 +74,7 @@ def predict_folder(workdir: str, pattern: str, out: Path, batch_size: int = 32, 
                 bar.update(1)
         if not chunk:
             continue
-        pred = model.predict(arrays, batch_size)
+        pred = model.predict(arrays, batch_size, resize, tile_size, overlap)
         if lo_hi is None:  # one colour scale for the whole run: the calibration range if known
             cal = model.calibration
             lo_hi = (cal["pixel_min"], cal["pixel_max"]) if cal else (

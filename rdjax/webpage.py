@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rdjax.workdir import write_text
+from rdjax.workdir import atomic_path
 
 THUMBNAIL = 128  # px, the longer side of each card's picture
 CURVE_POINTS = 400  # curves are thinned to about this many points
@@ -86,21 +86,13 @@ update();
 def write_page(path: Path, title: str, result: dict, labels: np.ndarray, scores: np.ndarray,
                filenames: Sequence[str], images: Callable[[np.ndarray], np.ndarray], threshold: float | None,
                roc: tuple[np.ndarray, np.ndarray] | None, pro: tuple[np.ndarray, np.ndarray] | None,
-               pictures: dict[int, str], chunk: int = 64) -> Path:
-    """``images(rows)``: uint8 images of those rows (decoded ``chunk`` at a time, so memory
-    stays bounded); ``pictures``: row -> a decision picture's path relative to the page."""
+               pictures: dict[int, str], chunk: int = 16) -> Path:
+    """``images(rows)``: uint8 images of those rows; ``pictures``: row -> a decision
+    picture's path relative to the page. The cards are decoded ``chunk`` images at a
+    time and written as they are made, so memory does not grow with the test set."""
     scores = np.asarray(scores, np.float64)
     lo, hi = float(scores.min()), float(scores.max())
     start = threshold if threshold is not None else float(np.median(scores))
-    cards = []
-    for begin in range(0, len(scores), chunk):
-        rows = np.arange(begin, min(begin + chunk, len(scores)))
-        for row, image in zip(rows, images(rows)):
-            extra = (f'<a href="{html.escape(pictures[row], quote=True)}">decision picture</a>'
-                     if row in pictures else "")
-            cards.append(f'<div class="card"><img alt="" src="{_thumbnail(image)}"><div>{html.escape(filenames[row])}'
-                         f'</div><div>{"defective" if labels[row] else "good"}, score {scores[row]:.5f}</div>'
-                         f'<div class="outcome"></div>{extra}</div>')
     keys = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
             ("pro_rd4ad_per_image", "PRO (per image)"), ("image_f1_max", "image F1-max")]
     table = ("<table><tr>" + "".join(f"<th>{name}</th>" for _, name in keys) + "</tr><tr>"
@@ -112,7 +104,7 @@ def write_page(path: Path, title: str, result: dict, labels: np.ndarray, scores:
         curves.append(_svg_curve(*pro, "PRO (pixels)", "false positive rate", "per-region overlap", 0.3))
     data = json.dumps({"scores": scores.tolist(), "labels": [int(v != 0) for v in labels]}).replace("<", "\\u003c")
     step = "any"
-    page = f"""<!DOCTYPE html>
+    head = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
 <body><h1>{html.escape(title)}</h1>
 {table}
@@ -122,10 +114,21 @@ def write_page(path: Path, title: str, result: dict, labels: np.ndarray, scores:
 <span id="value"></span> &nbsp; true positives <b id="tp"></b>, false positives <b id="fp"></b>,
 true negatives <b id="tn"></b>, false negatives <b id="fn"></b>
 {'' if threshold is None else f'(calibrated: {threshold:.6g})'}</div>
-<div class="cards">{''.join(cards)}</div>
+<div class="cards">
+"""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        out.write(head)
+        for begin in range(0, len(scores), chunk):
+            rows = np.arange(begin, min(begin + chunk, len(scores)))
+            for row, image in zip(rows, images(rows)):
+                extra = (f'<a href="{html.escape(pictures[row], quote=True)}">decision picture</a>'
+                         if row in pictures else "")
+                out.write(f'<div class="card"><img alt="" src="{_thumbnail(image)}"><div>{html.escape(filenames[row])}'
+                          f'</div><div>{"defective" if labels[row] else "good"}, score {scores[row]:.5f}</div>'
+                          f'<div class="outcome"></div>{extra}</div>\n')
+        out.write(f"""</div>
 <script type="application/json" id="data">{data}</script>
 <script>{_SCRIPT}</script>
 </body></html>
-"""
-    write_text(path, page)
+""")
     return path

@@ -28,7 +28,7 @@ RANKS = [
      "rdjax.data.novelty", "rdjax.data.synthetic"},
     {"rdjax.teacher", "rdjax.features"},
     {"rdjax.steps"},
-    {"rdjax.maps"},
+    {"rdjax.maps", "rdjax.tiling"},
     {"rdjax.metrics", "rdjax.calibration"},
     {"rdjax.evaluation"},
     {"rdjax.outputs", "rdjax.report", "rdjax.webpage", "rdjax.evaluators"},

@@ -1,0 +1,79 @@
+"""Large and non-square images without the square squeeze (docs/usage.md, "Large and
+non-square images").
+
+The model sees S×S inputs (S = the workdir's image_size). 'squeeze' resizes a whole image
+to S×S, the paper's protocol: a 640×480 part is distorted and a small defect in a 2048 px
+image shrinks to a few pixels. The other two modes cut the image into S×S windows of a
+proportionally scaled copy and blend the windows' maps back together:
+  fit   scale the shorter side to S: no distortion, windows along the longer side;
+  tile  scale by S / tile_size (tile_size native pixels per window; tile_size = S keeps
+        the native resolution): small defects keep their size.
+Windows overlap by ``overlap`` native pixels (at least as needed to cover the image), and
+their maps are averaged with weights that ramp down linearly across the overlap, so no seam
+shows. The image score is the blended map's maximum, as for a whole image.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from rdjax.errors import DataError
+
+MODES = ("squeeze", "fit", "tile")
+
+
+def starts(length: int, size: int, stride: int) -> list[int]:
+    """Offsets of windows of ``size`` covering [0, length): every ``stride``, the last one
+    aligned with the end (so windows may overlap by more than size - stride there)."""
+    if length <= size:
+        return [0]
+    return list(range(0, length - size, stride)) + [length - size]
+
+
+def ramp(size: int, overlap: int) -> np.ndarray:
+    """(size, size) blending weights: 1 inside, falling linearly to 1 / (overlap + 1) at
+    the edges across the overlap, never 0 (an image border is covered by one window only)."""
+    line = np.ones(size, np.float64)
+    if overlap > 0:
+        edge = np.arange(1, overlap + 1) / (overlap + 1)
+        line[:overlap] = np.minimum(line[:overlap], edge)
+        line[-overlap:] = np.minimum(line[-overlap:], edge[::-1])
+    return np.outer(line, line)
+
+
+def scale_for(mode: str, shape: tuple[int, int], size: int, tile_size: int | None) -> float:
+    """How much an image of ``shape`` is scaled before it is cut into size×size windows."""
+    h, w = shape
+    if mode == "fit":
+        return size / min(h, w)
+    if mode == "tile":
+        tile = tile_size or size
+        if min(h, w) < tile:
+            raise DataError(f"image {w}x{h} is smaller than one tile ({tile} px): use resize='fit' or a smaller tile_size")
+        return size / tile
+    raise DataError(f"unknown resize mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+def tiled_map(image: np.ndarray, size: int, scale: float, overlap: int,
+              run: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The blended map of ``image`` scaled by ``scale`` (float32, at the scaled size).
+
+    ``run``: uint8 (n, size, size, 3) windows -> their (n, size, size) maps."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    sh, sw = max(size, round(h * scale)), max(size, round(w * scale))
+    scaled = image if (sh, sw) == (h, w) else np.asarray(Image.fromarray(image).resize((sw, sh), Image.BILINEAR))
+    over = min(int(round(overlap * scale)), size - 1)
+    ys, xs = starts(sh, size, size - over), starts(sw, size, size - over)
+    windows = np.stack([scaled[y:y + size, x:x + size] for y in ys for x in xs])
+    maps = run(windows)
+    weight = ramp(size, over)
+    total = np.zeros((sh, sw), np.float64)
+    norm = np.zeros((sh, sw), np.float64)
+    for (y, x), amap in zip(((y, x) for y in ys for x in xs), maps):
+        total[y:y + size, x:x + size] += weight * amap
+        norm[y:y + size, x:x + size] += weight
+    return (total / norm).astype(np.float32)
