@@ -111,8 +111,9 @@ def decision_picture(image: np.ndarray, amap: np.ndarray, lo: float, hi: float, 
     canvas = Image.new("RGB", (bw + bar_w + label_w + 8, header + bh), (255, 255, 255))
     canvas.paste(body_img, (0, header))
     top = ImageDraw.Draw(canvas)
-    top.rectangle((0, 0, canvas.width, header - 1), fill=DECISION_COLOURS[anomalous if anomalous is None else bool(anomalous)])
-    verdict = {None: "", True: "NG  ", False: "OK  "}[anomalous if anomalous is None else bool(anomalous)]
+    state = None if anomalous is None else bool(anomalous)
+    top.rectangle((0, 0, canvas.width, header - 1), fill=DECISION_COLOURS[state])
+    verdict = {None: "", True: "NG  ", False: "OK  "}[state]
     first = f"{verdict}score {score:.4f}" + ("" if normalized is None else f"  normalized {normalized:.2f}")
     top.text((4, 3), first, fill=(255, 255, 255), font=font)
     top.text((4, 3 + line), caption[-(canvas.width // 7):], fill=(255, 255, 255), font=font)
