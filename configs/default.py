@@ -49,6 +49,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.blur_sigma = 4.0
     config.imagenet_normalize = True  # False for MNIST/Fashion-MNIST, as the official helpers
     config.eval_batch_size = 16
+    # How evaluation (and, by default, predict) turns an image into model inputs
+    # (rdjax.tiling, docs/usage.md "Large and non-square images"): 'squeeze' (the whole
+    # image to image_size, the paper's protocol), 'fit' or 'tile' (blended windows of a
+    # proportionally scaled copy; tile_size native pixels per window, 0 = image_size;
+    # overlap native pixels between windows). Thresholds are calibrated on these maps.
+    config.resize = ml_collections.ConfigDict()
+    config.resize.mode = "squeeze"
+    config.resize.tile_size = 0
+    config.resize.overlap = 0
     # Where training reads the teacher's features: 'auto', 'memory', 'disk' or 'off'
     # (docs/scaling.md). 'disk' writes under feature_cache_dir ("" = the workdir).
     config.feature_cache = "auto"

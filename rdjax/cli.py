@@ -113,12 +113,13 @@ def define_predict_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string("output", None, "Output folder.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("dtype", None, "Compute dtype (float32 or bfloat16); default: the workdir's.", flag_values=fv)
-    flags.DEFINE_enum("resize", "squeeze", ["squeeze", "fit", "tile"], "squeeze: the whole image to image_size; "
-                      "fit, tile: blended windows without distortion (docs/usage.md).", flag_values=fv)
-    flags.DEFINE_integer("tile_size", None, "resize=tile: native pixels per window (default: image_size).",
-                         lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer("tile_overlap", 0, "resize=fit or tile: native pixels shared by neighbouring windows.",
-                         lower_bound=0, flag_values=fv)
+    flags.DEFINE_enum("resize", None, ["squeeze", "fit", "tile"], "squeeze: the whole image to image_size; "
+                      "fit, tile: blended windows without distortion (docs/usage.md). Default: the workdir's "
+                      "config.resize, which its thresholds were calibrated with.", flag_values=fv)
+    flags.DEFINE_integer("tile_size", None, "resize=tile: native pixels per window (default: the workdir's, "
+                         "else image_size).", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("tile_overlap", None, "resize=fit or tile: native pixels shared by neighbouring windows "
+                         "(default: the workdir's).", lower_bound=0, flag_values=fv)
     flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
 
 

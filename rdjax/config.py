@@ -65,6 +65,7 @@ def check_dtype(value: str, name: str = "config.dtype") -> None:
         raise ConfigError(f"{name}={value!r} is not supported; choose 'float32' or 'bfloat16'")
 
 
+RESIZE_MODES = ("squeeze", "fit", "tile")  # rdjax.tiling
 _POSITIVE = ("batch_size", "eval_batch_size", "num_epochs", "eval_every", "checkpoint_every", "keep_checkpoints")
 
 
@@ -101,6 +102,10 @@ def check(config: Any, device_count: int) -> None:
         raise ConfigError(f"config.feature_cache={config.feature_cache!r}; choose 'auto', 'memory', 'disk' or 'off'")
     if config.exact_metrics_max_pixels < 0:
         raise ConfigError(f"config.exact_metrics_max_pixels={config.exact_metrics_max_pixels} must be >= 0")
+    if config.resize.mode not in RESIZE_MODES:
+        raise ConfigError(f"config.resize.mode={config.resize.mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+    if config.resize.tile_size < 0 or config.resize.overlap < 0:
+        raise ConfigError("config.resize.tile_size and config.resize.overlap must be >= 0")
     if config.map_mode not in ("add", "mul"):
         raise ConfigError(f"config.map_mode={config.map_mode!r}; choose 'add' or 'mul'")
 

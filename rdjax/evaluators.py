@@ -6,8 +6,8 @@ returns entries for the result (metrics.json) and may write its own files into
   anomaly      image/pixel AUROC, AUPRO, the paper's PRO, F1-max, per-type AUROC, and the
                sum-of-map image AUROC of the novelty benchmarks
   calibration  the decision thresholds and normalization range (calibration.json)
-  report       report.png, the hardest cases' pictures, and report.html (every image, a
-               threshold slider; rdjax.webpage)
+  report       report.png, the hardest cases' pictures, report.html (every image, a
+               threshold slider; rdjax.webpage) and scores.csv (every image's score)
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from rdjax.evaluation import PassResult
 from rdjax.calibration import calibrate
 from rdjax.data.preprocess import Split
 from rdjax.registry import EVALUATORS
+from rdjax.workdir import write_csv
 
 NO_MASKS = "the anomalous test images have no masks: image-level metrics only"
 
@@ -35,7 +36,7 @@ class EvalData:
     test: Split
     result_pass: PassResult  # the test split's scores and pixel statistics
     run_pass: Callable[[Split], PassResult]  # an evaluation pass over another split (all processes call it)
-    predict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # a few uint8 images -> (maps, scores)
+    predict: Callable[[Split, np.ndarray], np.ndarray]  # (split, a few rows) -> their maps, as the pass made them
     validation: Split | None  # held-out normal training images, if any
     out_dir: Path | None  # this evaluation's folder (eval/epoch_NNNN) on process 0, else None
     result: dict  # what the evaluators before this one returned
@@ -75,7 +76,7 @@ def report_pictures(data: EvalData) -> dict:
     rows = np.concatenate(outputs.hardest_cases(test.labels, passed.scores, 4))
     images = test.images(rows)
     masks = test.masks(rows)
-    maps = data.predict(images)[0]
+    maps = data.predict(test, rows)
     if data.out_dir is not None:
         cases = outputs.Cases(rows, images, masks, maps, passed.scores[rows], [test.filenames[i] for i in rows],
                               test.labels[rows], passed.pixels.lo, passed.pixels.hi)
@@ -91,6 +92,10 @@ def report_pictures(data: EvalData) -> dict:
             fpr, overlap = passed.pixels.pro_curve
             pro = (fpr[fpr <= 0.3], overlap[fpr <= 0.3])
         title = f"{data.config.dataset.category}: evaluation {data.out_dir.name.replace('_', ' ')}"
+        write_csv(data.out_dir / "scores.csv", ["file", "defect_type", "label", "score", "decision"], [
+            {"file": f, "defect_type": d, "label": int(y), "score": f"{s:.6f}",
+             "decision": "" if threshold is None else ("anomalous" if s >= threshold else "normal")}
+            for f, d, y, s in zip(test.filenames, test.defect_types, test.labels, passed.scores)])
         webpage.write_page(data.out_dir / "report.html", title, data.result, test.labels, passed.scores,
                            test.filenames, test.images, threshold, roc, pro,
                            {int(r): f"images/{p.name}" for r, p in zip(rows, written)})

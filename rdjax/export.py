@@ -118,6 +118,9 @@ def contract(model: Any, fmt: str, weights_dtype: str) -> dict:
                   "normalization": "inside the artifact: x / 255, then ImageNet mean (0.485, 0.456, 0.406) "
                                    "and std (0.229, 0.224, 0.225)" if model.config.imagenet_normalize
                                    else "inside the artifact: x / 255"},
+        "resize": {**model.resize.to_dict(), "note": "the setting the thresholds were calibrated with: 'squeeze' "
+                   "resizes each image to the input size; 'fit' and 'tile' run the artifact on windows and blend "
+                   "their maps (docs/usage.md, 'Large and non-square images')"},
         "outputs": {"maps": ["batch", model.image_size, model.image_size, "float32"], "scores": ["batch", "float32"]},
         "decision": "anomalous when score >= image_threshold; pixels with map >= pixel_threshold are anomalous",
         "model": model.config.model.name, "arch": model.config.model.arch, "step": model.step,

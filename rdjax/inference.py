@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -53,14 +54,6 @@ def as_images(x: ImageLike | Sequence[ImageLike]) -> list[np.ndarray]:
     return [_to_array(x, "image")]
 
 
-def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A float map back to an image's (height, width), bilinear."""
-    h, w = size
-    if amap.shape == (h, w):
-        return amap
-    return np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
-
-
 # ----------------------------------------------------------------------------- the model
 
 
@@ -96,6 +89,14 @@ class Model:
     def image_threshold(self) -> float | None:
         return None if self.calibration is None else self.calibration["image_threshold"]
 
+    @property
+    def resize(self) -> Any:
+        """The resize setting of the thresholds (calibration.json), else of the config."""
+        cal = self.calibration
+        if cal is not None and "resize" in cal:
+            return ml_collections.ConfigDict(cal["resize"])
+        return self.config.resize
+
     def preprocess(self, images: Iterable[np.ndarray]) -> np.ndarray:
         """Resize with PIL's bilinear filter, exactly as training and evaluation do."""
         s = self.image_size
@@ -106,8 +107,8 @@ class Model:
         bs = sharding.round_up(batch_size or int(self.config.eval_batch_size), jax.device_count())
         return maps_lib.predict_images(self.eval_step, self.teacher_vars, self.student_vars, batch, bs, self._put)
 
-    def predict(self, x: ImageLike | Sequence[ImageLike], batch_size: int | None = None, resize: str = "squeeze",
-                tile_size: int | None = None, overlap: int = 0) -> Prediction:
+    def predict(self, x: ImageLike | Sequence[ImageLike], batch_size: int | None = None, resize: str | None = None,
+                tile_size: int | None = None, overlap: int | None = None) -> Prediction:
         """Scores, maps at each input's own resolution, and masks/decisions when calibrated.
 
         ``x``: a uint8 HxWx3 array, a uint8 NxHxWx3 batch, a PIL image, a path, or a list
@@ -115,20 +116,25 @@ class Model:
         ``resize``: 'squeeze' (the whole image to image_size, the paper's protocol),
         'fit' or 'tile' (windows of a proportionally scaled copy, blended; ``tile_size``
         native pixels per window, ``overlap`` native pixels between windows): see
-        rdjax.tiling. Thresholds are calibrated on squeezed test images.
+        rdjax.tiling. Each left as None takes the setting the thresholds were calibrated
+        with (calibration.json's 'resize'; else the workdir's config.resize).
         """
         images = as_images(x)
         if not images:
             raise DataError("predict() got no images")
+        setting = self.resize
+        resize = setting.mode if resize is None else resize
+        tile_size = (setting.tile_size or None) if tile_size is None else tile_size
+        overlap = setting.overlap if overlap is None else overlap
         if resize == "squeeze":
             maps, scores = self.predict_resized(self.preprocess(images), batch_size)
-            full = [resize_map(m, a.shape[:2]) for m, a in zip(maps, images)]
+            full = [tiling.resize_map(m, a.shape[:2]) for m, a in zip(maps, images)]
         else:
-            size = self.image_size
-            tiled = [tiling.tiled_map(a, size, tiling.scale_for(resize, a.shape[:2], size, tile_size), overlap,
-                                      lambda w: self.predict_resized(w, batch_size)[0]) for a in images]
+            run = lambda windows: self.predict_resized(windows, batch_size)[0]  # noqa: E731
+            tiled = [tiling.tiled_map(a, self.image_size, tiling.scale_for(resize, a.shape[:2], self.image_size,
+                                                                           tile_size), overlap, run) for a in images]
             scores = np.array([m.max() for m in tiled], np.float32)
-            full = [resize_map(m, a.shape[:2]) for m, a in zip(tiled, images)]
+            full = [tiling.resize_map(m, a.shape[:2]) for m, a in zip(tiled, images)]
         cal = self.calibration
         if cal is None:
             return Prediction(scores, None, None, full, None)

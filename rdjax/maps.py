@@ -147,21 +147,50 @@ def pixel_histograms(maps: jax.Array, masks: jax.Array, pro_weights: jax.Array, 
     }
 
 
+@jax.jit
+def stats_step(maps: jax.Array, scores: jax.Array, masks: jax.Array, pro_weights: jax.Array, regions: jax.Array,
+               valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
+    """What an evaluation pass keeps of a batch of maps: (maps, scores, map sums, the
+    binned pixel statistics)."""
+    stats = pixel_histograms(maps, masks, pro_weights, valid)
+    stats["regions"] = jnp.sum(jnp.where(valid, regions, 0))
+    return maps, scores, jnp.sum(maps, axis=(1, 2)), stats
+
+
 @functools.lru_cache(maxsize=None)
 def make_pass_step(model: Any, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True):
-    """The eval step of an evaluation pass: maps, scores, map sums and the batch's
-    binned pixel statistics."""
+    """The eval step of an evaluation pass over squeezed images: the maps computed from
+    the images, then `stats_step`, in one program."""
     eval_step = make_eval_step(model, mode, sigma, imagenet_normalize)
 
     @jax.jit
     def pass_step(teacher_vars: Variables, student_vars: Variables, images: jax.Array, masks: jax.Array,
                   pro_weights: jax.Array, regions: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
         maps, scores = eval_step(teacher_vars, student_vars, images)
-        stats = pixel_histograms(maps, masks, pro_weights, valid)
-        stats["regions"] = jnp.sum(jnp.where(valid, regions, 0))
-        return maps, scores, jnp.sum(maps, axis=(1, 2)), stats
+        return stats_step(maps, scores, masks, pro_weights, regions, valid)
 
     return pass_step
+
+
+def local_runner(eval_step: Callable, teacher_vars: Variables, student_vars: Variables,
+                 batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 windows -> their maps, on this process's first device alone, in batches of
+    ``batch_size`` (the last one padded, so one compilation serves every image).
+
+    Tiling gives each image its own number of windows, so processes cannot share one
+    global batch; each computes its own images' windows with its local copy of the
+    (replicated) variables, and no collective is involved."""
+    local = jax.tree.map(lambda a: a.addressable_data(0), (teacher_vars, student_vars))
+
+    def run(windows: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(windows), batch_size):
+            chunk = windows[start:start + batch_size]
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
+            out.append(np.asarray(eval_step(*local, padded)[0])[:len(chunk)])
+        return np.concatenate(out)
+
+    return run
 
 
 def predict_images(

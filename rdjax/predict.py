@@ -3,19 +3,17 @@
 Writes OUT/overlays/<name>.png (the decision picture: OK/NG, score, normalized score, the
 image blended with its map on one colour scale for the run, the mask outlined, the map's
 peak marked, a colour bar; rdjax.outputs.decision_picture), OUT/masks/<name>_mask.png
-(when the workdir is calibrated; rdjax.calibration.explanation_masks) and OUT/scores.csv (file, score, normalized score,
-decision). <name> is the file's path under the input folder with '/' as '_'; files that
+(when the workdir is calibrated; rdjax.calibration.explanation_masks), OUT/scores.csv (file, score, normalized score,
+decision) and OUT/report.html (every image with its score and a threshold slider; rdjax.webpage). <name> is the file's path under the input folder with '/' as '_'; files that
 differ only in their extension (part.png, part.jpg) keep it (part_png, part_jpg), so no
 output overwrites another. Unreadable files are reported and skipped; the last line
-counts them. scores.csv appears only when every image has been processed.
+counts them. scores.csv and report.html appear only when every image has been processed.
 """
 
 from __future__ import annotations
 
 import collections
-import csv
 import glob
-import io
 import os
 import sys
 from pathlib import Path
@@ -39,13 +37,13 @@ def output_names(files: list[Path], root: Path) -> list[str]:
 
 
 def predict_folder(workdir: str, pattern: str, out: Path, batch_size: int = 32, dtype: str | None = None,
-                   resize: str = "squeeze", tile_size: int | None = None, overlap: int = 0) -> None:
+                   resize: str | None = None, tile_size: int | None = None, overlap: int | None = None) -> None:
     import numpy as np
     from PIL import Image
     from tqdm import tqdm
 
-    from rdjax import inference, outputs
-    from rdjax.workdir import atomic_path, write_text
+    from rdjax import inference, outputs, webpage
+    from rdjax.workdir import atomic_path, write_csv
 
     files = find_inputs(pattern)
     if not files:
@@ -60,7 +58,7 @@ def predict_folder(workdir: str, pattern: str, out: Path, batch_size: int = 32, 
         print(f"warning: {workdir} has no calibration.json: no decisions or masks", file=sys.stderr)
     root = Path(pattern) if Path(pattern).is_dir() else Path(os.path.commonpath([str(f.parent) for f in files]))
     names = dict(zip(files, output_names(files, root)))
-    rows, skipped, lo_hi = [], 0, None
+    rows, done, skipped, lo_hi = [], [], 0, None
     bar = tqdm(total=len(files), unit="img", desc="predicting", disable=None)
     for start in range(0, len(files), batch_size):
         chunk, arrays = [], []
@@ -95,13 +93,15 @@ def predict_folder(workdir: str, pattern: str, out: Path, batch_size: int = 32, 
                 row["normalized_score"] = f"{pred.normalized_scores[i]:.6f}"
                 row["decision"] = "anomalous" if pred.decisions[i] else "normal"
             rows.append(row)
+            done.append(f)
         bar.update(len(chunk))
     bar.close()
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=["file", "score", "normalized_score", "decision"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(out / "scores.csv", table.getvalue())
+    write_csv(out / "scores.csv", ["file", "score", "normalized_score", "decision"], rows)
+    if done:
+        webpage.write_page(out / "report.html", f"rdjax predict: {workdir}", None, None,
+                           np.array([float(r["score"]) for r in rows]), [names[f] for f in done],
+                           lambda idx: [inference.as_images(done[i])[0] for i in idx], model.image_threshold, None,
+                           None, {i: f"overlays/{names[f]}.png" for i, f in enumerate(done)})
     flagged = sum(r["decision"] == "anomalous" for r in rows)
     print(f"{len(rows)} images scored, {flagged} anomalous, {skipped} skipped (unreadable) -> {out / 'scores.csv'}")
 

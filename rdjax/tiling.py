@@ -15,13 +15,12 @@ shows. The image score is the blended map's maximum, as for a whole image.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from rdjax.config import RESIZE_MODES as MODES
 from rdjax.errors import DataError
-
-MODES = ("squeeze", "fit", "tile")
 
 
 def starts(length: int, size: int, stride: int) -> list[int]:
@@ -77,3 +76,27 @@ def tiled_map(image: np.ndarray, size: int, scale: float, overlap: int,
         total[y:y + size, x:x + size] += weight * amap
         norm[y:y + size, x:x + size] += weight
     return (total / norm).astype(np.float32)
+
+
+def resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A float map to (height, width), bilinear."""
+    from PIL import Image
+
+    h, w = shape
+    if amap.shape == (h, w):
+        return amap
+    return np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
+
+
+def evaluation_maps(images: Sequence[np.ndarray], size: int, setting: Any,
+                    run: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Tiled evaluation (config.resize): each image's blended map resized to (size, size),
+    where the masks and pixel metrics live, and its score, the blended map's maximum at
+    the scale it was computed (as `Model.predict` scores it), before that resize."""
+    maps, scores = [], []
+    for image in images:
+        scale = scale_for(setting.mode, image.shape[:2], size, setting.tile_size or None)
+        amap = tiled_map(image, size, scale, setting.overlap, run)
+        scores.append(amap.max())
+        maps.append(resize_map(amap, (size, size)))
+    return np.stack(maps), np.asarray(scores, np.float32)

@@ -19,6 +19,7 @@ import numpy as np
 import tqdm
 
 from rdjax import config as config_lib, data, evaluation, evaluators, features, maps, outputs, sharding, steps, teacher
+from rdjax import tiling
 from rdjax import workdir as workdir_lib
 from rdjax.data import pipeline
 from rdjax.data.pipeline import prefetch
@@ -69,6 +70,9 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
     train_split, test_split = dataset.load(config.dataset.category, config.image_size)
     train_split, validation = data.hold_out(train_split, config.threshold.validation_size, config.seed)
     check_exact_metrics(config, max(len(test_split), len(validation or ())))
+    if config.resize.mode != "squeeze" and test_split.read_native is None:
+        raise ConfigError(f"config.resize.mode={config.resize.mode!r}: dataset {config.dataset.name!r} has no images "
+                          "beyond image_size to tile; use 'squeeze'")
     feature_mode, feature_dir = "off", None
     if writing:
         pipeline.lanes(len(train_split), config.batch_size, config.seed)  # fails if the batch is larger than the data
@@ -105,15 +109,25 @@ def check_exact_metrics(config: Any, images: int) -> None:
 def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, writer: Any = None) -> dict:
     """One evaluation pass over the test images, the configured evaluators, and their files."""
     config = run.config
-    pass_step = maps.eval_step_for(run.model, config, full_pass=True)
     eval_step = maps.eval_step_for(run.model, config)
+    tiler = None
+    if config.resize.mode != "squeeze":
+        windows = maps.local_runner(eval_step, run.teacher_vars, student_vars, config.eval_batch_size)
+        tiler = functools.partial(tiling.evaluation_maps, size=config.image_size, setting=config.resize, run=windows)
+        pass_step = lambda teacher_vars, student_vars, *batch: maps.stats_step(*batch)  # noqa: E731
+    else:
+        pass_step = maps.eval_step_for(run.model, config, full_pass=True)
 
     def run_pass(split: Split, kind: str = "validation") -> evaluation.PassResult:
         exact = len(split) * config.image_size ** 2 <= config.exact_metrics_max_pixels
-        return evaluation.run_pass(pass_step, run.teacher_vars, student_vars, split, run.eval_batch, run.put, exact, kind)
+        return evaluation.run_pass(pass_step, run.teacher_vars, student_vars, split, run.eval_batch, run.put, exact, kind,
+                                   tiler)
 
-    def predict(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return maps.predict_images(eval_step, run.teacher_vars, student_vars, images, run.eval_batch, run.put)
+    def predict(split: Split, rows: np.ndarray) -> np.ndarray:
+        if tiler is not None:
+            return tiler([split.native_image(r) for r in rows])[0]
+        return maps.predict_images(eval_step, run.teacher_vars, student_vars, split.images(rows), run.eval_batch,
+                                   run.put)[0]
 
     start = time.perf_counter()
     test_pass = run_pass(run.test, "test")
@@ -126,7 +140,7 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, writer:
     for w in result["warnings"][len(run.warnings):]:
         _log("note: %s", w)
     if "calibration" in result:
-        result["calibration"].update(step=step, epoch=epoch)
+        result["calibration"].update(step=step, epoch=epoch, resize=config.resize.to_dict())
     result.update(
         epoch=epoch, step=step, seed=config.seed, category=config.dataset.category, model=config.model.name,
         arch=config.model.arch, teacher_weights=config.model.teacher_weights, dtype=config.dtype,

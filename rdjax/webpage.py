@@ -1,10 +1,12 @@
-"""The evaluation as one self-contained HTML page (report.html) a person can browse.
+"""An evaluation or a predict run as one self-contained HTML page (report.html) a
+person can browse.
 
-One card per test image (a thumbnail, the file name, the label, the score, and the
-decision picture for the hardest cases), the metrics table, the image ROC curve and the
-PRO curve as inline SVG, and a threshold slider: moving it re-decides every card and
-recounts true and false positives and negatives in the browser, from the scores embedded
-in the page. Every name from the data is escaped (file names are text, never markup), and
+One card per image (a thumbnail, the file name, the label if known, the score, and a
+link to its decision picture where there is one), the metrics table, the image ROC curve
+and the PRO curve as inline SVG (evaluations), and a threshold slider: moving it
+re-decides every card and recounts, in the browser from the scores embedded in the page,
+true and false positives and negatives (labelled images) or anomalous and normal
+decisions (predict). Every name from the data is escaped (file names are text, never markup), and
 the embedded data is JSON with '<' escaped, so no file name can end the script.
 """
 
@@ -56,7 +58,7 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 .cards{display:flex;flex-wrap:wrap;gap:.6em;margin-top:1em}
 .card{width:150px;border:3px solid #ccc;border-radius:4px;padding:4px;font-size:12px;overflow-wrap:anywhere}
 .card img{max-width:100%}.card.tp{border-color:#1a7f37}.card.tn{border-color:#8c8}
-.card.fp{border-color:#d93}.card.fn{border-color:#c22}
+.card.fp{border-color:#d93}.card.fn{border-color:#c22}.card.ng{border-color:#c22}.card.ok{border-color:#8c8}
 .outcome{font-weight:bold}
 """
 
@@ -64,13 +66,15 @@ _SCRIPT = """
 const data = JSON.parse(document.getElementById('data').textContent);
 const slider = document.getElementById('threshold');
 const cards = Array.from(document.querySelectorAll('.card'));
-const names = {tp: 'true positive', fp: 'false positive', tn: 'true negative', fn: 'false negative'};
+const names = {tp: 'true positive', fp: 'false positive', tn: 'true negative', fn: 'false negative',
+               ng: 'anomalous', ok: 'normal'};
 function update() {
   const t = parseFloat(slider.value);
-  const counts = {tp: 0, fp: 0, tn: 0, fn: 0};
+  const counts = data.labels ? {tp: 0, fp: 0, tn: 0, fn: 0} : {ng: 0, ok: 0};
   cards.forEach((card, i) => {
     const anomalous = data.scores[i] >= t;
-    const kind = anomalous ? (data.labels[i] ? 'tp' : 'fp') : (data.labels[i] ? 'fn' : 'tn');
+    const kind = !data.labels ? (anomalous ? 'ng' : 'ok')
+      : anomalous ? (data.labels[i] ? 'tp' : 'fp') : (data.labels[i] ? 'fn' : 'tn');
     counts[kind] += 1;
     card.className = 'card ' + kind;
     card.querySelector('.outcome').textContent = (anomalous ? 'NG, ' : 'OK, ') + names[kind];
@@ -83,26 +87,33 @@ update();
 """
 
 
-def write_page(path: Path, title: str, result: dict, labels: np.ndarray, scores: np.ndarray,
-               filenames: Sequence[str], images: Callable[[np.ndarray], np.ndarray], threshold: float | None,
-               roc: tuple[np.ndarray, np.ndarray] | None, pro: tuple[np.ndarray, np.ndarray] | None,
-               pictures: dict[int, str], chunk: int = 16) -> Path:
-    """``images(rows)``: uint8 images of those rows; ``pictures``: row -> a decision
-    picture's path relative to the page. The cards are decoded ``chunk`` images at a
-    time and written as they are made, so memory does not grow with the test set."""
+def write_page(path: Path, title: str, result: dict | None, labels: np.ndarray | None, scores: np.ndarray,
+               filenames: Sequence[str], images: Callable[[np.ndarray], Sequence[np.ndarray]],
+               threshold: float | None, roc: tuple[np.ndarray, np.ndarray] | None,
+               pro: tuple[np.ndarray, np.ndarray] | None, pictures: dict[int, str], chunk: int = 16) -> Path:
+    """``result``: the metrics (None: no table); ``labels``: 0 = good (None: unlabelled
+    images, as predict scores them); ``images(rows)``: uint8 images of those rows;
+    ``pictures``: row -> a decision picture's path relative to the page. The cards are
+    decoded ``chunk`` images at a time and written as they are made, so memory does not
+    grow with the number of images."""
     scores = np.asarray(scores, np.float64)
     lo, hi = float(scores.min()), float(scores.max())
     start = threshold if threshold is not None else float(np.median(scores))
     keys = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
             ("pro_rd4ad_per_image", "PRO (per image)"), ("image_f1_max", "image F1-max")]
-    table = ("<table><tr>" + "".join(f"<th>{name}</th>" for _, name in keys) + "</tr><tr>"
-             + "".join(f"<td>{100 * float(result[k]):.1f}</td>" for k, _ in keys) + "</tr></table>")
+    table = "" if result is None else (
+        "<table><tr>" + "".join(f"<th>{name}</th>" for _, name in keys) + "</tr><tr>"
+        + "".join(f"<td>{100 * float(result[k]):.1f}</td>" for k, _ in keys) + "</tr></table>")
     curves = []
     if roc is not None:
         curves.append(_svg_curve(*roc, "ROC (images)", "false positive rate", "true positive rate"))
     if pro is not None:
         curves.append(_svg_curve(*pro, "PRO (pixels)", "false positive rate", "per-region overlap", 0.3))
-    data = json.dumps({"scores": scores.tolist(), "labels": [int(v != 0) for v in labels]}).replace("<", "\\u003c")
+    data = json.dumps({"scores": scores.tolist(), "labels": None if labels is None else [int(v != 0) for v in labels]})
+    data = data.replace("<", "\\u003c")
+    counts = ("true positives <b id=\"tp\"></b>, false positives <b id=\"fp\"></b>, true negatives <b id=\"tn\">"
+              "</b>, false negatives <b id=\"fn\"></b>" if labels is not None
+              else "anomalous <b id=\"ng\"></b>, normal <b id=\"ok\"></b>")
     step = "any"
     head = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
@@ -111,8 +122,7 @@ def write_page(path: Path, title: str, result: dict, labels: np.ndarray, scores:
 <div class="curves">{''.join(curves)}</div>
 <div id="controls"><label for="threshold">image threshold</label>
 <input type="range" id="threshold" min="{lo!r}" max="{hi!r}" step="{step}" value="{start!r}">
-<span id="value"></span> &nbsp; true positives <b id="tp"></b>, false positives <b id="fp"></b>,
-true negatives <b id="tn"></b>, false negatives <b id="fn"></b>
+<span id="value"></span> &nbsp; {counts}
 {'' if threshold is None else f'(calibrated: {threshold:.6g})'}</div>
 <div class="cards">
 """
@@ -123,8 +133,9 @@ true negatives <b id="tn"></b>, false negatives <b id="fn"></b>
             for row, image in zip(rows, images(rows)):
                 extra = (f'<a href="{html.escape(pictures[row], quote=True)}">decision picture</a>'
                          if row in pictures else "")
+                label = "" if labels is None else ("defective, " if labels[row] else "good, ")
                 out.write(f'<div class="card"><img alt="" src="{_thumbnail(image)}"><div>{html.escape(filenames[row])}'
-                          f'</div><div>{"defective" if labels[row] else "good"}, score {scores[row]:.5f}</div>'
+                          f'</div><div>{label}score {scores[row]:.5f}</div>'
                           f'<div class="outcome"></div>{extra}</div>\n')
         out.write(f"""</div>
 <script type="application/json" id="data">{data}</script>

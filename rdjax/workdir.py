@@ -13,6 +13,8 @@ checkpoint into place when complete, so a killed run never leaves a half-written
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import shutil
@@ -69,6 +71,14 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def write_csv(path: str | os.PathLike, fields: list[str], rows: list[dict]) -> None:
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, table.getvalue())
 
 
 def check_writable(directory: Path, need_bytes: int = 0) -> None:

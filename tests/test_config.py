@@ -72,6 +72,10 @@ def test_checks_name_the_key():
     bad.threshold.method = "quantile"
     with pytest.raises(ConfigError, match="validation_size >= 1"):
         config_lib.check(bad, 1)
+    bad = config.copy_and_resolve_references()
+    bad.resize.mode = "crop"
+    with pytest.raises(ConfigError, match="config.resize.mode='crop'"):
+        config_lib.check(bad, 1)
 
 
 def test_registry_rejects_twice_and_lists_names():

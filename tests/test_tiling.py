@@ -87,3 +87,46 @@ def test_a_small_defect_in_a_large_image_is_found_by_tiling(synthetic_data, tmp_
     print(f"tile: inner max {[float(m[inner].max()) for m in tiled.maps]}, whole max {tiled.scores}; "
           f"squeeze: inner max {[float(m[inner].max()) for m in squeezed.maps]}, whole max {squeezed.scores}, "
           f"inner peak {np.unravel_index(int(np.argmax(squeezed.maps[1][inner])), hole[inner].shape)}")
+
+
+def _evaluate_on(config, workdir: Path, root: Path, **resize) -> dict[str, float]:
+    """Evaluate ``workdir`` on the generated ``root`` with config.resize set: its scores.csv."""
+    import csv
+
+    config = config.copy_and_resolve_references()
+    config.dataset.root, config.dataset.data_dir = str(root), str(root / "_tfds")
+    for key, value in resize.items():
+        config.resize[key] = value
+    result = train.evaluate(config, workdir)
+    table = workdir / "eval" / f"epoch_{result['epoch']:04d}" / "scores.csv"
+    return {row["file"]: float(row["score"]) for row in csv.DictReader(table.open())}
+
+
+def test_evaluation_tiles_as_predict_does(trained, synthetic_data, tmp_path):
+    """The trained 64 px model evaluated on 128 px images. (1) One 128 px tile per image
+    is the squeeze: PIL resizes the same file to 64 px on both paths, so the scores agree
+    up to the order of float32 sums (windows and images batch differently): 1e-5 of the
+    score, far below any score gap. (2) 64 px tiles with overlap: the evaluation pass
+    (this process's device, rdjax.tiling.evaluation_maps) scores every image as
+    Model.predict does by default afterwards, since calibration.json records the setting."""
+    import json
+    import shutil
+
+    config, work, _ = trained
+    root = synthetic_data(size=128)
+    workdir = tmp_path / "w"
+    shutil.copytree(work, workdir)
+    squeezed = _evaluate_on(config, workdir, root)
+    one_tile = _evaluate_on(config, workdir, root, mode="tile", tile_size=128)
+    assert squeezed.keys() == one_tile.keys() and len(squeezed) == 13
+    np.testing.assert_allclose([one_tile[k] for k in squeezed], list(squeezed.values()), rtol=1e-5)
+
+    tiled = _evaluate_on(config, workdir, root, mode="tile", tile_size=64, overlap=8)
+    assert json.loads((workdir / "calibration.json").read_text())["resize"] == {"mode": "tile", "tile_size": 64,
+                                                                                "overlap": 8}
+    files = {f"{p.parent.name}/{p.name}": p for p in (root / "disk" / "test").rglob("*.png")}
+    model = rdjax.load(workdir)
+    pred = model.predict([str(files[k]) for k in tiled])
+    np.testing.assert_allclose(pred.scores, list(tiled.values()), rtol=1e-5)
+    assert max(abs(a - b) for a, b in zip(tiled.values(), squeezed.values())) > 1e-3  # the tiles saw other pixels
+    np.testing.assert_array_equal(pred.decisions, np.array(list(tiled.values())) >= model.image_threshold)

@@ -80,3 +80,24 @@ def test_hostile_file_names_are_text(browser, tmp_path):
     assert page.locator("img").count() == 3  # the thumbnails only: no injected image
     assert page.locator("h1").text_content() == "<b>category</b>"
     assert int(page.locator("#tp").text_content()) == 2 and int(page.locator("#tn").text_content()) == 1
+
+
+def test_predict_page_decides_as_scores_csv_says(trained, browser, tmp_path):
+    """`rdjax predict` writes report.html beside scores.csv: one card per image, each
+    linking its decision picture, and at the calibrated threshold (the slider's start)
+    the page counts the anomalous decisions scores.csv lists."""
+    import csv
+
+    from rdjax import predict
+
+    config, work, _ = trained
+    folder = Path(config.dataset.root) / "disk" / "test"
+    predict.predict_folder(str(work), str(folder), tmp_path / "out")
+    rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
+    page, problems = _open(browser, tmp_path / "out" / "report.html")
+    assert page.locator(".card").count() == len(rows) == len(list(folder.rglob("*.png")))
+    assert int(page.locator("#ng").text_content()) == sum(r["decision"] == "anomalous" for r in rows) > 0
+    assert int(page.locator("#ok").text_content()) == sum(r["decision"] == "normal" for r in rows) > 0
+    links = [page.locator(".card a").nth(i).get_attribute("href") for i in range(len(rows))]
+    assert all((tmp_path / "out" / href).is_file() for href in links)
+    assert problems == []

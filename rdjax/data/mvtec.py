@@ -238,8 +238,14 @@ def load_split(builder: MVTecAD, split: str, image_size: int, root: Path, locati
         mask_name = f"{name} (its mask)"
         return image, decode_mask(_read(root, ex["mask"], mask_name), image_size, mask_name, nonzero=nonzero_masks)
 
+    def read_native(record: int) -> np.ndarray:
+        ex = source[record]
+        name = str(where / _text(ex["filename"]))
+        return decode_image(_read(root, ex["image"], name), None, name)
+
     return Split(
         read=read,
+        read_native=read_native,
         records=np.asarray(order, np.int64),
         labels=np.array([r[2] for r in rows], np.int32),
         defect_types=tuple(r[1] for r in rows),

@@ -39,10 +39,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
-    """Encoded file -> uint8 (size, size, 3), resized as torchvision's Resize on PIL."""
+def decode_image(data: bytes, size: int | None, name: str = "image") -> np.ndarray:
+    """Encoded file -> uint8 (size, size, 3), resized as torchvision's Resize on PIL;
+    ``size=None`` keeps the file's own resolution (tiled evaluation)."""
     img = to_rgb(open_image(data, name))
-    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    if size is not None:
+        img = img.resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
 
 
 def header_size(data: bytes, name: str) -> tuple[int, int]:
@@ -104,6 +107,9 @@ class Split:
     filenames: tuple[str, ...]
     image_size: int
     has_masks: bool = True  # False: anomalous images without masks (image-level metrics only)
+    # record -> uint8 (H, W, 3) at the file's own resolution, for tiled evaluation; None
+    # where the data has no resolution of its own beyond image_size (the novelty sets).
+    read_native: Callable[[int], np.ndarray] | None = dataclasses.field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -117,6 +123,12 @@ class Split:
         """Row ``row`` decoded: (image, mask); the mask is all False where there is none."""
         image, mask = self.read(int(self.records[row]))
         return image, np.zeros(image.shape[:2], bool) if mask is None else mask
+
+    def native_image(self, row: int) -> np.ndarray:
+        """Row ``row``'s image at its file's own resolution (rdjax.tiling)."""
+        if self.read_native is None:
+            raise DataError("this dataset has no images beyond image_size to tile: use config.resize.mode='squeeze'")
+        return self.read_native(int(self.records[row]))
 
     def images(self, rows: Sequence[int] | None = None) -> np.ndarray:
         """The given rows (all rows if None: small splits only) decoded and stacked."""
