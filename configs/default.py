@@ -12,7 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # User-facing keys.
     config.model = ml_collections.ConfigDict()
-    config.model.name = "rd4ad"  # a name in rdjax.registry.MODELS
+    config.model.name = "rd4ad"  # a name in rdjax.registry.MODELS: 'rd4ad' or 'rdpp' (RD++)
     config.model.arch = "wide_resnet50_2"
     # 'imagenet' (download/cache), a .pth/.safetensors/.npz file, an rdjax teacher
     # directory, or 'none' (random teacher: for tests and demos only).
@@ -67,6 +67,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.exact_metrics_max_pixels = 2 ** 24
     # What runs after each evaluation pass, in order (names in rdjax.registry.EVALUATORS).
     config.evaluators = ("anomaly", "calibration", "report")
+
+    # model.name='rdpp' only (RD++): the projection layers' Adam learning rate (OCBE and
+    # decoder use learning_rate) and how many batches' gradients make one optimizer step.
+    config.rdpp = ml_collections.ConfigDict()
+    config.rdpp.proj_lr = 0.001
+    config.rdpp.accumulation = 2
+    # Epochs by category where they differ from num_epochs ({} = num_epochs everywhere);
+    # configs/rdpp_mvtec.py sets RD++'s official table.
+    config.num_epochs_by_category = ml_collections.ConfigDict()
 
     # Decision thresholds, calibrated after training and stored in calibration.json.
     config.threshold = ml_collections.ConfigDict()

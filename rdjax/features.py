@@ -40,7 +40,11 @@ AUTO_MEMORY_MAX_BYTES = 2**30
 def normalize(images: jax.Array, imagenet: bool = True) -> jax.Array:
     """uint8 NHWC -> float32 as ToTensor + Normalize(ImageNet mean, std); ToTensor alone
     with ``imagenet=False`` (the official MNIST/Fashion-MNIST helpers skip Normalize)."""
-    x = images.astype(jnp.float32) / 255.0
+    return standardize(images.astype(jnp.float32) / 255.0, imagenet)
+
+
+def standardize(x: jax.Array, imagenet: bool = True) -> jax.Array:
+    """[0, 1] float images -> the model's input (Normalize with ImageNet's mean and std)."""
     if not imagenet:
         return x
     return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)

@@ -49,6 +49,6 @@ class Registry(Generic[T]):
 
 # The three registries. Each entry's module registers it on import; the strings below
 # are the modules that hold entries (imported on the first lookup).
-MODELS: Registry = Registry("model", ("rdjax.models.rd4ad",))
+MODELS: Registry = Registry("model", ("rdjax.models.rd4ad", "rdjax.models.rdpp"))
 DATASETS: Registry = Registry("dataset", ("rdjax.data.mvtec", "rdjax.data.synthetic", "rdjax.data.layouts", "rdjax.data.novelty"))
 EVALUATORS: Registry = Registry("evaluator", ("rdjax.evaluators",))

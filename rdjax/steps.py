@@ -2,7 +2,10 @@
 
 The train state holds only what trains (the student) and its optimizer state. The
 teacher's variables are a separate argument: they are never differentiated, never seen
-by the optimizer, and never donated or rewritten. The loss is the model's own.
+by the optimizer, and never donated or rewritten. The loss, its inputs and the optimizer
+are the model's own (`train_inputs`, `train_loss`, `optimizer`). Each step's randomness
+(RD++'s noise and shuffle) comes from fold_in(key(seed), step): a pure function of the
+seed and the step, so a resumed run draws what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rdjax.features import teacher_fn
+from rdjax.features import standardize
 from rdjax.sharding import batch_sharding, replicated
 
 Variables = dict[str, Any]
@@ -39,8 +42,12 @@ def make_optimizer(learning_rate: float = 0.005, b1: float = 0.5, b2: float = 0.
     return optax.adam(learning_rate, b1=b1, b2=b2)
 
 
-def optimizer_from_config(config: Any) -> optax.GradientTransformation:
-    return make_optimizer(config.learning_rate, config.adam_b1, config.adam_b2)
+def optimizer_from_config(config: Any, model: Any) -> optax.GradientTransformation:
+    return model.optimizer(config)
+
+
+def step_key(seed: int, step: jax.Array) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), step)
 
 
 def create_train_state(student_vars: Variables, tx: optax.GradientTransformation) -> TrainState:
@@ -54,15 +61,14 @@ def create_train_state(student_vars: Variables, tx: optax.GradientTransformation
 
 
 def train_step_features(
-    model: Any, tx: optax.GradientTransformation, state: TrainState, teacher_feats: Features
+    model: Any, tx: optax.GradientTransformation, seed: int, state: TrainState, inputs: Any
 ) -> tuple[TrainState, jax.Array]:
-    """One optimizer step given the teacher's features (precomputed or fresh)."""
+    """One optimizer step given the model's train inputs (RD4AD: the teacher's features,
+    precomputed or fresh)."""
+    key = step_key(seed, state.step)
 
     def loss_fn(params: Any) -> tuple[jax.Array, Any]:
-        s, batch_stats = model.student_features(
-            {"params": params, "batch_stats": state.batch_stats}, teacher_feats, train=True
-        )
-        return model.loss(teacher_feats, s), batch_stats
+        return model.train_loss({"params": params, "batch_stats": state.batch_stats}, inputs, key)
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -75,11 +81,11 @@ def train_step_features(
     return new_state, loss
 
 
-def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, seed: int = 0):
     """The jitted step with explicit shardings: state replicated, features split along the
     batch axis over every device; the old state's buffers are donated."""
     return jax.jit(
-        functools.partial(train_step_features, model, tx),
+        functools.partial(train_step_features, model, tx, seed),
         in_shardings=(replicated(mesh), batch_sharding(mesh)),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=0,
@@ -87,14 +93,16 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: jax.shar
 
 
 def make_image_train_step(model: Any, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                          imagenet_normalize: bool = True):
-    """The jitted step from uint8 images (config.feature_cache='off'): one teacher
-    forward, then the student update. The teacher's variables are an argument, replicated
-    and never donated."""
-    teacher = teacher_fn(model, imagenet_normalize)
+                          imagenet_normalize: bool = True, seed: int = 0):
+    """The jitted step from uint8 images (config.feature_cache='off'): the teacher's
+    forward passes the model asks for, then the student update. The teacher's variables
+    are an argument, replicated and never donated."""
+    normalize = functools.partial(standardize, imagenet=imagenet_normalize)
 
     def step(state: TrainState, teacher_vars: Variables, images: jax.Array) -> tuple[TrainState, jax.Array]:
-        return train_step_features(model, tx, state, teacher(teacher_vars, images))
+        key = jax.random.fold_in(step_key(seed, state.step), 0)
+        inputs = model.train_inputs(teacher_vars, images.astype(jnp.float32) / 255.0, key, normalize)
+        return train_step_features(model, tx, seed, state, inputs)
 
     return jax.jit(
         step,

@@ -162,7 +162,14 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, writer:
 def _feature_mode(config: Any, model: Any, workdir: Path, rows: int) -> tuple[str, Path]:
     """config.feature_cache resolved for this process's share of ``rows`` training rows,
     then agreed on by all processes: the most frugal choice of any process wins, since
-    'off' compiles a different step. Returns (mode, the folder 'disk' uses)."""
+    'off' compiles a different step. Returns (mode, the folder 'disk' uses). A model
+    whose every step needs the images (RD++'s noised branch) trains with 'off'."""
+    if model.needs_images:
+        if config.feature_cache not in ("auto", "off"):
+            raise ConfigError(f"config.feature_cache={config.feature_cache!r}: model {config.model.name!r} runs the "
+                              "teacher on new noised images in every step; use 'auto' or 'off'")
+        _log("feature cache: off (model %s needs the images in every step)", config.model.name)
+        return "off", workdir / "feature_cache"
     p, count = jax.process_index(), jax.process_count()
     owned = len(pipeline.owned_rows(rows, config.batch_size, config.seed, p, count))
     folder = Path(config.feature_cache_dir).expanduser() / config.dataset.category if config.feature_cache_dir else (
@@ -242,10 +249,14 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
     evaluating every config.eval_every epochs and at the end. Returns the last
     evaluation's result."""
     workdir = Path(workdir)
+    epochs = config.num_epochs_by_category.get(config.dataset.category)
+    if epochs is not None and epochs != config.num_epochs:
+        config = config.copy_and_resolve_references()
+        config.num_epochs = int(epochs)
     run = setup(config, workdir, writing=True, dataset=dataset)
     if jax.process_index() == 0:
         workdir_lib.save_config(workdir, config)
-    tx = steps.optimizer_from_config(config)
+    tx = steps.optimizer_from_config(config, run.model)
     _, student_vars = run.model.init(jax.random.key(config.seed), config.image_size)
     state = jax.device_put(steps.create_train_state(student_vars, tx), sharding.replicated(run.mesh))
     steps_per_epoch = run.steps_per_epoch
@@ -264,11 +275,11 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
     mode = run.feature_mode if start_epoch < config.num_epochs else "off"  # nothing left to train: no cache
     if mode == "off":
         store = None
-        image_step = steps.make_image_train_step(run.model, tx, run.mesh, config.imagenet_normalize)
+        image_step = steps.make_image_train_step(run.model, tx, run.mesh, config.imagenet_normalize, config.seed)
         step_fn = lambda state, images: image_step(state, run.teacher_vars, images)  # noqa: E731
     else:
         store = cached_features(run, owned, mode, run.feature_dir)
-        step_fn = steps.make_train_step(run.model, tx, run.mesh)
+        step_fn = steps.make_train_step(run.model, tx, run.mesh, config.seed)
     writer = None
     if jax.process_index() == 0:
         from tensorboardX import SummaryWriter

@@ -21,7 +21,8 @@ PACKAGE = Path(rdjax.__file__).parent
 RANKS = [
     {"rdjax.errors", "rdjax.registry"},
     {"rdjax.weights", "rdjax.sharding", "rdjax.configs"},
-    {"rdjax.models.lowering", "rdjax.models.layers", "rdjax.models.resnet", "rdjax.models.rd4ad", "rdjax.models"},
+    {"rdjax.models.lowering", "rdjax.models.layers", "rdjax.models.resnet", "rdjax.models.rd4ad",
+     "rdjax.models.sinkhorn", "rdjax.models.rdpp", "rdjax.models"},
     {"rdjax.config"},
     {"rdjax.workdir"},
     {"rdjax.data.preprocess", "rdjax.data.pipeline", "rdjax.data", "rdjax.data.mvtec", "rdjax.data.layouts",

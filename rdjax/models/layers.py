@@ -27,19 +27,34 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 deconv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
 
 
+# PyTorch's default Conv2d init, kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan_in)) for the
+# weight and the bias (RD++'s projection layers keep it).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
 class Conv(nn.Module):
-    """Bias-free 2-D convolution with PyTorch's symmetric zero padding (k // 2)."""
+    """2-D convolution with PyTorch's symmetric zero padding (k // 2), bias-free unless
+    ``use_bias`` (then initialized as PyTorch's default)."""
 
     features: int
     kernel_size: int
     stride: int = 1
     dtype: Dtype = jnp.float32
+    use_bias: bool = False
+    kernel_init: Any = conv_init
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
-        kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), jnp.float32)
-        return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+        fan_in = k * k * x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+        if not self.use_bias:
+            return y
+        bound = 1.0 / fan_in ** 0.5
+        bias = self.param("bias", lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound),
+                          (self.features,))
+        return y + bias.astype(y.dtype)
 
 
 class ConvTranspose2x2(nn.Module):

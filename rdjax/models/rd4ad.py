@@ -9,11 +9,12 @@ Variables are two explicit pytrees:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from rdjax import weights
 from rdjax.errors import ConfigError, PortError
@@ -112,6 +113,20 @@ def _ignore_decoder(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
+def official_parts(model: Any, state_dict: weights.StateDict, student_shapes: Variables, source: str,
+                   name: str) -> Variables:
+    """The official 'bn' (OCBE) and 'decoder' entries -> {'params', 'batch_stats'} of
+    {'ocbe', 'decoder'} (strict; RD4AD's and RD++'s checkpoints share them)."""
+    parts = {}
+    for part, prefix, ignore in (("ocbe", "bn.", _ignore_ocbe), ("decoder", "decoder.", _ignore_decoder)):
+        target = {c: tree[part] for c, tree in student_shapes.items()}
+        try:
+            parts[part] = weights.convert(state_dict, target, prefix=prefix, ignore=ignore, source=source)
+        except PortError as e:
+            raise PortError(f"{e} -- is this a {model.arch} {name} checkpoint?") from None
+    return {c: {part: parts[part][c] for part in parts} for c in student_shapes}
+
+
 @MODELS.register("rd4ad")
 @dataclasses.dataclass(frozen=True)
 class RD4AD:
@@ -125,6 +140,7 @@ class RD4AD:
 
     arch: str = "wide_resnet50_2"
     dtype: str = "float32"
+    needs_images = False  # training can read the teacher's features from a cache (config.feature_cache)
 
     def __post_init__(self) -> None:
         get_arch(self.arch)
@@ -181,8 +197,20 @@ class RD4AD:
         s, _ = self.student_features(student_vars, t, train)
         return t, s
 
-    def loss(self, teacher_feats: Features, student_feats: Features) -> jax.Array:
-        return cosine_distance_loss(teacher_feats, student_feats)
+    def train_inputs(self, teacher_vars: Variables, x: jax.Array, key: jax.Array,
+                     normalize: Callable[[jax.Array], jax.Array]) -> Features:
+        """[0, 1] images -> what `train_loss` takes: the teacher's features in the compute
+        dtype, as the feature cache stores them (so cached and fresh features train alike)."""
+        return tuple(f.astype(self.dtype) for f in self.teacher_features(teacher_vars, normalize(x)))
+
+    def train_loss(self, student_vars: Variables, teacher_feats: Features, key: jax.Array) -> tuple[jax.Array, Variables]:
+        """The official loss, and the updated batch_stats."""
+        s, batch_stats = self.student_features(student_vars, teacher_feats, train=True)
+        return cosine_distance_loss(teacher_feats, s), batch_stats
+
+    def optimizer(self, config: Any) -> optax.GradientTransformation:
+        """Adam with the official settings (config.learning_rate, adam_b1, adam_b2)."""
+        return optax.adam(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2)
 
     def abstract_variables(self) -> tuple[Variables, Variables]:
         """Shapes and dtypes of (teacher_vars, student_vars), without computing them."""
@@ -194,15 +222,7 @@ class RD4AD:
 
     def port_official(self, state_dict: weights.StateDict, source: str = "checkpoint") -> Variables:
         """Official RD4AD checkpoint {'bn': ..., 'decoder': ...} -> student {'params', 'batch_stats'}."""
-        student_shapes = self.abstract_variables()[1]
         unknown = sorted(k for k in state_dict if not k.startswith(("bn.", "decoder.")))
         if unknown:
             raise PortError(f"{source}: not an official RD4AD checkpoint: key {unknown[0]!r} is outside 'bn' and 'decoder'")
-        parts = {}
-        for name, prefix, ignore in (("ocbe", "bn.", _ignore_ocbe), ("decoder", "decoder.", _ignore_decoder)):
-            target = {c: tree[name] for c, tree in student_shapes.items()}
-            try:
-                parts[name] = weights.convert(state_dict, target, prefix=prefix, ignore=ignore, source=source)
-            except PortError as e:
-                raise PortError(f"{e} -- is this a {self.arch} RD4AD checkpoint?") from None
-        return {c: {name: parts[name][c] for name in parts} for c in student_shapes}
+        return official_parts(self, state_dict, self.abstract_variables()[1], source, "RD4AD")

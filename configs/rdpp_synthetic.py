@@ -1,0 +1,12 @@
+"""The RD++ demo: configs/synthetic.py (generated data, random ResNet-18 teacher, 128 px)
+with model 'rdpp' and RD++'s optimizer settings."""
+
+from rdjax.configs import synthetic
+
+
+def get_config():
+    config = synthetic.get_config()
+    config.model.name = "rdpp"
+    config.rdpp.proj_lr = 0.001
+    config.rdpp.accumulation = 2
+    return config
