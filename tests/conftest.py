@@ -159,17 +159,20 @@ def nchw_to_nhwc(x) -> np.ndarray:
     return np.transpose(np.asarray(x), (0, 2, 3, 1))
 
 
-def restore_state(workdir: Path, arch: str = "resnet18"):
-    """(train state, latest step) of a workdir, with the optimizer state."""
+def restore_state(workdir: Path, arch: str = "resnet18", name: str = "rd4ad"):
+    """(train state, latest step) of a workdir, with the optimizer state (the model's
+    optimizer at the default config)."""
     import jax
 
-    from rdjax import steps, workdir as workdir_lib
-    from rdjax.models import RD4AD
+    from rdjax import config as config_lib, steps, workdir as workdir_lib
+    from rdjax.registry import MODELS
 
-    student = RD4AD(arch).abstract_variables()[1]
+    model = MODELS.get(name)(arch)
+    student = model.abstract_variables()[1]
+    tx = model.optimizer(config_lib.defaults())
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever topology saved it
     template = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
-                                      jax.eval_shape(lambda: steps.create_train_state(student, steps.make_optimizer())))
+                                      jax.eval_shape(lambda: steps.create_train_state(student, tx)))
     with workdir_lib.checkpoint_manager(workdir, create=False) as manager:
         return workdir_lib.restore_state(manager, template), manager.latest_step()
 

@@ -82,3 +82,45 @@ def official_state_dict(ocbe: TorchOCBE, decoder: TorchDecoder) -> dict:
     """The official checkpoint layout: {'bn': ..., 'decoder': ...}, decoder shortcuts as 'upsample'."""
     dec = {k.replace("downsample", "upsample"): v for k, v in decoder.state_dict().items()}
     return {"bn": ocbe.state_dict(), "decoder": dec}
+
+
+class TorchProjection(nn.Module):
+    """RD++'s projection of one scale, as its official code builds it: an nn.Sequential of
+    four (Conv2d 3x3 with bias, InstanceNorm2d, LeakyReLU) stages, c -> c/2 -> c/4 -> c/2 -> c."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        stages = []
+        for cin, cout in ((c, c // 2), (c // 2, c // 4), (c // 4, c // 2), (c // 2, c)):
+            stages += [nn.Conv2d(cin, cout, 3, 1, 1), nn.InstanceNorm2d(cout), nn.LeakyReLU()]
+        self.proj = nn.Sequential(*stages)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class TorchMPL(nn.Module):
+    """RD++'s MultiProjectionLayer(base): proj_a, proj_b, proj_c on base*4, *8, *16 channels."""
+
+    def __init__(self, base: int):
+        super().__init__()
+        self.proj_a, self.proj_b, self.proj_c = (TorchProjection(base * k) for k in (4, 8, 16))
+
+    def forward(self, feats):
+        return [p(f) for p, f in zip((self.proj_a, self.proj_b, self.proj_c), feats)]
+
+
+def rdpp_projection_loss(noised, proj_noised, proj_clean, perm):
+    """RD++'s Revisit_RDLoss with a given batch permutation, from geomloss and torch's losses."""
+    import geomloss
+
+    sinkhorn = geomloss.SamplesLoss("sinkhorn", p=2, blur=0.05, reach=None, diameter=10000000, scaling=0.95,
+                                    truncate=10, debias=True)
+    cos = nn.CosineSimilarity()
+    contrast = nn.CosineEmbeddingLoss(margin=0.5)
+    flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
+    target = -torch.ones(proj_clean[0].shape[0], dtype=proj_clean[0].dtype)
+    ssot = sum(sinkhorn(torch.softmax(flat(p), -1), torch.softmax(flat(p[perm]), -1)) for p in proj_clean)
+    rec = sum(torch.mean(1 - cos(n, p)) for n, p in zip(proj_noised, proj_clean))
+    con = sum(contrast(flat(f), flat(p), target) for f, p in zip(noised, proj_clean))
+    return (ssot + 0.01 * rec + 0.1 * con) / 1.11

@@ -155,9 +155,10 @@ def noise_field(side: int, seed: int = NOISE_SEED) -> np.ndarray:
 
 def add_noise(x: jax.Array, key: jax.Array) -> jax.Array:
     """[0, 1] images (B, S, S, 3) plus 0.2 x the noise field's (h, w) corner at a random place:
-    h, w uniform in [10, S/8), the top-left corner uniform in [1, S - h) x [1, S - w)."""
+    h, w uniform in [10, S/8) (10 where S/8 <= 10, which the official code cannot run), the
+    top-left corner uniform in [1, S - h) x [1, S - w)."""
     b, size = x.shape[0], x.shape[1]
-    top = size // 8
+    top = max(size // 8, NOISE_MIN + 1)  # below 88 px the official range is empty: 10 px rectangles
     field = jnp.asarray(noise_field(top - 1)) * NOISE_AMPLITUDE
     kh, kw, ky, kx = jax.random.split(key, 4)
     h = jax.random.randint(kh, (b,), NOISE_MIN, top)

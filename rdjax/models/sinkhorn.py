@@ -54,16 +54,26 @@ def sinkhorn_divergence(x: jax.Array, y: jax.Array, blur: float = 0.05, scaling:
     eps_list = jnp.asarray(epsilon_schedule(2, diameter, blur, scaling), x.dtype)
     fixed = [sg(c) for c in (c_xy, c_yx, c_xx, c_yy)]
 
+    def centred(potentials: tuple) -> tuple:
+        """(f_ba + c, g_ab - c) is the same solution for any c, and every update and the
+        divergence are equivariant or invariant to c; choosing c so that <a, f> = <b, g>
+        changes nothing in exact arithmetic. It keeps float32 from drifting: at the first
+        temperatures (1e14) one rounding of the soft-min is a shift of about 1e7, which
+        the updates never remove and which would swamp the final sum."""
+        f_ba, g_ab, f_aa, g_bb = potentials
+        c = (jnp.dot(a, f_ba) - jnp.dot(b, g_ab)) / 2
+        return f_ba - c, g_ab + c, f_aa, g_bb
+
     def update(potentials: tuple, eps: jax.Array) -> tuple[tuple, None]:
         f_ba, g_ab, f_aa, g_bb = potentials
         cxy, cyx, cxx, cyy = fixed
         new = (_softmin(eps, cxy, b_log + g_ab / eps), _softmin(eps, cyx, a_log + f_ba / eps),
                _softmin(eps, cxx, a_log + f_aa / eps), _softmin(eps, cyy, b_log + g_bb / eps))
-        return tuple(0.5 * (old + t) for old, t in zip(potentials, new)), None
+        return centred(tuple(0.5 * (old + t) for old, t in zip(potentials, new))), None
 
     eps0 = eps_list[0]
-    start = (_softmin(eps0, fixed[0], b_log), _softmin(eps0, fixed[1], a_log),
-             _softmin(eps0, fixed[2], a_log), _softmin(eps0, fixed[3], b_log))
+    start = centred((_softmin(eps0, fixed[0], b_log), _softmin(eps0, fixed[1], a_log),
+                     _softmin(eps0, fixed[2], a_log), _softmin(eps0, fixed[3], b_log)))
     (f_ba, g_ab, f_aa, g_bb), _ = jax.lax.scan(update, start, eps_list)
     eps = eps_list[-1]
     f_ba, g_ab = _softmin(eps, c_xy, sg(b_log + g_ab / eps)), _softmin(eps, c_yx, sg(a_log + f_ba / eps))
