@@ -137,7 +137,7 @@ def define_port_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string("arch", None, "Backbone: resnet18, resnet34, resnet50, wide_resnet50_2, wide_resnet101_2.",
                         flag_values=fv)
     flags.DEFINE_string("src", None, "teacher: a .pth/.pt/.safetensors/.npz file or 'imagenet'; "
-                        "a model (rd4ad): its official checkpoint.", flag_values=fv)
+                        "a model (rd4ad, rdpp): its official checkpoint.", flag_values=fv)
     flags.DEFINE_string("out", None, "Output directory (must not exist).", flag_values=fv)
     flags.DEFINE_string("teacher", None, "A model's teacher: a weights file, 'imagenet' or an rdjax teacher "
                         "directory.", flag_values=fv)
@@ -162,7 +162,7 @@ def _port(fv: flags.FlagValues, args: list[str]) -> None:
     from rdjax import port
 
     if len(args) != 1:
-        raise ConfigError("rdjax port needs what to port: 'teacher' or a model name (rd4ad), e.g. "
+        raise ConfigError("rdjax port needs what to port: 'teacher' or a model name (rd4ad, rdpp), e.g. "
                           "rdjax port rd4ad --arch=wide_resnet50_2 --teacher=imagenet --src=CKPT --out=WORKDIR")
     port.port(args[0], fv.arch, fv.src, Path(fv.out), fv.teacher, fv.image_size)
 
@@ -173,7 +173,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("evaluate a workdir's latest checkpoint", define_run_flags, lambda fv, _: run_training(fv, "eval")),
     "predict": Command("score image files with a trained workdir", define_predict_flags, _predict),
     "export": Command("serialize the inference function (jax.export or ONNX)", define_export_flags, _export),
-    "port": Command("import PyTorch weights: 'teacher', or an official model checkpoint ('rd4ad')",
+    "port": Command("import PyTorch weights: 'teacher', or an official model checkpoint ('rd4ad', 'rdpp')",
                     define_port_flags, _port),
 }
 

@@ -184,5 +184,33 @@ def write_evaluation(workdir: Path, epoch: int, result: dict) -> Path:
     return out
 
 
+SELECTION_KEYS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def write_best_on_test(workdir: Path) -> dict | None:
+    """best_on_test.json: the evaluation with the highest mean of image AUROC, pixel AUROC and
+    AUPRO, as RD++'s official script keeps its checkpoint. That is a choice made on the
+    test set, so the file says so; metrics.json stays the last evaluation."""
+    import json
+
+    from rdjax.workdir import write_json
+
+    best = None
+    for path in sorted((workdir / "eval").glob("epoch_*/metrics.json")):
+        result = json.loads(path.read_text())
+        if not all(k in result for k in SELECTION_KEYS):
+            continue
+        score = sum(result[k] for k in SELECTION_KEYS) / len(SELECTION_KEYS)
+        if best is None or score > best[0]:
+            best = (score, result)
+    if best is None:
+        return None
+    selected = {"selected_on": "the test set: the epoch with the best mean of image AUROC, pixel AUROC and AUPRO "
+                               "among the evaluated ones (RD++'s official protocol); not a held-out result",
+                "epoch": best[1]["epoch"], **{k: best[1][k] for k in SELECTION_KEYS}}
+    write_json(workdir / "best_on_test.json", selected)
+    return selected
+
+
 def evaluation_dir(workdir: Path, epoch: int) -> Path:
     return workdir / "eval" / f"epoch_{epoch:04d}"

@@ -1,4 +1,4 @@
-"""Import PyTorch weights: `rdjax port teacher` and `rdjax port <model>` (rd4ad).
+"""Import PyTorch weights: `rdjax port teacher` and `rdjax port <model>` (rd4ad, rdpp).
 
   rdjax port teacher --arch=wide_resnet50_2 --src=FILE|imagenet --out=DIR
   rdjax port rd4ad --arch=wide_resnet50_2 --teacher=FILE|imagenet|DIR --src=CKPT --out=WORKDIR

@@ -323,6 +323,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
     if not result:  # already trained: evaluate what is there
         result = evaluate_student(run, state.student_vars, int(state.step) // steps_per_epoch, int(state.step), writer)
     manager.close()
+    if config.report_best_on_test and jax.process_index() == 0:
+        outputs.write_best_on_test(workdir)
     if store is not None:
         store.close(delete=True)  # training is complete: the cache is no longer needed
     if writer is not None:

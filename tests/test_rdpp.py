@@ -233,15 +233,22 @@ def test_rdpp_trains_predicts_exports_and_ports(synthetic_data, tmp_path):
     from rdjax.configs import rdpp_synthetic
     from conftest import restore_state
 
+    import json
+
     root = synthetic_data()
-    config = small_config(root, num_epochs=2, eval_every=2)
+    config = small_config(root, num_epochs=9, eval_every=1, report_best_on_test=True)
+    config.num_epochs_by_category.disk = 2  # RD++'s per-category table
     config.model.name, config.rdpp = "rdpp", rdpp_synthetic.get_config().rdpp
     with pytest.raises(ConfigError, match="feature_cache='memory': model 'rdpp'"):
         bad = config.copy_and_resolve_references()
         bad.feature_cache = "memory"
         train.train_and_evaluate(bad, tmp_path / "bad")
     result = train.train_and_evaluate(config, tmp_path / "w")
-    assert 0 <= result["image_auroc"] <= 1 and "calibration" in result
+    assert 0 <= result["image_auroc"] <= 1 and "calibration" in result and result["epoch"] == 2
+    evaluations = [json.loads((tmp_path / "w" / "eval" / f"epoch_{e:04d}" / "metrics.json").read_text()) for e in (1, 2)]
+    mean = [(r["image_auroc"] + r["pixel_auroc"] + r["aupro"]) / 3 for r in evaluations]
+    best = json.loads((tmp_path / "w" / "best_on_test.json").read_text())
+    assert best["epoch"] == 1 + int(np.argmax(mean)) and "test set" in best["selected_on"]
     model = rdjax.load(tmp_path / "w")
     assert set(model.student_vars["params"]) == {"proj", "ocbe", "decoder"}
     images = np.stack([np.asarray(a) for a in model.preprocess(
