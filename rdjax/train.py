@@ -65,6 +65,11 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
     settings and bad data fail before anything is written. ``writing``: the run will
     write checkpoints, so the workdir must take them."""
     config_lib.check(config, jax.device_count())
+    if (workdir / workdir_lib.CONFIG).is_file():  # a workdir holds one model: never restore another's shapes
+        saved = workdir_lib.load_config(workdir).model
+        if (saved.name, saved.arch) != (config.model.name, config.model.arch):
+            raise ConfigError(f"{workdir} holds model {saved.name!r} ({saved.arch}); run it with "
+                              f"--config.model.name={saved.name} --config.model.arch={saved.arch}")
     model = MODELS.get(config.model.name)(config.model.arch, config.dtype)
     dataset = dataset or data.build(config.dataset)
     train_split, test_split = dataset.load(config.dataset.category, config.image_size)

@@ -23,7 +23,7 @@ import rdjax
 from conftest import data_flags, randomize_batchnorm, rdjax_cli, restore_state, small_config, subprocess_run
 from rdjax import data, metrics, train, workdir as workdir_lib
 from rdjax.data import synthetic
-from torch_reference import TorchDecoder, TorchOCBE, official_state_dict, teacher_features
+from torch_reference import TorchDecoder, TorchMPL, TorchOCBE, official_state_dict, teacher_features
 
 
 def test_metrics_equal_an_independent_recomputation(trained):
@@ -143,9 +143,11 @@ def test_training_again_resumes_and_evaluates_what_is_there(trained, tmp_path):
     assert second["image_auroc"] == pytest.approx(result["image_auroc"], abs=1e-6)
 
 
-def official_evaluation(teacher, ocbe, decoder, root, category: str, size: int):
+def official_evaluation(teacher, ocbe, decoder, root, category: str, size: int, proj=None):
     """The official test.py evaluation, re-run with torch + scipy + sklearn: batch 1,
-    torchvision transforms, map in numpy, scipy blur, pixel lists."""
+    torchvision transforms, map in numpy, scipy blur, pixel lists. With ``proj``, RD++'s
+    evaluation_multi_proj: the student reads the projected features (the maps compare it
+    with the teacher's own)."""
     tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
                              transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     gt_tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
@@ -159,7 +161,7 @@ def official_evaluation(teacher, ocbe, decoder, root, category: str, size: int):
                 gt = gt_tf(Image.open(root / category / "ground_truth" / type_dir.name / f"{path.stem}_mask.png"))
             with torch.no_grad():
                 t = teacher_features(teacher, img)
-                s = decoder(ocbe(t))
+                s = decoder(ocbe(t if proj is None else proj(t)))
             amap = np.zeros((size, size))
             for fs, ft in zip(s, t):
                 a = 1 - torch.nn.functional.cosine_similarity(fs, ft)
@@ -174,11 +176,13 @@ def official_evaluation(teacher, ocbe, decoder, root, category: str, size: int):
     return roc_auc_score(px_gt, px_pr), roc_auc_score(sp_gt, sp_pr)
 
 
-def test_ported_official_model_evaluates_like_the_official_code(synthetic_data, tmp_path):
-    """Official-format weights (random, written by torch) through `rdjax port` and
-    `rdjax eval`: AUROCs within 1e-3 of the official procedure re-run in torch. 1e-3: the
-    two maps differ by float32 rounding (~1e-6 relative), which can swap only pixels
-    whose scores tie to that precision, a negligible share of the pairs."""
+@pytest.mark.parametrize("name", ["rd4ad", "rdpp"])
+def test_ported_official_model_evaluates_like_the_official_code(synthetic_data, tmp_path, name):
+    """Official-format weights (random, written by torch; RD++'s with its projection
+    layers) through `rdjax port` and `rdjax eval`: AUROCs within 1e-3 of the official
+    procedure re-run in torch. 1e-3: the two maps differ by float32 rounding (~1e-6
+    relative), which can swap only pixels whose scores tie to that precision, a
+    negligible share of the pairs."""
     root = synthetic_data()
     torch.manual_seed(11)
     teacher = torchvision.models.resnet18(weights=None)
@@ -186,18 +190,26 @@ def test_ported_official_model_evaluates_like_the_official_code(synthetic_data, 
     ocbe, decoder = TorchOCBE("resnet18"), TorchDecoder("resnet18")
     randomize_batchnorm(ocbe, 2)
     randomize_batchnorm(decoder, 3)
-    for m in (teacher, ocbe, decoder):
-        m.eval()
+    proj = TorchMPL(16) if name == "rdpp" else None
+    for m in (teacher, ocbe, decoder, proj):
+        if m is not None:
+            m.eval()
     torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
-    torch.save(official_state_dict(ocbe, decoder), tmp_path / "rd4ad.pth")
+    checkpoint = official_state_dict(ocbe, decoder)
+    if proj is not None:
+        checkpoint["proj"] = proj.state_dict()
+    torch.save(checkpoint, tmp_path / "official.pth")
     workdir = tmp_path / "ported"
-    out = rdjax_cli("port", "rd4ad", "--arch=resnet18", f"--teacher={tmp_path / 'teacher.pth'}",
-                    f"--src={tmp_path / 'rd4ad.pth'}", f"--out={workdir}", "--image_size=64")
+    out = rdjax_cli("port", name, "--arch=resnet18", f"--teacher={tmp_path / 'teacher.pth'}",
+                    f"--src={tmp_path / 'official.pth'}", f"--out={workdir}", "--image_size=64")
     assert out.code == 0, out.stderr
-    out = rdjax_cli("eval", f"--workdir={workdir}", *data_flags(root))
+    other = "rd4ad" if name == "rdpp" else "rdpp"
+    wrong = rdjax_cli("eval", f"--workdir={workdir}", *data_flags(root), f"--config.model.name={other}")
+    assert f"holds model '{name}' (resnet18)" in wrong.error_line()
+    out = rdjax_cli("eval", f"--workdir={workdir}", *data_flags(root), f"--config.model.name={name}")
     assert out.code == 0, out.stderr[-2000:]
     ours = json.loads((workdir / "metrics.json").read_text())
-    pixel, image = official_evaluation(teacher, ocbe, decoder, root, "disk", 64)
+    pixel, image = official_evaluation(teacher, ocbe, decoder, root, "disk", 64, proj)
     assert ours["pixel_auroc"] == pytest.approx(pixel, abs=1e-3)
     assert ours["image_auroc"] == pytest.approx(image, abs=1e-3)
     assert ours["epoch"] == 0 and not any("RANDOM" in w for w in ours["warnings"])

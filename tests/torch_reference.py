@@ -110,8 +110,9 @@ class TorchMPL(nn.Module):
         return [p(f) for p, f in zip((self.proj_a, self.proj_b, self.proj_c), feats)]
 
 
-def rdpp_projection_loss(noised, proj_noised, proj_clean, perm):
-    """RD++'s Revisit_RDLoss with a given batch permutation, from geomloss and torch's losses."""
+def rdpp_projection_terms(noised, proj_noised, proj_clean, perm):
+    """RD++'s Revisit_RDLoss terms (SSOT, reconstruction, contrast) with a given batch
+    permutation, from geomloss and torch's losses."""
     import geomloss
 
     sinkhorn = geomloss.SamplesLoss("sinkhorn", p=2, blur=0.05, reach=None, diameter=10000000, scaling=0.95,
@@ -123,4 +124,9 @@ def rdpp_projection_loss(noised, proj_noised, proj_clean, perm):
     ssot = sum(sinkhorn(torch.softmax(flat(p), -1), torch.softmax(flat(p[perm]), -1)) for p in proj_clean)
     rec = sum(torch.mean(1 - cos(n, p)) for n, p in zip(proj_noised, proj_clean))
     con = sum(contrast(flat(f), flat(p), target) for f, p in zip(noised, proj_clean))
+    return ssot, rec, con
+
+
+def rdpp_projection_loss(noised, proj_noised, proj_clean, perm):
+    ssot, rec, con = rdpp_projection_terms(noised, proj_noised, proj_clean, perm)
     return (ssot + 0.01 * rec + 0.1 * con) / 1.11

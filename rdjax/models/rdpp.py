@@ -120,8 +120,10 @@ def contrast(a: jax.Array, b: jax.Array, margin: float = CONTRAST_MARGIN, eps: f
     return jnp.mean(jnp.maximum(cos - margin, 0.0))
 
 
-def projection_loss(noised: Features, projected_noised: Features, projected: Features, key: jax.Array) -> jax.Array:
-    """The official Revisit_RDLoss: (SSOT + 0.01 reconstruction + 0.1 contrast) / 1.11.
+def projection_terms(noised: Features, projected_noised: Features, projected: Features,
+                     key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The official Revisit_RDLoss's three terms (SSOT, reconstruction, contrast), each summed
+    over the three scales.
 
     SSOT pairs each scale's softmax-ed, flattened projections with the same batch in a
     random order. Uniform measures on the same points are the same measure, so this
@@ -132,6 +134,12 @@ def projection_loss(noised: Features, projected_noised: Features, projected: Fea
                for p in projected)
     reconstruct = sum(cosine_reconstruction(n, p) for n, p in zip(projected_noised, projected))
     contrasts = sum(contrast(f, p) for f, p in zip(noised, projected))
+    return ssot, reconstruct, contrasts
+
+
+def projection_loss(noised: Features, projected_noised: Features, projected: Features, key: jax.Array) -> jax.Array:
+    """The official Revisit_RDLoss: (SSOT + 0.01 reconstruction + 0.1 contrast) / 1.11."""
+    ssot, reconstruct, contrasts = projection_terms(noised, projected_noised, projected, key)
     return (ssot + RECONSTRUCT_WEIGHT * reconstruct + CONTRAST_WEIGHT * contrasts) / PROJ_NORMALIZER
 
 
