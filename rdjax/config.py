@@ -106,6 +106,9 @@ def check(config: Any, device_count: int) -> None:
         raise ConfigError(f"config.resize.mode={config.resize.mode!r}; choose one of {', '.join(RESIZE_MODES)}")
     if config.resize.tile_size < 0 or config.resize.overlap < 0:
         raise ConfigError("config.resize.tile_size and config.resize.overlap must be >= 0")
+    if config.rdpp.accumulation < 1 or config.rdpp.proj_lr <= 0:
+        raise ConfigError(f"config.rdpp.accumulation={config.rdpp.accumulation} must be >= 1 and "
+                          f"config.rdpp.proj_lr={config.rdpp.proj_lr} > 0")
     if config.map_mode not in ("add", "mul"):
         raise ConfigError(f"config.map_mode={config.map_mode!r}; choose 'add' or 'mul'")
 

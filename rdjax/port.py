@@ -36,7 +36,7 @@ def write_ported_workdir(out: str | os.PathLike, name: str, model: Any, image_si
     config.model.arch = model.arch
     config.image_size = image_size
     config.model.teacher_weights = str((out / workdir_lib.TEACHER).resolve())
-    tx = steps.optimizer_from_config(config, model)
+    tx = model.optimizer(config)
     state = steps.create_train_state(jax.tree_util.tree_map(jnp.asarray, student_vars), tx)
     workdir_lib.save_teacher(out / workdir_lib.TEACHER, model.arch, teacher_vars)
     with workdir_lib.checkpoint_manager(out, config.keep_checkpoints) as manager:

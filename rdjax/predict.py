@@ -58,7 +58,7 @@ def predict_folder(workdir: str, pattern: str, out: Path, batch_size: int = 32, 
         print(f"warning: {workdir} has no calibration.json: no decisions or masks", file=sys.stderr)
     root = Path(pattern) if Path(pattern).is_dir() else Path(os.path.commonpath([str(f.parent) for f in files]))
     names = dict(zip(files, output_names(files, root)))
-    rows, done, skipped, lo_hi = [], [], 0, None
+    rows, done, scores, skipped, lo_hi = [], [], [], 0, None
     bar = tqdm(total=len(files), unit="img", desc="predicting", disable=None)
     for start in range(0, len(files), batch_size):
         chunk, arrays = [], []
@@ -94,12 +94,13 @@ def predict_folder(workdir: str, pattern: str, out: Path, batch_size: int = 32, 
                 row["decision"] = "anomalous" if pred.decisions[i] else "normal"
             rows.append(row)
             done.append(f)
+            scores.append(float(pred.scores[i]))
         bar.update(len(chunk))
     bar.close()
     write_csv(out / "scores.csv", ["file", "score", "normalized_score", "decision"], rows)
     if done:
         webpage.write_page(out / "report.html", f"rdjax predict: {workdir}", None, None,
-                           np.array([float(r["score"]) for r in rows]), [names[f] for f in done],
+                           np.array(scores), [names[f] for f in done],
                            lambda idx: [inference.as_images(done[i])[0] for i in idx], model.image_threshold, None,
                            None, {i: f"overlays/{names[f]}.png" for i, f in enumerate(done)})
     flagged = sum(r["decision"] == "anomalous" for r in rows)

@@ -42,10 +42,6 @@ def make_optimizer(learning_rate: float = 0.005, b1: float = 0.5, b2: float = 0.
     return optax.adam(learning_rate, b1=b1, b2=b2)
 
 
-def optimizer_from_config(config: Any, model: Any) -> optax.GradientTransformation:
-    return model.optimizer(config)
-
-
 def step_key(seed: int, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
@@ -65,7 +61,7 @@ def train_step_features(
 ) -> tuple[TrainState, jax.Array]:
     """One optimizer step given the model's train inputs (RD4AD: the teacher's features,
     precomputed or fresh)."""
-    key = step_key(seed, state.step)
+    key = jax.random.fold_in(step_key(seed, state.step), 1)  # 0 is train_inputs' (the noise)
 
     def loss_fn(params: Any) -> tuple[jax.Array, Any]:
         return model.train_loss({"params": params, "batch_stats": state.batch_stats}, inputs, key)

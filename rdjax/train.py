@@ -256,12 +256,14 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
     workdir = Path(workdir)
     epochs = config.num_epochs_by_category.get(config.dataset.category)
     if epochs is not None and epochs != config.num_epochs:
+        _log("category %s: %d epochs (config.num_epochs_by_category, over num_epochs=%d)",
+             config.dataset.category, epochs, config.num_epochs)
         config = config.copy_and_resolve_references()
         config.num_epochs = int(epochs)
     run = setup(config, workdir, writing=True, dataset=dataset)
     if jax.process_index() == 0:
         workdir_lib.save_config(workdir, config)
-    tx = steps.optimizer_from_config(config, run.model)
+    tx = run.model.optimizer(config)
     _, student_vars = run.model.init(jax.random.key(config.seed), config.image_size)
     state = jax.device_put(steps.create_train_state(student_vars, tx), sharding.replicated(run.mesh))
     steps_per_epoch = run.steps_per_epoch

@@ -16,6 +16,7 @@ import base64
 import html
 import io
 import json
+import urllib.parse
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -97,8 +98,10 @@ def write_page(path: Path, title: str, result: dict | None, labels: np.ndarray |
     decoded ``chunk`` images at a time and written as they are made, so memory does not
     grow with the number of images."""
     scores = np.asarray(scores, np.float64)
-    lo, hi = float(scores.min()), float(scores.max())
     start = threshold if threshold is not None else float(np.median(scores))
+    # The range holds the threshold too: a browser clamps a slider's value into its range,
+    # which would re-decide images when every score lies on one side of the threshold.
+    lo, hi = min(float(scores.min()), start), max(float(scores.max()), start)
     keys = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
             ("pro_rd4ad_per_image", "PRO (per image)"), ("image_f1_max", "image F1-max")]
     table = "" if result is None else (
@@ -131,7 +134,7 @@ def write_page(path: Path, title: str, result: dict | None, labels: np.ndarray |
         for begin in range(0, len(scores), chunk):
             rows = np.arange(begin, min(begin + chunk, len(scores)))
             for row, image in zip(rows, images(rows)):
-                extra = (f'<a href="{html.escape(pictures[row], quote=True)}">decision picture</a>'
+                extra = (f'<a href="{html.escape(urllib.parse.quote(pictures[row]), quote=True)}">decision picture</a>'
                          if row in pictures else "")
                 label = "" if labels is None else ("defective, " if labels[row] else "good, ")
                 out.write(f'<div class="card"><img alt="" src="{_thumbnail(image)}"><div>{html.escape(filenames[row])}'

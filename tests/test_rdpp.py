@@ -225,7 +225,7 @@ def test_noise_is_simplex_octaves_on_one_rectangle():
 
 @pytest.mark.slow
 def test_rdpp_trains_predicts_exports_and_ports(synthetic_data, tmp_path):
-    """configs/rdpp_synthetic.py's model on generated data: training moves the loss, the
+    """configs/rdpp_synthetic.py's model on generated data: training moves every part, the
     workdir predicts and exports as an RD4AD one does (the exported maps equal predict's),
     a feature cache is refused with one line, and an official RD++ checkpoint ports into a
     workdir that restores exactly and evaluates."""
@@ -246,6 +246,10 @@ def test_rdpp_trains_predicts_exports_and_ports(synthetic_data, tmp_path):
         train.train_and_evaluate(bad, tmp_path / "bad")
     result = train.train_and_evaluate(config, tmp_path / "w")
     assert 0 <= result["image_auroc"] <= 1 and "calibration" in result and result["epoch"] == 2
+    trained, _ = restore_state(tmp_path / "w", name="rdpp")
+    initial = RDPP("resnet18").init(jax.random.key(config.seed), 64)[1]["params"]
+    for part in ("proj", "ocbe", "decoder"):  # both optimizers stepped
+        assert not np.array_equal(jax.tree.leaves(trained.params[part])[0], jax.tree.leaves(initial[part])[0]), part
     evaluations = [json.loads((tmp_path / "w" / "eval" / f"epoch_{e:04d}" / "metrics.json").read_text()) for e in (1, 2)]
     mean = [(r["image_auroc"] + r["pixel_auroc"] + r["aupro"]) / 3 for r in evaluations]
     best = json.loads((tmp_path / "w" / "best_on_test.json").read_text())
@@ -309,3 +313,37 @@ def test_one_steps_loss_terms_match_the_official_code_in_float32():
     for o, w in zip((*ours[1:], ours_distill, ours_total), (*want[1:], want_distill, want_total)):
         assert o == pytest.approx(w, rel=1e-5)
     assert float(model.train_loss(student_vars, inputs, key)[0]) == pytest.approx(want_total, rel=1e-5)
+
+
+def test_train_inputs_noise_before_normalizing_and_steps_are_pure():
+    """train_inputs: the teacher sees the normalized image and the normalized noised image
+    (noise added in [0, 1], as the official dataset does before Normalize). And the step's
+    randomness is a function of (seed, step) alone: 2 steps, a fresh step function, 2 more
+    steps equal 4 steps in one go, bit for bit."""
+    from rdjax import sharding, steps
+    from rdjax.features import standardize
+
+    model = RDPP("resnet18")
+    teacher_vars, student_vars = model.init(jax.random.key(0), 64)
+    x = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
+    key = jax.random.key(2)
+    clean, noised = model.train_inputs(teacher_vars, x, key, standardize)
+    want = model.teacher_features(teacher_vars, standardize(rdpp.add_noise(x, key)))
+    assert all(np.array_equal(a, b) for a, b in zip(noised, want))
+    assert all(np.array_equal(a, b) for a, b in zip(clean, model.teacher_features(teacher_vars, standardize(x))))
+    assert not np.array_equal(clean[0], noised[0])
+
+    mesh = sharding.make_mesh()
+    tx = model.optimizer(config_lib.defaults())
+    images = np.random.default_rng(3).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+
+    def run(state, n):
+        step = steps.make_image_train_step(model, tx, mesh, True, seed=5)
+        for _ in range(n):
+            state, _ = step(state, teacher_vars, images)
+        return state
+
+    fresh = lambda: jax.device_put(steps.create_train_state(jax.tree.map(jnp.copy, student_vars), tx),  # noqa: E731
+                                   sharding.replicated(mesh))  # copies: each run's step donates its state
+    straight, resumed = run(fresh(), 4), run(run(fresh(), 2), 2)
+    jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)

@@ -101,3 +101,15 @@ def test_predict_page_decides_as_scores_csv_says(trained, browser, tmp_path):
     links = [page.locator(".card a").nth(i).get_attribute("href") for i in range(len(rows))]
     assert all((tmp_path / "out" / href).is_file() for href in links)
     assert problems == []
+
+
+def test_slider_starts_at_a_threshold_beyond_every_score(browser, tmp_path):
+    """A predict page of good parts only: the calibrated threshold lies above every score,
+    and the page must still start there (a slider's value is clamped into its range)."""
+    images = lambda rows: np.zeros((len(rows), 16, 16, 3), np.uint8)  # noqa: E731
+    path = webpage.write_page(tmp_path / "r.html", "good parts", None, None, np.array([0.1, 0.2, 0.3]),
+                              ["a.png", "b.png", "c#1.png"], images, 0.5, None, None, {2: "overlays/c#1.png"})
+    page, problems = _open(browser, path)
+    assert problems == []
+    assert int(page.locator("#ng").text_content()) == 0 and int(page.locator("#ok").text_content()) == 3
+    assert page.locator(".card a").get_attribute("href") == "overlays/c%231.png"

@@ -9,7 +9,7 @@ down to blur^p, then one extrapolation step through which alone the gradients fl
 right-hand argument detached). Its value depends on that schedule, so matching it to
 1e-5 means running the same loop; ott-jax's solvers stop at a convergence threshold
 and differentiate implicitly or by unrolling. The loop is a `lax.scan` over the
-schedule (373 temperatures for RD++'s settings) on B x B matrices, negligible beside
+schedule (375 temperatures for RD++'s settings) on B x B matrices, negligible beside
 the networks.
 """
 
