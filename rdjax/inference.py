@@ -131,8 +131,8 @@ class Model:
             full = [tiling.resize_map(m, a.shape[:2]) for m, a in zip(maps, images)]
         else:
             run = lambda windows: self.predict_resized(windows, batch_size)[0]  # noqa: E731
-            tiled = [tiling.tiled_map(a, self.image_size, tiling.scale_for(resize, a.shape[:2], self.image_size,
-                                                                           tile_size), overlap, run) for a in images]
+            scales = [tiling.scale_for(resize, a.shape[:2], self.image_size, tile_size) for a in images]
+            tiled = tiling.tiled_maps(images, self.image_size, scales, overlap, run)
             scores = np.array([m.max() for m in tiled], np.float32)
             full = [tiling.resize_map(m, a.shape[:2]) for m, a in zip(tiled, images)]
         cal = self.calibration

@@ -55,27 +55,35 @@ def scale_for(mode: str, shape: tuple[int, int], size: int, tile_size: int | Non
     raise DataError(f"unknown resize mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
-def tiled_map(image: np.ndarray, size: int, scale: float, overlap: int,
-              run: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """The blended map of ``image`` scaled by ``scale`` (float32, at the scaled size).
+def tiled_maps(images: Sequence[np.ndarray], size: int, scales: Sequence[float], overlap: int,
+               run: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
+    """The blended map of each image scaled by its scale (float32, at the scaled size).
+    The windows of all the images go to ``run`` together, so batches fill up even when
+    each image has only a few windows.
 
     ``run``: uint8 (n, size, size, 3) windows -> their (n, size, size) maps."""
     from PIL import Image
 
-    h, w = image.shape[:2]
-    sh, sw = max(size, round(h * scale)), max(size, round(w * scale))
-    scaled = image if (sh, sw) == (h, w) else np.asarray(Image.fromarray(image).resize((sw, sh), Image.BILINEAR))
-    over = min(int(round(overlap * scale)), size - 1)
-    ys, xs = starts(sh, size, size - over), starts(sw, size, size - over)
-    windows = np.stack([scaled[y:y + size, x:x + size] for y in ys for x in xs])
-    maps = run(windows)
-    weight = ramp(size, over)
-    total = np.zeros((sh, sw), np.float64)
-    norm = np.zeros((sh, sw), np.float64)
-    for (y, x), amap in zip(((y, x) for y in ys for x in xs), maps):
-        total[y:y + size, x:x + size] += weight * amap
-        norm[y:y + size, x:x + size] += weight
-    return (total / norm).astype(np.float32)
+    windows, layouts = [], []
+    for image, scale in zip(images, scales):
+        h, w = image.shape[:2]
+        sh, sw = max(size, round(h * scale)), max(size, round(w * scale))
+        scaled = image if (sh, sw) == (h, w) else np.asarray(Image.fromarray(image).resize((sw, sh), Image.BILINEAR))
+        over = min(int(round(overlap * scale)), size - 1)
+        corners = [(y, x) for y in starts(sh, size, size - over) for x in starts(sw, size, size - over)]
+        windows += [scaled[y:y + size, x:x + size] for y, x in corners]
+        layouts.append(((sh, sw), over, corners))
+    maps = iter(run(np.stack(windows)))
+    blended = []
+    for (sh, sw), over, corners in layouts:
+        weight = ramp(size, over)
+        total = np.zeros((sh, sw), np.float64)
+        norm = np.zeros((sh, sw), np.float64)
+        for (y, x), amap in zip(corners, maps):
+            total[y:y + size, x:x + size] += weight * amap
+            norm[y:y + size, x:x + size] += weight
+        blended.append((total / norm).astype(np.float32))
+    return blended
 
 
 def resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -93,10 +101,7 @@ def evaluation_maps(images: Sequence[np.ndarray], size: int, setting: Any,
     """Tiled evaluation (config.resize): each image's blended map resized to (size, size),
     where the masks and pixel metrics live, and its score, the blended map's maximum at
     the scale it was computed (as `Model.predict` scores it), before that resize."""
-    maps, scores = [], []
-    for image in images:
-        scale = scale_for(setting.mode, image.shape[:2], size, setting.tile_size or None)
-        amap = tiled_map(image, size, scale, setting.overlap, run)
-        scores.append(amap.max())
-        maps.append(resize_map(amap, (size, size)))
-    return np.stack(maps), np.asarray(scores, np.float32)
+    scales = [scale_for(setting.mode, image.shape[:2], size, setting.tile_size or None) for image in images]
+    blended = tiled_maps(images, size, scales, setting.overlap, run)
+    return (np.stack([resize_map(amap, (size, size)) for amap in blended]),
+            np.asarray([amap.max() for amap in blended], np.float32))

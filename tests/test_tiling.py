@@ -36,8 +36,9 @@ def test_blending_reproduces_a_map_that_windows_agree_on():
     truth = image[..., 0].astype(np.float32) / 255
     crops = lambda windows: windows[..., 0].astype(np.float32) / 255  # noqa: E731  (a 'model' that is a crop)
     for overlap in (0, 7, 20):
-        out = tiling.tiled_map(image, 64, 1.0, overlap, crops)
-        np.testing.assert_allclose(out, truth, rtol=1e-6)
+        out = tiling.tiled_maps([image, image[:100]], 64, [1.0, 1.0], overlap, crops)  # two images, one batch
+        np.testing.assert_allclose(out[0], truth, rtol=1e-6)
+        np.testing.assert_allclose(out[1], truth[:100], rtol=1e-6)
     w = tiling.ramp(16, 4)
     assert w.min() > 0 and w[8, 8] == 1 and w[0, 8] == pytest.approx(0.2)
 
