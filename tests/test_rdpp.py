@@ -347,3 +347,27 @@ def test_train_inputs_noise_before_normalizing_and_steps_are_pure():
                                    sharding.replicated(mesh))  # copies: each run's step donates its state
     straight, resumed = run(fresh(), 4), run(run(fresh(), 2), 2)
     jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
+
+
+@pytest.mark.slow
+def test_rdpp_steps_are_invariant_to_the_device_count(tmp_path):
+    """RD++'s step from images on 2 devices equals it on 1 (tests/rdpp_probe.py, float64, one
+    optimizer step of 2 accumulated batches): the per-image noise, the batch permutation of
+    SSOT, the sharded teacher and student passes, global BatchNorm statistics and the
+    all-reduced gradients. Tolerances as tests/test_invariance.py's, for the same reasons."""
+    import sys
+
+    from conftest import ROOT, subprocess_run
+
+    out = tmp_path / "probe.npz"
+    proc = subprocess_run(sys.executable, str(ROOT / "tests" / "rdpp_probe.py"), str(out), devices=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = dict(np.load(out))
+    keys = [k.split("/", 2)[2] for k in probe if k.startswith(("param/1/", "stats/1/"))]
+    assert any(k.startswith("proj/") for k in keys) and probe["param/1/proj/proj_a/proj_0/kernel"].dtype == np.float64
+    for kind in ("param", "stats"):
+        for key in (k.split("/", 2)[2] for k in probe if k.startswith(f"{kind}/1/")):
+            np.testing.assert_allclose(probe[f"{kind}/2/{key}"], probe[f"{kind}/1/{key}"], rtol=1e-6, atol=1e-7,
+                                       err_msg=f"{kind}/{key}")
+    start = np.asarray(RDPP("resnet18").init(jax.random.key(0), 32)[1]["params"]["proj"]["proj_a"]["proj_0"]["kernel"])
+    assert np.abs(probe["param/1/proj/proj_a/proj_0/kernel"] - start).max() > 1e-4  # the step moved the MPL

@@ -1,0 +1,45 @@
+"""Run in a subprocess with 2 host devices: `rdpp_probe.py OUT` runs 2 RD++ steps from
+uint8 images (teacher on the clean and the noised copy, MPL, Sinkhorn, one optimizer step
+of 2 accumulated batches) on meshes of 1 and 2 devices in float64 from the same start,
+and saves the parameters and BatchNorm statistics of each to an .npz (param/N/..., stats/N/...)."""
+
+import sys
+
+import jax
+import numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rdjax import config as config_lib, steps
+from rdjax.models import RDPP
+
+jax.config.update("jax_enable_x64", True)  # float64: the reference precision of these checks
+SIZE = 32
+
+
+def _flat(prefix: str, tree) -> dict:
+    return {f"{prefix}/{k}": np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(tree), sep="/").items()}
+
+
+def run() -> dict:
+    model = RDPP("resnet18", "float64")
+    teacher_vars, student_vars = (jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v)
+                                  for v in RDPP("resnet18").init(jax.random.key(0), SIZE))
+    tx = model.optimizer(config_lib.defaults())
+    images = [np.random.default_rng(i).integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8) for i in range(2)]
+    result = {}
+    for n in (1, 2):
+        mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+        rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        step = steps.make_image_train_step(model, tx, mesh, True, seed=3)
+        state = jax.device_put(steps.create_train_state(student_vars, tx), rep)
+        teacher = jax.device_put(teacher_vars, rep)
+        for batch in images:
+            state, _ = step(state, teacher, jax.device_put(batch, dat))
+        result.update(_flat(f"param/{n}", state.params))
+        result.update(_flat(f"stats/{n}", state.batch_stats))
+    return result
+
+
+if __name__ == "__main__":
+    np.savez(sys.argv[1], **run())
