@@ -82,8 +82,6 @@ def report_pictures(data: EvalData) -> dict:
                               test.labels[rows], passed.pixels.lo, passed.pixels.hi)
         cal = data.result.get("calibration")
         threshold = None if cal is None else cal["image_threshold"]
-        report.write_report(data.out_dir / "report.png", test.labels, passed.scores, passed.pixels, cases, cal)
-        written = outputs.write_overlays(data.out_dir / "images", cases, threshold)
         roc = None
         if test.labels.min() != test.labels.max():
             roc = tuple(skm.roc_curve(test.labels, passed.scores)[:2])
@@ -91,6 +89,8 @@ def report_pictures(data: EvalData) -> dict:
         if passed.pixels is not None and passed.pixels.has_regions:
             fpr, overlap = passed.pixels.pro_curve
             pro = (fpr[fpr <= 0.3], overlap[fpr <= 0.3])
+        report.write_report(data.out_dir / "report.png", test.labels, passed.scores, passed.pixels, cases, cal, roc, pro)
+        written = outputs.write_overlays(data.out_dir / "images", cases, threshold)
         title = f"{data.config.dataset.category}: evaluation {data.out_dir.name.replace('_', ' ')}"
         write_csv(data.out_dir / "scores.csv", ["file", "defect_type", "label", "score", "decision"], [
             {"file": f, "defect_type": d, "label": int(y), "score": f"{s:.6f}",

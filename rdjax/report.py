@@ -19,12 +19,15 @@ from rdjax.workdir import atomic_path
 
 
 def write_report(path: Path, labels: np.ndarray, scores: np.ndarray, pixels: PixelStats, cases: Cases,
-                 calibration: dict | None) -> Path:
+                 calibration: dict | None, roc: tuple[np.ndarray, np.ndarray] | None,
+                 pro: tuple[np.ndarray, np.ndarray] | None) -> Path:
+    """``roc``: the image ROC curve (fpr, tpr), None with one class only; ``pro``: the PRO
+    curve up to FPR 0.3, None without regions (computed once, shared with report.html)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_auc_score
 
     worst = max(int(np.sum(cases.labels == 0)), int(np.sum(cases.labels != 0)), 4)
     fig = plt.figure(figsize=(16, 12))  # fixed margins: a constrained layout triples the time to save
@@ -33,18 +36,15 @@ def write_report(path: Path, labels: np.ndarray, scores: np.ndarray, pixels: Pix
     third = (2 * worst) // 3
 
     ax = fig.add_subplot(grid[0, :third])
-    if labels.min() != labels.max():
-        fpr, tpr, _ = roc_curve(labels, scores)
-        ax.plot(fpr, tpr, label=f"AUROC {roc_auc_score(labels, scores):.3f}")
+    if roc is not None:
+        ax.plot(*roc, label=f"AUROC {roc_auc_score(labels, scores):.3f}")
         ax.legend(loc="lower right")
     ax.plot([0, 1], [0, 1], ":", color="gray")
     ax.set(title="ROC (images)", xlabel="false positive rate", ylabel="true positive rate")
 
     ax = fig.add_subplot(grid[0, third:2 * third])
-    if pixels.has_regions:
-        fpr, pro = pixels.pro_curve
-        keep = fpr <= 0.3
-        ax.plot(fpr[keep], pro[keep], label=f"AUPRO {pixels.aupro():.3f}")
+    if pro is not None:
+        ax.plot(*pro, label=f"AUPRO {pixels.aupro():.3f}")
         ax.legend(loc="lower right")
     ax.set(title="PRO up to FPR 0.3 (pixels)", xlabel="false positive rate", ylabel="per-region overlap", xlim=(0, 0.3))
 
