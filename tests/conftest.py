@@ -145,6 +145,30 @@ def randomize_batchnorm(module: "torch.nn.Module", seed: int) -> None:
                 m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
 
 
+def random_variables(model, image_size: int, seed: int, dtype=np.float64):
+    """(teacher_vars, student_vars) of ``model``'s shapes filled by numpy: kernels
+    N(0, 1/fan_in), BatchNorm scales and variances in [0.5, 1.5], biases and means
+    N(0, 0.1). For probes that need some weights, not the initializers': the shapes come
+    from jax.eval_shape, so nothing is compiled (flax's eager init compiles each of its
+    few hundred ops, 10 to 30 s on two cores)."""
+    import jax
+
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name in ("scale", "var"):
+            value = rng.uniform(0.5, 1.5, leaf.shape)
+        elif name in ("bias", "mean"):
+            value = rng.normal(0, 0.1, leaf.shape)
+        else:
+            value = rng.normal(0, 1 / np.sqrt(np.prod(leaf.shape[:-1])), leaf.shape)
+        return value.astype(dtype)
+
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), image_size))
+    return tuple(jax.tree_util.tree_map_with_path(fill, tree) for tree in shapes)
+
+
 def state_dict_numpy(module: "torch.nn.Module") -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
 

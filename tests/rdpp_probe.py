@@ -1,7 +1,8 @@
 """Run in a subprocess with 2 host devices: `rdpp_probe.py OUT` runs 2 RD++ steps from
 uint8 images (teacher on the clean and the noised copy, MPL, Sinkhorn, one optimizer step
 of 2 accumulated batches) on meshes of 1 and 2 devices in float64 from the same start,
-and saves the parameters and BatchNorm statistics of each to an .npz (param/N/..., stats/N/...)."""
+and saves the start's parameters and the parameters and BatchNorm statistics of each to an
+.npz (start/..., param/N/..., stats/N/...)."""
 
 import sys
 
@@ -10,6 +11,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from conftest import random_variables
 from rdjax import config as config_lib, steps
 from rdjax.models import RDPP
 
@@ -23,11 +25,10 @@ def _flat(prefix: str, tree) -> dict:
 
 def run() -> dict:
     model = RDPP("resnet18", "float64")
-    teacher_vars, student_vars = (jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v)
-                                  for v in RDPP("resnet18").init(jax.random.key(0), SIZE))
+    teacher_vars, student_vars = random_variables(RDPP("resnet18"), SIZE, seed=0)
     tx = model.optimizer(config_lib.defaults())
     images = [np.random.default_rng(i).integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8) for i in range(2)]
-    result = {}
+    result = _flat("start", student_vars["params"])
     for n in (1, 2):
         mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
         rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))

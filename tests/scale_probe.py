@@ -7,6 +7,7 @@ slowest part, so 4 devices, between 2 and 8, is left out):
                                 exactly (1 - b1) * g (b1 = 0.5: a multiplication by 0.5,
                                 exact in floating point)
   param64/N/..., stats64/N/...  the parameters and BatchNorm statistics after STEPS steps
+  start/...                     the parameters they started from
 """
 
 import sys
@@ -16,6 +17,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from conftest import random_variables
 from rdjax import steps
 from rdjax.models import RD4AD
 
@@ -39,7 +41,7 @@ def _cast(tree, dtype):
 
 def _setup(dtype: str, batches: int):
     model = RD4AD("resnet18", dtype)
-    teacher_vars, student_vars = (_cast(v, dtype) for v in RD4AD("resnet18").init(jax.random.key(0), SIZE))
+    teacher_vars, student_vars = random_variables(RD4AD("resnet18"), SIZE, seed=0, dtype=dtype)
     features = jax.jit(model.teacher_features)
     feats = [_cast(features(teacher_vars, np.asarray(jax.random.normal(jax.random.key(i + 1), (8, SIZE, SIZE, 3)), dtype)),
                    dtype) for i in range(batches)]
@@ -50,7 +52,7 @@ def run(count: int) -> dict:
     model, student_vars, batches = _setup("float64", count)
     b1 = 0.5
     tx = steps.make_optimizer(b1=b1)
-    result = {}
+    result = _flat("start", student_vars["params"])
     for n, mesh, rep, dat in _meshes():
         step = steps.make_train_step(model, tx, mesh)
         state = jax.device_put(steps.create_train_state(student_vars, tx), rep)

@@ -3,30 +3,20 @@ memory that experiments/scale.py measures at large ones (docs/scaling.md)."""
 
 from __future__ import annotations
 
-import gc
-import tracemalloc
+import sys
 
 import pytest
 
-from conftest import small_config
-from rdjax import train
+from conftest import ROOT, subprocess_run
 
 pytestmark = pytest.mark.slow
 
 
 def _peak(root, workdir) -> int:
-    """Peak bytes allocated through Python and numpy (tracemalloc sees numpy's buffers)
-    during one epoch plus evaluation from the disk cache with binned metrics, after a
-    warm-up run of the same config, so that nothing is compiled or cached while measured."""
-    config = small_config(root, image_size=128, feature_cache="disk", exact_metrics_max_pixels=0)
-    train.train_and_evaluate(config, workdir / "warm")
-    gc.collect()
-    tracemalloc.start()
-    try:
-        train.train_and_evaluate(config, workdir / "measured")
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    """tests/memory_probe.py's peak for ``root``, in a fresh process."""
+    proc = subprocess_run(sys.executable, str(ROOT / "tests" / "memory_probe.py"), str(root), str(workdir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return int(proc.stdout.split("peak ")[-1])
 
 
 def test_host_memory_does_not_grow_with_the_number_of_images(synthetic_data, tmp_path):

@@ -101,6 +101,30 @@ def test_eval_command_reproduces_the_metrics(trained, tmp_path):
         assert again[key] == pytest.approx(before[key], abs=1e-6), key
 
 
+def test_binned_metrics_of_a_trained_model_equal_the_exact_ones(trained, tmp_path):
+    """The streaming path on the synthetic set, through a trained model's maps: `rdjax
+    eval` with config.exact_metrics_max_pixels=0 (binned histograms summed over batches)
+    against the exact path the trained run took. Bound: 1e-3, the streaming path's
+    promise; the bins have relative width 2^-12, so the pixel F1 threshold (below 4
+    here, asserted) moves by at most 4 * 2^-12 < 1e-3, and AUROC and AUPRO only by the
+    mass of pixel pairs sharing a bin (tests/test_metrics.py bounds it on random maps)."""
+    config, trained_dir, _ = trained
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_dir, workdir)
+    exact = json.loads((workdir / "metrics.json").read_text())
+    exact_threshold = json.loads((workdir / "calibration.json").read_text())["pixel_threshold"]
+    out = rdjax_cli("eval", f"--workdir={workdir}", *data_flags(Path(config.dataset.root)),
+                    "--config.exact_metrics_max_pixels=0")
+    assert out.code == 0, out.stderr[-2000:]
+    binned = json.loads((workdir / "metrics.json").read_text())
+    assert (exact["pixel_metrics"], binned["pixel_metrics"]) == ("exact", "binned")
+    for key in ("pixel_auroc", "aupro"):
+        assert binned[key] == pytest.approx(exact[key], abs=1e-3), key
+    assert binned["image_auroc"] == pytest.approx(exact["image_auroc"], abs=1e-6)  # per-image scores, not binned
+    threshold = json.loads((workdir / "calibration.json").read_text())["pixel_threshold"]
+    assert 0 < exact_threshold < 4 and threshold == pytest.approx(exact_threshold, abs=1e-3)
+
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path):
     """One more epoch at an infinite learning rate: step 7 makes the parameters
