@@ -296,46 +296,50 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
     log_path = workdir / "train_log.json"
     train_log = [e for e in (json.loads(log_path.read_text()) if log_path.is_file() else []) if e["epoch"] <= start_epoch]
     result: dict = {}
-    for epoch in range(start_epoch + 1, config.num_epochs + 1):
-        rows = pipeline.epoch_batches(n, batch, config.seed, epoch)[:, columns]  # this process's share of each step
-        if store is None:
-            inputs = prefetch((b["image"] for b in pipeline.load_batches(run.train, rows, "train")), run.put)
-        else:
-            inputs = prefetch(rows, lambda r: run.put(store.read(position[r])))
-        losses = []
-        start = time.perf_counter()
-        seen = len(rows) * batch
-        bar = tqdm.tqdm(total=seen, desc=f"epoch {epoch}/{config.num_epochs}", unit="img", leave=False, disable=None)
-        for x in inputs:
-            state, loss = step_fn(state, x)
-            losses.append(loss)
-            bar.update(batch)
-        losses = np.asarray(jax.device_get(losses))  # one host round-trip per epoch
-        seconds = time.perf_counter() - start
-        bar.close()
-        _check_finite(losses, epoch, steps_per_epoch)
-        _log("epoch %d: loss %.5f, %.1f img/s", epoch, losses.mean(), seen / seconds)
-        train_log.append({"epoch": epoch, "step": int(state.step), "loss": float(losses.mean()),
-                          "images_per_second": seen / seconds, "feature_cache": mode})
+    finished = False
+    try:
+        for epoch in range(start_epoch + 1, config.num_epochs + 1):
+            rows = pipeline.epoch_batches(n, batch, config.seed, epoch)[:, columns]  # this process's share of each step
+            if store is None:
+                inputs = prefetch((b["image"] for b in pipeline.load_batches(run.train, rows, "train")), run.put)
+            else:
+                inputs = prefetch(rows, lambda r: run.put(store.read(position[r])))
+            losses = []
+            start = time.perf_counter()
+            seen = len(rows) * batch
+            bar = tqdm.tqdm(total=seen, desc=f"epoch {epoch}/{config.num_epochs}", unit="img", leave=False, disable=None)
+            for x in inputs:
+                state, loss = step_fn(state, x)
+                losses.append(loss)
+                bar.update(batch)
+            losses = np.asarray(jax.device_get(losses))  # one host round-trip per epoch
+            seconds = time.perf_counter() - start
+            bar.close()
+            _check_finite(losses, epoch, steps_per_epoch)
+            _log("epoch %d: loss %.5f, %.1f img/s", epoch, losses.mean(), seen / seconds)
+            train_log.append({"epoch": epoch, "step": int(state.step), "loss": float(losses.mean()),
+                              "images_per_second": seen / seconds, "feature_cache": mode})
+            if writer is not None:
+                writer.add_scalar("train/loss", float(losses.mean()), int(state.step))
+                writer.add_scalar("train/images_per_second", seen / seconds, int(state.step))
+            last = epoch == config.num_epochs
+            if epoch % config.checkpoint_every == 0 or last:
+                workdir_lib.save_state(manager, int(state.step), state)
+                if jax.process_index() == 0:
+                    workdir_lib.write_json(log_path, train_log)
+            if epoch % config.eval_every == 0 or last:
+                result = evaluate_student(run, state.student_vars, epoch, int(state.step), writer)
+        if not result:  # already trained: evaluate what is there
+            result = evaluate_student(run, state.student_vars, int(state.step) // steps_per_epoch, int(state.step), writer)
+        finished = True
+    finally:  # also on an error: the checkpoints are flushed, and a disk cache is kept for the resume
+        manager.close()
+        if store is not None:
+            store.close(delete=finished)  # training is complete: the cache is no longer needed
         if writer is not None:
-            writer.add_scalar("train/loss", float(losses.mean()), int(state.step))
-            writer.add_scalar("train/images_per_second", seen / seconds, int(state.step))
-        last = epoch == config.num_epochs
-        if epoch % config.checkpoint_every == 0 or last:
-            workdir_lib.save_state(manager, int(state.step), state)
-            if jax.process_index() == 0:
-                workdir_lib.write_json(log_path, train_log)
-        if epoch % config.eval_every == 0 or last:
-            result = evaluate_student(run, state.student_vars, epoch, int(state.step), writer)
-    if not result:  # already trained: evaluate what is there
-        result = evaluate_student(run, state.student_vars, int(state.step) // steps_per_epoch, int(state.step), writer)
-    manager.close()
+            writer.close()
     if config.report_best_on_test and jax.process_index() == 0:
         outputs.write_best_on_test(workdir)
-    if store is not None:
-        store.close(delete=True)  # training is complete: the cache is no longer needed
-    if writer is not None:
-        writer.close()
     if jax.process_count() > 1:
         tqdm.tqdm.write(f"process {jax.process_index()} of {jax.process_count()}: decoded "
                         f"{pipeline.decoded['train']} training and {pipeline.decoded['test']} test images")

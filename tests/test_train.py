@@ -127,15 +127,22 @@ def test_binned_metrics_of_a_trained_model_equal_the_exact_ones(trained, tmp_pat
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path):
-    """One more epoch at an infinite learning rate: step 7 makes the parameters
-    non-finite, so step 8's loss is; one error line names it, and the workdir's latest
-    checkpoint is still the last good one."""
+    """One more epoch at an infinite learning rate, from the disk cache: step 7 makes the
+    parameters non-finite, so step 8's loss is; one error line names it, the workdir's
+    latest checkpoint is still the last good one, and the cache's files are closed but
+    kept for the next run."""
+    import os
+
     config, trained_dir, _ = trained
     workdir = tmp_path / "w"
     shutil.copytree(trained_dir, workdir)
     out = rdjax_cli("train", f"--workdir={workdir}", *data_flags(Path(config.dataset.root)),
-                    "--config.num_epochs=4", "--config.learning_rate=inf")
+                    "--config.num_epochs=4", "--config.learning_rate=inf", "--config.feature_cache=disk")
     assert "non-finite loss" in out.error_line() and "at step 8 (epoch 4)" in out.error_line()
+    assert sorted(p.name for p in (workdir / "feature_cache" / "process_0_of_1").iterdir()) == [
+        "complete.json", "scale0.npy", "scale1.npy", "scale2.npy"]
+    open_files = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+    assert not [f for f in open_files if f.startswith(str(workdir))], open_files
     state, latest = restore_state(workdir)
     assert latest == 6 and int(state.step) == 6
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
