@@ -111,7 +111,8 @@ def dict_with(node, **changes):
     return copy
 
 
-@pytest.mark.parametrize("with_masks", [True, pytest.param(False, marks=pytest.mark.slow)])
+@pytest.mark.slow  # two whole training runs in this process
+@pytest.mark.parametrize("with_masks", [True, False])
 def test_folder_dataset(source, tmp_path, with_masks):
     anomalous, masks = tmp_path / "bad", tmp_path / "masks"
     anomalous.mkdir()

@@ -39,12 +39,19 @@ def _decisions(scores: np.ndarray, meta: dict) -> np.ndarray:
     return np.asarray(scores) >= meta["calibration"]["image_threshold"]
 
 
-def test_jax_export_declares_three_platforms_and_runs_without_rdjax(setup, tmp_path):
+@pytest.fixture(scope="module")
+def jax_file(setup, tmp_path_factory):
+    """The float32 jax.export artifact of the shared run, and its JSON, exported once."""
+    out = tmp_path_factory.mktemp("jax") / "model.jaxexport"
+    return out, _export(setup[0], out)
+
+
+@pytest.mark.slow  # exports for three platforms and compiles the artifact twice
+def test_jax_export_declares_three_platforms_and_runs_without_rdjax(setup, jax_file, tmp_path):
     from jax import export
 
     work, model, batch, want_maps, want_scores = setup
-    out = tmp_path / "model.jaxexport"
-    meta = _export(work, out)
+    out, meta = jax_file
     assert meta["input"]["shape"] == ["batch", 64, 64, 3] and meta["input"]["dtype"] == "uint8"
     assert meta["step"] == 6 and meta["model"] == "rd4ad" and meta["calibration"] == model.calibration
     exported = export.deserialize(out.read_bytes())
@@ -111,7 +118,7 @@ def test_openvino_runs_the_onnx_model_with_the_same_decisions(setup, onnx_file):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,bits", [("float16", 11), ("bfloat16", 8)])
-def test_half_precision_weights_halve_the_file_and_keep_the_maps(setup, tmp_path, dtype, bits):
+def test_half_precision_weights_halve_the_file_and_keep_the_maps(setup, jax_file, tmp_path, dtype, bits):
     """Weights rounded to ``bits`` significant bits (relative error at most 2^-bits each),
     then float32 arithmetic. Relative errors add at most linearly through a layer of gain
     about 1 (BatchNorm keeps the activations' scale), and the ResNet-18 encoder, OCBE and
@@ -121,8 +128,7 @@ def test_half_precision_weights_halve_the_file_and_keep_the_maps(setup, tmp_path
     from jax import export
 
     work, _, batch, want_maps, _ = setup
-    full, half = tmp_path / "full.jaxexport", tmp_path / f"{dtype}.jaxexport"
-    _export(work, full)
+    full, half = jax_file[0], tmp_path / f"{dtype}.jaxexport"
     assert _export(work, half, f"--weights_dtype={dtype}")["weights_dtype"] == dtype
     assert half.stat().st_size < 0.55 * full.stat().st_size
     maps = np.asarray(export.deserialize(half.read_bytes()).call(batch)[0])
@@ -130,8 +136,8 @@ def test_half_precision_weights_halve_the_file_and_keep_the_maps(setup, tmp_path
     assert 0 < err < 64 * 2.0**-bits, err
 
 
-def test_bad_export_flags_are_one_line_errors(setup, tmp_path):
-    work = setup[0]
+def test_bad_export_flags_are_one_line_errors(trained, tmp_path):
+    work = trained[1]
     for flag, message in (("--format=tflite", "--format=tflite: choose one of jax, onnx"),
                           ("--weights_dtype=int8", "--weights_dtype=int8: choose one of float32, float16, bfloat16")):
         result = rdjax_cli("export", f"--workdir={work}", f"--out={tmp_path / 'm'}", flag)

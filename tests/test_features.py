@@ -8,10 +8,12 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import random_variables
 from rdjax import features
 from rdjax.errors import ConfigError
 
 
+@pytest.mark.slow  # a second whole training run in this process
 def test_off_trains_end_to_end(trained, trained_off):
     """The 'off' run (teacher in every step) trains and evaluates like the cached one.
     That it computes the same function is shown in float64 below; in float32 its
@@ -82,13 +84,14 @@ def test_feature_size_estimate_matches_the_teacher():
     from rdjax.models import RD4AD
 
     model = RD4AD("resnet18")
-    teacher_vars, _ = model.init(jax.random.key(0), 64)
+    teacher_vars, _ = random_variables(model, 64, seed=0, dtype=np.float32)
     real = features.teacher_fn(model, True)(teacher_vars, np.zeros((1, 64, 64, 3), np.uint8))
     shapes = features.feature_shapes(model, 64)
     assert [s.shape for s in shapes] == [f.shape[1:] for f in real]
     assert features.bytes_per_image(shapes) == sum(f.nbytes for f in real)
 
 
+@pytest.mark.slow  # three float64 programs to compile
 def test_off_step_equals_the_cached_step_in_float64():
     """The 'off' step (teacher inside the jitted step) against the cached path (the
     caching pass's teacher function, then the step on its features): three Adam steps
@@ -100,8 +103,7 @@ def test_off_step_equals_the_cached_step_in_float64():
 
     with jax.enable_x64(True):
         model = RD4AD("resnet18", "float64")
-        cast = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)  # noqa: E731
-        teacher_vars, student_vars = (cast(v) for v in RD4AD("resnet18").init(jax.random.key(0), 32))
+        teacher_vars, student_vars = random_variables(RD4AD("resnet18"), 32, seed=0)
         tx = steps.make_optimizer()
         mesh = sharding.make_mesh()
         images = [np.random.default_rng(i).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8) for i in range(3)]

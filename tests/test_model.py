@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import nchw_to_nhwc
+from conftest import nchw_to_nhwc, random_variables
 from rdjax import sharding, steps
 from rdjax.errors import ConfigError
 from rdjax.models import RD4AD
@@ -19,7 +19,7 @@ from rdjax.registry import MODELS
 @pytest.fixture(scope="module")
 def small():
     model = RD4AD("resnet18")
-    teacher_vars, student_vars = model.init(jax.random.key(0), 64)
+    teacher_vars, student_vars = jax.tree.map(jnp.asarray, random_variables(model, 64, seed=0, dtype=np.float32))
     return model, teacher_vars, student_vars
 
 

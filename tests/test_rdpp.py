@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import nchw_to_nhwc, randomize_batchnorm, rel_err, small_config
+from conftest import nchw_to_nhwc, random_variables, randomize_batchnorm, rel_err, small_config
 from rdjax import config as config_lib, weights
 from rdjax.errors import ConfigError
 from rdjax.models import rdpp
@@ -59,7 +59,7 @@ def test_sinkhorn_divergence_equals_geomloss(kind):
     loss.backward()
     want = loss.detach()
     with jax.enable_x64(True):
-        value, (gx, gy) = jax.value_and_grad(sinkhorn_divergence, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(y))
+        value, (gx, gy) = jax.jit(jax.value_and_grad(sinkhorn_divergence, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(y))
         assert value.dtype == jnp.float64
     np.testing.assert_allclose(float(value), float(want), rtol=1e-9)
     assert rel_err(gx, tx.grad.numpy()) < 1e-9 and rel_err(gy, ty.grad.numpy()) < 1e-9
@@ -91,7 +91,7 @@ def _official(arch: str, seed: int):
     return (mpl, ocbe, decoder), flat
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "wide_resnet50_2"])
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("wide_resnet50_2", marks=pytest.mark.slow)])
 def test_mpl_and_student_match_the_official_modules(arch):
     """Ported from an official-layout checkpoint {'proj', 'bn', 'decoder'} (strictly: every
     key used), the MPL and the student features in eval mode equal the torch modules'."""
@@ -112,6 +112,7 @@ def test_mpl_and_student_match_the_official_modules(arch):
         assert rel_err(o, nchw_to_nhwc(w)) <= 1e-4
 
 
+@pytest.mark.slow  # float64 gradients of the whole student (the fast tier checks the float32 terms)
 def test_loss_and_gradients_match_the_official_code_in_float64():
     """The whole training objective, L_distill + 0.2 L_proj, on clean and noised teacher
     features in train mode (batch statistics), and its gradient with respect to every
@@ -152,7 +153,7 @@ def test_loss_and_gradients_match_the_official_code_in_float64():
         def loss(params):
             return model.train_loss({"params": params, "batch_stats": student_vars["batch_stats"]}, inputs, key)
 
-        (value, _), ours = jax.value_and_grad(loss, has_aux=True)(student_vars["params"])
+        (value, _), ours = jax.jit(jax.value_and_grad(loss, has_aux=True))(student_vars["params"])
     np.testing.assert_allclose(float(value), float(want), rtol=1e-9)
     flat_ours = jax.tree_util.tree_leaves_with_path(ours)
     flat_want = dict(jax.tree_util.tree_leaves_with_path(want_grads))
@@ -303,28 +304,37 @@ def test_one_steps_loss_terms_match_the_official_code_in_float32():
     model = RDPP(arch)
     student_vars = model.port_official(flat)
     inputs = tuple(tuple(jnp.asarray(nchw_to_nhwc(f.numpy())) for f in fs) for fs in (clean, noised))
-    (pn, pc, student), _ = model.student.apply(student_vars, *inputs, method=rdpp.Student.training,
-                                               mutable=["batch_stats"])
-    ours = [float(t) for t in rdpp.projection_terms(inputs[1], pn, pc, key)]
-    ours_distill = float(rdpp.cosine_distance_loss(inputs[0], student))
+
+    @jax.jit  # one program instead of a few hundred eagerly compiled ops
+    def terms(student_vars, inputs):
+        (pn, pc, student), _ = model.student.apply(student_vars, *inputs, method=rdpp.Student.training,
+                                                   mutable=["batch_stats"])
+        return (rdpp.projection_terms(inputs[1], pn, pc, key), rdpp.cosine_distance_loss(inputs[0], student),
+                model.train_loss(student_vars, inputs, key)[0])
+
+    ours, ours_distill, ours_loss = terms(student_vars, inputs)
+    ours, ours_distill = [float(t) for t in ours], float(ours_distill)
     total = lambda d, t: d + 0.2 * (t[0] + 0.01 * t[1] + 0.1 * t[2]) / 1.11  # noqa: E731
     want_total, ours_total = total(want_distill, want), total(ours_distill, ours)
     assert abs(ours[0] - want[0]) <= 1e-5 * want_total
     for o, w in zip((*ours[1:], ours_distill, ours_total), (*want[1:], want_distill, want_total)):
         assert o == pytest.approx(w, rel=1e-5)
-    assert float(model.train_loss(student_vars, inputs, key)[0]) == pytest.approx(want_total, rel=1e-5)
+    assert float(ours_loss) == pytest.approx(want_total, rel=1e-5)
 
 
-def test_train_inputs_noise_before_normalizing_and_steps_are_pure():
+@pytest.fixture(scope="module")
+def rdpp_vars():
+    """RD++ ResNet-18 (teacher_vars, student_vars) for 64 px, numpy-filled (conftest)."""
+    return random_variables(RDPP("resnet18"), 64, seed=0, dtype=np.float32)
+
+
+def test_train_inputs_noise_before_normalizing(rdpp_vars):
     """train_inputs: the teacher sees the normalized image and the normalized noised image
-    (noise added in [0, 1], as the official dataset does before Normalize). And the step's
-    randomness is a function of (seed, step) alone: 2 steps, a fresh step function, 2 more
-    steps equal 4 steps in one go, bit for bit."""
-    from rdjax import sharding, steps
+    (noise added in [0, 1], as the official dataset does before Normalize)."""
     from rdjax.features import standardize
 
     model = RDPP("resnet18")
-    teacher_vars, student_vars = model.init(jax.random.key(0), 64)
+    teacher_vars, _ = rdpp_vars
     x = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
     key = jax.random.key(2)
     clean, noised = model.train_inputs(teacher_vars, x, key, standardize)
@@ -333,6 +343,15 @@ def test_train_inputs_noise_before_normalizing_and_steps_are_pure():
     assert all(np.array_equal(a, b) for a, b in zip(clean, model.teacher_features(teacher_vars, standardize(x))))
     assert not np.array_equal(clean[0], noised[0])
 
+
+@pytest.mark.slow  # compiles RD++'s whole image step (~35 s on two cores)
+def test_rdpp_steps_are_pure(rdpp_vars):
+    """The step's randomness is a function of (seed, step) alone: 2 steps, a fresh step
+    function, 2 more steps equal 4 steps in one go, bit for bit."""
+    from rdjax import sharding, steps
+
+    model = RDPP("resnet18")
+    teacher_vars, student_vars = rdpp_vars
     mesh = sharding.make_mesh()
     tx = model.optimizer(config_lib.defaults())
     images = np.random.default_rng(3).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)

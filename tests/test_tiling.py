@@ -103,6 +103,7 @@ def _evaluate_on(config, workdir: Path, root: Path, **resize) -> dict[str, float
     return {row["file"]: float(row["score"]) for row in csv.DictReader(table.open())}
 
 
+@pytest.mark.slow  # three evaluations and predictions over a second dataset
 def test_evaluation_tiles_as_predict_does(trained, synthetic_data, tmp_path):
     """The trained 64 px model evaluated on 128 px images. (1) One 128 px tile per image
     is the squeeze: PIL resizes the same file to 64 px on both paths, so the scores agree

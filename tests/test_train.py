@@ -207,7 +207,7 @@ def official_evaluation(teacher, ocbe, decoder, root, category: str, size: int, 
     return roc_auc_score(px_gt, px_pr), roc_auc_score(sp_gt, sp_pr)
 
 
-@pytest.mark.parametrize("name", ["rd4ad", "rdpp"])
+@pytest.mark.parametrize("name", ["rd4ad", pytest.param("rdpp", marks=pytest.mark.slow)])
 def test_ported_official_model_evaluates_like_the_official_code(synthetic_data, tmp_path, name):
     """Official-format weights (random, written by torch; RD++'s with its projection
     layers) through `rdjax port` and `rdjax eval`: AUROCs within 1e-3 of the official
