@@ -14,6 +14,8 @@ terms, in whatever order each library's kernels choose.
 from __future__ import annotations
 
 import copy
+import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +23,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import nchw_to_nhwc, random_variables, randomize_batchnorm, rel_err, small_config
-from rdjax import config as config_lib, weights
+import rdjax
+from conftest import (ROOT, nchw_to_nhwc, random_variables, randomize_batchnorm, rel_err, restore_state, small_config,
+                      subprocess_run)
+from rdjax import config as config_lib, export, port, train, weights
+from rdjax.configs import rdpp_synthetic
 from rdjax.errors import ConfigError
 from rdjax.models import rdpp
 from rdjax.models.rdpp import RDPP
@@ -230,13 +235,6 @@ def test_rdpp_trains_predicts_exports_and_ports(synthetic_data, tmp_path):
     workdir predicts and exports as an RD4AD one does (the exported maps equal predict's),
     a feature cache is refused with one line, and an official RD++ checkpoint ports into a
     workdir that restores exactly and evaluates."""
-    import rdjax
-    from rdjax import export, port, train
-    from rdjax.configs import rdpp_synthetic
-    from conftest import restore_state
-
-    import json
-
     root = synthetic_data()
     config = small_config(root, num_epochs=9, eval_every=1, report_best_on_test=True)
     config.num_epochs_by_category.disk = 2  # RD++'s per-category table
@@ -374,10 +372,6 @@ def test_rdpp_steps_are_invariant_to_the_device_count(tmp_path):
     optimizer step of 2 accumulated batches): the per-image noise, the batch permutation of
     SSOT, the sharded teacher and student passes, global BatchNorm statistics and the
     all-reduced gradients. Tolerances as tests/test_invariance.py's, for the same reasons."""
-    import sys
-
-    from conftest import ROOT, subprocess_run
-
     out = tmp_path / "probe.npz"
     proc = subprocess_run(sys.executable, str(ROOT / "tests" / "rdpp_probe.py"), str(out), devices=2)
     assert proc.returncode == 0, proc.stderr[-3000:]

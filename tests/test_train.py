@@ -5,6 +5,7 @@ evaluation), the table over categories, and the demo's quality."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -131,8 +132,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_p
     parameters non-finite, so step 8's loss is; one error line names it, the workdir's
     latest checkpoint is still the last good one, and the cache's files are closed but
     kept for the next run."""
-    import os
-
     config, trained_dir, _ = trained
     workdir = tmp_path / "w"
     shutil.copytree(trained_dir, workdir)
