@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.feature_cache_dir = ""
     # Test sets up to this many pixels keep every map for exact pixel metrics; larger
     # ones use binned metrics accumulated batch by batch (within 1e-3, docs/scaling.md).
-    config.exact_metrics_max_pixels = 2 ** 24
+    config.exact_metrics_max_pixels = 2**24
     # Also write best_on_test.json: the evaluated epoch with the best test metrics, as RD++'s
     # official script selects (labelled as chosen on the test set; metrics.json stays the last).
     config.report_best_on_test = False

@@ -15,9 +15,23 @@ python -m rdjax.main --config=configs/rdpp_mvtec.py --workdir=runs/rdpp \
 
 from rdjax.configs import mvtec
 
-EPOCHS = {"carpet": 10, "leather": 10, "grid": 260, "tile": 260, "wood": 100, "cable": 240, "capsule": 300,
-          "hazelnut": 160, "metal_nut": 160, "screw": 280, "toothbrush": 280, "transistor": 300, "zipper": 300,
-          "pill": 200, "bottle": 200}
+EPOCHS = {
+    "carpet": 10,
+    "leather": 10,
+    "grid": 260,
+    "tile": 260,
+    "wood": 100,
+    "cable": 240,
+    "capsule": 300,
+    "hazelnut": 160,
+    "metal_nut": 160,
+    "screw": 280,
+    "toothbrush": 280,
+    "transistor": 300,
+    "zipper": 300,
+    "pill": 200,
+    "bottle": 200,
+}
 
 
 def get_config():

@@ -6,9 +6,10 @@
 
 Training is measured as rdjax trains: one optimizer step on cached teacher features
 (`train_img_s`), and also with the teacher forward inside every step as the official code
-does (`train_teacher_img_s`; RD++ always, with its second, noised teacher pass). Inference is the full path from uint8 images: teacher,
-OCBE, decoder, maps, upsampling, blur and score (`eval_img_s`). Peak memory is the
-device's peak where the backend reports it (GPUs, TPUs), else the process's peak RSS.
+does (`train_teacher_img_s`; RD++ always, with its second, noised teacher pass).
+Inference is the full path from uint8 images: teacher, OCBE, decoder, maps, upsampling,
+blur and score (`eval_img_s`). Peak memory is the device's peak where
+the backend reports it (GPUs, TPUs), else the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import time
 import jax
 import numpy as np
 
-from rdjax import config as config_lib, maps, sharding, steps as steps_lib
+from rdjax import config as config_lib
+from rdjax import maps, sharding
+from rdjax import steps as steps_lib
 from rdjax.features import normalize
 from rdjax.registry import MODELS
 
@@ -104,15 +107,22 @@ def main() -> None:
     parser.add_argument("--models", default="rd4ad", help="comma-separated model names, measured in turn")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
-    settings = [(args.arch, args.size, args.batch)] if args.arch else [("wide_resnet50_2", 256, 16), ("resnet18", 128, 8)]
+    settings = (
+        [(args.arch, args.size, args.batch)] if args.arch else [("wide_resnet50_2", 256, 16), ("resnet18", 128, 8)]
+    )
     rows = [measure(a, s, b, args.steps, args.dtype, m) for m in args.models.split(",") for a, s, b in settings]
-    print("| model | device | arch | px | batch | dtype | train img/s (cached teacher) | train img/s (teacher in step) "
-          "| eval img/s (full path) | compile s | peak MB |")
+    print(
+        "| model | device | arch | px | batch | dtype | train img/s (cached teacher) | train img/s (teacher in step) "
+        "| eval img/s (full path) | compile s | peak MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['device']} x{r['num_devices']} | {r['arch']} | {r['size']} | {r['batch']} | {r['dtype']} "
-              f"| {r['train_img_s']:.2f} | {r['train_teacher_img_s']:.2f} | {r['eval_img_s']:.2f} "
-              f"| {r['compile_s']:.1f} | {r['peak_mem_mb']:.0f} |")
+        print(
+            f"| {r['model']} | {r['device']} x{r['num_devices']} | {r['arch']} | {r['size']} | {r['batch']} "
+            f"| {r['dtype']} "
+            f"| {r['train_img_s']:.2f} | {r['train_teacher_img_s']:.2f} | {r['eval_img_s']:.2f} "
+            f"| {r['compile_s']:.1f} | {r['peak_mem_mb']:.0f} |"
+        )
     if args.json:
         print(json.dumps(rows[-1] if len(rows) == 1 else rows))
 

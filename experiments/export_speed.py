@@ -20,11 +20,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-
 from performance import cpu_model  # noqa: E402  (experiments/ is on sys.path when run as a script)
 
 
@@ -33,8 +32,9 @@ def throwaway_workdir(base: Path, arch: str, size: int, batch: int) -> Path:
     from rdjax.configs import synthetic as synthetic_config
     from rdjax.data import synthetic
 
-    root = synthetic.generate(base / "data", categories=("disk",), size=size, num_train=batch,
-                              num_test_good=2, num_per_defect=1)
+    root = synthetic.generate(
+        base / "data", categories=("disk",), size=size, num_train=batch, num_test_good=2, num_per_defect=1
+    )
     config = synthetic_config.get_config()
     config.dataset.root, config.dataset.data_dir, config.dataset.category = str(root), str(root / "_tfds"), "disk"
     config.model.arch, config.image_size, config.batch_size, config.eval_batch_size = arch, size, batch, batch
@@ -76,23 +76,34 @@ def main() -> None:
         size = model.image_size
         batch = np.random.default_rng(0).integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8)
         want = model.predict_resized(batch)[0]
-        rows = [("rdjax predict (jit, CPU lowering)", images_per_second(model.predict_resized, batch, args.repeats), 0.0)]
+        rows = [
+            ("rdjax predict (jit, CPU lowering)", images_per_second(model.predict_resized, batch, args.repeats), 0.0)
+        ]
 
         exported = export.export_jax(model)
         loaded = jax.export.deserialize(exported.serialize())
         run_jax = lambda x: jax.block_until_ready(loaded.call(x))  # noqa: E731
-        rows.append(("jax.export artifact", images_per_second(run_jax, batch, args.repeats),
-                     rel_err(np.asarray(loaded.call(batch)[0]), want)))
+        rows.append(
+            (
+                "jax.export artifact",
+                images_per_second(run_jax, batch, args.repeats),
+                rel_err(np.asarray(loaded.call(batch)[0]), want),
+            )
+        )
 
         onnx_path = tmp / "model.onnx"
         onnx_path.write_bytes(export.export_onnx(model))
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         run_ort = lambda x: session.run(None, {"images": x})  # noqa: E731
-        rows.append(("ONNX, onnxruntime", images_per_second(run_ort, batch, args.repeats), rel_err(run_ort(batch)[0], want)))
+        rows.append(
+            ("ONNX, onnxruntime", images_per_second(run_ort, batch, args.repeats), rel_err(run_ort(batch)[0], want))
+        )
 
         core = openvino.Core()
-        for label, config in (("ONNX, OpenVINO (f32)", {"INFERENCE_PRECISION_HINT": "f32"}),
-                              ("ONNX, OpenVINO (CPU default)", {})):
+        for label, config in (
+            ("ONNX, OpenVINO (f32)", {"INFERENCE_PRECISION_HINT": "f32"}),
+            ("ONNX, OpenVINO (CPU default)", {}),
+        ):
             compiled = core.compile_model(str(onnx_path), "CPU", config)
             run_ov = lambda x, c=compiled: c(x)[c.output("maps")]  # noqa: E731
             rows.append((label, images_per_second(run_ov, batch, args.repeats), rel_err(run_ov(batch), want)))
@@ -100,12 +111,19 @@ def main() -> None:
         for dtype in ("float16", "bfloat16"):
             half = jax.export.deserialize(export.export_jax(model, dtype).serialize())
             run_half = lambda x, h=half: jax.block_until_ready(h.call(x))  # noqa: E731
-            rows.append((f"jax.export, {dtype} weights", images_per_second(run_half, batch, args.repeats),
-                         rel_err(np.asarray(half.call(batch)[0]), want)))
+            rows.append(
+                (
+                    f"jax.export, {dtype} weights",
+                    images_per_second(run_half, batch, args.repeats),
+                    rel_err(np.asarray(half.call(batch)[0]), want),
+                )
+            )
 
-    print(f"\n{model.config.model.arch}, {size} px, batch {args.batch}; {cpu_model()}, "
-          f"{datetime.date.today()}, jax {jax.__version__}, onnxruntime {onnxruntime.__version__}, "
-          f"openvino {openvino.__version__.split('-')[0]}\n")
+    print(
+        f"\n{model.config.model.arch}, {size} px, batch {args.batch}; {cpu_model()}, "
+        f"{datetime.date.today()}, jax {jax.__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"openvino {openvino.__version__.split('-')[0]}\n"
+    )
     print("| runtime | images/s | x predict | map error (max abs / max) |")
     print("|---|---|---|---|")
     for label, speed, err in rows:

@@ -75,8 +75,16 @@ def version(package: str) -> str:
 def run_benchmark(setting: Setting) -> dict:
     """One setting in a fresh process; its last stdout line is the JSON result."""
     arch, size, batch, steps, dtype = setting
-    cmd = [sys.executable, str(BENCHMARK), f"--arch={arch}", f"--size={size}", f"--batch={batch}",
-           f"--steps={steps}", f"--dtype={dtype}", "--json"]
+    cmd = [
+        sys.executable,
+        str(BENCHMARK),
+        f"--arch={arch}",
+        f"--size={size}",
+        f"--batch={batch}",
+        f"--steps={steps}",
+        f"--dtype={dtype}",
+        "--json",
+    ]
     print("running:", shlex.join(cmd[1:]), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -92,7 +100,8 @@ def render(rows: list[dict], command: str) -> str:
         f"- date: {datetime.date.today().isoformat()}",
         f"- CPU: {cpu_model()}, {os.cpu_count()} cores visible",
         f"- device: {device} (`jax.devices()[0].device_kind`)",
-        f"- python {platform.python_version()}, jax {version('jax')}, jaxlib {version('jaxlib')}, flax {version('flax')}",
+        f"- python {platform.python_version()}, jax {version('jax')}, jaxlib {version('jaxlib')}, "
+        f"flax {version('flax')}",
         f"- command: `{command}`\n",
         "## Results\n",
         "| arch | px | batch | timed steps | dtype | train img/s | train img/s, teacher in step "
@@ -100,9 +109,11 @@ def render(rows: list[dict], command: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['arch']} | {r['size']} | {r['batch']} | {r['steps']} | {r['dtype']} "
-                     f"| {r['train_img_s']:.2f} | {r['train_teacher_img_s']:.2f} | {r['eval_img_s']:.2f} "
-                     f"| {r['peak_mem_mb']:.0f} | {r['compile_s']:.1f} |")
+        lines.append(
+            f"| {r['arch']} | {r['size']} | {r['batch']} | {r['steps']} | {r['dtype']} "
+            f"| {r['train_img_s']:.2f} | {r['train_teacher_img_s']:.2f} | {r['eval_img_s']:.2f} "
+            f"| {r['peak_mem_mb']:.0f} | {r['compile_s']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

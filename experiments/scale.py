@@ -34,18 +34,34 @@ def dataset(base: Path, size: int, train: int, test: int) -> Path:
 
     root = base / f"weave_{size}px_{train}_{test}"
     per_defect = max((test - test // 3) // 3, 1)
-    return synthetic.generate(root, categories=("weave",), size=size, num_train=train,
-                              num_test_good=test - 3 * per_defect, num_per_defect=per_defect)
+    return synthetic.generate(
+        root,
+        categories=("weave",),
+        size=size,
+        num_train=train,
+        num_test_good=test - 3 * per_defect,
+        num_per_defect=per_defect,
+    )
 
 
 def run(args: argparse.Namespace, root: Path, workdir: Path, mode: str) -> dict:
-    cmd = [sys.executable, "-m", "rdjax.main", "--config=synthetic", f"--workdir={workdir}",
-           f"--config.dataset.root={root}", f"--config.dataset.data_dir={root / '_tfds'}",
-           "--config.dataset.category=weave", f"--config.model.arch={args.arch}",
-           f"--config.image_size={args.size}", f"--config.batch_size={args.batch}",
-           f"--config.eval_batch_size={args.eval_batch}", f"--config.num_epochs={args.epochs}",
-           f"--config.eval_every={args.epochs}",
-           f"--config.feature_cache={mode}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rdjax.main",
+        "--config=synthetic",
+        f"--workdir={workdir}",
+        f"--config.dataset.root={root}",
+        f"--config.dataset.data_dir={root / '_tfds'}",
+        "--config.dataset.category=weave",
+        f"--config.model.arch={args.arch}",
+        f"--config.image_size={args.size}",
+        f"--config.batch_size={args.batch}",
+        f"--config.eval_batch_size={args.eval_batch}",
+        f"--config.num_epochs={args.epochs}",
+        f"--config.eval_every={args.epochs}",
+        f"--config.feature_cache={mode}",
+    ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = proc.stdout.read()
@@ -55,9 +71,14 @@ def run(args: argparse.Namespace, root: Path, workdir: Path, mode: str) -> dict:
         raise SystemExit(f"run failed ({status}):\n{out[-3000:]}")
     log = json.loads((workdir / "train_log.json").read_text())[-1]
     metrics = json.loads((workdir / "metrics.json").read_text())
-    return {"peak_rss_gb": usage.ru_maxrss / 2**20, "train_img_s": log["images_per_second"],
-            "eval_img_s": metrics["eval_images_per_second"], "pixel_metrics": metrics.get("pixel_metrics"),
-            "feature_cache": log.get("feature_cache"), "seconds": seconds}
+    return {
+        "peak_rss_gb": usage.ru_maxrss / 2**20,
+        "train_img_s": log["images_per_second"],
+        "eval_img_s": metrics["eval_images_per_second"],
+        "pixel_metrics": metrics.get("pixel_metrics"),
+        "feature_cache": log.get("feature_cache"),
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
@@ -68,8 +89,9 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--eval_batch", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=1, help="train img/s is the last epoch's (the first "
-                        "includes compiling the step)")
+    parser.add_argument(
+        "--epochs", type=int, default=1, help="train img/s is the last epoch's (the first includes compiling the step)"
+    )
     parser.add_argument("--feature_cache", default="auto", help="one or more modes, comma-separated: a row each")
     parser.add_argument("--data", default="/tmp/rdjax_scale", help="where generated data and workdirs go")
     args = parser.parse_args()
@@ -78,9 +100,15 @@ def main() -> None:
     if len(tests) == 1:
         tests = tests * len(trains)
     base = Path(args.data)
-    print(f"{cpu_model()}, {os.cpu_count()} cores; {datetime.date.today()}; {args.arch} {args.size} px, "
-          f"batch {args.batch}, eval batch {args.eval_batch}, {args.epochs} epoch(s) plus evaluation", flush=True)
-    print("| train images | test images | feature_cache | peak RSS (GB) | train img/s | eval img/s | wall (s) | pixel metrics |")
+    print(
+        f"{cpu_model()}, {os.cpu_count()} cores; {datetime.date.today()}; {args.arch} {args.size} px, "
+        f"batch {args.batch}, eval batch {args.eval_batch}, {args.epochs} epoch(s) plus evaluation",
+        flush=True,
+    )
+    print(
+        "| train images | test images | feature_cache | peak RSS (GB) | train img/s | eval img/s | wall (s) "
+        "| pixel metrics |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for train, test in zip(trains, tests):
         root = dataset(base, args.size, train, test)
@@ -88,8 +116,11 @@ def main() -> None:
             workdir = base / "runs" / f"{args.arch}_{args.size}_{train}_{test}_{mode}_{time.time_ns()}"
             r = run(args, root, workdir, mode)
             chosen = mode if mode == r["feature_cache"] else f"{mode} -> {r['feature_cache']}"
-            print(f"| {train} | {test} | {chosen} | {r['peak_rss_gb']:.2f} | {r['train_img_s']:.2f} "
-                  f"| {r['eval_img_s']:.2f} | {r['seconds']:.0f} | {r['pixel_metrics']} |", flush=True)
+            print(
+                f"| {train} | {test} | {chosen} | {r['peak_rss_gb']:.2f} | {r['train_img_s']:.2f} "
+                f"| {r['eval_img_s']:.2f} | {r['seconds']:.0f} | {r['pixel_metrics']} |",
+                flush=True,
+            )
             shutil.rmtree(workdir, ignore_errors=True)
 
 

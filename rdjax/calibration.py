@@ -47,8 +47,9 @@ def midway(scores: np.ndarray, threshold: float) -> float:
     return float(above[0] - gap / 2)
 
 
-def explanation_masks(maps: list[np.ndarray], decisions: np.ndarray, pixel_threshold: float,
-                      image_threshold: float) -> list[np.ndarray]:
+def explanation_masks(
+    maps: list[np.ndarray], decisions: np.ndarray, pixel_threshold: float, image_threshold: float
+) -> list[np.ndarray]:
     """Per image, the pixels to show: map >= pixel threshold; and for an image called
     anomalous, also the pixels at or above the image threshold, and at least the map's
     peak. The pixel threshold is fitted on pixels and often lies above the image
@@ -65,8 +66,9 @@ def explanation_masks(maps: list[np.ndarray], decisions: np.ndarray, pixel_thres
     return out
 
 
-def calibrate(method: str, scores: np.ndarray, labels: np.ndarray, pixels: PixelStats, quantile: float,
-              source: str) -> dict:
+def calibrate(
+    method: str, scores: np.ndarray, labels: np.ndarray, pixels: PixelStats, quantile: float, source: str
+) -> dict:
     """Image and pixel thresholds, and the range used for normalized scores.
 
     'f1': F1-optimal on a labelled set (image labels; pixel masks).

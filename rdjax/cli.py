@@ -13,8 +13,8 @@ import dataclasses
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -37,20 +37,37 @@ class Command:
 
 def define_run_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     # ml_collections finds the --config.key=value overrides in the argv given here.
-    config_flags.DEFINE_config_file("config", None, "A config name (mvtec, synthetic, ...) or a config file.",
-                                    flag_values=fv, lock_config=True, sys_argv=argv)
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "A config name (mvtec, synthetic, ...) or a config file.",
+        flag_values=fv,
+        lock_config=True,
+        sys_argv=argv,
+    )
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.", flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize(); on TPU pods and SLURM it finds "
-                      "its own settings.", flag_values=fv)
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, where the platform does not supply it.",
-                        flag_values=fv)
-    flags.DEFINE_integer("num_processes", None, "Number of processes, where the platform does not supply it.",
-                         flag_values=fv)
-    flags.DEFINE_integer("process_id", None, "This process's index, where the platform does not supply it.",
-                         flag_values=fv)
-    flags.DEFINE_string("compilation_cache", default_compilation_cache(),
-                        "Persistent XLA compilation cache folder ('' turns it off); default: "
-                        "$JAX_COMPILATION_CACHE_DIR, else the user's cache folder.", flag_values=fv)
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Call jax.distributed.initialize(); on TPU pods and SLURM it finds its own settings.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "coordinator_address", None, "host:port of process 0, where the platform does not supply it.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "num_processes", None, "Number of processes, where the platform does not supply it.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "process_id", None, "This process's index, where the platform does not supply it.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "compilation_cache",
+        default_compilation_cache(),
+        "Persistent XLA compilation cache folder ('' turns it off); default: "
+        "$JAX_COMPILATION_CACHE_DIR, else the user's cache folder.",
+        flag_values=fv,
+    )
     flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
 
@@ -81,8 +98,9 @@ def initialize_distributed(fv: flags.FlagValues) -> None:
         return
     # Collectives between CPU processes (CPU-only clusters, the tests); no effect on GPU/TPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
-                               process_id=fv.process_id)
+    jax.distributed.initialize(
+        coordinator_address=fv.coordinator_address, num_processes=fv.num_processes, process_id=fv.process_id
+    )
 
 
 def run_training(fv: flags.FlagValues, mode: str) -> None:
@@ -99,9 +117,11 @@ def run_training(fv: flags.FlagValues, mode: str) -> None:
     if len(results) > 1 or fv.config.dataset.category == "all":
         print((workdir / "results.md").read_text(), end="")
         return
-    (category, r), = results.items()
-    print(f"{category}: image AUROC {r['image_auroc']:.4f}  pixel AUROC {r['pixel_auroc']:.4f}  "
-          f"AUPRO {r['aupro']:.4f}  (epoch {r['epoch']}; {workdir / 'results.md'})")
+    ((category, r),) = results.items()
+    print(
+        f"{category}: image AUROC {r['image_auroc']:.4f}  pixel AUROC {r['pixel_auroc']:.4f}  "
+        f"AUPRO {r['aupro']:.4f}  (epoch {r['epoch']}; {workdir / 'results.md'})"
+    )
 
 
 # ----------------------------------------------------------------------------- predict / export / port
@@ -113,34 +133,61 @@ def define_predict_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string("output", None, "Output folder.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("dtype", None, "Compute dtype (float32 or bfloat16); default: the workdir's.", flag_values=fv)
-    flags.DEFINE_enum("resize", None, ["squeeze", "fit", "tile"], "squeeze: the whole image to image_size; "
-                      "fit, tile: blended windows without distortion (docs/usage.md). Default: the workdir's "
-                      "config.resize, which its thresholds were calibrated with.", flag_values=fv)
-    flags.DEFINE_integer("tile_size", None, "resize=tile: native pixels per window (default: the workdir's, "
-                         "else image_size).", lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer("tile_overlap", None, "resize=fit or tile: native pixels shared by neighbouring windows "
-                         "(default: the workdir's).", lower_bound=0, flag_values=fv)
+    flags.DEFINE_enum(
+        "resize",
+        None,
+        ["squeeze", "fit", "tile"],
+        "squeeze: the whole image to image_size; "
+        "fit, tile: blended windows without distortion (docs/usage.md). Default: the workdir's "
+        "config.resize, which its thresholds were calibrated with.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "tile_size",
+        None,
+        "resize=tile: native pixels per window (default: the workdir's, else image_size).",
+        lower_bound=1,
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "tile_overlap",
+        None,
+        "resize=fit or tile: native pixels shared by neighbouring windows (default: the workdir's).",
+        lower_bound=0,
+        flag_values=fv,
+    )
     flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
 
 
 def define_export_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir.", flag_values=fv)
     flags.DEFINE_string("out", None, "Output file for the serialized function (its folder must exist).", flag_values=fv)
-    flags.DEFINE_string("format", "jax", "jax (jax.export for cpu, cuda and tpu) or onnx (onnxruntime, OpenVINO).",
-                        flag_values=fv)
-    flags.DEFINE_string("weights_dtype", "float32", "Stored weights: float32, float16 or bfloat16 (computed in "
-                        "float32 either way).", flag_values=fv)
+    flags.DEFINE_string(
+        "format", "jax", "jax (jax.export for cpu, cuda and tpu) or onnx (onnxruntime, OpenVINO).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "weights_dtype",
+        "float32",
+        "Stored weights: float32, float16 or bfloat16 (computed in float32 either way).",
+        flag_values=fv,
+    )
     flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
 
 
 def define_port_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-    flags.DEFINE_string("arch", None, "Backbone: resnet18, resnet34, resnet50, wide_resnet50_2, wide_resnet101_2.",
-                        flag_values=fv)
-    flags.DEFINE_string("src", None, "teacher: a .pth/.pt/.safetensors/.npz file or 'imagenet'; "
-                        "a model (rd4ad, rdpp): its official checkpoint.", flag_values=fv)
+    flags.DEFINE_string(
+        "arch", None, "Backbone: resnet18, resnet34, resnet50, wide_resnet50_2, wide_resnet101_2.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "src",
+        None,
+        "teacher: a .pth/.pt/.safetensors/.npz file or 'imagenet'; a model (rd4ad, rdpp): its official checkpoint.",
+        flag_values=fv,
+    )
     flags.DEFINE_string("out", None, "Output directory (must not exist).", flag_values=fv)
-    flags.DEFINE_string("teacher", None, "A model's teacher: a weights file, 'imagenet' or an rdjax teacher "
-                        "directory.", flag_values=fv)
+    flags.DEFINE_string(
+        "teacher", None, "A model's teacher: a weights file, 'imagenet' or an rdjax teacher directory.", flag_values=fv
+    )
     flags.DEFINE_integer("image_size", 256, "Image size recorded in a ported workdir's config.", flag_values=fv)
     flags.mark_flags_as_required(["arch", "src", "out"], flag_values=fv)
 
@@ -148,8 +195,9 @@ def define_port_flags(fv: flags.FlagValues, argv: list[str]) -> None:
 def _predict(fv: flags.FlagValues, args: list[str]) -> None:
     from rdjax import predict
 
-    predict.predict_folder(fv.workdir, fv.input, Path(fv.output), fv.batch_size, fv.dtype, fv.resize, fv.tile_size,
-                           fv.tile_overlap)
+    predict.predict_folder(
+        fv.workdir, fv.input, Path(fv.output), fv.batch_size, fv.dtype, fv.resize, fv.tile_size, fv.tile_overlap
+    )
 
 
 def _export(fv: flags.FlagValues, args: list[str]) -> None:
@@ -162,19 +210,23 @@ def _port(fv: flags.FlagValues, args: list[str]) -> None:
     from rdjax import port
 
     if len(args) != 1:
-        raise ConfigError("rdjax port needs what to port: 'teacher' or a model name (rd4ad, rdpp), e.g. "
-                          "rdjax port rd4ad --arch=wide_resnet50_2 --teacher=imagenet --src=CKPT --out=WORKDIR")
+        raise ConfigError(
+            "rdjax port needs what to port: 'teacher' or a model name (rd4ad, rdpp), e.g. "
+            "rdjax port rd4ad --arch=wide_resnet50_2 --teacher=imagenet --src=CKPT --out=WORKDIR"
+        )
     port.port(args[0], fv.arch, fv.src, Path(fv.out), fv.teacher, fv.image_size)
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("train and evaluate (resumes from the workdir)", define_run_flags,
-                     lambda fv, _: run_training(fv, "train")),
+    "train": Command(
+        "train and evaluate (resumes from the workdir)", define_run_flags, lambda fv, _: run_training(fv, "train")
+    ),
     "eval": Command("evaluate a workdir's latest checkpoint", define_run_flags, lambda fv, _: run_training(fv, "eval")),
     "predict": Command("score image files with a trained workdir", define_predict_flags, _predict),
     "export": Command("serialize the inference function (jax.export or ONNX)", define_export_flags, _export),
-    "port": Command("import PyTorch weights: 'teacher', or an official model checkpoint ('rd4ad', 'rdpp')",
-                    define_port_flags, _port),
+    "port": Command(
+        "import PyTorch weights: 'teacher', or an official model checkpoint ('rd4ad', 'rdpp')", define_port_flags, _port
+    ),
 }
 
 
@@ -197,8 +249,9 @@ def _normalize_args(args: list[str]) -> list[str]:
     return out
 
 
-def _parse(name: str, command: Command, args: list[str], extra: Callable[[flags.FlagValues], None] | None
-           ) -> tuple[flags.FlagValues, list[str]]:
+def _parse(
+    name: str, command: Command, args: list[str], extra: Callable[[flags.FlagValues], None] | None
+) -> tuple[flags.FlagValues, list[str]]:
     argv = [f"rdjax {name}", *_normalize_args(args)]
     fv = flags.FlagValues()
     command.define(fv, argv)
@@ -209,7 +262,9 @@ def _parse(name: str, command: Command, args: list[str], extra: Callable[[flags.
     except flags.UnrecognizedFlagError as e:
         key = e.flagname
         if key.startswith("config."):
-            raise ConfigError(f"unknown config key {key[len('config.'):]!r} (--{key}); docs/config.md lists them") from None
+            raise ConfigError(
+                f"unknown config key {key[len('config.') :]!r} (--{key}); docs/config.md lists them"
+            ) from None
         raise ConfigError(f"unknown flag --{key}; rdjax {name} --help lists the flags") from None
     except (AttributeError, KeyError) as e:  # ml_collections: a misspelt --config.a.b=... key
         key, hint = re.match(r"""\W*(\w+)\W*(.*)""", one_line(str(e).replace("\\n", " "))).groups()
@@ -219,13 +274,18 @@ def _parse(name: str, command: Command, args: list[str], extra: Callable[[flags.
     except OSError as e:  # a config file that fails to load
         raise ConfigError(one_line(e).split(" Attempted")[0]) from None
     except ImportError as e:  # a config that imports what is not installed
-        raise ConfigError(f"{one_line(e)}; configs import rdjax.configs, which needs rdjax installed "
-                          f"(pip install -e . in the repository)") from None
+        raise ConfigError(
+            f"{one_line(e)}; configs import rdjax.configs, which needs rdjax installed "
+            f"(pip install -e . in the repository)"
+        ) from None
     return fv, positional
 
 
-def run(argv: list[str], extra_flags: Callable[[flags.FlagValues], None] | None = None,
-        handler: Callable[[flags.FlagValues, list[str]], None] | None = None) -> int:
+def run(
+    argv: list[str],
+    extra_flags: Callable[[flags.FlagValues], None] | None = None,
+    handler: Callable[[flags.FlagValues, list[str]], None] | None = None,
+) -> int:
     """Run ``rdjax <argv>`` in this process; return the exit status. ``extra_flags`` and
     ``handler`` let `python -m rdjax.main` add its --mode flag to `train`."""
     if not argv or argv[0] in ("-h", "--help"):

@@ -32,8 +32,9 @@ def resolve(name_or_path: str) -> Path:
     name = path.name[:-3] if path.name.endswith(".py") else path.name
     if path.parent in (Path("."), Path("configs")) and name in shipped():
         return Path(str(importlib.resources.files("rdjax.configs") / f"{name}.py"))
-    raise ConfigError(f"{name_or_path}: no such config file, and no shipped config of that name "
-                      f"(shipped: {', '.join(shipped())})")
+    raise ConfigError(
+        f"{name_or_path}: no such config file, and no shipped config of that name (shipped: {', '.join(shipped())})"
+    )
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -97,7 +98,9 @@ def check(config: Any, device_count: int) -> None:
     if config.threshold.method not in ("f1", "quantile"):
         raise ConfigError(f"config.threshold.method={config.threshold.method!r}; choose 'f1' or 'quantile'")
     if config.threshold.method == "quantile" and config.threshold.validation_size < 1:
-        raise ConfigError("config.threshold.method='quantile' needs config.threshold.validation_size >= 1 held-out images")
+        raise ConfigError(
+            "config.threshold.method='quantile' needs config.threshold.validation_size >= 1 held-out images"
+        )
     if config.feature_cache not in ("auto", "memory", "disk", "off"):
         raise ConfigError(f"config.feature_cache={config.feature_cache!r}; choose 'auto', 'memory', 'disk' or 'off'")
     if config.exact_metrics_max_pixels < 0:
@@ -107,8 +110,9 @@ def check(config: Any, device_count: int) -> None:
     if config.resize.tile_size < 0 or config.resize.overlap < 0:
         raise ConfigError("config.resize.tile_size and config.resize.overlap must be >= 0")
     if config.rdpp.accumulation < 1 or config.rdpp.proj_lr <= 0:
-        raise ConfigError(f"config.rdpp.accumulation={config.rdpp.accumulation} must be >= 1 and "
-                          f"config.rdpp.proj_lr={config.rdpp.proj_lr} > 0")
+        raise ConfigError(
+            f"config.rdpp.accumulation={config.rdpp.accumulation} must be >= 1 and "
+            f"config.rdpp.proj_lr={config.rdpp.proj_lr} > 0"
+        )
     if config.map_mode not in ("add", "mul"):
         raise ConfigError(f"config.map_mode={config.map_mode!r}; choose 'add' or 'mul'")
-

@@ -9,13 +9,15 @@ per-image PRO) are gathered, since they are one float per image.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 import tqdm
 
-from rdjax import maps as maps_lib, metrics
+from rdjax import maps as maps_lib
+from rdjax import metrics
 from rdjax.data.pipeline import load_batches, padded, prefetch
 from rdjax.data.preprocess import Split
 from rdjax.sharding import gather, local_rows, local_share
@@ -36,8 +38,17 @@ class PassResult:
 Tiler = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]
 
 
-def run_pass(pass_step: Callable, teacher_vars: Variables, student_vars: Variables, split: Split, batch_size: int,
-             put: Callable[[Any], Any], exact: bool, kind: str = "test", tiler: Tiler | None = None) -> PassResult:
+def run_pass(
+    pass_step: Callable,
+    teacher_vars: Variables,
+    student_vars: Variables,
+    split: Split,
+    batch_size: int,
+    put: Callable[[Any], Any],
+    exact: bool,
+    kind: str = "test",
+    tiler: Tiler | None = None,
+) -> PassResult:
     """Maps of every row of ``split`` exactly once, in global batches of ``batch_size``
     (the last padded, its padding masked out), each process decoding only its share.
     Kept: one score, one sum and one per-image PRO per image, and the binned pixel
@@ -63,9 +74,10 @@ def run_pass(pass_step: Callable, teacher_vars: Variables, student_vars: Variabl
     hist = {k: np.zeros(maps_lib.NUM_BINS, np.int64 if k != "pro" else np.float64) for k in ("neg", "pos", "pro")}
     lo, hi, num_regions = np.inf, -np.inf, 0
     batches = zip(load_batches(split, local, kind, with_masks=True), local, local_valid)
-    bar = tqdm.tqdm(total=n, desc=f"evaluating {kind}", unit="img", leave=False,
-                    disable=None if jax.process_index() == 0 else True)
-    for ((_, valid_count), ((host_masks, host_valid), device)) in zip(global_batches, prefetch(batches, prepare)):
+    bar = tqdm.tqdm(
+        total=n, desc=f"evaluating {kind}", unit="img", leave=False, disable=None if jax.process_index() == 0 else True
+    )
+    for (_, valid_count), ((host_masks, host_valid), device) in zip(global_batches, prefetch(batches, prepare)):
         maps, batch_scores, batch_sums, stats = pass_step(teacher_vars, student_vars, *device)
         for k in hist:
             hist[k] += np.asarray(stats[k])
@@ -74,16 +86,25 @@ def run_pass(pass_step: Callable, teacher_vars: Variables, student_vars: Variabl
         scores.append(gather(batch_scores)[:valid_count])
         sums.append(gather(batch_sums)[:valid_count])
         mine = local_rows(maps)
-        per_image = np.array([metrics.pro_rd4ad_image(m, k) if v else np.nan
-                              for m, k, v in zip(mine, host_masks, host_valid)], np.float32)
+        per_image = np.array(
+            [metrics.pro_rd4ad_image(m, k) if v else np.nan for m, k, v in zip(mine, host_masks, host_valid)],
+            np.float32,
+        )
         pro_images.append(gather(put(per_image))[:valid_count])
         if exact:
             kept_maps.append(gather(maps)[:valid_count])
             kept_masks.append(gather(device[-4])[:valid_count])
         bar.update(valid_count)
     bar.close()
-    pixels = metrics.PixelStats(lo=lo, hi=hi, edges=maps_lib.bin_edges(), neg=hist["neg"], pos=hist["pos"], pro=hist["pro"],
-                                num_regions=num_regions)
+    pixels = metrics.PixelStats(
+        lo=lo,
+        hi=hi,
+        edges=maps_lib.bin_edges(),
+        neg=hist["neg"],
+        pos=hist["pos"],
+        pro=hist["pro"],
+        num_regions=num_regions,
+    )
     if exact:
         pixels = dataclasses.replace(pixels, maps=np.concatenate(kept_maps), masks=np.concatenate(kept_masks))
     return PassResult(np.concatenate(scores), np.concatenate(sums), np.concatenate(pro_images), pixels)

@@ -13,17 +13,17 @@ returns entries for the result (metrics.json) and may write its own files into
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-
 import sklearn.metrics as skm
 
 from rdjax import metrics, outputs, report, webpage
-from rdjax.evaluation import PassResult
 from rdjax.calibration import calibrate
 from rdjax.data.preprocess import Split
+from rdjax.evaluation import PassResult
 from rdjax.registry import EVALUATORS
 from rdjax.workdir import write_csv
 
@@ -45,8 +45,9 @@ class EvalData:
 @EVALUATORS.register("anomaly")
 def anomaly(data: EvalData) -> dict:
     test, passed = data.test, data.result_pass
-    result = metrics.compute_all(passed.scores, test.labels, test.defect_types,
-                                 passed.pixels if test.has_masks else None, passed.pro_images)
+    result = metrics.compute_all(
+        passed.scores, test.labels, test.defect_types, passed.pixels if test.has_masks else None, passed.pro_images
+    )
     result["image_auroc_sum"] = metrics.auroc(test.labels, passed.sums)
     if not test.has_masks:
         result["warnings"] = [NO_MASKS]
@@ -59,12 +60,19 @@ def calibration(data: EvalData) -> dict:
     if threshold.method == "quantile":
         held = data.validation
         passed = data.run_pass(held)
-        cal = calibrate("quantile", passed.scores, held.labels, passed.pixels, threshold.quantile,
-                        f"{len(held)} held-out train/good images")
+        cal = calibrate(
+            "quantile",
+            passed.scores,
+            held.labels,
+            passed.pixels,
+            threshold.quantile,
+            f"{len(held)} held-out train/good images",
+        )
     else:
         test, passed = data.test, data.result_pass
-        cal = calibrate("f1", passed.scores, test.labels, passed.pixels, threshold.quantile,
-                        f"{len(test)} labelled test images")
+        cal = calibrate(
+            "f1", passed.scores, test.labels, passed.pixels, threshold.quantile, f"{len(test)} labelled test images"
+        )
     return {"calibration": cal}
 
 
@@ -78,8 +86,17 @@ def report_pictures(data: EvalData) -> dict:
     masks = test.masks(rows)
     maps = data.predict(test, rows)
     if data.out_dir is not None:
-        cases = outputs.Cases(rows, images, masks, maps, passed.scores[rows], [test.filenames[i] for i in rows],
-                              test.labels[rows], passed.pixels.lo, passed.pixels.hi)
+        cases = outputs.Cases(
+            rows,
+            images,
+            masks,
+            maps,
+            passed.scores[rows],
+            [test.filenames[i] for i in rows],
+            test.labels[rows],
+            passed.pixels.lo,
+            passed.pixels.hi,
+        )
         cal = data.result.get("calibration")
         threshold = None if cal is None else cal["image_threshold"]
         roc = None
@@ -89,17 +106,41 @@ def report_pictures(data: EvalData) -> dict:
         if passed.pixels is not None and passed.pixels.has_regions:
             fpr, overlap = passed.pixels.pro_curve
             pro = (fpr[fpr <= 0.3], overlap[fpr <= 0.3])
-        report.write_report(data.out_dir / "report.png", test.labels, passed.scores, passed.pixels, cases, cal, roc, pro)
+        report.write_report(
+            data.out_dir / "report.png", test.labels, passed.scores, passed.pixels, cases, cal, roc, pro
+        )
         written = outputs.write_overlays(data.out_dir / "images", cases, threshold)
         title = f"{data.config.dataset.category}: evaluation {data.out_dir.name.replace('_', ' ')}"
-        write_csv(data.out_dir / "scores.csv", ["file", "defect_type", "label", "score", "decision"], [
-            {"file": f, "defect_type": d, "label": int(y), "score": f"{s:.6f}",
-             "decision": "" if threshold is None else ("anomalous" if s >= threshold else "normal")}
-            for f, d, y, s in zip(test.filenames, test.defect_types, test.labels, passed.scores)])
-        webpage.write_page(data.out_dir / "report.html", title, data.result, test.labels, passed.scores,
-                           test.filenames, test.images, threshold, roc, pro,
-                           {int(r): f"images/{p.name}" for r, p in zip(rows, written)})
+        write_csv(
+            data.out_dir / "scores.csv",
+            ["file", "defect_type", "label", "score", "decision"],
+            [
+                {
+                    "file": f,
+                    "defect_type": d,
+                    "label": int(y),
+                    "score": f"{s:.6f}",
+                    "decision": "" if threshold is None else ("anomalous" if s >= threshold else "normal"),
+                }
+                for f, d, y, s in zip(test.filenames, test.defect_types, test.labels, passed.scores)
+            ],
+        )
+        webpage.write_page(
+            data.out_dir / "report.html",
+            title,
+            data.result,
+            test.labels,
+            passed.scores,
+            test.filenames,
+            test.images,
+            threshold,
+            roc,
+            pro,
+            {int(r): f"images/{p.name}" for r, p in zip(rows, written)},
+        )
     return {}
+
+
 def run_all(names: Any, data: EvalData) -> dict:
     """The configured evaluators in order, each seeing the results of those before it.
     'warnings' lists are joined, every other key is set once."""

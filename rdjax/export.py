@@ -19,9 +19,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +43,10 @@ def inference_fn(model: Any, weights_dtype: str = "float32") -> Callable[[jax.Ar
     if weights_dtype not in WEIGHTS_DTYPES:
         raise ConfigError(f"weights_dtype {weights_dtype!r}: choose one of {', '.join(WEIGHTS_DTYPES)}")
     store = jnp.dtype(weights_dtype)
-    teacher, student = (jax.tree_util.tree_map(lambda a: np.asarray(a).astype(store), v)
-                        for v in (model.teacher_vars, model.student_vars))
+    teacher, student = (
+        jax.tree_util.tree_map(lambda a: np.asarray(a).astype(store), v)
+        for v in (model.teacher_vars, model.student_vars)
+    )
 
     def run(images: jax.Array) -> tuple[jax.Array, jax.Array]:
         # astype on the stored constant is staged into the program (jnp.asarray(a, float32)
@@ -55,7 +57,9 @@ def inference_fn(model: Any, weights_dtype: str = "float32") -> Callable[[jax.Ar
     return run
 
 
-def export_jax(model: Any, weights_dtype: str = "float32", platforms: tuple[str, ...] = PLATFORMS) -> jax.export.Exported:
+def export_jax(
+    model: Any, weights_dtype: str = "float32", platforms: tuple[str, ...] = PLATFORMS
+) -> jax.export.Exported:
     """The inference function for every platform in ``platforms``, batch size symbolic.
     On the CPU it keeps rdjax's CPU lowering (chosen at run time by platform)."""
     (batch,) = jax.export.symbolic_shape("batch")
@@ -76,14 +80,22 @@ def export_onnx(model: Any, weights_dtype: str = "float32") -> bytes:
         from jax2onnx import to_onnx
         from onnx_ir.passes.common import IdentityEliminationPass
     except ImportError as e:
-        raise ConfigError(f"--format=onnx needs jax2onnx and onnx-ir ({e.name} is missing): "
-                          "pip install 'rdjax[onnx]' && pip install --no-deps jax2onnx==0.17.1") from None
+        raise ConfigError(
+            f"--format=onnx needs jax2onnx and onnx-ir ({e.name} is missing): "
+            "pip install 'rdjax[onnx]' && pip install --no-deps jax2onnx==0.17.1"
+        ) from None
     from rdjax.models import lowering
 
     spec = jax.ShapeDtypeStruct(("batch", model.image_size, model.image_size, 3), jnp.uint8)
     with lowering.portable(), _quiet("jax2onnx", "onnx_ir"):
-        ir_model = to_onnx(inference_fn(model, weights_dtype), [spec], model_name="rdjax", return_mode="ir",
-                           input_names=["images"], output_names=["maps", "scores"])
+        ir_model = to_onnx(
+            inference_fn(model, weights_dtype),
+            [spec],
+            model_name="rdjax",
+            return_mode="ir",
+            input_names=["images"],
+            output_names=["maps", "scores"],
+        )
         IdentityEliminationPass()(ir_model)
         return onnx_ir.to_proto(ir_model).SerializeToString()
 
@@ -113,17 +125,28 @@ def contract(model: Any, fmt: str, weights_dtype: str) -> dict:
         "platforms": list(PLATFORMS) if fmt == "jax" else ["onnx"],
         "weights_dtype": weights_dtype,
         "compute_dtype": "float32" if fmt == "onnx" else str(model.config.dtype),
-        "input": {"name": "images", "shape": ["batch", model.image_size, model.image_size, 3], "dtype": "uint8",
-                  "channels": "RGB", "resize": f"PIL bilinear to {model.image_size}x{model.image_size}",
-                  "normalization": "inside the artifact: x / 255, then ImageNet mean (0.485, 0.456, 0.406) "
-                                   "and std (0.229, 0.224, 0.225)" if model.config.imagenet_normalize
-                                   else "inside the artifact: x / 255"},
-        "resize": {**model.resize.to_dict(), "note": "the setting the thresholds were calibrated with: 'squeeze' "
-                   "resizes each image to the input size; 'fit' and 'tile' run the artifact on windows and blend "
-                   "their maps (docs/usage.md, 'Large and non-square images')"},
+        "input": {
+            "name": "images",
+            "shape": ["batch", model.image_size, model.image_size, 3],
+            "dtype": "uint8",
+            "channels": "RGB",
+            "resize": f"PIL bilinear to {model.image_size}x{model.image_size}",
+            "normalization": "inside the artifact: x / 255, then ImageNet mean (0.485, 0.456, 0.406) "
+            "and std (0.229, 0.224, 0.225)"
+            if model.config.imagenet_normalize
+            else "inside the artifact: x / 255",
+        },
+        "resize": {
+            **model.resize.to_dict(),
+            "note": "the setting the thresholds were calibrated with: 'squeeze' "
+            "resizes each image to the input size; 'fit' and 'tile' run the artifact on windows and blend "
+            "their maps (docs/usage.md, 'Large and non-square images')",
+        },
         "outputs": {"maps": ["batch", model.image_size, model.image_size, "float32"], "scores": ["batch", "float32"]},
         "decision": "anomalous when score >= image_threshold; pixels with map >= pixel_threshold are anomalous",
-        "model": model.config.model.name, "arch": model.config.model.arch, "step": model.step,
+        "model": model.config.model.name,
+        "arch": model.config.model.arch,
+        "step": model.step,
         "calibration": cal,
     }
 

@@ -22,8 +22,9 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,15 +55,20 @@ def teacher_fn(model: Any, imagenet_normalize: bool) -> Callable[[Any, jax.Array
     """(teacher_vars, uint8 images) -> features in the compute dtype."""
 
     def features(teacher_vars: Any, images: jax.Array) -> Features:
-        return tuple(f.astype(model.dtype) for f in model.teacher_features(teacher_vars, normalize(images, imagenet_normalize)))
+        return tuple(
+            f.astype(model.dtype) for f in model.teacher_features(teacher_vars, normalize(images, imagenet_normalize))
+        )
 
     return features
 
 
 def feature_shapes(model: Any, image_size: int) -> list[jax.ShapeDtypeStruct]:
     """Per-image shapes of the teacher's features, without computing them."""
-    out = jax.eval_shape(lambda v, x: teacher_fn(model, True)(v, x), model.abstract_variables()[0],
-                         jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8))
+    out = jax.eval_shape(
+        lambda v, x: teacher_fn(model, True)(v, x),
+        model.abstract_variables()[0],
+        jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8),
+    )
     return [jax.ShapeDtypeStruct(o.shape[1:], o.dtype) for o in out]
 
 
@@ -84,9 +90,10 @@ def available_memory() -> int:
         pass
     if avail is None:
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             limit = Path(limit_file).read_text().strip()
             if limit != "max" and int(limit) < 1 << 60:
@@ -107,12 +114,16 @@ def choose_mode(requested: str, need: int, directory: Path) -> tuple[str, str]:
     """(mode, the reason with its figures). Fails with a one-line ConfigError when the
     requested mode can be foreseen not to fit."""
     memory, disk = available_memory(), _free_disk(directory)
-    figures = f"features {need / 2**30:.2f} GiB, available memory {memory / 2**30:.1f} GiB, free disk {disk / 2**30:.1f} GiB"
+    figures = (
+        f"features {need / 2**30:.2f} GiB, available memory {memory / 2**30:.1f} GiB, free disk {disk / 2**30:.1f} GiB"
+    )
     if requested == "memory" and need > memory:
         raise ConfigError(f"config.feature_cache='memory' does not fit ({figures}); use 'disk', 'off' or 'auto'")
     if requested == "disk" and need > disk:
-        raise ConfigError(f"config.feature_cache='disk' does not fit in {directory} ({figures}); "
-                          f"set config.feature_cache_dir, or use 'off'")
+        raise ConfigError(
+            f"config.feature_cache='disk' does not fit in {directory} ({figures}); "
+            f"set config.feature_cache_dir, or use 'off'"
+        )
     if requested != "auto":
         return requested, figures
     if need <= min(AUTO_MEMORY_MAX_BYTES, memory // 2):
@@ -135,7 +146,7 @@ class MemoryStore:
 
     def write(self, start: int, feats: list[np.ndarray]) -> None:
         for a, f in zip(self.arrays, feats):
-            a[start:start + len(f)] = f
+            a[start : start + len(f)] = f
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(a[rows] for a in self.arrays)
@@ -162,8 +173,10 @@ class DiskStore:
             self._open(shapes, rows)
         except OSError as e:
             self.close(delete=False)
-            raise WorkdirError(f"{directory}: cannot keep the feature cache there ({e.strerror or e}); "
-                               f"set config.feature_cache_dir, or use config.feature_cache='memory' or 'off'") from None
+            raise WorkdirError(
+                f"{directory}: cannot keep the feature cache there ({e.strerror or e}); "
+                f"set config.feature_cache_dir, or use config.feature_cache='memory' or 'off'"
+            ) from None
 
     def _read_meta(self) -> dict | None:
         try:
@@ -201,8 +214,10 @@ class DiskStore:
             for fd, off, nb, f in zip(self.files, self.offsets, self.row_bytes, feats):
                 os.pwrite(fd, np.ascontiguousarray(f).tobytes(), off + start * nb)
         except OSError as e:
-            raise WorkdirError(f"{self.directory}: cannot write the feature cache ({e.strerror or e}); "
-                               f"set config.feature_cache_dir, or use config.feature_cache='memory' or 'off'") from None
+            raise WorkdirError(
+                f"{self.directory}: cannot write the feature cache ({e.strerror or e}); "
+                f"set config.feature_cache_dir, or use config.feature_cache='memory' or 'off'"
+            ) from None
 
     def invalidate(self) -> None:
         """Forget a complete cache (another process must refill its own, so all refill)."""
@@ -236,15 +251,28 @@ class DiskStore:
                 self.directory.parent.rmdir()  # the cache folder, once no process has files there
 
 
-def fill(store: Any, rows: int, local_batch: int, steps: int, batches: Iterator[dict],
-         compute: Callable[[np.ndarray], list[np.ndarray]]) -> None:
+def fill(
+    store: Any,
+    rows: int,
+    local_batch: int,
+    steps: int,
+    batches: Iterator[dict],
+    compute: Callable[[np.ndarray], list[np.ndarray]],
+) -> None:
     """Run ``compute`` (this process's images -> its features; a global computation, so
     every process runs all ``steps``) over the decoded batches and write this process's
     ``rows`` (padding dropped) into the store in order."""
     from tqdm import tqdm
 
-    for step, batch in enumerate(tqdm(batches, total=steps, desc="teacher features", leave=False,
-                                      disable=None if jax.process_index() == 0 else True)):
+    for step, batch in enumerate(
+        tqdm(
+            batches,
+            total=steps,
+            desc="teacher features",
+            leave=False,
+            disable=None if jax.process_index() == 0 else True,
+        )
+    ):
         start = step * local_batch
         valid = max(min(local_batch, rows - start), 0)
         feats = compute(batch["image"])

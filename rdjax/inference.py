@@ -10,15 +10,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from PIL import Image
 
-from rdjax import config as config_lib, maps as maps_lib, sharding, tiling, workdir as workdir_lib
+from rdjax import config as config_lib
+from rdjax import maps as maps_lib
+from rdjax import sharding, tiling
+from rdjax import workdir as workdir_lib
 from rdjax.calibration import explanation_masks, normalize_scores
 from rdjax.data.preprocess import open_image, to_rgb
 from rdjax.errors import ConfigError, DataError
@@ -107,8 +111,14 @@ class Model:
         bs = sharding.round_up(batch_size or int(self.config.eval_batch_size), jax.device_count())
         return maps_lib.predict_images(self.eval_step, self.teacher_vars, self.student_vars, batch, bs, self._put)
 
-    def predict(self, x: ImageLike | Sequence[ImageLike], batch_size: int | None = None, resize: str | None = None,
-                tile_size: int | None = None, overlap: int | None = None) -> Prediction:
+    def predict(
+        self,
+        x: ImageLike | Sequence[ImageLike],
+        batch_size: int | None = None,
+        resize: str | None = None,
+        tile_size: int | None = None,
+        overlap: int | None = None,
+    ) -> Prediction:
         """Scores, maps at each input's own resolution, and masks/decisions when calibrated.
 
         ``x``: a uint8 HxWx3 array, a uint8 NxHxWx3 batch, a PIL image, a path, or a list
@@ -172,8 +182,9 @@ def load(workdir: str | os.PathLike, step: int | None = None, dtype: str | None 
     model = MODELS.get(config.model.name)(config.model.arch, config.dtype)
     mesh = sharding.make_mesh()
     teacher_vars = workdir_lib.restore_teacher(workdir / workdir_lib.TEACHER, model.arch)
-    step, student_vars = workdir_lib.restore_student(workdir, model.abstract_variables()[1],
-                                                     sharding.replicated(mesh), step)
+    step, student_vars = workdir_lib.restore_student(
+        workdir, model.abstract_variables()[1], sharding.replicated(mesh), step
+    )
     cal_path = workdir / workdir_lib.CALIBRATION
     calibration = json.loads(cal_path.read_text()) if cal_path.is_file() else None
     return Model(

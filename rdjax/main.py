@@ -14,8 +14,9 @@ from rdjax import cli
 
 
 def _mode_flag(fv: flags.FlagValues) -> None:
-    flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if possible) or eval (latest checkpoint).",
-                      flag_values=fv)
+    flags.DEFINE_enum(
+        "mode", "train", ["train", "eval"], "train (resumes if possible) or eval (latest checkpoint).", flag_values=fv
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -11,7 +11,8 @@ matmuls with exact interpolation / reflect-boundary matrices, at HIGHEST precisi
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ Variables = dict[str, Any]
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def upsample_matrix(out_size: int, in_size: int) -> np.ndarray:
     """(out, in) matrix of bilinear interpolation with align_corners=True."""
     m = np.zeros((out_size, in_size), np.float64)
@@ -47,7 +48,7 @@ def _reflect(i: np.ndarray, n: int) -> np.ndarray:
     return np.where(i >= n, period - 1 - i, i)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
     """(size, size) matrix equal to scipy.ndimage.gaussian_filter1d with mode='reflect'."""
     radius = int(truncate * sigma + 0.5)
@@ -91,7 +92,7 @@ def _separable(rows: jax.Array, x: jax.Array, cols: jax.Array) -> jax.Array:
     return jnp.matmul(jnp.matmul(rows, x, precision=HIGHEST), cols.T, precision=HIGHEST)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_eval_step(model: Any, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True):
     """A jitted (teacher_vars, student_vars, uint8 images) -> (maps, scores): the full path.
 
@@ -109,7 +110,7 @@ def make_eval_step(model: Any, mode: str = "add", sigma: float = 4.0, imagenet_n
 
 # ----------------------------------------------------------------------------- binned pixel statistics
 
-HIST_LOW = 2.0 ** -20  # scores below fall in the first bin (maps are >= 0 up to rounding)
+HIST_LOW = 2.0**-20  # scores below fall in the first bin (maps are >= 0 up to rounding)
 HIST_EXPONENTS = 24  # up to 2^4 = 16 > 8, the largest possible map (three scales, 'mul')
 HIST_MANTISSA_BITS = 12  # bins of relative width 2^-12
 NUM_BINS = HIST_EXPONENTS << HIST_MANTISSA_BITS
@@ -125,7 +126,7 @@ def bin_edges() -> np.ndarray:
 
 def bin_index(x: jax.Array) -> jax.Array:
     base = np.array(HIST_LOW, np.float32).view(np.int32)
-    x = jnp.clip(x.astype(jnp.float32), HIST_LOW, np.float32(2.0 ** (HIST_EXPONENTS - 20)) * (1 - 2 ** -24))
+    x = jnp.clip(x.astype(jnp.float32), HIST_LOW, np.float32(2.0 ** (HIST_EXPONENTS - 20)) * (1 - 2**-24))
     return (jax.lax.bitcast_convert_type(x, jnp.int32) - base) >> (23 - HIST_MANTISSA_BITS)
 
 
@@ -148,8 +149,9 @@ def pixel_histograms(maps: jax.Array, masks: jax.Array, pro_weights: jax.Array, 
 
 
 @jax.jit
-def stats_step(maps: jax.Array, scores: jax.Array, masks: jax.Array, pro_weights: jax.Array, regions: jax.Array,
-               valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
+def stats_step(
+    maps: jax.Array, scores: jax.Array, masks: jax.Array, pro_weights: jax.Array, regions: jax.Array, valid: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
     """What an evaluation pass keeps of a batch of maps: (maps, scores, map sums, the
     binned pixel statistics)."""
     stats = pixel_histograms(maps, masks, pro_weights, valid)
@@ -157,23 +159,31 @@ def stats_step(maps: jax.Array, scores: jax.Array, masks: jax.Array, pro_weights
     return maps, scores, jnp.sum(maps, axis=(1, 2)), stats
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_pass_step(model: Any, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True):
     """The eval step of an evaluation pass over squeezed images: the maps computed from
     the images, then `stats_step`, in one program."""
     eval_step = make_eval_step(model, mode, sigma, imagenet_normalize)
 
     @jax.jit
-    def pass_step(teacher_vars: Variables, student_vars: Variables, images: jax.Array, masks: jax.Array,
-                  pro_weights: jax.Array, regions: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
+    def pass_step(
+        teacher_vars: Variables,
+        student_vars: Variables,
+        images: jax.Array,
+        masks: jax.Array,
+        pro_weights: jax.Array,
+        regions: jax.Array,
+        valid: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
         maps, scores = eval_step(teacher_vars, student_vars, images)
         return stats_step(maps, scores, masks, pro_weights, regions, valid)
 
     return pass_step
 
 
-def local_runner(eval_step: Callable, teacher_vars: Variables, student_vars: Variables,
-                 batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
+def local_runner(
+    eval_step: Callable, teacher_vars: Variables, student_vars: Variables, batch_size: int
+) -> Callable[[np.ndarray], np.ndarray]:
     """uint8 windows -> their maps, on this process's first device alone, in batches of
     ``batch_size`` (the last one padded, so one compilation serves every image).
 
@@ -185,21 +195,26 @@ def local_runner(eval_step: Callable, teacher_vars: Variables, student_vars: Var
     def run(windows: np.ndarray) -> np.ndarray:
         out = []
         for start in range(0, len(windows), batch_size):
-            chunk = windows[start:start + batch_size]
+            chunk = windows[start : start + batch_size]
             padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
-            out.append(np.asarray(eval_step(*local, padded)[0])[:len(chunk)])
+            out.append(np.asarray(eval_step(*local, padded)[0])[: len(chunk)])
         return np.concatenate(out)
 
     return run
 
 
 def predict_images(
-    eval_step: Callable, teacher_vars: Variables, student_vars: Variables, images: np.ndarray, batch_size: int,
+    eval_step: Callable,
+    teacher_vars: Variables,
+    student_vars: Variables,
+    images: np.ndarray,
+    batch_size: int,
     put: Callable[[Any], Any],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Maps and scores for every image exactly once, gathered on every process."""
-    maps, scores = map_global_batches(lambda x: eval_step(teacher_vars, student_vars, x), images, batch_size, put,
-                                      desc="evaluating")
+    maps, scores = map_global_batches(
+        lambda x: eval_step(teacher_vars, student_vars, x), images, batch_size, put, desc="evaluating"
+    )
     return maps, scores
 
 

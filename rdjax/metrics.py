@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -228,8 +229,13 @@ class PixelStats:
         return float(np.clip(quantile_from_histogram(self.neg + self.pos, self.edges, q), self.lo, self.hi))
 
 
-def compute_all(scores: np.ndarray, labels: np.ndarray, defect_types: Sequence[str], pixels: PixelStats | None,
-                pro_images: np.ndarray) -> dict:
+def compute_all(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    defect_types: Sequence[str],
+    pixels: PixelStats | None,
+    pro_images: np.ndarray,
+) -> dict:
     """Every metric rdjax reports, as plain floats (JSON-ready). ``pixels=None`` (no ground
     truth masks) reports the image-level metrics only; the pixel ones are NaN.
     ``pro_images``: the per-image PRO of each image (NaN where undefined)."""

@@ -32,8 +32,12 @@ def results_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-HEADERS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO",
-           "image_auroc_sum": "image AUROC (sum of map)"}
+HEADERS = {
+    "image_auroc": "image AUROC",
+    "pixel_auroc": "pixel AUROC",
+    "aupro": "AUPRO",
+    "image_auroc_sum": "image AUROC (sum of map)",
+}
 
 
 def summary_markdown(results: dict[str, dict], keys: tuple[str, ...] | None = None) -> str:
@@ -74,10 +78,19 @@ def outcome(label: int, anomalous: bool | None) -> str:
 DECISION_COLOURS = {True: (190, 30, 30), False: (30, 130, 60), None: (90, 90, 90)}
 
 
-def decision_picture(image: np.ndarray, amap: np.ndarray, lo: float, hi: float, *, score: float,
-                     anomalous: bool | None = None, normalized: float | None = None,
-                     mask: np.ndarray | None = None, truth: np.ndarray | None = None,
-                     caption: str = "") -> np.ndarray:
+def decision_picture(
+    image: np.ndarray,
+    amap: np.ndarray,
+    lo: float,
+    hi: float,
+    *,
+    score: float,
+    anomalous: bool | None = None,
+    normalized: float | None = None,
+    mask: np.ndarray | None = None,
+    truth: np.ndarray | None = None,
+    caption: str = "",
+) -> np.ndarray:
     """One image as a person checks it: a header with the decision (NG red, OK green, grey
     without a threshold), the score and the normalized score; the image blended with its
     map on the run's one colour scale (lo..hi), the mask's outline in white and the map's
@@ -116,7 +129,7 @@ def decision_picture(image: np.ndarray, amap: np.ndarray, lo: float, hi: float, 
     verdict = {None: "", True: "NG  ", False: "OK  "}[state]
     first = f"{verdict}score {score:.4f}" + ("" if normalized is None else f"  normalized {normalized:.2f}")
     top.text((4, 3), first, fill=(255, 255, 255), font=font)
-    top.text((4, 3 + line), caption[-(canvas.width // 7):], fill=(255, 255, 255), font=font)
+    top.text((4, 3 + line), caption[-(canvas.width // 7) :], fill=(255, 255, 255), font=font)
     ramp = colormaps["jet"](np.linspace(1, 0, bh))[:, :3]
     bar = (np.repeat(ramp[:, None, :], bar_w, axis=1) * 255).astype(np.uint8)
     canvas.paste(Image.fromarray(bar), (bw + 4, header))
@@ -158,9 +171,16 @@ def write_overlays(directory: Path, cases: Cases, threshold: float | None) -> li
         score = float(cases.scores[rank])
         anomalous = None if threshold is None else score >= threshold
         what = outcome(int(cases.labels[rank]), anomalous)
-        picture = decision_picture(cases.images[rank], cases.maps[rank], cases.lo, cases.hi, score=score,
-                                   anomalous=anomalous, truth=cases.masks[rank],
-                                   caption=f"{what}: {cases.filenames[rank]}")
+        picture = decision_picture(
+            cases.images[rank],
+            cases.maps[rank],
+            cases.lo,
+            cases.hi,
+            score=score,
+            anomalous=anomalous,
+            truth=cases.masks[rank],
+            caption=f"{what}: {cases.filenames[rank]}",
+        )
         name = cases.filenames[rank].replace("/", "_").rsplit(".", 1)[0]
         path = directory / f"{rank:02d}_{what.replace(' ', '_')}_{name}.png"
         with atomic_path(path) as tmp:
@@ -205,9 +225,12 @@ def write_best_on_test(workdir: Path) -> dict | None:
             best = (score, result)
     if best is None:
         return None
-    selected = {"selected_on": "the test set: the epoch with the best mean of image AUROC, pixel AUROC and AUPRO "
-                               "among the evaluated ones (RD++'s official protocol); not a held-out result",
-                "epoch": best[1]["epoch"], **{k: best[1][k] for k in SELECTION_KEYS}}
+    selected = {
+        "selected_on": "the test set: the epoch with the best mean of image AUROC, pixel AUROC and AUPRO "
+        "among the evaluated ones (RD++'s official protocol); not a held-out result",
+        "epoch": best[1]["epoch"],
+        **{k: best[1][k] for k in SELECTION_KEYS},
+    }
     write_json(workdir / "best_on_test.json", selected)
     return selected
 

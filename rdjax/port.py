@@ -20,14 +20,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rdjax import config as config_lib, steps, teacher as teacher_lib, weights, workdir as workdir_lib
+from rdjax import config as config_lib
+from rdjax import steps, weights
+from rdjax import teacher as teacher_lib
+from rdjax import workdir as workdir_lib
 from rdjax.errors import ConfigError, WorkdirError
 from rdjax.models.resnet import check_image_size
 from rdjax.registry import MODELS
 
 
-def write_ported_workdir(out: str | os.PathLike, name: str, model: Any, image_size: int, teacher_vars: Any,
-                         student_vars: Any) -> None:
+def write_ported_workdir(
+    out: str | os.PathLike, name: str, model: Any, image_size: int, teacher_vars: Any, student_vars: Any
+) -> None:
     """An rdjax workdir holding an official model. Its checkpoint has the train state's
     format (a fresh optimizer state), so it also resumes like one trained here."""
     out = Path(out)

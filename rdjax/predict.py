@@ -1,14 +1,17 @@
-"""Score new images with a trained workdir: `rdjax predict --workdir=DIR --input=FOLDER_OR_GLOB --output=OUT`.
+"""Score new images with a trained workdir: `rdjax predict --workdir=DIR
+--input=FOLDER_OR_GLOB --output=OUT`.
 
-Writes OUT/overlays/<name>.png (the decision picture: OK/NG, score, normalized score, the
-image blended with its map on one colour scale for the run, the mask outlined, the map's
-peak marked, a colour bar; rdjax.outputs.decision_picture), OUT/masks/<name>_mask.png
-(when the workdir is calibrated; rdjax.calibration.explanation_masks), OUT/scores.csv (file, score, normalized score,
-decision) and OUT/report.html (every image with its score and a threshold slider; rdjax.webpage). <name> is the file's path under the input folder with '/' as '_'; files that
-differ only in their extension (part.png, part.jpg) keep it (part_png, part_jpg), so no
-output overwrites another. Unreadable files are reported and skipped; the last line
-counts them. scores.csv and report.html appear only when every image has been processed.
-"""
+Writes OUT/overlays/<name>.png (the decision picture: OK/NG, score, normalized score,
+the image blended with its map on one colour scale for the run, the mask outlined, the
+map's peak marked, a colour bar; rdjax.outputs.decision_picture),
+OUT/masks/<name>_mask.png (when the workdir is calibrated;
+rdjax.calibration.explanation_masks), OUT/scores.csv (file, score, normalized score,
+decision) and OUT/report.html (every image with its score and a threshold slider;
+rdjax.webpage). <name> is the file's path under the input folder with '/' as '_'; files
+that differ only in their extension (part.png, part.jpg) keep it (part_png, part_jpg),
+so no output overwrites another. Unreadable files are reported and skipped; the last
+line counts them. scores.csv and report.html appear only when every image has been
+processed."""
 
 from __future__ import annotations
 
@@ -36,8 +39,16 @@ def output_names(files: list[Path], root: Path) -> list[str]:
     return [s if counts[s] == 1 else f"{s}_{f.suffix.lstrip('.').lower()}" for s, f in zip(stems, files)]
 
 
-def predict_folder(workdir: str, pattern: str, out: Path, batch_size: int = 32, dtype: str | None = None,
-                   resize: str | None = None, tile_size: int | None = None, overlap: int | None = None) -> None:
+def predict_folder(
+    workdir: str,
+    pattern: str,
+    out: Path,
+    batch_size: int = 32,
+    dtype: str | None = None,
+    resize: str | None = None,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+) -> None:
     import numpy as np
     from PIL import Image
     from tqdm import tqdm
@@ -62,7 +73,7 @@ def predict_folder(workdir: str, pattern: str, out: Path, batch_size: int = 32, 
     bar = tqdm(total=len(files), unit="img", desc="predicting", disable=None)
     for start in range(0, len(files), batch_size):
         chunk, arrays = [], []
-        for f in files[start:start + batch_size]:
+        for f in files[start : start + batch_size]:
             try:
                 arrays.append(inference.as_images(f)[0])
                 chunk.append(f)
@@ -75,15 +86,23 @@ def predict_folder(workdir: str, pattern: str, out: Path, batch_size: int = 32, 
         pred = model.predict(arrays, batch_size, resize, tile_size, overlap)
         if lo_hi is None:  # one colour scale for the whole run: the calibration range if known
             cal = model.calibration
-            lo_hi = (cal["pixel_min"], cal["pixel_max"]) if cal else (
-                float(min(m.min() for m in pred.maps)), float(max(m.max() for m in pred.maps)))
+            lo_hi = (
+                (cal["pixel_min"], cal["pixel_max"])
+                if cal
+                else (float(min(m.min() for m in pred.maps)), float(max(m.max() for m in pred.maps)))
+            )
         for i, f in enumerate(chunk):
             calibrated = pred.decisions is not None
             picture = outputs.decision_picture(
-                arrays[i], pred.maps[i], *lo_hi, score=float(pred.scores[i]),
+                arrays[i],
+                pred.maps[i],
+                *lo_hi,
+                score=float(pred.scores[i]),
                 anomalous=bool(pred.decisions[i]) if calibrated else None,
                 normalized=float(pred.normalized_scores[i]) if calibrated else None,
-                mask=pred.masks[i] if calibrated else None, caption=names[f])
+                mask=pred.masks[i] if calibrated else None,
+                caption=names[f],
+            )
             with atomic_path(out / "overlays" / f"{names[f]}.png") as tmp:
                 Image.fromarray(picture).save(tmp)
             row = {"file": str(f), "score": f"{pred.scores[i]:.6f}", "normalized_score": "", "decision": ""}
@@ -99,10 +118,19 @@ def predict_folder(workdir: str, pattern: str, out: Path, batch_size: int = 32, 
     bar.close()
     write_csv(out / "scores.csv", ["file", "score", "normalized_score", "decision"], rows)
     if done:
-        webpage.write_page(out / "report.html", f"rdjax predict: {workdir}", None, None,
-                           np.array(scores), [names[f] for f in done],
-                           lambda idx: [inference.as_images(done[i])[0] for i in idx], model.image_threshold, None,
-                           None, {i: f"overlays/{names[f]}.png" for i, f in enumerate(done)})
+        webpage.write_page(
+            out / "report.html",
+            f"rdjax predict: {workdir}",
+            None,
+            None,
+            np.array(scores),
+            [names[f] for f in done],
+            lambda idx: [inference.as_images(done[i])[0] for i in idx],
+            model.image_threshold,
+            None,
+            None,
+            {i: f"overlays/{names[f]}.png" for i, f in enumerate(done)},
+        )
     flagged = sum(r["decision"] == "anomalous" for r in rows)
     print(f"{len(rows)} images scored, {flagged} anomalous, {skipped} skipped (unreadable) -> {out / 'scores.csv'}")
 

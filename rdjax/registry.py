@@ -5,7 +5,8 @@ itself, never a new `if` in the training loop."""
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from rdjax.errors import ConfigError
 
@@ -50,5 +51,7 @@ class Registry(Generic[T]):
 # The three registries. Each entry's module registers it on import; the strings below
 # are the modules that hold entries (imported on the first lookup).
 MODELS: Registry = Registry("model", ("rdjax.models.rd4ad", "rdjax.models.rdpp"))
-DATASETS: Registry = Registry("dataset", ("rdjax.data.mvtec", "rdjax.data.synthetic", "rdjax.data.layouts", "rdjax.data.novelty"))
+DATASETS: Registry = Registry(
+    "dataset", ("rdjax.data.mvtec", "rdjax.data.synthetic", "rdjax.data.layouts", "rdjax.data.novelty")
+)
 EVALUATORS: Registry = Registry("evaluator", ("rdjax.evaluators",))

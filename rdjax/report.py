@@ -18,9 +18,16 @@ from rdjax.outputs import Cases, outcome
 from rdjax.workdir import atomic_path
 
 
-def write_report(path: Path, labels: np.ndarray, scores: np.ndarray, pixels: PixelStats, cases: Cases,
-                 calibration: dict | None, roc: tuple[np.ndarray, np.ndarray] | None,
-                 pro: tuple[np.ndarray, np.ndarray] | None) -> Path:
+def write_report(
+    path: Path,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    pixels: PixelStats,
+    cases: Cases,
+    calibration: dict | None,
+    roc: tuple[np.ndarray, np.ndarray] | None,
+    pro: tuple[np.ndarray, np.ndarray] | None,
+) -> Path:
     """``roc``: the image ROC curve (fpr, tpr), None with one class only; ``pro``: the PRO
     curve up to FPR 0.3, None without regions (computed once, shared with report.html)."""
     import matplotlib
@@ -42,18 +49,20 @@ def write_report(path: Path, labels: np.ndarray, scores: np.ndarray, pixels: Pix
     ax.plot([0, 1], [0, 1], ":", color="gray")
     ax.set(title="ROC (images)", xlabel="false positive rate", ylabel="true positive rate")
 
-    ax = fig.add_subplot(grid[0, third:2 * third])
+    ax = fig.add_subplot(grid[0, third : 2 * third])
     if pro is not None:
         ax.plot(*pro, label=f"AUPRO {pixels.aupro():.3f}")
         ax.legend(loc="lower right")
     ax.set(title="PRO up to FPR 0.3 (pixels)", xlabel="false positive rate", ylabel="per-region overlap", xlim=(0, 0.3))
 
-    ax = fig.add_subplot(grid[0, 2 * third:])
+    ax = fig.add_subplot(grid[0, 2 * third :])
     bins = np.linspace(scores.min(), scores.max(), 30)
     ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="good")
     ax.hist(scores[labels != 0], bins=bins, alpha=0.6, label="defective")
     if calibration is not None:
-        ax.axvline(calibration["image_threshold"], color="k", linestyle="--", label=f"threshold ({calibration['method']})")
+        ax.axvline(
+            calibration["image_threshold"], color="k", linestyle="--", label=f"threshold ({calibration['method']})"
+        )
     ax.set(title="image scores", xlabel="score", ylabel="images")
     ax.legend()
 

@@ -7,11 +7,13 @@ nothing here knows about datasets.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def make_mesh() -> Mesh:
@@ -60,8 +62,9 @@ def gather(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def map_global_batches(fn: Callable[[Any], tuple], inputs: np.ndarray, batch_size: int, put: Callable[[Any], Any],
-                       desc: str) -> list[np.ndarray]:
+def map_global_batches(
+    fn: Callable[[Any], tuple], inputs: np.ndarray, batch_size: int, put: Callable[[Any], Any], desc: str
+) -> list[np.ndarray]:
     """Apply ``fn`` to every row of ``inputs`` exactly once, in global batches sharded over
     all devices of all processes, and return the outputs gathered on every process.
 
@@ -73,8 +76,10 @@ def map_global_batches(fn: Callable[[Any], tuple], inputs: np.ndarray, batch_siz
 
     n = len(inputs)
     outputs: list[list[np.ndarray]] = []
-    for start in tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=None if jax.process_index() == 0 else True):
-        batch = inputs[start:start + batch_size]
+    for start in tqdm(
+        range(0, n, batch_size), desc=desc, leave=False, disable=None if jax.process_index() == 0 else True
+    ):
+        batch = inputs[start : start + batch_size]
         valid = len(batch)
         if valid < batch_size:
             batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, axis=0)])

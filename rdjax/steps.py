@@ -88,8 +88,13 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: jax.shar
     )
 
 
-def make_image_train_step(model: Any, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                          imagenet_normalize: bool = True, seed: int = 0):
+def make_image_train_step(
+    model: Any,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    imagenet_normalize: bool = True,
+    seed: int = 0,
+):
     """The jitted step from uint8 images (config.feature_cache='off'): the teacher's
     forward passes the model asks for, then the student update. The teacher's variables
     are an argument, replicated and never donated."""

@@ -12,11 +12,14 @@ from typing import Any
 import jax
 from absl import logging
 
-from rdjax import weights, workdir as workdir_lib
+from rdjax import weights
+from rdjax import workdir as workdir_lib
 from rdjax.models.resnet import IMAGENET_FILES
 
 Variables = dict[str, Any]
-RANDOM_WARNING = "the teacher is RANDOM (config.model.teacher_weights='none'): results are not comparable with the paper"
+RANDOM_WARNING = (
+    "the teacher is RANDOM (config.model.teacher_weights='none'): results are not comparable with the paper"
+)
 
 
 def from_source(model: Any, source: str) -> Variables:

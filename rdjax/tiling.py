@@ -15,7 +15,8 @@ shows. The image score is the blended map's maximum, as for a whole image.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -50,13 +51,20 @@ def scale_for(mode: str, shape: tuple[int, int], size: int, tile_size: int | Non
     if mode == "tile":
         tile = tile_size or size
         if min(h, w) < tile:
-            raise DataError(f"image {w}x{h} is smaller than one tile ({tile} px): use resize='fit' or a smaller tile_size")
+            raise DataError(
+                f"image {w}x{h} is smaller than one tile ({tile} px): use resize='fit' or a smaller tile_size"
+            )
         return size / tile
     raise DataError(f"unknown resize mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
-def tiled_maps(images: Sequence[np.ndarray], size: int, scales: Sequence[float], overlap: int,
-               run: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
+def tiled_maps(
+    images: Sequence[np.ndarray],
+    size: int,
+    scales: Sequence[float],
+    overlap: int,
+    run: Callable[[np.ndarray], np.ndarray],
+) -> list[np.ndarray]:
     """The blended map of each image scaled by its scale (float32, at the scaled size).
     The windows of all the images go to ``run`` together, so batches fill up even when
     each image has only a few windows.
@@ -71,7 +79,7 @@ def tiled_maps(images: Sequence[np.ndarray], size: int, scales: Sequence[float],
         scaled = image if (sh, sw) == (h, w) else np.asarray(Image.fromarray(image).resize((sw, sh), Image.BILINEAR))
         over = min(int(round(overlap * scale)), size - 1)
         corners = [(y, x) for y in starts(sh, size, size - over) for x in starts(sw, size, size - over)]
-        windows += [scaled[y:y + size, x:x + size] for y, x in corners]
+        windows += [scaled[y : y + size, x : x + size] for y, x in corners]
         layouts.append(((sh, sw), over, corners))
     maps = iter(run(np.stack(windows)))
     blended = []
@@ -80,8 +88,8 @@ def tiled_maps(images: Sequence[np.ndarray], size: int, scales: Sequence[float],
         total = np.zeros((sh, sw), np.float64)
         norm = np.zeros((sh, sw), np.float64)
         for (y, x), amap in zip(corners, maps):
-            total[y:y + size, x:x + size] += weight * amap
-            norm[y:y + size, x:x + size] += weight
+            total[y : y + size, x : x + size] += weight * amap
+            norm[y : y + size, x : x + size] += weight
         blended.append((total / norm).astype(np.float32))
     return blended
 
@@ -96,12 +104,15 @@ def resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
 
 
-def evaluation_maps(images: Sequence[np.ndarray], size: int, setting: Any,
-                    run: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def evaluation_maps(
+    images: Sequence[np.ndarray], size: int, setting: Any, run: Callable[[np.ndarray], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Tiled evaluation (config.resize): each image's blended map resized to (size, size),
     where the masks and pixel metrics live, and its score, the blended map's maximum at
     the scale it was computed (as `Model.predict` scores it), before that resize."""
     scales = [scale_for(setting.mode, image.shape[:2], size, setting.tile_size or None) for image in images]
     blended = tiled_maps(images, size, scales, setting.overlap, run)
-    return (np.stack([resize_map(amap, (size, size)) for amap in blended]),
-            np.asarray([amap.max() for amap in blended], np.float32))
+    return (
+        np.stack([resize_map(amap, (size, size)) for amap in blended]),
+        np.asarray([amap.max() for amap in blended], np.float32),
+    )

@@ -11,15 +11,16 @@ import dataclasses
 import functools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 import tqdm
 
-from rdjax import config as config_lib, data, evaluation, evaluators, features, maps, outputs, sharding, steps, teacher
-from rdjax import tiling
+from rdjax import config as config_lib
+from rdjax import data, evaluation, evaluators, features, maps, outputs, sharding, steps, teacher, tiling
 from rdjax import workdir as workdir_lib
 from rdjax.data import pipeline
 from rdjax.data.pipeline import prefetch
@@ -68,16 +69,20 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
     if (workdir / workdir_lib.CONFIG).is_file():  # a workdir holds one model: never restore another's shapes
         saved = workdir_lib.load_config(workdir).model
         if (saved.name, saved.arch) != (config.model.name, config.model.arch):
-            raise ConfigError(f"{workdir} holds model {saved.name!r} ({saved.arch}); run it with "
-                              f"--config.model.name={saved.name} --config.model.arch={saved.arch}")
+            raise ConfigError(
+                f"{workdir} holds model {saved.name!r} ({saved.arch}); run it with "
+                f"--config.model.name={saved.name} --config.model.arch={saved.arch}"
+            )
     model = MODELS.get(config.model.name)(config.model.arch, config.dtype)
     dataset = dataset or data.build(config.dataset)
     train_split, test_split = dataset.load(config.dataset.category, config.image_size)
     train_split, validation = data.hold_out(train_split, config.threshold.validation_size, config.seed)
     check_exact_metrics(config, max(len(test_split), len(validation or ())))
     if config.resize.mode != "squeeze" and test_split.read_native is None:
-        raise ConfigError(f"config.resize.mode={config.resize.mode!r}: dataset {config.dataset.name!r} has no images "
-                          "beyond image_size to tile; use 'squeeze'")
+        raise ConfigError(
+            f"config.resize.mode={config.resize.mode!r}: dataset {config.dataset.name!r} has no images "
+            "beyond image_size to tile; use 'squeeze'"
+        )
     feature_mode, feature_dir = "off", None
     if writing:
         pipeline.lanes(len(train_split), config.batch_size, config.seed)  # fails if the batch is larger than the data
@@ -91,10 +96,18 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
         workdir_lib.save_teacher(workdir / workdir_lib.TEACHER, model.arch, teacher_vars)  # every process takes part
     mesh = sharding.make_mesh()
     return Run(
-        config=config, workdir=workdir, model=model, mesh=mesh,
+        config=config,
+        workdir=workdir,
+        model=model,
+        mesh=mesh,
         put=functools.partial(sharding.put_batch, sharding=sharding.batch_sharding(mesh)),
-        teacher_vars=jax.device_put(teacher_vars, sharding.replicated(mesh)), warnings=warnings,
-        train=train_split, test=test_split, validation=validation, feature_mode=feature_mode, feature_dir=feature_dir,
+        teacher_vars=jax.device_put(teacher_vars, sharding.replicated(mesh)),
+        warnings=warnings,
+        train=train_split,
+        test=test_split,
+        validation=validation,
+        feature_mode=feature_mode,
+        feature_dir=feature_dir,
     )
 
 
@@ -103,12 +116,13 @@ EXACT_BYTES_PER_PIXEL = 48  # maps and masks kept, then the exact metrics' sort 
 
 def check_exact_metrics(config: Any, images: int) -> None:
     """Exact pixel metrics keep every map: refuse before any work where that cannot fit."""
-    pixels = images * config.image_size ** 2
+    pixels = images * config.image_size**2
     need, have = EXACT_BYTES_PER_PIXEL * pixels, features.available_memory()
     if pixels <= config.exact_metrics_max_pixels and need > have:
         raise ConfigError(
             f"exact pixel metrics over {pixels} pixels need about {need / 2**30:.1f} GiB but "
-            f"{have / 2**30:.1f} GiB are available; lower config.exact_metrics_max_pixels (binned metrics)")
+            f"{have / 2**30:.1f} GiB are available; lower config.exact_metrics_max_pixels (binned metrics)"
+        )
 
 
 def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, writer: Any = None) -> dict:
@@ -124,32 +138,50 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, writer:
         pass_step = maps.eval_step_for(run.model, config, full_pass=True)
 
     def run_pass(split: Split, kind: str = "validation") -> evaluation.PassResult:
-        exact = len(split) * config.image_size ** 2 <= config.exact_metrics_max_pixels
-        return evaluation.run_pass(pass_step, run.teacher_vars, student_vars, split, run.eval_batch, run.put, exact, kind,
-                                   tiler)
+        exact = len(split) * config.image_size**2 <= config.exact_metrics_max_pixels
+        return evaluation.run_pass(
+            pass_step, run.teacher_vars, student_vars, split, run.eval_batch, run.put, exact, kind, tiler
+        )
 
     def predict(split: Split, rows: np.ndarray) -> np.ndarray:
         if tiler is not None:
             return tiler([split.native_image(r) for r in rows])[0]
-        return maps.predict_images(eval_step, run.teacher_vars, student_vars, split.images(rows), run.eval_batch,
-                                   run.put)[0]
+        return maps.predict_images(
+            eval_step, run.teacher_vars, student_vars, split.images(rows), run.eval_batch, run.put
+        )[0]
 
     start = time.perf_counter()
     test_pass = run_pass(run.test, "test")
     seconds = time.perf_counter() - start
     out_dir = outputs.evaluation_dir(run.workdir, epoch) if jax.process_index() == 0 else None
-    result = evaluators.run_all(config.evaluators, evaluators.EvalData(
-        config=config, test=run.test, result_pass=test_pass, run_pass=run_pass, predict=predict,
-        validation=run.validation, out_dir=out_dir, result={"warnings": list(run.warnings)},
-    ))
-    for w in result["warnings"][len(run.warnings):]:
+    result = evaluators.run_all(
+        config.evaluators,
+        evaluators.EvalData(
+            config=config,
+            test=run.test,
+            result_pass=test_pass,
+            run_pass=run_pass,
+            predict=predict,
+            validation=run.validation,
+            out_dir=out_dir,
+            result={"warnings": list(run.warnings)},
+        ),
+    )
+    for w in result["warnings"][len(run.warnings) :]:
         _log("note: %s", w)
     if "calibration" in result:
         result["calibration"].update(step=step, epoch=epoch, resize=config.resize.to_dict())
     result.update(
-        epoch=epoch, step=step, seed=config.seed, category=config.dataset.category, model=config.model.name,
-        arch=config.model.arch, teacher_weights=config.model.teacher_weights, dtype=config.dtype,
-        image_size=config.image_size, eval_images_per_second=len(run.test) / seconds,
+        epoch=epoch,
+        step=step,
+        seed=config.seed,
+        category=config.dataset.category,
+        model=config.model.name,
+        arch=config.model.arch,
+        teacher_weights=config.model.teacher_weights,
+        dtype=config.dtype,
+        image_size=config.image_size,
+        eval_images_per_second=len(run.test) / seconds,
     )
     if jax.process_index() == 0:
         outputs.write_evaluation(run.workdir, epoch, result)
@@ -159,8 +191,13 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, writer:
                     writer.add_scalar(f"eval/{key}", result[key], step)
             writer.flush()
     if "image_auroc" in result:
-        _log("epoch %d: image AUROC %.4f  pixel AUROC %.4f  AUPRO %.4f",
-             epoch, result["image_auroc"], result["pixel_auroc"], result["aupro"])
+        _log(
+            "epoch %d: image AUROC %.4f  pixel AUROC %.4f  AUPRO %.4f",
+            epoch,
+            result["image_auroc"],
+            result["pixel_auroc"],
+            result["aupro"],
+        )
     return result
 
 
@@ -171,14 +208,19 @@ def _feature_mode(config: Any, model: Any, workdir: Path, rows: int) -> tuple[st
     whose every step needs the images (RD++'s noised branch) trains with 'off'."""
     if model.needs_images:
         if config.feature_cache not in ("auto", "off"):
-            raise ConfigError(f"config.feature_cache={config.feature_cache!r}: model {config.model.name!r} runs the "
-                              "teacher on new noised images in every step; use 'auto' or 'off'")
+            raise ConfigError(
+                f"config.feature_cache={config.feature_cache!r}: model {config.model.name!r} runs the "
+                "teacher on new noised images in every step; use 'auto' or 'off'"
+            )
         _log("feature cache: off (model %s needs the images in every step)", config.model.name)
         return "off", workdir / "feature_cache"
     p, count = jax.process_index(), jax.process_count()
     owned = len(pipeline.owned_rows(rows, config.batch_size, config.seed, p, count))
-    folder = Path(config.feature_cache_dir).expanduser() / config.dataset.category if config.feature_cache_dir else (
-        workdir / "feature_cache")
+    folder = (
+        Path(config.feature_cache_dir).expanduser() / config.dataset.category
+        if config.feature_cache_dir
+        else (workdir / "feature_cache")
+    )
     directory = folder / f"process_{p}_of_{count}"
     need = features.bytes_per_image(features.feature_shapes(model, config.image_size)) * owned
     mode, figures = features.choose_mode(config.feature_cache, need, directory)
@@ -197,10 +239,19 @@ def _cache_identity(run: Run) -> dict:
     config = run.config
     weights = Path(config.model.teacher_weights).expanduser()
     stamp = [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None
-    return {"model": config.model.to_dict(), "teacher_file": stamp, "dataset": config.dataset.to_dict(),
-            "image_size": config.image_size, "dtype": config.dtype, "imagenet_normalize": config.imagenet_normalize,
-            "seed": config.seed, "batch_size": config.batch_size, "validation_size": config.threshold.validation_size,
-            "train_rows": len(run.train), "train_files": list(run.train.filenames)[:1] + list(run.train.filenames)[-1:]}
+    return {
+        "model": config.model.to_dict(),
+        "teacher_file": stamp,
+        "dataset": config.dataset.to_dict(),
+        "image_size": config.image_size,
+        "dtype": config.dtype,
+        "imagenet_normalize": config.imagenet_normalize,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "validation_size": config.threshold.validation_size,
+        "train_rows": len(run.train),
+        "train_files": list(run.train.filenames)[:1] + list(run.train.filenames)[-1:],
+    }
 
 
 def cached_features(run: Run, owned: np.ndarray, mode: str, directory: Path) -> Any:
@@ -224,10 +275,12 @@ def cached_features(run: Run, owned: np.ndarray, mode: str, directory: Path) -> 
             _log("feature cache: reusing %s", directory)
             return store
     local_batch = run.eval_batch // jax.process_count()
-    most = max(len(pipeline.owned_rows(len(run.train), config.batch_size, config.seed, q, jax.process_count()))
-               for q in range(jax.process_count()))
+    most = max(
+        len(pipeline.owned_rows(len(run.train), config.batch_size, config.seed, q, jax.process_count()))
+        for q in range(jax.process_count())
+    )
     steps = -(-most // local_batch)
-    chunks = [owned[i * local_batch:(i + 1) * local_batch] for i in range(steps)]
+    chunks = [owned[i * local_batch : (i + 1) * local_batch] for i in range(steps)]
     batches = [pipeline.padded(c if len(c) else owned[-1:], local_batch)[0] for c in chunks]
     teacher = jax.jit(features.teacher_fn(model, config.imagenet_normalize))
 
@@ -256,8 +309,12 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
     workdir = Path(workdir)
     epochs = config.num_epochs_by_category.get(config.dataset.category)
     if epochs is not None and epochs != config.num_epochs:
-        _log("category %s: %d epochs (config.num_epochs_by_category, over num_epochs=%d)",
-             config.dataset.category, epochs, config.num_epochs)
+        _log(
+            "category %s: %d epochs (config.num_epochs_by_category, over num_epochs=%d)",
+            config.dataset.category,
+            epochs,
+            config.num_epochs,
+        )
         config = config.copy_and_resolve_references()
         config.num_epochs = int(epochs)
     run = setup(config, workdir, writing=True, dataset=dataset)
@@ -294,7 +351,9 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
         writer = SummaryWriter(str(workdir / "tensorboard"))
 
     log_path = workdir / "train_log.json"
-    train_log = [e for e in (json.loads(log_path.read_text()) if log_path.is_file() else []) if e["epoch"] <= start_epoch]
+    train_log = [
+        e for e in (json.loads(log_path.read_text()) if log_path.is_file() else []) if e["epoch"] <= start_epoch
+    ]
     result: dict = {}
     finished = False
     try:
@@ -307,7 +366,9 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
             losses = []
             start = time.perf_counter()
             seen = len(rows) * batch
-            bar = tqdm.tqdm(total=seen, desc=f"epoch {epoch}/{config.num_epochs}", unit="img", leave=False, disable=None)
+            bar = tqdm.tqdm(
+                total=seen, desc=f"epoch {epoch}/{config.num_epochs}", unit="img", leave=False, disable=None
+            )
             for x in inputs:
                 state, loss = step_fn(state, x)
                 losses.append(loss)
@@ -317,8 +378,15 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
             bar.close()
             _check_finite(losses, epoch, steps_per_epoch)
             _log("epoch %d: loss %.5f, %.1f img/s", epoch, losses.mean(), seen / seconds)
-            train_log.append({"epoch": epoch, "step": int(state.step), "loss": float(losses.mean()),
-                              "images_per_second": seen / seconds, "feature_cache": mode})
+            train_log.append(
+                {
+                    "epoch": epoch,
+                    "step": int(state.step),
+                    "loss": float(losses.mean()),
+                    "images_per_second": seen / seconds,
+                    "feature_cache": mode,
+                }
+            )
             if writer is not None:
                 writer.add_scalar("train/loss", float(losses.mean()), int(state.step))
                 writer.add_scalar("train/images_per_second", seen / seconds, int(state.step))
@@ -330,7 +398,9 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
             if epoch % config.eval_every == 0 or last:
                 result = evaluate_student(run, state.student_vars, epoch, int(state.step), writer)
         if not result:  # already trained: evaluate what is there
-            result = evaluate_student(run, state.student_vars, int(state.step) // steps_per_epoch, int(state.step), writer)
+            result = evaluate_student(
+                run, state.student_vars, int(state.step) // steps_per_epoch, int(state.step), writer
+            )
         finished = True
     finally:  # also on an error: the checkpoints are flushed, and a disk cache is kept for the resume
         manager.close()
@@ -341,8 +411,10 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
     if config.report_best_on_test and jax.process_index() == 0:
         outputs.write_best_on_test(workdir)
     if jax.process_count() > 1:
-        tqdm.tqdm.write(f"process {jax.process_index()} of {jax.process_count()}: decoded "
-                        f"{pipeline.decoded['train']} training and {pipeline.decoded['test']} test images")
+        tqdm.tqdm.write(
+            f"process {jax.process_index()} of {jax.process_count()}: decoded "
+            f"{pipeline.decoded['train']} training and {pipeline.decoded['test']} test images"
+        )
     return result
 
 

@@ -17,8 +17,8 @@ import html
 import io
 import json
 import urllib.parse
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -42,12 +42,14 @@ def _svg_curve(x: np.ndarray, y: np.ndarray, title: str, xlabel: str, ylabel: st
     step = max(1, len(x) // CURVE_POINTS)
     keep = np.r_[np.arange(0, len(x), step), len(x) - 1] if len(x) else np.array([], int)
     pts = " ".join(f"{40 + 200 * xi / xmax:.1f},{210 - 200 * yi:.1f}" for xi, yi in zip(x[keep], y[keep]))
-    return (f'<figure class="curve"><svg width="250" height="240" viewBox="0 0 250 240">'
-            f'<rect x="40" y="10" width="200" height="200" fill="none" stroke="#999"/>'
-            f'<polyline points="{pts}" fill="none" stroke="#c33" stroke-width="2"/>'
-            f'<text x="140" y="235" text-anchor="middle" font-size="11">{html.escape(xlabel)} (0 to {xmax:g})</text>'
-            f'<text x="12" y="110" font-size="11" transform="rotate(-90 12 110)" text-anchor="middle">'
-            f'{html.escape(ylabel)}</text></svg><figcaption>{html.escape(title)}</figcaption></figure>')
+    return (
+        f'<figure class="curve"><svg width="250" height="240" viewBox="0 0 250 240">'
+        f'<rect x="40" y="10" width="200" height="200" fill="none" stroke="#999"/>'
+        f'<polyline points="{pts}" fill="none" stroke="#c33" stroke-width="2"/>'
+        f'<text x="140" y="235" text-anchor="middle" font-size="11">{html.escape(xlabel)} (0 to {xmax:g})</text>'
+        f'<text x="12" y="110" font-size="11" transform="rotate(-90 12 110)" text-anchor="middle">'
+        f"{html.escape(ylabel)}</text></svg><figcaption>{html.escape(title)}</figcaption></figure>"
+    )
 
 
 _STYLE = """
@@ -88,10 +90,20 @@ update();
 """
 
 
-def write_page(path: Path, title: str, result: dict | None, labels: np.ndarray | None, scores: np.ndarray,
-               filenames: Sequence[str], images: Callable[[np.ndarray], Sequence[np.ndarray]],
-               threshold: float | None, roc: tuple[np.ndarray, np.ndarray] | None,
-               pro: tuple[np.ndarray, np.ndarray] | None, pictures: dict[int, str], chunk: int = 16) -> Path:
+def write_page(
+    path: Path,
+    title: str,
+    result: dict | None,
+    labels: np.ndarray | None,
+    scores: np.ndarray,
+    filenames: Sequence[str],
+    images: Callable[[np.ndarray], Sequence[np.ndarray]],
+    threshold: float | None,
+    roc: tuple[np.ndarray, np.ndarray] | None,
+    pro: tuple[np.ndarray, np.ndarray] | None,
+    pictures: dict[int, str],
+    chunk: int = 16,
+) -> Path:
     """``result``: the metrics (None: no table); ``labels``: 0 = good (None: unlabelled
     images, as predict scores them); ``images(rows)``: uint8 images of those rows;
     ``pictures``: row -> a decision picture's path relative to the page. The cards are
@@ -102,11 +114,24 @@ def write_page(path: Path, title: str, result: dict | None, labels: np.ndarray |
     # The range holds the threshold too: a browser clamps a slider's value into its range,
     # which would re-decide images when every score lies on one side of the threshold.
     lo, hi = min(float(scores.min()), start), max(float(scores.max()), start)
-    keys = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
-            ("pro_rd4ad_per_image", "PRO (per image)"), ("image_f1_max", "image F1-max")]
-    table = "" if result is None else (
-        "<table><tr>" + "".join(f"<th>{name}</th>" for _, name in keys) + "</tr><tr>"
-        + "".join(f"<td>{100 * float(result[k]):.1f}</td>" for k, _ in keys) + "</tr></table>")
+    keys = [
+        ("image_auroc", "image AUROC"),
+        ("pixel_auroc", "pixel AUROC"),
+        ("aupro", "AUPRO"),
+        ("pro_rd4ad_per_image", "PRO (per image)"),
+        ("image_f1_max", "image F1-max"),
+    ]
+    table = (
+        ""
+        if result is None
+        else (
+            "<table><tr>"
+            + "".join(f"<th>{name}</th>" for _, name in keys)
+            + "</tr><tr>"
+            + "".join(f"<td>{100 * float(result[k]):.1f}</td>" for k, _ in keys)
+            + "</tr></table>"
+        )
+    )
     curves = []
     if roc is not None:
         curves.append(_svg_curve(*roc, "ROC (images)", "false positive rate", "true positive rate"))
@@ -114,19 +139,22 @@ def write_page(path: Path, title: str, result: dict | None, labels: np.ndarray |
         curves.append(_svg_curve(*pro, "PRO (pixels)", "false positive rate", "per-region overlap", 0.3))
     data = json.dumps({"scores": scores.tolist(), "labels": None if labels is None else [int(v != 0) for v in labels]})
     data = data.replace("<", "\\u003c")
-    counts = ("true positives <b id=\"tp\"></b>, false positives <b id=\"fp\"></b>, true negatives <b id=\"tn\">"
-              "</b>, false negatives <b id=\"fn\"></b>" if labels is not None
-              else "anomalous <b id=\"ng\"></b>, normal <b id=\"ok\"></b>")
+    counts = (
+        'true positives <b id="tp"></b>, false positives <b id="fp"></b>, true negatives <b id="tn">'
+        '</b>, false negatives <b id="fn"></b>'
+        if labels is not None
+        else 'anomalous <b id="ng"></b>, normal <b id="ok"></b>'
+    )
     step = "any"
     head = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
 <body><h1>{html.escape(title)}</h1>
 {table}
-<div class="curves">{''.join(curves)}</div>
+<div class="curves">{"".join(curves)}</div>
 <div id="controls"><label for="threshold">image threshold</label>
 <input type="range" id="threshold" min="{lo!r}" max="{hi!r}" step="{step}" value="{start!r}">
 <span id="value"></span> &nbsp; {counts}
-{'' if threshold is None else f'(calibrated: {threshold:.6g})'}</div>
+{"" if threshold is None else f"(calibrated: {threshold:.6g})"}</div>
 <div class="cards">
 """
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
@@ -134,12 +162,17 @@ def write_page(path: Path, title: str, result: dict | None, labels: np.ndarray |
         for begin in range(0, len(scores), chunk):
             rows = np.arange(begin, min(begin + chunk, len(scores)))
             for row, image in zip(rows, images(rows)):
-                extra = (f'<a href="{html.escape(urllib.parse.quote(pictures[row]), quote=True)}">decision picture</a>'
-                         if row in pictures else "")
+                extra = (
+                    f'<a href="{html.escape(urllib.parse.quote(pictures[row]), quote=True)}">decision picture</a>'
+                    if row in pictures
+                    else ""
+                )
                 label = "" if labels is None else ("defective, " if labels[row] else "good, ")
-                out.write(f'<div class="card"><img alt="" src="{_thumbnail(image)}"><div>{html.escape(filenames[row])}'
-                          f'</div><div>{label}score {scores[row]:.5f}</div>'
-                          f'<div class="outcome"></div>{extra}</div>\n')
+                out.write(
+                    f'<div class="card"><img alt="" src="{_thumbnail(image)}"><div>{html.escape(filenames[row])}'
+                    f"</div><div>{label}score {scores[row]:.5f}</div>"
+                    f'<div class="outcome"></div>{extra}</div>\n'
+                )
         out.write(f"""</div>
 <script type="application/json" id="data">{data}</script>
 <script>{_SCRIPT}</script>

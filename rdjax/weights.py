@@ -17,8 +17,9 @@ import re
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 from flax import traverse_util
@@ -76,7 +77,9 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     except PortError:
         raise
     except Exception as e:  # corrupt, truncated or foreign files surface here
-        raise PortError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt file'})") from None
+        raise PortError(
+            f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt file'})"
+        ) from None
     raise PortError(f"{path}: unknown weights format {suffix!r}; use .pth, .pt, .safetensors or .npz")
 
 
@@ -127,7 +130,7 @@ def convert(
     Keys of ``state_dict`` under ``prefix`` are consumed; the rest are left to the caller.
     Raises PortError naming each missing key, unexpected key and shape mismatch.
     """
-    own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     used: set[str] = set()
     problems: list[str] = []
     out: dict[str, dict[tuple[str, ...], np.ndarray]] = {}
@@ -145,7 +148,9 @@ def convert(
             if got != want:
                 problems.append(f"key {prefix + key!r} has shape {got}, expected {want}")
                 continue
-            out[collection][path] = np.array(_to_flax(path[-1], own[key]), dtype=np.float32)  # a copy: never alias the source
+            out[collection][path] = np.array(
+                _to_flax(path[-1], own[key]), dtype=np.float32
+            )  # a copy: never alias the source
     for key in sorted(set(own) - used):
         if not ignore(key):
             problems.append(f"unexpected key {prefix + key!r} with shape {tuple(own[key].shape)}")
@@ -209,4 +214,6 @@ def _check_hash(path: Path, named: Path) -> None:
         while chunk := f.read(1 << 20):
             sha.update(chunk)
     if not sha.hexdigest().startswith(prefix):
-        raise PortError(f"{named}: SHA-256 {sha.hexdigest()[:12]}... does not start with {prefix!r}; the file is corrupt")
+        raise PortError(
+            f"{named}: SHA-256 {sha.hexdigest()[:12]}... does not start with {prefix!r}; the file is corrupt"
+        )

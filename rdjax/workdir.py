@@ -20,8 +20,9 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import flax.serialization
 import jax
@@ -52,7 +53,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     removed when it fails: readers see the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")  # same suffix: PIL picks the format by it
+    tmp = path.with_name(
+        f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}"
+    )  # same suffix: PIL picks the format by it
     try:
         yield tmp
         os.replace(tmp, path)
@@ -91,7 +94,9 @@ def check_writable(directory: Path, need_bytes: int = 0) -> None:
         raise WorkdirError(f"{directory}: not writable ({e.strerror or e})") from None
     free = shutil.disk_usage(directory).free
     if free < need_bytes:
-        raise WorkdirError(f"{directory}: only {free / 2**20:.0f} MiB free, a checkpoint needs about {need_bytes / 2**21:.0f} MiB")
+        raise WorkdirError(
+            f"{directory}: only {free / 2**20:.0f} MiB free, a checkpoint needs about {need_bytes / 2**21:.0f} MiB"
+        )
 
 
 # ----------------------------------------------------------------------------- config
@@ -169,8 +174,9 @@ def restore_state(manager: ocp.CheckpointManager, template: Any, step: int | Non
     return flax.serialization.from_state_dict(template, restored["state"])
 
 
-def restore_student(workdir: str | os.PathLike, student_shapes: Any, sharding: jax.sharding.Sharding,
-                    step: int | None = None) -> tuple[int, Any]:
+def restore_student(
+    workdir: str | os.PathLike, student_shapes: Any, sharding: jax.sharding.Sharding, step: int | None = None
+) -> tuple[int, Any]:
     """(step, student variables) of a checkpoint, without the optimizer state: evaluation
     and inference need no optimizer, so they never build one."""
     with checkpoint_manager(workdir, create=False) as manager:
@@ -179,10 +185,13 @@ def restore_student(workdir: str | os.PathLike, student_shapes: Any, sharding: j
             raise WorkdirError(f"{_abs(workdir) / CHECKPOINTS}: no checkpoint")
         target = {
             "step": jax.ShapeDtypeStruct((), np.int32, sharding=sharding),
-            **{k: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), v)
-               for k, v in student_shapes.items()},
+            **{
+                k: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), v)
+                for k, v in student_shapes.items()
+            },
         }
-        args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                      partial_restore=True)
+        args = ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        )
         restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
     return int(restored["step"]), {k: restored[k] for k in student_shapes}

@@ -48,13 +48,23 @@ def synthetic_data(tmp_path_factory):
 
     made: dict[tuple, Path] = {}
 
-    def make(categories: tuple[str, ...] = ("disk",), size: int = 64, num_train: int = 16, num_test_good: int = 4,
-             num_per_defect: int = 3) -> Path:
+    def make(
+        categories: tuple[str, ...] = ("disk",),
+        size: int = 64,
+        num_train: int = 16,
+        num_test_good: int = 4,
+        num_per_defect: int = 3,
+    ) -> Path:
         key = (categories, size, num_train, num_test_good, num_per_defect)
         if key not in made:
-            made[key] = synthetic.generate(tmp_path_factory.mktemp("synthetic"), categories=categories, size=size,
-                                           num_train=num_train, num_test_good=num_test_good,
-                                           num_per_defect=num_per_defect)
+            made[key] = synthetic.generate(
+                tmp_path_factory.mktemp("synthetic"),
+                categories=categories,
+                size=size,
+                num_train=num_train,
+                num_test_good=num_test_good,
+                num_per_defect=num_per_defect,
+            )
         return made[key]
 
     return make
@@ -82,8 +92,14 @@ def small_config(root: Path, category: str = "disk", **overrides):
 
 def data_flags(root: Path, category: str = "disk") -> list[str]:
     """Command-line flags equal to small_config(root, category)."""
-    return ["--config=synthetic", f"--config.dataset.root={root}", f"--config.dataset.data_dir={root / '_tfds'}",
-            f"--config.dataset.category={category}", "--config.image_size=64", "--config.num_epochs=1"]
+    return [
+        "--config=synthetic",
+        f"--config.dataset.root={root}",
+        f"--config.dataset.data_dir={root / '_tfds'}",
+        f"--config.dataset.category={category}",
+        "--config.image_size=64",
+        "--config.num_epochs=1",
+    ]
 
 
 # ----------------------------------------------------------------------------- running the CLI
@@ -131,7 +147,7 @@ def cpu_devices_env(devices: int) -> dict:
 # ----------------------------------------------------------------------------- torch references
 
 
-def randomize_batchnorm(module: "torch.nn.Module", seed: int) -> None:
+def randomize_batchnorm(module: torch.nn.Module, seed: int) -> None:
     """Give every BatchNorm random affine parameters and running statistics, so that
     a port that confuses or drops them cannot pass."""
     g = torch.Generator().manual_seed(seed)
@@ -169,7 +185,7 @@ def random_variables(model, image_size: int, seed: int, dtype=np.float64):
     return tuple(jax.tree_util.tree_map_with_path(fill, tree) for tree in shapes)
 
 
-def state_dict_numpy(module: "torch.nn.Module") -> dict[str, np.ndarray]:
+def state_dict_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
 
 
@@ -188,15 +204,19 @@ def restore_state(workdir: Path, arch: str = "resnet18", name: str = "rd4ad"):
     optimizer at the default config)."""
     import jax
 
-    from rdjax import config as config_lib, steps, workdir as workdir_lib
+    from rdjax import config as config_lib
+    from rdjax import steps
+    from rdjax import workdir as workdir_lib
     from rdjax.registry import MODELS
 
     model = MODELS.get(name)(arch)
     student = model.abstract_variables()[1]
     tx = model.optimizer(config_lib.defaults())
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever topology saved it
-    template = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
-                                      jax.eval_shape(lambda: steps.create_train_state(student, tx)))
+    template = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
+        jax.eval_shape(lambda: steps.create_train_state(student, tx)),
+    )
     with workdir_lib.checkpoint_manager(workdir, create=False) as manager:
         return workdir_lib.restore_state(manager, template), manager.latest_step()
 
@@ -210,7 +230,8 @@ def _shared_run(tmp_path_factory, worker_id, name: str, **overrides):
 
     from filelock import FileLock
 
-    from rdjax import train, workdir as workdir_lib
+    from rdjax import train
+    from rdjax import workdir as workdir_lib
     from rdjax.data import synthetic
 
     base = tmp_path_factory.getbasetemp()

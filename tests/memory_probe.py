@@ -10,8 +10,9 @@ import sys
 import tracemalloc
 from pathlib import Path
 
-from conftest import small_config
 from rdjax import train
+
+from conftest import small_config
 
 
 def peak(root: Path, workdir: Path) -> int:

@@ -9,18 +9,23 @@ import sys
 import jax
 import numpy as np
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from rdjax import config as config_lib
+from rdjax import steps
+from rdjax.models import RDPP
 
 from conftest import random_variables
-from rdjax import config as config_lib, steps
-from rdjax.models import RDPP
 
 jax.config.update("jax_enable_x64", True)  # float64: the reference precision of these checks
 SIZE = 32
 
 
 def _flat(prefix: str, tree) -> dict:
-    return {f"{prefix}/{k}": np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(tree), sep="/").items()}
+    return {
+        f"{prefix}/{k}": np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(tree), sep="/").items()
+    }
 
 
 def run() -> dict:

@@ -15,11 +15,13 @@ import sys
 import jax
 import numpy as np
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from conftest import random_variables
 from rdjax import steps
 from rdjax.models import RD4AD
+
+from conftest import random_variables
 
 jax.config.update("jax_enable_x64", True)  # float64: the reference precision of these checks
 SIZE = 32  # the smallest input the network takes: the checks are about sharding, not resolution
@@ -32,7 +34,9 @@ def _meshes():
 
 
 def _flat(prefix: str, tree) -> dict:
-    return {f"{prefix}/{k}": np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(tree), sep="/").items()}
+    return {
+        f"{prefix}/{k}": np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(tree), sep="/").items()
+    }
 
 
 def _cast(tree, dtype):
@@ -43,8 +47,13 @@ def _setup(dtype: str, batches: int):
     model = RD4AD("resnet18", dtype)
     teacher_vars, student_vars = random_variables(RD4AD("resnet18"), SIZE, seed=0, dtype=dtype)
     features = jax.jit(model.teacher_features)
-    feats = [_cast(features(teacher_vars, np.asarray(jax.random.normal(jax.random.key(i + 1), (8, SIZE, SIZE, 3)), dtype)),
-                   dtype) for i in range(batches)]
+    feats = [
+        _cast(
+            features(teacher_vars, np.asarray(jax.random.normal(jax.random.key(i + 1), (8, SIZE, SIZE, 3)), dtype)),
+            dtype,
+        )
+        for i in range(batches)
+    ]
     return model, student_vars, feats
 
 

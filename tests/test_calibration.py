@@ -70,8 +70,9 @@ def test_normalized_scores_formula():
 def test_explanation_masks_hand_cases():
     amap = np.array([[0.1, 0.3], [0.6, 0.2]], np.float32)
     low_peak = np.array([[0.1, 0.2], [0.25, 0.2]], np.float32)  # resizing left its peak below 0.3
-    masks = calibration.explanation_masks([amap, amap, low_peak], np.array([True, False, True]),
-                                          pixel_threshold=0.7, image_threshold=0.3)
+    masks = calibration.explanation_masks(
+        [amap, amap, low_peak], np.array([True, False, True]), pixel_threshold=0.7, image_threshold=0.3
+    )
     np.testing.assert_array_equal(masks[0], [[False, True], [True, False]])  # reaches the image threshold
     assert not masks[1].any()  # normal, nothing above the pixel threshold
     np.testing.assert_array_equal(masks[2], [[False, False], [True, False]])  # the peak alone

@@ -14,18 +14,21 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import data_flags, rdjax_cli
-from rdjax import config as config_lib, workdir as workdir_lib
+from rdjax import config as config_lib
+from rdjax import workdir as workdir_lib
 from rdjax.data import mvtec
 from rdjax.errors import ConfigError, WorkdirError
+
+from conftest import data_flags, rdjax_cli
 
 
 @pytest.fixture
 def root(synthetic_data, tmp_path):
     """A private copy of a tiny dataset, for tests that break it."""
     copy = tmp_path / "data"
-    shutil.copytree(synthetic_data(num_train=8, num_test_good=2, num_per_defect=2), copy,
-                    ignore=shutil.ignore_patterns("_tfds"))
+    shutil.copytree(
+        synthetic_data(num_train=8, num_test_good=2, num_per_defect=2), copy, ignore=shutil.ignore_patterns("_tfds")
+    )
     return copy
 
 
@@ -120,7 +123,9 @@ def test_eval_of_a_wrong_workdir_creates_nothing(root, tmp_path):
 
 def test_output_paths_that_cannot_be_written(root, tmp_path):
     (tmp_path / "file").write_text("")
-    error = rdjax_cli("predict", f"--workdir={tmp_path}", f"--input={root}", f"--output={tmp_path / 'file'}").error_line()
+    error = rdjax_cli(
+        "predict", f"--workdir={tmp_path}", f"--input={root}", f"--output={tmp_path / 'file'}"
+    ).error_line()
     assert "exists and is not a folder" in error
     error = rdjax_cli("export", f"--workdir={tmp_path}", f"--out={tmp_path / 'no' / 'm.jaxexport'}").error_line()
     assert "no such folder for --out" in error
@@ -185,7 +190,7 @@ def test_image_kinds_that_are_not_errors(root, tmp_path):
         "gray.png": rgb.convert("L"),
         "rgba.png": rgb.convert("RGBA"),
         "palette.png": rgb.convert("P"),
-        "sixteen.png": Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)),
+        "sixteen.png": Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257),
         "photo.jpg": rgb,
         "bitmap.bmp": rgb,
         "UPPER.PNG": rgb,

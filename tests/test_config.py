@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 from rdjax import config as config_lib
 from rdjax.errors import ConfigError
 from rdjax.registry import DATASETS, EVALUATORS, MODELS, Registry
+
+from conftest import ROOT
 
 
 def _load(path: Path):
@@ -49,7 +50,15 @@ def test_mvtec_config_holds_the_papers_settings():
     """The official main.py's values (shared design notes)."""
     c = _load(config_lib.resolve("mvtec"))
     assert (c.model.arch, c.image_size, c.batch_size, c.num_epochs, c.learning_rate, c.adam_b1, c.adam_b2, c.seed) == (
-        "wide_resnet50_2", 256, 16, 200, 0.005, 0.5, 0.999, 111)
+        "wide_resnet50_2",
+        256,
+        16,
+        200,
+        0.005,
+        0.5,
+        0.999,
+        111,
+    )
     assert (c.map_mode, c.blur_sigma, c.eval_every) == ("add", 4.0, 10)
 
 
@@ -62,8 +71,11 @@ def test_saved_configs_take_defaults_for_new_keys():
 
 def test_checks_name_the_key():
     config = config_lib.defaults()
-    for key, value, message in (("dtype", "float16", "config.dtype='float16'"), ("num_epochs", 0, "config.num_epochs=0"),
-                                ("map_mode", "max", "config.map_mode='max'")):
+    for key, value, message in (
+        ("dtype", "float16", "config.dtype='float16'"),
+        ("num_epochs", 0, "config.num_epochs=0"),
+        ("map_mode", "max", "config.map_mode='max'"),
+    ):
         bad = config.copy_and_resolve_references()
         bad[key] = value
         with pytest.raises(ConfigError, match=message):

@@ -24,8 +24,12 @@ def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
 
 
 def test_synthetic_is_deterministic(tmp_path):
-    a = synthetic.generate(tmp_path / "a", categories=("weave",), size=32, num_train=2, num_test_good=1, num_per_defect=1)
-    b = synthetic.generate(tmp_path / "b", categories=("weave",), size=32, num_train=2, num_test_good=1, num_per_defect=1)
+    a = synthetic.generate(
+        tmp_path / "a", categories=("weave",), size=32, num_train=2, num_test_good=1, num_per_defect=1
+    )
+    b = synthetic.generate(
+        tmp_path / "b", categories=("weave",), size=32, num_train=2, num_test_good=1, num_per_defect=1
+    )
     files_a = sorted(p.relative_to(a) for p in a.rglob("*.png"))
     assert files_a == sorted(p.relative_to(b) for p in b.rglob("*.png"))
     assert len(files_a) == 2 + 1 + 3 * 2
@@ -39,7 +43,9 @@ def test_synthetic_masks_are_exactly_the_changed_pixels(category, kind):
     rng = np.random.default_rng(0)
     img, center, spread = synthetic._sample(rng, category, 128)
     mask = synthetic._defect_mask(rng, kind, 128, center, spread)
-    changed = np.any(synthetic._to_uint8(synthetic._apply_defect(rng, img, mask, kind)) != synthetic._to_uint8(img), axis=-1)
+    changed = np.any(
+        synthetic._to_uint8(synthetic._apply_defect(rng, img, mask, kind)) != synthetic._to_uint8(img), axis=-1
+    )
     assert mask.sum() > 20
     assert not np.any(changed & ~mask)  # nothing outside the mask changed
     assert changed[mask].mean() > 0.97  # (a pixel may by chance round to its old value)
@@ -154,8 +160,9 @@ def test_processes_own_disjoint_rows_that_cover_their_columns():
 
 def test_grain_batches_decode_each_requested_row_once():
     images = np.arange(9, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
-    split = preprocess.Split.from_arrays(images, np.zeros((9, 2, 2), bool), np.zeros(9), ["good"] * 9,
-                                         [str(i) for i in range(9)])
+    split = preprocess.Split.from_arrays(
+        images, np.zeros((9, 2, 2), bool), np.zeros(9), ["good"] * 9, [str(i) for i in range(9)]
+    )
     before = pipeline.decoded["unit"]
     rows = [np.array([4, 2, 7]), np.array([0, 8, 8])]
     out = list(pipeline.load_batches(split, rows, "unit", with_masks=True))
@@ -187,12 +194,15 @@ def test_official_tar_archive_is_accepted(synth_root, tmp_path):
     archive = tmp_path / "mvtec_anomaly_detection.tar.xz"
     with tarfile.open(archive, "w:xz") as tar:
         tar.add(synth_root / "disk", arcname="disk")
-    config = ml_collections.ConfigDict({"name": "mvtec", "root": str(archive), "data_dir": str(tmp_path / "cache"),
-                                        "category": "all"})
+    config = ml_collections.ConfigDict(
+        {"name": "mvtec", "root": str(archive), "data_dir": str(tmp_path / "cache"), "category": "all"}
+    )
     dataset = data.build(config)
     assert dataset.categories() == ["disk"]
     root = dataset.root
-    assert (root / "disk/ground_truth/hole/001_mask.png").read_bytes() == (synth_root / "disk/ground_truth/hole/001_mask.png").read_bytes()
+    assert (root / "disk/ground_truth/hole/001_mask.png").read_bytes() == (
+        synth_root / "disk/ground_truth/hole/001_mask.png"
+    ).read_bytes()
     mtime = root.stat().st_mtime_ns
     assert data.build(config).root == root and root.stat().st_mtime_ns == mtime  # extracted once, reused
     train, test = dataset.load("disk", 32)
@@ -202,7 +212,11 @@ def test_official_tar_archive_is_accepted(synth_root, tmp_path):
 def test_hold_out_is_disjoint_and_a_function_of_the_seed():
     split = preprocess.Split.from_arrays(
         np.arange(10)[:, None, None, None].astype(np.uint8) * np.ones((1, 2, 2, 3), np.uint8),
-        np.zeros((10, 2, 2), bool), np.zeros(10, np.int32), ["good"] * 10, [f"{i}.png" for i in range(10)])
+        np.zeros((10, 2, 2), bool),
+        np.zeros(10, np.int32),
+        ["good"] * 10,
+        [f"{i}.png" for i in range(10)],
+    )
     kept, held = data.hold_out(split, 3, seed=111)
     assert len(kept) == 7 and len(held) == 3
     assert sorted(kept.filenames + held.filenames) == sorted(split.filenames)

@@ -12,9 +12,10 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import rdjax
-from conftest import rdjax_cli, small_config
 from rdjax import data, train
 from rdjax.errors import DataError
+
+from conftest import rdjax_cli, small_config
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,18 @@ def visa_root(source, tmp_path_factory):
         for i, p in enumerate(defects):
             Image.open(p).convert("RGB").save(base / "Images/Anomaly" / f"{i:03d}.JPG", quality=95)
             gt = source / "disk/ground_truth" / p.parent.name / f"{p.stem}_mask.png"
-            Image.fromarray((np.asarray(Image.open(gt)) > 0).astype(np.uint8)).save(base / "Masks/Anomaly" / f"{i:03d}.png")
-            rows.append([category, "test", "anomaly", f"{category}/Data/Images/Anomaly/{i:03d}.JPG",
-                         f"{category}/Data/Masks/Anomaly/{i:03d}.png"])
+            Image.fromarray((np.asarray(Image.open(gt)) > 0).astype(np.uint8)).save(
+                base / "Masks/Anomaly" / f"{i:03d}.png"
+            )
+            rows.append(
+                [
+                    category,
+                    "test",
+                    "anomaly",
+                    f"{category}/Data/Images/Anomaly/{i:03d}.JPG",
+                    f"{category}/Data/Masks/Anomaly/{i:03d}.png",
+                ]
+            )
     (root / "split_csv").mkdir()
     with open(root / "split_csv" / "1cls.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -68,7 +78,9 @@ def reevaluate(workdir, split):
 
 
 def test_visa_split_and_masks(visa_root, source, tmp_path):
-    config = dataset_config(tmp_path, name="visa", root=str(visa_root), category="pcb1", data_dir=str(tmp_path / "tfds"))
+    config = dataset_config(
+        tmp_path, name="visa", root=str(visa_root), category="pcb1", data_dir=str(tmp_path / "tfds")
+    )
     assert data.build(dict_with(config.dataset, category="all")).categories() == ["candle", "pcb1"]
     train_split, test = data.build(config.dataset).load("pcb1", 64)
     assert len(train_split) == 8 and len(test) == 3 + 6
@@ -80,7 +92,9 @@ def test_visa_split_and_masks(visa_root, source, tmp_path):
 
 
 def test_visa_unknown_category(visa_root, tmp_path):
-    config = dataset_config(tmp_path, name="visa", root=str(visa_root), category="fryum", data_dir=str(tmp_path / "tfds"))
+    config = dataset_config(
+        tmp_path, name="visa", root=str(visa_root), category="fryum", data_dir=str(tmp_path / "tfds")
+    )
     with pytest.raises(DataError, match="no rows for category 'fryum'; found: candle, pcb1"):
         data.build(config.dataset).load("fryum", 64)
 
@@ -88,18 +102,27 @@ def test_visa_unknown_category(visa_root, tmp_path):
 @pytest.mark.slow
 def test_visa_all_categories_through_the_cli(visa_root, tmp_path):
     result = rdjax_cli(
-        "train", "--config=visa", f"--workdir={tmp_path / 'w'}", f"--config.dataset.root={visa_root}",
-        "--config.dataset.category=all", f"--config.dataset.data_dir={tmp_path / 'tfds'}",
-        "--config.model.arch=resnet18", "--config.model.teacher_weights=none", "--config.image_size=64",
-        "--config.num_epochs=1", "--config.batch_size=8")  # VisA's 16: more than these 8 training images
+        "train",
+        "--config=visa",
+        f"--workdir={tmp_path / 'w'}",
+        f"--config.dataset.root={visa_root}",
+        "--config.dataset.category=all",
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+        "--config.model.arch=resnet18",
+        "--config.model.teacher_weights=none",
+        "--config.image_size=64",
+        "--config.num_epochs=1",
+        "--config.batch_size=8",
+    )  # VisA's 16: more than these 8 training images
     assert result.code == 0, result.stderr[-3000:]
     table = (tmp_path / "w" / "results.md").read_text()
     assert "| candle |" in table and "| pcb1 |" in table and "**mean**" in table
     assert table in result.stdout
     metrics = json.loads((tmp_path / "w" / "pcb1" / "metrics.json").read_text())
     assert metrics["num_images"] == 9
-    _, test = data.build(dict_with(small_config(tmp_path).dataset, name="visa", root=str(visa_root),
-                                   data_dir=str(tmp_path / "tfds"))).load("pcb1", 64)
+    _, test = data.build(
+        dict_with(small_config(tmp_path).dataset, name="visa", root=str(visa_root), data_dir=str(tmp_path / "tfds"))
+    ).load("pcb1", 64)
     maps, _ = reevaluate(tmp_path / "w" / "pcb1", test)
     assert metrics["pixel_auroc"] == pytest.approx(roc_auc_score(test.masks().ravel(), maps.ravel()), abs=1e-6)
 
@@ -120,10 +143,19 @@ def test_folder_dataset(source, tmp_path, with_masks):
     for p in sorted((source / "disk/test").glob("[!g]*/*.png")):
         name = f"{p.parent.name}_{p.stem}"
         (anomalous / f"{name}.png").write_bytes(p.read_bytes())
-        (masks / f"{name}_mask.png").write_bytes((source / "disk/ground_truth" / p.parent.name / f"{p.stem}_mask.png").read_bytes())
-    config = dataset_config(tmp_path, name="folder", category="parts", data_dir=str(tmp_path / "tfds"),
-                            train_dir=str(source / "disk/train/good"), test_good_dir=str(source / "disk/test/good"),
-                            test_anomalous_dir=str(anomalous), mask_dir=str(masks) if with_masks else "")
+        (masks / f"{name}_mask.png").write_bytes(
+            (source / "disk/ground_truth" / p.parent.name / f"{p.stem}_mask.png").read_bytes()
+        )
+    config = dataset_config(
+        tmp_path,
+        name="folder",
+        category="parts",
+        data_dir=str(tmp_path / "tfds"),
+        train_dir=str(source / "disk/train/good"),
+        test_good_dir=str(source / "disk/test/good"),
+        test_anomalous_dir=str(anomalous),
+        mask_dir=str(masks) if with_masks else "",
+    )
     result = train.train_and_evaluate(config, tmp_path / "w")
     assert result["num_images"] == 3 + 6 and result["num_defective"] == 6
     _, test = data.build(config.dataset).load("parts", 64)

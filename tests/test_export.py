@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import rdjax
+
 from conftest import rdjax_cli, rel_err, subprocess_run
 
 
@@ -64,10 +65,14 @@ def test_jax_export_declares_three_platforms_and_runs_without_rdjax(setup, jax_f
         np.testing.assert_allclose(np.asarray(scores), want_scores[:n], rtol=1e-5)
     # Identical decisions to predict's on every test image: the threshold lies midway
     # between two calibration scores, far beyond float32 rounding.
-    np.testing.assert_array_equal(_decisions(exported.call(batch)[1], meta), rdjax.load(work).predict(list(batch)).decisions)
-    code = ("import sys; sys.modules['rdjax'] = None; import numpy as np; from jax import export; "
-            f"e = export.deserialize(open({str(out)!r}, 'rb').read()); "
-            "m, s = e.call(np.zeros((3, 64, 64, 3), np.uint8)); print(m.shape, s.shape)")
+    np.testing.assert_array_equal(
+        _decisions(exported.call(batch)[1], meta), rdjax.load(work).predict(list(batch)).decisions
+    )
+    code = (
+        "import sys; sys.modules['rdjax'] = None; import numpy as np; from jax import export; "
+        f"e = export.deserialize(open({str(out)!r}, 'rb').read()); "
+        "m, s = e.call(np.zeros((3, 64, 64, 3), np.uint8)); print(m.shape, s.shape)"
+    )
     run = subprocess_run(sys.executable, "-c", code, cwd=tmp_path)  # rdjax cannot be imported there
     assert run.returncode == 0, run.stderr[-2000:]
     assert "(3, 64, 64) (3,)" in run.stdout
@@ -138,8 +143,10 @@ def test_half_precision_weights_halve_the_file_and_keep_the_maps(setup, jax_file
 
 def test_bad_export_flags_are_one_line_errors(trained, tmp_path):
     work = trained[1]
-    for flag, message in (("--format=tflite", "--format=tflite: choose one of jax, onnx"),
-                          ("--weights_dtype=int8", "--weights_dtype=int8: choose one of float32, float16, bfloat16")):
+    for flag, message in (
+        ("--format=tflite", "--format=tflite: choose one of jax, onnx"),
+        ("--weights_dtype=int8", "--weights_dtype=int8: choose one of float32, float16, bfloat16"),
+    ):
         result = rdjax_cli("export", f"--workdir={work}", f"--out={tmp_path / 'm'}", flag)
         assert message in result.error_line()
         assert not list(tmp_path.iterdir())  # nothing written

@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import random_variables
 from rdjax import features
 from rdjax.errors import ConfigError
+
+from conftest import random_variables
 
 
 @pytest.mark.slow  # a second whole training run in this process
@@ -112,8 +113,9 @@ def test_off_step_equals_the_cached_step_in_float64():
         teacher = jax.jit(features.teacher_fn(model, True))
         # Committed, replicated states (as train.py makes them): an uncommitted first
         # argument would compile each step twice.
-        a, b = (jax.device_put(steps.create_train_state(student_vars, tx), sharding.replicated(mesh))
-                for _ in range(2))  # each step donates its own
+        a, b = (
+            jax.device_put(steps.create_train_state(student_vars, tx), sharding.replicated(mesh)) for _ in range(2)
+        )  # each step donates its own
         for x in images:
             a, loss_a = off(a, teacher_vars, x)
             b, loss_b = cached(b, teacher(teacher_vars, x))

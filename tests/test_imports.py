@@ -21,12 +21,26 @@ PACKAGE = Path(rdjax.__file__).parent
 RANKS = [
     {"rdjax.errors", "rdjax.registry"},
     {"rdjax.weights", "rdjax.sharding", "rdjax.configs"},
-    {"rdjax.models.lowering", "rdjax.models.layers", "rdjax.models.resnet", "rdjax.models.rd4ad",
-     "rdjax.models.sinkhorn", "rdjax.models.rdpp", "rdjax.models"},
+    {
+        "rdjax.models.lowering",
+        "rdjax.models.layers",
+        "rdjax.models.resnet",
+        "rdjax.models.rd4ad",
+        "rdjax.models.sinkhorn",
+        "rdjax.models.rdpp",
+        "rdjax.models",
+    },
     {"rdjax.config"},
     {"rdjax.workdir"},
-    {"rdjax.data.preprocess", "rdjax.data.pipeline", "rdjax.data", "rdjax.data.mvtec", "rdjax.data.layouts",
-     "rdjax.data.novelty", "rdjax.data.synthetic"},
+    {
+        "rdjax.data.preprocess",
+        "rdjax.data.pipeline",
+        "rdjax.data",
+        "rdjax.data.mvtec",
+        "rdjax.data.layouts",
+        "rdjax.data.novelty",
+        "rdjax.data.synthetic",
+    },
     {"rdjax.teacher", "rdjax.features"},
     {"rdjax.steps"},
     {"rdjax.maps", "rdjax.tiling"},
@@ -71,8 +85,9 @@ def edges() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
-                           for a in node.names]
+                targets = [
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module for a in node.names
+                ]
             else:
                 continue
             graph[name] |= {t for t in targets if t in known and t != name}
@@ -90,7 +105,9 @@ def test_there_is_no_import_cycle():
     def visit(node: str, stack: list[str]) -> None:
         state[node] = 1
         for nxt in sorted(graph[node]):
-            assert state.get(nxt) != 1, "import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]) if nxt in stack else nxt
+            assert state.get(nxt) != 1, (
+                "import cycle: " + " -> ".join(stack[stack.index(nxt) :] + [nxt]) if nxt in stack else nxt
+            )
             if nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = 2
@@ -111,7 +128,9 @@ def test_the_check_finds_a_cycle(tmp_path, monkeypatch):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "errors.py").write_text("from rdjax import registry\n")
-    (pkg / "registry.py").write_text("def f():\n    import rdjax.errors\n\n\nif __name__ == '__main__':\n    import rdjax\n")
+    (pkg / "registry.py").write_text(
+        "def f():\n    import rdjax.errors\n\n\nif __name__ == '__main__':\n    import rdjax\n"
+    )
     monkeypatch.setattr(__import__(__name__), "PACKAGE", pkg)
     assert edges() == {"rdjax": set(), "rdjax.errors": {"rdjax.registry"}, "rdjax.registry": {"rdjax.errors"}}
     try:

@@ -14,8 +14,9 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import rdjax
-from conftest import rdjax_cli, small_config
 from rdjax import calibration, data, train
+
+from conftest import rdjax_cli, small_config
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,10 @@ def test_predict_accepts_every_input_kind(workdir, model):
     cal = model.calibration
     assert mixed.decisions.dtype == bool
     np.testing.assert_array_equal(mixed.decisions, mixed.scores >= cal["image_threshold"])
-    np.testing.assert_allclose(mixed.normalized_scores, calibration.normalize_scores(
-        mixed.scores, cal["image_threshold"], cal["score_min"], cal["score_max"]))
+    np.testing.assert_allclose(
+        mixed.normalized_scores,
+        calibration.normalize_scores(mixed.scores, cal["image_threshold"], cal["score_min"], cal["score_max"]),
+    )
     normalized = model.normalized_map(mixed.maps[1])
     above = normalized >= 0.5  # 0.5 is the pixel threshold
     if mixed.decisions[1]:  # an anomalous image also shows where its map reaches the image threshold
@@ -126,8 +129,9 @@ def test_predict_command(workdir, tmp_path):
 @pytest.mark.slow
 def test_quantile_threshold_from_held_out_images(workdir, tmp_path):
     _, root, _ = workdir
-    config = small_config(root, **{"threshold.method": "quantile", "threshold.validation_size": 8,
-                                   "threshold.quantile": 0.75})
+    config = small_config(
+        root, **{"threshold.method": "quantile", "threshold.validation_size": 8, "threshold.quantile": 0.75}
+    )
     train.train_and_evaluate(config, tmp_path / "q")
     cal = json.loads((tmp_path / "q" / "calibration.json").read_text())
     assert cal["method"] == "quantile" and cal["source"] == "8 held-out train/good images"
@@ -135,7 +139,9 @@ def test_quantile_threshold_from_held_out_images(workdir, tmp_path):
     train_split, _ = data.build(config.dataset).load("disk", 64)
     held = data.hold_out(train_split, 8, config.seed)[1]
     scores = model.predict_resized(held.images())[1]
-    assert cal["image_threshold"] == pytest.approx(calibration.midway(scores, float(np.quantile(scores, 0.75))), rel=1e-6)
+    assert cal["image_threshold"] == pytest.approx(
+        calibration.midway(scores, float(np.quantile(scores, 0.75))), rel=1e-6
+    )
     assert json.loads((tmp_path / "q" / "train_log.json").read_text())[0]["step"] == 1  # 8 images left, batch 8
 
 
@@ -143,7 +149,9 @@ def test_predict_on_a_missing_workdir_or_a_bad_dtype_writes_nothing(workdir, tmp
     inputs = f"--input={workdir[1] / 'disk' / 'test'}"
     error = rdjax_cli("predict", f"--workdir={tmp_path / 'nowhere'}", inputs, f"--output={tmp_path / 'o'}").error_line()
     assert "no config.json" in error
-    error = rdjax_cli("predict", f"--workdir={workdir[0]}", "--dtype=float16", inputs, f"--output={tmp_path / 'o'}").error_line()
+    error = rdjax_cli(
+        "predict", f"--workdir={workdir[0]}", "--dtype=float16", inputs, f"--output={tmp_path / 'o'}"
+    ).error_line()
     assert "float16" in error
     error = rdjax_cli("export", f"--workdir={tmp_path / 'nowhere'}", f"--out={tmp_path / 'm'}").error_line()
     assert "no config.json" in error

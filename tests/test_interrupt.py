@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, data_flags, restore_state as restore
+from conftest import ROOT, data_flags
+from conftest import restore_state as restore
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +23,17 @@ pytestmark = pytest.mark.slow
 def command(config, workdir: Path, mode: str = "auto") -> list[str]:
     """The CLI run of the shared trained workdir's config (3 epochs, 6 steps), with a
     checkpoint every epoch, in feature-cache mode ``mode``."""
-    return [sys.executable, "-m", "rdjax.main", *data_flags(Path(config.dataset.root)), f"--workdir={workdir}",
-            f"--config.num_epochs={config.num_epochs}", f"--config.eval_every={config.eval_every}",
-            "--config.checkpoint_every=1", f"--config.feature_cache={mode}"]
+    return [
+        sys.executable,
+        "-m",
+        "rdjax.main",
+        *data_flags(Path(config.dataset.root)),
+        f"--workdir={workdir}",
+        f"--config.num_epochs={config.num_epochs}",
+        f"--config.eval_every={config.eval_every}",
+        "--config.checkpoint_every=1",
+        f"--config.feature_cache={mode}",
+    ]
 
 
 def finished_steps(workdir: Path) -> list[int]:
@@ -41,8 +50,9 @@ def test_sigkill_then_resume_equals_uninterrupted(trained, trained_off, tmp_path
     the shared 'off' run."""
     config, uninterrupted, _ = trained_off if mode == "off" else trained
     workdir = tmp_path / "killed"
-    proc = subprocess.Popen(command(config, workdir, mode), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(config, workdir, mode), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not finished_steps(workdir) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

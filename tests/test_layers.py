@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import nchw_to_nhwc, rel_err
 from rdjax.models.layers import BatchNorm, Conv, ConvTranspose2x2
 from rdjax.models.lowering import conv2d
 from rdjax.weights import convert
+
+from conftest import nchw_to_nhwc, rel_err
 
 TOL = 1e-5
 FLOAT64_TOL = 1e-10
@@ -35,7 +36,9 @@ def _port_single(module: torch.nn.Module, flax_vars):
     return convert(sd, target, ignore=lambda k: k.endswith("num_batches_tracked"))
 
 
-@pytest.mark.parametrize("kernel,stride,cin,cout,size", [(3, 1, 5, 7, 9), (3, 2, 6, 4, 10), (1, 2, 8, 3, 9), (7, 2, 3, 5, 17)])
+@pytest.mark.parametrize(
+    "kernel,stride,cin,cout,size", [(3, 1, 5, 7, 9), (3, 2, 6, 4, 10), (1, 2, 8, 3, 9), (7, 2, 3, 5, 17)]
+)
 def test_conv_matches_torch(kernel, stride, cin, cout, size):
     torch.manual_seed(0)
     ref = torch.nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)

@@ -5,7 +5,8 @@ import pytest
 from scipy import ndimage
 from sklearn import metrics as skm
 
-from rdjax import maps as maps_lib, metrics
+from rdjax import maps as maps_lib
+from rdjax import metrics
 
 
 def brute_force_aupro(maps, masks, limit=0.3):
@@ -127,15 +128,26 @@ def binned(maps, masks):
     hist = {"neg": 0, "pos": 0, "pro": 0}
     regions = 0
     for start in range(0, len(maps), 2):
-        m, k = maps[start:start + 2], masks[start:start + 2]
+        m, k = maps[start : start + 2], masks[start : start + 2]
         weights, counts = zip(*(metrics.region_weights(x) for x in k))
         regions += sum(counts)
-        out = maps_lib.pixel_histograms(jnp.asarray(m, jnp.float32), jnp.asarray(k),
-                                        jnp.asarray(np.stack(weights), jnp.float32), jnp.ones(len(m), bool))
+        out = maps_lib.pixel_histograms(
+            jnp.asarray(m, jnp.float32),
+            jnp.asarray(k),
+            jnp.asarray(np.stack(weights), jnp.float32),
+            jnp.ones(len(m), bool),
+        )
         for key in hist:
             hist[key] = hist[key] + np.asarray(out[key], np.float64)
-    return metrics.PixelStats(lo=float(maps.min()), hi=float(maps.max()), edges=maps_lib.bin_edges(),
-                              neg=hist["neg"], pos=hist["pos"], pro=hist["pro"], num_regions=regions)
+    return metrics.PixelStats(
+        lo=float(maps.min()),
+        hi=float(maps.max()),
+        edges=maps_lib.bin_edges(),
+        neg=hist["neg"],
+        pos=hist["pos"],
+        pro=hist["pro"],
+        num_regions=regions,
+    )
 
 
 def _blobs(rng, n, size):
@@ -144,7 +156,7 @@ def _blobs(rng, n, size):
         for _ in range(rng.integers(1, 4)):
             y, x = rng.integers(0, size - 8, 2)
             h, w = rng.integers(2, 8, 2)
-            masks[i, y:y + h, x:x + w] = True
+            masks[i, y : y + h, x : x + w] = True
     return masks
 
 

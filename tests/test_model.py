@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import nchw_to_nhwc, random_variables
 from rdjax import sharding, steps
 from rdjax.errors import ConfigError
 from rdjax.models import RD4AD
 from rdjax.models.rd4ad import cosine_distance_loss
 from rdjax.registry import MODELS
+
+from conftest import nchw_to_nhwc, random_variables
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +87,10 @@ def test_teacher_is_frozen_through_a_train_step(small):
     assert sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree_util.tree_leaves(g_student["params"])) > 0
 
     # The optimizer state covers student params only.
-    state = jax.device_put(steps.create_train_state(jax.tree_util.tree_map(jnp.copy, student_vars), tx),
-                           sharding.replicated(sharding.make_mesh()))  # committed, as train.py makes it; donated below
+    state = jax.device_put(
+        steps.create_train_state(jax.tree_util.tree_map(jnp.copy, student_vars), tx),
+        sharding.replicated(sharding.make_mesh()),
+    )  # committed, as train.py makes it; donated below
     n_student = sum(x.size for x in jax.tree_util.tree_leaves(student_vars["params"]))
     n_opt = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim > 0)
     assert n_opt == 2 * n_student  # Adam: mu and nu
@@ -102,5 +105,7 @@ def test_teacher_is_frozen_through_a_train_step(small):
     assert set(new_state.params) == {"ocbe", "decoder"}
     # Student params and BN statistics did move; the step counter advanced.
     assert int(new_state.step) == 1
-    moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != b)), new_state.batch_stats, student_vars["batch_stats"])
+    moved = jax.tree_util.tree_map(
+        lambda a, b: bool(np.any(np.asarray(a) != b)), new_state.batch_stats, student_vars["batch_stats"]
+    )
     assert all(jax.tree_util.tree_leaves(moved))

@@ -21,9 +21,17 @@ def test_outline_is_the_masks_edge():
     assert not outputs.outline(full).any()  # the image border does not count as an edge
 
 
-@pytest.mark.parametrize("label,anomalous,want", [(1, True, "true positive"), (0, True, "false positive"),
-                                                  (0, False, "true negative"), (1, False, "false negative"),
-                                                  (0, None, "good"), (1, None, "defective")])
+@pytest.mark.parametrize(
+    "label,anomalous,want",
+    [
+        (1, True, "true positive"),
+        (0, True, "false positive"),
+        (0, False, "true negative"),
+        (1, False, "false negative"),
+        (0, None, "good"),
+        (1, None, "defective"),
+    ],
+)
 def test_outcome(label, anomalous, want):
     assert outputs.outcome(label, anomalous) == want
 

@@ -24,17 +24,19 @@ import pytest
 import torch
 import torchvision
 
-from conftest import nchw_to_nhwc, randomize_batchnorm, rdjax_cli, rel_err, restore_state, state_dict_numpy
-from rdjax import teacher, weights, workdir as workdir_lib
+from rdjax import teacher, weights
+from rdjax import workdir as workdir_lib
 from rdjax.errors import PortError
 from rdjax.models import ARCHS, RD4AD
 from rdjax.models.resnet import IMAGENET_FILES
+
+from conftest import nchw_to_nhwc, randomize_batchnorm, rdjax_cli, rel_err, restore_state, state_dict_numpy
 from torch_reference import TorchDecoder, TorchOCBE, official_state_dict, teacher_features
 
 TOL = 1e-4  # max |diff| / max |torch|, float32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def torch_teacher(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(weights=None)
@@ -86,7 +88,9 @@ def test_student_matches_torch_reference(arch):
     model = RD4AD(arch)
     g = torch.Generator().manual_seed(8)
     c = get_channels(arch)
-    feats = [torch.randn(2, ch, s, s, generator=g) for ch, s in zip(c, (32, 16, 8))]  # 128 px: enough samples per channel for train-mode BN
+    feats = [
+        torch.randn(2, ch, s, s, generator=g) for ch, s in zip(c, (32, 16, 8))
+    ]  # 128 px: enough samples per channel for train-mode BN
     jfeats = tuple(jnp.asarray(nchw_to_nhwc(f)) for f in feats)
     for train in (False, True):
         ocbe.train(train)
@@ -117,7 +121,10 @@ def test_safetensors_and_pth_give_identical_variables(tmp_path):
     torch.save(ref.state_dict(), tmp_path / "w.pth")
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "w.safetensors"))
     np.savez(tmp_path / "w.npz", **state_dict_numpy(ref))
-    variants = [RD4AD("resnet18").port_teacher(weights.read_state_dict(tmp_path / f"w.{ext}")) for ext in ("pth", "safetensors", "npz")]
+    variants = [
+        RD4AD("resnet18").port_teacher(weights.read_state_dict(tmp_path / f"w.{ext}"))
+        for ext in ("pth", "safetensors", "npz")
+    ]
     for other in variants[1:]:
         jax.tree_util.tree_map(np.testing.assert_array_equal, variants[0], other)
 
@@ -256,8 +263,15 @@ def test_cli_teacher_wrong_arch_is_one_line_error(tmp_path):
 def test_cli_model_without_teacher_or_with_a_bad_size_writes_nothing(tmp_path):
     result = rdjax_cli("port", "rd4ad", "--arch=resnet18", f"--src={tmp_path / 'c.pth'}", f"--out={tmp_path / 'w'}")
     assert "needs --teacher" in result.error_line()
-    result = rdjax_cli("port", "rd4ad", "--arch=resnet18", "--teacher=imagenet", f"--src={tmp_path / 'c.pth'}",
-                       f"--out={tmp_path / 'w'}", "--image_size=100")
+    result = rdjax_cli(
+        "port",
+        "rd4ad",
+        "--arch=resnet18",
+        "--teacher=imagenet",
+        f"--src={tmp_path / 'c.pth'}",
+        f"--out={tmp_path / 'w'}",
+        "--image_size=100",
+    )
     assert "not a multiple of 32" in result.error_line()
     assert "'teacher' or a model name" in rdjax_cli("port", "--arch=resnet18", "--src=x", "--out=y").error_line()
     assert not (tmp_path / "w").exists()
@@ -270,8 +284,15 @@ def test_port_command_writes_a_restorable_workdir(tmp_path):
     torch.save(official_state_dict(ocbe, decoder), tmp_path / "ckpt.pth")
     torch.save(torch_teacher("resnet18").state_dict(), tmp_path / "w.pth")
     out = tmp_path / "work"
-    result = rdjax_cli("port", "rd4ad", "--arch=resnet18", f"--teacher={tmp_path / 'w.pth'}",
-                       f"--src={tmp_path / 'ckpt.pth'}", f"--out={out}", "--image-size=64")
+    result = rdjax_cli(
+        "port",
+        "rd4ad",
+        "--arch=resnet18",
+        f"--teacher={tmp_path / 'w.pth'}",
+        f"--src={tmp_path / 'ckpt.pth'}",
+        f"--out={out}",
+        "--image-size=64",
+    )
     assert result.code == 0, result.stderr
     config = workdir_lib.load_config(out)
     assert config.model.arch == "resnet18" and config.model.name == "rd4ad" and config.image_size == 64

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, cpu_devices_env, data_flags, rdjax_cli, restore_state
 from rdjax import maps
 from rdjax.models import RD4AD
+
+from conftest import ROOT, cpu_devices_env, data_flags, rdjax_cli, restore_state
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +26,18 @@ def synth_root(synthetic_data):
 
 
 def _cli(synth_root: Path, workdir: Path, devices: int, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "rdjax.main", *data_flags(synth_root), "--config.eval_batch_size=8",
-           f"--workdir={workdir}", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=cpu_devices_env(devices), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "rdjax.main",
+        *data_flags(synth_root),
+        "--config.eval_batch_size=8",
+        f"--workdir={workdir}",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=cpu_devices_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -49,7 +58,14 @@ def runs(synth_root, tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [
-        _cli(synth_root, base / "p2", 1, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}")
+        _cli(
+            synth_root,
+            base / "p2",
+            1,
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+        )
         for i in range(2)
     ]
     out["stdout"] = [_finish(p) for p in procs]

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import rdjax
-from conftest import small_config
 from rdjax import tiling, train
 from rdjax.data import synthetic
 from rdjax.errors import DataError
+
+from conftest import small_config
 
 
 def test_window_starts_cover_the_length():
@@ -24,7 +25,7 @@ def test_window_starts_cover_the_length():
         s = tiling.starts(length, size, stride)
         covered = np.zeros(length, bool)
         for a in s:
-            covered[a:a + size] = True
+            covered[a : a + size] = True
         assert covered.all() and s[-1] + size == length and np.all(np.diff(s) <= stride)
 
 
@@ -85,9 +86,11 @@ def test_a_small_defect_in_a_large_image_is_found_by_tiling(synthetic_data, tmp_
     assert abs(peak[0] + 32 - 450) <= 8 and abs(peak[1] + 32 - 650) <= 8, peak
     assert tiled.maps[1][inner].max() > tiled.maps[0][inner].max()
     squeezed = model.predict(images)
-    print(f"tile: inner max {[float(m[inner].max()) for m in tiled.maps]}, whole max {tiled.scores}; "
-          f"squeeze: inner max {[float(m[inner].max()) for m in squeezed.maps]}, whole max {squeezed.scores}, "
-          f"inner peak {np.unravel_index(int(np.argmax(squeezed.maps[1][inner])), hole[inner].shape)}")
+    print(
+        f"tile: inner max {[float(m[inner].max()) for m in tiled.maps]}, whole max {tiled.scores}; "
+        f"squeeze: inner max {[float(m[inner].max()) for m in squeezed.maps]}, whole max {squeezed.scores}, "
+        f"inner peak {np.unravel_index(int(np.argmax(squeezed.maps[1][inner])), hole[inner].shape)}"
+    )
 
 
 def _evaluate_on(config, workdir: Path, root: Path, **resize) -> dict[str, float]:
@@ -108,7 +111,8 @@ def test_evaluation_tiles_as_predict_does(trained, synthetic_data, tmp_path):
     """The trained 64 px model evaluated on 128 px images. (1) One 128 px tile per image
     is the squeeze: PIL resizes the same file to 64 px on both paths, so the scores agree
     up to the order of float32 sums (windows and images batch differently): 1e-5 of the
-    score, far below any score gap, plus 1e-6 for scores.csv's six decimals. (2) 64 px tiles with overlap: the evaluation pass
+    score, far below any score gap, plus 1e-6 for scores.csv's six decimals. (2) 64 px
+    tiles with overlap: the evaluation pass
     (this process's device, rdjax.tiling.evaluation_maps) scores every image as
     Model.predict does by default afterwards, since calibration.json records the setting."""
     import json
@@ -124,8 +128,11 @@ def test_evaluation_tiles_as_predict_does(trained, synthetic_data, tmp_path):
     np.testing.assert_allclose([one_tile[k] for k in squeezed], list(squeezed.values()), rtol=1e-5, atol=1e-6)
 
     tiled = _evaluate_on(config, workdir, root, mode="tile", tile_size=64, overlap=8)
-    assert json.loads((workdir / "calibration.json").read_text())["resize"] == {"mode": "tile", "tile_size": 64,
-                                                                                "overlap": 8}
+    assert json.loads((workdir / "calibration.json").read_text())["resize"] == {
+        "mode": "tile",
+        "tile_size": 64,
+        "overlap": 8,
+    }
     files = {f"{p.parent.name}/{p.name}": p for p in (root / "disk" / "test").rglob("*.png")}
     model = rdjax.load(workdir)
     pred = model.predict([str(files[k]) for k in tiled])

@@ -21,9 +21,11 @@ from sklearn.metrics import roc_auc_score
 from torchvision import transforms
 
 import rdjax
-from conftest import data_flags, randomize_batchnorm, rdjax_cli, restore_state, small_config, subprocess_run
-from rdjax import data, metrics, train, workdir as workdir_lib
+from rdjax import data, metrics, train
+from rdjax import workdir as workdir_lib
 from rdjax.data import synthetic
+
+from conftest import data_flags, randomize_batchnorm, rdjax_cli, restore_state, small_config, subprocess_run
 from torch_reference import TorchDecoder, TorchMPL, TorchOCBE, official_state_dict, teacher_features
 
 
@@ -61,9 +63,13 @@ def test_workdir_outputs(trained):
     # from predict's decision on the original file and its folder (the label).
     model = rdjax.load(workdir)
     for picture in pictures:
-        kind = next(k for k in ("true_positive", "false_positive", "true_negative", "false_negative") if k in picture.name)
+        kind = next(
+            k for k in ("true_positive", "false_positive", "true_negative", "false_negative") if k in picture.name
+        )
         folder, stem = picture.stem.split(kind + "_")[1].rsplit("_", 1)
-        anomalous = bool(model.predict(str(Path(config.dataset.root) / "disk" / "test" / folder / f"{stem}.png")).decisions[0])
+        anomalous = bool(
+            model.predict(str(Path(config.dataset.root) / "disk" / "test" / folder / f"{stem}.png")).decisions[0]
+        )
         want = f"{'true' if anomalous == (folder != 'good') else 'false'}_{'positive' if anomalous else 'negative'}"
         assert kind == want, picture.name
     assert Image.open(pictures[0]).size[0] > 2 * config.image_size  # image with truth | decision picture
@@ -82,8 +88,8 @@ def test_workdir_outputs(trained):
     for path in events:
         raw, pos = path.read_bytes(), 0
         while pos < len(raw):
-            length = int.from_bytes(raw[pos:pos + 8], "little")
-            tags |= {v.tag for v in event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length]).summary.value}
+            length = int.from_bytes(raw[pos : pos + 8], "little")
+            tags |= {v.tag for v in event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + length]).summary.value}
             pos += 12 + length + 4
     assert {"train/loss", "eval/image_auroc", "eval/pixel_auroc"} <= tags
 
@@ -114,8 +120,9 @@ def test_binned_metrics_of_a_trained_model_equal_the_exact_ones(trained, tmp_pat
     shutil.copytree(trained_dir, workdir)
     exact = json.loads((workdir / "metrics.json").read_text())
     exact_threshold = json.loads((workdir / "calibration.json").read_text())["pixel_threshold"]
-    out = rdjax_cli("eval", f"--workdir={workdir}", *data_flags(Path(config.dataset.root)),
-                    "--config.exact_metrics_max_pixels=0")
+    out = rdjax_cli(
+        "eval", f"--workdir={workdir}", *data_flags(Path(config.dataset.root)), "--config.exact_metrics_max_pixels=0"
+    )
     assert out.code == 0, out.stderr[-2000:]
     binned = json.loads((workdir / "metrics.json").read_text())
     assert (exact["pixel_metrics"], binned["pixel_metrics"]) == ("exact", "binned")
@@ -135,11 +142,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_p
     config, trained_dir, _ = trained
     workdir = tmp_path / "w"
     shutil.copytree(trained_dir, workdir)
-    out = rdjax_cli("train", f"--workdir={workdir}", *data_flags(Path(config.dataset.root)),
-                    "--config.num_epochs=4", "--config.learning_rate=inf", "--config.feature_cache=disk")
+    out = rdjax_cli(
+        "train",
+        f"--workdir={workdir}",
+        *data_flags(Path(config.dataset.root)),
+        "--config.num_epochs=4",
+        "--config.learning_rate=inf",
+        "--config.feature_cache=disk",
+    )
     assert "non-finite loss" in out.error_line() and "at step 8 (epoch 4)" in out.error_line()
     assert sorted(p.name for p in (workdir / "feature_cache" / "process_0_of_1").iterdir()) == [
-        "complete.json", "scale0.npy", "scale1.npy", "scale2.npy"]
+        "complete.json",
+        "scale0.npy",
+        "scale1.npy",
+        "scale2.npy",
+    ]
     open_files = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
     assert not [f for f in open_files if f.startswith(str(workdir))], open_files
     state, latest = restore_state(workdir)
@@ -159,8 +176,10 @@ def test_a_workdir_written_before_new_config_keys_still_loads(trained, tmp_path)
     config = workdir_lib.load_config(old)
     assert config.model.name == "rd4ad" and tuple(config.evaluators) == ("anomaly", "calibration", "report")
     assert config.dataset.category == "disk"
-    np.testing.assert_array_equal(rdjax.load(old).predict(np.zeros((64, 64, 3), np.uint8)).scores,
-                                  rdjax.load(workdir).predict(np.zeros((64, 64, 3), np.uint8)).scores)
+    np.testing.assert_array_equal(
+        rdjax.load(old).predict(np.zeros((64, 64, 3), np.uint8)).scores,
+        rdjax.load(workdir).predict(np.zeros((64, 64, 3), np.uint8)).scores,
+    )
 
 
 def test_training_again_resumes_and_evaluates_what_is_there(trained, tmp_path):
@@ -178,8 +197,13 @@ def official_evaluation(teacher, ocbe, decoder, root, category: str, size: int, 
     torchvision transforms, map in numpy, scipy blur, pixel lists. With ``proj``, RD++'s
     evaluation_multi_proj: the student reads the projected features (the maps compare it
     with the teacher's own)."""
-    tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    tf = transforms.Compose(
+        [
+            transforms.Resize((size, size)),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     gt_tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
     px_gt, px_pr, sp_gt, sp_pr = [], [], [], []
     for type_dir in sorted((root / category / "test").iterdir()):
@@ -230,8 +254,15 @@ def test_ported_official_model_evaluates_like_the_official_code(synthetic_data, 
         checkpoint["proj"] = proj.state_dict()
     torch.save(checkpoint, tmp_path / "official.pth")
     workdir = tmp_path / "ported"
-    out = rdjax_cli("port", name, "--arch=resnet18", f"--teacher={tmp_path / 'teacher.pth'}",
-                    f"--src={tmp_path / 'official.pth'}", f"--out={workdir}", "--image_size=64")
+    out = rdjax_cli(
+        "port",
+        name,
+        "--arch=resnet18",
+        f"--teacher={tmp_path / 'teacher.pth'}",
+        f"--src={tmp_path / 'official.pth'}",
+        f"--out={workdir}",
+        "--image_size=64",
+    )
     assert out.code == 0, out.stderr
     other = "rd4ad" if name == "rdpp" else "rdpp"
     wrong = rdjax_cli("eval", f"--workdir={workdir}", *data_flags(root), f"--config.model.name={other}")
@@ -274,8 +305,15 @@ def test_the_promised_commands_run_from_another_folder(synthetic_data, tmp_path)
     the older module entry points still answer."""
     root = synthetic_data()
     flags = data_flags(root)[1:]
-    proc = subprocess_run(sys.executable, "-m", "rdjax.main", "--config=configs/synthetic.py",
-                          f"--workdir={tmp_path / 'a'}", *flags, cwd=tmp_path)
+    proc = subprocess_run(
+        sys.executable,
+        "-m",
+        "rdjax.main",
+        "--config=configs/synthetic.py",
+        f"--workdir={tmp_path / 'a'}",
+        *flags,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "disk: image AUROC" in proc.stdout
     before = json.loads((tmp_path / "a" / "metrics.json").read_text())

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import rdjax
-from conftest import ROOT
 from rdjax import webpage
+
+from conftest import ROOT
 
 SCREENSHOT = ROOT / "test-artifacts" / "report_html.png"
 
@@ -54,8 +55,12 @@ def test_report_page_counts_what_python_counts(trained, browser):
         t = float((ordered[k - 1] + ordered[k]) / 2)
         page.locator("#threshold").fill(repr(t))
         anomalous = scores >= t
-        want = {"tp": anomalous & labels, "fp": anomalous & ~labels, "tn": ~anomalous & ~labels,
-                "fn": ~anomalous & labels}
+        want = {
+            "tp": anomalous & labels,
+            "fp": anomalous & ~labels,
+            "tn": ~anomalous & ~labels,
+            "fn": ~anomalous & labels,
+        }
         for key, mask in want.items():
             assert int(page.locator(f"#{key}").text_content()) == int(mask.sum()), (t, key)
         assert page.locator(".card.fp").count() == int(want["fp"].sum())
@@ -67,11 +72,22 @@ def test_report_page_counts_what_python_counts(trained, browser):
 
 
 def test_hostile_file_names_are_text(browser, tmp_path):
-    hostile = ["<img src=x onerror=alert(1)>.png", "</script><script>alert(2)</script>.png", 'a"b\'c&d.png']
+    hostile = ["<img src=x onerror=alert(1)>.png", "</script><script>alert(2)</script>.png", "a\"b'c&d.png"]
     images = lambda rows: np.zeros((len(rows), 32, 32, 3), np.uint8)  # noqa: E731
     result = {k: 0.5 for k in ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max")}
-    path = webpage.write_page(tmp_path / "r.html", "<b>category</b>", result, np.array([0, 1, 1]),
-                              np.array([0.1, 0.2, 0.3]), hostile, images, 0.15, None, None, {1: hostile[1]})
+    path = webpage.write_page(
+        tmp_path / "r.html",
+        "<b>category</b>",
+        result,
+        np.array([0, 1, 1]),
+        np.array([0.1, 0.2, 0.3]),
+        hostile,
+        images,
+        0.15,
+        None,
+        None,
+        {1: hostile[1]},
+    )
     page, problems = _open(browser, path)
     assert problems == []  # no alert ran, no script broke
     texts = page.locator(".card").all_text_contents()
@@ -107,8 +123,19 @@ def test_slider_starts_at_a_threshold_beyond_every_score(browser, tmp_path):
     """A predict page of good parts only: the calibrated threshold lies above every score,
     and the page must still start there (a slider's value is clamped into its range)."""
     images = lambda rows: np.zeros((len(rows), 16, 16, 3), np.uint8)  # noqa: E731
-    path = webpage.write_page(tmp_path / "r.html", "good parts", None, None, np.array([0.1, 0.2, 0.3]),
-                              ["a.png", "b.png", "c#1.png"], images, 0.5, None, None, {2: "overlays/c#1.png"})
+    path = webpage.write_page(
+        tmp_path / "r.html",
+        "good parts",
+        None,
+        None,
+        np.array([0.1, 0.2, 0.3]),
+        ["a.png", "b.png", "c#1.png"],
+        images,
+        0.5,
+        None,
+        None,
+        {2: "overlays/c#1.png"},
+    )
     page, problems = _open(browser, path)
     assert problems == []
     assert int(page.locator("#ng").text_content()) == 0 and int(page.locator("#ok").text_content()) == 3

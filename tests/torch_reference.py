@@ -115,8 +115,9 @@ def rdpp_projection_terms(noised, proj_noised, proj_clean, perm):
     permutation, from geomloss and torch's losses."""
     import geomloss
 
-    sinkhorn = geomloss.SamplesLoss("sinkhorn", p=2, blur=0.05, reach=None, diameter=10000000, scaling=0.95,
-                                    truncate=10, debias=True)
+    sinkhorn = geomloss.SamplesLoss(
+        "sinkhorn", p=2, blur=0.05, reach=None, diameter=10000000, scaling=0.95, truncate=10, debias=True
+    )
     cos = nn.CosineSimilarity()
     contrast = nn.CosineEmbeddingLoss(margin=0.5)
     flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-
 from typing import Any
 
 from rdjax.data.mvtec import FileDataset, Item, dataset_root, images_in, requested
@@ -15,8 +14,18 @@ from rdjax.errors import DataError
 from rdjax.registry import DATASETS
 
 VISA_CATEGORIES = (
-    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
-    "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
+    "candle",
+    "capsules",
+    "cashew",
+    "chewinggum",
+    "fryum",
+    "macaroni1",
+    "macaroni2",
+    "pcb1",
+    "pcb2",
+    "pcb3",
+    "pcb4",
+    "pipe_fryum",
 )
 
 
@@ -46,7 +55,9 @@ def scan_visa(root: Path, category: str) -> dict[str, list[Item]]:
     """Items of one VisA category from the 1cls split ('normal' -> good, 'anomaly' -> anomaly)."""
     rows = [r for r in _visa_rows(root) if r["object"] == category]
     if not rows:
-        raise DataError(f"{visa_csv(root)}: no rows for category {category!r}; found: {', '.join(visa_categories(root))}")
+        raise DataError(
+            f"{visa_csv(root)}: no rows for category {category!r}; found: {', '.join(visa_categories(root))}"
+        )
     items: dict[str, list[Item]] = {"train": [], "test": []}
     for r in rows:
         image = root / r["image"]
@@ -64,10 +75,16 @@ def scan_visa(root: Path, category: str) -> dict[str, list[Item]]:
     return items
 
 
-def scan_folders(train_dir: str, test_good_dir: str, test_anomalous_dir: str, mask_dir: str = "") -> dict[str, list[Item]]:
+def scan_folders(
+    train_dir: str, test_good_dir: str, test_anomalous_dir: str, mask_dir: str = ""
+) -> dict[str, list[Item]]:
     """Any folders: normal training images, normal and anomalous test images, and optional
     masks matched to anomalous images by file stem ('<stem>.png' or '<stem>_mask.png')."""
-    for key, value in (("train_dir", train_dir), ("test_good_dir", test_good_dir), ("test_anomalous_dir", test_anomalous_dir)):
+    for key, value in (
+        ("train_dir", train_dir),
+        ("test_good_dir", test_good_dir),
+        ("test_anomalous_dir", test_anomalous_dir),
+    ):
         if not value or not Path(value).is_dir():
             raise DataError(f"config.dataset.{key}={value!r}: not a folder")
     train = [Item(p, None, "good") for p in images_in(Path(train_dir))]
@@ -84,7 +101,9 @@ def scan_folders(train_dir: str, test_good_dir: str, test_anomalous_dir: str, ma
         masks = {p.stem.removesuffix("_mask"): p for p in images_in(Path(mask_dir))}
         missing = [p.name for p in anomalous if p.stem not in masks]
         if missing:
-            raise DataError(f"{mask_dir}: no mask for {len(missing)} of {len(anomalous)} anomalous images (first: {missing[0]})")
+            raise DataError(
+                f"{mask_dir}: no mask for {len(missing)} of {len(anomalous)} anomalous images (first: {missing[0]})"
+            )
     bad = [Item(p, masks.get(p.stem), "anomalous") for p in anomalous]
     return {"train": train, "test": good + bad}
 
@@ -93,14 +112,25 @@ def scan_folders(train_dir: str, test_good_dir: str, test_anomalous_dir: str, ma
 def visa(dataset: Any) -> FileDataset:
     """VisA with its official 1cls split; its masks mark defects with any non-zero value."""
     root = dataset_root(dataset)
-    return FileDataset(root, dataset.data_dir or None, requested(dataset.category, lambda: visa_categories(root)),
-                       lambda category: scan_visa(root, category), prefix="visa_", nonzero_masks=True)
+    return FileDataset(
+        root,
+        dataset.data_dir or None,
+        requested(dataset.category, lambda: visa_categories(root)),
+        lambda category: scan_visa(root, category),
+        prefix="visa_",
+        nonzero_masks=True,
+    )
 
 
 @DATASETS.register("folder")
 def folder(dataset: Any) -> FileDataset:
     """Any folders of normal and anomalous images, masks optional; one category."""
     d = dataset
-    return FileDataset(Path(d.train_dir).expanduser().parent, d.data_dir or None, lambda: [d.category],
-                       lambda _: scan_folders(d.train_dir, d.test_good_dir, d.test_anomalous_dir, d.mask_dir),
-                       prefix="folder_", flat=True)
+    return FileDataset(
+        Path(d.train_dir).expanduser().parent,
+        d.data_dir or None,
+        lambda: [d.category],
+        lambda _: scan_folders(d.train_dir, d.test_good_dir, d.test_anomalous_dir, d.mask_dir),
+        prefix="folder_",
+        flat=True,
+    )

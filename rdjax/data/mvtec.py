@@ -23,20 +23,33 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rdjax.data.preprocess import (IMAGE_EXTENSIONS, Split, check_mask_header, decode_image, decode_mask,
-                                   header_size)
+from rdjax.data.preprocess import IMAGE_EXTENSIONS, Split, check_mask_header, decode_image, decode_mask, header_size
 from rdjax.errors import DataError
 from rdjax.registry import DATASETS
 
 MVTEC_CATEGORIES = (
-    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+    "bottle",
+    "cable",
+    "capsule",
+    "carpet",
+    "grid",
+    "hazelnut",
+    "leather",
+    "metal_nut",
+    "pill",
+    "screw",
+    "tile",
+    "toothbrush",
+    "transistor",
+    "wood",
+    "zipper",
 )
 
 
@@ -128,8 +141,10 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
 
     name = "mvtec_ad"
     VERSION = tfds.core.Version("2.0.0")
-    RELEASE_NOTES = {"2.0.0": "Records hold file paths (relative to the manual dir), not file bytes.",
-                     "1.0.0": "Records held the encoded files."}
+    RELEASE_NOTES = {
+        "2.0.0": "Records hold file paths (relative to the manual dir), not file bytes.",
+        "1.0.0": "Records held the encoded files.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Download MVTec AD from https://www.mvtec.com/company/research/datasets/mvtec-ad, extract "
         "mvtec_anomaly_detection.tar.xz and pass the folder holding the categories as the manual dir "
@@ -141,13 +156,15 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="MVTec AD: encoded image and mask files, labels and defect types.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Text(),  # the file's path relative to the manual dir
-                "mask": tfds.features.Text(),  # '' for good images
-                "label": tfds.features.ClassLabel(names=["good", "defect"]),
-                "defect_type": tfds.features.Text(),
-                "filename": tfds.features.Text(),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Text(),  # the file's path relative to the manual dir
+                    "mask": tfds.features.Text(),  # '' for good images
+                    "label": tfds.features.ClassLabel(names=["good", "defect"]),
+                    "defect_type": tfds.features.Text(),
+                    "filename": tfds.features.Text(),
+                }
+            ),
             homepage="https://www.mvtec.com/company/research/datasets/mvtec-ad",
         )
 
@@ -161,17 +178,24 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, items: list[Item], root: Path) -> Iterator[tuple[str, dict]]:
         for it in items:
             key = f"{it.defect_type}/{it.image.name}"
-            yield key, {
-                "image": os.path.relpath(it.image, root),
-                "mask": os.path.relpath(it.mask, root) if it.mask is not None else "",
-                "label": 0 if it.defect_type == "good" else 1,
-                "defect_type": it.defect_type,
-                "filename": f"{it.defect_type}/{it.image.name}",
-            }
+            yield (
+                key,
+                {
+                    "image": os.path.relpath(it.image, root),
+                    "mask": os.path.relpath(it.mask, root) if it.mask is not None else "",
+                    "label": 0 if it.defect_type == "good" else 1,
+                    "defect_type": it.defect_type,
+                    "filename": f"{it.defect_type}/{it.image.name}",
+                },
+            )
 
 
-def prepare(root: str | os.PathLike, category: str, data_dir: str | os.PathLike | None = None,
-            items: dict[str, list[Item]] | None = None) -> MVTecAD:
+def prepare(
+    root: str | os.PathLike,
+    category: str,
+    data_dir: str | os.PathLike | None = None,
+    items: dict[str, list[Item]] | None = None,
+) -> MVTecAD:
     """Scan (MVTec layout unless ``items`` are given), validate and (once) prepare a
     category; return the ready builder."""
     items = scan_category(root, category) if items is None else items
@@ -194,11 +218,14 @@ def _read(root: Path, relative: Any, name: str) -> bytes:
     try:
         return (root / _text(relative)).read_bytes()
     except OSError as e:
-        raise DataError(f"{name}: cannot read ({e.strerror or e}); was it moved after the dataset was prepared?") from None
+        raise DataError(
+            f"{name}: cannot read ({e.strerror or e}); was it moved after the dataset was prepared?"
+        ) from None
 
 
-def load_split(builder: MVTecAD, split: str, image_size: int, root: Path, location: Path | None = None,
-               nonzero_masks: bool = False) -> Split:
+def load_split(
+    builder: MVTecAD, split: str, image_size: int, root: Path, location: Path | None = None, nonzero_masks: bool = False
+) -> Split:
     """A prepared split as a lazy `Split` over the files under ``root``: one pass over the
     records reads the labels and names and checks each file (the pixels are decoded
     later, batch by batch). Rows are sorted by file name, a stable order whatever the
@@ -294,8 +321,10 @@ class FileDataset:
             multihost_utils.sync_global_devices("rdjax: dataset prepared")
         builder = ready()
         location = self.root if self.flat else self.root / category
-        return tuple(load_split(builder, split, image_size, self.root, location=location,
-                                nonzero_masks=self.nonzero_masks) for split in ("train", "test"))
+        return tuple(
+            load_split(builder, split, image_size, self.root, location=location, nonzero_masks=self.nonzero_masks)
+            for split in ("train", "test")
+        )
 
 
 def requested(category: str, available: Callable[[], list[str]]) -> Callable[[], list[str]]:
@@ -347,8 +376,12 @@ def dataset_root(dataset: Any) -> Path:
 
 
 def mvtec_layout(root: Path, dataset: Any) -> FileDataset:
-    return FileDataset(root, dataset.data_dir or None, requested(dataset.category, lambda: list_categories(root)),
-                       lambda category: scan_category(root, category))
+    return FileDataset(
+        root,
+        dataset.data_dir or None,
+        requested(dataset.category, lambda: list_categories(root)),
+        lambda category: scan_category(root, category),
+    )
 
 
 @DATASETS.register("mvtec")

@@ -9,10 +9,10 @@ masks: only image-level metrics are reported.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from PIL import Image
-
-import dataclasses
 
 from rdjax.data.preprocess import Split
 from rdjax.errors import DataError
@@ -59,15 +59,17 @@ def load_novelty(name: str, normal_class: int, image_size: int, data_dir: str | 
         if split == "train" and not len(keep):
             raise DataError(f"{name}: no training images of class {normal_class}")
         anomalous = (labels[keep] != normal_class).astype(np.int32)
-        splits.append(Split(
-            read=lambda i, source=source: (_to_rgb32(np.asarray(source[i]["image"]), image_size), None),
-            records=keep.astype(np.int64),
-            labels=anomalous,
-            defect_types=tuple("good" if a == 0 else f"class_{labels[i]}" for a, i in zip(anomalous, keep)),
-            filenames=tuple(f"{split}/{i:05d}" for i in keep),
-            image_size=image_size,
-            has_masks=False,
-        ))
+        splits.append(
+            Split(
+                read=lambda i, source=source: (_to_rgb32(np.asarray(source[i]["image"]), image_size), None),
+                records=keep.astype(np.int64),
+                labels=anomalous,
+                defect_types=tuple("good" if a == 0 else f"class_{labels[i]}" for a, i in zip(anomalous, keep)),
+                filenames=tuple(f"{split}/{i:05d}" for i in keep),
+                image_size=image_size,
+                has_masks=False,
+            )
+        )
     return splits[0], splits[1]
 
 

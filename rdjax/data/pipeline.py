@@ -20,7 +20,8 @@ import collections
 import concurrent.futures
 import os
 import threading
-from typing import Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import numpy as np
 
@@ -52,8 +53,10 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
     resumed run sees exactly the order an uninterrupted one would. Every row appears at
     most once, and all but N mod B rows exactly once."""
     steps = steps_per_epoch(n, batch_size)
-    columns = [np.random.default_rng([seed, epoch, j]).permutation(lane)[:steps]
-               for j, lane in enumerate(lanes(n, batch_size, seed))]
+    columns = [
+        np.random.default_rng([seed, epoch, j]).permutation(lane)[:steps]
+        for j, lane in enumerate(lanes(n, batch_size, seed))
+    ]
     return np.stack(columns, axis=1)
 
 

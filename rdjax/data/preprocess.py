@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -26,7 +26,9 @@ def open_image(data: bytes, name: str) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as e:
-        raise DataError(f"{name}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+        raise DataError(
+            f"{name}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})"
+        ) from None
     return img
 
 
@@ -114,10 +116,14 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, idx: np.ndarray) -> "Split":
-        return dataclasses.replace(self, records=self.records[idx], labels=self.labels[idx],
-                                   defect_types=tuple(self.defect_types[i] for i in idx),
-                                   filenames=tuple(self.filenames[i] for i in idx))
+    def subset(self, idx: np.ndarray) -> Split:
+        return dataclasses.replace(
+            self,
+            records=self.records[idx],
+            labels=self.labels[idx],
+            defect_types=tuple(self.defect_types[i] for i in idx),
+            filenames=tuple(self.filenames[i] for i in idx),
+        )
 
     def example(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """Row ``row`` decoded: (image, mask); the mask is all False where there is none."""
@@ -140,9 +146,22 @@ class Split:
         return np.stack([self.example(i)[1] for i in rows])
 
     @classmethod
-    def from_arrays(cls, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, defect_types: Sequence[str],
-                    filenames: Sequence[str], has_masks: bool = True) -> "Split":
+    def from_arrays(
+        cls,
+        images: np.ndarray,
+        masks: np.ndarray,
+        labels: np.ndarray,
+        defect_types: Sequence[str],
+        filenames: Sequence[str],
+        has_masks: bool = True,
+    ) -> Split:
         """A split over arrays already in memory (user data that is small, tests)."""
-        return cls(read=lambda i: (images[i], masks[i]), records=np.arange(len(labels)),
-                   labels=np.asarray(labels, np.int32), defect_types=tuple(defect_types),
-                   filenames=tuple(filenames), image_size=int(images.shape[1]), has_masks=has_masks)
+        return cls(
+            read=lambda i: (images[i], masks[i]),
+            records=np.arange(len(labels)),
+            labels=np.asarray(labels, np.int32),
+            defect_types=tuple(defect_types),
+            filenames=tuple(filenames),
+            image_size=int(images.shape[1]),
+            has_masks=has_masks,
+        )

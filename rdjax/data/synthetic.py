@@ -53,7 +53,9 @@ def _disk(rng: np.random.Generator, size: int) -> tuple[np.ndarray, tuple[float,
     return img, (cy, cx, r)
 
 
-def _defect_mask(rng: np.random.Generator, kind: str, size: int, center: tuple[float, float], spread: float) -> np.ndarray:
+def _defect_mask(
+    rng: np.random.Generator, kind: str, size: int, center: tuple[float, float], spread: float
+) -> np.ndarray:
     """A binary mask for one defect near ``center``, drawn without antialiasing."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)

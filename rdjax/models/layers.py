@@ -51,9 +51,10 @@ class Conv(nn.Module):
         y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
         if not self.use_bias:
             return y
-        bound = 1.0 / fan_in ** 0.5
-        bias = self.param("bias", lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound),
-                          (self.features,))
+        bound = 1.0 / fan_in**0.5
+        bias = self.param(
+            "bias", lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound), (self.features,)
+        )
         return y + bias.astype(y.dtype)
 
 
@@ -73,9 +74,7 @@ class ConvTranspose2x2(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n, h, w, c = x.shape
-        kernel = self.param(
-            "transposed_kernel", deconv_init, (2, 2, c, self.features), jnp.float32
-        )
+        kernel = self.param("transposed_kernel", deconv_init, (2, 2, c, self.features), jnp.float32)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         y = deconv_matmul(x.reshape(-1, c), kernel.transpose(2, 0, 1, 3).reshape(c, -1))
         return y.reshape(n, h, w, 2, 2, -1).transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, self.features)
@@ -124,8 +123,11 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     n, h, w, c = x.shape
     ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    windows = [jax.lax.slice(xp, (0, a, b, 0), (n, a + 2 * (ho - 1) + 1, b + 2 * (wo - 1) + 1, c), (1, 2, 2, 1))
-               for a in range(3) for b in range(3)]
+    windows = [
+        jax.lax.slice(xp, (0, a, b, 0), (n, a + 2 * (ho - 1) + 1, b + 2 * (wo - 1) + 1, c), (1, 2, 2, 1))
+        for a in range(3)
+        for b in range(3)
+    ]
     out = windows[0]
     for window in windows[1:]:
         out = jnp.maximum(out, window)

@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-
 _PORTABLE = contextvars.ContextVar("rdjax_portable_lowering", default=False)
 
 
@@ -187,8 +186,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
 
     The arithmetic is the convolution's; only its lowering on the CPU is chosen for
     speed. There a 1x1 convolution is a strided subsample and one matmul (XLA:CPU runs
-    its convolution op for 1x1 kernels slower than the same matmul), a larger kernel's gradient is computed tap by tap (see
-    `_weight_grad_by_taps`), and so is a wide bfloat16 convolution (`_conv_by_taps`).
+    its convolution op for 1x1 kernels slower than the same matmul), a larger kernel's
+    gradient is computed tap by tap (see `_weight_grad_by_taps`), and so is a wide
+    bfloat16 convolution (`_conv_by_taps`).
     GPUs and TPUs keep XLA's own convolutions throughout.
     """
     if kernel.shape[0] == 1:

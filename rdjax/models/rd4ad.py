@@ -9,7 +9,8 @@ Variables are two explicit pytrees:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -65,8 +66,15 @@ class Decoder(nn.Module):
         outs = []
         for i, planes in enumerate((256, 128, 64)):
             x = run_layer(
-                x, self.spec, f"layer{i + 1}", planes, self.spec.layers[i], 2,
-                train=train, dtype=self.dtype, transposed=True,
+                x,
+                self.spec,
+                f"layer{i + 1}",
+                planes,
+                self.spec.layers[i],
+                2,
+                train=train,
+                dtype=self.dtype,
+                transposed=True,
             )
             outs.append(x)
         # Decoder layer3 (largest) pairs with teacher layer1, and so on.
@@ -113,8 +121,9 @@ def _ignore_decoder(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
-def official_parts(model: Any, state_dict: weights.StateDict, student_shapes: Variables, source: str,
-                   name: str) -> Variables:
+def official_parts(
+    model: Any, state_dict: weights.StateDict, student_shapes: Variables, source: str, name: str
+) -> Variables:
     """The official 'bn' (OCBE) and 'decoder' entries -> {'params', 'batch_stats'} of
     {'ocbe', 'decoder'} (strict; RD4AD's and RD++'s checkpoints share them)."""
     parts = {}
@@ -197,13 +206,16 @@ class RD4AD:
         s, _ = self.student_features(student_vars, t, train)
         return t, s
 
-    def train_inputs(self, teacher_vars: Variables, x: jax.Array, key: jax.Array,
-                     normalize: Callable[[jax.Array], jax.Array]) -> Features:
+    def train_inputs(
+        self, teacher_vars: Variables, x: jax.Array, key: jax.Array, normalize: Callable[[jax.Array], jax.Array]
+    ) -> Features:
         """[0, 1] images -> what `train_loss` takes: the teacher's features in the compute
         dtype, as the feature cache stores them (so cached and fresh features train alike)."""
         return tuple(f.astype(self.dtype) for f in self.teacher_features(teacher_vars, normalize(x)))
 
-    def train_loss(self, student_vars: Variables, teacher_feats: Features, key: jax.Array) -> tuple[jax.Array, Variables]:
+    def train_loss(
+        self, student_vars: Variables, teacher_feats: Features, key: jax.Array
+    ) -> tuple[jax.Array, Variables]:
         """The official loss, and the updated batch_stats."""
         s, batch_stats = self.student_features(student_vars, teacher_feats, train=True)
         return cosine_distance_loss(teacher_feats, s), batch_stats
@@ -224,5 +236,7 @@ class RD4AD:
         """Official RD4AD checkpoint {'bn': ..., 'decoder': ...} -> student {'params', 'batch_stats'}."""
         unknown = sorted(k for k in state_dict if not k.startswith(("bn.", "decoder.")))
         if unknown:
-            raise PortError(f"{source}: not an official RD4AD checkpoint: key {unknown[0]!r} is outside 'bn' and 'decoder'")
+            raise PortError(
+                f"{source}: not an official RD4AD checkpoint: key {unknown[0]!r} is outside 'bn' and 'decoder'"
+            )
         return official_parts(self, state_dict, self.abstract_variables()[1], source, "RD4AD")

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,7 +26,7 @@ from rdjax import weights
 from rdjax.errors import PortError
 from rdjax.models.layers import Conv, Dtype, torch_default_init
 from rdjax.models.lowering import at_least_float32
-from rdjax.models.rd4ad import RD4AD, Decoder, Features, OCBE, Variables, cosine_distance_loss, official_parts
+from rdjax.models.rd4ad import OCBE, RD4AD, Decoder, Features, Variables, cosine_distance_loss, official_parts
 from rdjax.models.resnet import ArchSpec
 from rdjax.models.sinkhorn import sinkhorn_divergence
 from rdjax.registry import MODELS
@@ -76,8 +77,10 @@ class MPL(nn.Module):
 
     @nn.compact
     def __call__(self, feats: Features) -> Features:
-        return tuple(ProjLayer(c, self.dtype, name=name)(f)
-                     for name, c, f in zip(("proj_a", "proj_b", "proj_c"), self.spec.feature_channels, feats))
+        return tuple(
+            ProjLayer(c, self.dtype, name=name)(f)
+            for name, c, f in zip(("proj_a", "proj_b", "proj_c"), self.spec.feature_channels, feats)
+        )
 
 
 class Student(nn.Module):
@@ -120,8 +123,9 @@ def contrast(a: jax.Array, b: jax.Array, margin: float = CONTRAST_MARGIN, eps: f
     return jnp.mean(jnp.maximum(cos - margin, 0.0))
 
 
-def projection_terms(noised: Features, projected_noised: Features, projected: Features,
-                     key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def projection_terms(
+    noised: Features, projected_noised: Features, projected: Features, key: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The official Revisit_RDLoss's three terms (SSOT, reconstruction, contrast), each summed
     over the three scales.
 
@@ -130,8 +134,7 @@ def projection_terms(noised: Features, projected_noised: Features, projected: Fe
     term is zero up to rounding, and so is its gradient (docs/differences.md); it is
     computed all the same, as the official code does."""
     perm = jax.random.permutation(key, projected[0].shape[0])
-    ssot = sum(sinkhorn_divergence(jax.nn.softmax(_flat(p), -1), jax.nn.softmax(_flat(p)[perm], -1))
-               for p in projected)
+    ssot = sum(sinkhorn_divergence(jax.nn.softmax(_flat(p), -1), jax.nn.softmax(_flat(p)[perm], -1)) for p in projected)
     reconstruct = sum(cosine_reconstruction(n, p) for n, p in zip(projected_noised, projected))
     contrasts = sum(contrast(f, p) for f, p in zip(noised, projected))
     return ssot, reconstruct, contrasts
@@ -143,7 +146,7 @@ def projection_loss(noised: Features, projected_noised: Features, projected: Fea
     return (ssot + RECONSTRUCT_WEIGHT * reconstruct + CONTRAST_WEIGHT * contrasts) / PROJ_NORMALIZER
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def noise_field(side: int, seed: int = NOISE_SEED) -> np.ndarray:
     """(side, side, 3) float32 simplex octaves. The official rand_3d_octaves((3, h, w))
     samples the same lattice from the origin for every image (its generator is seeded once
@@ -197,20 +200,25 @@ class RDPP(RD4AD):
     def student(self) -> Student:
         return Student(self.spec, jnp.dtype(self.dtype))
 
-    def train_inputs(self, teacher_vars: Variables, x: jax.Array, key: jax.Array,
-                     normalize: Callable[[jax.Array], jax.Array]) -> tuple[Features, Features]:
+    def train_inputs(
+        self, teacher_vars: Variables, x: jax.Array, key: jax.Array, normalize: Callable[[jax.Array], jax.Array]
+    ) -> tuple[Features, Features]:
         """[0, 1] images -> (teacher features of the images, of their noised copies); the
         noise is added before the normalization, as the official dataset does."""
         noised = add_noise(x, key)
-        return (self.teacher_features(teacher_vars, normalize(x)),
-                self.teacher_features(teacher_vars, normalize(noised)))
+        return (
+            self.teacher_features(teacher_vars, normalize(x)),
+            self.teacher_features(teacher_vars, normalize(noised)),
+        )
 
-    def train_loss(self, student_vars: Variables, inputs: tuple[Features, Features],
-                   key: jax.Array) -> tuple[jax.Array, Variables]:
+    def train_loss(
+        self, student_vars: Variables, inputs: tuple[Features, Features], key: jax.Array
+    ) -> tuple[jax.Array, Variables]:
         """L_distill + 0.2 L_proj, and the updated batch_stats."""
         clean, noised = inputs
         (proj_noised, proj_clean, student), updates = self.student.apply(
-            student_vars, clean, noised, method=Student.training, mutable=["batch_stats"])
+            student_vars, clean, noised, method=Student.training, mutable=["batch_stats"]
+        )
         proj_noised = tuple(at_least_float32(p) for p in proj_noised)
         proj_clean = tuple(at_least_float32(p) for p in proj_clean)
         student = tuple(at_least_float32(s) for s in student)
@@ -227,8 +235,11 @@ class RDPP(RD4AD):
         adam = lambda lr: optax.adam(lr, b1=config.adam_b1, b2=config.adam_b2)  # noqa: E731
         both = optax.multi_transform(
             {"proj": adam(config.rdpp.proj_lr), "distill": adam(config.learning_rate)},
-            lambda params: {name: jax.tree.map(lambda _: "proj" if name == "proj" else "distill", tree)
-                            for name, tree in params.items()})
+            lambda params: {
+                name: jax.tree.map(lambda _, label="proj" if name == "proj" else "distill": label, tree)
+                for name, tree in params.items()
+            },
+        )
         return optax.MultiSteps(both, every_k_schedule=k, use_grad_mean=False, accumulator_dtype=jnp.float64)
 
     def port_official(self, state_dict: weights.StateDict, source: str = "checkpoint") -> Variables:
@@ -236,8 +247,9 @@ class RDPP(RD4AD):
         shapes = self.abstract_variables()[1]
         unknown = sorted(k for k in state_dict if not k.startswith(("proj.", "bn.", "decoder.")))
         if unknown:
-            raise PortError(f"{source}: not an official RD++ checkpoint: key {unknown[0]!r} is outside "
-                            "'proj', 'bn' and 'decoder'")
+            raise PortError(
+                f"{source}: not an official RD++ checkpoint: key {unknown[0]!r} is outside 'proj', 'bn' and 'decoder'"
+            )
         try:
             proj = weights.convert(state_dict, {"params": shapes["params"]["proj"]}, prefix="proj.", source=source)
         except PortError as e:

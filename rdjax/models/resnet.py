@@ -10,7 +10,7 @@ convolution of the official de_resnet.py, and the projection shortcut is called
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -173,7 +173,9 @@ class Teacher(nn.Module):
         x = max_pool_3x3_s2(x)
         feats = []
         for i, (planes, stride) in enumerate(zip((64, 128, 256), (1, 2, 2))):
-            x = run_layer(x, self.spec, f"layer{i + 1}", planes, self.spec.layers[i], stride, train=False, dtype=self.dtype)
+            x = run_layer(
+                x, self.spec, f"layer{i + 1}", planes, self.spec.layers[i], stride, train=False, dtype=self.dtype
+            )
             feats.append(x)
         return tuple(feats)
 
@@ -195,8 +197,9 @@ def _ignore_teacher(key: str) -> bool:
     return key.startswith(("fc.", "layer4.")) or key.endswith("num_batches_tracked")
 
 
-def convert_teacher(arch: str, state_dict: weights.StateDict, teacher_shapes: weights.Variables,
-                    source: str = "state dict") -> weights.Variables:
+def convert_teacher(
+    arch: str, state_dict: weights.StateDict, teacher_shapes: weights.Variables, source: str = "state dict"
+) -> weights.Variables:
     """torchvision (or timm, same names) ImageNet weights -> teacher {'params', 'batch_stats'}."""
     try:
         return weights.convert(state_dict, teacher_shapes, ignore=_ignore_teacher, source=source)

@@ -23,7 +23,7 @@ import numpy as np
 def epsilon_schedule(p: float, diameter: float, blur: float, scaling: float) -> np.ndarray:
     """geomloss's temperatures: diameter^p, then a geometric descent by scaling^p, then blur^p."""
     steps = np.arange(p * np.log(diameter), p * np.log(blur), p * np.log(scaling))
-    return np.array([diameter ** p, *np.exp(steps), blur ** p], np.float64)
+    return np.array([diameter**p, *np.exp(steps), blur**p], np.float64)
 
 
 def half_squared_distances(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -39,8 +39,9 @@ def _softmin(eps: jax.Array, cost: jax.Array, h: jax.Array) -> jax.Array:
     return -eps * jax.nn.logsumexp(h[None, :] - cost / eps, axis=1)
 
 
-def sinkhorn_divergence(x: jax.Array, y: jax.Array, blur: float = 0.05, scaling: float = 0.95,
-                        diameter: float = 1e7) -> jax.Array:
+def sinkhorn_divergence(
+    x: jax.Array, y: jax.Array, blur: float = 0.05, scaling: float = 0.95, diameter: float = 1e7
+) -> jax.Array:
     """S(x, y) = OT(x, y) - OT(x, x) / 2 - OT(y, y) / 2 between uniform measures on the rows
     of x (N, D) and y (M, D), cost |x - y|^2 / 2, temperature blur^2, with geomloss's
     annealing loop and gradients (module docstring)."""
@@ -67,13 +68,23 @@ def sinkhorn_divergence(x: jax.Array, y: jax.Array, blur: float = 0.05, scaling:
     def update(potentials: tuple, eps: jax.Array) -> tuple[tuple, None]:
         f_ba, g_ab, f_aa, g_bb = potentials
         cxy, cyx, cxx, cyy = fixed
-        new = (_softmin(eps, cxy, b_log + g_ab / eps), _softmin(eps, cyx, a_log + f_ba / eps),
-               _softmin(eps, cxx, a_log + f_aa / eps), _softmin(eps, cyy, b_log + g_bb / eps))
+        new = (
+            _softmin(eps, cxy, b_log + g_ab / eps),
+            _softmin(eps, cyx, a_log + f_ba / eps),
+            _softmin(eps, cxx, a_log + f_aa / eps),
+            _softmin(eps, cyy, b_log + g_bb / eps),
+        )
         return centred(tuple(0.5 * (old + t) for old, t in zip(potentials, new))), None
 
     eps0 = eps_list[0]
-    start = centred((_softmin(eps0, fixed[0], b_log), _softmin(eps0, fixed[1], a_log),
-                     _softmin(eps0, fixed[2], a_log), _softmin(eps0, fixed[3], b_log)))
+    start = centred(
+        (
+            _softmin(eps0, fixed[0], b_log),
+            _softmin(eps0, fixed[1], a_log),
+            _softmin(eps0, fixed[2], a_log),
+            _softmin(eps0, fixed[3], b_log),
+        )
+    )
     (f_ba, g_ab, f_aa, g_bb), _ = jax.lax.scan(update, start, eps_list)
     eps = eps_list[-1]
     f_ba, g_ab = _softmin(eps, c_xy, sg(b_log + g_ab / eps)), _softmin(eps, c_yx, sg(a_log + f_ba / eps))
