@@ -17,6 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     # 'imagenet' (download/cache), a .pth/.safetensors/.npz file, an rdjax teacher
     # directory, or 'none' (random teacher: for tests and demos only).
     config.model.teacher_weights = "imagenet"
+    # True: never download (teacher weights must already be in the cache); the same as
+    # the environment variable RDJAX_OFFLINE=1.
+    config.offline = False
 
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "mvtec"
@@ -68,8 +71,19 @@ def get_config() -> ml_collections.ConfigDict:
     # Also write best_on_test.json: the evaluated epoch with the best test metrics, as RD++'s
     # official script selects (labelled as chosen on the test set; metrics.json stays the last).
     config.report_best_on_test = False
-    # What runs after each evaluation pass, in order (names in rdjax.registry.EVALUATORS).
-    config.evaluators = ("anomaly", "calibration", "report")
+    # >0: a jax.profiler trace of that many training steps, from the run's second step,
+    # into workdir/profile (TensorBoard's profile plugin or Perfetto read it).
+    config.profile_steps = 0
+    # What runs on each evaluation pass, in order (big_vision's shape): a name -> its
+    # 'type' (a module in rdjax/evaluators/), optional 'every' (epochs; default
+    # eval_every) and its own settings (docs/config.md).
+    config.evals = ml_collections.ConfigDict(
+        {
+            "anomaly": {"type": "anomaly"},
+            "calibration": {"type": "calibration"},
+            "report": {"type": "report", "threshold_from": "calibration", "hardest": 4},
+        }
+    )
 
     # model.name='rdpp' only (RD++): the projection layers' Adam learning rate (OCBE and
     # decoder use learning_rate) and how many batches' gradients make one optimizer step.

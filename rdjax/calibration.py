@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rdjax.errors import ConfigError
+from rdjax import modes
 from rdjax.metrics import PixelStats, best_f1
 
 
@@ -75,14 +75,12 @@ def calibrate(
     'quantile': the given quantile of held-out normal images' scores (and of their pixels).
     Pixel thresholds come from ``pixels``, exact or binned (rdjax.metrics.PixelStats).
     """
-    if method == "f1":
+    if modes.parse(modes.ThresholdMethod, method, "threshold method") is modes.ThresholdMethod.F1:
         image_t = midway(scores, best_f1(labels, scores)[1])
         pixel_t = pixels.best_f1()[1] if pixels.has_regions else pixels.quantile(0.99)
-    elif method == "quantile":
+    else:
         image_t = midway(scores, float(np.quantile(scores, quantile)))
         pixel_t = pixels.quantile(quantile)
-    else:
-        raise ConfigError(f"unknown threshold method {method!r}; choose 'f1' or 'quantile'")
     return {
         "method": method,
         "source": source,

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from rdjax import config as config_lib
+from rdjax import modes
 from rdjax.errors import ConfigError, RdjaxError, one_line
 
 USAGE = "usage: rdjax {train,eval,predict,export,port} [--flag=value ...]   (rdjax COMMAND --help for its flags)"
@@ -64,23 +66,32 @@ def define_run_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string(
         "compilation_cache",
         default_compilation_cache(),
-        "Persistent XLA compilation cache folder ('' turns it off); default: "
-        "$JAX_COMPILATION_CACHE_DIR, else the user's cache folder.",
+        "Persistent XLA compilation cache folder, at most 2 GiB ('' turns it off); default: "
+        "$RDJAX_XLA_CACHE, else $JAX_COMPILATION_CACHE_DIR, else ~/.cache/rdjax/xla.",
         flag_values=fv,
     )
     flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
 
+XLA_CACHE_MAX_BYTES = 2 * 2**30  # jax evicts the least recently used programs beyond this
+
+
 def default_compilation_cache() -> str:
+    """$RDJAX_XLA_CACHE (''/'0' turns it off), else $JAX_COMPILATION_CACHE_DIR, else
+    the user's cache folder (~/.cache/rdjax/xla)."""
+    if "RDJAX_XLA_CACHE" in os.environ:
+        value = os.environ["RDJAX_XLA_CACHE"]
+        return "" if value in ("", "0") else value
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return os.environ["JAX_COMPILATION_CACHE_DIR"]
     return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rdjax" / "xla")
 
 
 def use_compilation_cache(directory: str) -> None:
-    """Keep every compiled program on disk: a repeated run, and each category of
-    category='all' after the first, skips compiling the same steps again. Programs are
-    keyed by their HLO, jax version and devices, so a stale entry is never used."""
+    """Keep compiled programs on disk, at most XLA_CACHE_MAX_BYTES (least recently used
+    evicted): a repeated run, and each category of category='all' after the first, skips
+    compiling the same steps again. Programs are keyed by their HLO, jax version and
+    devices, so a stale entry is never used."""
     import jax
 
     if not directory:
@@ -88,6 +99,7 @@ def use_compilation_cache(directory: str) -> None:
     jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_MAX_BYTES)
 
 
 def initialize_distributed(fv: flags.FlagValues) -> None:
@@ -136,7 +148,7 @@ def define_predict_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_enum(
         "resize",
         None,
-        ["squeeze", "fit", "tile"],
+        modes.values(modes.ResizeMode),
         "squeeze: the whole image to image_size; "
         "fit, tile: blended windows without distortion (docs/usage.md). Default: the workdir's "
         "config.resize, which its thresholds were calibrated with.",
@@ -235,18 +247,22 @@ COMMANDS: dict[str, Command] = {
 
 def _normalize_args(args: list[str]) -> list[str]:
     """--config=<name> (or --config <name>, or ml_collections' <name>:<arg>) -> the shipped
-    file, so configs work from any folder; and the argparse-era spelling --image-size of
-    `python -m rdjax.port` -> --image_size."""
+    file, so configs work from any folder."""
     out = []
     for i, a in enumerate(args):
         if a.startswith("--config=") or (i and args[i - 1] == "--config"):
             prefix, value = ("--config=", a.split("=", 1)[1]) if a.startswith("--config=") else ("", a)
             name, colon, rest = value.partition(":")
             a = prefix + str(config_lib.resolve(name)) + colon + rest
-        elif a.startswith("--image-size"):
-            a = a.replace("--image-size", "--image_size", 1)
         out.append(a)
     return out
+
+
+def _config_file_frame(error: BaseException, argv: list[str]) -> traceback.FrameSummary | None:
+    """The innermost frame of ``error`` inside the --config file, if it was raised there."""
+    files = {str(Path(a.split("=", 1)[1].split(":")[0]).resolve()) for a in argv if a.startswith("--config=")}
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if str(Path(f.filename).resolve()) in files]
+    return frames[-1] if frames else None
 
 
 def _parse(
@@ -258,7 +274,7 @@ def _parse(
     if extra is not None:
         extra(fv)
     try:
-        positional = fv(argv)[1:]
+        return fv, fv(argv)[1:]
     except flags.UnrecognizedFlagError as e:
         key = e.flagname
         if key.startswith("config."):
@@ -266,19 +282,23 @@ def _parse(
                 f"unknown config key {key[len('config.') :]!r} (--{key}); docs/config.md lists them"
             ) from None
         raise ConfigError(f"unknown flag --{key}; rdjax {name} --help lists the flags") from None
-    except (AttributeError, KeyError) as e:  # ml_collections: a misspelt --config.a.b=... key
-        key, hint = re.match(r"""\W*(\w+)\W*(.*)""", one_line(str(e).replace("\\n", " "))).groups()
-        raise ConfigError(f"unknown config key {key!r}. {hint.rstrip(chr(39))}".strip()) from None
-    except (flags.Error, TypeError, ValueError) as e:
-        raise ConfigError(one_line(e)) from None
-    except OSError as e:  # a config file that fails to load
-        raise ConfigError(one_line(e).split(" Attempted")[0]) from None
-    except ImportError as e:  # a config that imports what is not installed
-        raise ConfigError(
-            f"{one_line(e)}; configs import rdjax.configs, which needs rdjax installed "
-            f"(pip install -e . in the repository)"
-        ) from None
-    return fv, positional
+    except Exception as e:
+        frame = _config_file_frame(e, argv)
+        if frame is not None:  # the config file's own exception, whatever its type
+            raise ConfigError(f"{frame.filename}:{frame.lineno}: the config file raised {type(e).__name__}: "
+                              f"{one_line(e)}") from e  # fmt: skip
+        if isinstance(e, (AttributeError, KeyError)):  # ml_collections: a misspelt --config.a.b=... key
+            match = re.match(r"""\W*(\w+)\W*(.*)""", one_line(str(e).replace("\\n", " ")))
+            key, hint = match.groups() if match else (str(e), "")
+            raise ConfigError(f"unknown config key {key!r}. {hint.rstrip(chr(39))}".strip()) from None
+        if isinstance(e, (flags.Error, TypeError, ValueError)):
+            raise ConfigError(one_line(e)) from None
+        if isinstance(e, OSError):  # a config file that fails to load
+            raise ConfigError(one_line(e).split(" Attempted")[0]) from None
+        if isinstance(e, ImportError):  # a config that imports what is not installed
+            raise ConfigError(f"{one_line(e)}; configs import rdjax.configs, which needs rdjax installed "
+                              f"(pip install -e . in the repository)") from None  # fmt: skip
+        raise
 
 
 def run(
@@ -309,7 +329,9 @@ def run(
         if positional and name != "port":
             raise ConfigError(f"unexpected arguments: {' '.join(positional)}")
         (handler or command.run)(fv, positional)
-    except (RdjaxError, OSError, ValueError) as e:  # what a user can cause; other errors keep their traceback
+    except (RdjaxError, OSError) as e:  # what a user can cause; anything else keeps its traceback
+        if not isinstance(e, RdjaxError) and not e.filename:
+            raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     return 0

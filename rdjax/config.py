@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from rdjax import modes
 from rdjax.errors import ConfigError
 
 
@@ -43,14 +44,30 @@ def defaults() -> ml_collections.ConfigDict:
     return default.get_config()
 
 
+LEGACY_EVALUATORS = "evaluators"  # 0.2.0's tuple of evaluator names, before config.evals
+
+
+def evals_from_names(names: Any) -> dict:
+    """0.2.0's config.evaluators (a tuple of names, run in order) as config.evals."""
+    evals = {name: {"type": name} for name in names}
+    if "report" in evals and "calibration" in evals:
+        evals["report"]["threshold_from"] = "calibration"
+    return evals
+
+
 def from_dict(saved: dict) -> ml_collections.ConfigDict:
     """A saved config (a workdir's config.json) over today's defaults: keys added to rdjax
-    since the workdir was written take their default, which reproduces the old behaviour."""
+    since the workdir was written take their default, which reproduces the old behaviour.
+    config.evals is taken whole (an evaluator left out stays out), and 0.2.0's
+    config.evaluators becomes config.evals."""
     config = defaults()
+    saved = dict(saved)
+    if LEGACY_EVALUATORS in saved:
+        saved["evals"] = evals_from_names(saved.pop(LEGACY_EVALUATORS))
 
     def merge(node: ml_collections.ConfigDict, values: dict) -> None:
         for key, value in values.items():
-            if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
+            if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict) and key != "evals":
                 merge(node[key], value)
             else:
                 node[key] = value
@@ -60,33 +77,13 @@ def from_dict(saved: dict) -> ml_collections.ConfigDict:
     return config
 
 
-def check_dtype(value: str, name: str = "config.dtype") -> None:
-    """The compute dtypes a run may use (float64 is a test-only reference, see RD4AD)."""
-    if value not in ("float32", "bfloat16"):
-        raise ConfigError(f"{name}={value!r} is not supported; choose 'float32' or 'bfloat16'")
-
-
-RESIZE_MODES = ("squeeze", "fit", "tile")  # rdjax.tiling
 _POSITIVE = ("batch_size", "eval_batch_size", "num_epochs", "eval_every", "checkpoint_every", "keep_checkpoints")
 
 
 def check(config: Any, device_count: int) -> None:
-    """Fail before any work on settings that cannot run: one clear line each."""
-    from rdjax.models.resnet import check_image_size
-    from rdjax.registry import DATASETS, EVALUATORS, MODELS
-
-    check_dtype(config.dtype)
-    MODELS.get(config.model.name)(config.model.arch, config.dtype)  # unknown model or architecture
-    DATASETS.get(config.dataset.name)
-    for name in config.evaluators:
-        EVALUATORS.get(name)
-    names = list(config.evaluators)
-    if "anomaly" not in names:
-        raise ConfigError(f"config.evaluators={tuple(names)} must include 'anomaly' (the metrics every run reports)")
-    if "report" in names and "calibration" in names and names.index("report") < names.index("calibration"):
-        raise ConfigError("config.evaluators: 'calibration' must come before 'report', which draws its threshold")
-    size = config.image_size
-    check_image_size((1, size, size, 3))
+    """Fail before any work on settings that cannot run: one clear line each. (The
+    plug-in names are checked by rdjax.registry.check.)"""
+    modes.parse(modes.Dtype, config.dtype, "config.dtype")
     for key in _POSITIVE:
         if config[key] < 1:
             raise ConfigError(f"config.{key}={config[key]} must be at least 1")
@@ -95,18 +92,15 @@ def check(config: Any, device_count: int) -> None:
             f"config.batch_size={config.batch_size} does not divide evenly over {device_count} devices; "
             f"use a multiple of {device_count}"
         )
-    if config.threshold.method not in ("f1", "quantile"):
-        raise ConfigError(f"config.threshold.method={config.threshold.method!r}; choose 'f1' or 'quantile'")
-    if config.threshold.method == "quantile" and config.threshold.validation_size < 1:
+    method = modes.parse(modes.ThresholdMethod, config.threshold.method, "config.threshold.method")
+    if method is modes.ThresholdMethod.QUANTILE and config.threshold.validation_size < 1:
         raise ConfigError(
             "config.threshold.method='quantile' needs config.threshold.validation_size >= 1 held-out images"
         )
-    if config.feature_cache not in ("auto", "memory", "disk", "off"):
-        raise ConfigError(f"config.feature_cache={config.feature_cache!r}; choose 'auto', 'memory', 'disk' or 'off'")
+    modes.parse(modes.FeatureCache, config.feature_cache, "config.feature_cache")
     if config.exact_metrics_max_pixels < 0:
         raise ConfigError(f"config.exact_metrics_max_pixels={config.exact_metrics_max_pixels} must be >= 0")
-    if config.resize.mode not in RESIZE_MODES:
-        raise ConfigError(f"config.resize.mode={config.resize.mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+    modes.parse(modes.ResizeMode, config.resize.mode, "config.resize.mode")
     if config.resize.tile_size < 0 or config.resize.overlap < 0:
         raise ConfigError("config.resize.tile_size and config.resize.overlap must be >= 0")
     if config.rdpp.accumulation < 1 or config.rdpp.proj_lr <= 0:
@@ -114,5 +108,7 @@ def check(config: Any, device_count: int) -> None:
             f"config.rdpp.accumulation={config.rdpp.accumulation} must be >= 1 and "
             f"config.rdpp.proj_lr={config.rdpp.proj_lr} > 0"
         )
-    if config.map_mode not in ("add", "mul"):
-        raise ConfigError(f"config.map_mode={config.map_mode!r}; choose 'add' or 'mul'")
+    modes.parse(modes.MapMode, config.map_mode, "config.map_mode")
+    for name, setting in config.evals.items():
+        if not hasattr(setting, "get") or ("every" in setting and setting["every"] < 1):
+            raise ConfigError(f"config.evals.{name} must be a dict with 'type' and, if given, 'every' >= 1")

@@ -18,9 +18,9 @@ import tqdm
 
 from rdjax import maps as maps_lib
 from rdjax import metrics
-from rdjax.data.pipeline import load_batches, padded, prefetch
+from rdjax.data.pipeline import load_batches, prefetch
 from rdjax.data.preprocess import Split
-from rdjax.sharding import gather, local_rows, local_share
+from rdjax.sharding import gather, global_batches, local_rows, local_share
 
 Variables = dict[str, Any]
 
@@ -38,6 +38,42 @@ class PassResult:
 Tiler = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]
 
 
+@dataclasses.dataclass
+class _Accumulator:
+    """What a pass keeps, batch by batch."""
+
+    scores: list[np.ndarray] = dataclasses.field(default_factory=list)
+    sums: list[np.ndarray] = dataclasses.field(default_factory=list)
+    pro_images: list[np.ndarray] = dataclasses.field(default_factory=list)
+    maps: list[np.ndarray] = dataclasses.field(default_factory=list)
+    masks: list[np.ndarray] = dataclasses.field(default_factory=list)
+    hist: dict[str, np.ndarray] = dataclasses.field(
+        default_factory=lambda: {
+            k: np.zeros(maps_lib.NUM_BINS, np.float64 if k == "pro" else np.int64) for k in ("neg", "pos", "pro")
+        }
+    )
+    lo: float = np.inf
+    hi: float = -np.inf
+    num_regions: int = 0
+
+    def add_stats(self, stats: dict) -> None:
+        for k in self.hist:
+            self.hist[k] += np.asarray(stats[k])
+        self.lo, self.hi = min(self.lo, float(stats["lo"])), max(self.hi, float(stats["hi"]))
+        self.num_regions += int(stats["regions"])
+
+    def result(self, exact: bool) -> PassResult:
+        pixels = metrics.PixelStats(
+            lo=self.lo, hi=self.hi, edges=maps_lib.bin_edges(), neg=self.hist["neg"], pos=self.hist["pos"],
+            pro=self.hist["pro"], num_regions=self.num_regions,
+        )  # fmt: skip
+        if exact:
+            pixels = dataclasses.replace(pixels, maps=np.concatenate(self.maps), masks=np.concatenate(self.masks))
+        return PassResult(
+            np.concatenate(self.scores), np.concatenate(self.sums), np.concatenate(self.pro_images), pixels
+        )
+
+
 def run_pass(
     pass_step: Callable,
     teacher_vars: Variables,
@@ -50,61 +86,41 @@ def run_pass(
     tiler: Tiler | None = None,
 ) -> PassResult:
     """Maps of every row of ``split`` exactly once, in global batches of ``batch_size``
-    (the last padded, its padding masked out), each process decoding only its share.
-    Kept: one score, one sum and one per-image PRO per image, and the binned pixel
-    statistics summed over hosts; with ``exact``, every map and mask too (small sets).
+    (sharding.global_batches: the last padded, its padding masked out), each process
+    decoding only its share. Kept: one score, one sum and one per-image PRO per image,
+    and the binned pixel statistics summed over hosts; with ``exact``, every map and
+    mask too (small sets).
 
     ``tiler`` (config.resize 'fit' or 'tile'): this process's images at their own
     resolution -> (maps at image_size, scores), computed on the host's side of the
     batch; ``pass_step`` then only reduces them (maps.stats_step). Without it,
     ``pass_step`` computes the maps of the squeezed images too."""
-    n = len(split)
-    global_batches = [padded(np.arange(s, min(s + batch_size, n)), batch_size) for s in range(0, n, batch_size)]
-    local = [local_share(rows) for rows, _ in global_batches]
-    local_valid = [local_share(np.arange(batch_size) < valid) for _, valid in global_batches]
+    batches = global_batches(len(split), batch_size)
+    local = [local_share(rows) for rows, _ in batches]
+    local_valid = [local_share(np.arange(batch_size) < valid) for _, valid in batches]
 
-    def prepare(item: tuple[dict, np.ndarray, np.ndarray]) -> tuple:
+    def prepare(item: tuple[dict, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, tuple]:
         batch, rows, valid = item
         weights, regions = zip(*(metrics.region_weights(m) for m in batch["mask"]))
         inputs = (batch["image"],) if tiler is None else tiler([split.native_image(r) for r in rows])
         host = (*inputs, batch["mask"], np.stack(weights).astype(np.float32), np.asarray(regions, np.int32), valid)
-        return (batch["mask"], valid), put(host)
+        return batch["mask"], valid, put(host)
 
-    scores, sums, pro_images, kept_maps, kept_masks = [], [], [], [], []
-    hist = {k: np.zeros(maps_lib.NUM_BINS, np.int64 if k != "pro" else np.float64) for k in ("neg", "pos", "pro")}
-    lo, hi, num_regions = np.inf, -np.inf, 0
-    batches = zip(load_batches(split, local, kind, with_masks=True), local, local_valid)
-    bar = tqdm.tqdm(
-        total=n, desc=f"evaluating {kind}", unit="img", leave=False, disable=None if jax.process_index() == 0 else True
-    )
-    for (_, valid_count), ((host_masks, host_valid), device) in zip(global_batches, prefetch(batches, prepare)):
+    kept = _Accumulator()
+    loaded = zip(load_batches(split, local, kind, with_masks=True), local, local_valid)
+    bar = tqdm.tqdm(total=len(split), desc=f"evaluating {kind}", unit="img", leave=False,
+                    disable=None if jax.process_index() == 0 else True)  # fmt: skip
+    for (_, valid_count), (host_masks, host_valid, device) in zip(batches, prefetch(loaded, prepare)):
         maps, batch_scores, batch_sums, stats = pass_step(teacher_vars, student_vars, *device)
-        for k in hist:
-            hist[k] += np.asarray(stats[k])
-        lo, hi = min(lo, float(stats["lo"])), max(hi, float(stats["hi"]))
-        num_regions += int(stats["regions"])
-        scores.append(gather(batch_scores)[:valid_count])
-        sums.append(gather(batch_sums)[:valid_count])
-        mine = local_rows(maps)
-        per_image = np.array(
-            [metrics.pro_rd4ad_image(m, k) if v else np.nan for m, k, v in zip(mine, host_masks, host_valid)],
-            np.float32,
-        )
-        pro_images.append(gather(put(per_image))[:valid_count])
+        kept.add_stats(stats)
+        kept.scores.append(gather(batch_scores)[:valid_count])
+        kept.sums.append(gather(batch_sums)[:valid_count])
+        per_image = [metrics.pro_rd4ad_image(m, k) if v else np.nan
+                     for m, k, v in zip(local_rows(maps), host_masks, host_valid)]  # fmt: skip
+        kept.pro_images.append(gather(put(np.array(per_image, np.float32)))[:valid_count])
         if exact:
-            kept_maps.append(gather(maps)[:valid_count])
-            kept_masks.append(gather(device[-4])[:valid_count])
+            kept.maps.append(gather(maps)[:valid_count])
+            kept.masks.append(gather(put(host_masks))[:valid_count])
         bar.update(valid_count)
     bar.close()
-    pixels = metrics.PixelStats(
-        lo=lo,
-        hi=hi,
-        edges=maps_lib.bin_edges(),
-        neg=hist["neg"],
-        pos=hist["pos"],
-        pro=hist["pro"],
-        num_regions=num_regions,
-    )
-    if exact:
-        pixels = dataclasses.replace(pixels, maps=np.concatenate(kept_maps), masks=np.concatenate(kept_masks))
-    return PassResult(np.concatenate(scores), np.concatenate(sums), np.concatenate(pro_images), pixels)
+    return kept.result(exact)

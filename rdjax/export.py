@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -169,9 +168,3 @@ def export_workdir(workdir: str, out: Path, fmt: str = "jax", weights_dtype: str
     write_bytes(out, data)
     write_json(out.with_name(out.name + ".json"), contract(model, fmt, weights_dtype))
     print(f"wrote {out} ({len(data) / 2**20:.1f} MiB, {fmt}, {weights_dtype} weights) and {out.name}.json")
-
-
-if __name__ == "__main__":
-    from rdjax import cli
-
-    sys.exit(cli.run(["export", *sys.argv[1:]]))

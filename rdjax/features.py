@@ -19,6 +19,7 @@ in every epoch, so memory and disk train the same weights as off.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ import numpy as np
 
 from rdjax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from rdjax.errors import ConfigError, WorkdirError
+from rdjax.models import Model
 from rdjax.workdir import write_text
 
 Features = tuple[jax.Array, ...]
@@ -51,18 +53,20 @@ def standardize(x: jax.Array, imagenet: bool = True) -> jax.Array:
     return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
 
 
-def teacher_fn(model: Any, imagenet_normalize: bool) -> Callable[[Any, jax.Array], Features]:
-    """(teacher_vars, uint8 images) -> features in the compute dtype."""
+def teacher_fn(model: Model, imagenet_normalize: bool) -> Callable[[Any, jax.Array], Features]:
+    """(teacher_vars, uint8 images) -> what the feature cache stores: the model's own
+    `train_inputs` (a model that trains from a cache draws nothing from the key), so
+    cached and fresh training feed the loss the same arrays."""
+    scale = functools.partial(standardize, imagenet=imagenet_normalize)
+    key = jax.random.key(0)
 
     def features(teacher_vars: Any, images: jax.Array) -> Features:
-        return tuple(
-            f.astype(model.dtype) for f in model.teacher_features(teacher_vars, normalize(images, imagenet_normalize))
-        )
+        return tuple(model.train_inputs(teacher_vars, images.astype(jnp.float32) / 255.0, key, scale))
 
     return features
 
 
-def feature_shapes(model: Any, image_size: int) -> list[jax.ShapeDtypeStruct]:
+def feature_shapes(model: Model, image_size: int) -> list[jax.ShapeDtypeStruct]:
     """Per-image shapes of the teacher's features, without computing them."""
     out = jax.eval_shape(
         lambda v, x: teacher_fn(model, True)(v, x),

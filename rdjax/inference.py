@@ -19,9 +19,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from rdjax import config as config_lib
 from rdjax import maps as maps_lib
-from rdjax import sharding, tiling
+from rdjax import modes, sharding, tiling
 from rdjax import workdir as workdir_lib
 from rdjax.calibration import explanation_masks, normalize_scores
 from rdjax.data.preprocess import open_image, to_rgb
@@ -109,7 +108,9 @@ class Model:
     def predict_resized(self, batch: np.ndarray, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Maps (at image_size) and scores of uint8 images already at image_size."""
         bs = sharding.round_up(batch_size or int(self.config.eval_batch_size), jax.device_count())
-        return maps_lib.predict_images(self.eval_step, self.teacher_vars, self.student_vars, batch, bs, self._put)
+        step = lambda x: self.eval_step(self.teacher_vars, self.student_vars, x)
+        maps, scores = sharding.map_global_batches(step, batch, bs, self._put, "predicting")
+        return maps, scores
 
     def predict(
         self,
@@ -136,7 +137,7 @@ class Model:
         resize = setting.mode if resize is None else resize
         tile_size = (setting.tile_size or None) if tile_size is None else tile_size
         overlap = setting.overlap if overlap is None else overlap
-        if resize == "squeeze":
+        if modes.parse(modes.ResizeMode, resize, "resize") is modes.ResizeMode.SQUEEZE:
             maps, scores = self.predict_resized(self.preprocess(images), batch_size)
             full = [tiling.resize_map(m, a.shape[:2]) for m, a in zip(maps, images)]
         else:
@@ -177,7 +178,7 @@ def load(workdir: str | os.PathLike, step: int | None = None, dtype: str | None 
     workdir = Path(workdir)
     config = workdir_lib.load_config(workdir)
     if dtype is not None:
-        config_lib.check_dtype(dtype, "dtype")
+        modes.parse(modes.Dtype, dtype, "dtype")
         config.dtype = dtype
     model = MODELS.get(config.model.name)(config.model.arch, config.dtype)
     mesh = sharding.make_mesh()

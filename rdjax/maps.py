@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rdjax import modes
 from rdjax.features import Features, normalize
-from rdjax.sharding import map_global_batches
+from rdjax.sharding import map_local
 
 Variables = dict[str, Any]
 
@@ -66,8 +67,7 @@ def anomaly_map(
     teacher: Features, student: Features, out_size: tuple[int, int], mode: str = "add", sigma: float = 4.0
 ) -> jax.Array:
     """(B, H, W) float32 blurred anomaly map from the paired features."""
-    if mode not in ("add", "mul"):
-        raise ValueError(f"unknown map mode {mode!r}; choose 'add' or 'mul'")
+    combine = modes.parse(modes.MapMode, mode, "map mode")
     h, w = out_size
     total = None
     for t, s in zip(teacher, student):
@@ -78,7 +78,7 @@ def anomaly_map(
         uh = jnp.asarray(upsample_matrix(h, dist.shape[1]))
         uw = jnp.asarray(upsample_matrix(w, dist.shape[2]))
         up = _separable(uh, dist, uw)
-        total = up if total is None else (total + up if mode == "add" else total * up)
+        total = up if total is None else (total + up if combine is modes.MapMode.ADD else total * up)
     if sigma > 0:
         bh, bw = jnp.asarray(blur_matrix(h, sigma)), jnp.asarray(blur_matrix(w, sigma))
         total = _separable(bh, total, bw)
@@ -184,38 +184,14 @@ def make_pass_step(model: Any, mode: str = "add", sigma: float = 4.0, imagenet_n
 def local_runner(
     eval_step: Callable, teacher_vars: Variables, student_vars: Variables, batch_size: int
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 windows -> their maps, on this process's first device alone, in batches of
-    ``batch_size`` (the last one padded, so one compilation serves every image).
+    """uint8 windows -> their maps, on this process's first device alone, in padded
+    batches of ``batch_size``.
 
     Tiling gives each image its own number of windows, so processes cannot share one
     global batch; each computes its own images' windows with its local copy of the
     (replicated) variables, and no collective is involved."""
     local = jax.tree.map(lambda a: a.addressable_data(0), (teacher_vars, student_vars))
-
-    def run(windows: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(windows), batch_size):
-            chunk = windows[start : start + batch_size]
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
-            out.append(np.asarray(eval_step(*local, padded)[0])[: len(chunk)])
-        return np.concatenate(out)
-
-    return run
-
-
-def predict_images(
-    eval_step: Callable,
-    teacher_vars: Variables,
-    student_vars: Variables,
-    images: np.ndarray,
-    batch_size: int,
-    put: Callable[[Any], Any],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Maps and scores for every image exactly once, gathered on every process."""
-    maps, scores = map_global_batches(
-        lambda x: eval_step(teacher_vars, student_vars, x), images, batch_size, put, desc="evaluating"
-    )
-    return maps, scores
+    return lambda windows: map_local(lambda batch: eval_step(*local, batch)[0], windows, batch_size)
 
 
 def eval_step_for(model: Any, config: Any, full_pass: bool = False) -> Callable:

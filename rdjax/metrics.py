@@ -25,6 +25,16 @@ from sklearn import metrics as skm
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 
+# How people read each result key: tables, report.html and report.png use these names.
+METRIC_NAMES = {
+    "image_auroc": "image AUROC",
+    "pixel_auroc": "pixel AUROC",
+    "aupro": "AUPRO",
+    "pro_rd4ad_per_image": "PRO (RD4AD per-image)",
+    "image_f1_max": "image F1-max",
+    "image_auroc_sum": "image AUROC (sum of map)",
+}
+
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     labels = np.asarray(labels).ravel()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from rdjax.metrics import METRIC_NAMES
 from rdjax.workdir import atomic_path
 
 
@@ -14,16 +16,18 @@ def _fmt(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
 
 
+RESULT_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max")
+
+
 def results_markdown(result: dict) -> str:
     lines = [
         f"# {result.get('category', '')} (epoch {result.get('epoch')})",
         "",
-        "| image AUROC | pixel AUROC | AUPRO (MVTec, FPR<=0.3) | PRO (RD4AD per-image) | image F1-max |",
-        "|---|---|---|---|---|",
-        f"| {_fmt(result['image_auroc'])} | {_fmt(result['pixel_auroc'])} | {_fmt(result['aupro'])} "
-        f"| {_fmt(result['pro_rd4ad_per_image'])} | {_fmt(result['image_f1_max'])} |",
+        "| " + " | ".join(METRIC_NAMES[k] for k in RESULT_KEYS) + " |",
+        "|---" * len(RESULT_KEYS) + "|",
+        "| " + " | ".join(_fmt(result[k]) for k in RESULT_KEYS) + " |",
         "",
-        "| defect type | images | image AUROC |",
+        f"| defect type | images | {METRIC_NAMES['image_auroc']} |",
         "|---|---|---|",
     ]
     lines += [f"| {t} | {v['count']} | {_fmt(v['image_auroc'])} |" for t, v in result["per_type"].items()]
@@ -32,18 +36,10 @@ def results_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-HEADERS = {
-    "image_auroc": "image AUROC",
-    "pixel_auroc": "pixel AUROC",
-    "aupro": "AUPRO",
-    "image_auroc_sum": "image AUROC (sum of map)",
-}
-
-
 def summary_markdown(results: dict[str, dict], keys: tuple[str, ...] | None = None) -> str:
     """One table over categories with a mean row, in the paper's layout (percent)."""
     keys = keys or ("image_auroc", "pixel_auroc", "aupro")
-    lines = ["| category | " + " | ".join(HEADERS[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines = ["| category | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(r[k]) for k in keys) + " |")
     means = [float(np.nanmean([r[k] for r in results.values()])) for k in keys]
@@ -237,3 +233,51 @@ def write_best_on_test(workdir: Path) -> dict | None:
 
 def evaluation_dir(workdir: Path, epoch: int) -> Path:
     return workdir / "eval" / f"epoch_{epoch:04d}"
+
+
+# ----------------------------------------------------------------------------- predict's files
+
+PREDICTION_FIELDS = ["file", "score", "normalized_score", "decision"]
+
+
+def write_prediction(
+    out: Path, name: str, source: str, image: np.ndarray, pred: Any, i: int, lo_hi: tuple[float, float]
+) -> dict:
+    """Image ``i`` of a Prediction: OUT/overlays/<name>.png, OUT/masks/<name>_mask.png
+    when calibrated; returns its scores.csv row."""
+    from PIL import Image
+
+    calibrated = pred.decisions is not None
+    picture = decision_picture(
+        image, pred.maps[i], *lo_hi, score=float(pred.scores[i]),
+        anomalous=bool(pred.decisions[i]) if calibrated else None,
+        normalized=float(pred.normalized_scores[i]) if calibrated else None,
+        mask=pred.masks[i] if calibrated else None, caption=name,
+    )  # fmt: skip
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "overlays" / f"{name}.png") as tmp:
+        Image.fromarray(picture).save(tmp)
+    row = {"file": source, "score": f"{pred.scores[i]:.6f}", "normalized_score": "", "decision": ""}
+    if calibrated:
+        (out / "masks").mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "masks" / f"{name}_mask.png") as tmp:
+            Image.fromarray((pred.masks[i] * 255).astype(np.uint8)).save(tmp)
+        row["normalized_score"] = f"{pred.normalized_scores[i]:.6f}"
+        row["decision"] = "anomalous" if pred.decisions[i] else "normal"
+    return row
+
+
+def write_prediction_summary(
+    out: Path, title: str, rows: list[dict], scores: list[float], names: list[str], images: Any,
+    threshold: float | None,
+) -> None:  # fmt: skip
+    """OUT/scores.csv, and OUT/report.html (from the unrounded ``scores``) when any image
+    was scored."""
+    from rdjax import webpage
+    from rdjax.workdir import write_csv
+
+    write_csv(out / "scores.csv", PREDICTION_FIELDS, rows)
+    if rows:
+        pictures = {i: f"overlays/{n}.png" for i, n in enumerate(names)}
+        page = webpage.Page(title, np.array(scores), names, images, threshold=threshold, pictures=pictures)
+        webpage.write_page(out / "report.html", page)

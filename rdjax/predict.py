@@ -20,6 +20,9 @@ import glob
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from rdjax.data.preprocess import IMAGE_EXTENSIONS
 from rdjax.errors import DataError, WorkdirError
@@ -39,6 +42,32 @@ def output_names(files: list[Path], root: Path) -> list[str]:
     return [s if counts[s] == 1 else f"{s}_{f.suffix.lstrip('.').lower()}" for s, f in zip(stems, files)]
 
 
+def _decode(files: list[Path], bar: Any) -> tuple[list[Path], list[np.ndarray]]:
+    """The readable files of a chunk and their images; the others are reported and counted."""
+    from tqdm import tqdm
+
+    from rdjax import inference
+
+    kept, arrays = [], []
+    for f in files:
+        try:
+            arrays.append(inference.as_images(f)[0])
+            kept.append(f)
+        except DataError as e:
+            tqdm.write(f"skipped {e}", file=sys.stderr)
+            bar.update(1)
+    return kept, arrays
+
+
+def _colour_range(model: Any, maps: list[np.ndarray]) -> tuple[float, float]:
+    """One colour scale for the whole run: the calibration's range if known, else the
+    first batch's."""
+    cal = model.calibration
+    if cal:
+        return cal["pixel_min"], cal["pixel_max"]
+    return float(min(m.min() for m in maps)), float(max(m.max() for m in maps))
+
+
 def predict_folder(
     workdir: str,
     pattern: str,
@@ -49,12 +78,9 @@ def predict_folder(
     tile_size: int | None = None,
     overlap: int | None = None,
 ) -> None:
-    import numpy as np
-    from PIL import Image
     from tqdm import tqdm
 
-    from rdjax import inference, outputs, webpage
-    from rdjax.workdir import atomic_path, write_csv
+    from rdjax import inference, outputs
 
     files = find_inputs(pattern)
     if not files:
@@ -62,80 +88,30 @@ def predict_folder(
     if out.exists() and not out.is_dir():
         raise WorkdirError(f"{out}: exists and is not a folder; choose another --output")
     model = inference.load(workdir, dtype=dtype)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    if model.calibration is not None:
-        (out / "masks").mkdir(parents=True, exist_ok=True)
-    else:
+    if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no decisions or masks", file=sys.stderr)
     root = Path(pattern) if Path(pattern).is_dir() else Path(os.path.commonpath([str(f.parent) for f in files]))
     names = dict(zip(files, output_names(files, root)))
-    rows, done, scores, skipped, lo_hi = [], [], [], 0, None
+    rows: list[dict] = []
+    scores: list[float] = []
+    done: list[Path] = []
+    lo_hi = None
     bar = tqdm(total=len(files), unit="img", desc="predicting", disable=None)
     for start in range(0, len(files), batch_size):
-        chunk, arrays = [], []
-        for f in files[start : start + batch_size]:
-            try:
-                arrays.append(inference.as_images(f)[0])
-                chunk.append(f)
-            except DataError as e:
-                skipped += 1
-                tqdm.write(f"skipped {e}", file=sys.stderr)
-                bar.update(1)
+        chunk, arrays = _decode(files[start : start + batch_size], bar)
         if not chunk:
             continue
         pred = model.predict(arrays, batch_size, resize, tile_size, overlap)
-        if lo_hi is None:  # one colour scale for the whole run: the calibration range if known
-            cal = model.calibration
-            lo_hi = (
-                (cal["pixel_min"], cal["pixel_max"])
-                if cal
-                else (float(min(m.min() for m in pred.maps)), float(max(m.max() for m in pred.maps)))
-            )
+        lo_hi = lo_hi or _colour_range(model, pred.maps)
         for i, f in enumerate(chunk):
-            calibrated = pred.decisions is not None
-            picture = outputs.decision_picture(
-                arrays[i],
-                pred.maps[i],
-                *lo_hi,
-                score=float(pred.scores[i]),
-                anomalous=bool(pred.decisions[i]) if calibrated else None,
-                normalized=float(pred.normalized_scores[i]) if calibrated else None,
-                mask=pred.masks[i] if calibrated else None,
-                caption=names[f],
-            )
-            with atomic_path(out / "overlays" / f"{names[f]}.png") as tmp:
-                Image.fromarray(picture).save(tmp)
-            row = {"file": str(f), "score": f"{pred.scores[i]:.6f}", "normalized_score": "", "decision": ""}
-            if calibrated:
-                with atomic_path(out / "masks" / f"{names[f]}_mask.png") as tmp:
-                    Image.fromarray((pred.masks[i] * 255).astype(np.uint8)).save(tmp)
-                row["normalized_score"] = f"{pred.normalized_scores[i]:.6f}"
-                row["decision"] = "anomalous" if pred.decisions[i] else "normal"
-            rows.append(row)
-            done.append(f)
+            rows.append(outputs.write_prediction(out, names[f], str(f), arrays[i], pred, i, lo_hi))
             scores.append(float(pred.scores[i]))
+            done.append(f)
         bar.update(len(chunk))
     bar.close()
-    write_csv(out / "scores.csv", ["file", "score", "normalized_score", "decision"], rows)
-    if done:
-        webpage.write_page(
-            out / "report.html",
-            f"rdjax predict: {workdir}",
-            None,
-            None,
-            np.array(scores),
-            [names[f] for f in done],
-            lambda idx: [inference.as_images(done[i])[0] for i in idx],
-            model.image_threshold,
-            None,
-            None,
-            {i: f"overlays/{names[f]}.png" for i, f in enumerate(done)},
-        )
+    outputs.write_prediction_summary(out, f"rdjax predict: {workdir}", rows, scores, [names[f] for f in done],
+                                     lambda idx: [inference.as_images(done[i])[0] for i in idx],
+                                     model.image_threshold)  # fmt: skip
     flagged = sum(r["decision"] == "anomalous" for r in rows)
-    print(f"{len(rows)} images scored, {flagged} anomalous, {skipped} skipped (unreadable) -> {out / 'scores.csv'}")
-
-
-if __name__ == "__main__":
-    from rdjax import cli
-
-    sys.exit(cli.run(["predict", *sys.argv[1:]]))
+    print(f"{len(rows)} images scored, {flagged} anomalous, {len(files) - len(rows)} skipped (unreadable) "
+          f"-> {out / 'scores.csv'}")  # fmt: skip

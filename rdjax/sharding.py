@@ -62,31 +62,45 @@ def gather(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def pad(x: np.ndarray, size: int) -> tuple[np.ndarray, int]:
+    """``x`` padded along its first axis to ``size`` rows by repeating its last row (so
+    one compiled program serves every batch), and how many rows are real."""
+    valid = len(x)
+    if valid == 0:
+        raise ValueError("no rows to pad")
+    return np.concatenate([x, np.repeat(x[-1:], size - valid, axis=0)]), valid
+
+
+def global_batches(n: int, batch_size: int) -> list[tuple[np.ndarray, int]]:
+    """The row indices of ``n`` rows in global batches of ``batch_size``, each padded, with
+    its count of real rows: every row exactly once, in order."""
+    return [pad(np.arange(s, min(s + batch_size, n)), batch_size) for s in range(0, n, batch_size)]
+
+
 def map_global_batches(
     fn: Callable[[Any], tuple], inputs: np.ndarray, batch_size: int, put: Callable[[Any], Any], desc: str
 ) -> list[np.ndarray]:
     """Apply ``fn`` to every row of ``inputs`` exactly once, in global batches sharded over
-    all devices of all processes, and return the outputs gathered on every process.
-
-    The last batch is padded (repeating its last row) and the padding dropped afterwards,
-    so nothing is skipped; each process feeds only its own share of each batch.
-    """
-    from jax.experimental import multihost_utils
+    all devices of all processes, and return the outputs gathered on every process
+    (each process places only its own share of each batch)."""
     from tqdm import tqdm
 
-    n = len(inputs)
     outputs: list[list[np.ndarray]] = []
-    for start in tqdm(
-        range(0, n, batch_size), desc=desc, leave=False, disable=None if jax.process_index() == 0 else True
-    ):
-        batch = inputs[start : start + batch_size]
-        valid = len(batch)
-        if valid < batch_size:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, axis=0)])
-        result = fn(put(local_share(batch)))
-        gathered = [np.asarray(multihost_utils.process_allgather(r, tiled=True))[:valid] for r in result]
-        if not outputs:
-            outputs = [[] for _ in gathered]
+    disable = None if jax.process_index() == 0 else True
+    for rows, valid in tqdm(global_batches(len(inputs), batch_size), desc=desc, leave=False, disable=disable):
+        result = fn(put(local_share(inputs[rows])))
+        gathered = [gather(r)[:valid] for r in result]
+        outputs = outputs or [[] for _ in gathered]
         for k, g in enumerate(gathered):
             outputs[k].append(g)
     return [np.concatenate(parts) for parts in outputs]
+
+
+def map_local(fn: Callable[[np.ndarray], Any], inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    """``fn`` over ``inputs`` in padded batches on this process alone (no collective):
+    for work whose size differs between processes, such as each image's tiles."""
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        batch, valid = pad(inputs[start : start + batch_size], batch_size)
+        out.append(np.asarray(fn(batch))[:valid])
+    return np.concatenate(out)

@@ -13,51 +13,25 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
 from rdjax.features import standardize
+from rdjax.models import Model
 from rdjax.sharding import batch_sharding, replicated
+from rdjax.state import TrainState
 
 Variables = dict[str, Any]
 Features = tuple[jax.Array, ...]
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-
-    @property
-    def student_vars(self) -> Variables:
-        return {"params": self.params, "batch_stats": self.batch_stats}
-
-
-def make_optimizer(learning_rate: float = 0.005, b1: float = 0.5, b2: float = 0.999) -> optax.GradientTransformation:
-    """Adam with the official defaults (lr 0.005, betas (0.5, 0.999))."""
-    return optax.adam(learning_rate, b1=b1, b2=b2)
 
 
 def step_key(seed: int, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def create_train_state(student_vars: Variables, tx: optax.GradientTransformation) -> TrainState:
-    params = student_vars["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=student_vars["batch_stats"],
-        opt_state=tx.init(params),
-    )
-
-
 def train_step_features(
-    model: Any, tx: optax.GradientTransformation, seed: int, state: TrainState, inputs: Any
+    model: Model, tx: optax.GradientTransformation, seed: int, state: TrainState, inputs: Any
 ) -> tuple[TrainState, jax.Array]:
     """One optimizer step given the model's train inputs (RD4AD: the teacher's features,
     precomputed or fresh)."""
@@ -77,7 +51,7 @@ def train_step_features(
     return new_state, loss
 
 
-def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, seed: int = 0):
+def make_train_step(model: Model, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, seed: int = 0):
     """The jitted step with explicit shardings: state replicated, features split along the
     batch axis over every device; the old state's buffers are donated."""
     return jax.jit(
@@ -89,7 +63,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: jax.shar
 
 
 def make_image_train_step(
-    model: Any,
+    model: Model,
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
     imagenet_normalize: bool = True,

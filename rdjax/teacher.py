@@ -14,7 +14,8 @@ from absl import logging
 
 from rdjax import weights
 from rdjax import workdir as workdir_lib
-from rdjax.models.resnet import IMAGENET_FILES
+from rdjax.errors import ConfigError
+from rdjax.models import Model
 
 Variables = dict[str, Any]
 RANDOM_WARNING = (
@@ -22,11 +23,13 @@ RANDOM_WARNING = (
 )
 
 
-def from_source(model: Any, source: str) -> Variables:
-    """Teacher variables from 'imagenet' (downloaded once into the cache), a
-    .pth/.pt/.safetensors/.npz file, or an rdjax teacher directory."""
+def from_source(model: Model, source: str, offline: bool = False) -> Variables:
+    """Teacher variables from 'imagenet' (downloaded once into the cache, unless
+    ``offline``), a .pth/.pt/.safetensors/.npz file, or an rdjax teacher directory."""
     if source == "imagenet":
-        path = weights.download(IMAGENET_FILES[model.arch])
+        if model.imagenet_file is None:
+            raise ConfigError(f"model {type(model).__name__} has no ImageNet teacher; give a weights file")
+        path = weights.download(model.imagenet_file, allow=not offline)
     else:
         path = Path(source).expanduser()
         if path.is_dir():
@@ -34,7 +37,7 @@ def from_source(model: Any, source: str) -> Variables:
     return model.port_teacher(weights.read_state_dict(path), source=str(path))
 
 
-def for_run(config: Any, model: Any, workdir: Path) -> tuple[Variables, list[str], bool]:
+def for_run(config: Any, model: Model, workdir: Path) -> tuple[Variables, list[str], bool]:
     """The workdir's own teacher if it has one (resume, eval), else
     config.model.teacher_weights. Returns (variables, the warnings to report, whether it
     is already in the workdir); the caller saves it there once the workdir is checked."""
@@ -48,7 +51,7 @@ def for_run(config: Any, model: Any, workdir: Path) -> tuple[Variables, list[str
         if source == "none":
             variables, _ = model.init(jax.random.key(config.seed), config.image_size)
         else:
-            variables = from_source(model, source)
+            variables = from_source(model, source, config.offline)
     saved = teacher_dir.exists()
     if source != "none":
         return variables, [], saved

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from rdjax.config import RESIZE_MODES as MODES
-from rdjax.errors import DataError
+from rdjax import modes
+from rdjax.errors import ConfigError, DataError
 
 
 def starts(length: int, size: int, stride: int) -> list[int]:
@@ -46,16 +46,15 @@ def ramp(size: int, overlap: int) -> np.ndarray:
 def scale_for(mode: str, shape: tuple[int, int], size: int, tile_size: int | None) -> float:
     """How much an image of ``shape`` is scaled before it is cut into size×size windows."""
     h, w = shape
-    if mode == "fit":
+    kind = modes.parse(modes.ResizeMode, mode, "resize")
+    if kind is modes.ResizeMode.FIT:
         return size / min(h, w)
-    if mode == "tile":
-        tile = tile_size or size
-        if min(h, w) < tile:
-            raise DataError(
-                f"image {w}x{h} is smaller than one tile ({tile} px): use resize='fit' or a smaller tile_size"
-            )
-        return size / tile
-    raise DataError(f"unknown resize mode {mode!r}; choose one of {', '.join(MODES)}")
+    if kind is modes.ResizeMode.SQUEEZE:
+        raise ConfigError("resize='squeeze' has no windows; choose 'fit' or 'tile'")
+    tile = tile_size or size
+    if min(h, w) < tile:
+        raise DataError(f"image {w}x{h} is smaller than one tile ({tile} px): use resize='fit' or a smaller tile_size")
+    return size / tile
 
 
 def tiled_maps(

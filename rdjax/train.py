@@ -11,22 +11,25 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 import tqdm
 
 from rdjax import config as config_lib
-from rdjax import data, evaluation, evaluators, features, maps, outputs, sharding, steps, teacher, tiling
+from rdjax import data, evaluation, features, maps, modes, outputs, registry, sharding, steps, teacher, tiling
+from rdjax import evaluators as evaluators_lib
+from rdjax import state as state_lib
 from rdjax import workdir as workdir_lib
 from rdjax.data import pipeline
 from rdjax.data.pipeline import prefetch
 from rdjax.data.preprocess import Split
 from rdjax.errors import ConfigError, DataError, TrainingError, WorkdirError
-from rdjax.registry import MODELS
+from rdjax.models import Model
 
 
 def _log(fmt: str, *args: Any) -> None:
@@ -41,7 +44,7 @@ class Run:
 
     config: Any
     workdir: Path
-    model: Any
+    model: Model
     mesh: jax.sharding.Mesh
     put: Callable[[Any], Any]
     teacher_vars: Any
@@ -66,6 +69,7 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
     settings and bad data fail before anything is written. ``writing``: the run will
     write checkpoints, so the workdir must take them."""
     config_lib.check(config, jax.device_count())
+    registry.check(config)
     if (workdir / workdir_lib.CONFIG).is_file():  # a workdir holds one model: never restore another's shapes
         saved = workdir_lib.load_config(workdir).model
         if (saved.name, saved.arch) != (config.model.name, config.model.arch):
@@ -73,12 +77,12 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
                 f"{workdir} holds model {saved.name!r} ({saved.arch}); run it with "
                 f"--config.model.name={saved.name} --config.model.arch={saved.arch}"
             )
-    model = MODELS.get(config.model.name)(config.model.arch, config.dtype)
-    dataset = dataset or data.build(config.dataset)
+    model = registry.build_model(config)
+    dataset = dataset or registry.build_dataset(config.dataset)
     train_split, test_split = dataset.load(config.dataset.category, config.image_size)
     train_split, validation = data.hold_out(train_split, config.threshold.validation_size, config.seed)
     check_exact_metrics(config, max(len(test_split), len(validation or ())))
-    if config.resize.mode != "squeeze" and test_split.read_native is None:
+    if modes.ResizeMode(config.resize.mode) is not modes.ResizeMode.SQUEEZE and test_split.read_native is None:
         raise ConfigError(
             f"config.resize.mode={config.resize.mode!r}: dataset {config.dataset.name!r} has no images "
             "beyond image_size to tile; use 'squeeze'"
@@ -125,17 +129,16 @@ def check_exact_metrics(config: Any, images: int) -> None:
         )
 
 
-def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, writer: Any = None) -> dict:
-    """One evaluation pass over the test images, the configured evaluators, and their files."""
+def _eval_functions(run: Run, student_vars: Any) -> tuple[Callable, Callable]:
+    """(run_pass(split, kind), predict(split, rows)) for this student and config.resize."""
     config = run.config
     eval_step = maps.eval_step_for(run.model, config)
     tiler = None
-    if config.resize.mode != "squeeze":
+    pass_step = maps.eval_step_for(run.model, config, full_pass=True)
+    if modes.ResizeMode(config.resize.mode) is not modes.ResizeMode.SQUEEZE:
         windows = maps.local_runner(eval_step, run.teacher_vars, student_vars, config.eval_batch_size)
         tiler = functools.partial(tiling.evaluation_maps, size=config.image_size, setting=config.resize, run=windows)
-        pass_step = lambda teacher_vars, student_vars, *batch: maps.stats_step(*batch)  # noqa: E731
-    else:
-        pass_step = maps.eval_step_for(run.model, config, full_pass=True)
+        pass_step = lambda teacher_vars, student_vars, *batch: maps.stats_step(*batch)
 
     def run_pass(split: Split, kind: str = "validation") -> evaluation.PassResult:
         exact = len(split) * config.image_size**2 <= config.exact_metrics_max_pixels
@@ -146,62 +149,44 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, writer:
     def predict(split: Split, rows: np.ndarray) -> np.ndarray:
         if tiler is not None:
             return tiler([split.native_image(r) for r in rows])[0]
-        return maps.predict_images(
-            eval_step, run.teacher_vars, student_vars, split.images(rows), run.eval_batch, run.put
-        )[0]
+        step = lambda x: eval_step(run.teacher_vars, student_vars, x)
+        return sharding.map_global_batches(step, split.images(rows), run.eval_batch, run.put, "evaluating")[0]
 
+    return run_pass, predict
+
+
+def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: list[str] | None = None) -> dict:
+    """One evaluation pass over the test images and the evaluators in ``names`` (default:
+    all of config.evals); returns the result that outputs.write_evaluation writes."""
+    config = run.config
+    evals = {n: s for n, s in config.evals.items() if names is None or n in names}
+    evaluators = evaluators_lib.build(evals, registry.EVALUATORS.get)
+    run_pass, predict = _eval_functions(run, student_vars)
     start = time.perf_counter()
     test_pass = run_pass(run.test, "test")
     seconds = time.perf_counter() - start
     out_dir = outputs.evaluation_dir(run.workdir, epoch) if jax.process_index() == 0 else None
-    result = evaluators.run_all(
-        config.evaluators,
-        evaluators.EvalData(
-            config=config,
-            test=run.test,
-            result_pass=test_pass,
-            run_pass=run_pass,
-            predict=predict,
-            validation=run.validation,
-            out_dir=out_dir,
-            result={"warnings": list(run.warnings)},
-        ),
-    )
-    for w in result["warnings"][len(run.warnings) :]:
+    context = evaluators_lib.EvalContext(config, run.test, test_pass, run_pass, predict, run.validation, out_dir)
+    result = evaluators_lib.run_all(evaluators, context)
+    for w in result["warnings"]:
         _log("note: %s", w)
+    result["warnings"] = list(run.warnings) + result["warnings"]
     if "calibration" in result:
         result["calibration"].update(step=step, epoch=epoch, resize=config.resize.to_dict())
     result.update(
-        epoch=epoch,
-        step=step,
-        seed=config.seed,
-        category=config.dataset.category,
-        model=config.model.name,
-        arch=config.model.arch,
-        teacher_weights=config.model.teacher_weights,
-        dtype=config.dtype,
-        image_size=config.image_size,
-        eval_images_per_second=len(run.test) / seconds,
-    )
+        epoch=epoch, step=step, seed=config.seed, category=config.dataset.category, model=config.model.name,
+        arch=config.model.arch, teacher_weights=config.model.teacher_weights, dtype=config.dtype,
+        image_size=config.image_size, eval_images_per_second=len(run.test) / seconds,
+    )  # fmt: skip
     if jax.process_index() == 0:
         outputs.write_evaluation(run.workdir, epoch, result)
-        if writer is not None:
-            for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
-                if key in result:
-                    writer.add_scalar(f"eval/{key}", result[key], step)
-            writer.flush()
     if "image_auroc" in result:
-        _log(
-            "epoch %d: image AUROC %.4f  pixel AUROC %.4f  AUPRO %.4f",
-            epoch,
-            result["image_auroc"],
-            result["pixel_auroc"],
-            result["aupro"],
-        )
+        _log("epoch %d: image AUROC %.4f  pixel AUROC %.4f  AUPRO %.4f",
+             epoch, result["image_auroc"], result["pixel_auroc"], result["aupro"])  # fmt: skip
     return result
 
 
-def _feature_mode(config: Any, model: Any, workdir: Path, rows: int) -> tuple[str, Path]:
+def _feature_mode(config: Any, model: Model, workdir: Path, rows: int) -> tuple[str, Path]:
     """config.feature_cache resolved for this process's share of ``rows`` training rows,
     then agreed on by all processes: the most frugal choice of any process wins, since
     'off' compiles a different step. Returns (mode, the folder 'disk' uses). A model
@@ -302,119 +287,189 @@ def _check_finite(losses: np.ndarray, epoch: int, steps_per_epoch: int) -> None:
         )
 
 
-def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset | None = None) -> dict:
-    """Train config.dataset.category (resuming from the workdir's latest checkpoint),
-    evaluating every config.eval_every epochs and at the end. Returns the last
-    evaluation's result."""
-    workdir = Path(workdir)
+class Writer:
+    """Every file and log line of the training loop: process 0 writes, the others do not
+    (the one place that policy lives). train_log.json is rewritten at each checkpoint."""
+
+    def __init__(self, workdir: Path, start_epoch: int) -> None:
+        self.log_path = workdir / "train_log.json"
+        self.primary = jax.process_index() == 0
+        old = json.loads(self.log_path.read_text()) if self.log_path.is_file() else []
+        self.train_log = [e for e in old if e["epoch"] <= start_epoch]
+        self.board = None
+        if self.primary:
+            from tensorboardX import SummaryWriter
+
+            self.board = SummaryWriter(str(workdir / "tensorboard"))
+
+    def train(self, entry: dict) -> None:
+        _log("epoch %d: loss %.5f, %.1f img/s", entry["epoch"], entry["loss"], entry["images_per_second"])
+        self.train_log.append(entry)
+        if self.board is not None:
+            self.board.add_scalar("train/loss", entry["loss"], entry["step"])
+            self.board.add_scalar("train/images_per_second", entry["images_per_second"], entry["step"])
+
+    def evaluation(self, result: dict) -> None:
+        if self.board is not None:
+            for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
+                if key in result:
+                    self.board.add_scalar(f"eval/{key}", result[key], result["step"])
+            self.board.flush()
+
+    def checkpoint(self) -> None:
+        if self.primary:
+            workdir_lib.write_json(self.log_path, self.train_log)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+class Profiler:
+    """config.profile_steps > 0: a jax.profiler trace of that many steps, from the second
+    step of the run (the first compiles), into workdir/profile (TensorBoard, Perfetto)."""
+
+    def __init__(self, workdir: Path, steps: int) -> None:
+        self.directory, self.steps, self.seen, self.active = workdir / "profile", steps, 0, False
+
+    def step(self, state: Any) -> None:
+        self.seen += 1
+        if self.steps > 0 and self.seen == 2:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+        elif self.active and self.seen == 2 + self.steps:
+            self.stop(state)
+
+    def stop(self, state: Any = None) -> None:
+        if self.active:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The jitted step and where each epoch's inputs come from (the images, or a cache)."""
+
+    run: Run
+    step_fn: Callable[[Any, Any], tuple[Any, jax.Array]]
+    mode: str  # the feature cache in use: 'memory', 'disk' or 'off'
+    store: Any = None
+    position: np.ndarray | None = None  # training row -> its place in this process's store
+
+    def inputs(self, epoch: int) -> Iterator[Any]:
+        run, config = self.run, self.run.config
+        rows = pipeline.epoch_batches(len(run.train), config.batch_size, config.seed, epoch)
+        rows = rows[:, pipeline.share(config.batch_size, jax.process_index(), jax.process_count())]
+        if self.store is None:
+            return prefetch((b["image"] for b in pipeline.load_batches(run.train, rows, "train")), run.put)
+        return prefetch(rows, lambda r: run.put(self.store.read(self.position[r])))
+
+    def epoch(self, state: Any, epoch: int, profiler: Profiler) -> tuple[Any, dict]:
+        """One epoch of steps; the losses come to the host once, at its end."""
+        config = self.run.config
+        total = self.run.steps_per_epoch * config.batch_size
+        desc = f"epoch {epoch}/{config.num_epochs}"
+        bar = tqdm.tqdm(total=total, desc=desc, unit="img", leave=False, disable=None)
+        losses, start = [], time.perf_counter()
+        for x in self.inputs(epoch):
+            state, loss = self.step_fn(state, x)
+            profiler.step(state)
+            losses.append(loss)
+            bar.update(config.batch_size)
+        losses = np.asarray(jax.device_get(losses))
+        seconds = time.perf_counter() - start
+        bar.close()
+        _check_finite(losses, epoch, self.run.steps_per_epoch)
+        return state, {"epoch": epoch, "step": int(state.step), "loss": float(losses.mean()),
+                       "images_per_second": total / seconds, "feature_cache": self.mode}  # fmt: skip
+
+    def close(self, finished: bool) -> None:
+        if self.store is not None:
+            self.store.close(delete=finished)  # a finished run needs its cache no more; a failed one resumes
+
+
+def make_trainer(run: Run, tx: optax.GradientTransformation, start_epoch: int) -> Trainer:
+    """The step for config.feature_cache as resolved: from cached features, or from the
+    images (nothing left to train needs no cache)."""
+    config = run.config
+    mode = run.feature_mode if start_epoch < config.num_epochs else "off"
+    if mode == "off":
+        image_step = steps.make_image_train_step(run.model, tx, run.mesh, config.imagenet_normalize, config.seed)
+        return Trainer(run, lambda state, images: image_step(state, run.teacher_vars, images), mode)
+    n, p, count = len(run.train), jax.process_index(), jax.process_count()
+    owned = pipeline.owned_rows(n, config.batch_size, config.seed, p, count)
+    position = np.full(n, -1, np.int64)
+    position[owned] = np.arange(len(owned))
+    store = cached_features(run, owned, mode, run.feature_dir)
+    return Trainer(run, steps.make_train_step(run.model, tx, run.mesh, config.seed), mode, store, position)
+
+
+def _category_epochs(config: Any) -> Any:
+    """config with num_epochs from num_epochs_by_category where the category has its own."""
     epochs = config.num_epochs_by_category.get(config.dataset.category)
-    if epochs is not None and epochs != config.num_epochs:
-        _log(
-            "category %s: %d epochs (config.num_epochs_by_category, over num_epochs=%d)",
-            config.dataset.category,
-            epochs,
-            config.num_epochs,
-        )
-        config = config.copy_and_resolve_references()
-        config.num_epochs = int(epochs)
+    if epochs is None or epochs == config.num_epochs:
+        return config
+    _log("category %s: %d epochs (config.num_epochs_by_category, over num_epochs=%d)",
+         config.dataset.category, epochs, config.num_epochs)  # fmt: skip
+    config = config.copy_and_resolve_references()
+    config.num_epochs = int(epochs)
+    return config
+
+
+def _initial_state(run: Run, tx: optax.GradientTransformation, manager: Any) -> tuple[Any, int]:
+    """A fresh train state, or the workdir's latest; and the epochs already done."""
+    _, student_vars = run.model.init(jax.random.key(run.config.seed), run.config.image_size)
+    state = jax.device_put(state_lib.create_train_state(student_vars, tx), sharding.replicated(run.mesh))
+    if manager.latest_step() is None:
+        return state, 0
+    state = workdir_lib.restore_state(manager, state)
+    _log("resuming from step %d (epoch %d)", int(state.step), int(state.step) // run.steps_per_epoch)
+    return state, int(state.step) // run.steps_per_epoch
+
+
+def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset | None = None) -> dict:
+    """Train config.dataset.category (resuming from the workdir's latest checkpoint); after
+    each epoch the hooks: checkpoint, the evaluators due (config.evals), the writer.
+    Returns the last evaluation's result."""
+    workdir = Path(workdir)
+    config = _category_epochs(config)
     run = setup(config, workdir, writing=True, dataset=dataset)
     if jax.process_index() == 0:
         workdir_lib.save_config(workdir, config)
     tx = run.model.optimizer(config)
-    _, student_vars = run.model.init(jax.random.key(config.seed), config.image_size)
-    state = jax.device_put(steps.create_train_state(student_vars, tx), sharding.replicated(run.mesh))
-    steps_per_epoch = run.steps_per_epoch
     manager = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
-    start_epoch = 0
-    if manager.latest_step() is not None:
-        state = workdir_lib.restore_state(manager, state)
-        start_epoch = int(state.step) // steps_per_epoch
-        _log("resuming from step %d (epoch %d)", int(state.step), start_epoch)
-
-    n, batch = len(run.train), config.batch_size
-    columns = pipeline.share(batch, jax.process_index(), jax.process_count())
-    owned = pipeline.owned_rows(n, batch, config.seed, jax.process_index(), jax.process_count())
-    position = np.full(n, -1, np.int64)
-    position[owned] = np.arange(len(owned))
-    mode = run.feature_mode if start_epoch < config.num_epochs else "off"  # nothing left to train: no cache
-    if mode == "off":
-        store = None
-        image_step = steps.make_image_train_step(run.model, tx, run.mesh, config.imagenet_normalize, config.seed)
-        step_fn = lambda state, images: image_step(state, run.teacher_vars, images)  # noqa: E731
-    else:
-        store = cached_features(run, owned, mode, run.feature_dir)
-        step_fn = steps.make_train_step(run.model, tx, run.mesh, config.seed)
-    writer = None
-    if jax.process_index() == 0:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(str(workdir / "tensorboard"))
-
-    log_path = workdir / "train_log.json"
-    train_log = [
-        e for e in (json.loads(log_path.read_text()) if log_path.is_file() else []) if e["epoch"] <= start_epoch
-    ]
+    state, start_epoch = _initial_state(run, tx, manager)
+    trainer = make_trainer(run, tx, start_epoch)
+    writer, profiler = Writer(workdir, start_epoch), Profiler(workdir, config.profile_steps)
     result: dict = {}
     finished = False
     try:
         for epoch in range(start_epoch + 1, config.num_epochs + 1):
-            rows = pipeline.epoch_batches(n, batch, config.seed, epoch)[:, columns]  # this process's share of each step
-            if store is None:
-                inputs = prefetch((b["image"] for b in pipeline.load_batches(run.train, rows, "train")), run.put)
-            else:
-                inputs = prefetch(rows, lambda r: run.put(store.read(position[r])))
-            losses = []
-            start = time.perf_counter()
-            seen = len(rows) * batch
-            bar = tqdm.tqdm(
-                total=seen, desc=f"epoch {epoch}/{config.num_epochs}", unit="img", leave=False, disable=None
-            )
-            for x in inputs:
-                state, loss = step_fn(state, x)
-                losses.append(loss)
-                bar.update(batch)
-            losses = np.asarray(jax.device_get(losses))  # one host round-trip per epoch
-            seconds = time.perf_counter() - start
-            bar.close()
-            _check_finite(losses, epoch, steps_per_epoch)
-            _log("epoch %d: loss %.5f, %.1f img/s", epoch, losses.mean(), seen / seconds)
-            train_log.append(
-                {
-                    "epoch": epoch,
-                    "step": int(state.step),
-                    "loss": float(losses.mean()),
-                    "images_per_second": seen / seconds,
-                    "feature_cache": mode,
-                }
-            )
-            if writer is not None:
-                writer.add_scalar("train/loss", float(losses.mean()), int(state.step))
-                writer.add_scalar("train/images_per_second", seen / seconds, int(state.step))
+            state, entry = trainer.epoch(state, epoch, profiler)
+            writer.train(entry)
             last = epoch == config.num_epochs
             if epoch % config.checkpoint_every == 0 or last:
                 workdir_lib.save_state(manager, int(state.step), state)
-                if jax.process_index() == 0:
-                    workdir_lib.write_json(log_path, train_log)
-            if epoch % config.eval_every == 0 or last:
-                result = evaluate_student(run, state.student_vars, epoch, int(state.step), writer)
+                writer.checkpoint()
+            due = evaluators_lib.due(config.evals, epoch, config.eval_every, last)
+            if due:
+                result = evaluate_student(run, state.student_vars, epoch, int(state.step), due)
+                writer.evaluation(result)
         if not result:  # already trained: evaluate what is there
-            result = evaluate_student(
-                run, state.student_vars, int(state.step) // steps_per_epoch, int(state.step), writer
-            )
+            result = evaluate_student(run, state.student_vars, start_epoch, int(state.step))
         finished = True
     finally:  # also on an error: the checkpoints are flushed, and a disk cache is kept for the resume
+        profiler.stop(state)
         manager.close()
-        if store is not None:
-            store.close(delete=finished)  # training is complete: the cache is no longer needed
-        if writer is not None:
-            writer.close()
+        trainer.close(finished)
+        writer.close()
     if config.report_best_on_test and jax.process_index() == 0:
         outputs.write_best_on_test(workdir)
     if jax.process_count() > 1:
-        tqdm.tqdm.write(
-            f"process {jax.process_index()} of {jax.process_count()}: decoded "
-            f"{pipeline.decoded['train']} training and {pipeline.decoded['test']} test images"
-        )
+        tqdm.tqdm.write(f"process {jax.process_index()} of {jax.process_count()}: decoded "
+                        f"{pipeline.decoded['train']} training and {pipeline.decoded['test']} test images")  # fmt: skip
     return result
 
 
@@ -437,7 +492,8 @@ def run(config: Any, workdir: str | Path, mode: str = "train") -> dict[str, dict
     them with the mean row."""
     workdir = Path(workdir)
     config_lib.check(config, jax.device_count())  # before the dataset is built (it may generate or extract)
-    dataset = data.build(config.dataset)
+    registry.check(config)
+    dataset = registry.build_dataset(config.dataset)
     categories = dataset.categories()
     if not categories:
         raise DataError(f"{config.dataset.root}: no categories found (folders with train/ and test/)")

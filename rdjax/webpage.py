@@ -13,15 +13,18 @@ the embedded data is JSON with '<' escaped, so no file name can end the script.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from rdjax.metrics import METRIC_NAMES
 from rdjax.workdir import atomic_path
 
 THUMBNAIL = 128  # px, the longer side of each card's picture
@@ -90,89 +93,91 @@ update();
 """
 
 
-def write_page(
-    path: Path,
-    title: str,
-    result: dict | None,
-    labels: np.ndarray | None,
-    scores: np.ndarray,
-    filenames: Sequence[str],
-    images: Callable[[np.ndarray], Sequence[np.ndarray]],
-    threshold: float | None,
-    roc: tuple[np.ndarray, np.ndarray] | None,
-    pro: tuple[np.ndarray, np.ndarray] | None,
-    pictures: dict[int, str],
-    chunk: int = 16,
-) -> Path:
-    """``result``: the metrics (None: no table); ``labels``: 0 = good (None: unlabelled
-    images, as predict scores them); ``images(rows)``: uint8 images of those rows;
-    ``pictures``: row -> a decision picture's path relative to the page. The cards are
-    decoded ``chunk`` images at a time and written as they are made, so memory does not
-    grow with the number of images."""
-    scores = np.asarray(scores, np.float64)
-    start = threshold if threshold is not None else float(np.median(scores))
+@dataclasses.dataclass(frozen=True)
+class Page:
+    """What report.html shows. ``labels``: 0 = good (None: unlabelled images, as predict
+    scores them); ``images(rows)``: uint8 images of those rows, decoded on demand;
+    ``metrics``: a result whose METRIC_NAMES entries make the table (None: no table);
+    ``pictures``: row -> a decision picture's path relative to the page."""
+
+    title: str
+    scores: np.ndarray
+    filenames: Sequence[str]
+    images: Callable[[np.ndarray], Sequence[np.ndarray]]
+    labels: np.ndarray | None = None
+    metrics: Mapping[str, Any] | None = None
+    threshold: float | None = None
+    roc: tuple[np.ndarray, np.ndarray] | None = None
+    pro: tuple[np.ndarray, np.ndarray] | None = None
+    pictures: Mapping[int, str] = dataclasses.field(default_factory=dict)
+
+
+TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max")
+
+
+def _head(page: Page, scores: np.ndarray) -> str:
+    start = page.threshold if page.threshold is not None else float(np.median(scores))
     # The range holds the threshold too: a browser clamps a slider's value into its range,
     # which would re-decide images when every score lies on one side of the threshold.
     lo, hi = min(float(scores.min()), start), max(float(scores.max()), start)
-    keys = [
-        ("image_auroc", "image AUROC"),
-        ("pixel_auroc", "pixel AUROC"),
-        ("aupro", "AUPRO"),
-        ("pro_rd4ad_per_image", "PRO (per image)"),
-        ("image_f1_max", "image F1-max"),
-    ]
-    table = (
-        ""
-        if result is None
-        else (
+    table = ""
+    if page.metrics is not None:
+        table = (
             "<table><tr>"
-            + "".join(f"<th>{name}</th>" for _, name in keys)
+            + "".join(f"<th>{METRIC_NAMES[k]}</th>" for k in TABLE_KEYS)
             + "</tr><tr>"
-            + "".join(f"<td>{100 * float(result[k]):.1f}</td>" for k, _ in keys)
+            + "".join(f"<td>{100 * float(page.metrics[k]):.1f}</td>" for k in TABLE_KEYS)
             + "</tr></table>"
         )
-    )
     curves = []
-    if roc is not None:
-        curves.append(_svg_curve(*roc, "ROC (images)", "false positive rate", "true positive rate"))
-    if pro is not None:
-        curves.append(_svg_curve(*pro, "PRO (pixels)", "false positive rate", "per-region overlap", 0.3))
-    data = json.dumps({"scores": scores.tolist(), "labels": None if labels is None else [int(v != 0) for v in labels]})
-    data = data.replace("<", "\\u003c")
+    if page.roc is not None:
+        curves.append(_svg_curve(*page.roc, "ROC (images)", "false positive rate", "true positive rate"))
+    if page.pro is not None:
+        curves.append(_svg_curve(*page.pro, "PRO (pixels)", "false positive rate", "per-region overlap", 0.3))
     counts = (
         'true positives <b id="tp"></b>, false positives <b id="fp"></b>, true negatives <b id="tn">'
         '</b>, false negatives <b id="fn"></b>'
-        if labels is not None
+        if page.labels is not None
         else 'anomalous <b id="ng"></b>, normal <b id="ok"></b>'
     )
-    step = "any"
-    head = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
-<body><h1>{html.escape(title)}</h1>
+    calibrated = "" if page.threshold is None else f"(calibrated: {page.threshold:.6g})"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(page.title)}</title><style>{_STYLE}</style></head>
+<body><h1>{html.escape(page.title)}</h1>
 {table}
 <div class="curves">{"".join(curves)}</div>
 <div id="controls"><label for="threshold">image threshold</label>
-<input type="range" id="threshold" min="{lo!r}" max="{hi!r}" step="{step}" value="{start!r}">
+<input type="range" id="threshold" min="{lo!r}" max="{hi!r}" step="any" value="{start!r}">
 <span id="value"></span> &nbsp; {counts}
-{"" if threshold is None else f"(calibrated: {threshold:.6g})"}</div>
+{calibrated}</div>
 <div class="cards">
 """
+
+
+def _card(page: Page, row: int, image: np.ndarray, scores: np.ndarray) -> str:
+    extra = ""
+    if row in page.pictures:
+        extra = f'<a href="{html.escape(urllib.parse.quote(page.pictures[row]), quote=True)}">decision picture</a>'
+    label = "" if page.labels is None else ("defective, " if page.labels[row] else "good, ")
+    return (
+        f'<div class="card"><img alt="" src="{_thumbnail(image)}"><div>{html.escape(page.filenames[row])}'
+        f"</div><div>{label}score {scores[row]:.5f}</div>"
+        f'<div class="outcome"></div>{extra}</div>\n'
+    )
+
+
+def write_page(path: Path, page: Page, chunk: int = 16) -> Path:
+    """The cards are decoded ``chunk`` images at a time and written as they are made, so
+    memory does not grow with the number of images."""
+    scores = np.asarray(page.scores, np.float64)
+    labels = None if page.labels is None else [int(v != 0) for v in page.labels]
+    data = json.dumps({"scores": scores.tolist(), "labels": labels}).replace("<", "\\u003c")
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        out.write(head)
+        out.write(_head(page, scores))
         for begin in range(0, len(scores), chunk):
             rows = np.arange(begin, min(begin + chunk, len(scores)))
-            for row, image in zip(rows, images(rows)):
-                extra = (
-                    f'<a href="{html.escape(urllib.parse.quote(pictures[row]), quote=True)}">decision picture</a>'
-                    if row in pictures
-                    else ""
-                )
-                label = "" if labels is None else ("defective, " if labels[row] else "good, ")
-                out.write(
-                    f'<div class="card"><img alt="" src="{_thumbnail(image)}"><div>{html.escape(filenames[row])}'
-                    f"</div><div>{label}score {scores[row]:.5f}</div>"
-                    f'<div class="outcome"></div>{extra}</div>\n'
-                )
+            for row, image in zip(rows, page.images(rows)):
+                out.write(_card(page, int(row), image, scores))
         out.write(f"""</div>
 <script type="application/json" id="data">{data}</script>
 <script>{_SCRIPT}</script>

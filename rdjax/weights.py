@@ -169,8 +169,15 @@ def _hash_prefix(filename: str) -> str:
     return m.group(1) if m else ""
 
 
-def download(filename: str, directory: str | os.PathLike | None = None) -> Path:
-    """Return torchvision's ``filename`` from the cache, downloading it if needed.
+def offline() -> bool:
+    """RDJAX_OFFLINE=1: nothing is downloaded (air-gapped line PCs, CI)."""
+    return os.environ.get("RDJAX_OFFLINE", "") not in ("", "0")
+
+
+def download(filename: str, directory: str | os.PathLike | None = None, allow: bool = True) -> Path:
+    """Return torchvision's ``filename`` from the cache, downloading it if needed and
+    allowed (``allow`` and not RDJAX_OFFLINE; else a one-line error naming where to place
+    the file).
 
     The file's SHA-256 must start with the hash prefix in its name, as torchvision
     checks. RDJAX_WEIGHTS_BASE_URL replaces the download host (a mirror, or file://).
@@ -182,6 +189,9 @@ def download(filename: str, directory: str | os.PathLike | None = None) -> Path:
         return dest
     base = os.environ.get("RDJAX_WEIGHTS_BASE_URL", DEFAULT_BASE_URL)
     url = base.rstrip("/") + "/" + filename
+    if offline() or not allow:
+        raise PortError(f"offline (RDJAX_OFFLINE=1 or config.offline): {filename} is not in the cache; "
+                        f"place it at {dest} (it is {url})")  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{filename}.", suffix=".part")
     tmp = Path(tmp_name)

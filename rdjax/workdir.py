@@ -26,12 +26,14 @@ from typing import Any
 
 import flax.serialization
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from rdjax import config as config_lib
 from rdjax.errors import WorkdirError
+from rdjax.state import create_train_state
 
 TEACHER_FORMAT = "rdjax-teacher-v1"
 CONFIG = "config.json"
@@ -195,3 +197,14 @@ def restore_student(
         )
         restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
     return int(restored["step"]), {k: restored[k] for k in student_shapes}
+
+
+def write_ported(out: Path, config: ml_collections.ConfigDict, tx: Any, teacher_vars: Any, student_vars: Any) -> None:
+    """A workdir holding a model trained elsewhere (rdjax port). Its checkpoint has the
+    train state's format with a fresh optimizer state, so it also resumes like one
+    trained here."""
+    state = create_train_state(jax.tree_util.tree_map(jnp.asarray, student_vars), tx)
+    save_teacher(out / TEACHER, config.model.arch, teacher_vars)
+    with checkpoint_manager(out, config.keep_checkpoints) as manager:
+        save_state(manager, 0, state)
+    save_config(out, config)

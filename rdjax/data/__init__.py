@@ -1,36 +1,33 @@
 """Files -> decoded splits. A dataset is chosen by name (config.dataset.name) from
-`rdjax.registry.DATASETS`; each entry builds an object with
-
-    categories() -> list[str]          the categories the config asks for ('all' expanded)
-    load(category, image_size) -> (train Split, test Split)
-    summary_keys                       the metrics of the table over categories
-
-so the training loop never asks which dataset it is running on.
+`rdjax.registry.DATASETS`: the module `rdjax.data.<name>` exports `DATASET`, a builder
+that takes config.dataset and returns a `Dataset`, so the training loop never asks which
+dataset it is running on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 
 from rdjax.data.preprocess import Split
 from rdjax.errors import ConfigError
-from rdjax.registry import DATASETS
 
 
 class Dataset(Protocol):
-    summary_keys: tuple[str, ...]
+    summary_keys: tuple[str, ...]  # the metrics of the table over categories
 
-    def categories(self) -> list[str]: ...
+    def categories(self) -> list[str]:
+        """The categories the config asks for ('all' expanded)."""
+        ...
 
-    def load(self, category: str, image_size: int) -> tuple[Split, Split]: ...
+    def load(self, category: str, image_size: int) -> tuple[Split, Split]:
+        """(train, test) splits, decoded lazily."""
+        ...
 
 
-def build(dataset_config: Any) -> Dataset:
-    """The dataset config.dataset names, resolved once (an archive extracted, synthetic
-    data generated) so that listing and loading categories has no further side effects."""
-    return DATASETS.get(dataset_config.name)(dataset_config)
+DatasetBuilder = Callable[[Any], Dataset]
 
 
 def hold_out(split: Split, size: int, seed: int) -> tuple[Split, Split | None]:

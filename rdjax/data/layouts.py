@@ -1,5 +1,5 @@
-"""Datasets 'visa' (its official 1cls split CSV) and 'folder' (any folders): layouts other
-than MVTec AD's, scanned into the same train/test items that the TFDS builder in
+"""The layouts of datasets 'visa' (its official 1cls split CSV) and 'folder' (any
+folders), other than MVTec AD's, scanned into the same train/test items that the TFDS builder in
 mvtec.py stores.
 """
 
@@ -11,22 +11,6 @@ from typing import Any
 
 from rdjax.data.mvtec import FileDataset, Item, dataset_root, images_in, requested
 from rdjax.errors import DataError
-from rdjax.registry import DATASETS
-
-VISA_CATEGORIES = (
-    "candle",
-    "capsules",
-    "cashew",
-    "chewinggum",
-    "fryum",
-    "macaroni1",
-    "macaroni2",
-    "pcb1",
-    "pcb2",
-    "pcb3",
-    "pcb4",
-    "pipe_fryum",
-)
 
 
 def visa_csv(root: Path) -> Path:
@@ -108,7 +92,6 @@ def scan_folders(
     return {"train": train, "test": good + bad}
 
 
-@DATASETS.register("visa")
 def visa(dataset: Any) -> FileDataset:
     """VisA with its official 1cls split; its masks mark defects with any non-zero value."""
     root = dataset_root(dataset)
@@ -122,7 +105,6 @@ def visa(dataset: Any) -> FileDataset:
     )
 
 
-@DATASETS.register("folder")
 def folder(dataset: Any) -> FileDataset:
     """Any folders of normal and anomalous images, masks optional; one category."""
     d = dataset

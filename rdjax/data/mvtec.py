@@ -32,26 +32,6 @@ import tensorflow_datasets as tfds
 
 from rdjax.data.preprocess import IMAGE_EXTENSIONS, Split, check_mask_header, decode_image, decode_mask, header_size
 from rdjax.errors import DataError
-from rdjax.registry import DATASETS
-
-MVTEC_CATEGORIES = (
-    "bottle",
-    "cable",
-    "capsule",
-    "carpet",
-    "grid",
-    "hazelnut",
-    "leather",
-    "metal_nut",
-    "pill",
-    "screw",
-    "tile",
-    "toothbrush",
-    "transistor",
-    "wood",
-    "zipper",
-)
-
 
 # ----------------------------------------------------------------------------- layout
 
@@ -129,8 +109,8 @@ def fingerprint(items: dict[str, list[Item]]) -> str:
 
 
 class MVTecConfig(tfds.core.BuilderConfig):
-    def __init__(self, *, category: str, items: dict[str, list[Item]] | None = None, **kwargs):
-        name = category if items is None else f"{category}-{fingerprint(items)}"
+    def __init__(self, *, category: str, items: dict[str, list[Item]], **kwargs):
+        name = f"{category}-{fingerprint(items)}"
         super().__init__(name=name, description=f"MVTec AD layout, category {category}", **kwargs)
         self.category = category
         self.items = items
@@ -150,7 +130,6 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
         "mvtec_anomaly_detection.tar.xz and pass the folder holding the categories as the manual dir "
         "(config.dataset.root)."
     )
-    BUILDER_CONFIGS = [MVTecConfig(category=c) for c in MVTEC_CATEGORIES]
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -170,8 +149,6 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         items = self.builder_config.items
-        if items is None:
-            items = scan_category(dl_manager.manual_dir, self.builder_config.category)
         root = Path(dl_manager.manual_dir)
         return {split: self._generate_examples(split_items, root) for split, split_items in items.items()}
 
@@ -384,7 +361,9 @@ def mvtec_layout(root: Path, dataset: Any) -> FileDataset:
     )
 
 
-@DATASETS.register("mvtec")
 def mvtec(dataset: Any) -> FileDataset:
     """MVTec AD, or any folder in its layout (the official .tar.xz is accepted too)."""
     return mvtec_layout(dataset_root(dataset), dataset)
+
+
+DATASET = mvtec

@@ -10,15 +10,15 @@ masks: only image-level metrics are reported.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from rdjax.data.preprocess import Split
 from rdjax.errors import DataError
-from rdjax.registry import DATASETS
 
-NOVELTY_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 CLASSES = tuple(str(c) for c in range(10))
 
 
@@ -91,9 +91,6 @@ class NoveltyDataset:
         return load_novelty(self.name, int(category.removeprefix("class_")), image_size, self.data_dir)
 
 
-def _register(name: str) -> None:
-    DATASETS.register(name)(lambda dataset: NoveltyDataset(name, str(dataset.normal_class), dataset.data_dir or None))
-
-
-for _name in NOVELTY_DATASETS:
-    _register(_name)
+def builder(name: str) -> Callable[[Any], NoveltyDataset]:
+    """The DATASET of rdjax.data.<name>, for the novelty benchmarks."""
+    return lambda dataset: NoveltyDataset(name, str(dataset.normal_class), dataset.data_dir or None)

@@ -100,14 +100,6 @@ def load_batches(split: Split, batches: Iterable[np.ndarray], kind: str, with_ma
     return iter(dataset.to_iter_dataset(options))
 
 
-def padded(rows: np.ndarray, size: int) -> tuple[np.ndarray, int]:
-    """``rows`` padded to ``size`` by repeating the last one, and how many are real."""
-    valid = len(rows)
-    if valid == 0:
-        raise ValueError("no rows to pad")
-    return np.concatenate([rows, np.repeat(rows[-1:], size - valid)]), valid
-
-
 def prefetch(iterable: Iterable[T], fn: Callable[[T], object], size: int = 2) -> Iterator[object]:
     """Apply ``fn`` (a gather or a device_put) in a background thread, ``size`` items ahead."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:

@@ -70,12 +70,6 @@ def check_mask_header(data: bytes, image_size: tuple[int, int], name: str) -> No
         raise DataError(f"{name}: mask is {size[0]}x{size[1]} but its image is {image_size[0]}x{image_size[1]}")
 
 
-def original_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
-    with Image.open(io.BytesIO(data)) as img:
-        return img.size
-
-
 def decode_mask(data: bytes, size: int, name: str = "mask", nonzero: bool = False) -> np.ndarray:
     """Encoded mask -> bool (size, size): same bilinear resize, then > 0.5 as the official code.
 

@@ -23,7 +23,6 @@ from PIL import Image, ImageDraw
 
 from rdjax.data.mvtec import FileDataset, mvtec_layout
 from rdjax.errors import DataError
-from rdjax.registry import DATASETS
 
 CATEGORIES = ("weave", "disk")
 DEFECT_TYPES = ("scratch", "hole", "stain")
@@ -151,11 +150,13 @@ def generate(
     return root
 
 
-@DATASETS.register("synthetic")
 def synthetic(dataset: Any) -> FileDataset:
     if not dataset.root:
         raise DataError("config.dataset.root is empty; set --config.dataset.root=DIR (generated when absent)")
     return mvtec_layout(generate(Path(dataset.root).expanduser(), seed=dataset.synthetic_seed), dataset)
+
+
+DATASET = synthetic
 
 
 def main() -> None:

@@ -1,8 +1,83 @@
-"""Flax modules and the models built from them. A model is chosen by name from
-`rdjax.registry.MODELS` (config.model.name): RD4AD is 'rd4ad', RD++ 'rdpp'."""
+"""The model contract. A model is chosen by name (config.model.name) from
+`rdjax.registry.MODELS`: the module `rdjax.models.<name>` exports `MODEL`, a class built
+as `MODEL(arch, dtype)` whose instances satisfy `Model`. RD4AD is 'rd4ad', RD++ 'rdpp'.
 
-from rdjax.models.rd4ad import RD4AD
-from rdjax.models.rdpp import RDPP
-from rdjax.models.resnet import ARCHS, ArchSpec, get_arch
+Everything the training loop, evaluation, the feature cache, the port and the export do
+with a model goes through these members, so a new model is one module and a config.
+"""
 
-__all__ = ["ARCHS", "ArchSpec", "RD4AD", "RDPP", "get_arch"]
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import optax
+
+Variables = dict[str, Any]
+Features = tuple[jax.Array, ...]
+
+
+class Model(Protocol):
+    """A frozen teacher and a trainable student over explicit variable pytrees:
+    teacher_vars are never differentiated, student_vars = {'params', 'batch_stats'}."""
+
+    arch: str
+    dtype: str
+    # True where every step needs the images (the teacher runs on new inputs each step);
+    # False lets training read `train_inputs` from a cache, so they must not use the key.
+    needs_images: bool
+    # The teacher's ImageNet weights file under weights.DOWNLOAD_URL, or None.
+    imagenet_file: str | None
+
+    def check_image_size(self, image_size: int) -> None:
+        """Raise ConfigError where the model cannot take square images of this size."""
+
+    def init(self, rng: jax.Array, image_size: int = 256) -> tuple[Variables, Variables]:
+        """Random (teacher_vars, student_vars)."""
+        ...
+
+    def abstract_variables(self) -> tuple[Variables, Variables]:
+        """Shapes and dtypes of (teacher_vars, student_vars), without computing them."""
+        ...
+
+    def teacher_features(self, teacher_vars: Variables, images: jax.Array) -> Features:
+        """Normalized NHWC images -> the teacher's features (float32, no gradient)."""
+        ...
+
+    def student_features(
+        self, student_vars: Variables, teacher_feats: Features, train: bool
+    ) -> tuple[Features, Variables]:
+        """The student's features (float32) and its batch_stats (updated in train mode)."""
+        ...
+
+    def __call__(
+        self, teacher_vars: Variables, student_vars: Variables, images: jax.Array, train: bool = False
+    ) -> tuple[Features, Features]:
+        """(teacher features, student features), the pairs an anomaly map compares."""
+        ...
+
+    def train_inputs(
+        self, teacher_vars: Variables, x: jax.Array, key: jax.Array, normalize: Callable[[jax.Array], jax.Array]
+    ) -> Any:
+        """[0, 1] images -> what `train_loss` takes (what the feature cache stores)."""
+        ...
+
+    def train_loss(self, student_vars: Variables, inputs: Any, key: jax.Array) -> tuple[jax.Array, Variables]:
+        """The training loss and the updated batch_stats."""
+        ...
+
+    def optimizer(self, config: Any) -> optax.GradientTransformation:
+        """The optimizer, from the config's settings."""
+        ...
+
+    def port_teacher(self, state_dict: dict[str, Any], source: str = "state dict") -> Variables:
+        """A PyTorch state dict of the teacher -> teacher_vars (strict)."""
+        ...
+
+    def port_official(self, state_dict: dict[str, Any], source: str = "checkpoint") -> Variables:
+        """The official code's checkpoint -> student_vars (strict)."""
+        ...
+
+
+ModelType = Callable[[str, str], Model]

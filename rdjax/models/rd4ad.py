@@ -17,12 +17,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rdjax import weights
+from rdjax import modes, weights
 from rdjax.errors import ConfigError, PortError
 from rdjax.models.layers import BatchNorm, Conv, Dtype
 from rdjax.models.lowering import at_least_float32
-from rdjax.models.resnet import ArchSpec, Teacher, check_image_size, convert_teacher, get_arch, run_layer
-from rdjax.registry import MODELS
+from rdjax.models.resnet import (
+    IMAGENET_FILES,
+    ArchSpec,
+    Teacher,
+    check_image_size,
+    convert_teacher,
+    get_arch,
+    run_layer,
+)
 
 Features = tuple[jax.Array, jax.Array, jax.Array]
 Variables = dict[str, Any]
@@ -136,7 +143,6 @@ def official_parts(
     return {c: {part: parts[part][c] for part in parts} for c in student_shapes}
 
 
-@MODELS.register("rd4ad")
 @dataclasses.dataclass(frozen=True)
 class RD4AD:
     """Assembles teacher -> OCBE -> decoder; pure functions of explicit variables.
@@ -153,10 +159,18 @@ class RD4AD:
 
     def __post_init__(self) -> None:
         get_arch(self.arch)
-        if self.dtype not in ("float32", "bfloat16", "float64"):
-            raise ConfigError(f"unknown dtype {self.dtype!r}; choose 'float32' or 'bfloat16'")
-        if self.dtype == "float64" and not jax.config.jax_enable_x64:
-            raise ConfigError("dtype 'float64' needs jax_enable_x64")
+        if self.dtype == "float64":
+            if not jax.config.jax_enable_x64:
+                raise ConfigError("dtype 'float64' needs jax_enable_x64")
+        else:
+            modes.parse(modes.Dtype, self.dtype, "dtype")
+
+    @property
+    def imagenet_file(self) -> str:
+        return IMAGENET_FILES[self.arch]
+
+    def check_image_size(self, image_size: int) -> None:
+        check_image_size((1, image_size, image_size, 3))
 
     @property
     def spec(self) -> ArchSpec:
@@ -240,3 +254,6 @@ class RD4AD:
                 f"{source}: not an official RD4AD checkpoint: key {unknown[0]!r} is outside 'bn' and 'decoder'"
             )
         return official_parts(self, state_dict, self.abstract_variables()[1], source, "RD4AD")
+
+
+MODEL = RD4AD

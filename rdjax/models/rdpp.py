@@ -29,7 +29,6 @@ from rdjax.models.lowering import at_least_float32
 from rdjax.models.rd4ad import OCBE, RD4AD, Decoder, Features, Variables, cosine_distance_loss, official_parts
 from rdjax.models.resnet import ArchSpec
 from rdjax.models.sinkhorn import sinkhorn_divergence
-from rdjax.registry import MODELS
 
 # Projection loss: (SSOT + 0.01 reconstruction + 0.1 contrast) / 1.11, weighted 0.2 in the total.
 RECONSTRUCT_WEIGHT, CONTRAST_WEIGHT, PROJ_NORMALIZER, PROJ_WEIGHT = 0.01, 0.1, 1.11, 0.2
@@ -187,7 +186,6 @@ def add_noise(x: jax.Array, key: jax.Array) -> jax.Array:
     return jax.vmap(one)(x, h, w, y0, x0)
 
 
-@MODELS.register("rdpp")
 @dataclasses.dataclass(frozen=True)
 class RDPP(RD4AD):
     """RD4AD's assembly with the MPL inside the student; evaluation and maps are RD4AD's
@@ -256,3 +254,6 @@ class RDPP(RD4AD):
             raise PortError(f"{e} -- is this a {self.arch} RD++ checkpoint?") from None
         parts = official_parts(self, state_dict, shapes, source, "RD++")
         return {"params": {"proj": proj["params"], **parts["params"]}, "batch_stats": parts["batch_stats"]}
+
+
+MODEL = RDPP

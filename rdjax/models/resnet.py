@@ -79,7 +79,6 @@ class BasicBlock(nn.Module):
     stride: int = 1
     shortcut: bool = False
     transposed: bool = False
-    base_width: int = 64
     train: bool = False
     dtype: Dtype = jnp.float32
     expansion = 1
@@ -145,6 +144,7 @@ def run_layer(
     when the stride or the channel count changes. Must be called inside a compact module."""
     block = BLOCKS[spec.block]
     out_channels = planes * block.expansion
+    width = {} if spec.block == "basic" else {"base_width": spec.base_width}
     for i in range(num_blocks):
         first = i == 0
         x = block(
@@ -152,7 +152,7 @@ def run_layer(
             stride=stride if first else 1,
             shortcut=first and (stride != 1 or x.shape[-1] != out_channels),
             transposed=transposed,
-            base_width=spec.base_width,
+            **width,
             train=train,
             dtype=dtype,
             name=f"{name}_{i}",

@@ -1,0 +1,5 @@
+"""`python -m rdjax <subcommand> ...`: the same as the `rdjax` command (rdjax.cli)."""
+
+from rdjax.cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""Dataset 'cifar10': CIFAR-10 one-class novelty detection (rdjax.data.novelty)."""
+
+from rdjax.data.novelty import builder
+
+DATASET = builder("cifar10")

@@ -1,0 +1,5 @@
+"""Dataset 'folder': any folders of normal and anomalous images (rdjax.data.layouts)."""
+
+from rdjax.data.layouts import folder
+
+DATASET = folder

@@ -1,0 +1,85 @@
+"""Evaluators: what runs on an evaluation pass's maps and scores (config.evals), in
+big_vision's shape. Each entry of config.evals names a type (a module here exporting
+`EVALUATOR`, found by rdjax.registry), an optional cadence 'every' (epochs) and its own
+settings; the instance gets an `EvalContext` and the results of the evaluators it names
+in ``needs`` (read-only), and returns its own results. Nothing else is shared, so the
+only order that matters is the one ``needs`` states, and the config check enforces it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from rdjax.data.preprocess import Split
+from rdjax.errors import ConfigError
+from rdjax.evaluation import PassResult
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalContext:
+    """What every evaluator of one evaluation may read."""
+
+    config: Any
+    test: Split
+    test_pass: PassResult  # the test split's scores and pixel statistics
+    run_pass: Callable[[Split], PassResult]  # an evaluation pass over another split (all processes call it)
+    predict: Callable[[Split, np.ndarray], np.ndarray]  # (split, a few rows) -> their maps, as the pass made them
+    validation: Split | None  # held-out normal training images, if any
+    out_dir: Path | None  # this evaluation's folder (eval/epoch_NNNN) on process 0, else None
+
+
+class Evaluator(Protocol):
+    needs: tuple[str, ...]  # names in config.evals whose results this one reads
+
+    def __call__(self, context: EvalContext, needed: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """This evaluator's entries for metrics.json ('warnings': a list of lines)."""
+        ...
+
+
+EvaluatorType = Callable[..., Evaluator]  # built from its settings in config.evals
+
+
+def build(evals: Any, get: Callable[[str], EvaluatorType]) -> dict[str, Evaluator]:
+    """config.evals -> instances in order, each one's ``needs`` run before it; ``get`` is
+    the registry's lookup. Raises ConfigError on an unknown type, setting or order."""
+    built: dict[str, Evaluator] = {}
+    for name, setting in evals.items():
+        settings = {k: v for k, v in dict(setting).items() if k not in ("type", "every")}
+        kind = get(setting.get("type", name))
+        try:
+            built[name] = kind(**settings)
+        except TypeError as e:
+            raise ConfigError(f"config.evals.{name}: {e}") from None
+        missing = [n for n in built[name].needs if n not in built or n == name]
+        if missing:
+            raise ConfigError(f"config.evals.{name} needs {missing[0]!r}, which must come before it in config.evals")
+    return built
+
+
+def due(evals: Any, epoch: int, default_every: int, last: bool) -> list[str]:
+    """The evaluators whose cadence falls on this epoch (all of them at the last one)."""
+    return [n for n, s in evals.items() if last or epoch % s.get("every", default_every) == 0]
+
+
+def run_all(evaluators: Mapping[str, Evaluator], context: EvalContext) -> dict[str, Any]:
+    """Run each evaluator; join their 'warnings', and refuse a key set twice."""
+    results: dict[str, dict[str, Any]] = {}
+    merged: dict[str, Any] = {}
+    warnings: list[str] = []
+    for name, evaluator in evaluators.items():
+        needed = types.MappingProxyType(
+            {n: types.MappingProxyType(results[n]) for n in evaluator.needs if n in results}
+        )
+        results[name] = out = evaluator(context, needed)
+        warnings += out.get("warnings", [])
+        clash = sorted((set(out) - {"warnings"}) & set(merged))
+        if clash:
+            raise ConfigError(f"config.evals.{name} sets {clash[0]!r}, which an evaluator before it set already")
+        merged.update({k: v for k, v in out.items() if k != "warnings"})
+    return {**merged, "warnings": warnings}

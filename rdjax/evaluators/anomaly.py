@@ -1,0 +1,29 @@
+"""Evaluator 'anomaly': image/pixel AUROC, AUPRO, the paper's PRO, F1-max, per-type AUROC,
+and the sum-of-map image AUROC of the novelty benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from rdjax import metrics
+from rdjax.evaluators import EvalContext
+
+NO_MASKS = "the anomalous test images have no masks: image-level metrics only"
+
+
+class Anomaly:
+    needs: tuple[str, ...] = ()
+
+    def __call__(self, context: EvalContext, needed: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        test, passed = context.test, context.test_pass
+        result = metrics.compute_all(
+            passed.scores, test.labels, test.defect_types, passed.pixels if test.has_masks else None, passed.pro_images
+        )
+        result["image_auroc_sum"] = metrics.auroc(test.labels, passed.sums)
+        if not test.has_masks:
+            result["warnings"] = [NO_MASKS]
+        return result
+
+
+EVALUATOR = Anomaly

@@ -1,0 +1,75 @@
+"""Evaluator 'report': report.png, the hardest cases' decision pictures, report.html
+(every image, a threshold slider; rdjax.webpage) and scores.csv (every image's score).
+
+Settings: ``hardest`` (cases of each kind pictured), ``metrics_from`` (the evaluator
+whose metrics head the page) and ``threshold_from`` (the evaluator whose 'calibration'
+draws the decisions; '' for none)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sklearn.metrics as skm
+
+from rdjax import outputs, report, webpage
+from rdjax.evaluators import EvalContext
+from rdjax.workdir import write_csv
+
+
+class Report:
+    def __init__(self, hardest: int = 4, metrics_from: str = "anomaly", threshold_from: str = "") -> None:
+        self.hardest = hardest
+        self.metrics_from = metrics_from
+        self.threshold_from = threshold_from
+        self.needs = tuple(n for n in (metrics_from, threshold_from) if n)
+
+    def __call__(self, context: EvalContext, needed: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """The hardest cases' maps are computed again (a few images): nothing else of the
+        pass's maps is kept. Every process takes part in that computation."""
+        test, passed = context.test, context.test_pass
+        rows = np.concatenate(outputs.hardest_cases(test.labels, passed.scores, self.hardest))
+        maps = context.predict(test, rows)
+        if context.out_dir is None:
+            return {}
+        cal = needed[self.threshold_from].get("calibration") if self.threshold_from else None
+        threshold = None if cal is None else cal["image_threshold"]
+        cases = outputs.Cases(
+            rows, test.images(rows), test.masks(rows), maps, passed.scores[rows],
+            [test.filenames[i] for i in rows], test.labels[rows], passed.pixels.lo, passed.pixels.hi,
+        )  # fmt: skip
+        roc = None
+        if test.labels.min() != test.labels.max():
+            roc = tuple(skm.roc_curve(test.labels, passed.scores)[:2])
+        pro = None
+        if passed.pixels.has_regions:
+            fpr, overlap = passed.pixels.pro_curve
+            pro = (fpr[fpr <= 0.3], overlap[fpr <= 0.3])
+        out = context.out_dir
+        report.write_report(out / "report.png", test.labels, passed.scores, passed.pixels, cases, cal, roc, pro)
+        written = outputs.write_overlays(out / "images", cases, threshold)
+        _write_scores(out / "scores.csv", test, passed.scores, threshold)
+        page = webpage.Page(
+            title=f"{context.config.dataset.category}: evaluation {out.name.replace('_', ' ')}",
+            scores=passed.scores, filenames=test.filenames, images=test.images, labels=test.labels,
+            metrics=needed[self.metrics_from], threshold=threshold, roc=roc, pro=pro,
+            pictures={int(r): f"images/{p.name}" for r, p in zip(rows, written)},
+        )  # fmt: skip
+        webpage.write_page(out / "report.html", page)
+        return {}
+
+
+def _write_scores(path: Path, test: Any, scores: np.ndarray, threshold: float | None) -> None:
+    def decision(s: float) -> str:
+        return "" if threshold is None else ("anomalous" if s >= threshold else "normal")
+
+    rows = [
+        {"file": f, "defect_type": d, "label": int(y), "score": f"{s:.6f}", "decision": decision(s)}
+        for f, d, y, s in zip(test.filenames, test.defect_types, test.labels, scores)
+    ]
+    write_csv(path, ["file", "defect_type", "label", "score", "decision"], rows)
+
+
+EVALUATOR = Report

@@ -1,0 +1,56 @@
+"""The settings that take one of a few named values, defined once: the config checks, the
+command-line flags and the code that branches on them all read these enums."""
+
+from __future__ import annotations
+
+import enum
+from typing import TypeVar
+
+from rdjax.errors import ConfigError
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+class Dtype(str, enum.Enum):
+    """Compute dtypes a run may use (float64 is a test-only reference precision)."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
+class MapMode(str, enum.Enum):
+    """How the per-scale maps combine (the official code's 'a' and 'mul')."""
+
+    ADD = "add"
+    MUL = "mul"
+
+
+class ThresholdMethod(str, enum.Enum):
+    F1 = "f1"  # best F1 on the labelled test images
+    QUANTILE = "quantile"  # a quantile of held-out normal training images
+
+
+class ResizeMode(str, enum.Enum):
+    SQUEEZE = "squeeze"  # the whole image to image_size
+    FIT = "fit"  # blended windows covering the image without distortion
+    TILE = "tile"  # windows of tile_size native pixels
+
+
+class FeatureCache(str, enum.Enum):
+    AUTO = "auto"
+    MEMORY = "memory"
+    DISK = "disk"
+    OFF = "off"
+
+
+def values(kind: type[enum.Enum]) -> list[str]:
+    return [m.value for m in kind]
+
+
+def parse(kind: type[E], value: object, name: str) -> E:
+    """``value`` as a member of ``kind``, or a one-line ConfigError naming the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(repr(v) for v in values(kind))
+        raise ConfigError(f"{name}={value!r} is not supported; choose one of {choices}") from None
