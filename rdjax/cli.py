@@ -288,7 +288,7 @@ def _parse(
             raise ConfigError(f"{frame.filename}:{frame.lineno}: the config file raised {type(e).__name__}: "
                               f"{one_line(e)}") from e  # fmt: skip
         if isinstance(e, (AttributeError, KeyError)):  # ml_collections: a misspelt --config.a.b=... key
-            match = re.match(r"""\W*(\w+)\W*(.*)""", one_line(str(e).replace("\\n", " ")))
+            match = re.match(r"""\W*(\w+)\W*(.*)""", " ".join(str(e).replace("\\n", " ").split()))
             key, hint = match.groups() if match else (str(e), "")
             raise ConfigError(f"unknown config key {key!r}. {hint.rstrip(chr(39))}".strip()) from None
         if isinstance(e, (flags.Error, TypeError, ValueError)):

@@ -165,6 +165,6 @@ def export_workdir(workdir: str, out: Path, fmt: str = "jax", weights_dtype: str
         raise WorkdirError(f"{out}: is a folder; --out names the file to write")
     model = inference.load(workdir, dtype="float32" if fmt == "onnx" else None)
     data = export_jax(model, weights_dtype).serialize() if fmt == "jax" else export_onnx(model, weights_dtype)
-    write_bytes(out, data)
+    write_bytes(out, bytes(data))
     write_json(out.with_name(out.name + ".json"), contract(model, fmt, weights_dtype))
     print(f"wrote {out} ({len(data) / 2**20:.1f} MiB, {fmt}, {weights_dtype} weights) and {out.name}.json")

@@ -170,7 +170,9 @@ class DiskStore:
         self.directory = directory
         self.shapes = shapes
         self.meta = dict(meta, rows=rows, shapes=[[list(s.shape), np.dtype(s.dtype).name] for s in shapes])
-        self.files, self.offsets, self.row_bytes = [], [], []
+        self.files: list[Any] = []
+        self.offsets: list[int] = []
+        self.row_bytes: list[int] = []
         try:
             self.complete = self._read_meta() == self.meta
             directory.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,9 @@ class Model:
     def preprocess(self, images: Iterable[np.ndarray]) -> np.ndarray:
         """Resize with PIL's bilinear filter, exactly as training and evaluation do."""
         s = self.image_size
-        return np.stack([np.asarray(Image.fromarray(a).resize((s, s), Image.BILINEAR), np.uint8) for a in images])
+        return np.stack(
+            [np.asarray(Image.fromarray(a).resize((s, s), Image.Resampling.BILINEAR), np.uint8) for a in images]
+        )
 
     def predict_resized(self, batch: np.ndarray, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Maps (at image_size) and scores of uint8 images already at image_size."""

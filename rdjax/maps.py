@@ -69,7 +69,7 @@ def anomaly_map(
     """(B, H, W) float32 blurred anomaly map from the paired features."""
     combine = modes.parse(modes.MapMode, mode, "map mode")
     h, w = out_size
-    total = None
+    total: jax.Array | None = None
     for t, s in zip(teacher, student):
         t, s = t.astype(jnp.float32), s.astype(jnp.float32)
         dot = jnp.sum(t * s, axis=-1)
@@ -79,6 +79,7 @@ def anomaly_map(
         uw = jnp.asarray(upsample_matrix(w, dist.shape[2]))
         up = _separable(uh, dist, uw)
         total = up if total is None else (total + up if combine is modes.MapMode.ADD else total * up)
+    assert total is not None, "no feature scales"
     if sigma > 0:
         bh, bw = jnp.asarray(blur_matrix(h, sigma)), jnp.asarray(blur_matrix(w, sigma))
         total = _separable(bh, total, bw)
@@ -102,7 +103,7 @@ def make_eval_step(model: Any, mode: str = "add", sigma: float = 4.0, imagenet_n
     def eval_step(teacher_vars: Variables, student_vars: Variables, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = normalize(images, imagenet_normalize)
         t, s = model(teacher_vars, student_vars, x, train=False)
-        maps = anomaly_map(t, s, x.shape[1:3], mode, sigma)
+        maps = anomaly_map(t, s, (x.shape[1], x.shape[2]), mode, sigma)
         return maps, jnp.max(maps, axis=(1, 2))
 
     return eval_step

@@ -213,30 +213,48 @@ class PixelStats:
     def exact(self) -> bool:
         return self.maps is not None
 
+    def _kept(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.maps is not None and self.masks is not None, "exact statistics keep maps and masks"
+        return self.maps, self.masks
+
+    def _binned(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        assert self.neg is not None and self.pos is not None and self.pro is not None and self.edges is not None
+        return self.neg, self.pos, self.pro, self.edges
+
     @property
     def has_regions(self) -> bool:
-        return bool(self.masks.any()) if self.exact else bool(self.pos.sum() > 0)
+        return bool(self._kept()[1].any()) if self.exact else bool(self._binned()[1].sum() > 0)
 
     def auroc(self) -> float:
-        return auroc(self.masks, self.maps) if self.exact else auroc_from_histograms(self.neg, self.pos)
+        if self.exact:
+            maps, masks = self._kept()
+            return auroc(masks, maps)
+        neg, pos, _, _ = self._binned()
+        return auroc_from_histograms(neg, pos)
 
     @functools.cached_property
     def pro_curve(self) -> tuple[np.ndarray, np.ndarray]:
         if self.exact:
-            return pro_curve(self.maps, self.masks)
-        return pro_curve_from_histograms(self.neg, self.pro, self.num_regions)
+            return pro_curve(*self._kept())
+        neg, _, pro, _ = self._binned()
+        return pro_curve_from_histograms(neg, pro, self.num_regions)
 
     def aupro(self, fpr_limit: float = 0.3) -> float:
         fpr, pro = self.pro_curve
         return area_to(fpr, pro, fpr_limit) / fpr_limit
 
     def best_f1(self) -> tuple[float, float]:
-        return best_f1(self.masks, self.maps) if self.exact else best_f1_from_histograms(self.neg, self.pos, self.edges)
+        if self.exact:
+            maps, masks = self._kept()
+            return best_f1(masks, maps)
+        neg, pos, _, edges = self._binned()
+        return best_f1_from_histograms(neg, pos, edges)
 
     def quantile(self, q: float) -> float:
         if self.exact:
-            return float(np.quantile(self.maps, q))
-        return float(np.clip(quantile_from_histogram(self.neg + self.pos, self.edges, q), self.lo, self.hi))
+            return float(np.quantile(self._kept()[0], q))
+        neg, pos, _, edges = self._binned()
+        return float(np.clip(quantile_from_histogram(neg + pos, edges, q), self.lo, self.hi))
 
 
 def compute_all(
@@ -250,17 +268,18 @@ def compute_all(
     truth masks) reports the image-level metrics only; the pixel ones are NaN.
     ``pro_images``: the per-image PRO of each image (NaN where undefined)."""
     labels = np.asarray(labels)
-    has_regions = pixels is not None and pixels.has_regions
     nan = float("nan")
-    result = {
+    if pixels is None or not pixels.has_regions:
+        pixels = None
+    result: dict[str, Any] = {
         "image_auroc": auroc(labels, scores),
-        "pixel_auroc": pixels.auroc() if has_regions else nan,
-        "aupro": pixels.aupro() if has_regions else nan,
-        "pro_rd4ad_per_image": nanmean(pro_images) if has_regions else nan,
+        "pixel_auroc": nan if pixels is None else pixels.auroc(),
+        "aupro": nan if pixels is None else pixels.aupro(),
+        "pro_rd4ad_per_image": nan if pixels is None else nanmean(pro_images),
         "image_f1_max": f1_max(labels, scores),
         "num_images": int(len(labels)),
         "num_defective": int(labels.sum()),
-        "pixel_metrics": ("exact" if pixels.exact else "binned") if has_regions else "none",
+        "pixel_metrics": "none" if pixels is None else ("exact" if pixels.exact else "binned"),
     }
     types = np.asarray(defect_types)
     per_type = {}

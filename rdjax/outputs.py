@@ -105,7 +105,7 @@ def decision_picture(
         body = np.concatenate([plain, np.full((amap.shape[0], 2, 3), 255, np.uint8), body], axis=1)
     h, w = body.shape[:2]
     scale = max(1, -(-256 // max(amap.shape)))
-    body_img = Image.fromarray(body).resize((w * scale, h * scale), Image.NEAREST)
+    body_img = Image.fromarray(body).resize((w * scale, h * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(body_img)
     py, px = np.unravel_index(int(np.argmax(amap)), amap.shape)
     px += w - amap.shape[1]  # the overlay is the rightmost panel

@@ -56,7 +56,7 @@ def write_report(
     ax.set(title="PRO up to FPR 0.3 (pixels)", xlabel="false positive rate", ylabel="per-region overlap", xlim=(0, 0.3))
 
     ax = fig.add_subplot(grid[0, 2 * third :])
-    bins = np.linspace(scores.min(), scores.max(), 30)
+    bins = np.linspace(scores.min(), scores.max(), 30).tolist()
     ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="good")
     ax.hist(scores[labels != 0], bins=bins, alpha=0.6, label="defective")
     if calibration is not None:

@@ -75,7 +75,11 @@ def tiled_maps(
     for image, scale in zip(images, scales):
         h, w = image.shape[:2]
         sh, sw = max(size, round(h * scale)), max(size, round(w * scale))
-        scaled = image if (sh, sw) == (h, w) else np.asarray(Image.fromarray(image).resize((sw, sh), Image.BILINEAR))
+        scaled = (
+            image
+            if (sh, sw) == (h, w)
+            else np.asarray(Image.fromarray(image).resize((sw, sh), Image.Resampling.BILINEAR))
+        )
         over = min(int(round(overlap * scale)), size - 1)
         corners = [(y, x) for y in starts(sh, size, size - over) for x in starts(sw, size, size - over)]
         windows += [scaled[y : y + size, x : x + size] for y, x in corners]
@@ -100,7 +104,7 @@ def resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     h, w = shape
     if amap.shape == (h, w):
         return amap
-    return np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
+    return np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR))
 
 
 def evaluation_maps(

@@ -245,6 +245,7 @@ def cached_features(run: Run, owned: np.ndarray, mode: str, directory: Path) -> 
     run is reused, e.g. on resume)."""
     config, model = run.config, run.model
     shapes = features.feature_shapes(model, config.image_size)
+    store: features.MemoryStore | features.DiskStore
     if mode == "memory":
         store = features.MemoryStore(shapes, len(owned))
     else:
@@ -266,14 +267,14 @@ def cached_features(run: Run, owned: np.ndarray, mode: str, directory: Path) -> 
     )
     steps = -(-most // local_batch)
     chunks = [owned[i * local_batch : (i + 1) * local_batch] for i in range(steps)]
-    batches = [pipeline.padded(c if len(c) else owned[-1:], local_batch)[0] for c in chunks]
+    batches = [sharding.pad(c if len(c) else owned[-1:], local_batch)[0] for c in chunks]
     teacher = jax.jit(features.teacher_fn(model, config.imagenet_normalize))
 
     def compute(images: np.ndarray) -> list[np.ndarray]:
         return [sharding.local_rows(f) for f in teacher(run.teacher_vars, run.put(images))]
 
     features.fill(store, len(owned), local_batch, steps, pipeline.load_batches(run.train, batches, "train"), compute)
-    if mode == "disk":
+    if isinstance(store, features.DiskStore):
         store.finish()
     return store
 
@@ -362,9 +363,10 @@ class Trainer:
         run, config = self.run, self.run.config
         rows = pipeline.epoch_batches(len(run.train), config.batch_size, config.seed, epoch)
         rows = rows[:, pipeline.share(config.batch_size, jax.process_index(), jax.process_count())]
-        if self.store is None:
+        store, position = self.store, self.position
+        if store is None or position is None:
             return prefetch((b["image"] for b in pipeline.load_batches(run.train, rows, "train")), run.put)
-        return prefetch(rows, lambda r: run.put(self.store.read(self.position[r])))
+        return prefetch(rows, lambda r: run.put(store.read(position[r])))
 
     def epoch(self, state: Any, epoch: int, profiler: Profiler) -> tuple[Any, dict]:
         """One epoch of steps; the losses come to the host once, at its end."""
@@ -372,13 +374,13 @@ class Trainer:
         total = self.run.steps_per_epoch * config.batch_size
         desc = f"epoch {epoch}/{config.num_epochs}"
         bar = tqdm.tqdm(total=total, desc=desc, unit="img", leave=False, disable=None)
-        losses, start = [], time.perf_counter()
+        on_device, start = [], time.perf_counter()
         for x in self.inputs(epoch):
             state, loss = self.step_fn(state, x)
             profiler.step(state)
-            losses.append(loss)
+            on_device.append(loss)
             bar.update(config.batch_size)
-        losses = np.asarray(jax.device_get(losses))
+        losses = np.asarray(jax.device_get(on_device))
         seconds = time.perf_counter() - start
         bar.close()
         _check_finite(losses, epoch, self.run.steps_per_epoch)
@@ -402,6 +404,7 @@ def make_trainer(run: Run, tx: optax.GradientTransformation, start_epoch: int) -
     owned = pipeline.owned_rows(n, config.batch_size, config.seed, p, count)
     position = np.full(n, -1, np.int64)
     position[owned] = np.arange(len(owned))
+    assert run.feature_dir is not None  # setup resolves it for every training run
     store = cached_features(run, owned, mode, run.feature_dir)
     return Trainer(run, steps.make_train_step(run.model, tx, run.mesh, config.seed), mode, store, position)
 

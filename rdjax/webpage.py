@@ -103,7 +103,7 @@ class Page:
     title: str
     scores: np.ndarray
     filenames: Sequence[str]
-    images: Callable[[np.ndarray], Sequence[np.ndarray]]
+    images: Callable[[np.ndarray], Sequence[np.ndarray] | np.ndarray]
     labels: np.ndarray | None = None
     metrics: Mapping[str, Any] | None = None
     threshold: float | None = None

@@ -205,7 +205,7 @@ def restore_state(workdir: Path, arch: str = "resnet18", name: str = "rd4ad"):
     import jax
 
     from rdjax import config as config_lib
-    from rdjax import steps
+    from rdjax import state as state_lib
     from rdjax import workdir as workdir_lib
     from rdjax.registry import MODELS
 
@@ -215,7 +215,7 @@ def restore_state(workdir: Path, arch: str = "resnet18", name: str = "rd4ad"):
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever topology saved it
     template = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
-        jax.eval_shape(lambda: steps.create_train_state(student, tx)),
+        jax.eval_shape(lambda: state_lib.create_train_state(student, tx)),
     )
     with workdir_lib.checkpoint_manager(workdir, create=False) as manager:
         return workdir_lib.restore_state(manager, template), manager.latest_step()

@@ -13,8 +13,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rdjax import config as config_lib
+from rdjax import state as state_lib
 from rdjax import steps
-from rdjax.models import RDPP
+from rdjax.models.rdpp import RDPP
 
 from conftest import random_variables
 
@@ -38,7 +39,7 @@ def run() -> dict:
         mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
         rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
         step = steps.make_image_train_step(model, tx, mesh, True, seed=3)
-        state = jax.device_put(steps.create_train_state(student_vars, tx), rep)
+        state = jax.device_put(state_lib.create_train_state(student_vars, tx), rep)
         teacher = jax.device_put(teacher_vars, rep)
         for batch in images:
             state, _ = step(state, teacher, jax.device_put(batch, dat))

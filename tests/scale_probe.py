@@ -18,8 +18,10 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rdjax import config as config_lib
+from rdjax import state as state_lib
 from rdjax import steps
-from rdjax.models import RD4AD
+from rdjax.models.rd4ad import RD4AD
 
 from conftest import random_variables
 
@@ -60,11 +62,11 @@ def _setup(dtype: str, batches: int):
 def run(count: int) -> dict:
     model, student_vars, batches = _setup("float64", count)
     b1 = 0.5
-    tx = steps.make_optimizer(b1=b1)
+    tx = model.optimizer(config_lib.defaults())
     result = _flat("start", student_vars["params"])
     for n, mesh, rep, dat in _meshes():
         step = steps.make_train_step(model, tx, mesh)
-        state = jax.device_put(steps.create_train_state(student_vars, tx), rep)
+        state = jax.device_put(state_lib.create_train_state(student_vars, tx), rep)
         for i, feats in enumerate(batches):
             state, loss = step(state, jax.device_put(feats, dat))
             if i == 0:

@@ -99,7 +99,7 @@ def test_unknown_architecture_model_dataset_and_evaluator(root, tmp_path):
     assert "unknown architecture 'resnet19'" in train_error(root, tmp_path / "w", "--config.model.arch=resnet19")
     assert "unknown model 'rd5'" in train_error(root, tmp_path / "w", "--config.model.name=rd5")
     assert "unknown dataset 'mvtech'" in train_error(root, tmp_path / "w", "--config.dataset.name=mvtech")
-    assert "unknown evaluator 'roc'" in train_error(root, tmp_path / "w", "--config.evaluators=('anomaly','roc')")
+    assert "unknown evaluator 'roc'" in train_error(root, tmp_path / "w", "--config.evals.report.type=roc")
     assert not (tmp_path / "w").exists()
 
 

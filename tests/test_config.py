@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from rdjax import config as config_lib
+from rdjax import evaluators as evaluators_lib
+from rdjax import registry
 from rdjax.errors import ConfigError
 from rdjax.registry import DATASETS, EVALUATORS, MODELS, Registry
 
@@ -42,31 +44,26 @@ def test_every_shipped_config_passes_the_checks():
     for name in config_lib.shipped():
         config = _load(config_lib.resolve(name))
         config_lib.check(config, device_count=1)
+        registry.check(config)
         assert config.model.name in MODELS.names() and config.dataset.name in DATASETS.names()
-        assert set(config.evaluators) <= set(EVALUATORS.names())
-
-
-def test_mvtec_config_holds_the_papers_settings():
-    """The official main.py's values (shared design notes)."""
-    c = _load(config_lib.resolve("mvtec"))
-    assert (c.model.arch, c.image_size, c.batch_size, c.num_epochs, c.learning_rate, c.adam_b1, c.adam_b2, c.seed) == (
-        "wide_resnet50_2",
-        256,
-        16,
-        200,
-        0.005,
-        0.5,
-        0.999,
-        111,
-    )
-    assert (c.map_mode, c.blur_sigma, c.eval_every) == ("add", 4.0, 10)
+        assert {s.get("type", n) for n, s in config.evals.items()} <= set(EVALUATORS.names())
 
 
 def test_saved_configs_take_defaults_for_new_keys():
     config = config_lib.from_dict({"model": {"arch": "resnet18"}, "num_epochs": 3})
     assert config.model.arch == "resnet18" and config.num_epochs == 3
     assert config.model.name == "rd4ad" and config.model.teacher_weights == "imagenet"
-    assert tuple(config.evaluators) == ("anomaly", "calibration", "report")
+    assert config.evals.to_dict() == config_lib.defaults().evals.to_dict()
+
+
+def test_old_evaluator_tuples_become_evals():
+    """0.2.0 workdirs name their evaluators in a tuple: the same evaluators, in the same
+    order, with report drawing calibration's threshold only where calibration ran."""
+    config = config_lib.from_dict({"evaluators": ["anomaly", "report"]})
+    assert list(config.evals) == ["anomaly", "report"] and "threshold_from" not in config.evals.report
+    config = config_lib.from_dict({"evaluators": ["anomaly", "calibration", "report"]})
+    assert list(config.evals) == ["anomaly", "calibration", "report"]
+    assert config.evals.report.threshold_from == "calibration" and "evaluators" not in config
 
 
 def test_checks_name_the_key():
@@ -90,10 +87,42 @@ def test_checks_name_the_key():
         config_lib.check(bad, 1)
 
 
-def test_registry_rejects_twice_and_lists_names():
-    reg: Registry = Registry("widget")
-    reg.register("a")(1)
-    with pytest.raises(ValueError, match="widget 'a' is registered twice"):
-        reg.register("a")(2)
-    with pytest.raises(ConfigError, match="unknown widget 'b'; choose one of a"):
-        reg.get("b")
+def test_registry_finds_modules_by_name_and_takes_registrations(tmp_path, monkeypatch):
+    """A package of plug-in modules: each module exporting the attribute is an entry under
+    its own name, found without any list; a module without it is not; `register` adds an
+    entry from elsewhere, and refuses a name twice."""
+    package = tmp_path / "widgets"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "round.py").write_text("WIDGET = 'a round widget'\n")
+    (package / "helpers.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg: Registry = Registry("widget", "widgets", "WIDGET")
+    assert reg.get("round") == "a round widget"
+    reg.register("square", "a square widget")
+    assert reg.names() == ["round", "square"]
+    with pytest.raises(ValueError, match="widget 'round' is registered twice"):
+        reg.register("round", "another")
+    with pytest.raises(ConfigError, match="unknown widget 'helpers'; choose one of round, square"):
+        reg.get("helpers")
+
+
+def test_evals_check_their_order_and_settings():
+    config = config_lib.defaults()
+    evals = config.evals.to_dict()
+    reordered = {"report": evals["report"], "anomaly": evals["anomaly"], "calibration": evals["calibration"]}
+    with pytest.raises(ConfigError, match="config.evals.report needs 'anomaly', which must come before it"):
+        evaluators_lib.build(reordered, EVALUATORS.get)
+    with pytest.raises(ConfigError, match=r"config.evals.anomaly: Anomaly\(\) takes no arguments"):
+        evaluators_lib.build({"anomaly": {"type": "anomaly", "colour": "red"}}, EVALUATORS.get)
+    bad = config.copy_and_resolve_references()
+    bad.evals.report.type = "roc"
+    with pytest.raises(ConfigError, match="unknown evaluator 'roc'"):
+        registry.check(bad)
+    bad = config.copy_and_resolve_references()
+    bad.evals.report.every = 0
+    with pytest.raises(ConfigError, match="config.evals.report"):
+        config_lib.check(bad, 1)
+    assert evaluators_lib.due({"a": {}, "b": {"every": 3}}, 4, 2, False) == ["a"]
+    assert evaluators_lib.due({"a": {}, "b": {"every": 3}}, 6, 2, False) == ["a", "b"]
+    assert evaluators_lib.due({"a": {}, "b": {"every": 3}}, 5, 2, True) == ["a", "b"]

@@ -1,13 +1,15 @@
 """Synthetic data, the TFDS builder, preprocessing against torchvision, batching."""
 
+import functools
 import io
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 from torchvision import transforms
 
-from rdjax import data, features, maps
+from rdjax import data, evaluation, features, maps, registry, sharding
 from rdjax.data import mvtec, pipeline, preprocess, synthetic
 from rdjax.errors import ConfigError
 
@@ -172,18 +174,29 @@ def test_grain_batches_decode_each_requested_row_once():
 
 
 def test_evaluation_sees_every_image_exactly_once():
+    """evaluation.run_pass over 11 images in batches of 4: each image is decoded once (and
+    the last batch's one padding row, a repeat of its last image), its score comes back
+    once and in order, and the padding adds nothing to the pixel counts (11 images x 16
+    pixels, half of image 3's anomalous)."""
     images = np.arange(11, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
-    calls = []
+    masks = np.zeros((11, 4, 4), bool)
+    masks[3, :2] = True
+    labels = (np.arange(11) == 3).astype(int)
+    split = preprocess.Split.from_arrays(images, masks, labels, ["good"] * 11, [str(i) for i in range(11)])
+    mesh = sharding.make_mesh()
+    put = functools.partial(sharding.put_batch, sharding=sharding.batch_sharding(mesh))
 
-    def fake_step(tv, sv, batch):
-        calls.append(len(batch))
-        maps = np.asarray(batch, np.float32)[..., 0]
-        return maps, maps.max(axis=(1, 2))
+    def pass_step(tv, sv, batch, *rest):
+        image_maps = batch[..., 0].astype(jnp.float32) + 1.0
+        return maps.stats_step(image_maps, image_maps.max(axis=(1, 2)), *rest)
 
-    out_maps, scores = maps.predict_images(fake_step, None, None, images, 4, put=lambda x: x)
-    assert calls == [4, 4, 4]  # the last batch is padded to full size
-    np.testing.assert_array_equal(scores, np.arange(11))
-    assert out_maps.shape == (11, 4, 4)
+    before = pipeline.decoded["once"]
+    passed = evaluation.run_pass(pass_step, None, None, split, 4, put, exact=True, kind="once")
+    assert pipeline.decoded["once"] - before == 12
+    np.testing.assert_array_equal(passed.scores, np.arange(11) + 1.0)
+    np.testing.assert_array_equal(passed.sums, (np.arange(11) + 1.0) * 16)
+    assert passed.pixels.neg.sum() == 11 * 16 - 8 and passed.pixels.pos.sum() == 8
+    assert passed.pixels.maps.shape == (11, 4, 4) and passed.pixels.masks.sum() == 8
 
 
 def test_official_tar_archive_is_accepted(synth_root, tmp_path):
@@ -197,14 +210,14 @@ def test_official_tar_archive_is_accepted(synth_root, tmp_path):
     config = ml_collections.ConfigDict(
         {"name": "mvtec", "root": str(archive), "data_dir": str(tmp_path / "cache"), "category": "all"}
     )
-    dataset = data.build(config)
+    dataset = registry.build_dataset(config)
     assert dataset.categories() == ["disk"]
     root = dataset.root
     assert (root / "disk/ground_truth/hole/001_mask.png").read_bytes() == (
         synth_root / "disk/ground_truth/hole/001_mask.png"
     ).read_bytes()
     mtime = root.stat().st_mtime_ns
-    assert data.build(config).root == root and root.stat().st_mtime_ns == mtime  # extracted once, reused
+    assert registry.build_dataset(config).root == root and root.stat().st_mtime_ns == mtime  # extracted once, reused
     train, test = dataset.load("disk", 32)
     assert len(train) == 6 and len(test) == 3 + 3 * 2
 

@@ -12,7 +12,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import rdjax
-from rdjax import data, train
+from rdjax import registry, train
 from rdjax.errors import DataError
 
 from conftest import rdjax_cli, small_config
@@ -81,8 +81,8 @@ def test_visa_split_and_masks(visa_root, source, tmp_path):
     config = dataset_config(
         tmp_path, name="visa", root=str(visa_root), category="pcb1", data_dir=str(tmp_path / "tfds")
     )
-    assert data.build(dict_with(config.dataset, category="all")).categories() == ["candle", "pcb1"]
-    train_split, test = data.build(config.dataset).load("pcb1", 64)
+    assert registry.build_dataset(dict_with(config.dataset, category="all")).categories() == ["candle", "pcb1"]
+    train_split, test = registry.build_dataset(config.dataset).load("pcb1", 64)
     assert len(train_split) == 8 and len(test) == 3 + 6
     assert test.has_masks and set(test.defect_types) == {"good", "anomaly"}
     # 0/1 masks are binarized before the resize: they match the 0/255 originals.
@@ -96,7 +96,7 @@ def test_visa_unknown_category(visa_root, tmp_path):
         tmp_path, name="visa", root=str(visa_root), category="fryum", data_dir=str(tmp_path / "tfds")
     )
     with pytest.raises(DataError, match="no rows for category 'fryum'; found: candle, pcb1"):
-        data.build(config.dataset).load("fryum", 64)
+        registry.build_dataset(config.dataset).load("fryum", 64)
 
 
 @pytest.mark.slow
@@ -120,7 +120,7 @@ def test_visa_all_categories_through_the_cli(visa_root, tmp_path):
     assert table in result.stdout
     metrics = json.loads((tmp_path / "w" / "pcb1" / "metrics.json").read_text())
     assert metrics["num_images"] == 9
-    _, test = data.build(
+    _, test = registry.build_dataset(
         dict_with(small_config(tmp_path).dataset, name="visa", root=str(visa_root), data_dir=str(tmp_path / "tfds"))
     ).load("pcb1", 64)
     maps, _ = reevaluate(tmp_path / "w" / "pcb1", test)
@@ -158,7 +158,7 @@ def test_folder_dataset(source, tmp_path, with_masks):
     )
     result = train.train_and_evaluate(config, tmp_path / "w")
     assert result["num_images"] == 3 + 6 and result["num_defective"] == 6
-    _, test = data.build(config.dataset).load("parts", 64)
+    _, test = registry.build_dataset(config.dataset).load("parts", 64)
     maps, scores = reevaluate(tmp_path / "w", test)
     assert result["image_auroc"] == pytest.approx(roc_auc_score(test.labels, scores), abs=1e-6)
     if with_masks:
@@ -183,9 +183,11 @@ def test_novelty_split_protocol(mock_tfds, name, tmp_path):
     import tensorflow_datasets as tfds
 
     config = dict_with(small_config(tmp_path).dataset, name=name, normal_class="3", data_dir="")
-    dataset = data.build(config)
+    dataset = registry.build_dataset(config)
     assert dataset.categories() == ["class_3"]
-    assert data.build(dict_with(config, normal_class="all")).categories() == [f"class_{c}" for c in range(10)]
+    assert registry.build_dataset(dict_with(config, normal_class="all")).categories() == [
+        f"class_{c}" for c in range(10)
+    ]
     train_split, test = dataset.load("class_3", 32)
     source = {s: tfds.builder(name).as_data_source(split=s) for s in ("train", "test")}
     all_train = np.array([int(source["train"][i]["label"]) for i in range(len(source["train"]))])
@@ -212,11 +214,11 @@ def test_novelty_trains_and_reports_both_scores(mock_tfds, tmp_path):
     assert list(results) == ["class_3"]
     result = results["class_3"]
     assert np.isnan(result["pixel_auroc"])
-    _, test = data.build(config.dataset).load("class_3", 32)
+    _, test = registry.build_dataset(config.dataset).load("class_3", 32)
     maps, scores = reevaluate(tmp_path / "w", test)
     assert result["image_auroc"] == pytest.approx(roc_auc_score(test.labels, scores), abs=1e-6)
     assert result["image_auroc_sum"] == pytest.approx(roc_auc_score(test.labels, maps.sum(axis=(1, 2))), abs=1e-5)
     from rdjax.outputs import summary_markdown
 
-    table = summary_markdown({"class_3": result}, data.build(config.dataset).summary_keys)
+    table = summary_markdown({"class_3": result}, registry.build_dataset(config.dataset).summary_keys)
     assert "image AUROC (sum of map)" in table and "**mean**" in table

@@ -8,7 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from rdjax import config as config_lib
 from rdjax import features
+from rdjax import state as state_lib
 from rdjax.errors import ConfigError
 
 from conftest import random_variables
@@ -82,7 +84,7 @@ def test_auto_chooses_by_the_figures(monkeypatch, tmp_path):
 
 def test_feature_size_estimate_matches_the_teacher():
     """eval_shape's estimate equals the bytes of real features (resnet18, 64 px)."""
-    from rdjax.models import RD4AD
+    from rdjax.models.rd4ad import RD4AD
 
     model = RD4AD("resnet18")
     teacher_vars, _ = random_variables(model, 64, seed=0, dtype=np.float32)
@@ -100,12 +102,12 @@ def test_off_step_equals_the_cached_step_in_float64():
     these gradients at a random init (percent-level in float32, see test_invariance.py)
     stays ~1e-9: parameters agree to rtol 1e-6, atol 1e-7."""
     from rdjax import sharding, steps
-    from rdjax.models import RD4AD
+    from rdjax.models.rd4ad import RD4AD
 
     with jax.enable_x64(True):
         model = RD4AD("resnet18", "float64")
         teacher_vars, student_vars = random_variables(RD4AD("resnet18"), 32, seed=0)
-        tx = steps.make_optimizer()
+        tx = model.optimizer(config_lib.defaults())
         mesh = sharding.make_mesh()
         images = [np.random.default_rng(i).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8) for i in range(3)]
         off = steps.make_image_train_step(model, tx, mesh)
@@ -114,7 +116,7 @@ def test_off_step_equals_the_cached_step_in_float64():
         # Committed, replicated states (as train.py makes them): an uncommitted first
         # argument would compile each step twice.
         a, b = (
-            jax.device_put(steps.create_train_state(student_vars, tx), sharding.replicated(mesh)) for _ in range(2)
+            jax.device_put(state_lib.create_train_state(student_vars, tx), sharding.replicated(mesh)) for _ in range(2)
         )  # each step donates its own
         for x in images:
             a, loss_a = off(a, teacher_vars, x)

@@ -1,11 +1,12 @@
 """The package's import graph: no cycles, and the data path runs one way.
 
 Every `import` and `from ... import` inside rdjax, at any depth of the code (function-
-level imports included), is an edge, except under `if __name__ == "__main__":`: those
-run only when a module is executed as a script (`python -m rdjax.predict` hands over to
-rdjax.cli), never when it is imported, so they cannot close a cycle. A cycle fails, and so does an edge from a module
-to one further along the data path (files -> data -> features -> step -> maps ->
-metrics -> outputs), as ranked below.
+level imports included), is an edge, except under `if __name__ == "__main__":` (run
+only as a script) and `if TYPE_CHECKING:` (never run): neither can close a cycle. A
+registry is an edge too: `Registry(kind, package, attribute)` imports any module of
+``package`` by name, so the module that builds it has an edge to every one of them. A
+cycle fails, and so does an edge from a module to one further along the data path
+(files -> data -> features -> step -> maps -> metrics -> outputs), as ranked below.
 """
 
 from __future__ import annotations
@@ -19,19 +20,19 @@ PACKAGE = Path(rdjax.__file__).parent
 
 # Each module's place on the data path; a module may import only from lower ranks.
 RANKS = [
-    {"rdjax.errors", "rdjax.registry"},
+    {"rdjax.errors", "rdjax.modes"},
     {"rdjax.weights", "rdjax.sharding", "rdjax.configs"},
     {
+        "rdjax.models",
         "rdjax.models.lowering",
         "rdjax.models.layers",
         "rdjax.models.resnet",
         "rdjax.models.rd4ad",
         "rdjax.models.sinkhorn",
         "rdjax.models.rdpp",
-        "rdjax.models",
     },
     {"rdjax.config"},
-    {"rdjax.workdir"},
+    {"rdjax.state", "rdjax.workdir"},
     {
         "rdjax.data.preprocess",
         "rdjax.data.pipeline",
@@ -40,17 +41,31 @@ RANKS = [
         "rdjax.data.layouts",
         "rdjax.data.novelty",
         "rdjax.data.synthetic",
+        "rdjax.data.visa",
+        "rdjax.data.folder",
+        "rdjax.data.mnist",
+        "rdjax.data.fashion_mnist",
+        "rdjax.data.cifar10",
     },
     {"rdjax.teacher", "rdjax.features"},
     {"rdjax.steps"},
     {"rdjax.maps", "rdjax.tiling"},
     {"rdjax.metrics", "rdjax.calibration"},
     {"rdjax.evaluation"},
-    {"rdjax.outputs", "rdjax.report", "rdjax.webpage", "rdjax.evaluators"},
+    {
+        "rdjax.outputs",
+        "rdjax.report",
+        "rdjax.webpage",
+        "rdjax.evaluators",
+        "rdjax.evaluators.anomaly",
+        "rdjax.evaluators.calibration",
+        "rdjax.evaluators.report",
+    },
+    {"rdjax.registry"},  # it reaches every model, dataset and evaluator module
     {"rdjax.train", "rdjax.inference"},
     {"rdjax.predict", "rdjax.export", "rdjax.port"},
     {"rdjax.cli"},
-    {"rdjax.main", "rdjax"},
+    {"rdjax.main", "rdjax.__main__", "rdjax"},
 ]
 RANK = {m: i for i, group in enumerate(RANKS) for m in group}
 
@@ -64,24 +79,41 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in PACKAGE.rglob("*.py") if "configs" not in p.relative_to(PACKAGE).parts}
 
 
-def _is_main_block(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in ast.unparse(node.test)
+def _never_imported(node: ast.AST) -> bool:
+    """`if __name__ == "__main__":` and `if TYPE_CHECKING:` blocks."""
+    if not isinstance(node, ast.If):
+        return False
+    test = ast.unparse(node.test)
+    return ("__main__" in test and "__name__" in test) or test in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
 
 
 def _imports(tree: ast.AST):
     for node in ast.iter_child_nodes(tree):
-        if _is_main_block(node):
+        if _never_imported(node):
             continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
         yield from _imports(node)
 
 
+def _registry_packages(tree: ast.AST) -> set[str]:
+    """The packages of the `Registry(kind, package, attribute)` calls in a module."""
+    return {
+        node.args[1].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Registry"
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+    }
+
+
 def edges() -> dict[str, set[str]]:
     known = modules()
     graph: dict[str, set[str]] = {m: set() for m in known}
     for name, path in known.items():
-        for node in _imports(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        for node in _imports(tree):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -91,6 +123,8 @@ def edges() -> dict[str, set[str]]:
             else:
                 continue
             graph[name] |= {t for t in targets if t in known and t != name}
+        for package in _registry_packages(tree):
+            graph[name] |= {m for m in known if m.startswith(package + ".") and m != name}
     return graph
 
 
@@ -122,20 +156,39 @@ def test_imports_follow_the_data_path():
     assert not backwards, backwards
 
 
-def test_the_check_finds_a_cycle(tmp_path, monkeypatch):
-    """The detector itself: two modules that import each other are reported."""
+def _find_cycle() -> str:
+    try:
+        test_there_is_no_import_cycle()
+    except AssertionError as e:
+        return str(e)
+    raise AssertionError("the cycle was not found")
+
+
+def test_the_check_finds_a_cycle_through_a_function_level_import(tmp_path, monkeypatch):
+    """The detector itself, on a deliberately cyclic toy package: the cycle closes through
+    an import inside a function; script-only and type-checking imports are no edges."""
     pkg = tmp_path / "rdjax"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "errors.py").write_text("from rdjax import registry\n")
     (pkg / "registry.py").write_text(
+        "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    import rdjax\n\n\n"
         "def f():\n    import rdjax.errors\n\n\nif __name__ == '__main__':\n    import rdjax\n"
     )
     monkeypatch.setattr(__import__(__name__), "PACKAGE", pkg)
     assert edges() == {"rdjax": set(), "rdjax.errors": {"rdjax.registry"}, "rdjax.registry": {"rdjax.errors"}}
-    try:
-        test_there_is_no_import_cycle()
-    except AssertionError as e:
-        assert "import cycle: rdjax.errors -> rdjax.registry -> rdjax.errors" in str(e)
-    else:
-        raise AssertionError("the cycle was not found")
+    assert "import cycle: rdjax.errors -> rdjax.registry -> rdjax.errors" in _find_cycle()
+
+
+def test_the_check_finds_a_cycle_through_a_registry(tmp_path, monkeypatch):
+    """A plug-in module that imports the registry which loads it by name is a cycle, though
+    no import statement names the plug-in."""
+    pkg = tmp_path / "rdjax"
+    (pkg / "plugins").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "plugins" / "__init__.py").write_text("")
+    (pkg / "plugins" / "toy.py").write_text("from rdjax.registry import THINGS\n")
+    (pkg / "registry.py").write_text('THINGS = Registry("thing", "rdjax.plugins", "THING")\n')
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", pkg)
+    assert edges()["rdjax.registry"] == {"rdjax.plugins.toy"}
+    assert "import cycle: rdjax.plugins.toy -> rdjax.registry -> rdjax.plugins.toy" in _find_cycle()

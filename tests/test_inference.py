@@ -14,7 +14,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import rdjax
-from rdjax import calibration, data, train
+from rdjax import calibration, data, registry, train
 
 from conftest import rdjax_cli, small_config
 
@@ -136,7 +136,7 @@ def test_quantile_threshold_from_held_out_images(workdir, tmp_path):
     cal = json.loads((tmp_path / "q" / "calibration.json").read_text())
     assert cal["method"] == "quantile" and cal["source"] == "8 held-out train/good images"
     model = rdjax.load(tmp_path / "q")
-    train_split, _ = data.build(config.dataset).load("disk", 64)
+    train_split, _ = registry.build_dataset(config.dataset).load("disk", 64)
     held = data.hold_out(train_split, 8, config.seed)[1]
     scores = model.predict_resized(held.images())[1]
     assert cal["image_threshold"] == pytest.approx(

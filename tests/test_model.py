@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from rdjax import config as config_lib
 from rdjax import sharding, steps
+from rdjax import state as state_lib
 from rdjax.errors import ConfigError
-from rdjax.models import RD4AD
-from rdjax.models.rd4ad import cosine_distance_loss
+from rdjax.models.rd4ad import RD4AD, cosine_distance_loss
 from rdjax.registry import MODELS
 
 from conftest import nchw_to_nhwc, random_variables
@@ -41,7 +42,7 @@ def test_size_not_multiple_of_32_is_rejected(small, h, w):
 def test_unknown_arch_and_dtype_are_rejected():
     with pytest.raises(ValueError, match="unknown architecture 'resnet19'"):
         RD4AD("resnet19")
-    with pytest.raises(ValueError, match="unknown dtype 'float16'"):
+    with pytest.raises(ValueError, match="dtype='float16' is not supported"):
         RD4AD("resnet18", dtype="float16")
 
 
@@ -70,7 +71,7 @@ def test_loss_equals_official_flattened_cosine():
 
 def test_teacher_is_frozen_through_a_train_step(small):
     model, teacher_vars, student_vars = small
-    tx = steps.make_optimizer()
+    tx = model.optimizer(config_lib.defaults())
     images = jax.random.normal(jax.random.key(1), (8, 64, 64, 3))
 
     # Gradients with respect to both variable sets: the teacher's are exactly zero.
@@ -88,7 +89,7 @@ def test_teacher_is_frozen_through_a_train_step(small):
 
     # The optimizer state covers student params only.
     state = jax.device_put(
-        steps.create_train_state(jax.tree_util.tree_map(jnp.copy, student_vars), tx),
+        state_lib.create_train_state(jax.tree_util.tree_map(jnp.copy, student_vars), tx),
         sharding.replicated(sharding.make_mesh()),
     )  # committed, as train.py makes it; donated below
     n_student = sum(x.size for x in jax.tree_util.tree_leaves(student_vars["params"]))

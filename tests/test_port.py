@@ -27,8 +27,8 @@ import torchvision
 from rdjax import teacher, weights
 from rdjax import workdir as workdir_lib
 from rdjax.errors import PortError
-from rdjax.models import ARCHS, RD4AD
-from rdjax.models.resnet import IMAGENET_FILES
+from rdjax.models.rd4ad import RD4AD
+from rdjax.models.resnet import ARCHS, IMAGENET_FILES
 
 from conftest import nchw_to_nhwc, randomize_batchnorm, rdjax_cli, rel_err, restore_state, state_dict_numpy
 from torch_reference import TorchDecoder, TorchOCBE, official_state_dict, teacher_features
@@ -278,7 +278,7 @@ def test_cli_model_without_teacher_or_with_a_bad_size_writes_nothing(tmp_path):
 
 
 def test_port_command_writes_a_restorable_workdir(tmp_path):
-    """`rdjax port rd4ad` (here with the older `python -m rdjax.port` spelling --image-size)."""
+    """`rdjax port rd4ad` writes a workdir that restores and predicts."""
     torch.manual_seed(2)
     ocbe, decoder = TorchOCBE("resnet18"), TorchDecoder("resnet18")
     torch.save(official_state_dict(ocbe, decoder), tmp_path / "ckpt.pth")
@@ -291,7 +291,7 @@ def test_port_command_writes_a_restorable_workdir(tmp_path):
         f"--teacher={tmp_path / 'w.pth'}",
         f"--src={tmp_path / 'ckpt.pth'}",
         f"--out={out}",
-        "--image-size=64",
+        "--image_size=64",
     )
     assert result.code == 0, result.stderr
     config = workdir_lib.load_config(out)

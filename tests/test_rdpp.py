@@ -27,6 +27,7 @@ import torch
 import rdjax
 from rdjax import config as config_lib
 from rdjax import export, port, train, weights
+from rdjax import state as state_lib
 from rdjax.configs import rdpp_synthetic
 from rdjax.errors import ConfigError
 from rdjax.models import rdpp
@@ -411,7 +412,7 @@ def test_rdpp_steps_are_pure(rdpp_vars):
         return state
 
     fresh = lambda: jax.device_put(
-        steps.create_train_state(jax.tree.map(jnp.copy, student_vars), tx),  # noqa: E731
+        state_lib.create_train_state(jax.tree.map(jnp.copy, student_vars), tx),  # noqa: E731
         sharding.replicated(mesh),
     )  # copies: each run's step donates its state
     straight, resumed = run(fresh(), 4), run(run(fresh(), 2), 2)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from rdjax import maps
-from rdjax.models import RD4AD
+from rdjax.models.rd4ad import RD4AD
 
 from conftest import ROOT, cpu_devices_env, data_flags, rdjax_cli, restore_state
 

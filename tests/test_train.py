@@ -21,7 +21,8 @@ from sklearn.metrics import roc_auc_score
 from torchvision import transforms
 
 import rdjax
-from rdjax import data, metrics, train
+from rdjax import config as config_lib
+from rdjax import metrics, registry, train
 from rdjax import workdir as workdir_lib
 from rdjax.data import synthetic
 
@@ -37,7 +38,7 @@ def test_metrics_equal_an_independent_recomputation(trained):
     precision: a pixel pair swap moves pixel AUROC by 1/(P*N) < 1e-6; AUPRO integrates
     the same curve (1e-5)."""
     config, workdir, result = trained
-    _, test = data.build(config.dataset).load("disk", 64)
+    _, test = registry.build_dataset(config.dataset).load("disk", 64)
     maps, scores = rdjax.load(workdir).predict_resized(test.images())
     assert result["image_auroc"] == pytest.approx(roc_auc_score(test.labels, scores), abs=1e-6)
     assert result["pixel_auroc"] == pytest.approx(roc_auc_score(test.masks().ravel(), maps.ravel()), abs=1e-6)
@@ -165,16 +166,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_p
 
 
 def test_a_workdir_written_before_new_config_keys_still_loads(trained, tmp_path):
-    """Workdirs from before model.name and evaluators existed: the missing keys take the
-    defaults, which reproduce the old behaviour."""
+    """Workdirs from before model.name existed, with 0.2.0's config.evaluators: the
+    missing keys take the defaults and the tuple becomes config.evals, which reproduce
+    the old behaviour."""
     _, workdir, _ = trained
     old = tmp_path / "old"
     shutil.copytree(workdir, old)
     saved = json.loads((old / "config.json").read_text())
-    del saved["evaluators"], saved["model"]["name"]
+    del saved["evals"], saved["model"]["name"]
+    saved["evaluators"] = ["anomaly", "calibration", "report"]
     (old / "config.json").write_text(json.dumps(saved))
     config = workdir_lib.load_config(old)
-    assert config.model.name == "rd4ad" and tuple(config.evaluators) == ("anomaly", "calibration", "report")
+    assert config.model.name == "rd4ad" and config.evals.to_dict() == config_lib.defaults().evals.to_dict()
     assert config.dataset.category == "disk"
     np.testing.assert_array_equal(
         rdjax.load(old).predict(np.zeros((64, 64, 3), np.uint8)).scores,

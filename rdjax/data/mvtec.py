@@ -298,10 +298,11 @@ class FileDataset:
             multihost_utils.sync_global_devices("rdjax: dataset prepared")
         builder = ready()
         location = self.root if self.flat else self.root / category
-        return tuple(
+        train, test = (
             load_split(builder, split, image_size, self.root, location=location, nonzero_masks=self.nonzero_masks)
             for split in ("train", "test")
         )
+        return train, test
 
 
 def requested(category: str, available: Callable[[], list[str]]) -> Callable[[], list[str]]:

@@ -10,6 +10,7 @@ masks: only image-level metrics are reported.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,11 @@ def _sources(name: str, data_dir: str | None) -> dict:
 
 def _to_rgb32(image: np.ndarray, size: int) -> np.ndarray:
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), np.uint8)
+    return np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), np.uint8)
+
+
+def _read_record(source: Any, image_size: int, i: int) -> tuple[np.ndarray, None]:
+    return _to_rgb32(np.asarray(source[i]["image"]), image_size), None
 
 
 def load_novelty(name: str, normal_class: int, image_size: int, data_dir: str | None) -> tuple[Split, Split]:
@@ -61,7 +66,7 @@ def load_novelty(name: str, normal_class: int, image_size: int, data_dir: str | 
         anomalous = (labels[keep] != normal_class).astype(np.int32)
         splits.append(
             Split(
-                read=lambda i, source=source: (_to_rgb32(np.asarray(source[i]["image"]), image_size), None),
+                read=functools.partial(_read_record, source, image_size),
                 records=keep.astype(np.int64),
                 labels=anomalous,
                 defect_types=tuple("good" if a == 0 else f"class_{labels[i]}" for a, i in zip(anomalous, keep)),

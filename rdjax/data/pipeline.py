@@ -29,6 +29,7 @@ from rdjax.data.preprocess import Split
 from rdjax.errors import ConfigError
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 decoded: collections.Counter = collections.Counter()  # images decoded by this process, per split kind
 _lock = threading.Lock()
@@ -100,7 +101,7 @@ def load_batches(split: Split, batches: Iterable[np.ndarray], kind: str, with_ma
     return iter(dataset.to_iter_dataset(options))
 
 
-def prefetch(iterable: Iterable[T], fn: Callable[[T], object], size: int = 2) -> Iterator[object]:
+def prefetch(iterable: Iterable[T], fn: Callable[[T], U], size: int = 2) -> Iterator[U]:
     """Apply ``fn`` (a gather or a device_put) in a background thread, ``size`` items ahead."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         queue: collections.deque = collections.deque()

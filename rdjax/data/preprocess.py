@@ -46,7 +46,7 @@ def decode_image(data: bytes, size: int | None, name: str = "image") -> np.ndarr
     ``size=None`` keeps the file's own resolution (tiled evaluation)."""
     img = to_rgb(open_image(data, name))
     if size is not None:
-        img = img.resize((size, size), Image.BILINEAR)
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -80,7 +80,7 @@ def decode_mask(data: bytes, size: int, name: str = "mask", nonzero: bool = Fals
         img = Image.fromarray(((np.asarray(to_rgb(img).convert("L")) > 0) * 255).astype(np.uint8))
     if img.mode != "L":
         img = to_rgb(img).convert("L")
-    resized = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    resized = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     return resized > 0.5
 
 
@@ -130,12 +130,12 @@ class Split:
             raise DataError("this dataset has no images beyond image_size to tile: use config.resize.mode='squeeze'")
         return self.read_native(int(self.records[row]))
 
-    def images(self, rows: Sequence[int] | None = None) -> np.ndarray:
+    def images(self, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """The given rows (all rows if None: small splits only) decoded and stacked."""
         rows = range(len(self)) if rows is None else rows
         return np.stack([self.example(i)[0] for i in rows])
 
-    def masks(self, rows: Sequence[int] | None = None) -> np.ndarray:
+    def masks(self, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         rows = range(len(self)) if rows is None else rows
         return np.stack([self.example(i)[1] for i in rows])
 

@@ -123,7 +123,7 @@ def _conv_by_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     ksize = kernel.shape[0]
     n, h, w, _ = x.shape
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    acc = sum(
+    acc: jax.Array = sum(  # type: ignore[assignment]  # a sum of arrays (ksize**2 >= 1 terms)
         jnp.dot(window, kernel[i // ksize, i % ksize], preferred_element_type=_accum(x.dtype))
         for i, window in enumerate(_windows(x, ksize, stride, (ho, wo)))
     )

@@ -31,7 +31,7 @@ from rdjax.models.resnet import (
     run_layer,
 )
 
-Features = tuple[jax.Array, jax.Array, jax.Array]
+Features = tuple[jax.Array, ...]
 Variables = dict[str, Any]
 
 
@@ -160,7 +160,7 @@ class RD4AD:
     def __post_init__(self) -> None:
         get_arch(self.arch)
         if self.dtype == "float64":
-            if not jax.config.jax_enable_x64:
+            if not jax.config.read("jax_enable_x64"):
                 raise ConfigError("dtype 'float64' needs jax_enable_x64")
         else:
             modes.parse(modes.Dtype, self.dtype, "dtype")
@@ -197,7 +197,7 @@ class RD4AD:
     def teacher_features(self, teacher_vars: Variables, images: jax.Array) -> Features:
         """Teacher layer1-3 features in float32; constants as far as autodiff is concerned."""
         check_image_size(images.shape)
-        feats = self.teacher.apply(jax.lax.stop_gradient(teacher_vars), images)
+        feats: Features = self.teacher.apply(jax.lax.stop_gradient(teacher_vars), images)  # type: ignore[assignment]
         return tuple(jax.lax.stop_gradient(at_least_float32(f)) for f in feats)
 
     def student_features(
@@ -222,14 +222,12 @@ class RD4AD:
 
     def train_inputs(
         self, teacher_vars: Variables, x: jax.Array, key: jax.Array, normalize: Callable[[jax.Array], jax.Array]
-    ) -> Features:
+    ) -> Any:
         """[0, 1] images -> what `train_loss` takes: the teacher's features in the compute
         dtype, as the feature cache stores them (so cached and fresh features train alike)."""
         return tuple(f.astype(self.dtype) for f in self.teacher_features(teacher_vars, normalize(x)))
 
-    def train_loss(
-        self, student_vars: Variables, teacher_feats: Features, key: jax.Array
-    ) -> tuple[jax.Array, Variables]:
+    def train_loss(self, student_vars: Variables, teacher_feats: Any, key: jax.Array) -> tuple[jax.Array, Variables]:
         """The official loss, and the updated batch_stats."""
         s, batch_stats = self.student_features(student_vars, teacher_feats, train=True)
         return cosine_distance_loss(teacher_feats, s), batch_stats

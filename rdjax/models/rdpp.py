@@ -136,7 +136,7 @@ def projection_terms(
     ssot = sum(sinkhorn_divergence(jax.nn.softmax(_flat(p), -1), jax.nn.softmax(_flat(p)[perm], -1)) for p in projected)
     reconstruct = sum(cosine_reconstruction(n, p) for n, p in zip(projected_noised, projected))
     contrasts = sum(contrast(f, p) for f, p in zip(noised, projected))
-    return ssot, reconstruct, contrasts
+    return ssot, reconstruct, contrasts  # type: ignore[return-value]  # sums of >= 1 arrays
 
 
 def projection_loss(noised: Features, projected_noised: Features, projected: Features, key: jax.Array) -> jax.Array:
@@ -195,7 +195,7 @@ class RDPP(RD4AD):
     needs_images = True
 
     @property
-    def student(self) -> Student:
+    def student(self) -> Student:  # type: ignore[override]  # RD4AD's student plus the MPL
         return Student(self.spec, jnp.dtype(self.dtype))
 
     def train_inputs(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -142,7 +143,7 @@ def run_layer(
 ) -> jax.Array:
     """torchvision's _make_layer, applied: a projection shortcut on the first block
     when the stride or the channel count changes. Must be called inside a compact module."""
-    block = BLOCKS[spec.block]
+    block: Any = BLOCKS[spec.block]
     out_channels = planes * block.expansion
     width = {} if spec.block == "basic" else {"base_width": spec.base_width}
     for i in range(num_blocks):
@@ -167,7 +168,7 @@ class Teacher(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
         x = Conv(64, 7, 2, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(BatchNorm(True, dtype=self.dtype, name="bn1")(x))
         x = max_pool_3x3_s2(x)
