@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import importlib
 import importlib.util
 import io
 import json
@@ -55,6 +54,7 @@ CATEGORY = "weave"  # a texture: 20 steps give it nontrivial maps (a random mode
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 Row = tuple[str, str, str, float, float]  # model, comparison, values, error, tolerance
 Parts = dict[str, torch.nn.Module]
+nhwc = lambda feats: [f.detach().numpy().transpose(0, 2, 3, 1) for f in feats]  # torch features as rdjax's
 
 
 def import_official(repo: Path, names: list[str]) -> dict[str, types.ModuleType]:
@@ -101,13 +101,10 @@ def build(mods: dict[str, types.ModuleType], arch: str, channels: int, seed: int
     if "utils.utils_train" in mods:
         parts["proj"] = mods["utils.utils_train"].MultiProjectionLayer(base=channels // 4)
     g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in (m for part in parts.values() for m in part.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-            c = m.num_features
-            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    for m in (m for part in parts.values() for m in part.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        c = m.num_features
+        m.weight.data, m.bias.data = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g) * 0.1
+        m.running_mean.data, m.running_var.data = torch.randn(c, generator=g) * 0.1, torch.rand(c, generator=g) + 0.5
     return parts
 
 
@@ -139,11 +136,7 @@ def nchw(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(((x - MEAN) / STD).transpose(0, 3, 1, 2)))
 
 
-def nhwc(feats: list[torch.Tensor]) -> list[np.ndarray]:
-    return [f.detach().numpy().transpose(0, 2, 3, 1) for f in feats]
-
-
-def official_loss(mods: dict, p: Parts, x: torch.Tensor, noised: torch.Tensor | None, perm: np.ndarray):
+def official_loss(mods: dict, p: Parts, x: torch.Tensor, noised: torch.Tensor | None, perm: np.ndarray) -> torch.Tensor:
     """The loss of the official loop bodies (RD4AD main.py; RD++ main.py, weight_proj at its default 0.2)."""
     inputs = p["encoder"](x)
     if noised is None:
@@ -266,7 +259,8 @@ def eval_rows(name: str, arch: str, mods: dict, parts: Parts, root: Path, size: 
     teacher, checkpoint, work = tmp / f"{name}_teacher.pth", tmp / f"{name}.pth", tmp / f"{name}_ported"
     torch.save(parts["encoder"].state_dict(), teacher)
     torch.save({k: parts[k].state_dict() for k in ("proj", "bn", "decoder") if k in parts}, checkpoint)
-    rdjax_cli("port", name, f"--arch={arch}", f"--teacher={teacher}", f"--src={checkpoint}", f"--out={work}")
+    files = [f"--teacher={teacher}", f"--src={checkpoint}", f"--out={work}", f"--image_size={size}"]
+    rdjax_cli("port", name, f"--arch={arch}", *files)
     config = [f"--config.{k}={v}" for k, v in (("dataset.root", root), ("dataset.category", CATEGORY))]
     config += [f"--config.{k}={v}" for k, v in (("dataset.data_dir", root / "_tfds"), ("model.name", name))]
     rdjax_cli("eval", f"--workdir={work}", "--config=synthetic", f"--config.image_size={size}", *config)
@@ -332,10 +326,8 @@ def main() -> int:
             rows += step_rows(name, args.arch, mods, parts, images)
             rows += eval_rows(name, args.arch, mods, parts, root, args.size, Path(tmp))
     w1, w2 = max(len(r[1]) for r in rows), max(len(r[2]) for r in rows)
-    print(
-        "\n".join(header(args))
-        + f"\n\nmodel  {'comparison':{w1}}  {'rdjax / official':{w2}}     error  tolerance  result"
-    )
+    title = f"model  {'comparison':{w1}}  {'rdjax / official':{w2}}     error  tolerance  result"
+    print("\n".join([*header(args), "", title]))
     for name, what, values, err, tol in rows:
         print(f"{name:5}  {what:{w1}}  {values:{w2}}  {err:8.1e}  {tol:9.0e}  {'PASS' if err <= tol else 'FAIL'}")
     return 0 if all(err <= tol for *_, err, tol in rows) else 1

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,13 +94,13 @@ def main() -> None:
         "--epochs", type=int, default=1, help="train img/s is the last epoch's (the first includes compiling the step)"
     )
     parser.add_argument("--feature_cache", default="auto", help="one or more modes, comma-separated: a row each")
-    parser.add_argument("--data", default="/tmp/rdjax_scale", help="where generated data and workdirs go")
+    parser.add_argument("--data", default="", help="where generated data and workdirs go (default: a new temp folder)")
     args = parser.parse_args()
     trains = [int(x) for x in args.train.split(",")]
     tests = [int(x) for x in args.test.split(",")]
     if len(tests) == 1:
         tests = tests * len(trains)
-    base = Path(args.data)
+    base = Path(args.data or tempfile.mkdtemp(prefix="rdjax_scale_"))
     print(
         f"{cpu_model()}, {os.cpu_count()} cores; {datetime.date.today()}; {args.arch} {args.size} px, "
         f"batch {args.batch}, eval batch {args.eval_batch}, {args.epochs} epoch(s) plus evaluation",

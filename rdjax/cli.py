@@ -9,6 +9,7 @@ written before it. `run(argv)` is the same command in-process (tests use it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -73,7 +74,7 @@ def define_run_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
 
-XLA_CACHE_MAX_BYTES = 2 * 2**30  # jax evicts the least recently used programs beyond this
+XLA_CACHE_MAX_BYTES = 2 * 2**30  # the oldest programs are deleted beyond this, at each start
 
 
 def default_compilation_cache() -> str:
@@ -87,19 +88,40 @@ def default_compilation_cache() -> str:
     return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rdjax" / "xla")
 
 
+def prune_cache(directory: Path, max_bytes: int) -> None:
+    """Delete the least recently used files until the folder holds at most ``max_bytes``.
+    Done once at start rather than by jax's own LRU mode, whose bookkeeping files race
+    when several processes (hosts, parallel runs) share one cache; a file another process
+    deleted first is simply skipped."""
+    entries = []
+    for path in directory.glob("*"):
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            entries.append((max(stat.st_atime, stat.st_mtime), stat.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries):
+        if total <= max_bytes:
+            break
+        with contextlib.suppress(OSError):
+            path.unlink()
+        total -= size
+
+
 def use_compilation_cache(directory: str) -> None:
-    """Keep compiled programs on disk, at most XLA_CACHE_MAX_BYTES (least recently used
-    evicted): a repeated run, and each category of category='all' after the first, skips
-    compiling the same steps again. Programs are keyed by their HLO, jax version and
-    devices, so a stale entry is never used."""
+    """Keep compiled programs on disk, at most XLA_CACHE_MAX_BYTES: a repeated run, and
+    each category of category='all' after the first, skips compiling the same steps
+    again. Programs are keyed by their HLO, jax version and devices, so a stale entry is
+    never used."""
     import jax
 
     if not directory:
         return
-    jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+    folder = Path(directory).expanduser()
+    if folder.is_dir():
+        prune_cache(folder, XLA_CACHE_MAX_BYTES)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_MAX_BYTES)
 
 
 def initialize_distributed(fv: flags.FlagValues) -> None:

@@ -213,3 +213,93 @@ def test_help_lists_the_commands_and_flags(capsys):
     assert rdjax_cli("--help").code == 0
     result = rdjax_cli("train", "--help")
     assert result.code == 0 and "--config" in result.stdout and "--workdir" in result.stdout
+
+
+def test_only_user_errors_become_one_line(root, tmp_path, monkeypatch):
+    """rdjax's own errors and file-system errors naming a path are one line; any other
+    exception (a bug in rdjax or a library) keeps its traceback."""
+    from rdjax import train
+
+    def boom(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(train, "run", boom)
+    with pytest.raises(ValueError, match="an internal bug"):
+        rdjax_cli("train", f"--workdir={tmp_path / 'w'}", *data_flags(root))
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "gone.png"))
+
+    monkeypatch.setattr(train, "run", missing)
+    error = rdjax_cli("train", f"--workdir={tmp_path / 'w'}", *data_flags(root)).error_line()
+    assert error == f"error: {tmp_path / 'gone.png'}: No such file or directory"
+
+    def nameless(*args, **kwargs):
+        raise OSError("a socket failed")
+
+    monkeypatch.setattr(train, "run", nameless)
+    with pytest.raises(OSError, match="a socket failed"):
+        rdjax_cli("train", f"--workdir={tmp_path / 'w'}", *data_flags(root))
+
+
+def test_a_config_files_own_exception_is_reported_as_such(tmp_path):
+    """An AttributeError or KeyError raised by the config file's code is the file's, not
+    an unknown key: the line names the file, its line and the exception."""
+    for kind in ("KeyError", "AttributeError"):
+        path = tmp_path / f"bad_{kind}.py"
+        path.write_text(f"def get_config():\n    raise {kind}('no such thing')\n")
+        error = rdjax_cli("train", f"--config={path}", f"--workdir={tmp_path / 'w'}").error_line()
+        assert f"{path}:2: the config file raised {kind}" in error and "no such thing" in error
+        assert "unknown config key" not in error
+
+
+def test_offline_refuses_every_download(synthetic_data, tmp_path, monkeypatch):
+    """RDJAX_OFFLINE=1 and config.offline: an ImageNet teacher missing from the cache is
+    a one-line error naming the file and where to place it, before any connection."""
+    monkeypatch.setenv("RDJAX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("RDJAX_WEIGHTS_BASE_URL", "http://192.0.2.1/")  # TEST-NET-1: would hang, not refuse
+    flags = [*data_flags(synthetic_data()), "--config.model.teacher_weights=imagenet"]
+    error = rdjax_cli("train", f"--workdir={tmp_path / 'a'}", *flags, "--config.offline=True").error_line()
+    assert "offline" in error and f"place it at {tmp_path / 'cache' / 'resnet18-f37072fd.pth'}" in error
+    monkeypatch.setenv("RDJAX_OFFLINE", "1")
+    error = rdjax_cli("port", "teacher", "--arch=resnet18", "--src=imagenet", f"--out={tmp_path / 't'}").error_line()
+    assert "offline" in error and "resnet18-f37072fd.pth" in error
+    assert not (tmp_path / "t").exists() and not (tmp_path / "cache").exists()
+
+
+def test_the_xla_cache_has_a_switch_a_place_and_a_bound(monkeypatch, tmp_path):
+    import jax
+
+    from rdjax import cli
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.delenv("RDJAX_XLA_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cli.default_compilation_cache() == str(tmp_path / "rdjax" / "xla")
+    monkeypatch.setenv("RDJAX_XLA_CACHE", "0")
+    assert cli.default_compilation_cache() == ""
+    monkeypatch.setenv("RDJAX_XLA_CACHE", str(tmp_path / "x"))
+    assert cli.default_compilation_cache() == str(tmp_path / "x")
+    cache = tmp_path / "x"
+    cache.mkdir()
+    for age, name in enumerate(("old", "middle", "new")):  # 4 KiB each, oldest first
+        (cache / name).write_bytes(bytes(4096))
+        os.utime(cache / name, (1_000_000 + age, 1_000_000 + age))
+    cli.prune_cache(cache, 8192)
+    assert sorted(p.name for p in cache.iterdir()) == ["middle", "new"]
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        cli.use_compilation_cache(str(cache))
+        assert jax.config.jax_compilation_cache_dir == str(cache)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_python_dash_m_rdjax_is_the_rdjax_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "rdjax", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: rdjax {train,eval,predict,export,port}")
+    out = subprocess.run([sys.executable, "-m", "rdjax", "nope"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith("error: unknown command 'nope'")

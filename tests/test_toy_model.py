@@ -105,14 +105,17 @@ def test_the_toy_satisfies_the_contract():
 
 
 def test_a_toy_model_trains_evaluates_and_predicts_through_the_cli(synthetic_data, tmp_path):
-    """One epoch of 16 images at batch 8 is two steps; the evaluation's image AUROC is
-    sklearn's on its own scores.csv; rdjax.load scores a test image as the toy's own
-    features through rdjax.maps do."""
+    """One epoch of 16 images at batch 8 is two steps (the second traced by
+    config.profile_steps); the evaluation's image AUROC is sklearn's on its own
+    scores.csv; rdjax.load scores a test image as the toy's own features through
+    rdjax.maps do."""
     _register()
     root, work = synthetic_data(), tmp_path / "toy"
-    flags = ["--config.model.name=toy", "--config.model.arch=tiny", "--config.batch_size=8", "--config.image_size=32"]
+    flags = ["--config.model.name=toy", "--config.model.arch=tiny", "--config.batch_size=8", "--config.image_size=32",
+             "--config.profile_steps=1"]  # fmt: skip
     result = rdjax_cli("train", f"--workdir={work}", *data_flags(root), *flags)
     assert result.code == 0, result.stderr[-3000:]
+    assert list((work / "profile").rglob("*.xplane.pb")), "config.profile_steps wrote no trace"
     metrics = json.loads((work / "metrics.json").read_text())
     assert metrics["model"] == "toy" and metrics["step"] == 2
     with open(work / "eval" / "epoch_0001" / "scores.csv") as f:

@@ -13,10 +13,6 @@ import pytest
 import rdjax
 from rdjax import webpage
 
-from conftest import ROOT
-
-SCREENSHOT = ROOT / "test-artifacts" / "report_html.png"
-
 
 @pytest.fixture(scope="module")
 def browser():
@@ -41,7 +37,7 @@ def _open(browser, path: Path):
     return page, problems
 
 
-def test_report_page_counts_what_python_counts(trained, browser):
+def test_report_page_counts_what_python_counts(trained, browser, tmp_path):
     config, work, _ = trained
     page, problems = _open(browser, work / "eval" / "epoch_0003" / "report.html")
     files = sorted((Path(config.dataset.root) / "disk" / "test").rglob("*.png"))
@@ -65,9 +61,9 @@ def test_report_page_counts_what_python_counts(trained, browser):
             assert int(page.locator(f"#{key}").text_content()) == int(mask.sum()), (t, key)
         assert page.locator(".card.fp").count() == int(want["fp"].sum())
     assert page.locator("svg polyline").count() == 2  # ROC and PRO curves
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
-    assert SCREENSHOT.stat().st_size > 10_000
+    screenshot = tmp_path / "report_html.png"  # kept where the test fails (pytest's tmp_path retention)
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 10_000
     assert problems == []
 
 
