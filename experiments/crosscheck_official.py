@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -118,7 +118,7 @@ def flat(parts: Parts, values: dict[str, torch.Tensor] | None = None) -> dict[st
     return out
 
 
-def port64(port: object, tree: dict[str, np.ndarray]) -> dict:
+def port64(port: Callable[[dict[str, np.ndarray]], dict], tree: dict[str, np.ndarray]) -> dict:
     """A float64 tree through the float32 port, as float32 high and low parts (about 48 bits)."""
     high = {k: v.astype(np.float32) for k, v in tree.items()}
     low = {k: (v - high[k]).astype(np.float32) for k, v in tree.items()}
@@ -194,14 +194,16 @@ def step_rows(name: str, arch: str, mods: dict, parts: Parts, images: np.ndarray
     ref = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(ref)}
     zero = [k for k in ref if k.startswith("['proj']") and k.endswith("['bias']")]  # biases before InstanceNorm
     rest = [k for k in ref if k not in zero]
-    values, grads = f"{float(value):.12f} / {want:.12f}", rel([ours[k] for k in rest], [ref[k] for k in rest])
+    values, grad_err = f"{float(value):.12f} / {want:.12f}", rel([ours[k] for k in rest], [ref[k] for k in rest])
     rows = [
         (name, "loss, float64 train step", values, abs(float(value) / want - 1), 1e-9),
-        (name, f"gradients of {len(rest)} parameters, float64", "", grads, 1e-9),
+        (name, f"gradients of {len(rest)} parameters, float64", "", grad_err, 1e-9),
         (name, "BN running statistics after the step, float64", "", rel(stats, want_stats), 1e-9),
     ]
     if zero:  # zero in exact arithmetic: measured against the largest gradient
-        err = max(float(np.max(np.abs(ours[k] - ref[k]))) for k in zero) / max(np.max(np.abs(v)) for v in ref.values())
+        err = max(float(np.max(np.abs(ours[k] - ref[k]))) for k in zero) / max(
+            float(np.max(np.abs(v))) for v in ref.values()
+        )
         rows.append((name, f"MPL conv bias gradients ({len(zero)}; exactly 0) / max gradient", "", err, 1e-12))
     return rows
 

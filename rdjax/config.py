@@ -48,10 +48,12 @@ LEGACY_EVALUATORS = "evaluators"  # 0.2.0's tuple of evaluator names, before con
 
 
 def evals_from_names(names: Any) -> dict:
-    """0.2.0's config.evaluators (a tuple of names, run in order) as config.evals."""
-    evals = {name: {"type": name} for name in names}
-    if "report" in evals and "calibration" in evals:
-        evals["report"]["threshold_from"] = "calibration"
+    """0.2.0's config.evaluators (a tuple of names, run in order) as config.evals, with
+    today's default settings, which are 0.2.0's behaviour."""
+    shipped = defaults().evals.to_dict()
+    evals = {name: shipped.get(name, {"type": name}) for name in names}
+    if "report" in evals and "calibration" not in evals:
+        evals["report"].pop("threshold_from", None)
     return evals
 
 

@@ -10,6 +10,7 @@ calibrated threshold (true or false positive or negative).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ def write_report(
     from sklearn.metrics import roc_auc_score
 
     worst = max(int(np.sum(cases.labels == 0)), int(np.sum(cases.labels != 0)), 4)
-    fig = plt.figure(figsize=(16, 12))  # fixed margins: a constrained layout triples the time to save
+    fig = plt.figure(figsize=(16, 12))  # fixed margins: a constrained layout saves much slower
     fig.subplots_adjust(left=0.04, right=0.99, top=0.96, bottom=0.02, wspace=0.3, hspace=0.35)
     grid = fig.add_gridspec(3, 2 * worst)
     third = (2 * worst) // 3
@@ -66,7 +67,15 @@ def write_report(
     ax.set(title="image scores", xlabel="score", ylabel="images")
     ax.legend()
 
-    threshold = None if calibration is None else calibration["image_threshold"]
+    _draw_cases(fig, grid, cases, None if calibration is None else calibration["image_threshold"])
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _draw_cases(fig: Any, grid: Any, cases: Cases, threshold: float | None) -> None:
+    """Rows 2 and 3: the good and the defective hardest cases, each image beside its map."""
     rows = [np.flatnonzero(cases.labels == 0), np.flatnonzero(cases.labels != 0)]
     for r, chosen in enumerate(rows, start=1):
         for j, i in enumerate(chosen):
@@ -81,7 +90,3 @@ def write_report(
             ax.imshow(cases.maps[i], cmap="jet", vmin=cases.lo, vmax=cases.hi)
             ax.set_title(f"score {cases.scores[i]:.4f}", fontsize=8)
             ax.axis("off")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    return path

@@ -62,6 +62,17 @@ def visa_root(source, tmp_path_factory):
     return root
 
 
+def counts(source) -> tuple[int, int, int]:
+    """(training, good test, defective test) images of the generated source category: what
+    every layout built from it must hold."""
+    disk = source / "disk"
+    return (
+        len(list((disk / "train/good").glob("*.png"))),
+        len(list((disk / "test/good").glob("*.png"))),
+        len(list((disk / "test").glob("[!g]*/*.png"))),
+    )
+
+
 def dataset_config(tmp_path, **dataset):
     config = small_config(tmp_path)
     for k, v in dataset.items():
@@ -83,7 +94,8 @@ def test_visa_split_and_masks(visa_root, source, tmp_path):
     )
     assert registry.build_dataset(dict_with(config.dataset, category="all")).categories() == ["candle", "pcb1"]
     train_split, test = registry.build_dataset(config.dataset).load("pcb1", 64)
-    assert len(train_split) == 8 and len(test) == 3 + 6
+    n_train, n_good, n_bad = counts(source)
+    assert len(train_split) == n_train and len(test) == n_good + n_bad
     assert test.has_masks and set(test.defect_types) == {"good", "anomaly"}
     # 0/1 masks are binarized before the resize: they match the 0/255 originals.
     want = np.asarray(Image.open(source / "disk/ground_truth/hole/000_mask.png").resize((64, 64), Image.BILINEAR)) > 127
@@ -100,7 +112,7 @@ def test_visa_unknown_category(visa_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_visa_all_categories_through_the_cli(visa_root, tmp_path):
+def test_visa_all_categories_through_the_cli(visa_root, source, tmp_path):
     result = rdjax_cli(
         "train",
         "--config=visa",
@@ -119,7 +131,7 @@ def test_visa_all_categories_through_the_cli(visa_root, tmp_path):
     assert "| candle |" in table and "| pcb1 |" in table and "**mean**" in table
     assert table in result.stdout
     metrics = json.loads((tmp_path / "w" / "pcb1" / "metrics.json").read_text())
-    assert metrics["num_images"] == 9
+    assert metrics["num_images"] == sum(counts(source)[1:])
     _, test = registry.build_dataset(
         dict_with(small_config(tmp_path).dataset, name="visa", root=str(visa_root), data_dir=str(tmp_path / "tfds"))
     ).load("pcb1", 64)
@@ -157,7 +169,8 @@ def test_folder_dataset(source, tmp_path, with_masks):
         mask_dir=str(masks) if with_masks else "",
     )
     result = train.train_and_evaluate(config, tmp_path / "w")
-    assert result["num_images"] == 3 + 6 and result["num_defective"] == 6
+    _, n_good, n_bad = counts(source)
+    assert result["num_images"] == n_good + n_bad and result["num_defective"] == n_bad
     _, test = registry.build_dataset(config.dataset).load("parts", 64)
     maps, scores = reevaluate(tmp_path / "w", test)
     assert result["image_auroc"] == pytest.approx(roc_auc_score(test.labels, scores), abs=1e-6)

@@ -2,8 +2,9 @@
 function (sharded forward, global BatchNorm statistics, gradient all-reduce).
 
 Float32 gradients cannot show it: at a random init the gradients of this loss are
-ill-conditioned (moving the teacher features by 7e-7 relative moves some decoder
-gradients by 6%, in the official PyTorch code too), so float32 summation order, which
+ill-conditioned (a change of the teacher features at float32 rounding level moves some
+decoder gradients by percents, in the official PyTorch code too), so float32 summation
+order, which
 differs between CPUs and between sharded and unsharded programs, shows up as percent-
 level gradient differences. In float64 the same amplification of rounding (2^-53
 instead of 2^-24) stays below 1e-9 relative on any CPU, so gradients and parameters are

@@ -24,11 +24,10 @@ def test_host_memory_does_not_grow_with_the_number_of_images(synthetic_data, tmp
     the 112 extra training images would add 112 * 48 KB = 5.4 MB, their resnet18
     features 112 * 459 KB = 51 MB, the extra test images and maps 39 * 112 KB = 4.4 MB.
     What may grow is per-image bookkeeping (the file index, names, labels, scores, the
-    epoch's order: about 7 KB per image) and noise; measured in fresh processes, the whole
-    growth is 0.66 MB. (Measured inside a pytest worker after other tests it once read
-    4.2 MB: their objects and garbage joined the peak, hence the fresh processes.) So the
-    bound is 3 MB: above what bookkeeping and noise reach, below the smallest growth that
-    holding any per-image array would cause."""
+    epoch's order: a few KB per image, under 1 MB for 112 images) and allocator noise. The
+    peaks are taken in fresh processes: inside a pytest worker, other tests' objects and
+    garbage would join the peak. So the bound is 3 MB: above what bookkeeping and noise
+    reach, below the smallest growth that holding any per-image array would cause."""
     small = synthetic_data(size=128, num_train=16, num_test_good=4, num_per_defect=3)
     large = synthetic_data(size=128, num_train=128, num_test_good=16, num_per_defect=12)
     grow = _peak(large, tmp_path / "large") - _peak(small, tmp_path / "small")

@@ -42,6 +42,7 @@ from conftest import (
     randomize_batchnorm,
     rel_err,
     restore_state,
+    scores_csv_auroc_range,
     small_config,
     subprocess_run,
 )
@@ -286,7 +287,9 @@ def test_rdpp_trains_predicts_exports_and_ports(synthetic_data, tmp_path):
         bad.feature_cache = "memory"
         train.train_and_evaluate(bad, tmp_path / "bad")
     result = train.train_and_evaluate(config, tmp_path / "w")
-    assert 0 <= result["image_auroc"] <= 1 and "calibration" in result and result["epoch"] == 2
+    assert "calibration" in result and result["epoch"] == 2
+    lo, hi = scores_csv_auroc_range(tmp_path / "w/eval/epoch_0002/scores.csv")
+    assert lo <= result["image_auroc"] <= hi and hi - lo < 0.5
     trained, _ = restore_state(tmp_path / "w", name="rdpp")
     initial = RDPP("resnet18").init(jax.random.key(config.seed), 64)[1]["params"]
     for part in ("proj", "ocbe", "decoder"):  # both optimizers stepped
@@ -311,7 +314,7 @@ def test_rdpp_trains_predicts_exports_and_ports(synthetic_data, tmp_path):
     maps, scores = exported.call(images)
     pred = model.predict(list(images))
     assert rel_err(np.asarray(maps)[0], pred.maps[0]) < 1e-5
-    import onnxruntime  # the MPL's instance norms and leaky ReLUs convert too: 1e-4, the ONNX bound
+    import onnxruntime  # the MPL's instance norms and leaky ReLUs convert too: 1e-4, the export bound (docs/export.md)
 
     session = onnxruntime.InferenceSession(export.export_onnx(model), providers=["CPUExecutionProvider"])
     assert rel_err(session.run(["maps"], {"images": images})[0][1], pred.maps[1]) < 1e-4
@@ -327,7 +330,9 @@ def test_rdpp_trains_predicts_exports_and_ports(synthetic_data, tmp_path):
         small_config(root, **{"model.name": "rdpp", "model.teacher_weights": str(tmp_path / "ported" / "teacher")}),
         tmp_path / "ported",
     )
-    assert step == 0 and 0 <= evaluated["image_auroc"] <= 1
+    assert step == 0
+    lo, hi = scores_csv_auroc_range(tmp_path / "ported/eval/epoch_0000/scores.csv")
+    assert lo <= evaluated["image_auroc"] <= hi and hi - lo < 0.5
 
 
 def test_one_steps_loss_terms_match_the_official_code_in_float32():

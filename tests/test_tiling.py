@@ -12,7 +12,7 @@ import pytest
 import rdjax
 from rdjax import tiling, train
 from rdjax.data import synthetic
-from rdjax.errors import DataError
+from rdjax.errors import ConfigError, DataError
 
 from conftest import small_config
 
@@ -49,8 +49,10 @@ def test_modes_reject_what_they_cannot_do():
     assert tiling.scale_for("tile", (2048, 2048), 256, 512) == 0.5
     with pytest.raises(DataError, match="smaller than one tile"):
         tiling.scale_for("tile", (100, 300), 256, None)
-    with pytest.raises(DataError, match="unknown resize mode"):
+    with pytest.raises(ConfigError, match="resize='crop' is not supported"):
         tiling.scale_for("crop", (100, 300), 256, None)
+    with pytest.raises(ConfigError, match="resize='squeeze' has no windows"):
+        tiling.scale_for("squeeze", (100, 300), 256, None)
 
 
 def test_fit_on_a_square_input_is_the_squeeze(trained):

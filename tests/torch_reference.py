@@ -1,8 +1,9 @@
 """A PyTorch RD4AD student assembled from torchvision's own blocks, as an independent
 reference for rdjax's OCBE and decoder.
 
-It follows the structure documented in shared design notes (BN_layer and de_resnet of the
-official code): torchvision Bottleneck/BasicBlock forwards, with the decoder's stride-2
+It follows the official code's structure (its BN_layer in resnet.py and de_resnet.py,
+crosschecked by experiments/crosscheck_official.py): torchvision Bottleneck/BasicBlock
+forwards, with the decoder's stride-2
 convolutions swapped for 2x2 stride-2 ConvTranspose2d. State-dict keys are renamed to the
 official ones ('downsample' -> 'upsample' in the decoder) so the real port is exercised.
 """
