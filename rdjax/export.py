@@ -20,7 +20,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +28,17 @@ import numpy as np
 
 from rdjax.errors import ConfigError, WorkdirError
 
+if TYPE_CHECKING:
+    from rdjax.inference import Model as Predictor
+
 PLATFORMS = ("cpu", "cuda", "tpu")
 FORMATS = ("jax", "onnx")
 WEIGHTS_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def inference_fn(model: Any, weights_dtype: str = "float32") -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+def inference_fn(
+    model: Predictor, weights_dtype: str = "float32"
+) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
     """uint8 images -> (maps, scores), the weights closed over as constants.
 
     With ``weights_dtype`` float16 or bfloat16 the constants are stored in that type and
@@ -57,7 +62,7 @@ def inference_fn(model: Any, weights_dtype: str = "float32") -> Callable[[jax.Ar
 
 
 def export_jax(
-    model: Any, weights_dtype: str = "float32", platforms: tuple[str, ...] = PLATFORMS
+    model: Predictor, weights_dtype: str = "float32", platforms: tuple[str, ...] = PLATFORMS
 ) -> jax.export.Exported:
     """The inference function for every platform in ``platforms``, batch size symbolic.
     On the CPU it keeps rdjax's CPU lowering (chosen at run time by platform)."""
@@ -66,7 +71,7 @@ def export_jax(
     return jax.export.export(jax.jit(inference_fn(model, weights_dtype)), platforms=platforms)(spec)
 
 
-def export_onnx(model: Any, weights_dtype: str = "float32") -> bytes:
+def export_onnx(model: Predictor, weights_dtype: str = "float32") -> bytes:
     """The inference function as an ONNX model (opset 23) with a dynamic batch axis,
     input 'images', outputs 'maps' and 'scores'.
 
@@ -115,7 +120,7 @@ def _quiet(*loggers: str) -> Iterator[None]:
             log.setLevel(level)
 
 
-def contract(model: Any, fmt: str, weights_dtype: str) -> dict:
+def contract(model: Predictor, fmt: str, weights_dtype: str) -> dict:
     """What a caller needs besides the artifact: the input contract, the outputs and the
     decision rule with its thresholds (FILE.json)."""
     cal = model.calibration

@@ -20,6 +20,7 @@ import numpy as np
 
 from rdjax import modes
 from rdjax.features import Features, normalize
+from rdjax.models import Model
 from rdjax.sharding import map_local
 
 Variables = dict[str, Any]
@@ -94,7 +95,7 @@ def _separable(rows: jax.Array, x: jax.Array, cols: jax.Array) -> jax.Array:
 
 
 @functools.cache
-def make_eval_step(model: Any, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True):
+def make_eval_step(model: Model, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True):
     """A jitted (teacher_vars, student_vars, uint8 images) -> (maps, scores): the full path.
 
     Cached, so that every evaluation of a run reuses one compilation."""
@@ -161,7 +162,7 @@ def stats_step(
 
 
 @functools.cache
-def make_pass_step(model: Any, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True):
+def make_pass_step(model: Model, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True):
     """The eval step of an evaluation pass over squeezed images: the maps computed from
     the images, then `stats_step`, in one program."""
     eval_step = make_eval_step(model, mode, sigma, imagenet_normalize)
@@ -195,7 +196,7 @@ def local_runner(
     return lambda windows: map_local(lambda batch: eval_step(*local, batch)[0], windows, batch_size)
 
 
-def eval_step_for(model: Any, config: Any, full_pass: bool = False) -> Callable:
+def eval_step_for(model: Model, config: Any, full_pass: bool = False) -> Callable:
     """The eval step a config asks for (map mode, blur, input normalization); with
     ``full_pass`` the pass step that adds the binned pixel statistics."""
     make = make_pass_step if full_pass else make_eval_step

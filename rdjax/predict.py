@@ -20,12 +20,15 @@ import glob
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rdjax.data.preprocess import IMAGE_EXTENSIONS
 from rdjax.errors import DataError, WorkdirError
+
+if TYPE_CHECKING:
+    from rdjax.inference import Model as Predictor
 
 
 def find_inputs(pattern: str) -> list[Path]:
@@ -59,7 +62,7 @@ def _decode(files: list[Path], bar: Any) -> tuple[list[Path], list[np.ndarray]]:
     return kept, arrays
 
 
-def _colour_range(model: Any, maps: list[np.ndarray]) -> tuple[float, float]:
+def _colour_range(model: Predictor, maps: list[np.ndarray]) -> tuple[float, float]:
     """One colour scale for the whole run: the calibration's range if known, else the
     first batch's."""
     cal = model.calibration

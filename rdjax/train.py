@@ -462,6 +462,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
                 writer.evaluation(result)
         if not result:  # already trained: evaluate what is there
             result = evaluate_student(run, state.student_vars, start_epoch, int(state.step))
+            writer.evaluation(result)
         finished = True
     finally:  # also on an error: the checkpoints are flushed, and a disk cache is kept for the resume
         profiler.stop(state)

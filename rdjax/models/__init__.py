@@ -30,6 +30,10 @@ class Model(Protocol):
     # The teacher's ImageNet weights file under weights.DOWNLOAD_URL, or None.
     imagenet_file: str | None
 
+    def __hash__(self) -> int:
+        """Compiled steps are cached per model (functools.cache): equal models, one program."""
+        ...
+
     def check_image_size(self, image_size: int) -> None:
         """Raise ConfigError where the model cannot take square images of this size."""
 

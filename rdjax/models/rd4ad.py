@@ -129,7 +129,7 @@ def _ignore_decoder(key: str) -> bool:
 
 
 def official_parts(
-    model: Any, state_dict: weights.StateDict, student_shapes: Variables, source: str, name: str
+    model: RD4AD, state_dict: weights.StateDict, student_shapes: Variables, source: str, name: str
 ) -> Variables:
     """The official 'bn' (OCBE) and 'decoder' entries -> {'params', 'batch_stats'} of
     {'ocbe', 'decoder'} (strict; RD4AD's and RD++'s checkpoints share them)."""
