@@ -71,19 +71,11 @@ def test_hostile_file_names_are_text(browser, tmp_path):
     hostile = ["<img src=x onerror=alert(1)>.png", "</script><script>alert(2)</script>.png", "a\"b'c&d.png"]
     images = lambda rows: np.zeros((len(rows), 32, 32, 3), np.uint8)  # noqa: E731
     result = {k: 0.5 for k in ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max")}
-    path = webpage.write_page(
-        tmp_path / "r.html",
-        "<b>category</b>",
-        result,
-        np.array([0, 1, 1]),
-        np.array([0.1, 0.2, 0.3]),
-        hostile,
-        images,
-        0.15,
-        None,
-        None,
-        {1: hostile[1]},
-    )
+    page = webpage.Page(
+        "<b>category</b>", np.array([0.1, 0.2, 0.3]), hostile, images, labels=np.array([0, 1, 1]), metrics=result,
+        threshold=0.15, pictures={1: hostile[1]},
+    )  # fmt: skip
+    path = webpage.write_page(tmp_path / "r.html", page)
     page, problems = _open(browser, path)
     assert problems == []  # no alert ran, no script broke
     texts = page.locator(".card").all_text_contents()
@@ -119,19 +111,11 @@ def test_slider_starts_at_a_threshold_beyond_every_score(browser, tmp_path):
     """A predict page of good parts only: the calibrated threshold lies above every score,
     and the page must still start there (a slider's value is clamped into its range)."""
     images = lambda rows: np.zeros((len(rows), 16, 16, 3), np.uint8)  # noqa: E731
-    path = webpage.write_page(
-        tmp_path / "r.html",
-        "good parts",
-        None,
-        None,
-        np.array([0.1, 0.2, 0.3]),
-        ["a.png", "b.png", "c#1.png"],
-        images,
-        0.5,
-        None,
-        None,
-        {2: "overlays/c#1.png"},
-    )
+    page = webpage.Page(
+        "good parts", np.array([0.1, 0.2, 0.3]), ["a.png", "b.png", "c#1.png"], images, threshold=0.5,
+        pictures={2: "overlays/c#1.png"},
+    )  # fmt: skip
+    path = webpage.write_page(tmp_path / "r.html", page)
     page, problems = _open(browser, path)
     assert problems == []
     assert int(page.locator("#ng").text_content()) == 0 and int(page.locator("#ok").text_content()) == 3
