@@ -139,7 +139,8 @@ def subprocess_run(*argv: str, devices: int | None = None, cwd: Path = ROOT, **k
 def cpu_devices_env(devices: int) -> dict:
     """The environment for a subprocess that sees ``devices`` CPU devices."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # Appended to the caller's XLA_FLAGS (e.g. --xla_cpu_max_isa=AVX2, docs/testing.md).
+    env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
@@ -281,3 +282,32 @@ def scores_csv_auroc_range(path: Path) -> tuple[float, float]:
     close = np.abs(pos - neg) <= 1e-6 + 1e-12
     sure = (pos > neg) & ~close
     return float(np.mean(sure)), float(np.mean(sure | close))
+
+
+# A recomputation of maps by another program (another batch size, the predict path)
+# differs from the evaluation's only by float32 summation order: bounded by 1e-4 of the
+# largest map value, the whole-network float32 bound of docs/exactness.md, on any CPU.
+RECOMPUTED = 1e-4
+
+
+def auroc_bounds(labels, scores, tol: float) -> tuple[float, float]:
+    """The AUROCs that scores within ``tol`` (absolute) of ``scores`` can give: a pair
+    whose scores lie within 2 * tol may be ordered either way. Exact at tol=0 (pair
+    counting, ties one half); O((P + N) log N), so it serves pixels too."""
+    labels = np.asarray(labels).ravel() != 0
+    scores = np.asarray(scores, np.float64).ravel()
+    pos, neg = scores[labels], np.sort(scores[~labels])
+    pairs = len(pos) * len(neg)
+    below = np.searchsorted(neg, pos - 2 * tol, side="left").sum()  # surely ordered right
+    within = np.searchsorted(neg, pos + 2 * tol, side="right").sum() - below
+    if tol == 0:
+        return (below + within / 2) / pairs, (below + within / 2) / pairs
+    return below / pairs, (below + within) / pairs
+
+
+def assert_auroc_within(value: float, labels, scores, tol: float | None = None) -> None:
+    """``value`` is an AUROC that scores within ``tol`` of ``scores`` allow (default:
+    RECOMPUTED of the largest score), plus 1e-12 for the division."""
+    tol = RECOMPUTED * float(np.max(np.abs(scores))) if tol is None else tol
+    lo, hi = auroc_bounds(labels, scores, tol)
+    assert lo - 1e-12 <= value <= hi + 1e-12, (value, lo, hi)

@@ -8,7 +8,7 @@ from sklearn import metrics as skm
 from rdjax import maps as maps_lib
 from rdjax import metrics
 
-from conftest import pair_auroc
+from conftest import auroc_bounds, pair_auroc
 
 
 def brute_force_aupro(maps, masks, limit=0.3):
@@ -201,3 +201,21 @@ def test_binned_auroc_hand_computed():
     maps = np.array([[[0.1, 0.3, 0.3]]], np.float32)
     masks = np.array([[[False, True, False]]])
     assert binned(maps, masks).auroc() == pytest.approx(0.75, abs=1e-12)
+
+
+def test_the_auroc_bounds_the_tests_use():
+    """conftest.auroc_bounds: at tol 0 it is pair counting; with a tolerance its range
+    holds the AUROC of every perturbation of the scores within it, and nothing wider
+    than the pairs it leaves open."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 60)
+    scores = (labels * 0.3 + rng.random(60)).round(2)  # many ties
+    lo, hi = auroc_bounds(labels, scores, 0.0)
+    assert lo == hi == pytest.approx(pair_auroc(labels, scores), abs=1e-12)
+    tol = 0.004
+    lo, hi = auroc_bounds(labels, scores, tol)
+    for seed in range(20):
+        moved = scores + np.random.default_rng(seed).uniform(-tol, tol, 60)
+        assert lo - 1e-12 <= pair_auroc(labels, moved) <= hi + 1e-12
+    pos, neg = scores[labels == 1][:, None], scores[labels == 0][None, :]
+    assert hi - lo == pytest.approx(np.mean(np.abs(pos - neg) <= 2 * tol), abs=1e-12)
