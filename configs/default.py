@@ -74,14 +74,20 @@ def get_config() -> ml_collections.ConfigDict:
     # >0: a jax.profiler trace of that many training steps, from the run's second step,
     # into workdir/profile (TensorBoard's profile plugin or Perfetto read it).
     config.profile_steps = 0
-    # What runs on each evaluation pass, in order (big_vision's shape): a name -> its
-    # 'type' (a module in rdjax/evaluators/), optional 'every' (epochs; default
-    # eval_every) and its own settings (docs/config.md).
+    # What runs on each evaluation pass (big_vision's shape): a name -> its 'type' (a
+    # module in rdjax/evaluators/), 'every' (epochs; 0 = eval_every) and its own settings
+    # (docs/config.md). An evaluator runs after those its settings name.
     config.evals = ml_collections.ConfigDict(
         {
-            "anomaly": {"type": "anomaly"},
-            "calibration": {"type": "calibration"},
-            "report": {"type": "report", "threshold_from": "calibration", "hardest": 4},
+            "anomaly": {"type": "anomaly", "every": 0},
+            "calibration": {"type": "calibration", "every": 0},
+            "report": {
+                "type": "report",
+                "every": 0,
+                "hardest": 4,
+                "metrics_from": "anomaly",
+                "threshold_from": "calibration",
+            },
         }
     )
 

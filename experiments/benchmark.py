@@ -25,6 +25,7 @@ import numpy as np
 
 from rdjax import config as config_lib
 from rdjax import maps, sharding
+from rdjax import state as state_lib
 from rdjax import steps as steps_lib
 from rdjax.features import normalize
 from rdjax.registry import MODELS
@@ -60,7 +61,7 @@ def measure(arch: str, size: int, batch: int, steps: int, dtype: str, name: str 
     x = put(images)
 
     feats = jax.jit(lambda tv, im: model.teacher_features(tv, normalize(im)))(teacher_vars, x)
-    state = jax.device_put(steps_lib.create_train_state(student_vars, tx), sharding.replicated(mesh))
+    state = jax.device_put(state_lib.create_train_state(student_vars, tx), sharding.replicated(mesh))
     step = steps_lib.make_train_step(model, tx, mesh)
     holder = {"state": state}
 

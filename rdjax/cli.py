@@ -114,7 +114,8 @@ def use_compilation_cache(directory: str) -> None:
     never used."""
     import jax
 
-    if not directory:
+    if not directory:  # jax itself reads JAX_COMPILATION_CACHE_DIR: switch it off explicitly
+        jax.config.update("jax_enable_compilation_cache", False)
         return
     folder = Path(directory).expanduser()
     if folder.is_dir():
@@ -151,11 +152,10 @@ def run_training(fv: flags.FlagValues, mode: str) -> None:
     if len(results) > 1 or fv.config.dataset.category == "all":
         print((workdir / "results.md").read_text(), end="")
         return
+    from rdjax.metrics import headline
+
     ((category, r),) = results.items()
-    print(
-        f"{category}: image AUROC {r['image_auroc']:.4f}  pixel AUROC {r['pixel_auroc']:.4f}  "
-        f"AUPRO {r['aupro']:.4f}  (epoch {r['epoch']}; {workdir / 'results.md'})"
-    )
+    print(f"{category}: {headline(r)}  (epoch {r['epoch']}; {workdir / 'results.md'})")
 
 
 # ----------------------------------------------------------------------------- predict / export / port
@@ -282,7 +282,9 @@ def _normalize_args(args: list[str]) -> list[str]:
 
 def _config_file_frame(error: BaseException, argv: list[str]) -> traceback.FrameSummary | None:
     """The innermost frame of ``error`` inside the --config file, if it was raised there."""
-    files = {str(Path(a.split("=", 1)[1].split(":")[0]).resolve()) for a in argv if a.startswith("--config=")}
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    given += [a for previous, a in zip(argv, argv[1:]) if previous == "--config"]
+    files = {str(Path(value.split(":")[0]).resolve()) for value in given}
     frames = [f for f in traceback.extract_tb(error.__traceback__) if str(Path(f.filename).resolve()) in files]
     return frames[-1] if frames else None
 

@@ -111,6 +111,8 @@ def check(config: Any, device_count: int) -> None:
             f"config.rdpp.proj_lr={config.rdpp.proj_lr} > 0"
         )
     modes.parse(modes.MapMode, config.map_mode, "config.map_mode")
+    if LEGACY_EVALUATORS in config:
+        raise ConfigError("config.evaluators was replaced by config.evals in rdjax 0.3 (docs/config.md)")
     for name, setting in config.evals.items():
-        if not hasattr(setting, "get") or ("every" in setting and setting["every"] < 1):
-            raise ConfigError(f"config.evals.{name} must be a dict with 'type' and, if given, 'every' >= 1")
+        if not hasattr(setting, "get") or setting.get("every", 0) < 0:
+            raise ConfigError(f"config.evals.{name} must be a dict with 'type' and, if given, 'every' >= 0")

@@ -20,9 +20,8 @@ from rdjax import maps as maps_lib
 from rdjax import metrics
 from rdjax.data.pipeline import load_batches, prefetch
 from rdjax.data.preprocess import Split
+from rdjax.pytrees import Variables
 from rdjax.sharding import gather, global_batches, local_rows, local_share
-
-Variables = dict[str, Any]
 
 
 @dataclasses.dataclass
@@ -99,18 +98,21 @@ def run_pass(
     local = [local_share(rows) for rows, _ in batches]
     local_valid = [local_share(np.arange(batch_size) < valid) for _, valid in batches]
 
-    def prepare(item: tuple[dict, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, tuple]:
+    def prepare(item: tuple[dict, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, tuple, Any]:
+        """Host batch -> (host masks, valid rows, the step's device inputs, device masks)."""
         batch, rows, valid = item
         weights, regions = zip(*(metrics.region_weights(m) for m in batch["mask"]))
         inputs = (batch["image"],) if tiler is None else tiler([split.native_image(r) for r in rows])
-        host = (*inputs, batch["mask"], np.stack(weights).astype(np.float32), np.asarray(regions, np.int32), valid)
-        return batch["mask"], valid, put(host)
+        device = put(
+            (*inputs, batch["mask"], np.stack(weights).astype(np.float32), np.asarray(regions, np.int32), valid)
+        )
+        return batch["mask"], valid, device, device[len(inputs)]
 
     kept = _Accumulator()
     loaded = zip(load_batches(split, local, kind, with_masks=True), local, local_valid)
     bar = tqdm.tqdm(total=len(split), desc=f"evaluating {kind}", unit="img", leave=False,
                     disable=None if jax.process_index() == 0 else True)  # fmt: skip
-    for (_, valid_count), (host_masks, host_valid, device) in zip(batches, prefetch(loaded, prepare)):
+    for (_, valid_count), (host_masks, host_valid, device, device_masks) in zip(batches, prefetch(loaded, prepare)):
         maps, batch_scores, batch_sums, stats = pass_step(teacher_vars, student_vars, *device)
         kept.add_stats(stats)
         kept.scores.append(gather(batch_scores)[:valid_count])
@@ -120,7 +122,7 @@ def run_pass(
         kept.pro_images.append(gather(put(np.array(per_image, np.float32)))[:valid_count])
         if exact:
             kept.maps.append(gather(maps)[:valid_count])
-            kept.masks.append(gather(put(host_masks))[:valid_count])
+            kept.masks.append(gather(device_masks)[:valid_count])
         bar.update(valid_count)
     bar.close()
     return kept.result(exact)

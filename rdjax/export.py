@@ -173,3 +173,7 @@ def export_workdir(workdir: str, out: Path, fmt: str = "jax", weights_dtype: str
     write_bytes(out, bytes(data))
     write_json(out.with_name(out.name + ".json"), contract(model, fmt, weights_dtype))
     print(f"wrote {out} ({len(data) / 2**20:.1f} MiB, {fmt}, {weights_dtype} weights) and {out.name}.json")
+
+
+if __name__ == "__main__":  # 0.2.0's spelling: say the one that works, import nothing back
+    raise SystemExit("error: `python -m rdjax.export` is gone; use `rdjax export` or `python -m rdjax export`")

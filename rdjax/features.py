@@ -34,9 +34,10 @@ import numpy as np
 from rdjax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from rdjax.errors import ConfigError, WorkdirError
 from rdjax.models import Model
+from rdjax.modes import FeatureCache
+from rdjax.pytrees import Features
 from rdjax.workdir import write_text
 
-Features = tuple[jax.Array, ...]
 AUTO_MEMORY_MAX_BYTES = 2**30
 
 
@@ -121,22 +122,22 @@ def choose_mode(requested: str, need: int, directory: Path) -> tuple[str, str]:
     figures = (
         f"features {need / 2**30:.2f} GiB, available memory {memory / 2**30:.1f} GiB, free disk {disk / 2**30:.1f} GiB"
     )
-    if requested == "memory" and need > memory:
+    if requested == FeatureCache.MEMORY and need > memory:
         raise ConfigError(f"config.feature_cache='memory' does not fit ({figures}); use 'disk', 'off' or 'auto'")
-    if requested == "disk" and need > disk:
+    if requested == FeatureCache.DISK and need > disk:
         raise ConfigError(
             f"config.feature_cache='disk' does not fit in {directory} ({figures}); "
             f"set config.feature_cache_dir, or use 'off'"
         )
-    if requested != "auto":
+    if requested != FeatureCache.AUTO:
         return requested, figures
     if need <= min(AUTO_MEMORY_MAX_BYTES, memory // 2):
-        return "memory", figures
+        return FeatureCache.MEMORY.value, figures
     if need <= disk * 0.8:
-        return "disk", figures
+        return FeatureCache.DISK.value, figures
     if need <= memory // 2:
-        return "memory", figures
-    return "off", figures
+        return FeatureCache.MEMORY.value, figures
+    return FeatureCache.OFF.value, figures
 
 
 # ----------------------------------------------------------------------------- stores

@@ -8,7 +8,6 @@ needed, on any device, and no optimizer is built.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -189,7 +188,7 @@ def load(workdir: str | os.PathLike, step: int | None = None, dtype: str | None 
         workdir, model.abstract_variables()[1], sharding.replicated(mesh), step
     )
     cal_path = workdir / workdir_lib.CALIBRATION
-    calibration = json.loads(cal_path.read_text()) if cal_path.is_file() else None
+    calibration = workdir_lib.read_json(cal_path) if cal_path.is_file() else None
     return Model(
         config=config,
         workdir=workdir,

@@ -21,9 +21,8 @@ import numpy as np
 from rdjax import modes
 from rdjax.features import Features, normalize
 from rdjax.models import Model
+from rdjax.pytrees import Variables
 from rdjax.sharding import map_local
-
-Variables = dict[str, Any]
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -34,6 +34,15 @@ METRIC_NAMES = {
     "image_f1_max": "image F1-max",
     "image_auroc_sum": "image AUROC (sum of map)",
 }
+# The metrics an evaluation's table shows (results.md, report.html).
+TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max")
+# The three the paper reports, which progress lines print.
+PAPER_KEYS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def headline(result: dict) -> str:
+    """'image AUROC 0.9876  pixel AUROC 0.9543  AUPRO 0.9012' for a log line."""
+    return "  ".join(f"{METRIC_NAMES[k]} {result[k]:.4f}" for k in PAPER_KEYS)
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -8,29 +8,26 @@ from typing import Any
 
 import numpy as np
 
-from rdjax.metrics import METRIC_NAMES
+from rdjax.metrics import METRIC_NAMES, PAPER_KEYS, TABLE_KEYS
 from rdjax.workdir import atomic_path
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
-
-
-RESULT_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max")
 
 
 def results_markdown(result: dict) -> str:
     lines = [
         f"# {result.get('category', '')} (epoch {result.get('epoch')})",
         "",
-        "| " + " | ".join(METRIC_NAMES[k] for k in RESULT_KEYS) + " |",
-        "|---" * len(RESULT_KEYS) + "|",
-        "| " + " | ".join(_fmt(result[k]) for k in RESULT_KEYS) + " |",
+        "| " + " | ".join(METRIC_NAMES[k] for k in TABLE_KEYS) + " |",
+        "|---" * len(TABLE_KEYS) + "|",
+        "| " + " | ".join(_fmt(result.get(k)) for k in TABLE_KEYS) + " |",
         "",
         f"| defect type | images | {METRIC_NAMES['image_auroc']} |",
         "|---|---|---|",
     ]
-    lines += [f"| {t} | {v['count']} | {_fmt(v['image_auroc'])} |" for t, v in result["per_type"].items()]
+    lines += [f"| {t} | {v['count']} | {_fmt(v['image_auroc'])} |" for t, v in result.get("per_type", {}).items()]
     for w in result.get("warnings", []):
         lines.append(f"\n**Warning:** {w}")
     return "\n".join(lines) + "\n"
@@ -38,7 +35,7 @@ def results_markdown(result: dict) -> str:
 
 def summary_markdown(results: dict[str, dict], keys: tuple[str, ...] | None = None) -> str:
     """One table over categories with a mean row, in the paper's layout (percent)."""
-    keys = keys or ("image_auroc", "pixel_auroc", "aupro")
+    keys = keys or PAPER_KEYS
     lines = ["| category | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(r[k]) for k in keys) + " |")
@@ -187,20 +184,21 @@ def write_overlays(directory: Path, cases: Cases, threshold: float | None) -> li
 
 def write_evaluation(workdir: Path, epoch: int, result: dict) -> Path:
     """An evaluation's metrics and table into eval/epoch_NNNN/, copied to the workdir's top
-    (the latest evaluation), with its calibration as calibration.json."""
+    when it holds the metrics (the latest full evaluation: an evaluation of only some
+    evaluators, by their cadence, leaves it), with its calibration as calibration.json."""
     from rdjax.workdir import CALIBRATION, write_json, write_text
 
     out = evaluation_dir(workdir, epoch)
     if "calibration" in result:
         write_json(workdir / CALIBRATION, result["calibration"])
     table = results_markdown(result)
-    for folder in (out, workdir):
+    for folder in (out, workdir) if "image_auroc" in result else (out,):
         write_json(folder / "metrics.json", result)
         write_text(folder / "results.md", table)
     return out
 
 
-SELECTION_KEYS = ("image_auroc", "pixel_auroc", "aupro")
+SELECTION_KEYS = PAPER_KEYS
 
 
 def write_best_on_test(workdir: Path) -> dict | None:

@@ -41,3 +41,7 @@ def port(what: str, arch: str, src: str, out: Path, teacher: str | None = None, 
         config.model.teacher_weights = str((out / workdir_lib.TEACHER).resolve())
         workdir_lib.write_ported(out, config, model.optimizer(config), teacher_vars, student_vars)
     print(f"wrote {out}")
+
+
+if __name__ == "__main__":  # 0.2.0's spelling: say the one that works, import nothing back
+    raise SystemExit("error: `python -m rdjax.port` is gone; use `rdjax port` or `python -m rdjax port`")

@@ -118,3 +118,7 @@ def predict_folder(
     flagged = sum(r["decision"] == "anomalous" for r in rows)
     print(f"{len(rows)} images scored, {flagged} anomalous, {len(files) - len(rows)} skipped (unreadable) "
           f"-> {out / 'scores.csv'}")  # fmt: skip
+
+
+if __name__ == "__main__":  # 0.2.0's spelling: say the one that works, import nothing back
+    raise SystemExit("error: `python -m rdjax.predict` is gone; use `rdjax predict` or `python -m rdjax predict`")

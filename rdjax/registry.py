@@ -20,7 +20,7 @@ from rdjax.errors import ConfigError
 if TYPE_CHECKING:
     from rdjax.data import Dataset, DatasetBuilder
     from rdjax.evaluators import EvaluatorType
-    from rdjax.models import ModelType
+    from rdjax.models import Model, ModelType
 
 T = TypeVar("T")
 
@@ -36,7 +36,7 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
 
     def register(self, name: str, entry: T) -> T:
-        if name in self._entries or name in self._module_names():
+        if name in self._entries or self._from_module(name) is not None:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         self._entries[name] = entry
         return entry
@@ -66,7 +66,7 @@ DATASETS: Registry[DatasetBuilder] = Registry("dataset", "rdjax.data", "DATASET"
 EVALUATORS: Registry[EvaluatorType] = Registry("evaluator", "rdjax.evaluators", "EVALUATOR")
 
 
-def build_model(config: Any) -> Any:
+def build_model(config: Any) -> Model:
     """The config's model, its architecture and compute dtype checked."""
     model = MODELS.get(config.model.name)(config.model.arch, config.dtype)
     model.check_image_size(config.image_size)
@@ -79,9 +79,16 @@ def build_dataset(dataset_config: Any) -> Dataset:
     return DATASETS.get(dataset_config.name)(dataset_config)
 
 
+METRICS_EVALUATOR = "anomaly"  # the type whose metrics every run reports
+
+
 def check(config: Any) -> None:
-    """The plug-in names a config uses exist, and its model takes its image size."""
+    """Before any work: the plug-ins a config names exist, its model takes its image
+    size, and config.evals builds (settings, needs) and includes the metrics."""
+    from rdjax import evaluators
+
     build_model(config)
     DATASETS.get(config.dataset.name)
-    for name, setting in config.evals.items():
-        EVALUATORS.get(setting.get("type", name))
+    evaluators.build(config.evals, EVALUATORS.get)
+    if not any(s.get("type", n) == METRICS_EVALUATOR for n, s in config.evals.items()):
+        raise ConfigError(f"config.evals has no {METRICS_EVALUATOR!r} evaluator: the metrics every run reports")

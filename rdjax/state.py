@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-Variables = dict[str, Any]
+from rdjax.pytrees import Variables
 
 
 @flax.struct.dataclass

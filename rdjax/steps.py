@@ -1,7 +1,6 @@
-"""The train state, the optimizer and the jitted train step: pure functions, no I/O.
+"""The jitted train steps: pure functions of the train state (rdjax.state), no I/O.
 
-The train state holds only what trains (the student) and its optimizer state. The
-teacher's variables are a separate argument: they are never differentiated, never seen
+The teacher's variables are a separate argument: they are never differentiated, never seen
 by the optimizer, and never donated or rewritten. The loss, its inputs and the optimizer
 are the model's own (`train_inputs`, `train_loss`, `optimizer`). Each step's randomness
 (RD++'s noise and shuffle) comes from fold_in(key(seed), step): a pure function of the
@@ -20,11 +19,9 @@ import optax
 
 from rdjax.features import standardize
 from rdjax.models import Model
+from rdjax.pytrees import Variables
 from rdjax.sharding import batch_sharding, replicated
 from rdjax.state import TrainState
-
-Variables = dict[str, Any]
-Features = tuple[jax.Array, ...]
 
 
 def step_key(seed: int, step: jax.Array) -> jax.Array:

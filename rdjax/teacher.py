@@ -16,8 +16,8 @@ from rdjax import weights
 from rdjax import workdir as workdir_lib
 from rdjax.errors import ConfigError
 from rdjax.models import Model
+from rdjax.pytrees import Variables
 
-Variables = dict[str, Any]
 RANDOM_WARNING = (
     "the teacher is RANDOM (config.model.teacher_weights='none'): results are not comparable with the paper"
 )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import optax
 import tqdm
 
 from rdjax import config as config_lib
-from rdjax import data, evaluation, features, maps, modes, outputs, registry, sharding, steps, teacher, tiling
+from rdjax import data, evaluation, features, maps, metrics, modes, outputs, registry, sharding, steps, teacher, tiling
 from rdjax import evaluators as evaluators_lib
 from rdjax import state as state_lib
 from rdjax import workdir as workdir_lib
@@ -30,6 +29,7 @@ from rdjax.data.pipeline import prefetch
 from rdjax.data.preprocess import Split
 from rdjax.errors import ConfigError, DataError, TrainingError, WorkdirError
 from rdjax.models import Model
+from rdjax.modes import FeatureCache
 
 
 def _log(fmt: str, *args: Any) -> None:
@@ -52,7 +52,7 @@ class Run:
     train: Split
     test: Split
     validation: Split | None
-    feature_mode: str = "off"  # config.feature_cache resolved (training only)
+    feature_mode: str = FeatureCache.OFF.value  # config.feature_cache resolved (training only)
     feature_dir: Path | None = None  # where 'disk' keeps this process's share
 
     @property
@@ -87,7 +87,7 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
             f"config.resize.mode={config.resize.mode!r}: dataset {config.dataset.name!r} has no images "
             "beyond image_size to tile; use 'squeeze'"
         )
-    feature_mode, feature_dir = "off", None
+    feature_mode, feature_dir = FeatureCache.OFF.value, None
     if writing:
         pipeline.lanes(len(train_split), config.batch_size, config.seed)  # fails if the batch is larger than the data
         feature_mode, feature_dir = _feature_mode(config, model, workdir, len(train_split))
@@ -133,9 +133,10 @@ def _eval_functions(run: Run, student_vars: Any) -> tuple[Callable, Callable]:
     """(run_pass(split, kind), predict(split, rows)) for this student and config.resize."""
     config = run.config
     eval_step = maps.eval_step_for(run.model, config)
-    tiler = None
-    pass_step = maps.eval_step_for(run.model, config, full_pass=True)
-    if modes.ResizeMode(config.resize.mode) is not modes.ResizeMode.SQUEEZE:
+    tiler: Callable | None = None
+    if modes.ResizeMode(config.resize.mode) is modes.ResizeMode.SQUEEZE:
+        pass_step = maps.eval_step_for(run.model, config, full_pass=True)
+    else:
         windows = maps.local_runner(eval_step, run.teacher_vars, student_vars, config.eval_batch_size)
         tiler = functools.partial(tiling.evaluation_maps, size=config.image_size, setting=config.resize, run=windows)
         pass_step = lambda teacher_vars, student_vars, *batch: maps.stats_step(*batch)
@@ -159,8 +160,8 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: 
     """One evaluation pass over the test images and the evaluators in ``names`` (default:
     all of config.evals); returns the result that outputs.write_evaluation writes."""
     config = run.config
-    evals = {n: s for n, s in config.evals.items() if names is None or n in names}
-    evaluators = evaluators_lib.build(evals, registry.EVALUATORS.get)
+    built = evaluators_lib.build(config.evals, registry.EVALUATORS.get)
+    evaluators = {n: e for n, e in built.items() if names is None or n in names}
     run_pass, predict = _eval_functions(run, student_vars)
     start = time.perf_counter()
     test_pass = run_pass(run.test, "test")
@@ -181,8 +182,7 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: 
     if jax.process_index() == 0:
         outputs.write_evaluation(run.workdir, epoch, result)
     if "image_auroc" in result:
-        _log("epoch %d: image AUROC %.4f  pixel AUROC %.4f  AUPRO %.4f",
-             epoch, result["image_auroc"], result["pixel_auroc"], result["aupro"])  # fmt: skip
+        _log("epoch %d: %s", epoch, metrics.headline(result))
     return result
 
 
@@ -192,13 +192,13 @@ def _feature_mode(config: Any, model: Model, workdir: Path, rows: int) -> tuple[
     'off' compiles a different step. Returns (mode, the folder 'disk' uses). A model
     whose every step needs the images (RD++'s noised branch) trains with 'off'."""
     if model.needs_images:
-        if config.feature_cache not in ("auto", "off"):
+        if config.feature_cache not in (FeatureCache.AUTO, FeatureCache.OFF):
             raise ConfigError(
                 f"config.feature_cache={config.feature_cache!r}: model {config.model.name!r} runs the "
                 "teacher on new noised images in every step; use 'auto' or 'off'"
             )
         _log("feature cache: off (model %s needs the images in every step)", config.model.name)
-        return "off", workdir / "feature_cache"
+        return FeatureCache.OFF.value, workdir / "feature_cache"
     p, count = jax.process_index(), jax.process_count()
     owned = len(pipeline.owned_rows(rows, config.batch_size, config.seed, p, count))
     folder = (
@@ -212,9 +212,14 @@ def _feature_mode(config: Any, model: Model, workdir: Path, rows: int) -> tuple[
     if count > 1:
         from jax.experimental import multihost_utils
 
-        order = ("memory", "disk", "off")
+        order = [m.value for m in (FeatureCache.MEMORY, FeatureCache.DISK, FeatureCache.OFF)]
         mode = order[int(np.max(multihost_utils.process_allgather(np.int32(order.index(mode)))))]
-    _log("feature cache: %s (%s%s)", mode, figures, ", requested 'auto'" if config.feature_cache == "auto" else "")
+    _log(
+        "feature cache: %s (%s%s)",
+        mode,
+        figures,
+        ", requested 'auto'" if config.feature_cache == FeatureCache.AUTO else "",
+    )
     return mode, directory
 
 
@@ -246,7 +251,7 @@ def cached_features(run: Run, owned: np.ndarray, mode: str, directory: Path) -> 
     config, model = run.config, run.model
     shapes = features.feature_shapes(model, config.image_size)
     store: features.MemoryStore | features.DiskStore
-    if mode == "memory":
+    if mode == FeatureCache.MEMORY:
         store = features.MemoryStore(shapes, len(owned))
     else:
         store = features.DiskStore(directory, shapes, len(owned), _cache_identity(run))
@@ -295,7 +300,7 @@ class Writer:
     def __init__(self, workdir: Path, start_epoch: int) -> None:
         self.log_path = workdir / "train_log.json"
         self.primary = jax.process_index() == 0
-        old = json.loads(self.log_path.read_text()) if self.log_path.is_file() else []
+        old = workdir_lib.read_json(self.log_path) if self.log_path.is_file() else []
         self.train_log = [e for e in old if e["epoch"] <= start_epoch]
         self.board = None
         if self.primary:
@@ -328,10 +333,14 @@ class Writer:
 
 class Profiler:
     """config.profile_steps > 0: a jax.profiler trace of that many steps, from the second
-    step of the run (the first compiles), into workdir/profile (TensorBoard, Perfetto)."""
+    step of the run (the first compiles), into workdir/profile (TensorBoard, Perfetto);
+    with several processes, each into its own profile/process_<i>."""
 
     def __init__(self, workdir: Path, steps: int) -> None:
-        self.directory, self.steps, self.seen, self.active = workdir / "profile", steps, 0, False
+        self.directory = workdir / "profile"
+        if jax.process_count() > 1:
+            self.directory = self.directory / f"process_{jax.process_index()}"
+        self.steps, self.seen, self.active = steps, 0, False
 
     def step(self, state: Any) -> None:
         self.seen += 1
@@ -342,11 +351,18 @@ class Profiler:
         elif self.active and self.seen == 2 + self.steps:
             self.stop(state)
 
-    def stop(self, state: Any = None) -> None:
+    def stop(self, state: Any) -> None:
+        """End the window once ``state`` (a live step's output) is computed."""
         if self.active:
             jax.block_until_ready(state)
-            jax.profiler.stop_trace()
+            self.abandon()
+
+    def abandon(self) -> None:
+        """End an open trace without waiting on anything (after an error: the last state
+        may have been donated to a step that failed)."""
+        if self.active:
             self.active = False
+            jax.profiler.stop_trace()
 
 
 @dataclasses.dataclass
@@ -396,8 +412,8 @@ def make_trainer(run: Run, tx: optax.GradientTransformation, start_epoch: int) -
     """The step for config.feature_cache as resolved: from cached features, or from the
     images (nothing left to train needs no cache)."""
     config = run.config
-    mode = run.feature_mode if start_epoch < config.num_epochs else "off"
-    if mode == "off":
+    mode = run.feature_mode if start_epoch < config.num_epochs else FeatureCache.OFF.value
+    if mode == FeatureCache.OFF:
         image_step = steps.make_image_train_step(run.model, tx, run.mesh, config.imagenet_normalize, config.seed)
         return Trainer(run, lambda state, images: image_step(state, run.teacher_vars, images), mode)
     n, p, count = len(run.train), jax.process_index(), jax.process_count()
@@ -446,6 +462,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
     state, start_epoch = _initial_state(run, tx, manager)
     trainer = make_trainer(run, tx, start_epoch)
     writer, profiler = Writer(workdir, start_epoch), Profiler(workdir, config.profile_steps)
+    evaluators = evaluators_lib.build(config.evals, registry.EVALUATORS.get)
     result: dict = {}
     finished = False
     try:
@@ -456,19 +473,20 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
             if epoch % config.checkpoint_every == 0 or last:
                 workdir_lib.save_state(manager, int(state.step), state)
                 writer.checkpoint()
-            due = evaluators_lib.due(config.evals, epoch, config.eval_every, last)
+            due = evaluators_lib.due(config.evals, evaluators, epoch, config.eval_every, last)
             if due:
                 result = evaluate_student(run, state.student_vars, epoch, int(state.step), due)
                 writer.evaluation(result)
+        profiler.stop(state)  # a window longer than the run ends with it
         if not result:  # already trained: evaluate what is there
             result = evaluate_student(run, state.student_vars, start_epoch, int(state.step))
             writer.evaluation(result)
         finished = True
     finally:  # also on an error: the checkpoints are flushed, and a disk cache is kept for the resume
-        profiler.stop(state)
         manager.close()
         trainer.close(finished)
         writer.close()
+        profiler.abandon()
     if config.report_best_on_test and jax.process_index() == 0:
         outputs.write_best_on_test(workdir)
     if jax.process_count() > 1:

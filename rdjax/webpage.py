@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from rdjax.metrics import METRIC_NAMES
+from rdjax.metrics import METRIC_NAMES, TABLE_KEYS
 from rdjax.workdir import atomic_path
 
 THUMBNAIL = 128  # px, the longer side of each card's picture
@@ -110,9 +110,6 @@ class Page:
     roc: tuple[np.ndarray, np.ndarray] | None = None
     pro: tuple[np.ndarray, np.ndarray] | None = None
     pictures: Mapping[int, str] = dataclasses.field(default_factory=dict)
-
-
-TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max")
 
 
 def _head(page: Page, scores: np.ndarray) -> str:

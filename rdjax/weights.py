@@ -25,9 +25,9 @@ import numpy as np
 from flax import traverse_util
 
 from rdjax.errors import PortError
+from rdjax.pytrees import Variables
 
 StateDict = dict[str, np.ndarray]
-Variables = dict[str, Any]
 DEFAULT_BASE_URL = "https://download.pytorch.org/models/"
 
 

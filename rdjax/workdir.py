@@ -78,6 +78,15 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
 
 
+def read_json(path: Path) -> Any:
+    """A workdir's JSON file; a damaged one (a hand edit, a copy cut short) is a one-line
+    WorkdirError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WorkdirError(f"{path}: not valid JSON ({e}); restore it from a copy or remove it") from None
+
+
 def write_csv(path: str | os.PathLike, fields: list[str], rows: list[dict]) -> None:
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=fields, lineterminator="\n")
@@ -113,7 +122,7 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     path = _abs(workdir) / CONFIG
     if not path.is_file():
         raise WorkdirError(f"{path}: no config.json; is this an rdjax workdir?")
-    return config_lib.from_dict(json.loads(path.read_text()))
+    return config_lib.from_dict(read_json(path))
 
 
 # ----------------------------------------------------------------------------- teacher

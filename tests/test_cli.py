@@ -287,12 +287,17 @@ def test_the_xla_cache_has_a_switch_a_place_and_a_bound(monkeypatch, tmp_path):
         os.utime(cache / name, (1_000_000 + age, 1_000_000 + age))
     cli.prune_cache(cache, 8192)
     assert sorted(p.name for p in cache.iterdir()) == ["middle", "new"]
-    before = jax.config.jax_compilation_cache_dir
+    keys = ("jax_compilation_cache_dir", "jax_enable_compilation_cache", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")  # fmt: skip
+    before = {key: getattr(jax.config, key) for key in keys}
     try:
         cli.use_compilation_cache(str(cache))
         assert jax.config.jax_compilation_cache_dir == str(cache)
+        cli.use_compilation_cache("")
+        assert jax.config.jax_enable_compilation_cache is False
     finally:
-        jax.config.update("jax_compilation_cache_dir", before)
+        for key, value in before.items():
+            jax.config.update(key, value)
 
 
 def test_python_dash_m_rdjax_is_the_rdjax_command():

@@ -107,22 +107,47 @@ def test_registry_finds_modules_by_name_and_takes_registrations(tmp_path, monkey
         reg.get("helpers")
 
 
-def test_evals_check_their_order_and_settings():
-    config = config_lib.defaults()
-    evals = config.evals.to_dict()
-    reordered = {"report": evals["report"], "anomaly": evals["anomaly"], "calibration": evals["calibration"]}
-    with pytest.raises(ConfigError, match="config.evals.report needs 'anomaly', which must come before it"):
-        evaluators_lib.build(reordered, EVALUATORS.get)
-    with pytest.raises(ConfigError, match=r"config.evals.anomaly: Anomaly\(\) takes no arguments"):
+def test_evals_run_after_what_they_need_and_check_their_settings():
+    """An evaluator runs after the ones its settings name, whatever the written (or
+    ml_collections' sorted) order; unknown settings, needs that name nothing, cycles and a
+    config without the metrics fail before any work; a cadence brings what it needs."""
+    evals = config_lib.defaults().evals.to_dict()
+    written = {"report": evals["report"], "calibration": evals["calibration"], "anomaly": evals["anomaly"]}
+    built = evaluators_lib.build(written, EVALUATORS.get)
+    assert list(built).index("report") > max(list(built).index("anomaly"), list(built).index("calibration"))
+    renamed = {"z_metrics": {"type": "anomaly"}, "report": {"type": "report", "metrics_from": "z_metrics"}}
+    assert list(evaluators_lib.build(renamed, EVALUATORS.get)) == ["z_metrics", "report"]
+    with pytest.raises(ConfigError, match="config.evals.report needs 'metrics', which is not another entry"):
+        evaluators_lib.build({"report": {"type": "report", "metrics_from": "metrics"}}, EVALUATORS.get)
+    with pytest.raises(ConfigError, match="a cycle of needs among"):
+        cyclic = {"a": {"type": "report", "metrics_from": "b"}, "b": {"type": "report", "metrics_from": "a"}}
+        evaluators_lib.build(cyclic, EVALUATORS.get)
+    with pytest.raises(ConfigError, match=r"config.evals.anomaly: .*colour"):
         evaluators_lib.build({"anomaly": {"type": "anomaly", "colour": "red"}}, EVALUATORS.get)
+    config = config_lib.defaults()
     bad = config.copy_and_resolve_references()
     bad.evals.report.type = "roc"
     with pytest.raises(ConfigError, match="unknown evaluator 'roc'"):
         registry.check(bad)
     bad = config.copy_and_resolve_references()
-    bad.evals.report.every = 0
+    bad.evals.anomaly.type = "calibration"
+    with pytest.raises(ConfigError, match="config.evals has no 'anomaly' evaluator"):
+        registry.check(bad)
+    bad = config.copy_and_resolve_references()
+    bad.evals.report.every = -1
     with pytest.raises(ConfigError, match="config.evals.report"):
         config_lib.check(bad, 1)
-    assert evaluators_lib.due({"a": {}, "b": {"every": 3}}, 4, 2, False) == ["a"]
-    assert evaluators_lib.due({"a": {}, "b": {"every": 3}}, 6, 2, False) == ["a", "b"]
-    assert evaluators_lib.due({"a": {}, "b": {"every": 3}}, 5, 2, True) == ["a", "b"]
+    cadence = {"anomaly": {"every": 4}, "calibration": {"every": 0}, "report": {"every": 3}}
+    order = evaluators_lib.build(config.evals, EVALUATORS.get)
+    assert evaluators_lib.due(cadence, order, 4, 2, False) == ["anomaly", "calibration"]
+    assert evaluators_lib.due(cadence, order, 3, 2, False) == ["anomaly", "calibration", "report"]  # what report needs
+    assert evaluators_lib.due(cadence, order, 5, 2, False) == []
+    assert evaluators_lib.due(cadence, order, 5, 2, True) == ["anomaly", "calibration", "report"]
+
+
+def test_a_config_file_with_the_old_evaluators_key_is_refused():
+    config = config_lib.defaults()
+    with config.unlocked():
+        config.evaluators = ("anomaly",)
+    with pytest.raises(ConfigError, match="config.evaluators was replaced by config.evals"):
+        config_lib.check(config, 1)

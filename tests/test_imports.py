@@ -20,7 +20,7 @@ PACKAGE = Path(rdjax.__file__).parent
 
 # Each module's place on the data path; a module may import only from lower ranks.
 RANKS = [
-    {"rdjax.errors", "rdjax.modes"},
+    {"rdjax.errors", "rdjax.modes", "rdjax.pytrees"},
     {"rdjax.weights", "rdjax.sharding", "rdjax.configs"},
     {
         "rdjax.models",

@@ -18,7 +18,7 @@ from PIL import Image
 import rdjax
 from rdjax import maps
 from rdjax.errors import ConfigError, PortError
-from rdjax.models import Model
+from rdjax.models import Model, ModelType
 from rdjax.registry import MODELS
 
 from conftest import data_flags, rdjax_cli, scores_csv_auroc_range
@@ -62,7 +62,9 @@ class Toy:
         return jax.eval_shape(lambda: self.init(jax.random.key(0), 32))
 
     def teacher_features(self, teacher_vars: Variables, images: jax.Array) -> tuple[jax.Array, ...]:
-        return jax.lax.stop_gradient(ToyTeacher().apply(teacher_vars, images))
+        out: Any = ToyTeacher().apply(teacher_vars, images)
+        a, b = out
+        return jax.lax.stop_gradient(a), jax.lax.stop_gradient(b)
 
     def student_features(self, student_vars: Variables, teacher_feats: Any, train: bool) -> tuple[Any, Variables]:
         if train:
@@ -79,7 +81,10 @@ class Toy:
 
     def train_loss(self, student_vars: Variables, inputs: Any, key: jax.Array) -> tuple[jax.Array, Variables]:
         s, batch_stats = self.student_features(student_vars, inputs, True)
-        return sum(jnp.mean((a - b) ** 2) for a, b in zip(inputs, s)), batch_stats
+        loss = jnp.zeros(())
+        for a, b in zip(inputs, s):
+            loss = loss + jnp.mean((a - b) ** 2)
+        return loss, batch_stats
 
     def optimizer(self, config: Any) -> optax.GradientTransformation:
         return optax.sgd(config.learning_rate)
@@ -97,26 +102,36 @@ def _register() -> None:
 
 
 def test_the_toy_satisfies_the_contract():
+    """At run time every member of the contract is there (mypy, run over this module by
+    .ci/run, checks their types: `MODEL` below must be a ModelType)."""
     _register()
-    model: Model = MODELS.get("toy")("tiny", "float32")
-    assert isinstance(model, Toy) and model.arch == "tiny"
+    model = MODELS.get("toy")("tiny", "float32")
+    assert isinstance(model, Model) and isinstance(model, Toy) and model.arch == "tiny"
+    assert not isinstance(object(), Model)
+
+
+MODEL: ModelType = Toy  # the static check of the contract
 
 
 def test_a_toy_model_trains_evaluates_and_predicts_through_the_cli(synthetic_data, tmp_path):
-    """One epoch of 16 images at batch 8 is two steps (the second traced by
-    config.profile_steps); the evaluation's image AUROC is what its own scores.csv
-    allows; rdjax.load scores a test image as the toy's own features through
-    rdjax.maps do."""
+    """Two epochs of 16 images at batch 8 are four steps (the second traced by
+    config.profile_steps), evaluated after each, with the report every second epoch;
+    the evaluation's image AUROC is what its own scores.csv allows; rdjax.load scores a
+    test image as the toy's own features through rdjax.maps do."""
     _register()
     root, work = synthetic_data(), tmp_path / "toy"
     flags = ["--config.model.name=toy", "--config.model.arch=tiny", "--config.batch_size=8", "--config.image_size=32",
-             "--config.profile_steps=1"]  # fmt: skip
+             "--config.profile_steps=1", "--config.num_epochs=2", "--config.eval_every=1",
+             "--config.evals.report.every=2"]  # fmt: skip
     result = rdjax_cli("train", f"--workdir={work}", *data_flags(root), *flags)
     assert result.code == 0, result.stderr[-3000:]
     assert list((work / "profile").rglob("*.xplane.pb")), "config.profile_steps wrote no trace"
     metrics = json.loads((work / "metrics.json").read_text())
-    assert metrics["model"] == "toy" and metrics["step"] == 2
-    lo, hi = scores_csv_auroc_range(work / "eval" / "epoch_0001" / "scores.csv")
+    assert metrics["model"] == "toy" and metrics["step"] == 4
+    first, last = work / "eval" / "epoch_0001", work / "eval" / "epoch_0002"  # report every 2nd epoch only
+    assert (first / "metrics.json").is_file() and not (first / "report.png").exists()
+    assert (last / "report.png").is_file() and (last / "scores.csv").is_file()
+    lo, hi = scores_csv_auroc_range(last / "scores.csv")
     assert lo <= metrics["image_auroc"] <= hi and hi - lo < 0.5
     loaded = rdjax.load(work)
     image = np.asarray(Image.open(root / "disk" / "test" / "good" / "000.png").convert("RGB"))

@@ -313,7 +313,8 @@ def test_training_reaches_the_demo_targets(synthetic_data, tmp_path):
 def test_the_promised_commands_run_from_another_folder(synthetic_data, tmp_path):
     """`python -m rdjax.main --config=configs/synthetic.py --workdir=DIR` (the documented
     command) and the `rdjax` console script, as a user runs them, outside the repository;
-    the older module entry points still answer."""
+    `python -m rdjax <subcommand>` answers, and 0.2.0's per-module spellings say which
+    spelling to use instead of silently doing nothing."""
     root = synthetic_data()
     flags = data_flags(root)[1:]
     proc = subprocess_run(
@@ -333,6 +334,8 @@ def test_the_promised_commands_run_from_another_folder(synthetic_data, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert after["image_auroc"] == before["image_auroc"] and after["aupro"] == before["aupro"]
-    for module, flag in (("rdjax.predict", "--input"), ("rdjax.export", "--out:"), ("rdjax.port", "--arch")):
-        proc = subprocess_run(sys.executable, "-m", module, "--help", cwd=tmp_path)
-        assert proc.returncode == 0 and flag in proc.stdout, (module, proc.stderr[-2000:])
+    for command, flag in (("predict", "--input"), ("export", "--out:"), ("port", "--arch")):
+        proc = subprocess_run(sys.executable, "-m", "rdjax", command, "--help", cwd=tmp_path)
+        assert proc.returncode == 0 and flag in proc.stdout, (command, proc.stderr[-2000:])
+        proc = subprocess_run(sys.executable, "-m", f"rdjax.{command}", "--help", cwd=tmp_path)
+        assert proc.returncode == 1 and f"use `rdjax {command}` or `python -m rdjax {command}`" in proc.stderr

@@ -16,7 +16,10 @@ from rdjax.errors import ConfigError
 
 
 class Dataset(Protocol):
-    summary_keys: tuple[str, ...]  # the metrics of the table over categories
+    @property
+    def summary_keys(self) -> tuple[str, ...]:
+        """The metrics of the table over categories."""
+        ...
 
     def categories(self) -> list[str]:
         """The categories the config asks for ('all' expanded)."""

@@ -1,5 +1,6 @@
 """Dataset 'cifar10': CIFAR-10 one-class novelty detection (rdjax.data.novelty)."""
 
+from rdjax.data import DatasetBuilder
 from rdjax.data.novelty import builder
 
-DATASET = builder("cifar10")
+DATASET: DatasetBuilder = builder("cifar10")

@@ -1,5 +1,6 @@
 """Dataset 'fashion_mnist': Fashion-MNIST one-class novelty detection (rdjax.data.novelty)."""
 
+from rdjax.data import DatasetBuilder
 from rdjax.data.novelty import builder
 
-DATASET = builder("fashion_mnist")
+DATASET: DatasetBuilder = builder("fashion_mnist")

@@ -1,5 +1,6 @@
 """Dataset 'mnist': MNIST one-class novelty detection (rdjax.data.novelty)."""
 
+from rdjax.data import DatasetBuilder
 from rdjax.data.novelty import builder
 
-DATASET = builder("mnist")
+DATASET: DatasetBuilder = builder("mnist")

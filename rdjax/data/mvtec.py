@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rdjax.data import DatasetBuilder
 from rdjax.data.preprocess import IMAGE_EXTENSIONS, Split, check_mask_header, decode_image, decode_mask, header_size
 from rdjax.errors import DataError
 
@@ -367,4 +368,4 @@ def mvtec(dataset: Any) -> FileDataset:
     return mvtec_layout(dataset_root(dataset), dataset)
 
 
-DATASET = mvtec
+DATASET: DatasetBuilder = mvtec

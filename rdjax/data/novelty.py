@@ -19,6 +19,7 @@ from PIL import Image
 
 from rdjax.data.preprocess import Split
 from rdjax.errors import DataError
+from rdjax.weights import offline
 
 CLASSES = tuple(str(c) for c in range(10))
 
@@ -32,6 +33,11 @@ def _sources(name: str, data_dir: str | None) -> dict:
         return {split: builder.as_data_source(split=split) for split in ("train", "test")}
     except (AssertionError, FileNotFoundError, ValueError):
         pass  # not prepared yet
+    if offline():
+        raise DataError(
+            f"offline (RDJAX_OFFLINE=1): {name} is not prepared in {builder.data_dir}; prepare it once with "
+            f"network access, or copy a prepared {name} there"
+        )
     try:
         builder.download_and_prepare(file_format="array_record")
     except ImportError as e:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from rdjax.data import DatasetBuilder
 from rdjax.data.mvtec import FileDataset, mvtec_layout
 from rdjax.errors import DataError
 
@@ -156,7 +157,7 @@ def synthetic(dataset: Any) -> FileDataset:
     return mvtec_layout(generate(Path(dataset.root).expanduser(), seed=dataset.synthetic_seed), dataset)
 
 
-DATASET = synthetic
+DATASET: DatasetBuilder = synthetic
 
 
 def main() -> None:

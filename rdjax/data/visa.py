@@ -1,5 +1,6 @@
 """Dataset 'visa': VisA with its official 1cls split (rdjax.data.layouts)."""
 
+from rdjax.data import DatasetBuilder
 from rdjax.data.layouts import visa
 
-DATASET = visa
+DATASET: DatasetBuilder = visa

@@ -9,6 +9,7 @@ only order that matters is the one ``needs`` states, and the config check enforc
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -45,30 +46,48 @@ class Evaluator(Protocol):
 EvaluatorType = Callable[..., Evaluator]  # built from its settings in config.evals
 
 
+CADENCE_KEYS = ("type", "every")  # the keys of a config.evals entry that are not settings
+
+
 def build(evals: Any, get: Callable[[str], EvaluatorType]) -> dict[str, Evaluator]:
-    """config.evals -> instances in order, each one's ``needs`` run before it; ``get`` is
-    the registry's lookup. Raises ConfigError on an unknown type, setting or order."""
+    """config.evals -> instances, ordered so that each runs after the ones it ``needs``
+    (ml_collections keeps keys sorted, so the written order cannot carry meaning); ``get``
+    is the registry's lookup. Raises ConfigError on an unknown type or setting, a need
+    that names no evaluator, or a cycle of needs."""
     built: dict[str, Evaluator] = {}
     for name, setting in evals.items():
-        settings = {k: v for k, v in dict(setting).items() if k not in ("type", "every")}
+        settings = {k: v for k, v in dict(setting).items() if k not in CADENCE_KEYS}
         kind = get(setting.get("type", name))
         try:
-            built[name] = kind(**settings)
+            inspect.signature(kind).bind(**settings)
         except TypeError as e:
             raise ConfigError(f"config.evals.{name}: {e}") from None
-        missing = [n for n in built[name].needs if n not in built or n == name]
-        if missing:
-            raise ConfigError(f"config.evals.{name} needs {missing[0]!r}, which must come before it in config.evals")
-    return built
+        built[name] = kind(**settings)
+        unknown = [n for n in built[name].needs if n not in evals or n == name]
+        if unknown:
+            raise ConfigError(f"config.evals.{name} needs {unknown[0]!r}, which is not another entry of config.evals")
+    ordered: dict[str, Evaluator] = {}
+    while len(ordered) < len(built):
+        ready = [n for n, e in built.items() if n not in ordered and all(d in ordered for d in e.needs)]
+        if not ready:
+            raise ConfigError(f"config.evals: a cycle of needs among {sorted(set(built) - set(ordered))}")
+        ordered.update((n, built[n]) for n in ready)
+    return ordered
 
 
-def due(evals: Any, epoch: int, default_every: int, last: bool) -> list[str]:
-    """The evaluators whose cadence falls on this epoch (all of them at the last one)."""
-    return [n for n, s in evals.items() if last or epoch % s.get("every", default_every) == 0]
+def due(evals: Any, built: Mapping[str, Evaluator], epoch: int, default_every: int, last: bool) -> list[str]:
+    """The evaluators whose cadence ('every' epochs, 0 = default_every) falls on this
+    epoch, with everything they need (all of them at the last epoch), in run order."""
+    wanted = {n for n, s in evals.items() if last or epoch % (s.get("every", 0) or default_every) == 0}
+    for name in reversed(list(built)):  # needs come earlier in the run order
+        if name in wanted:
+            wanted |= set(built[name].needs)
+    return [n for n in built if n in wanted]
 
 
 def run_all(evaluators: Mapping[str, Evaluator], context: EvalContext) -> dict[str, Any]:
-    """Run each evaluator; join their 'warnings', and refuse a key set twice."""
+    """Run each evaluator in the given (build) order; join their 'warnings', and refuse a
+    key set twice."""
     results: dict[str, dict[str, Any]] = {}
     merged: dict[str, Any] = {}
     warnings: list[str] = []
@@ -80,6 +99,6 @@ def run_all(evaluators: Mapping[str, Evaluator], context: EvalContext) -> dict[s
         warnings += out.get("warnings", [])
         clash = sorted((set(out) - {"warnings"}) & set(merged))
         if clash:
-            raise ConfigError(f"config.evals.{name} sets {clash[0]!r}, which an evaluator before it set already")
+            raise ConfigError(f"config.evals.{name} sets {clash[0]!r}, which another evaluator set already")
         merged.update({k: v for k, v in out.items() if k != "warnings"})
     return {**merged, "warnings": warnings}

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rdjax import metrics
-from rdjax.evaluators import EvalContext
+from rdjax.evaluators import EvalContext, EvaluatorType
 
 NO_MASKS = "the anomalous test images have no masks: image-level metrics only"
 
@@ -26,4 +26,4 @@ class Anomaly:
         return result
 
 
-EVALUATOR = Anomaly
+EVALUATOR: EvaluatorType = Anomaly

@@ -8,7 +8,7 @@ from typing import Any
 
 from rdjax import modes
 from rdjax.calibration import calibrate
-from rdjax.evaluators import EvalContext
+from rdjax.evaluators import EvalContext, EvaluatorType
 
 
 class Calibration:
@@ -28,4 +28,4 @@ class Calibration:
         return {"calibration": cal}
 
 
-EVALUATOR = Calibration
+EVALUATOR: EvaluatorType = Calibration

@@ -15,7 +15,7 @@ import numpy as np
 import sklearn.metrics as skm
 
 from rdjax import outputs, report, webpage
-from rdjax.evaluators import EvalContext
+from rdjax.evaluators import EvalContext, EvaluatorType
 from rdjax.workdir import write_csv
 
 
@@ -54,7 +54,7 @@ class Report:
         page = webpage.Page(
             title=f"{context.config.dataset.category}: evaluation {out.name.replace('_', ' ')}",
             scores=passed.scores, filenames=test.filenames, images=test.images, labels=test.labels,
-            metrics=needed[self.metrics_from], threshold=threshold, roc=roc, pro=pro,
+            metrics=needed.get(self.metrics_from), threshold=threshold, roc=roc, pro=pro,
             pictures={int(r): f"images/{p.name}" for r, p in zip(rows, written)},
         )  # fmt: skip
         webpage.write_page(out / "report.html", page)
@@ -72,4 +72,4 @@ def _write_scores(path: Path, test: Any, scores: np.ndarray, threshold: float | 
     write_csv(path, ["file", "defect_type", "label", "score", "decision"], rows)
 
 
-EVALUATOR = Report
+EVALUATOR: EvaluatorType = Report

@@ -9,26 +9,40 @@ with a model goes through these members, so a new model is one module and a conf
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import optax
 
-Variables = dict[str, Any]
-Features = tuple[jax.Array, ...]
+from rdjax.pytrees import Features, Variables
 
 
+@runtime_checkable
 class Model(Protocol):
     """A frozen teacher and a trainable student over explicit variable pytrees:
     teacher_vars are never differentiated, student_vars = {'params', 'batch_stats'}."""
 
-    arch: str
-    dtype: str
-    # True where every step needs the images (the teacher runs on new inputs each step);
-    # False lets training read `train_inputs` from a cache, so they must not use the key.
-    needs_images: bool
-    # The teacher's ImageNet weights file under weights.DOWNLOAD_URL, or None.
-    imagenet_file: str | None
+    @property
+    def arch(self) -> str:
+        """The backbone's name, recorded in the workdir and its teacher."""
+        ...
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype."""
+        ...
+
+    @property
+    def needs_images(self) -> bool:
+        """True where every step needs the images (the teacher runs on new inputs each
+        step); False lets training read `train_inputs` from a cache, so they must not
+        use the key."""
+        ...
+
+    @property
+    def imagenet_file(self) -> str | None:
+        """The teacher's ImageNet weights file (rdjax.weights.download), or None."""
+        ...
 
     def __hash__(self) -> int:
         """Compiled steps are cached per model (functools.cache): equal models, one program."""

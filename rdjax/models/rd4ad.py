@@ -19,6 +19,7 @@ import optax
 
 from rdjax import modes, weights
 from rdjax.errors import ConfigError, PortError
+from rdjax.models import ModelType
 from rdjax.models.layers import BatchNorm, Conv, Dtype
 from rdjax.models.lowering import at_least_float32
 from rdjax.models.resnet import (
@@ -30,9 +31,7 @@ from rdjax.models.resnet import (
     get_arch,
     run_layer,
 )
-
-Features = tuple[jax.Array, ...]
-Variables = dict[str, Any]
+from rdjax.pytrees import Features, Variables
 
 
 class OCBE(nn.Module):
@@ -254,4 +253,4 @@ class RD4AD:
         return official_parts(self, state_dict, self.abstract_variables()[1], source, "RD4AD")
 
 
-MODEL = RD4AD
+MODEL: ModelType = RD4AD

@@ -24,6 +24,7 @@ import optax
 
 from rdjax import weights
 from rdjax.errors import PortError
+from rdjax.models import ModelType
 from rdjax.models.layers import Conv, Dtype, torch_default_init
 from rdjax.models.lowering import at_least_float32
 from rdjax.models.rd4ad import OCBE, RD4AD, Decoder, Features, Variables, cosine_distance_loss, official_parts
@@ -256,4 +257,4 @@ class RDPP(RD4AD):
         return {"params": {"proj": proj["params"], **parts["params"]}, "batch_stats": parts["batch_stats"]}
 
 
-MODEL = RDPP
+MODEL: ModelType = RDPP
