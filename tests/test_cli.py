@@ -265,6 +265,9 @@ def test_offline_refuses_every_download(synthetic_data, tmp_path, monkeypatch):
     error = rdjax_cli("port", "teacher", "--arch=resnet18", "--src=imagenet", f"--out={tmp_path / 't'}").error_line()
     assert "offline" in error and "resnet18-f37072fd.pth" in error
     assert not (tmp_path / "t").exists() and not (tmp_path / "cache").exists()
+    flags = ["--config=mnist", f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.dataset.normal_class=3"]
+    error = rdjax_cli("train", f"--workdir={tmp_path / 'm'}", *flags).error_line()
+    assert "offline (RDJAX_OFFLINE=1): mnist is not prepared in" in error and str(tmp_path / "tfds") in error
 
 
 def test_the_xla_cache_has_a_switch_a_place_and_a_bound(monkeypatch, tmp_path):

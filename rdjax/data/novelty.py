@@ -29,10 +29,8 @@ def _sources(name: str, data_dir: str | None) -> dict:
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
-    try:
+    if builder.is_prepared():
         return {split: builder.as_data_source(split=split) for split in ("train", "test")}
-    except (AssertionError, FileNotFoundError, ValueError):
-        pass  # not prepared yet
     if offline():
         raise DataError(
             f"offline (RDJAX_OFFLINE=1): {name} is not prepared in {builder.data_dir}; prepare it once with "
