@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rdjax import maps
+import rdjax
+from rdjax import maps, metrics, registry
 from rdjax.models.rd4ad import RD4AD
 
-from conftest import ROOT, cpu_devices_env, data_flags, rdjax_cli, restore_state
+from conftest import ROOT, assert_auroc_within, cpu_devices_env, data_flags, rdjax_cli, restore_state, small_config
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +99,16 @@ def test_each_process_decodes_only_its_share(runs):
 @pytest.mark.slow
 def test_checkpoints_move_between_topologies(runs, synth_root, tmp_path):
     """Saved on 2 devices, evaluated on 8 (a subprocess) and on 1 (this process): the
-    same metrics (abs 1e-4: the evaluation's float32 maps differ by summation order
-    between device counts, ~1e-6 relative, which can swap only near-tied pixels)."""
+    same metrics. Every evaluation's float32 maps differ from a recomputation here only
+    by summation order (conftest.RECOMPUTED), so each run's image and pixel AUROC must lie
+    in the range the recomputed maps allow; AUPRO, a sum over thresholds of such pixel
+    fractions, is held to 1e-3, the binned-metrics bound, far above what near-tied pixels
+    can move."""
     import shutil
 
     before = json.loads((runs["d2"] / "metrics.json").read_text())
+    _, test = registry.build_dataset(small_config(synth_root).dataset).load("disk", 64)
+    maps, scores = rdjax.load(runs["d2"]).predict_resized(test.images())
     for devices in (8, 1):
         workdir = tmp_path / f"on{devices}"
         shutil.copytree(runs["d2"], workdir)
@@ -113,8 +119,10 @@ def test_checkpoints_move_between_topologies(runs, synth_root, tmp_path):
             _finish(_cli(synth_root, workdir, devices, "--mode=eval"))
         after = json.loads((workdir / "metrics.json").read_text())
         assert after["step"] == before["step"]
-        for key in ("image_auroc", "pixel_auroc", "aupro"):
-            assert after[key] == pytest.approx(before[key], abs=1e-4), (devices, key)
+        for result in (before, after):
+            assert_auroc_within(result["image_auroc"], test.labels, scores)
+            assert_auroc_within(result["pixel_auroc"], test.masks(), maps)
+            assert result["aupro"] == pytest.approx(metrics.aupro(maps, test.masks()), abs=1e-3), devices
 
 
 @pytest.mark.slow
