@@ -158,7 +158,8 @@ def _eval_functions(run: Run, student_vars: Any) -> tuple[Callable, Callable]:
 
 def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: list[str] | None = None) -> dict:
     """One evaluation pass over the test images and the evaluators in ``names`` (default:
-    all of config.evals); returns the result that outputs.write_evaluation writes."""
+    all of config.evals); returns the result for Writer.evaluation. The evaluators write
+    their own files into eval/epoch_NNNN on process 0."""
     config = run.config
     built = evaluators_lib.build(config.evals, registry.EVALUATORS.get)
     evaluators = {n: e for n, e in built.items() if names is None or n in names}
@@ -179,8 +180,6 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: 
         arch=config.model.arch, teacher_weights=config.model.teacher_weights, dtype=config.dtype,
         image_size=config.image_size, eval_images_per_second=len(run.test) / seconds,
     )  # fmt: skip
-    if jax.process_index() == 0:
-        outputs.write_evaluation(run.workdir, epoch, result)
     if "image_auroc" in result:
         _log("epoch %d: %s", epoch, metrics.headline(result))
     return result
@@ -294,19 +293,29 @@ def _check_finite(losses: np.ndarray, epoch: int, steps_per_epoch: int) -> None:
 
 
 class Writer:
-    """Every file and log line of the training loop: process 0 writes, the others do not
-    (the one place that policy lives). train_log.json is rewritten at each checkpoint."""
+    """Every file of a run's own (config, train log, metrics, TensorBoard): process 0
+    writes, the others do not (the one place that policy lives; evaluators write into the
+    folder only process 0 is given). Training calls `resume` once it knows where it
+    starts: the train log keeps the epochs before, and TensorBoard opens; an evaluation
+    alone never does. train_log.json is rewritten at each checkpoint."""
 
-    def __init__(self, workdir: Path, start_epoch: int) -> None:
-        self.log_path = workdir / "train_log.json"
+    def __init__(self, workdir: Path) -> None:
+        self.workdir, self.log_path = workdir, workdir / "train_log.json"
         self.primary = jax.process_index() == 0
-        old = workdir_lib.read_json(self.log_path) if self.log_path.is_file() else []
-        self.train_log = [e for e in old if e["epoch"] <= start_epoch]
-        self.board = None
+        self.train_log: list[dict] = []
+        self.board: Any = None
+
+    def resume(self, start_epoch: int) -> None:
+        if self.log_path.is_file():
+            self.train_log = [e for e in workdir_lib.read_json(self.log_path) if e["epoch"] <= start_epoch]
         if self.primary:
             from tensorboardX import SummaryWriter
 
-            self.board = SummaryWriter(str(workdir / "tensorboard"))
+            self.board = SummaryWriter(str(self.workdir / "tensorboard"))
+
+    def config(self, config: Any) -> None:
+        if self.primary:
+            workdir_lib.save_config(self.workdir, config)
 
     def train(self, entry: dict) -> None:
         _log("epoch %d: loss %.5f, %.1f img/s", entry["epoch"], entry["loss"], entry["images_per_second"])
@@ -316,6 +325,8 @@ class Writer:
             self.board.add_scalar("train/images_per_second", entry["images_per_second"], entry["step"])
 
     def evaluation(self, result: dict) -> None:
+        if self.primary:
+            outputs.write_evaluation(self.workdir, result["epoch"], result)
         if self.board is not None:
             for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
                 if key in result:
@@ -325,6 +336,10 @@ class Writer:
     def checkpoint(self) -> None:
         if self.primary:
             workdir_lib.write_json(self.log_path, self.train_log)
+
+    def finish(self, config: Any) -> None:
+        if self.primary and config.report_best_on_test:
+            outputs.write_best_on_test(self.workdir)
 
     def close(self) -> None:
         if self.board is not None:
@@ -455,13 +470,14 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
     workdir = Path(workdir)
     config = _category_epochs(config)
     run = setup(config, workdir, writing=True, dataset=dataset)
-    if jax.process_index() == 0:
-        workdir_lib.save_config(workdir, config)
+    writer = Writer(workdir)
+    writer.config(config)
     tx = run.model.optimizer(config)
     manager = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
     state, start_epoch = _initial_state(run, tx, manager)
     trainer = make_trainer(run, tx, start_epoch)
-    writer, profiler = Writer(workdir, start_epoch), Profiler(workdir, config.profile_steps)
+    writer.resume(start_epoch)
+    profiler = Profiler(workdir, config.profile_steps)
     evaluators = evaluators_lib.build(config.evals, registry.EVALUATORS.get)
     result: dict = {}
     finished = False
@@ -487,8 +503,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
         trainer.close(finished)
         writer.close()
         profiler.abandon()
-    if config.report_best_on_test and jax.process_index() == 0:
-        outputs.write_best_on_test(workdir)
+    writer.finish(config)
     if jax.process_count() > 1:
         tqdm.tqdm.write(f"process {jax.process_index()} of {jax.process_count()}: decoded "
                         f"{pipeline.decoded['train']} training and {pipeline.decoded['test']} test images")  # fmt: skip
@@ -504,7 +519,9 @@ def evaluate(config: Any, workdir: str | Path, dataset: data.Dataset | None = No
     run = setup(config, workdir, writing=False, dataset=dataset)
     student_shapes = run.model.abstract_variables()[1]
     step, student_vars = workdir_lib.restore_student(workdir, student_shapes, sharding.replicated(run.mesh))
-    return evaluate_student(run, student_vars, step // run.steps_per_epoch, step)
+    result = evaluate_student(run, student_vars, step // run.steps_per_epoch, step)
+    Writer(workdir).evaluation(result)
+    return result
 
 
 def run(config: Any, workdir: str | Path, mode: str = "train") -> dict[str, dict]:
