@@ -235,7 +235,7 @@ def evaluation_dir(workdir: Path, epoch: int) -> Path:
 
 # ----------------------------------------------------------------------------- predict's files
 
-PREDICTION_FIELDS = ["file", "score", "normalized_score", "decision"]
+PREDICTION_FIELDS = ["file", "status", "score", "normalized_score", "decision", "reason"]
 
 
 def write_prediction(
@@ -252,30 +252,37 @@ def write_prediction(
         normalized=float(pred.normalized_scores[i]) if calibrated else None,
         mask=pred.masks[i] if calibrated else None, caption=name,
     )  # fmt: skip
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "overlays" / f"{name}.png") as tmp:
+    overlay, mask_file = out / "overlays" / f"{name}.png", out / "masks" / f"{name}_mask.png"
+    overlay.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(overlay) as tmp:
         Image.fromarray(picture).save(tmp)
-    row = {"file": source, "score": f"{pred.scores[i]:.6f}", "normalized_score": "", "decision": ""}
+    row = {"file": source, "status": "scored", "score": f"{pred.scores[i]:.6f}", "normalized_score": "",
+           "decision": "", "reason": ""}  # fmt: skip
     if calibrated:
-        (out / "masks").mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "masks" / f"{name}_mask.png") as tmp:
+        mask_file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(mask_file) as tmp:
             Image.fromarray((pred.masks[i] * 255).astype(np.uint8)).save(tmp)
         row["normalized_score"] = f"{pred.normalized_scores[i]:.6f}"
         row["decision"] = "anomalous" if pred.decisions[i] else "normal"
     return row
 
 
+def skipped_row(source: str, reason: str) -> dict:
+    """scores.csv's row for an input that could not be scored."""
+    return {"file": source, "status": "skipped", "score": "", "normalized_score": "", "decision": "", "reason": reason}
+
+
 def write_prediction_summary(
     out: Path, title: str, rows: list[dict], scores: list[float], names: list[str], images: Any,
-    threshold: float | None,
+    threshold: float | None, skipped: list[tuple[str, str]],
 ) -> None:  # fmt: skip
-    """OUT/scores.csv, and OUT/report.html (from the unrounded ``scores``) when any image
-    was scored."""
+    """OUT/scores.csv (a row per input file) and OUT/report.html (a card per input file;
+    the scored ones' slider from the unrounded ``scores``)."""
     from rdjax import webpage
     from rdjax.workdir import write_csv
 
     write_csv(out / "scores.csv", PREDICTION_FIELDS, rows)
-    if rows:
-        pictures = {i: f"overlays/{n}.png" for i, n in enumerate(names)}
-        page = webpage.Page(title, np.array(scores), names, images, threshold=threshold, pictures=pictures)
-        webpage.write_page(out / "report.html", page)
+    pictures = {i: f"overlays/{n}.png" for i, n in enumerate(names)}
+    page = webpage.Page(title, np.array(scores), names, images, threshold=threshold, pictures=pictures,
+                        skipped=skipped)  # fmt: skip
+    webpage.write_page(out / "report.html", page)

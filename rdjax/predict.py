@@ -5,17 +5,19 @@ Writes OUT/overlays/<name>.png (the decision picture: OK/NG, score, normalized s
 the image blended with its map on one colour scale for the run, the mask outlined, the
 map's peak marked, a colour bar; rdjax.outputs.decision_picture),
 OUT/masks/<name>_mask.png (when the workdir is calibrated;
-rdjax.calibration.explanation_masks), OUT/scores.csv (file, score, normalized score,
-decision) and OUT/report.html (every image with its score and a threshold slider;
-rdjax.webpage). <name> is the file's path under the input folder with '/' as '_'; files
-that differ only in their extension (part.png, part.jpg) keep it (part_png, part_jpg),
-so no output overwrites another. Unreadable files are reported and skipped; the last
-line counts them. scores.csv and report.html appear only when every image has been
-processed."""
+rdjax.calibration.explanation_masks), OUT/scores.csv and OUT/report.html (every image
+with its score and a threshold slider; rdjax.webpage).
+
+<name> keeps the input's path under the input folder, folders included, with its
+extension folded into the file name (line3/a/part.png -> line3/a/part_png): distinct
+inputs have distinct names by construction, since an image extension holds no '_'.
+Every file of the input is accounted for: scores.csv has a row for each, with status
+`scored`, or `skipped` and the reason (not an image file, or an image that does not
+decode), and report.html a card for each. scores.csv and report.html appear only when
+every file has been processed."""
 
 from __future__ import annotations
 
-import collections
 import glob
 import os
 import sys
@@ -32,34 +34,42 @@ if TYPE_CHECKING:
 
 
 def find_inputs(pattern: str) -> list[Path]:
+    """Every file of a folder (searched recursively) or a glob, images or not."""
     path = Path(pattern)
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        return sorted(p for p in path.rglob("*") if p.is_file())
     return sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
 
 
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
 def output_names(files: list[Path], root: Path) -> list[str]:
-    """One distinct output name per input file (see the module docstring)."""
-    stems = [str(f.relative_to(root).with_suffix("")).replace(os.sep, "_") for f in files]
-    counts = collections.Counter(stems)
-    return [s if counts[s] == 1 else f"{s}_{f.suffix.lstrip('.').lower()}" for s, f in zip(stems, files)]
+    """One output name per input file, distinct by construction (the module docstring)."""
+    names = []
+    for f in files:
+        rel = f.relative_to(root)
+        names.append((rel.parent / f"{rel.stem}_{rel.suffix.lstrip('.').lower()}").as_posix())
+    return names
 
 
-def _decode(files: list[Path], bar: Any) -> tuple[list[Path], list[np.ndarray]]:
-    """The readable files of a chunk and their images; the others are reported and counted."""
+def _decode(files: list[Path], bar: Any) -> tuple[list[Path], list[np.ndarray], dict[Path, str]]:
+    """The readable files of a chunk and their images, and each unreadable one's reason."""
     from tqdm import tqdm
 
     from rdjax import inference
 
-    kept, arrays = [], []
+    kept, arrays, failed = [], [], {}
     for f in files:
         try:
             arrays.append(inference.as_images(f)[0])
             kept.append(f)
         except DataError as e:
+            failed[f] = str(e)
             tqdm.write(f"skipped {e}", file=sys.stderr)
             bar.update(1)
-    return kept, arrays
+    return kept, arrays, failed
 
 
 def _colour_range(model: Predictor, maps: list[np.ndarray]) -> tuple[float, float]:
@@ -86,7 +96,8 @@ def predict_folder(
     from rdjax import inference, outputs
 
     files = find_inputs(pattern)
-    if not files:
+    images = [f for f in files if is_image(f)]
+    if not images:
         raise DataError(f"{pattern}: no image files found")
     if out.exists() and not out.is_dir():
         raise WorkdirError(f"{out}: exists and is not a folder; choose another --output")
@@ -95,28 +106,31 @@ def predict_folder(
         print(f"warning: {workdir} has no calibration.json: no decisions or masks", file=sys.stderr)
     root = Path(pattern) if Path(pattern).is_dir() else Path(os.path.commonpath([str(f.parent) for f in files]))
     names = dict(zip(files, output_names(files, root)))
-    rows: list[dict] = []
+    skipped = {f: f"not an image file ({f.suffix or 'no extension'})" for f in files if not is_image(f)}
+    rows: dict[Path, dict] = {}
     scores: list[float] = []
-    done: list[Path] = []
     lo_hi = None
-    bar = tqdm(total=len(files), unit="img", desc="predicting", disable=None)
-    for start in range(0, len(files), batch_size):
-        chunk, arrays = _decode(files[start : start + batch_size], bar)
+    bar = tqdm(total=len(images), unit="img", desc="predicting", disable=None)
+    for start in range(0, len(images), batch_size):
+        chunk, arrays, failed = _decode(images[start : start + batch_size], bar)
+        skipped.update(failed)
         if not chunk:
             continue
         pred = model.predict(arrays, batch_size, resize, tile_size, overlap)
         lo_hi = lo_hi or _colour_range(model, pred.maps)
         for i, f in enumerate(chunk):
-            rows.append(outputs.write_prediction(out, names[f], str(f), arrays[i], pred, i, lo_hi))
+            rows[f] = outputs.write_prediction(out, names[f], str(f), arrays[i], pred, i, lo_hi)
             scores.append(float(pred.scores[i]))
-            done.append(f)
         bar.update(len(chunk))
     bar.close()
-    outputs.write_prediction_summary(out, f"rdjax predict: {workdir}", rows, scores, [names[f] for f in done],
-                                     lambda idx: [inference.as_images(done[i])[0] for i in idx],
-                                     model.image_threshold)  # fmt: skip
-    flagged = sum(r["decision"] == "anomalous" for r in rows)
-    print(f"{len(rows)} images scored, {flagged} anomalous, {len(files) - len(rows)} skipped (unreadable) "
+    done = list(rows)
+    outputs.write_prediction_summary(
+        out, f"rdjax predict: {workdir}", [rows.get(f) or outputs.skipped_row(str(f), skipped[f]) for f in files],
+        scores, [names[f] for f in done], lambda idx: [inference.as_images(done[i])[0] for i in idx],
+        model.image_threshold, [(f.relative_to(root).as_posix(), skipped[f]) for f in files if f in skipped],
+    )  # fmt: skip
+    flagged = sum(r["decision"] == "anomalous" for r in rows.values())
+    print(f"{len(rows)} images scored, {flagged} anomalous, {len(skipped)} files skipped (scores.csv says why) "
           f"-> {out / 'scores.csv'}")  # fmt: skip
 
 

@@ -66,6 +66,8 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 .card img{max-width:100%}.card.tp{border-color:#1a7f37}.card.tn{border-color:#8c8}
 .card.fp{border-color:#d93}.card.fn{border-color:#c22}.card.ng{border-color:#c22}.card.ok{border-color:#8c8}
 .outcome{font-weight:bold}
+.skipcard{width:150px;border:3px dashed #999;border-radius:4px;padding:4px;font-size:12px;overflow-wrap:anywhere}
+.skipcard{color:#555}
 """
 
 _SCRIPT = """
@@ -98,7 +100,9 @@ class Page:
     """What report.html shows. ``labels``: 0 = good (None: unlabelled images, as predict
     scores them); ``images(rows)``: uint8 images of those rows, decoded on demand;
     ``metrics``: a result whose METRIC_NAMES entries make the table (None: no table);
-    ``pictures``: row -> a decision picture's path relative to the page."""
+    ``pictures``: row -> a decision picture's path relative to the page; ``skipped``:
+    (name, reason) of each input that could not be scored, a card each, outside the
+    slider's counts."""
 
     title: str
     scores: np.ndarray
@@ -110,13 +114,14 @@ class Page:
     roc: tuple[np.ndarray, np.ndarray] | None = None
     pro: tuple[np.ndarray, np.ndarray] | None = None
     pictures: Mapping[int, str] = dataclasses.field(default_factory=dict)
+    skipped: Sequence[tuple[str, str]] = ()
 
 
 def _head(page: Page, scores: np.ndarray) -> str:
-    start = page.threshold if page.threshold is not None else float(np.median(scores))
+    start = page.threshold if page.threshold is not None else float(np.median(scores)) if len(scores) else 0.0
     # The range holds the threshold too: a browser clamps a slider's value into its range,
     # which would re-decide images when every score lies on one side of the threshold.
-    lo, hi = min(float(scores.min()), start), max(float(scores.max()), start)
+    lo, hi = min([*scores.tolist(), start]), max([*scores.tolist(), start])
     table = ""
     if page.metrics is not None:
         table = (
@@ -138,6 +143,8 @@ def _head(page: Page, scores: np.ndarray) -> str:
         else 'anomalous <b id="ng"></b>, normal <b id="ok"></b>'
     )
     calibrated = "" if page.threshold is None else f"(calibrated: {page.threshold:.6g})"
+    if page.skipped:
+        counts += f', skipped <b id="skipped">{len(page.skipped)}</b>'
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(page.title)}</title><style>{_STYLE}</style></head>
 <body><h1>{html.escape(page.title)}</h1>
@@ -175,6 +182,10 @@ def write_page(path: Path, page: Page, chunk: int = 16) -> Path:
             rows = np.arange(begin, min(begin + chunk, len(scores)))
             for row, image in zip(rows, page.images(rows)):
                 out.write(_card(page, int(row), image, scores))
+        for name, reason in page.skipped:
+            out.write(
+                f'<div class="skipcard"><div>{html.escape(name)}</div><div>skipped: {html.escape(reason)}</div></div>\n'
+            )
         out.write(f"""</div>
 <script type="application/json" id="data">{data}</script>
 <script>{_SCRIPT}</script>

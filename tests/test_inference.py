@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import rdjax
-from rdjax import calibration, data, registry, train
+from rdjax import calibration, data, predict, registry, train
 
 from conftest import assert_auroc_within, rdjax_cli, small_config
 
@@ -99,30 +99,61 @@ def test_report_is_written(workdir):
     assert img.size[0] > 800 and img.size[1] > 600
 
 
-def test_predict_command(workdir, tmp_path):
+def test_predict_accounts_for_every_file(workdir, tmp_path):
+    """A mixed folder: images, a truncated PNG, a text file, a file without extension and
+    the same image under another extension. scores.csv has one row per file, in the
+    folder's order, scored or skipped with the reason; every scored image has its own
+    overlay and mask (the two 000 files too) and decides as Model.predict does."""
     work, data, _ = workdir
     inputs = tmp_path / "in"
     shutil.copytree(data / "disk" / "test", inputs)
-    (inputs / "good" / "broken.png").write_bytes(b"not a png")
-    # The same name with another extension: its outputs must not overwrite these.
+    good = sorted((inputs / "good").glob("*.png"))[0].read_bytes()
+    (inputs / "good" / "broken.png").write_bytes(good[: len(good) // 2])  # a truncated PNG
+    (inputs / "notes.txt").write_text("line 3, shift 2")
+    (inputs / "README").write_text("no extension")
     Image.open(inputs / "hole" / "000.png").convert("RGB").save(inputs / "hole" / "000.jpg", quality=95)
     out = tmp_path / "out"
     result = rdjax_cli("predict", f"--workdir={work}", f"--input={inputs}", f"--output={out}")
     assert result.code == 0, result.stderr[-2000:]
-    n = len(list(inputs.rglob("*.png"))) - 1 + 1
-    assert f"{n} images scored" in result.stdout and "1 skipped" in result.stdout
-    assert "broken.png" in result.stderr
+    files = sorted(str(p) for p in inputs.rglob("*") if p.is_file())
     rows = list(csv.DictReader(open(out / "scores.csv")))
-    assert len(rows) == n
-    assert (out / "overlays" / "hole_000_png.png").is_file() and (out / "overlays" / "hole_000_jpg.png").is_file()
-    assert (out / "overlays" / "hole_001.png").is_file()
+    assert [r["file"] for r in rows] == files
+    skipped = {Path(r["file"]).name: r["reason"] for r in rows if r["status"] == "skipped"}
+    assert set(skipped) == {"broken.png", "notes.txt", "README"}
+    assert "not an image file (.txt)" in skipped["notes.txt"] and "no extension" in skipped["README"]
+    assert "broken.png" in skipped["broken.png"] and all(r["score"] == "" for r in rows if r["status"] == "skipped")
+    scored = [r for r in rows if r["status"] == "scored"]
+    assert f"{len(scored)} images scored" in result.stdout and "3 files skipped" in result.stdout
+    for name in ("hole/000_png", "hole/000_jpg", "hole/001_png"):
+        assert (out / "overlays" / f"{name}.png").is_file() and (out / "masks" / f"{name}_mask.png").is_file()
+    assert len(list((out / "overlays").rglob("*.png"))) == len(list((out / "masks").rglob("*.png"))) == len(scored)
     model = rdjax.load(work)
-    want = model.predict([r["file"] for r in rows]).decisions
-    assert [r["decision"] for r in rows] == ["anomalous" if d else "normal" for d in want]
-    assert len(list((out / "overlays").glob("*.png"))) == n
-    assert len(list((out / "masks").glob("*_mask.png"))) == n
-    row = next(r for r in rows if r["file"].endswith("hole/000.png"))
+    want = model.predict([r["file"] for r in scored]).decisions
+    assert [r["decision"] for r in scored] == ["anomalous" if d else "normal" for d in want]
+    row = next(r for r in scored if r["file"].endswith("hole/000.png"))
     assert float(row["score"]) == pytest.approx(float(model.predict(row["file"]).scores[0]), rel=1e-5)
+    page = (out / "report.html").read_text()
+    assert page.count('class="skipcard"') == 3 and "skipped: not an image file (.txt)" in page
+
+
+def test_colliding_names_get_distinct_outputs(workdir, tmp_path):
+    """coll/x/y_z.png and coll/x_y/z.png flatten to the same name; kept as paths they
+    stay apart, and each overlay is its own image's picture."""
+    work, data, _ = workdir
+    sources = sorted((data / "disk" / "test" / "hole").glob("*.png"))[:2]
+    (tmp_path / "coll" / "x").mkdir(parents=True)
+    (tmp_path / "coll" / "x_y").mkdir()
+    shutil.copy(sources[0], tmp_path / "coll" / "x" / "y_z.png")
+    shutil.copy(sources[1], tmp_path / "coll" / "x_y" / "z.png")
+    out = tmp_path / "out"
+    predict.predict_folder(str(work), str(tmp_path / "coll"), out)
+    first, second = out / "overlays" / "x" / "y_z_png.png", out / "overlays" / "x_y" / "z_png.png"
+    assert first.is_file() and second.is_file() and first.read_bytes() != second.read_bytes()
+    page = (out / "report.html").read_text()
+    assert 'href="overlays/x/y_z_png.png"' in page and 'href="overlays/x_y/z_png.png"' in page
+    names = predict.output_names([Path("/r/a/b_c.png"), Path("/r/a_b/c.png"), Path("/r/a/b.png"), Path("/r/a/b.jpg")],
+                                 Path("/r"))  # fmt: skip
+    assert len(set(names)) == 4
 
 
 @pytest.mark.slow

@@ -88,18 +88,24 @@ def test_hostile_file_names_are_text(browser, tmp_path):
 
 def test_predict_page_decides_as_scores_csv_says(trained, browser, tmp_path):
     """`rdjax predict` writes report.html beside scores.csv: one card per image, each
-    linking its decision picture, and at the calibrated threshold (the slider's start)
-    the page counts the anomalous decisions scores.csv lists."""
+    linking its decision picture, one card per skipped file outside the slider's counts,
+    and at the calibrated threshold (the slider's start) the page counts the anomalous
+    decisions scores.csv lists."""
     import csv
+    import shutil
 
     from rdjax import predict
 
     config, work, _ = trained
-    folder = Path(config.dataset.root) / "disk" / "test"
+    folder = tmp_path / "in"
+    shutil.copytree(Path(config.dataset.root) / "disk" / "test", folder)
+    (folder / "notes.txt").write_text("not an image")
     predict.predict_folder(str(work), str(folder), tmp_path / "out")
-    rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
+    every = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
+    rows = [r for r in every if r["status"] == "scored"]
     page, problems = _open(browser, tmp_path / "out" / "report.html")
-    assert page.locator(".card").count() == len(rows) == len(list(folder.rglob("*.png")))
+    assert page.locator(".card").count() == len(rows) == len(list(folder.rglob("*.png"))) == len(every) - 1
+    assert page.locator(".skipcard").count() == 1 and int(page.locator("#skipped").text_content()) == 1
     assert int(page.locator("#ng").text_content()) == sum(r["decision"] == "anomalous" for r in rows) > 0
     assert int(page.locator("#ok").text_content()) == sum(r["decision"] == "normal" for r in rows) > 0
     links = [page.locator(".card a").nth(i).get_attribute("href") for i in range(len(rows))]
