@@ -43,7 +43,7 @@ def define_run_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     config_flags.DEFINE_config_file(
         "config",
         None,
-        "A config name (mvtec, synthetic, ...) or a config file.",
+        "A config name (mvtec, synthetic, ...) or a config file; eval: default the workdir's own config.json.",
         flag_values=fv,
         lock_config=True,
         sys_argv=argv,
@@ -71,7 +71,7 @@ def define_run_flags(fv: flags.FlagValues, argv: list[str]) -> None:
         "$RDJAX_XLA_CACHE, else $JAX_COMPILATION_CACHE_DIR, else ~/.cache/rdjax/xla.",
         flag_values=fv,
     )
-    flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+    flags.mark_flags_as_required(["workdir"], flag_values=fv)
 
 
 XLA_CACHE_MAX_BYTES = 2 * 2**30  # the oldest programs are deleted beyond this, at each start
@@ -142,14 +142,20 @@ def run_training(fv: flags.FlagValues, mode: str) -> None:
     import jax
 
     from rdjax import train
+    from rdjax import workdir as workdir_lib
 
+    workdir = Path(fv.workdir)
+    config = fv.config
+    if config is None:
+        if mode == "train":
+            raise ConfigError("rdjax train needs --config (a config name such as mvtec, or a config file)")
+        config = workdir_lib.saved_config(workdir)
     use_compilation_cache(fv.compilation_cache)
     initialize_distributed(fv)
-    workdir = Path(fv.workdir)
-    results = train.run(fv.config, workdir, mode)
+    results = train.run(config, workdir, mode)
     if jax.process_index() != 0:
         return
-    if len(results) > 1 or fv.config.dataset.category == "all":
+    if len(results) > 1 or config.dataset.category == "all":
         print((workdir / "results.md").read_text(), end="")
         return
     from rdjax.metrics import headline

@@ -117,12 +117,32 @@ def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -
     write_text(_abs(workdir) / CONFIG, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def categories(workdir: str | os.PathLike) -> list[str]:
+    """The per-category workdirs a run over several categories made below ``workdir``."""
+    folder = _abs(workdir)
+    return sorted(p.parent.name for p in folder.glob(f"*/{CONFIG}")) if folder.is_dir() else []
+
+
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The workdir's config, with keys added since it was written set to their defaults."""
     path = _abs(workdir) / CONFIG
     if not path.is_file():
+        several = categories(workdir)
+        if several:
+            raise WorkdirError(f"{_abs(workdir)} holds one workdir per category ({', '.join(several)}); "
+                               f"pass one of them, e.g. {_abs(workdir) / several[0]}")  # fmt: skip
         raise WorkdirError(f"{path}: no config.json; is this an rdjax workdir?")
     return config_lib.from_dict(read_json(path))
+
+
+def saved_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with, to evaluate it again: its own config.json,
+    or for a run over several categories, the categories' config with category 'all'."""
+    if (_abs(workdir) / CONFIG).is_file() or not categories(workdir):
+        return load_config(workdir)
+    config = load_config(_abs(workdir) / categories(workdir)[0])
+    config.dataset.category = "all"
+    return config
 
 
 # ----------------------------------------------------------------------------- teacher

@@ -339,3 +339,26 @@ def test_the_promised_commands_run_from_another_folder(synthetic_data, tmp_path)
         assert proc.returncode == 0 and flag in proc.stdout, (command, proc.stderr[-2000:])
         proc = subprocess_run(sys.executable, "-m", f"rdjax.{command}", "--help", cwd=tmp_path)
         assert proc.returncode == 1 and f"use `rdjax {command}` or `python -m rdjax {command}`" in proc.stderr
+
+
+def test_eval_and_predict_read_the_workdirs_own_config(trained, tmp_path):
+    """`rdjax eval --workdir=W` needs no --config: the workdir's config.json evaluates the
+    same checkpoint with the same program, so the metrics are the same bit for bit.
+    `rdjax train` still needs one. A parent of per-category workdirs is named as such,
+    and evaluates with the categories' config over category 'all'."""
+    config, workdir, result = trained
+    again = tmp_path / "again"
+    shutil.copytree(workdir, again)
+    out = rdjax_cli("eval", f"--workdir={again}")
+    assert out.code == 0, out.stderr[-3000:]
+    evaluated = json.loads((again / "metrics.json").read_text())
+    assert (evaluated["image_auroc"], evaluated["pixel_auroc"]) == (result["image_auroc"], result["pixel_auroc"])
+    assert "rdjax train needs --config" in rdjax_cli("train", f"--workdir={again}").error_line()
+    parent = tmp_path / "parent"
+    shutil.copytree(workdir, parent / "disk")
+    error = rdjax_cli(
+        "predict", f"--workdir={parent}", f"--input={tmp_path}", f"--output={tmp_path / 'o'}"
+    ).error_line()
+    assert "holds one workdir per category (disk)" in error and str(parent / "disk") in error
+    saved = workdir_lib.saved_config(parent)
+    assert saved.dataset.category == "all" and saved.model.to_dict() == workdir_lib.load_config(workdir).model.to_dict()
