@@ -102,8 +102,12 @@ def prune_cache(directory: Path, max_bytes: int) -> None:
     for _, size, path in sorted(entries):
         if total <= max_bytes:
             break
-        with contextlib.suppress(OSError):
+        try:
             path.unlink()
+        except FileNotFoundError:  # another process deleted it first
+            pass
+        except OSError:  # it stays, and counts
+            continue
         total -= size
 
 
@@ -120,6 +124,7 @@ def use_compilation_cache(directory: str) -> None:
     folder = Path(directory).expanduser()
     if folder.is_dir():
         prune_cache(folder, XLA_CACHE_MAX_BYTES)
+    jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -312,6 +317,9 @@ def _parse(
                 f"unknown config key {key[len('config.') :]!r} (--{key}); docs/config.md lists them"
             ) from None
         raise ConfigError(f"unknown flag --{key}; rdjax {name} --help lists the flags") from None
+    except ImportError as e:  # a config that imports what is not installed
+        raise ConfigError(f"{one_line(e)}; configs import rdjax.configs, which needs rdjax installed "
+                          f"(pip install -e . in the repository)") from None  # fmt: skip
     except Exception as e:
         frame = _config_file_frame(e, argv)
         if frame is not None:  # the config file's own exception, whatever its type
@@ -325,9 +333,6 @@ def _parse(
             raise ConfigError(one_line(e)) from None
         if isinstance(e, OSError):  # a config file that fails to load
             raise ConfigError(one_line(e).split(" Attempted")[0]) from None
-        if isinstance(e, ImportError):  # a config that imports what is not installed
-            raise ConfigError(f"{one_line(e)}; configs import rdjax.configs, which needs rdjax installed "
-                              f"(pip install -e . in the repository)") from None  # fmt: skip
         raise
 
 

@@ -183,18 +183,21 @@ def write_overlays(directory: Path, cases: Cases, threshold: float | None) -> li
 
 
 def write_evaluation(workdir: Path, epoch: int, result: dict) -> Path:
-    """An evaluation's metrics and table into eval/epoch_NNNN/, copied to the workdir's top
-    when it holds the metrics (the latest full evaluation: an evaluation of only some
-    evaluators, by their cadence, leaves it), with its calibration as calibration.json."""
+    """An evaluation's result into eval/epoch_NNNN/metrics.json. Where it holds the
+    metrics (an evaluation without them, by the evaluators' cadences, has none), also
+    results.md there, and both copied to the workdir's top (the latest evaluation with
+    metrics). Its calibration, where it has one, becomes calibration.json."""
     from rdjax.workdir import CALIBRATION, write_json, write_text
 
     out = evaluation_dir(workdir, epoch)
     if "calibration" in result:
         write_json(workdir / CALIBRATION, result["calibration"])
-    table = results_markdown(result)
-    for folder in (out, workdir) if "image_auroc" in result else (out,):
-        write_json(folder / "metrics.json", result)
-        write_text(folder / "results.md", table)
+    write_json(out / "metrics.json", result)
+    if "image_auroc" in result:
+        table = results_markdown(result)
+        write_text(out / "results.md", table)
+        write_json(workdir / "metrics.json", result)
+        write_text(workdir / "results.md", table)
     return out
 
 
@@ -205,13 +208,11 @@ def write_best_on_test(workdir: Path) -> dict | None:
     """best_on_test.json: the evaluation with the highest mean of image AUROC, pixel AUROC and
     AUPRO, as RD++'s official script keeps its checkpoint. That is a choice made on the
     test set, so the file says so; metrics.json stays the last evaluation."""
-    import json
-
-    from rdjax.workdir import write_json
+    from rdjax.workdir import read_json, write_json
 
     best = None
     for path in sorted((workdir / "eval").glob("epoch_*/metrics.json")):
-        result = json.loads(path.read_text())
+        result = read_json(path)
         if not all(k in result for k in SELECTION_KEYS):
             continue
         score = sum(result[k] for k in SELECTION_KEYS) / len(SELECTION_KEYS)

@@ -23,13 +23,14 @@ RANDOM_WARNING = (
 )
 
 
-def from_source(model: Model, source: str, offline: bool = False) -> Variables:
+def from_source(model: Model, source: str) -> Variables:
     """Teacher variables from 'imagenet' (downloaded once into the cache, unless
-    ``offline``), a .pth/.pt/.safetensors/.npz file, or an rdjax teacher directory."""
+    offline, rdjax.weights.offline), a .pth/.pt/.safetensors/.npz file, or an rdjax
+    teacher directory."""
     if source == "imagenet":
         if model.imagenet_file is None:
             raise ConfigError(f"model {type(model).__name__} has no ImageNet teacher; give a weights file")
-        path = weights.download(model.imagenet_file, allow=not offline)
+        path = weights.download(model.imagenet_file)
     else:
         path = Path(source).expanduser()
         if path.is_dir():
@@ -51,7 +52,7 @@ def for_run(config: Any, model: Model, workdir: Path) -> tuple[Variables, list[s
         if source == "none":
             variables, _ = model.init(jax.random.key(config.seed), config.image_size)
         else:
-            variables = from_source(model, source, config.offline)
+            variables = from_source(model, source)
     saved = teacher_dir.exists()
     if source != "none":
         return variables, [], saved

@@ -7,6 +7,7 @@ the configured evaluators -> the workdir.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -20,7 +21,21 @@ import optax
 import tqdm
 
 from rdjax import config as config_lib
-from rdjax import data, evaluation, features, maps, metrics, modes, outputs, registry, sharding, steps, teacher, tiling
+from rdjax import (
+    data,
+    evaluation,
+    features,
+    maps,
+    metrics,
+    modes,
+    outputs,
+    registry,
+    sharding,
+    steps,
+    teacher,
+    tiling,
+    weights,
+)
 from rdjax import evaluators as evaluators_lib
 from rdjax import state as state_lib
 from rdjax import workdir as workdir_lib
@@ -67,7 +82,13 @@ class Run:
 def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | None = None) -> Run:
     """Check the config, load the data, then (and only then) touch the workdir: bad
     settings and bad data fail before anything is written. ``writing``: the run will
-    write checkpoints, so the workdir must take them."""
+    write checkpoints, so the workdir must take them. With config.offline nothing here
+    downloads (the teacher's weights, a TFDS dataset)."""
+    with weights.offline_scope(config.offline):
+        return _setup(config, workdir, writing, dataset)
+
+
+def _setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | None) -> Run:
     config_lib.check(config, jax.device_count())
     registry.check(config)
     if (workdir / workdir_lib.CONFIG).is_file():  # a workdir holds one model: never restore another's shapes
@@ -156,13 +177,15 @@ def _eval_functions(run: Run, student_vars: Any) -> tuple[Callable, Callable]:
     return run_pass, predict
 
 
-def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: list[str] | None = None) -> dict:
-    """One evaluation pass over the test images and the evaluators in ``names`` (default:
-    all of config.evals); returns the result for Writer.evaluation. The evaluators write
-    their own files into eval/epoch_NNNN on process 0."""
+def evaluate_student(
+    run: Run, student_vars: Any, epoch: int, step: int, evaluators: dict[str, Any] | None = None
+) -> dict:
+    """One evaluation pass over the test images and ``evaluators`` (built, in run order;
+    default: all of config.evals); returns the result for Writer.evaluation. The
+    evaluators write their own files into eval/epoch_NNNN on process 0."""
     config = run.config
-    built = evaluators_lib.build(config.evals, registry.EVALUATORS.get)
-    evaluators = {n: e for n, e in built.items() if names is None or n in names}
+    if evaluators is None:
+        evaluators = evaluators_lib.build(config.evals, registry.EVALUATORS.get)
     run_pass, predict = _eval_functions(run, student_vars)
     start = time.perf_counter()
     test_pass = run_pass(run.test, "test")
@@ -337,6 +360,11 @@ class Writer:
         if self.primary:
             workdir_lib.write_json(self.log_path, self.train_log)
 
+    def summary(self, results: dict[str, dict], keys: tuple[str, ...]) -> None:
+        """results.md over the categories of a run, with the mean row."""
+        if self.primary:
+            workdir_lib.write_text(self.workdir / "results.md", outputs.summary_markdown(results, keys))
+
     def finish(self, config: Any) -> None:
         if self.primary and config.report_best_on_test:
             outputs.write_best_on_test(self.workdir)
@@ -347,9 +375,10 @@ class Writer:
 
 
 class Profiler:
-    """config.profile_steps > 0: a jax.profiler trace of that many steps, from the second
-    step of the run (the first compiles), into workdir/profile (TensorBoard, Perfetto);
-    with several processes, each into its own profile/process_<i>."""
+    """config.profile_steps > 0: a jax.profiler trace of that many steps from the run's
+    second step (the first compiles), ending at the end of its epoch at the latest, so
+    checkpoints and evaluations stay out of it; into workdir/profile (TensorBoard,
+    Perfetto), with several processes each into its own profile/process_<i>."""
 
     def __init__(self, workdir: Path, steps: int) -> None:
         self.directory = workdir / "profile"
@@ -358,12 +387,14 @@ class Profiler:
         self.steps, self.seen, self.active = steps, 0, False
 
     def step(self, state: Any) -> None:
+        """After each step: the window opens once the first step is done (before the
+        second runs) and closes after ``steps`` traced steps."""
         self.seen += 1
-        if self.steps > 0 and self.seen == 2:
+        if self.steps > 0 and self.seen == 1:
             jax.block_until_ready(state)
             jax.profiler.start_trace(str(self.directory))
             self.active = True
-        elif self.active and self.seen == 2 + self.steps:
+        elif self.active and self.seen == 1 + self.steps:
             self.stop(state)
 
     def stop(self, state: Any) -> None:
@@ -480,10 +511,15 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
     profiler = Profiler(workdir, config.profile_steps)
     evaluators = evaluators_lib.build(config.evals, registry.EVALUATORS.get)
     result: dict = {}
-    finished = False
-    try:
+    finished = [False]
+    with contextlib.ExitStack() as cleanup:  # also on an error, each in turn, whatever another raised
+        cleanup.callback(profiler.abandon)
+        cleanup.callback(writer.close)
+        cleanup.callback(lambda: trainer.close(finished[0]))  # a disk cache is kept for the resume
+        cleanup.callback(manager.close)  # the checkpoints are flushed
         for epoch in range(start_epoch + 1, config.num_epochs + 1):
             state, entry = trainer.epoch(state, epoch, profiler)
+            profiler.stop(state)  # checkpoints and evaluations stay out of the trace
             writer.train(entry)
             last = epoch == config.num_epochs
             if epoch % config.checkpoint_every == 0 or last:
@@ -491,18 +527,13 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
                 writer.checkpoint()
             due = evaluators_lib.due(config.evals, evaluators, epoch, config.eval_every, last)
             if due:
-                result = evaluate_student(run, state.student_vars, epoch, int(state.step), due)
+                chosen = {n: evaluators[n] for n in due}
+                result = evaluate_student(run, state.student_vars, epoch, int(state.step), chosen)
                 writer.evaluation(result)
-        profiler.stop(state)  # a window longer than the run ends with it
         if not result:  # already trained: evaluate what is there
             result = evaluate_student(run, state.student_vars, start_epoch, int(state.step))
             writer.evaluation(result)
-        finished = True
-    finally:  # also on an error: the checkpoints are flushed, and a disk cache is kept for the resume
-        manager.close()
-        trainer.close(finished)
-        writer.close()
-        profiler.abandon()
+        finished[0] = True
     writer.finish(config)
     if jax.process_count() > 1:
         tqdm.tqdm.write(f"process {jax.process_index()} of {jax.process_count()}: decoded "
@@ -543,6 +574,6 @@ def run(config: Any, workdir: str | Path, mode: str = "train") -> dict[str, dict
         run_config = config.copy_and_resolve_references()  # the caller's config keeps 'all'
         run_config.dataset.category = category
         results[category] = step(run_config, workdir / category if several else workdir, dataset)
-    if several and jax.process_index() == 0:
-        workdir_lib.write_text(workdir / "results.md", outputs.summary_markdown(results, dataset.summary_keys))
+    if several:
+        Writer(workdir).summary(results, dataset.summary_keys)
     return results

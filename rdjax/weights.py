@@ -11,13 +11,15 @@ Anything else is a PortError that names the key.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import os
 import re
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -169,15 +171,28 @@ def _hash_prefix(filename: str) -> str:
     return m.group(1) if m else ""
 
 
+_OFFLINE: contextvars.ContextVar[bool] = contextvars.ContextVar("rdjax_offline", default=False)
+
+
 def offline() -> bool:
-    """RDJAX_OFFLINE=1: nothing is downloaded (air-gapped line PCs, CI)."""
-    return os.environ.get("RDJAX_OFFLINE", "") not in ("", "0")
+    """RDJAX_OFFLINE=1, or inside `offline_scope(True)` (config.offline): nothing is
+    downloaded (air-gapped line PCs, CI)."""
+    return _OFFLINE.get() or os.environ.get("RDJAX_OFFLINE", "") not in ("", "0")
 
 
-def download(filename: str, directory: str | os.PathLike | None = None, allow: bool = True) -> Path:
-    """Return torchvision's ``filename`` from the cache, downloading it if needed and
-    allowed (``allow`` and not RDJAX_OFFLINE; else a one-line error naming where to place
-    the file).
+@contextlib.contextmanager
+def offline_scope(on: bool) -> Iterator[None]:
+    """Forbid downloads (teacher weights, datasets) in this block where ``on``."""
+    token = _OFFLINE.set(on or _OFFLINE.get())
+    try:
+        yield
+    finally:
+        _OFFLINE.reset(token)
+
+
+def download(filename: str, directory: str | os.PathLike | None = None) -> Path:
+    """Return torchvision's ``filename`` from the cache, downloading it if needed and not
+    `offline()` (else a one-line error naming where to place the file).
 
     The file's SHA-256 must start with the hash prefix in its name, as torchvision
     checks. RDJAX_WEIGHTS_BASE_URL replaces the download host (a mirror, or file://).
@@ -189,7 +204,7 @@ def download(filename: str, directory: str | os.PathLike | None = None, allow: b
         return dest
     base = os.environ.get("RDJAX_WEIGHTS_BASE_URL", DEFAULT_BASE_URL)
     url = base.rstrip("/") + "/" + filename
-    if offline() or not allow:
+    if offline():
         raise PortError(f"offline (RDJAX_OFFLINE=1 or config.offline): {filename} is not in the cache; "
                         f"place it at {dest} (it is {url})")  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)

@@ -248,9 +248,10 @@ def test_a_config_files_own_exception_is_reported_as_such(tmp_path):
     for kind in ("KeyError", "AttributeError"):
         path = tmp_path / f"bad_{kind}.py"
         path.write_text(f"def get_config():\n    raise {kind}('no such thing')\n")
-        error = rdjax_cli("train", f"--config={path}", f"--workdir={tmp_path / 'w'}").error_line()
-        assert f"{path}:2: the config file raised {kind}" in error and "no such thing" in error
-        assert "unknown config key" not in error
+        for spelling in ([f"--config={path}"], ["--config", str(path)]):
+            error = rdjax_cli("train", *spelling, f"--workdir={tmp_path / 'w'}").error_line()
+            assert f"{path}:2: the config file raised {kind}" in error and "no such thing" in error
+            assert "unknown config key" not in error
 
 
 def test_offline_refuses_every_download(synthetic_data, tmp_path, monkeypatch):

@@ -119,9 +119,16 @@ def test_evals_run_after_what_they_need_and_check_their_settings():
     assert list(evaluators_lib.build(renamed, EVALUATORS.get)) == ["z_metrics", "report"]
     with pytest.raises(ConfigError, match="config.evals.report needs 'metrics', which is not another entry"):
         evaluators_lib.build({"report": {"type": "report", "metrics_from": "metrics"}}, EVALUATORS.get)
+    with pytest.raises(ConfigError, match="more than one evaluator of type 'report'"):
+        evaluators_lib.build({"a": {"type": "report"}, "b": {"type": "report"}}, EVALUATORS.get)
+
+    class Needs:  # a plug-in evaluator that needs another
+        def __init__(self, other: str) -> None:
+            self.needs = (other,)
+
+    kinds = {"x": Needs, "y": Needs}
     with pytest.raises(ConfigError, match="a cycle of needs among"):
-        cyclic = {"a": {"type": "report", "metrics_from": "b"}, "b": {"type": "report", "metrics_from": "a"}}
-        evaluators_lib.build(cyclic, EVALUATORS.get)
+        evaluators_lib.build({"a": {"type": "x", "other": "b"}, "b": {"type": "y", "other": "a"}}, kinds.__getitem__)
     with pytest.raises(ConfigError, match=r"config.evals.anomaly: .*colour"):
         evaluators_lib.build({"anomaly": {"type": "anomaly", "colour": "red"}}, EVALUATORS.get)
     config = config_lib.defaults()
@@ -130,7 +137,8 @@ def test_evals_run_after_what_they_need_and_check_their_settings():
     with pytest.raises(ConfigError, match="unknown evaluator 'roc'"):
         registry.check(bad)
     bad = config.copy_and_resolve_references()
-    bad.evals.anomaly.type = "calibration"
+    with bad.unlocked():
+        bad.evals = {"calibration": {"type": "calibration"}}
     with pytest.raises(ConfigError, match="config.evals has no 'anomaly' evaluator"):
         registry.check(bad)
     bad = config.copy_and_resolve_references()

@@ -107,29 +107,32 @@ def test_the_toy_satisfies_the_contract():
     _register()
     model = MODELS.get("toy")("tiny", "float32")
     assert isinstance(model, Model) and isinstance(model, Toy) and model.arch == "tiny"
-    assert not isinstance(object(), Model)
 
 
 MODEL: ModelType = Toy  # the static check of the contract
 
 
 def test_a_toy_model_trains_evaluates_and_predicts_through_the_cli(synthetic_data, tmp_path):
-    """Two epochs of 16 images at batch 8 are four steps (the second traced by
-    config.profile_steps), evaluated after each, with the report every second epoch;
-    the evaluation's image AUROC is what its own scores.csv allows; rdjax.load scores a
-    test image as the toy's own features through rdjax.maps do."""
+    """Three epochs of 16 images at batch 8 are six steps (the second traced by
+    config.profile_steps). Calibration runs every epoch, the metrics every second and at
+    the last, the report at the last only; the evaluation's image AUROC is what its own
+    scores.csv allows; rdjax.load scores a test image as the toy's own features through
+    rdjax.maps do."""
     _register()
     root, work = synthetic_data(), tmp_path / "toy"
     flags = ["--config.model.name=toy", "--config.model.arch=tiny", "--config.batch_size=8", "--config.image_size=32",
-             "--config.profile_steps=1", "--config.num_epochs=2", "--config.eval_every=1",
-             "--config.evals.report.every=2"]  # fmt: skip
+             "--config.profile_steps=1", "--config.num_epochs=3", "--config.eval_every=2",
+             "--config.evals.calibration.every=1", "--config.evals.report.every=3"]  # fmt: skip
     result = rdjax_cli("train", f"--workdir={work}", *data_flags(root), *flags)
     assert result.code == 0, result.stderr[-3000:]
     assert list((work / "profile").rglob("*.xplane.pb")), "config.profile_steps wrote no trace"
     metrics = json.loads((work / "metrics.json").read_text())
-    assert metrics["model"] == "toy" and metrics["step"] == 4
-    first, last = work / "eval" / "epoch_0001", work / "eval" / "epoch_0002"  # report every 2nd epoch only
-    assert (first / "metrics.json").is_file() and not (first / "report.png").exists()
+    assert metrics["model"] == "toy" and metrics["step"] == 6 and metrics["epoch"] == 3
+    evaluated = [json.loads((work / "eval" / f"epoch_{e:04d}" / "metrics.json").read_text()) for e in (1, 2, 3)]
+    assert "calibration" in evaluated[0] and "image_auroc" not in evaluated[0]  # calibration alone
+    assert not (work / "eval" / "epoch_0001" / "results.md").exists()
+    assert "image_auroc" in evaluated[1] and not (work / "eval" / "epoch_0002" / "report.png").exists()
+    last = work / "eval" / "epoch_0003"  # the last epoch runs every evaluator
     assert (last / "report.png").is_file() and (last / "scores.csv").is_file()
     lo, hi = scores_csv_auroc_range(last / "scores.csv")
     assert lo <= metrics["image_auroc"] <= hi and hi - lo < 0.5

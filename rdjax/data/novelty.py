@@ -30,7 +30,13 @@ def _sources(name: str, data_dir: str | None) -> dict:
 
     builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
-        return {split: builder.as_data_source(split=split) for split in ("train", "test")}
+        try:
+            return {split: builder.as_data_source(split=split) for split in ("train", "test")}
+        except NotImplementedError:  # prepared as tfrecord (TFDS's default), which has no random access
+            raise DataError(
+                f"{builder.data_dir}: {name} is prepared as tfrecord, which rdjax cannot read row by row; "
+                f"set config.dataset.data_dir to another folder (rdjax prepares it as array_record there)"
+            ) from None
     if offline():
         raise DataError(
             f"offline (RDJAX_OFFLINE=1): {name} is not prepared in {builder.data_dir}; prepare it once with "

@@ -53,7 +53,11 @@ def build(evals: Any, get: Callable[[str], EvaluatorType]) -> dict[str, Evaluato
     """config.evals -> instances, ordered so that each runs after the ones it ``needs``
     (ml_collections keeps keys sorted, so the written order cannot carry meaning); ``get``
     is the registry's lookup. Raises ConfigError on an unknown type or setting, a need
-    that names no evaluator, or a cycle of needs."""
+    that names no evaluator, a cycle of needs, or two evaluators of one type."""
+    types_seen = [s.get("type", n) for n, s in evals.items()]
+    twice = sorted({t for t in types_seen if types_seen.count(t) > 1})
+    if twice:  # two of a type would set the same result keys and write the same files
+        raise ConfigError(f"config.evals: more than one evaluator of type {twice[0]!r}")
     built: dict[str, Evaluator] = {}
     for name, setting in evals.items():
         settings = {k: v for k, v in dict(setting).items() if k not in CADENCE_KEYS}
@@ -92,9 +96,10 @@ def run_all(evaluators: Mapping[str, Evaluator], context: EvalContext) -> dict[s
     merged: dict[str, Any] = {}
     warnings: list[str] = []
     for name, evaluator in evaluators.items():
-        needed = types.MappingProxyType(
-            {n: types.MappingProxyType(results[n]) for n in evaluator.needs if n in results}
-        )
+        missing = [n for n in evaluator.needs if n not in results]
+        if missing:
+            raise ConfigError(f"config.evals.{name} needs {missing[0]!r}, which did not run before it")
+        needed = types.MappingProxyType({n: types.MappingProxyType(results[n]) for n in evaluator.needs})
         results[name] = out = evaluator(context, needed)
         warnings += out.get("warnings", [])
         clash = sorted((set(out) - {"warnings"}) & set(merged))

@@ -54,7 +54,7 @@ class Report:
         page = webpage.Page(
             title=f"{context.config.dataset.category}: evaluation {out.name.replace('_', ' ')}",
             scores=passed.scores, filenames=test.filenames, images=test.images, labels=test.labels,
-            metrics=needed.get(self.metrics_from), threshold=threshold, roc=roc, pro=pro,
+            metrics=needed[self.metrics_from] if self.metrics_from else None, threshold=threshold, roc=roc, pro=pro,
             pictures={int(r): f"images/{p.name}" for r, p in zip(rows, written)},
         )  # fmt: skip
         webpage.write_page(out / "report.html", page)
