@@ -90,5 +90,5 @@ def check(config: Any) -> None:
     build_model(config)
     DATASETS.get(config.dataset.name)
     evaluators.build(config.evals, EVALUATORS.get)
-    if not any(s.get("type", n) == METRICS_EVALUATOR for n, s in config.evals.items()):
+    if not any(evaluators.type_of(n, s) == METRICS_EVALUATOR for n, s in config.evals.items()):
         raise ConfigError(f"config.evals has no {METRICS_EVALUATOR!r} evaluator: the metrics every run reports")

@@ -67,6 +67,7 @@ class Run:
     train: Split
     test: Split
     validation: Split | None
+    evaluators: dict[str, evaluators_lib.Evaluator]  # config.evals, built in run order
     feature_mode: str = FeatureCache.OFF.value  # config.feature_cache resolved (training only)
     feature_dir: Path | None = None  # where 'disk' keeps this process's share
 
@@ -131,6 +132,7 @@ def _setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | No
         train=train_split,
         test=test_split,
         validation=validation,
+        evaluators=evaluators_lib.build(config.evals, registry.EVALUATORS.get),
         feature_mode=feature_mode,
         feature_dir=feature_dir,
     )
@@ -177,15 +179,12 @@ def _eval_functions(run: Run, student_vars: Any) -> tuple[Callable, Callable]:
     return run_pass, predict
 
 
-def evaluate_student(
-    run: Run, student_vars: Any, epoch: int, step: int, evaluators: dict[str, Any] | None = None
-) -> dict:
-    """One evaluation pass over the test images and ``evaluators`` (built, in run order;
-    default: all of config.evals); returns the result for Writer.evaluation. The
-    evaluators write their own files into eval/epoch_NNNN on process 0."""
+def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: list[str] | None = None) -> dict:
+    """One evaluation pass over the test images and the evaluators ``names`` (in run
+    order; default: all of run.evaluators); returns the result for Writer.evaluation.
+    The evaluators write their own files into eval/epoch_NNNN on process 0."""
     config = run.config
-    if evaluators is None:
-        evaluators = evaluators_lib.build(config.evals, registry.EVALUATORS.get)
+    evaluators = {n: e for n, e in run.evaluators.items() if names is None or n in names}
     run_pass, predict = _eval_functions(run, student_vars)
     start = time.perf_counter()
     test_pass = run_pass(run.test, "test")
@@ -509,7 +508,6 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
     trainer = make_trainer(run, tx, start_epoch)
     writer.resume(start_epoch)
     profiler = Profiler(workdir, config.profile_steps)
-    evaluators = evaluators_lib.build(config.evals, registry.EVALUATORS.get)
     result: dict = {}
     finished = [False]
     with contextlib.ExitStack() as cleanup:  # also on an error, each in turn, whatever another raised
@@ -525,10 +523,9 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
             if epoch % config.checkpoint_every == 0 or last:
                 workdir_lib.save_state(manager, int(state.step), state)
                 writer.checkpoint()
-            due = evaluators_lib.due(config.evals, evaluators, epoch, config.eval_every, last)
+            due = evaluators_lib.due(config.evals, run.evaluators, epoch, config.eval_every, last)
             if due:
-                chosen = {n: evaluators[n] for n in due}
-                result = evaluate_student(run, state.student_vars, epoch, int(state.step), chosen)
+                result = evaluate_student(run, state.student_vars, epoch, int(state.step), due)
                 writer.evaluation(result)
         if not result:  # already trained: evaluate what is there
             result = evaluate_student(run, state.student_vars, start_epoch, int(state.step))

@@ -49,19 +49,24 @@ EvaluatorType = Callable[..., Evaluator]  # built from its settings in config.ev
 CADENCE_KEYS = ("type", "every")  # the keys of a config.evals entry that are not settings
 
 
+def type_of(name: str, setting: Any) -> str:
+    """An entry's evaluator type: its 'type', else its name."""
+    return setting.get("type", name)
+
+
 def build(evals: Any, get: Callable[[str], EvaluatorType]) -> dict[str, Evaluator]:
     """config.evals -> instances, ordered so that each runs after the ones it ``needs``
     (ml_collections keeps keys sorted, so the written order cannot carry meaning); ``get``
     is the registry's lookup. Raises ConfigError on an unknown type or setting, a need
     that names no evaluator, a cycle of needs, or two evaluators of one type."""
-    types_seen = [s.get("type", n) for n, s in evals.items()]
+    types_seen = [type_of(n, s) for n, s in evals.items()]
     twice = sorted({t for t in types_seen if types_seen.count(t) > 1})
     if twice:  # two of a type would set the same result keys and write the same files
         raise ConfigError(f"config.evals: more than one evaluator of type {twice[0]!r}")
     built: dict[str, Evaluator] = {}
     for name, setting in evals.items():
         settings = {k: v for k, v in dict(setting).items() if k not in CADENCE_KEYS}
-        kind = get(setting.get("type", name))
+        kind = get(type_of(name, setting))
         try:
             inspect.signature(kind).bind(**settings)
         except TypeError as e:
