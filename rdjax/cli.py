@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -38,16 +39,28 @@ class Command:
 # ----------------------------------------------------------------------------- train / eval
 
 
+def _workdir_config(argv: list[str]) -> ml_collections.ConfigDict | None:
+    """`rdjax eval` without --config: the workdir's own config, which --config.key=value
+    overrides then change (rdjax.config.check_rerun says which keys may change)."""
+    if not argv[0].endswith(" eval") or any(a == "--config" or a.startswith("--config=") for a in argv):
+        return None
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")]
+    given += [a for previous, a in zip(argv, argv[1:]) if previous == "--workdir"]
+    if not given:
+        return None
+    from rdjax import workdir as workdir_lib
+
+    return workdir_lib.saved_config(given[-1])
+
+
 def define_run_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     # ml_collections finds the --config.key=value overrides in the argv given here.
-    config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "A config name (mvtec, synthetic, ...) or a config file; eval: default the workdir's own config.json.",
-        flag_values=fv,
-        lock_config=True,
-        sys_argv=argv,
-    )
+    help_text = "A config name (mvtec, synthetic, ...) or a config file; eval: default the workdir's own config.json."
+    saved = _workdir_config(argv)
+    if saved is None:
+        config_flags.DEFINE_config_file("config", None, help_text, flag_values=fv, lock_config=True, sys_argv=argv)
+    else:
+        config_flags.DEFINE_config_dict("config", saved, help_text, flag_values=fv, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.", flag_values=fv)
     flags.DEFINE_bool(
         "distributed",
@@ -147,14 +160,11 @@ def run_training(fv: flags.FlagValues, mode: str) -> None:
     import jax
 
     from rdjax import train
-    from rdjax import workdir as workdir_lib
 
     workdir = Path(fv.workdir)
     config = fv.config
     if config is None:
-        if mode == "train":
-            raise ConfigError("rdjax train needs --config (a config name such as mvtec, or a config file)")
-        config = workdir_lib.saved_config(workdir)
+        raise ConfigError(f"rdjax {mode} needs --config (a config name such as mvtec, or a config file)")
     use_compilation_cache(fv.compilation_cache)
     initialize_distributed(fv)
     results = train.run(config, workdir, mode)

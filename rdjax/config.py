@@ -116,3 +116,63 @@ def check(config: Any, device_count: int) -> None:
     for name, setting in config.evals.items():
         if not hasattr(setting, "get") or setting.get("every", 0) < 0:
             raise ConfigError(f"config.evals.{name} must be a dict with 'type' and, if given, 'every' >= 0")
+
+
+# What a rerun on a trained workdir may change. Everything else (model, architecture,
+# teacher, dataset and category, image size, dtype, normalization, maps, seed, batch,
+# hold-out, optimizer, ...) is what the trained weights or their calibration depend on,
+# and must equal the workdir's config.json: a list of what may change, so a key added
+# later is protected until someone decides otherwise.
+SCHEDULE_KEYS = (
+    "num_epochs", "num_epochs_by_category", "eval_every", "checkpoint_every", "keep_checkpoints", "profile_steps",
+    "feature_cache", "feature_cache_dir", "offline", "eval_batch_size", "exact_metrics_max_pixels",
+    "report_best_on_test", "evals", "dataset.root", "dataset.data_dir", "dataset.train_dir",
+    "dataset.test_good_dir", "dataset.test_anomalous_dir", "dataset.mask_dir",
+)  # fmt: skip
+# `eval` only: an evaluation refits calibration.json, which records these, and predict
+# follows calibration.json; and it restores the trained weights with the workdir's own
+# teacher, so what only training reads does not matter to it. `train` writes
+# config.json, so there they stay frozen.
+EVALUATION_KEYS = ("resize.mode", "resize.tile_size", "resize.overlap", "threshold.method", "threshold.quantile")
+TRAINING_KEYS = (
+    "batch_size", "learning_rate", "adam_b1", "adam_b2", "rdpp.proj_lr", "rdpp.accumulation", "model.teacher_weights",
+)  # fmt: skip
+
+
+def _flat(config: Any) -> dict[str, Any]:
+    """Dotted key -> value, as config.json holds it (tuples as lists)."""
+    import json
+
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and prefix + key not in SCHEDULE_KEYS:
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[prefix + key] = value
+
+    walk(json.loads(config.to_json_best_effort()), "")
+    return out
+
+
+def check_rerun(workdir: Any, saved: Any, config: Any, evaluating: bool) -> list[str]:
+    """Refuse a run whose config changes what a trained workdir's weights or calibration
+    depend on (one line: the key and both values), before anything is written; return a
+    note for each other key that differs (num_epochs extended, a moved data folder)."""
+    before, now = _flat(saved), _flat(config)
+    free = SCHEDULE_KEYS + (EVALUATION_KEYS + TRAINING_KEYS if evaluating else ())
+    notes = []
+    for key in sorted(before.keys() | now.keys()):
+        old, new = before.get(key), now.get(key)
+        if old == new:
+            continue
+        if key in free or (key.startswith("dataset.") and old == ""):  # '': not recorded (rdjax port)
+            notes.append(f"config.{key}={new!r} (the workdir's config.json has {old!r})")
+            continue
+        hint = " or evaluate it with `rdjax eval`" if key in EVALUATION_KEYS else ""
+        raise ConfigError(
+            f"config.{key}={new!r}, but {workdir} was trained with {old!r}: a rerun may not change it "
+            f"(use a new --workdir{hint}, or leave the key as it was)"
+        )
+    return notes

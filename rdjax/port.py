@@ -39,6 +39,7 @@ def port(what: str, arch: str, src: str, out: Path, teacher: str | None = None, 
         config = config_lib.defaults()
         config.model.name, config.model.arch, config.image_size = what, arch, image_size
         config.model.teacher_weights = str((out / workdir_lib.TEACHER).resolve())
+        config.dataset.name = config.dataset.category = ""  # trained elsewhere: the first evaluation names them
         workdir_lib.write_ported(out, config, model.optimizer(config), teacher_vars, student_vars)
     print(f"wrote {out}")
 

@@ -92,13 +92,9 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
 def _setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | None) -> Run:
     config_lib.check(config, jax.device_count())
     registry.check(config)
-    if (workdir / workdir_lib.CONFIG).is_file():  # a workdir holds one model: never restore another's shapes
-        saved = workdir_lib.load_config(workdir).model
-        if (saved.name, saved.arch) != (config.model.name, config.model.arch):
-            raise ConfigError(
-                f"{workdir} holds model {saved.name!r} ({saved.arch}); run it with "
-                f"--config.model.name={saved.name} --config.model.arch={saved.arch}"
-            )
+    if (workdir / workdir_lib.CONFIG).is_file():  # a trained workdir: its weights' settings stay as they are
+        for note in config_lib.check_rerun(workdir, workdir_lib.load_config(workdir), config, evaluating=not writing):
+            _log("note: %s", note)
     model = registry.build_model(config)
     dataset = dataset or registry.build_dataset(config.dataset)
     train_split, test_split = dataset.load(config.dataset.category, config.image_size)
@@ -547,7 +543,10 @@ def evaluate(config: Any, workdir: str | Path, dataset: data.Dataset | None = No
     run = setup(config, workdir, writing=False, dataset=dataset)
     student_shapes = run.model.abstract_variables()[1]
     step, student_vars = workdir_lib.restore_student(workdir, student_shapes, sharding.replicated(run.mesh))
-    result = evaluate_student(run, student_vars, step // run.steps_per_epoch, step)
+    trained_batch = workdir_lib.load_config(workdir).batch_size  # an evaluation may give another batch size
+    result = evaluate_student(
+        run, student_vars, step // max(pipeline.steps_per_epoch(len(run.train), trained_batch), 1), step
+    )
     Writer(workdir).evaluation(result)
     return result
 

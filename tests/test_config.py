@@ -159,3 +159,34 @@ def test_a_config_file_with_the_old_evaluators_key_is_refused():
         config.evaluators = ("anomaly",)
     with pytest.raises(ConfigError, match="config.evaluators was replaced by config.evals"):
         config_lib.check(config, 1)
+
+
+def test_check_rerun_names_the_key_and_what_each_command_may_change():
+    """Training on may change the schedule only; an evaluation also what it records in
+    calibration.json and what only training reads; a ported workdir's dataset ('') is
+    named by its first evaluation."""
+    saved = config_lib.defaults()
+    same = config_lib.check_rerun("W", saved, saved.copy_and_resolve_references(), evaluating=False)
+    assert same == []
+
+    def changed(key: str, value, evaluating: bool) -> list[str]:
+        config = saved.copy_and_resolve_references()
+        node, *path = [config, *key.split(".")]
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+        return config_lib.check_rerun("W", saved, config, evaluating)
+
+    assert changed("num_epochs", 300, evaluating=False) == ["config.num_epochs=300 (the workdir's config.json has 200)"]
+    for key, value in [("image_size", 128), ("model.arch", "resnet18"), ("dataset.category", "cable"),
+                       ("blur_sigma", 2.0), ("threshold.validation_size", 3), ("dtype", "bfloat16")]:  # fmt: skip
+        for evaluating in (False, True):
+            with pytest.raises(ConfigError, match=rf"^config\.{key}=.*, but W was trained with"):
+                changed(key, value, evaluating)
+    for key, value in [("resize.mode", "fit"), ("threshold.method", "quantile"), ("batch_size", 4)]:
+        with pytest.raises(ConfigError, match=rf"config\.{key}="):
+            changed(key, value, evaluating=False)
+        assert len(changed(key, value, evaluating=True)) == 1
+    ported = saved.copy_and_resolve_references()
+    ported.dataset.name = ported.dataset.category = ""
+    assert len(config_lib.check_rerun("W", ported, saved, evaluating=True)) == 2

@@ -4,6 +4,7 @@ evaluation), the table over categories, and the demo's quality."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -203,6 +204,47 @@ def test_training_again_resumes_and_evaluates_what_is_there(trained, tmp_path):
     assert second["image_auroc"] == result["image_auroc"] and second["pixel_auroc"] == result["pixel_auroc"]
 
 
+def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
+    """Every file below ``folder``: its modification time and content hash."""
+    return {
+        p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_rerun_may_not_change_what_the_weights_depend_on(trained, tmp_path):
+    """The issue's case (a 64 px workdir rerun at 128 px) and its kin are refused with one
+    line naming the key and both values, and leave every file as it was; training on
+    may extend num_epochs, and an evaluation may change the evaluation-time resize."""
+    config, trained_dir, _ = trained
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_dir, workdir)
+    root = Path(config.dataset.root)
+    before = _snapshot(workdir)
+    for flag, line in [
+        ("--config.image_size=128", f"config.image_size=128, but {workdir} was trained with 64"),
+        ("--config.resize.mode=fit", f"config.resize.mode='fit', but {workdir} was trained with 'squeeze'"),
+        ("--config.dtype=bfloat16", f"config.dtype='bfloat16', but {workdir} was trained with 'float32'"),
+        ("--config.model.arch=resnet34", f"config.model.arch='resnet34', but {workdir} was trained with 'resnet18'"),
+        ("--config.seed=5", f"config.seed=5, but {workdir} was trained with 111"),
+    ]:
+        assert line in rdjax_cli("train", f"--workdir={workdir}", *data_flags(root), flag).error_line()
+    assert "config.image_size=128" in rdjax_cli("eval", f"--workdir={workdir}", "--config.image_size=128").error_line()
+    assert _snapshot(workdir) == before
+
+    more = config.copy_and_resolve_references()
+    more.num_epochs = 4
+    result = train.train_and_evaluate(more, workdir)
+    assert (result["epoch"], result["step"]) == (4, 8)
+    assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 4
+    evaluated = rdjax_cli("eval", f"--workdir={workdir}", "--config.resize.mode=fit")
+    assert evaluated.code == 0, evaluated.stderr[-2000:]
+    assert "note: config.resize.mode='fit' (the workdir's config.json has 'squeeze')" in evaluated.stdout
+    assert json.loads((workdir / "calibration.json").read_text())["resize"]["mode"] == "fit"
+    assert json.loads((workdir / "config.json").read_text())["resize"]["mode"] == "squeeze"
+
+
 def official_evaluation(teacher, ocbe, decoder, root, category: str, size: int, proj=None):
     """The official test.py evaluation, re-run with torch + scipy + sklearn: batch 1,
     torchvision transforms, map in numpy, scipy blur, pixel lists. With ``proj``, RD++'s
@@ -277,7 +319,7 @@ def test_ported_official_model_evaluates_like_the_official_code(synthetic_data, 
     assert out.code == 0, out.stderr
     other = "rd4ad" if name == "rdpp" else "rdpp"
     wrong = rdjax_cli("eval", f"--workdir={workdir}", *data_flags(root), f"--config.model.name={other}")
-    assert f"holds model '{name}' (resnet18)" in wrong.error_line()
+    assert f"config.model.name='{other}', but {workdir} was trained with '{name}'" in wrong.error_line()
     out = rdjax_cli("eval", f"--workdir={workdir}", *data_flags(root), f"--config.model.name={name}")
     assert out.code == 0, out.stderr[-2000:]
     ours = json.loads((workdir / "metrics.json").read_text())
