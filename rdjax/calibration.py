@@ -75,13 +75,16 @@ def calibrate(
     'quantile': the given quantile of held-out normal images' scores (and of their pixels).
     Pixel thresholds come from ``pixels``, exact or binned (rdjax.metrics.PixelStats).
     """
+    extra = {}
     if modes.parse(modes.ThresholdMethod, method, "threshold method") is modes.ThresholdMethod.F1:
         image_t = midway(scores, best_f1(labels, scores)[1])
         pixel_t = pixels.best_f1()[1] if pixels.has_regions else pixels.quantile(0.99)
     else:
         image_t = midway(scores, float(np.quantile(scores, quantile)))
         pixel_t = pixels.quantile(quantile)
+        extra["quantile"] = quantile
     return {
+        **extra,
         "method": method,
         "source": source,
         "image_threshold": image_t,
@@ -91,3 +94,14 @@ def calibrate(
         "pixel_min": pixels.lo,
         "pixel_max": pixels.hi,
     }
+
+
+def describe(cal: dict) -> str:
+    """Where a calibration's threshold came from, in one phrase for every report of its
+    decisions. A threshold fitted on the test set flatters the decisions on that set."""
+    if cal.get("fitted_on_test_set", cal["method"] == modes.ThresholdMethod.F1.value):
+        return (
+            f"threshold fitted on the test set (F1-optimal on {cal['source']}): "
+            "decisions on these images are optimistic"
+        )
+    return f"threshold: quantile {cal.get('quantile', 'q')} of {cal['source']}, no test image used"

@@ -177,6 +177,8 @@ def run_training(fv: flags.FlagValues, mode: str) -> None:
 
     ((category, r),) = results.items()
     print(f"{category}: {headline(r)}  (epoch {r['epoch']}; {workdir / 'results.md'})")
+    if "threshold_note" in r:
+        print(f"{category}: {r['threshold_note']}")
 
 
 # ----------------------------------------------------------------------------- predict / export / port

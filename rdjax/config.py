@@ -95,9 +95,10 @@ def check(config: Any, device_count: int) -> None:
             f"use a multiple of {device_count}"
         )
     method = modes.parse(modes.ThresholdMethod, config.threshold.method, "config.threshold.method")
-    if method is modes.ThresholdMethod.QUANTILE and config.threshold.validation_size < 1:
+    if method is modes.ThresholdMethod.QUANTILE and config.threshold.validation_size <= 0:
         raise ConfigError(
-            "config.threshold.method='quantile' needs config.threshold.validation_size >= 1 held-out images"
+            "config.threshold.method='quantile' needs held-out images: config.threshold.validation_size > 0 "
+            "(a fraction of train/good, or a number of images)"
         )
     modes.parse(modes.FeatureCache, config.feature_cache, "config.feature_cache")
     if config.exact_metrics_max_pixels < 0:
@@ -118,13 +119,16 @@ def check(config: Any, device_count: int) -> None:
             raise ConfigError(f"config.evals.{name} must be a dict with 'type' and, if given, 'every' >= 0")
 
 
-# What a rerun on a trained workdir may change. Everything else (model, architecture,
-# teacher, dataset and category, image size, dtype, normalization, maps, seed, batch,
-# hold-out, optimizer, ...) is what the trained weights or their calibration depend on,
-# and must equal the workdir's config.json: a list of what may change, so a key added
-# later is protected until someone decides otherwise.
+# What a rerun on a trained workdir may change: the schedule, the optimizer's rates (the
+# trained part stays valid; training on continues from it), where data and caches live,
+# and what is evaluated. Everything else (model, architecture, teacher, dataset and
+# category, image size, dtype, normalization, maps, seed, batch, hold-out, ...) is what
+# the trained weights or their calibration depend on, and must equal the workdir's
+# config.json: a list of what may change, so a key added later is protected until
+# someone decides otherwise.
 SCHEDULE_KEYS = (
     "num_epochs", "num_epochs_by_category", "eval_every", "checkpoint_every", "keep_checkpoints", "profile_steps",
+    "learning_rate", "adam_b1", "adam_b2", "rdpp.proj_lr",
     "feature_cache", "feature_cache_dir", "offline", "eval_batch_size", "exact_metrics_max_pixels",
     "report_best_on_test", "evals", "dataset.root", "dataset.data_dir", "dataset.train_dir",
     "dataset.test_good_dir", "dataset.test_anomalous_dir", "dataset.mask_dir",
@@ -134,9 +138,7 @@ SCHEDULE_KEYS = (
 # teacher, so what only training reads does not matter to it. `train` writes
 # config.json, so there they stay frozen.
 EVALUATION_KEYS = ("resize.mode", "resize.tile_size", "resize.overlap", "threshold.method", "threshold.quantile")
-TRAINING_KEYS = (
-    "batch_size", "learning_rate", "adam_b1", "adam_b2", "rdpp.proj_lr", "rdpp.accumulation", "model.teacher_weights",
-)  # fmt: skip
+TRAINING_KEYS = ("batch_size", "rdpp.accumulation", "model.teacher_weights")
 
 
 def _flat(config: Any) -> dict[str, Any]:

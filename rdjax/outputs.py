@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ def results_markdown(result: dict) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {t} | {v['count']} | {_fmt(v['image_auroc'])} |" for t, v in result.get("per_type", {}).items()]
+    if "threshold_note" in result:
+        lines.append(f"\nDecisions: {result['threshold_note']}.")
     for w in result.get("warnings", []):
         lines.append(f"\n**Warning:** {w}")
     return "\n".join(lines) + "\n"
@@ -41,6 +44,10 @@ def summary_markdown(results: dict[str, dict], keys: tuple[str, ...] | None = No
         lines.append(f"| {name} | " + " | ".join(_fmt(r[k]) for k in keys) + " |")
     means = [float(np.nanmean([r[k] for r in results.values()])) for k in keys]
     lines.append("| **mean** | " + " | ".join(f"**{_fmt(m)}**" for m in means) + " |")
+    on_test = [name for name, r in results.items() if r.get("calibration", {}).get("fitted_on_test_set")]
+    if on_test:
+        lines.append(f"\nDecision thresholds fitted on the test set ({', '.join(on_test)}): decisions on these "
+                     "images are optimistic; the metrics above use no threshold.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -52,11 +59,14 @@ def overlay(image: np.ndarray, amap: np.ndarray, lo: float, hi: float) -> np.nda
     return (np.clip(0.5 * image.astype(np.float32) / 255.0 + 0.5 * heat, 0, 1) * 255).astype(np.uint8)
 
 
-def outline(mask: np.ndarray) -> np.ndarray:
-    """The mask's pixels that touch a pixel outside it (4-neighbourhood; the image border
-    counts as inside, so a mask reaching the border is not outlined along it)."""
-    m = np.pad(mask, 1, mode="edge")
-    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """The mask's pixels within ``width`` steps (4-neighbourhood) of a pixel outside it: an
+    edge drawn inside the mask, so it never covers what lies outside. The image border
+    counts as inside, so a mask reaching the border is not outlined along it."""
+    inner = mask
+    for _ in range(width):
+        m = np.pad(inner, 1, mode="edge")
+        inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
     return mask & ~inner
 
 
@@ -68,7 +78,56 @@ def outcome(label: int, anomalous: bool | None) -> str:
     return f"{'true' if bool(label) == bool(anomalous) else 'false'} {'positive' if anomalous else 'negative'}"
 
 
+def threshold_origin(calibration: Mapping[str, Any]) -> str:
+    """Where a calibration's image threshold came from, to follow the word 'threshold': a
+    reader must know whether the metrics beside it were measured on the images that chose
+    it. calibration.json has 'method' and 'source'; a 'quantile' key (the config's, where
+    the caller adds it) names the quantile's level."""
+    method, source = calibration.get("method"), calibration.get("source", "")
+    if method == "f1":
+        return "fitted on the labelled test set (its metrics are optimistic)"
+    if method == "quantile":
+        level = calibration.get("quantile")
+        return f"at quantile {level:g} of {source}" if level is not None else f"at a quantile of {source}"
+    return f"by {method}" + (f" on {source}" if source else "")
+
+
 DECISION_COLOURS = {True: (190, 30, 30), False: (30, 130, 60), None: (90, 90, 90)}
+MIN_PICTURE = 256  # px: a smaller image is enlarged (nearest neighbour) to this on its longer side
+MIN_TEXT = 14  # px: the header's font size on the smallest pictures
+
+
+@dataclasses.dataclass(frozen=True)
+class _Marks:
+    """A decision picture's mark sizes in pixels: fixed fractions of the body's height, so
+    a 2,000 px picture reads as a 256 px one does, with floors for small pictures."""
+
+    text: int  # font size
+    line: int  # outline width
+    radius: int  # the peak marker's radius
+    ring: int  # its stroke
+    bar: int  # the colour bar's width
+    gap: int  # between panels
+
+    @classmethod
+    def for_height(cls, height: int) -> _Marks:
+        return cls(
+            text=max(MIN_TEXT, round(height * 0.035)),
+            line=max(1, round(height / 350)),
+            radius=max(8, round(height * 0.03)),
+            ring=max(2, round(height / 400)),
+            bar=max(12, round(height * 0.025)),
+            gap=max(4, round(height / 100)),
+        )
+
+
+def _fit_left(text: str, font: Any, width: float) -> str:
+    """``text`` cut at its start until it fits ``width`` px (a path's end says most)."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength("…" + text) > width:
+        text = text[1:]
+    return "…" + text
 
 
 def decision_picture(
@@ -85,49 +144,66 @@ def decision_picture(
     caption: str = "",
 ) -> np.ndarray:
     """One image as a person checks it: a header with the decision (NG red, OK green, grey
-    without a threshold), the score and the normalized score; the image blended with its
-    map on the run's one colour scale (lo..hi), the mask's outline in white and the map's
-    peak marked; and a colour bar with its range. With a ground truth ``truth``, the
-    image itself with the truth outlined in red comes first. Small images are enlarged
-    (nearest neighbour) to at least 256 px so that the text fits."""
+    without a threshold), the score, the normalized score and the caption; the plain
+    image (its ground truth ``truth`` outlined in red, where given) beside the image blended
+    with its map on the run's one colour scale (lo..hi), with the mask's outline in white
+    and the map's peak circled; and a colour bar with its range. The picture keeps the
+    image's resolution (small images are enlarged, nearest neighbour, to MIN_PICTURE px),
+    and its text, outlines, marker and bar grow with it (_Marks)."""
     from matplotlib import colormaps
     from PIL import Image, ImageDraw, ImageFont
 
+    h, w = amap.shape
+    scale = max(1, -(-MIN_PICTURE // max(h, w)))
+    bh, bw = h * scale, w * scale
+    marks = _Marks.for_height(bh)
+    native_line = max(1, round(marks.line / scale))
+    plain = image.copy()
+    if truth is not None:
+        plain[outline(truth, native_line)] = (255, 0, 0)
     body = overlay(image, amap, lo, hi)
     if mask is not None:
-        body[outline(mask)] = 255
-    if truth is not None:
-        plain = image.copy()
-        plain[outline(truth)] = (255, 0, 0)
-        body = np.concatenate([plain, np.full((amap.shape[0], 2, 3), 255, np.uint8), body], axis=1)
-    h, w = body.shape[:2]
-    scale = max(1, -(-256 // max(amap.shape)))
-    body_img = Image.fromarray(body).resize((w * scale, h * scale), Image.Resampling.NEAREST)
-    draw = ImageDraw.Draw(body_img)
-    py, px = np.unravel_index(int(np.argmax(amap)), amap.shape)
-    px += w - amap.shape[1]  # the overlay is the rightmost panel
-    cy, cx, r = (py + 0.5) * scale, (px + 0.5) * scale, max(4, scale * 3)
-    draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=(255, 255, 255), width=2)
-    draw.ellipse((cx - r - 2, cy - r - 2, cx + r + 2, cy + r + 2), outline=(0, 0, 0), width=1)
+        body[outline(mask, native_line)] = 255
 
-    font = ImageFont.load_default(size=13)
-    line = 16
-    header, bar_w, label_w = 2 * line + 6, 14, 58
-    bh, bw = h * scale, w * scale
-    canvas = Image.new("RGB", (bw + bar_w + label_w + 8, header + bh), (255, 255, 255))
-    canvas.paste(body_img, (0, header))
-    top = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=marks.text)
+    small = ImageFont.load_default(size=max(MIN_TEXT, round(marks.text * 0.8)))
+    pad, line_h = max(3, marks.text // 3), round(marks.text * 1.3)
+    header = 2 * pad + 2 * line_h
+    ticks = [(hi, 0), ((lo + hi) / 2, bh // 2), (lo, bh - 1)]
+    label_w = max(int(small.getlength(f"{v:.3g}")) for v, _ in ticks) + 2 * pad
+    bar_x = 2 * bw + 2 * marks.gap
     state = None if anomalous is None else bool(anomalous)
-    top.rectangle((0, 0, canvas.width, header - 1), fill=DECISION_COLOURS[state])
-    verdict = {None: "", True: "NG  ", False: "OK  "}[state]
-    first = f"{verdict}score {score:.4f}" + ("" if normalized is None else f"  normalized {normalized:.2f}")
-    top.text((4, 3), first, fill=(255, 255, 255), font=font)
-    top.text((4, 3 + line), caption[-(canvas.width // 7) :], fill=(255, 255, 255), font=font)
+    verdict = {None: "", True: "NG   ", False: "OK   "}[state]
+    first = f"{verdict}score {score:.4f}" + ("" if normalized is None else f"   normalized {normalized:.2f}")
+    width = max(bar_x + marks.bar + marks.gap + label_w, int(font.getlength(first)) + 2 * pad)  # narrow images
+    canvas = Image.new("RGB", (width, header + bh), (255, 255, 255))
+
+    heat = Image.fromarray(body).resize((bw, bh), Image.Resampling.NEAREST)
+    ring = ImageDraw.Draw(heat)  # on the overlay alone: a peak at its edge must not mark the plain image
+    py, px = np.unravel_index(int(np.argmax(amap)), amap.shape)
+    cx, cy, r, edge = (px + 0.5) * scale, (py + 0.5) * scale, marks.radius, max(1, marks.ring // 2)
+    ring.ellipse((cx - r - edge, cy - r - edge, cx + r + edge, cy + r + edge), outline=(0, 0, 0), width=edge)
+    ring.ellipse((cx - r, cy - r, cx + r, cy + r), outline=(255, 255, 255), width=marks.ring)
+    canvas.paste(Image.fromarray(plain).resize((bw, bh), Image.Resampling.NEAREST), (0, header))
+    canvas.paste(heat, (bw + marks.gap, header))
+
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((0, 0, canvas.width, header - 1), fill=DECISION_COLOURS[state])
+    draw.text((pad, pad), first, fill=(255, 255, 255), font=font)
+    draw.text((pad, pad + line_h), _fit_left(caption, font, canvas.width - 2 * pad), fill=(255, 255, 255), font=font)
+
     ramp = colormaps["jet"](np.linspace(1, 0, bh))[:, :3]
-    bar = (np.repeat(ramp[:, None, :], bar_w, axis=1) * 255).astype(np.uint8)
-    canvas.paste(Image.fromarray(bar), (bw + 4, header))
-    top.text((bw + bar_w + 7, header), f"{hi:.3g}", fill=(0, 0, 0), font=font)
-    top.text((bw + bar_w + 7, header + bh - line), f"{lo:.3g}", fill=(0, 0, 0), font=font)
+    canvas.paste(
+        Image.fromarray((np.repeat(ramp[:, None, :], marks.bar, axis=1) * 255).astype(np.uint8)), (bar_x, header)
+    )
+    for value, y in ticks:
+        draw.line(
+            (bar_x + marks.bar, header + y, bar_x + marks.bar + pad, header + y),
+            fill=(0, 0, 0),
+            width=max(1, marks.ring // 2),
+        )
+        anchor = "la" if y == 0 else "ld" if y == bh - 1 else "lm"
+        draw.text((bar_x + marks.bar + pad + 2, header + y), f"{value:.3g}", fill=(0, 0, 0), font=small, anchor=anchor)
     return np.asarray(canvas)
 
 
@@ -271,19 +347,3 @@ def write_prediction(
 def skipped_row(source: str, reason: str) -> dict:
     """scores.csv's row for an input that could not be scored."""
     return {"file": source, "status": "skipped", "score": "", "normalized_score": "", "decision": "", "reason": reason}
-
-
-def write_prediction_summary(
-    out: Path, title: str, rows: list[dict], scores: list[float], names: list[str], images: Any,
-    threshold: float | None, skipped: list[tuple[str, str]],
-) -> None:  # fmt: skip
-    """OUT/scores.csv (a row per input file) and OUT/report.html (a card per input file;
-    the scored ones' slider from the unrounded ``scores``)."""
-    from rdjax import webpage
-    from rdjax.workdir import write_csv
-
-    write_csv(out / "scores.csv", PREDICTION_FIELDS, rows)
-    pictures = {i: f"overlays/{n}.png" for i, n in enumerate(names)}
-    page = webpage.Page(title, np.array(scores), names, images, threshold=threshold, pictures=pictures,
-                        skipped=skipped)  # fmt: skip
-    webpage.write_page(out / "report.html", page)

@@ -40,6 +40,9 @@ def port(what: str, arch: str, src: str, out: Path, teacher: str | None = None, 
         config.model.name, config.model.arch, config.image_size = what, arch, image_size
         config.model.teacher_weights = str((out / workdir_lib.TEACHER).resolve())
         config.dataset.name = config.dataset.category = ""  # trained elsewhere: the first evaluation names them
+        # The official code trains on every train/good image: none are held out, so the
+        # thresholds can only be fitted on the test set (labelled so wherever reported).
+        config.threshold.method, config.threshold.validation_size = "f1", 0
         workdir_lib.write_ported(out, config, model.optimizer(config), teacher_vars, student_vars)
     print(f"wrote {out}")
 

@@ -200,6 +200,8 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: 
     )  # fmt: skip
     if "image_auroc" in result:
         _log("epoch %d: %s", epoch, metrics.headline(result))
+    if "threshold_note" in result:
+        _log("epoch %d: %s", epoch, result["threshold_note"])
     return result
 
 

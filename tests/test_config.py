@@ -78,8 +78,8 @@ def test_checks_name_the_key():
         with pytest.raises(ConfigError, match=message):
             config_lib.check(bad, 1)
     bad = config.copy_and_resolve_references()
-    bad.threshold.method = "quantile"
-    with pytest.raises(ConfigError, match="validation_size >= 1"):
+    bad.threshold.method, bad.threshold.validation_size = "quantile", 0
+    with pytest.raises(ConfigError, match="validation_size > 0"):
         config_lib.check(bad, 1)
     bad = config.copy_and_resolve_references()
     bad.resize.mode = "crop"

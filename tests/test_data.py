@@ -239,3 +239,7 @@ def test_hold_out_is_disjoint_and_a_function_of_the_seed():
     assert data.hold_out(split, 0, seed=1) == (split, None)
     with pytest.raises(ConfigError, match="validation_size=10 leaves no training images"):
         data.hold_out(split, 10, seed=1)
+    assert [data.held_out_count(f, 10) for f in (0.1, 0.25, 0.01, 3.0, 0)] == [1, 2, 1, 3, 0]  # rounded, at least 1
+    assert data.hold_out(split, 0.3, seed=111)[1].filenames == held.filenames  # 0.3 of 10 is the same 3
+    with pytest.raises(ConfigError, match="a fraction below 1 or a whole number"):
+        data.hold_out(split, 2.5, seed=1)

@@ -14,6 +14,7 @@ from PIL import Image
 
 import rdjax
 from rdjax import calibration, data, predict, registry, train
+from rdjax import config as config_lib
 
 from conftest import assert_auroc_within, rdjax_cli, small_config
 
@@ -157,22 +158,39 @@ def test_colliding_names_get_distinct_outputs(workdir, tmp_path):
 
 
 @pytest.mark.slow
-def test_quantile_threshold_from_held_out_images(workdir, tmp_path):
+def test_the_default_threshold_uses_no_test_image(workdir, tmp_path):
+    """The default calibration: the 0.99 quantile of held-out train/good images (0.1 of
+    16, so 2, never trained on), recomputed here with Model.predict. Evaluated again on a
+    test set with half its images removed, the metrics change and calibration.json stays
+    the same bit for bit: no test image enters it."""
     _, root, _ = workdir
-    config = small_config(
-        root, **{"threshold.method": "quantile", "threshold.validation_size": 8, "threshold.quantile": 0.75}
-    )
-    train.train_and_evaluate(config, tmp_path / "q")
-    cal = json.loads((tmp_path / "q" / "calibration.json").read_text())
-    assert cal["method"] == "quantile" and cal["source"] == "8 held-out train/good images"
-    model = rdjax.load(tmp_path / "q")
+    defaults = config_lib.defaults().threshold
+    config = small_config(root, **{f"threshold.{k}": defaults[k] for k in ("method", "validation_size", "quantile")})
+    work = tmp_path / "q"
+    first = train.train_and_evaluate(config, work)
+    cal = json.loads((work / "calibration.json").read_text())
+    assert cal["method"] == "quantile" and cal["source"] == "2 held-out train/good images"
+    assert cal["fitted_on_test_set"] is False and "held-out" in first["threshold_note"]
+    model = rdjax.load(work)
     train_split, _ = registry.build_dataset(config.dataset).load("disk", 64)
-    held = data.hold_out(train_split, 8, config.seed)[1]
+    held = data.hold_out(train_split, defaults.validation_size, config.seed)[1]
     scores = model.predict_resized(held.images())[1]
     assert cal["image_threshold"] == pytest.approx(
-        calibration.midway(scores, float(np.quantile(scores, 0.75))), rel=1e-6
+        calibration.midway(scores, float(np.quantile(scores, defaults.quantile))), rel=1e-6
     )
-    assert json.loads((tmp_path / "q" / "train_log.json").read_text())[0]["step"] == 1  # 8 images left, batch 8
+    assert json.loads((work / "train_log.json").read_text())[0]["step"] == 1  # 14 images left, batch 8
+
+    fewer = tmp_path / "fewer"
+    shutil.copytree(root, fewer, ignore=shutil.ignore_patterns("_tfds"))
+    for folder in (fewer / "disk" / "test").iterdir():
+        for image in sorted(folder.glob("*.png"))[::2]:
+            image.unlink()
+            (fewer / "disk" / "ground_truth" / folder.name / f"{image.stem}_mask.png").unlink(missing_ok=True)
+    other = config.copy_and_resolve_references()
+    other.dataset.root, other.dataset.data_dir = str(fewer), str(fewer / "_tfds")
+    second = train.evaluate(other, work)
+    assert second["num_images"] < first["num_images"]
+    assert json.loads((work / "calibration.json").read_text()) == cal
 
 
 def test_predict_on_a_missing_workdir_or_a_bad_dtype_writes_nothing(workdir, tmp_path):

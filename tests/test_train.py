@@ -87,7 +87,11 @@ def test_workdir_outputs(trained):
     log = json.loads((workdir / "train_log.json").read_text())
     assert [e["step"] for e in log] == [2, 4, 6] and all(np.isfinite(e["loss"]) for e in log)
     cal = json.loads((workdir / "calibration.json").read_text())
-    assert cal["step"] == 6 and cal["method"] == "f1"
+    assert cal["step"] == 6 and cal["method"] == "f1" and cal["fitted_on_test_set"] is True
+    assert (
+        "Decisions: threshold fitted on the test set (F1-optimal on 13 labelled test images)"
+        in (workdir / "results.md").read_text()
+    )
     assert not list(workdir.rglob("*.tmp*"))  # atomic writes leave no temporaries
     # TensorBoard scalars: parse the event file with tensorboardX's own protobufs.
     from tensorboardX.proto import event_pb2
@@ -345,9 +349,11 @@ def test_all_categories_write_one_table(synthetic_data, tmp_path):
 def test_training_reaches_the_demo_targets(synthetic_data, tmp_path):
     """The demo's setting (128 px, 48 training images) on one category, 10 epochs."""
     root = synthetic_data(categories=("weave",), size=128, num_train=48, num_test_good=12, num_per_defect=8)
-    config = small_config(root, "weave", image_size=128, num_epochs=10, eval_every=10, batch_size=8)
+    defaults = config_lib.defaults().threshold  # the demo's calibration: held-out images
+    held_out = {"threshold.method": defaults.method, "threshold.validation_size": defaults.validation_size}
+    config = small_config(root, "weave", image_size=128, num_epochs=10, eval_every=10, batch_size=8, **held_out)
     result = train.train_and_evaluate(config, tmp_path / "w")
-    assert result["epoch"] == 10
+    assert result["epoch"] == 10 and result["calibration"]["source"] == "5 held-out train/good images"
     assert result["image_auroc"] >= 0.9 and result["pixel_auroc"] >= 0.9 and result["aupro"] >= 0.7
 
 

@@ -33,12 +33,25 @@ class Dataset(Protocol):
 DatasetBuilder = Callable[[Any], Dataset]
 
 
-def hold_out(split: Split, size: int, seed: int) -> tuple[Split, Split | None]:
-    """Take ``size`` normal images out of training, chosen by the seed, for threshold
-    calibration; (split, None) when none are asked for."""
+def held_out_count(size: float, images: int) -> int:
+    """config.threshold.validation_size as a count: a fraction (0 < size < 1) of the
+    training images, rounded, at least one; or a number of images (size >= 1)."""
     if size <= 0:
+        return 0
+    if size < 1:
+        return max(int(round(size * images)), 1)
+    if size != int(size):
+        raise ConfigError(f"config.threshold.validation_size={size} must be a fraction below 1 or a whole number")
+    return int(size)
+
+
+def hold_out(split: Split, size: float, seed: int) -> tuple[Split, Split | None]:
+    """Take normal images out of training (``size``: see held_out_count), chosen by the
+    seed, for threshold calibration; (split, None) when none are asked for."""
+    count = held_out_count(size, len(split))
+    if count == 0:
         return split, None
-    if size >= len(split):
+    if count >= len(split):
         raise ConfigError(f"config.threshold.validation_size={size} leaves no training images (there are {len(split)})")
     order = np.random.default_rng([seed, 7]).permutation(len(split))
-    return split.subset(np.sort(order[size:])), split.subset(np.sort(order[:size]))
+    return split.subset(np.sort(order[count:])), split.subset(np.sort(order[:count]))

@@ -1,5 +1,6 @@
 """Evaluator 'calibration': the decision thresholds and normalization range
-(calibration.json), by config.threshold's method."""
+(calibration.json), by config.threshold's method, and a note of where the threshold came
+from (metrics.json's threshold_note), which every report of the decisions repeats."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rdjax import modes
-from rdjax.calibration import calibrate
+from rdjax.calibration import calibrate, describe
 from rdjax.evaluators import EvalContext, EvaluatorType
 
 
@@ -25,7 +26,8 @@ class Calibration:
             split, passed = context.test, context.test_pass
             source = f"{len(split)} labelled test images"
         cal = calibrate(threshold.method, passed.scores, split.labels, passed.pixels, threshold.quantile, source)
-        return {"calibration": cal}
+        cal["fitted_on_test_set"] = split is context.test
+        return {"calibration": cal, "threshold_note": describe(cal)}
 
 
 EVALUATOR: EvaluatorType = Calibration
