@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging as std_logging
 import os
 import re
 import sys
@@ -24,9 +25,9 @@ from ml_collections import config_flags
 
 from rdjax import config as config_lib
 from rdjax import modes
-from rdjax.errors import ConfigError, RdjaxError, one_line
+from rdjax.errors import ConfigError, Interrupted, RdjaxError, one_line
 
-USAGE = "usage: rdjax {train,eval,predict,export,port} [--flag=value ...]   (rdjax COMMAND --help for its flags)"
+USAGE = "usage: rdjax COMMAND [--verbose] [--flag=value ...]   (rdjax COMMAND --help for its flags)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,6 +349,33 @@ def _parse(
         raise
 
 
+class _OwnWarnings(std_logging.Filter):
+    """Lets through rdjax's own log records and every error; drops the other libraries'
+    INFO and WARNING lines that absl carries (TFDS's "Using custom data configuration",
+    orbax's waits), which say nothing a user can act on."""
+
+    quiet = True
+    package = str(Path(__file__).parent)
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not self.quiet or record.levelno >= std_logging.ERROR or record.pathname.startswith(self.package)
+
+
+_FILTER = _OwnWarnings()
+NOISY = ("jax", "orbax", "tensorflow_datasets", "etils", "grain")  # loggers of their own, besides absl's
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """Third-party log noise off (default) or on (--verbose); rdjax's warnings always show."""
+    logging.set_verbosity(logging.WARNING if quiet else logging.INFO)
+    _FILTER.quiet = quiet
+    absl_logger = std_logging.getLogger("absl")
+    if _FILTER not in absl_logger.filters:
+        absl_logger.addFilter(_FILTER)
+    for name in NOISY:
+        std_logging.getLogger(name).setLevel(std_logging.ERROR if quiet else std_logging.NOTSET)
+
+
 def run(
     argv: list[str],
     extra_flags: Callable[[flags.FlagValues], None] | None = None,
@@ -370,12 +398,17 @@ def run(
         return 0
     if not flags.FLAGS.is_parsed():  # absl logging asks for it; rdjax keeps no global flags
         flags.FLAGS.mark_as_parsed()
-    logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
+    verbose = "--verbose" in args
+    args = [a for a in args if a != "--verbose"]
+    quiet_libraries(not verbose)
     try:
         fv, positional = _parse(name, command, args, extra_flags)
         if positional and name != "port":
             raise ConfigError(f"unexpected arguments: {' '.join(positional)}")
         (handler or command.run)(fv, positional)
+    except KeyboardInterrupt as e:  # Ctrl-C: where a rerun resumes (training), not a traceback
+        print(str(e) if isinstance(e, Interrupted) else f"interrupted: rdjax {name} stopped", file=sys.stderr)
+        return 130
     except (RdjaxError, OSError) as e:  # what a user can cause; anything else keeps its traceback
         if not isinstance(e, RdjaxError) and not e.filename:
             raise

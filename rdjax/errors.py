@@ -41,3 +41,9 @@ def one_line(error: BaseException) -> str:
     else:
         text = str(error) or type(error).__name__
     return " ".join(text.split())
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after the state was saved where that was safe; the message
+    says where a rerun resumes (the CLI prints it and exits with status 130). A
+    KeyboardInterrupt, so no `except Exception` on the way swallows it."""

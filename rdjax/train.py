@@ -7,9 +7,13 @@ the configured evaluators -> the workdir.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import contextvars
 import dataclasses
 import functools
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,15 +46,58 @@ from rdjax import workdir as workdir_lib
 from rdjax.data import pipeline
 from rdjax.data.pipeline import prefetch
 from rdjax.data.preprocess import Split
-from rdjax.errors import ConfigError, DataError, TrainingError, WorkdirError
+from rdjax.errors import ConfigError, DataError, Interrupted, TrainingError, WorkdirError
 from rdjax.models import Model
 from rdjax.modes import FeatureCache
 
+_CATEGORY: contextvars.ContextVar[str] = contextvars.ContextVar("category", default="")
+
 
 def _log(fmt: str, *args: Any) -> None:
-    """Progress lines on stdout, above any progress bar (library logs stay at WARNING)."""
+    """Progress lines on stdout, above any progress bar, each naming the category it is
+    about (two categories' runs look alike otherwise)."""
     if jax.process_index() == 0:
-        tqdm.tqdm.write(fmt % args)
+        prefix = f"[{_CATEGORY.get()}] " if _CATEGORY.get() else ""
+        tqdm.tqdm.write(prefix + fmt % args)
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) while training. Inside `deferred` (the steps, a checkpoint's write)
+    the first press only asks the loop to stop at the next step boundary, so the state is
+    whole and can be saved; a second press stops at once. Elsewhere (evaluations, the
+    feature cache) a press raises KeyboardInterrupt at once, and the state, which no step
+    is using then, is saved by the loop. Installed only in the main thread of a
+    single-process run: the processes of a pod must stop at the same step, which a signal
+    to one of them cannot promise, so there a press stops as before (the latest
+    checkpoint is where a rerun resumes)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._deferring = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._deferring and not self.requested:
+            self.requested = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
 
 
 @dataclasses.dataclass
@@ -303,11 +350,11 @@ def cached_features(run: Run, owned: np.ndarray, mode: str, directory: Path) -> 
     return store
 
 
-def _check_finite(losses: np.ndarray, epoch: int, steps_per_epoch: int) -> None:
+def _check_finite(losses: np.ndarray, epoch: int, steps_per_epoch: int, skip: int) -> None:
     if not np.all(np.isfinite(losses)):
         bad = int(np.flatnonzero(~np.isfinite(losses))[0])
         raise TrainingError(
-            f"non-finite loss {losses[bad]} at step {(epoch - 1) * steps_per_epoch + bad + 1} (epoch {epoch}); "
+            f"non-finite loss {losses[bad]} at step {(epoch - 1) * steps_per_epoch + skip + bad + 1} (epoch {epoch}); "
             f"stopped, the last good checkpoint is kept"
         )
 
@@ -408,6 +455,9 @@ class Profiler:
             jax.profiler.stop_trace()
 
 
+IN_FLIGHT = 2  # steps dispatched beyond the last one the progress bars count as done
+
+
 @dataclasses.dataclass
 class Trainer:
     """The jitted step and where each epoch's inputs come from (the images, or a cache)."""
@@ -418,33 +468,56 @@ class Trainer:
     store: Any = None
     position: np.ndarray | None = None  # training row -> its place in this process's store
 
-    def inputs(self, epoch: int) -> Iterator[Any]:
+    def inputs(self, epoch: int, skip: int = 0) -> Iterator[Any]:
+        """The epoch's batches from its ``skip``-th on (a resume within the epoch)."""
         run, config = self.run, self.run.config
         rows = pipeline.epoch_batches(len(run.train), config.batch_size, config.seed, epoch)
-        rows = rows[:, pipeline.share(config.batch_size, jax.process_index(), jax.process_count())]
+        rows = rows[skip:, pipeline.share(config.batch_size, jax.process_index(), jax.process_count())]
         store, position = self.store, self.position
         if store is None or position is None:
             return prefetch((b["image"] for b in pipeline.load_batches(run.train, rows, "train")), run.put)
         return prefetch(rows, lambda r: run.put(store.read(position[r])))
 
-    def epoch(self, state: Any, epoch: int, profiler: Profiler) -> tuple[Any, dict]:
-        """One epoch of steps; the losses come to the host once, at its end."""
+    def epoch(
+        self, state: Any, epoch: int, profiler: Profiler, stop: StopRequest, overall: Any, skip: int = 0
+    ) -> tuple[Any, dict | None]:
+        """One epoch of steps from its ``skip``-th; the losses come to the host once, at its
+        end. The bars advance as steps finish (IN_FLIGHT steps behind the dispatch, which
+        keeps the device busy). Returns (state, None) when a stop was requested before
+        the epoch's end: the state is that of the last step done."""
         config = self.run.config
-        total = self.run.steps_per_epoch * config.batch_size
-        desc = f"epoch {epoch}/{config.num_epochs}"
-        bar = tqdm.tqdm(total=total, desc=desc, unit="img", leave=False, disable=None)
-        on_device, start = [], time.perf_counter()
-        for x in self.inputs(epoch):
-            state, loss = self.step_fn(state, x)
-            profiler.step(state)
-            on_device.append(loss)
-            bar.update(config.batch_size)
+        steps = self.run.steps_per_epoch - skip
+        desc = f"[{config.dataset.category}] epoch {epoch}/{config.num_epochs}"
+        bar = tqdm.tqdm(total=self.run.steps_per_epoch, initial=skip, desc=desc, unit="step", leave=False, disable=None)
+        on_device: list[jax.Array] = []
+        in_flight: collections.deque = collections.deque()
+        start = time.perf_counter()
+
+        def finished(count: int) -> None:
+            for _ in range(count):
+                in_flight.popleft().block_until_ready()
+                bar.update()
+                overall.update()
+
+        with stop.deferred():
+            for x in self.inputs(epoch, skip):
+                state, loss = self.step_fn(state, x)
+                profiler.step(state)
+                on_device.append(loss)
+                in_flight.append(loss)
+                finished(max(len(in_flight) - IN_FLIGHT, 0))
+                if stop.requested:
+                    break
+            finished(len(in_flight))
         losses = np.asarray(jax.device_get(on_device))
         seconds = time.perf_counter() - start
         bar.close()
-        _check_finite(losses, epoch, self.run.steps_per_epoch)
-        return state, {"epoch": epoch, "step": int(state.step), "loss": float(losses.mean()),
-                       "images_per_second": total / seconds, "feature_cache": self.mode}  # fmt: skip
+        _check_finite(losses, epoch, self.run.steps_per_epoch, skip)
+        if len(losses) < steps:
+            return state, None
+        speed = steps * config.batch_size / seconds
+        return state, {"epoch": epoch, "step": int(state.step), "loss": float(losses.mean()), "steps": steps,
+                       "images_per_second": speed, "feature_cache": self.mode}  # fmt: skip
 
     def close(self, finished: bool) -> None:
         if self.store is not None:
@@ -480,54 +553,100 @@ def _category_epochs(config: Any) -> Any:
     return config
 
 
-def _initial_state(run: Run, tx: optax.GradientTransformation, manager: Any) -> tuple[Any, int]:
-    """A fresh train state, or the workdir's latest; and the epochs already done."""
+def _initial_state(run: Run, tx: optax.GradientTransformation, manager: Any) -> Any:
+    """A fresh train state, or the workdir's latest (which an interrupt may have saved
+    within an epoch)."""
     _, student_vars = run.model.init(jax.random.key(run.config.seed), run.config.image_size)
     state = jax.device_put(state_lib.create_train_state(student_vars, tx), sharding.replicated(run.mesh))
     if manager.latest_step() is None:
-        return state, 0
+        return state
     state = workdir_lib.restore_state(manager, state)
-    _log("resuming from step %d (epoch %d)", int(state.step), int(state.step) // run.steps_per_epoch)
-    return state, int(state.step) // run.steps_per_epoch
+    epoch, skip = divmod(int(state.step), run.steps_per_epoch)
+    within = f", {skip} of its {run.steps_per_epoch} steps done" if skip else ""
+    _log("resuming from step %d (epoch %d%s)", int(state.step), epoch + 1 if skip else epoch, within)
+    return state
+
+
+def _whole(state: Any) -> bool:
+    """No buffer of ``state`` was given to a step that did not finish (a second Ctrl-C)."""
+    return not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree_util.tree_leaves(state))
 
 
 def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset | None = None) -> dict:
     """Train config.dataset.category (resuming from the workdir's latest checkpoint); after
     each epoch the hooks: checkpoint, the evaluators due (config.evals), the writer.
-    Returns the last evaluation's result."""
+    Ctrl-C saves the state where that is safe (StopRequest) and raises Interrupted, so
+    a rerun loses at most the epoch in progress. Returns the last evaluation's result."""
     workdir = Path(workdir)
     config = _category_epochs(config)
+    token = _CATEGORY.set(config.dataset.category)
+    try:
+        return _train(config, workdir, dataset)
+    finally:
+        _CATEGORY.reset(token)
+
+
+def _train(config: Any, workdir: Path, dataset: data.Dataset | None) -> dict:
     run = setup(config, workdir, writing=True, dataset=dataset)
     writer = Writer(workdir)
     writer.config(config)
     tx = run.model.optimizer(config)
     manager = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
-    state, start_epoch = _initial_state(run, tx, manager)
-    trainer = make_trainer(run, tx, start_epoch)
-    writer.resume(start_epoch)
-    profiler = Profiler(workdir, config.profile_steps)
+    spe = run.steps_per_epoch
     result: dict = {}
     finished = [False]
-    with contextlib.ExitStack() as cleanup:  # also on an error, each in turn, whatever another raised
-        cleanup.callback(profiler.abandon)
-        cleanup.callback(writer.close)
-        cleanup.callback(lambda: trainer.close(finished[0]))  # a disk cache is kept for the resume
+    with contextlib.ExitStack() as cleanup, StopRequest() as stop:  # cleanup also on an error, whatever another raised
+        state = _initial_state(run, tx, manager)
+        saved = start = int(state.step)
+        start_epoch, skip = divmod(start, spe)
+        epoch = start_epoch + 1
         cleanup.callback(manager.close)  # the checkpoints are flushed
-        for epoch in range(start_epoch + 1, config.num_epochs + 1):
-            state, entry = trainer.epoch(state, epoch, profiler)
-            profiler.stop(state)  # checkpoints and evaluations stay out of the trace
-            writer.train(entry)
-            last = epoch == config.num_epochs
-            if epoch % config.checkpoint_every == 0 or last:
+
+        def save() -> None:
+            nonlocal saved
+            with stop.deferred():
                 workdir_lib.save_state(manager, int(state.step), state)
                 writer.checkpoint()
-            due = evaluators_lib.due(config.evals, run.evaluators, epoch, config.eval_every, last)
-            if due:
-                result = evaluate_student(run, state.student_vars, epoch, int(state.step), due)
+            saved = int(state.step)
+
+        try:
+            trainer = make_trainer(run, tx, start_epoch)
+            cleanup.callback(lambda: trainer.close(finished[0]))  # a disk cache is kept for the resume
+            writer.resume(start_epoch)
+            cleanup.callback(writer.close)
+            profiler = Profiler(workdir, config.profile_steps)
+            cleanup.callback(profiler.abandon)
+            total = config.num_epochs * spe
+            overall = tqdm.tqdm(total=total, initial=min(start, total), desc=f"[{config.dataset.category}] training",
+                                unit="step", disable=None, dynamic_ncols=True)  # fmt: skip
+            cleanup.callback(overall.close)
+            for epoch in range(start_epoch + 1, config.num_epochs + 1):
+                state, entry = trainer.epoch(state, epoch, profiler, stop, overall, skip)
+                skip = 0
+                profiler.stop(state)  # checkpoints and evaluations stay out of the trace
+                if entry is None:  # stopped within the epoch
+                    break
+                writer.train(entry)
+                last = epoch == config.num_epochs
+                if epoch % config.checkpoint_every == 0 or last:
+                    save()
+                if stop.requested:
+                    break
+                due = evaluators_lib.due(config.evals, run.evaluators, epoch, config.eval_every, last)
+                if due:
+                    result = evaluate_student(run, state.student_vars, epoch, int(state.step), due)
+                    writer.evaluation(result)
+            if not stop.requested and not result:  # already trained: evaluate what is there
+                result = evaluate_student(run, state.student_vars, start_epoch, int(state.step))
                 writer.evaluation(result)
-        if not result:  # already trained: evaluate what is there
-            result = evaluate_student(run, state.student_vars, start_epoch, int(state.step))
-            writer.evaluation(result)
+        except KeyboardInterrupt:  # outside a step (an evaluation, the feature cache), or a second press
+            stop.requested = True
+        if stop.requested:
+            if int(state.step) != saved and _whole(state):
+                save()
+            resume_epoch, done = divmod(saved, spe)
+            where = f"epoch {resume_epoch + 1}" + (f", step {saved}" if done else "")
+            raise Interrupted(f"interrupted at epoch {epoch}; rerun the same command to resume from {where}")
         finished[0] = True
     writer.finish(config)
     if jax.process_count() > 1:

@@ -308,7 +308,10 @@ def test_python_dash_m_rdjax_is_the_rdjax_command():
     import subprocess
     import sys
 
+    from rdjax import cli
+
     out = subprocess.run([sys.executable, "-m", "rdjax", "--help"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.startswith("usage: rdjax {train,eval,predict,export,port}")
+    assert out.returncode == 0 and out.stdout.startswith("usage: rdjax COMMAND [--verbose]")
+    assert all(f"\n  {name} " in out.stdout for name in cli.COMMANDS)
     out = subprocess.run([sys.executable, "-m", "rdjax", "nope"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and out.stderr.startswith("error: unknown command 'nope'")

@@ -78,6 +78,15 @@ def test_builder_sees_an_edited_folder(synth_root, tmp_path):
     second = mvtec.prepare(root, "disk", tmp_path / "tfds")
     assert first.builder_config.name != second.builder_config.name
     assert len(mvtec.load_split(second, "train", 32, root)) == 5
+    # Each edit prepares a copy; only the KEEP_PREPARED most recently used stay, the one in use among them.
+    (root / "disk" / "train" / "good" / "001.png").unlink()
+    third = mvtec.prepare(root, "disk", tmp_path / "tfds")
+    (root / "disk" / "train" / "good" / "002.png").unlink()
+    fourth = mvtec.prepare(root, "disk", tmp_path / "tfds")
+    kept = sorted(p.name for p in (tmp_path / "tfds" / "mvtec_ad").iterdir() if p.name.startswith("disk-"))
+    assert mvtec.KEEP_PREPARED == 3
+    assert kept == sorted(b.builder_config.name for b in (second, third, fourth))
+    assert len(mvtec.load_split(fourth, "train", 32, root)) == 3
 
 
 def test_prepared_index_holds_paths_and_survives_a_moved_root(synth_root, tmp_path):

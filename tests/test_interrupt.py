@@ -4,6 +4,7 @@ seed agree exactly. (A non-finite loss is tested in-process, in test_train.py.)"
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -20,9 +21,9 @@ from conftest import restore_state as restore
 pytestmark = pytest.mark.slow
 
 
-def command(config, workdir: Path, mode: str = "auto") -> list[str]:
+def command(config, workdir: Path, mode: str = "auto", checkpoint_every: int = 1) -> list[str]:
     """The CLI run of the shared trained workdir's config (3 epochs, 6 steps), with a
-    checkpoint every epoch, in feature-cache mode ``mode``."""
+    checkpoint every ``checkpoint_every`` epochs, in feature-cache mode ``mode``."""
     return [
         sys.executable,
         "-m",
@@ -31,7 +32,7 @@ def command(config, workdir: Path, mode: str = "auto") -> list[str]:
         f"--workdir={workdir}",
         f"--config.num_epochs={config.num_epochs}",
         f"--config.eval_every={config.eval_every}",
-        "--config.checkpoint_every=1",
+        f"--config.checkpoint_every={checkpoint_every}",
         f"--config.feature_cache={mode}",
     ]
 
@@ -74,5 +75,44 @@ def test_sigkill_then_resume_equals_uninterrupted(trained, trained_off, tmp_path
     # Two runs with the same seed (one of them killed and resumed) give identical metrics.
     ma, mb = (json.loads((w / "metrics.json").read_text()) for w in (uninterrupted, workdir))
     assert ma["seed"] == mb["seed"] == 111
+    for key in ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max"):
+        assert ma[key] == mb[key]
+
+
+def test_ctrl_c_says_where_to_resume_and_the_resume_equals_uninterrupted(trained, tmp_path):
+    """SIGINT (Ctrl-C) once the first epoch is done, with no checkpoint due before the
+    last epoch: one line on stderr saying where a rerun resumes, no traceback, exit
+    status 130, and a checkpoint written at the interrupt (within an epoch when the press
+    came during its steps). The rerun continues from it and ends with the parameters,
+    optimizer state and metrics of the uninterrupted run, bit for bit."""
+    config, uninterrupted, _ = trained
+    workdir = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        command(config, workdir, checkpoint_every=10), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "epoch 1: loss" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert "[disk] epoch 1: loss" in line  # every line names its category
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    last = err.strip().splitlines()[-1]
+    steps = finished_steps(workdir)
+    assert len(steps) == 1 and 2 <= steps[0] < 6, steps  # saved at the interrupt, after epoch 1
+    epoch, within = divmod(steps[0], 2)
+    resume = f"epoch {epoch + 1}" + (f", step {steps[0]}" if within else "")
+    assert re.fullmatch(rf"interrupted at epoch [123]; rerun the same command to resume from {resume}", last), last
+    resumed = subprocess.run(command(config, workdir, checkpoint_every=10), cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {steps[0]}" in resumed.stdout
+    (a, step_a), (b, step_b) = restore(uninterrupted), restore(workdir)
+    assert step_a == step_b == 6
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a.opt_state, b.opt_state)
+    ma, mb = (json.loads((w / "metrics.json").read_text()) for w in (uninterrupted, workdir))
     for key in ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max"):
         assert ma[key] == mb[key]

@@ -23,6 +23,8 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import os
+import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -185,7 +187,25 @@ def prepare(
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(root)),
     )
+    prune_prepared(Path(builder.data_dir).parent, category)
     return builder
+
+
+KEEP_PREPARED = 3  # prepared copies kept per category name: a changed folder gets a fresh one
+
+
+def prune_prepared(current: Path, category: str) -> None:
+    """Keep this category's KEEP_PREPARED most recently used prepared copies, and delete
+    older ones: each change to a folder's files prepares a new copy (a new fingerprint),
+    which would otherwise pile up under the TFDS data dir. A copy is only the file list,
+    so one deleted by mistake is prepared again in seconds."""
+    os.utime(current)  # used now
+    name = re.compile(rf"{re.escape(category)}-[0-9a-f]{{10}}")  # MVTecConfig's names
+    copies = [p for p in current.parent.iterdir() if name.fullmatch(p.name)]
+    copies.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in copies[KEEP_PREPARED:]:
+        if old != current:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _text(value: Any) -> str:
