@@ -376,10 +376,15 @@ def test_the_promised_commands_run_from_another_folder(synthetic_data, tmp_path)
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "disk: image AUROC" in proc.stdout
+    # Third-party noise is hidden by default, shown with --verbose; rdjax's own warning stays.
+    assert "Using custom data configuration" not in proc.stderr and "RANDOM TEACHER" in proc.stderr
+    assert "Downloading and preparing" not in proc.stdout + proc.stderr
     before = json.loads((tmp_path / "a" / "metrics.json").read_text())
     script = str(Path(sys.executable).parent / "rdjax")
-    proc = subprocess_run(script, "eval", "--config=synthetic", f"--workdir={tmp_path / 'a'}", *flags, cwd=tmp_path)
+    eval_args = ("eval", "--verbose", "--config=synthetic", f"--workdir={tmp_path / 'a'}", *flags)
+    proc = subprocess_run(script, *eval_args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Using custom data configuration" in proc.stderr
     after = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert after["image_auroc"] == before["image_auroc"] and after["aupro"] == before["aupro"]
     for command, flag in (("predict", "--input"), ("export", "--out:"), ("port", "--arch")):

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from rdjax.data import DatasetBuilder
 from rdjax.data.preprocess import IMAGE_EXTENSIONS, Split, check_mask_header, decode_image, decode_mask, header_size
@@ -134,6 +135,14 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
         "(config.dataset.root)."
     )
 
+    def _log_download_bytes(self) -> None:
+        """TFDS prints "Downloading and preparing dataset Unknown size" for a local folder;
+        rdjax's log says what happens instead."""
+        logging.info("indexing the files of %s into %s", self.builder_config.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        pass  # TFDS prints "downloaded and prepared"; nothing was downloaded
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
@@ -184,9 +193,11 @@ def prepare(
         data_dir=str(data_dir) if data_dir else None,
         file_format="array_record",
     )
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(root)),
-    )
+    tfds.display_progress_bar(False)  # a file list prepares in seconds: no bars of "examples"
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+    finally:
+        tfds.display_progress_bar(True)
     prune_prepared(Path(builder.data_dir).parent, category)
     return builder
 
