@@ -186,7 +186,7 @@ def run_training(fv: flags.FlagValues, mode: str) -> None:
 
 
 def define_predict_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-    flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir.", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir, or a package.", flag_values=fv)
     flags.DEFINE_string("input", None, "A folder (searched recursively) or a glob of image files.", flag_values=fv)
     flags.DEFINE_string("output", None, "Output folder.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", lower_bound=1, flag_values=fv)
@@ -218,7 +218,7 @@ def define_predict_flags(fv: flags.FlagValues, argv: list[str]) -> None:
 
 
 def define_export_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-    flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir.", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir, or a package.", flag_values=fv)
     flags.DEFINE_string("out", None, "Output file for the serialized function (its folder must exist).", flag_values=fv)
     flags.DEFINE_string(
         "format", "jax", "jax (jax.export for cpu, cuda and tpu) or onnx (onnxruntime, OpenVINO).", flag_values=fv
@@ -248,6 +248,21 @@ def define_port_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     )
     flags.DEFINE_integer("image_size", 256, "Image size recorded in a ported workdir's config.", flag_values=fv)
     flags.mark_flags_as_required(["arch", "src", "out"], flag_values=fv)
+
+
+def define_package_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+    flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir.", flag_values=fv)
+    flags.DEFINE_string("out", None, "The package folder to write (must not exist).", flag_values=fv)
+    flags.DEFINE_string(
+        "weights_dtype", "float32", "The student's stored weights: float32 (exact) or bfloat16 (half).", flag_values=fv
+    )
+    flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
+
+
+def _package(fv: flags.FlagValues, args: list[str]) -> None:
+    from rdjax import package
+
+    package.package_workdir(fv.workdir, Path(fv.out), fv.weights_dtype)
 
 
 def _predict(fv: flags.FlagValues, args: list[str]) -> None:
@@ -282,6 +297,9 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("evaluate a workdir's latest checkpoint", define_run_flags, lambda fv, _: run_training(fv, "eval")),
     "predict": Command("score image files with a trained workdir", define_predict_flags, _predict),
     "export": Command("serialize the inference function (jax.export or ONNX)", define_export_flags, _export),
+    "package": Command(
+        "pack a workdir for deployment: config, teacher, student, calibration, contract", define_package_flags, _package
+    ),
     "port": Command(
         "import PyTorch weights: 'teacher', or an official model checkpoint ('rd4ad', 'rdpp')", define_port_flags, _port
     ),

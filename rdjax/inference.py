@@ -1,8 +1,8 @@
-"""Using a trained model: rdjax.load(workdir).predict(images).
+"""Using a trained model: rdjax.load(workdir_or_package).predict(images).
 
-A workdir holds everything: config.json, the teacher, checkpoints and calibration.json
-(thresholds and the normalized-score range, see rdjax.calibration). Nothing else is
-needed, on any device, and no optimizer is built.
+A workdir (or a package made from it, rdjax.package) holds everything: config.json, the
+teacher, checkpoints and calibration.json (thresholds and the normalized-score range, see
+rdjax.calibration). Nothing else is needed, on any device, and no optimizer is built.
 """
 
 from __future__ import annotations
@@ -168,7 +168,8 @@ class Model:
 
 
 def load(workdir: str | os.PathLike, step: int | None = None, dtype: str | None = None) -> Model:
-    """Restore the model in ``workdir`` (its latest checkpoint by default) on the available devices.
+    """Restore the model in ``workdir`` (its latest checkpoint by default), or in a package
+    (`rdjax package`), on the available devices.
 
     ``dtype`` overrides the compute dtype the model was trained with: ``'bfloat16'`` runs a
     float32-trained model faster on CPUs with AVX512-BF16/AMX, with maps within a few
@@ -184,9 +185,15 @@ def load(workdir: str | os.PathLike, step: int | None = None, dtype: str | None 
     model = MODELS.get(config.model.name)(config.model.arch, config.dtype)
     mesh = sharding.make_mesh()
     teacher_vars = workdir_lib.restore_teacher(workdir / workdir_lib.TEACHER, model.arch)
-    step, student_vars = workdir_lib.restore_student(
-        workdir, model.abstract_variables()[1], sharding.replicated(mesh), step
-    )
+    if workdir_lib.is_package(workdir):
+        if step is not None:
+            raise ConfigError(f"{workdir}: a package holds one step ({step} was asked for)")
+        step, student_vars = workdir_lib.restore_package_student(workdir, model.abstract_variables()[1])
+        student_vars = jax.device_put(student_vars, sharding.replicated(mesh))
+    else:
+        step, student_vars = workdir_lib.restore_student(
+            workdir, model.abstract_variables()[1], sharding.replicated(mesh), step
+        )
     cal_path = workdir / workdir_lib.CALIBRATION
     calibration = workdir_lib.read_json(cal_path) if cal_path.is_file() else None
     return Model(

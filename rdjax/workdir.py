@@ -40,6 +40,8 @@ CONFIG = "config.json"
 TEACHER = "teacher"
 CHECKPOINTS = "checkpoints"
 CALIBRATION = "calibration.json"
+STUDENT = "student"  # a package's (rdjax.package) trained variables, without optimizer state
+PACKAGE_FORMAT = "rdjax-package-v1"
 
 
 def _abs(path: str | os.PathLike) -> Path:
@@ -226,6 +228,46 @@ def restore_student(
         )
         restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
     return int(restored["step"]), {k: restored[k] for k in student_shapes}
+
+
+# ----------------------------------------------------------------------------- packages
+
+
+def is_package(path: str | Path) -> bool:
+    return (Path(path) / STUDENT).is_dir()
+
+
+def _cast(tree: Any, dtype: str) -> Any:
+    """Floating leaves to ``dtype`` (integer leaves, e.g. counters, stay)."""
+    return jax.tree_util.tree_map(
+        lambda a: np.asarray(jnp.asarray(a, dtype)) if jnp.issubdtype(a.dtype, jnp.floating) else np.asarray(a), tree
+    )
+
+
+def save_student(directory: Path, step: int, student_vars: Any, weights_dtype: str) -> None:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(
+            directory.resolve(),
+            args=ocp.args.Composite(
+                variables=ocp.args.StandardSave(_cast(student_vars, weights_dtype)),
+                meta=ocp.args.JsonSave({"format": PACKAGE_FORMAT, "step": step, "weights_dtype": weights_dtype}),
+            ),
+        )
+
+
+def restore_package_student(package: Path, student_shapes: Any) -> tuple[int, Any]:
+    """(step, student variables) of a package, cast to the shapes' dtypes (float32)."""
+    path = (Path(package) / STUDENT).resolve()
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(
+            path, args=ocp.args.Composite(variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        )
+    meta = restored["meta"] or {}
+    if meta.get("format") != PACKAGE_FORMAT:
+        raise WorkdirError(f"{path}: not an rdjax package's student")
+    variables = {k: restored["variables"][k] for k in student_shapes}
+    as_shapes = jax.tree_util.tree_map(lambda a, s: jnp.asarray(a, s.dtype), variables, dict(student_shapes))
+    return int(meta["step"]), as_shapes
 
 
 def write_ported(out: Path, config: ml_collections.ConfigDict, tx: Any, teacher_vars: Any, student_vars: Any) -> None:

@@ -204,3 +204,46 @@ def test_predict_on_a_missing_workdir_or_a_bad_dtype_writes_nothing(workdir, tmp
     error = rdjax_cli("export", f"--workdir={tmp_path / 'nowhere'}", f"--out={tmp_path / 'm'}").error_line()
     assert "no config.json" in error
     assert not (tmp_path / "o").exists() and not (tmp_path / "m").exists()
+
+
+def test_a_package_scores_exactly_as_its_workdir(workdir, model, tmp_path):
+    """`rdjax package` keeps what inference needs and drops the optimizer state: float32
+    scores, maps and decisions equal the workdir's bit for bit (the same variables, the
+    same program), through rdjax.load and `rdjax predict`; it is smaller than the
+    workdir, and bfloat16 smaller again. A second package to the same place, or a bad
+    dtype, is refused and writes nothing."""
+    work, root, _ = workdir
+    files = [str(f) for f in sorted((root / "disk" / "test").rglob("*.png"))]
+    out = rdjax_cli("package", f"--workdir={work}", f"--out={tmp_path / 'p'}")
+    assert out.code == 0, out.stderr[-2000:]
+    assert "MiB" in out.stdout and "the workdir holds" in out.stdout
+    packed = rdjax.load(tmp_path / "p")
+    a, b = model.predict(files), packed.predict(files)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.decisions, b.decisions)
+    for x, y in zip(a.maps, b.maps):
+        np.testing.assert_array_equal(x, y)
+    assert packed.step == model.step and packed.calibration == model.calibration
+    contract = json.loads((tmp_path / "p" / "contract.json").read_text())
+    assert contract["format"] == "package" and contract["calibration"] == model.calibration
+    assert not (tmp_path / "p" / "checkpoints").exists()
+
+    def size(folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+    assert size(tmp_path / "p") < size(work) / 2
+    for source in (work, tmp_path / "p"):
+        out = rdjax_cli("predict", f"--workdir={source}", f"--input={root / 'disk' / 'test'}",
+                        f"--output={tmp_path / ('o_' + source.name)}")  # fmt: skip
+        assert out.code == 0, out.stderr[-2000:]
+    tables = [(tmp_path / f"o_{s.name}" / "scores.csv").read_text() for s in (work, tmp_path / "p")]
+    assert tables[0] == tables[1]
+
+    assert rdjax_cli("package", f"--workdir={work}", f"--out={tmp_path / 'h'}", "--weights_dtype=bfloat16").code == 0
+    half = rdjax.load(tmp_path / "h")
+    assert size(tmp_path / "h" / "student") < 0.6 * size(tmp_path / "p" / "student")
+    assert np.all(np.isfinite(half.predict(files).scores))
+    assert "already exists" in rdjax_cli("package", f"--workdir={work}", f"--out={tmp_path / 'p'}").error_line()
+    error = rdjax_cli("package", f"--workdir={work}", f"--out={tmp_path / 'q'}", "--weights_dtype=float16")
+    assert "float16" in error.error_line() and not (tmp_path / "q").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries left

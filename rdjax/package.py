@@ -1,0 +1,68 @@
+"""`rdjax package --workdir=W --out=P`: what a line PC needs of a trained workdir, and
+nothing else.
+
+A package is a folder:
+  config.json       the workdir's config;
+  teacher/          the frozen teacher (orbax, as in a workdir);
+  student/          the trained student's variables at the latest checkpoint, without
+                    the optimizer state (orbax: 'variables' + 'meta' JSON: format, step,
+                    weights dtype);
+  calibration.json  thresholds and the normalized-score range (when calibrated);
+  contract.json     the inputs, outputs and decision rule (rdjax.export.contract).
+`rdjax.load`, `rdjax predict`, `rdjax export` and `rdjax serve` read it as they read a
+workdir. Stored in float32 it scores exactly as the workdir; in bfloat16 (--weights_dtype)
+it is half the size and is computed in the config's dtype after a cast back, so scores
+move by the weights' rounding (thresholds near a score may decide differently).
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import jax
+
+from rdjax import workdir as workdir_lib
+from rdjax.errors import ConfigError, WorkdirError
+
+CONTRACT = "contract.json"
+WEIGHTS_DTYPES = ("float32", "bfloat16")
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def package_workdir(workdir: str | Path, out: Path, weights_dtype: str = "float32") -> None:
+    """Write the package ``out`` from ``workdir``'s latest checkpoint. Every argument is
+    checked first; the package is written beside ``out`` and renamed into place, so a
+    failure leaves nothing."""
+    from rdjax import export, inference
+
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ConfigError(f"--weights_dtype={weights_dtype}: choose one of {', '.join(WEIGHTS_DTYPES)}")
+    if out.exists():
+        raise WorkdirError(f"{out}: already exists; choose a new --out")
+    if not out.parent.is_dir():
+        raise WorkdirError(f"{out.parent}: no such folder for --out")
+    workdir = Path(workdir)
+    if workdir_lib.is_package(workdir):
+        raise WorkdirError(f"{workdir}: is a package already; --workdir takes a trained workdir")
+    model = inference.load(workdir)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.mkdir()
+        workdir_lib.save_config(tmp, model.config)
+        workdir_lib.save_teacher(tmp / workdir_lib.TEACHER, model.config.model.arch, model.teacher_vars)
+        workdir_lib.save_student(
+            tmp / workdir_lib.STUDENT, model.step, jax.device_get(model.student_vars), weights_dtype
+        )
+        if model.calibration is not None:
+            workdir_lib.write_json(tmp / workdir_lib.CALIBRATION, model.calibration)
+        workdir_lib.write_json(tmp / CONTRACT, export.contract(model, "package", weights_dtype))
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size, whole = folder_bytes(out), folder_bytes(workdir)
+    print(f"wrote {out} ({size / 2**20:.1f} MiB, {weights_dtype} student; the workdir holds {whole / 2**20:.1f} MiB)")
