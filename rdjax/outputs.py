@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,20 +75,6 @@ def outcome(label: int, anomalous: bool | None) -> str:
     if anomalous is None:
         return "defective" if label else "good"
     return f"{'true' if bool(label) == bool(anomalous) else 'false'} {'positive' if anomalous else 'negative'}"
-
-
-def threshold_origin(calibration: Mapping[str, Any]) -> str:
-    """Where a calibration's image threshold came from, to follow the word 'threshold': a
-    reader must know whether the metrics beside it were measured on the images that chose
-    it. calibration.json has 'method' and 'source'; a 'quantile' key (the config's, where
-    the caller adds it) names the quantile's level."""
-    method, source = calibration.get("method"), calibration.get("source", "")
-    if method == "f1":
-        return "fitted on the labelled test set (its metrics are optimistic)"
-    if method == "quantile":
-        level = calibration.get("quantile")
-        return f"at quantile {level:g} of {source}" if level is not None else f"at a quantile of {source}"
-    return f"by {method}" + (f" on {source}" if source else "")
 
 
 DECISION_COLOURS = {True: (190, 30, 30), False: (30, 130, 60), None: (90, 90, 90)}

@@ -2,11 +2,12 @@
 --input=FOLDER_OR_GLOB --output=OUT`.
 
 Writes OUT/overlays/<name>.png (the decision picture: OK/NG, score, normalized score,
-the image blended with its map on one colour scale for the run, the mask outlined, the
-map's peak marked, a colour bar; rdjax.outputs.decision_picture),
+the plain image beside the image blended with its map on one colour scale for the run,
+the mask outlined, the map's peak marked, a colour bar; rdjax.outputs.decision_picture),
 OUT/masks/<name>_mask.png (when the workdir is calibrated;
 rdjax.calibration.explanation_masks), OUT/scores.csv and OUT/report.html (every image
-with its score and a threshold slider; rdjax.webpage).
+with its heat map and score, a threshold slider and where the threshold came from;
+rdjax.webpage).
 
 <name> keeps the input's path under the input folder, folders included, with its
 extension folded into the file name (line3/a/part.png -> line3/a/part_png): distinct
@@ -93,7 +94,8 @@ def predict_folder(
 ) -> None:
     from tqdm import tqdm
 
-    from rdjax import inference, outputs
+    from rdjax import inference, outputs, webpage
+    from rdjax.workdir import write_csv
 
     files = find_inputs(pattern)
     images = [f for f in files if is_image(f)]
@@ -109,6 +111,7 @@ def predict_folder(
     skipped = {f: f"not an image file ({f.suffix or 'no extension'})" for f in files if not is_image(f)}
     rows: dict[Path, dict] = {}
     scores: list[float] = []
+    thumbnail_maps: list[np.ndarray] = []  # the page's, small: the full-resolution maps are not kept
     lo_hi = None
     bar = tqdm(total=len(images), unit="img", desc="predicting", disable=None)
     for start in range(0, len(images), batch_size):
@@ -121,14 +124,24 @@ def predict_folder(
         for i, f in enumerate(chunk):
             rows[f] = outputs.write_prediction(out, names[f], str(f), arrays[i], pred, i, lo_hi)
             scores.append(float(pred.scores[i]))
+            thumbnail_maps.append(webpage.shrink_map(pred.maps[i]))
         bar.update(len(chunk))
     bar.close()
     done = list(rows)
-    outputs.write_prediction_summary(
-        out, f"rdjax predict: {workdir}", [rows.get(f) or outputs.skipped_row(str(f), skipped[f]) for f in files],
-        scores, [names[f] for f in done], lambda idx: [inference.as_images(done[i])[0] for i in idx],
-        model.image_threshold, [(f.relative_to(root).as_posix(), skipped[f]) for f in files if f in skipped],
+    write_csv(out / "scores.csv", outputs.PREDICTION_FIELDS,
+              [rows.get(f) or outputs.skipped_row(str(f), skipped[f]) for f in files])  # fmt: skip
+    cal = model.calibration
+    if cal is not None:  # a calibration.json older than its 'quantile' key: the workdir config's
+        cal = {"quantile": model.config.threshold.quantile, **cal}
+    page = webpage.Page(
+        f"rdjax predict: {workdir}", np.array(scores), [names[f] for f in done],
+        lambda idx: [inference.as_images(done[i])[0] for i in idx], threshold=model.image_threshold,
+        pictures={i: f"overlays/{names[f]}.png" for i, f in enumerate(done)},
+        skipped=[(f.relative_to(root).as_posix(), skipped[f]) for f in files if f in skipped],
+        maps=None if lo_hi is None else lambda idx: [thumbnail_maps[i] for i in idx], colour_range=lo_hi,
+        calibration=cal,
     )  # fmt: skip
+    webpage.write_page(out / "report.html", page)
     flagged = sum(r["decision"] == "anomalous" for r in rows.values())
     print(f"{len(rows)} images scored, {flagged} anomalous, {len(skipped)} files skipped (scores.csv says why) "
           f"-> {out / 'scores.csv'}")  # fmt: skip

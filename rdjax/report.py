@@ -1,22 +1,43 @@
 """The evaluation report: one PNG sheet per evaluation, made with matplotlib.
 
+A title (what was evaluated, its headline metrics, and where the threshold came from).
 Top row: ROC curve (image level), PRO curve up to FPR 0.3 (MVTec standard), histograms
-of good and defective image scores with the threshold. Bottom rows: the highest-scoring
-good images and the lowest-scoring defective ones (the candidates for false positives and
-false negatives), each with its anomaly map, titled with what happened to it at the
-calibrated threshold (true or false positive or negative).
+of good and defective image scores with the threshold. Then a row of the highest-scoring
+good images and one of the lowest-scoring defective ones (the candidates for false
+positives and false negatives), each image beside its anomaly map, titled with what
+happened to it at the calibrated threshold (true or false positive or negative); the maps
+share one colour scale, and each row has its colour bar.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rdjax.metrics import PixelStats
+from rdjax.calibration import describe
+from rdjax.metrics import METRIC_NAMES, PAPER_KEYS, PixelStats
 from rdjax.outputs import Cases, outcome
 from rdjax.workdir import atomic_path
+
+WIDTH = 16.0  # inches; at the saved 80 dpi, 1280 px
+CURVES_HEIGHT = 4.2  # inches: the curves' row
+
+
+def headline(metrics: Mapping[str, Any] | None, calibration: Mapping[str, Any] | None) -> str:
+    """The paper's metrics (percent) and the image threshold on one line, and on the next
+    where the threshold came from (rdjax.calibration.describe)."""
+    parts = []
+    for key in PAPER_KEYS:
+        value = None if metrics is None else metrics.get(key)
+        if value is not None and np.isfinite(value):
+            parts.append(f"{METRIC_NAMES[key]} {100 * float(value):.1f}")
+    if calibration is None:
+        return "   |   ".join(parts)
+    parts.append(f"image threshold {calibration['image_threshold']:.4g}")
+    return "   |   ".join(parts) + "\n" + describe(dict(calibration))
 
 
 def write_report(
@@ -28,65 +49,96 @@ def write_report(
     calibration: dict | None,
     roc: tuple[np.ndarray, np.ndarray] | None,
     pro: tuple[np.ndarray, np.ndarray] | None,
+    title: str = "",
+    metrics: Mapping[str, Any] | None = None,
 ) -> Path:
     """``roc``: the image ROC curve (fpr, tpr), None with one class only; ``pro``: the PRO
-    curve up to FPR 0.3, None without regions (computed once, shared with report.html)."""
+    curve up to FPR 0.3, None without regions (computed once, shared with report.html);
+    ``title``: what was evaluated; ``metrics``: a result whose PAPER_KEYS head the sheet
+    (None: the image AUROC and AUPRO the curves give)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_auc_score
 
-    worst = max(int(np.sum(cases.labels == 0)), int(np.sum(cases.labels != 0)), 4)
-    fig = plt.figure(figsize=(16, 12))  # fixed margins: a constrained layout saves much slower
-    fig.subplots_adjust(left=0.04, right=0.99, top=0.96, bottom=0.02, wspace=0.3, hspace=0.35)
-    grid = fig.add_gridspec(3, 2 * worst)
-    third = (2 * worst) // 3
-
-    ax = fig.add_subplot(grid[0, :third])
-    if roc is not None:
-        ax.plot(*roc, label=f"AUROC {roc_auc_score(labels, scores):.3f}")
-        ax.legend(loc="lower right")
-    ax.plot([0, 1], [0, 1], ":", color="gray")
-    ax.set(title="ROC (images)", xlabel="false positive rate", ylabel="true positive rate")
-
-    ax = fig.add_subplot(grid[0, third : 2 * third])
-    if pro is not None:
-        ax.plot(*pro, label=f"AUPRO {pixels.aupro():.3f}")
-        ax.legend(loc="lower right")
-    ax.set(title="PRO up to FPR 0.3 (pixels)", xlabel="false positive rate", ylabel="per-region overlap", xlim=(0, 0.3))
-
-    ax = fig.add_subplot(grid[0, 2 * third :])
-    bins = np.linspace(scores.min(), scores.max(), 30).tolist()
-    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="good")
-    ax.hist(scores[labels != 0], bins=bins, alpha=0.6, label="defective")
-    if calibration is not None:
-        ax.axvline(
-            calibration["image_threshold"], color="k", linestyle="--", label=f"threshold ({calibration['method']})"
-        )
-    ax.set(title="image scores", xlabel="score", ylabel="images")
-    ax.legend()
-
-    _draw_cases(fig, grid, cases, None if calibration is None else calibration["image_threshold"])
+    auroc = None if roc is None else float(roc_auc_score(labels, scores))
+    aupro = None if pro is None else pixels.aupro()
+    groups = [g for g in (np.flatnonzero(cases.labels == 0), np.flatnonzero(cases.labels != 0)) if len(g)]
+    columns = 2 * max(4, *(len(g) for g in groups)) if groups else 8
+    row_height = (WIDTH - 1.0) / columns + 0.9  # square images, two title lines and the row's title
+    fig = plt.figure(figsize=(WIDTH, 0.8 + CURVES_HEIGHT + row_height * len(groups)), layout="constrained")
+    fig.suptitle(
+        f"{title}\n{headline(metrics or {'image_auroc': auroc, 'aupro': aupro}, calibration)}".strip(), fontsize=13
+    )
+    heights = [CURVES_HEIGHT] + [row_height] * len(groups)
+    top, *rows = fig.subfigures(len(heights), 1, squeeze=False, height_ratios=heights)[:, 0]
+    _draw_curves(top, labels, scores, calibration, roc, pro, auroc, aupro)
+    threshold = None if calibration is None else calibration["image_threshold"]
+    for sub, group in zip(rows, groups):
+        _draw_cases(sub, cases, group, columns, threshold)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80)
     plt.close(fig)
     return path
 
 
-def _draw_cases(fig: Any, grid: Any, cases: Cases, threshold: float | None) -> None:
-    """Rows 2 and 3: the good and the defective hardest cases, each image beside its map."""
-    rows = [np.flatnonzero(cases.labels == 0), np.flatnonzero(cases.labels != 0)]
-    for r, chosen in enumerate(rows, start=1):
-        for j, i in enumerate(chosen):
-            kind = outcome(int(cases.labels[i]), None if threshold is None else bool(cases.scores[i] >= threshold))
-            ax = fig.add_subplot(grid[r, 2 * j])
-            ax.imshow(cases.images[i])
-            if cases.masks[i].any():
-                ax.contour(cases.masks[i], levels=[0.5], colors="red", linewidths=0.8)
-            ax.set_title(f"{kind}\n{cases.filenames[i]}", fontsize=8)
-            ax.axis("off")
-            ax = fig.add_subplot(grid[r, 2 * j + 1])
-            ax.imshow(cases.maps[i], cmap="jet", vmin=cases.lo, vmax=cases.hi)
-            ax.set_title(f"score {cases.scores[i]:.4f}", fontsize=8)
-            ax.axis("off")
+def _draw_curves(
+    fig: Any,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    calibration: dict | None,
+    roc: tuple[np.ndarray, np.ndarray] | None,
+    pro: tuple[np.ndarray, np.ndarray] | None,
+    auroc: float | None,
+    aupro: float | None,
+) -> None:
+    ax_roc, ax_pro, ax_hist = fig.subplots(1, 3, width_ratios=[1, 1, 1.6])
+    if roc is not None:
+        ax_roc.plot(*roc, label=f"AUROC {auroc:.3f}")
+        ax_roc.legend(loc="lower right")
+    ax_roc.plot([0, 1], [0, 1], ":", color="gray")
+    ax_roc.set(title="ROC (images)", xlabel="false positive rate", ylabel="true positive rate")
+
+    if pro is not None:
+        ax_pro.plot(*pro, label=f"AUPRO {aupro:.3f}")
+        ax_pro.legend(loc="lower right")
+    ax_pro.set(title="PRO up to FPR 0.3 (pixels)", xlabel="false positive rate", ylabel="per-region overlap")
+    ax_pro.set(xlim=(0, 0.3), ylim=(-0.02, 1.02))
+
+    bins = np.linspace(scores.min(), scores.max(), 30).tolist()
+    ax_hist.hist(scores[labels == 0], bins=bins, alpha=0.6, label="good")
+    ax_hist.hist(scores[labels != 0], bins=bins, alpha=0.6, label="defective")
+    if calibration is not None:
+        ax_hist.axvline(
+            calibration["image_threshold"], color="k", linestyle="--", label=f"threshold ({calibration['method']})"
+        )
+    ax_hist.set(title="image scores", xlabel="score", ylabel="images")
+    ax_hist.legend()
+
+
+def _draw_cases(fig: Any, cases: Cases, group: np.ndarray, columns: int, threshold: float | None) -> None:
+    """One row of hardest cases (all good or all defective), each image beside its map,
+    and the maps' colour bar."""
+    defective = bool(cases.labels[group[0]])
+    fig.suptitle(
+        "lowest-scoring defective images (false negative candidates); truth outlined in red"
+        if defective
+        else "highest-scoring good images (false positive candidates)",
+        fontsize=11,
+    )
+    axes = fig.subplots(1, columns)
+    heat = None
+    for j, i in enumerate(group):
+        kind = outcome(int(cases.labels[i]), None if threshold is None else bool(cases.scores[i] >= threshold))
+        ax = axes[2 * j]
+        ax.imshow(cases.images[i])
+        if cases.masks[i].any():
+            ax.contour(cases.masks[i], levels=[0.5], colors="red", linewidths=0.8)
+        ax.set_title(f"{kind}\n{cases.filenames[i]}", fontsize=8)
+        ax = axes[2 * j + 1]
+        heat = ax.imshow(cases.maps[i], cmap="jet", vmin=cases.lo, vmax=cases.hi)
+        ax.set_title(f"score {cases.scores[i]:.4f}", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.colorbar(heat, ax=axes.tolist(), shrink=0.9, aspect=15, pad=0.01, label="pixel score")

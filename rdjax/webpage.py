@@ -1,13 +1,16 @@
 """An evaluation or a predict run as one self-contained HTML page (report.html) a
 person can browse.
 
-One card per image (a thumbnail, the file name, the label if known, the score, and a
-link to its decision picture where there is one), the metrics table, the image ROC curve
-and the PRO curve as inline SVG (evaluations), and a threshold slider: moving it
-re-decides every card and recounts, in the browser from the scores embedded in the page,
-true and false positives and negatives (labelled images) or anomalous and normal
-decisions (predict). Every name from the data is escaped (file names are text, never markup), and
-the embedded data is JSON with '<' escaped, so no file name can end the script.
+One card per image (a thumbnail of the image beside its heat map, the file name, the label
+if known, the score, and a link to its decision picture where there is one), the metrics
+table, the image ROC curve and the PRO curve as inline SVG with labelled axes
+(evaluations), a threshold slider, and a control that orders the cards by score. Moving
+the slider re-decides every card and recounts, in the browser from the scores embedded in
+the page, true and false positives and negatives (labelled images) or anomalous and
+normal decisions (predict). Beside the calibrated threshold the page says where it came
+from, and marks one fitted on the test set itself. Every name from the data is escaped
+(file names are text, never markup), and the embedded data is JSON with '<' escaped, so
+no file name can end the script.
 """
 
 from __future__ import annotations
@@ -24,49 +27,92 @@ from typing import Any
 
 import numpy as np
 
+from rdjax.calibration import describe
 from rdjax.metrics import METRIC_NAMES, TABLE_KEYS
+from rdjax.outputs import overlay
 from rdjax.workdir import atomic_path
 
-THUMBNAIL = 128  # px, the longer side of each card's picture
+THUMBNAIL = 112  # px, the longer side of each of a card's two pictures (the image, its heat map)
 CURVE_POINTS = 400  # curves are thinned to about this many points
 
 
-def _thumbnail(image: np.ndarray) -> str:
+def shrink_map(amap: np.ndarray) -> np.ndarray:
+    """A map at thumbnail size (float32, the longer side at most THUMBNAIL, averaged down):
+    what a run keeps of each map for its page, instead of the full-resolution one."""
     from PIL import Image
 
-    img = Image.fromarray(image)
-    img.thumbnail((THUMBNAIL, THUMBNAIL))
+    h, w = amap.shape
+    k = max(h, w) / THUMBNAIL
+    if k <= 1:
+        return np.asarray(amap, np.float32)
+    size = (max(1, round(w / k)), max(1, round(h / k)))
+    return np.asarray(Image.fromarray(np.asarray(amap, np.float32)).resize(size, Image.Resampling.BILINEAR))
+
+
+def _thumbnail(image: np.ndarray, amap: np.ndarray | None = None, lo: float = 0.0, hi: float = 1.0) -> str:
+    """A JPEG data URL: the image fitted to THUMBNAIL px (small ones enlarged, so every card
+    reads alike), and with a map the image beside its overlay (the map resized to the
+    thumbnail, on the page's one colour scale lo..hi)."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.contain(Image.fromarray(image), (THUMBNAIL, THUMBNAIL), Image.Resampling.BICUBIC)
+    if amap is not None:
+        small = Image.fromarray(np.asarray(amap, np.float32)).resize(img.size, Image.Resampling.BILINEAR)
+        heat = Image.fromarray(overlay(np.asarray(img), np.asarray(small), lo, hi))
+        both = Image.new("RGB", (2 * img.width + 4, img.height), (255, 255, 255))
+        both.paste(img, (0, 0))
+        both.paste(heat, (img.width + 4, 0))
+        img = both
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _svg_curve(x: np.ndarray, y: np.ndarray, title: str, xlabel: str, ylabel: str, xmax: float = 1.0) -> str:
+    """A curve on [0, xmax] x [0, 1] with ticks and numeric labels on both axes."""
+    left, top, size = 46, 10, 200
     step = max(1, len(x) // CURVE_POINTS)
     keep = np.r_[np.arange(0, len(x), step), len(x) - 1] if len(x) else np.array([], int)
-    pts = " ".join(f"{40 + 200 * xi / xmax:.1f},{210 - 200 * yi:.1f}" for xi, yi in zip(x[keep], y[keep]))
+    pts = " ".join(f"{left + size * xi / xmax:.1f},{top + size * (1 - yi):.1f}" for xi, yi in zip(x[keep], y[keep]))
+    marks = []
+    for v in np.linspace(0, xmax, 4 if xmax < 0.5 else 6):
+        px = left + size * v / xmax
+        marks.append(
+            f'<line x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{top + size + 4}" stroke="#ddd"/>'
+            f'<text class="tick" x="{px:.1f}" y="{top + size + 16}" text-anchor="middle" font-size="10">'
+            f"{round(float(v), 6):g}</text>"
+        )
+    for v in np.linspace(0, 1, 6):
+        py = top + size * (1 - v)
+        marks.append(
+            f'<line x1="{left - 4}" y1="{py:.1f}" x2="{left + size}" y2="{py:.1f}" stroke="#ddd"/>'
+            f'<text class="tick" x="{left - 6}" y="{py + 3.5:.1f}" text-anchor="end" font-size="10">'
+            f"{round(float(v), 6):g}</text>"
+        )
     return (
-        f'<figure class="curve"><svg width="250" height="240" viewBox="0 0 250 240">'
-        f'<rect x="40" y="10" width="200" height="200" fill="none" stroke="#999"/>'
+        f'<figure class="curve"><svg width="256" height="252" viewBox="0 0 256 252">{"".join(marks)}'
+        f'<rect x="{left}" y="{top}" width="{size}" height="{size}" fill="none" stroke="#999"/>'
         f'<polyline points="{pts}" fill="none" stroke="#c33" stroke-width="2"/>'
-        f'<text x="140" y="235" text-anchor="middle" font-size="11">{html.escape(xlabel)} (0 to {xmax:g})</text>'
-        f'<text x="12" y="110" font-size="11" transform="rotate(-90 12 110)" text-anchor="middle">'
-        f"{html.escape(ylabel)}</text></svg><figcaption>{html.escape(title)}</figcaption></figure>"
+        f'<text x="{left + size / 2}" y="248" text-anchor="middle" font-size="11">{html.escape(xlabel)}</text>'
+        f'<text x="12" y="{top + size / 2}" font-size="11" transform="rotate(-90 12 {top + size / 2})" '
+        f'text-anchor="middle">{html.escape(ylabel)}</text></svg><figcaption>{html.escape(title)}</figcaption></figure>'
     )
 
 
 _STYLE = """
 body{font-family:sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-.curves{display:flex;gap:1.5em}.curve{margin:0}
-#controls{position:sticky;top:0;background:#fff;padding:.5em 0;border-bottom:1px solid #ddd}
+.curves{display:flex;gap:1.5em}.curve{margin:0}.curve figcaption{text-align:center}
+#controls{position:sticky;top:0;background:#fff;padding:.5em 0;border-bottom:1px solid #ddd;line-height:1.8}
 #threshold{width:28em;vertical-align:middle}
+.origin{color:#555}.origin.optimistic{color:#7a3a00;background:#fde2c4;border:1px solid #d93;padding:0 .4em;
+font-weight:bold}
 .cards{display:flex;flex-wrap:wrap;gap:.6em;margin-top:1em}
-.card{width:150px;border:3px solid #ccc;border-radius:4px;padding:4px;font-size:12px;overflow-wrap:anywhere}
+.card{width:228px;border:3px solid #ccc;border-radius:4px;padding:4px;font-size:12px;overflow-wrap:anywhere}
 .card img{max-width:100%}.card.tp{border-color:#1a7f37}.card.tn{border-color:#8c8}
 .card.fp{border-color:#d93}.card.fn{border-color:#c22}.card.ng{border-color:#c22}.card.ok{border-color:#8c8}
 .outcome{font-weight:bold}
-.skipcard{width:150px;border:3px dashed #999;border-radius:4px;padding:4px;font-size:12px;overflow-wrap:anywhere}
+.skipcard{width:228px;border:3px dashed #999;border-radius:4px;padding:4px;font-size:12px;overflow-wrap:anywhere}
 .skipcard{color:#555}
 """
 
@@ -90,7 +136,18 @@ function update() {
   for (const k in counts) document.getElementById(k).textContent = counts[k];
   document.getElementById('value').textContent = t.toPrecision(6);
 }
+// Cards keep their index into data.scores; ordering moves them, the skipped cards stay last.
+const order = document.getElementById('order');
+function reorder() {
+  const rows = cards.map((card, i) => i);
+  if (order.value === 'up') rows.sort((a, b) => data.scores[a] - data.scores[b]);
+  if (order.value === 'down') rows.sort((a, b) => data.scores[b] - data.scores[a]);
+  const box = document.querySelector('.cards');
+  rows.forEach(i => box.appendChild(cards[i]));
+  document.querySelectorAll('.skipcard').forEach(card => box.appendChild(card));
+}
 slider.addEventListener('input', update);
+order.addEventListener('change', reorder);
 update();
 """
 
@@ -99,10 +156,14 @@ update();
 class Page:
     """What report.html shows. ``labels``: 0 = good (None: unlabelled images, as predict
     scores them); ``images(rows)``: uint8 images of those rows, decoded on demand;
-    ``metrics``: a result whose METRIC_NAMES entries make the table (None: no table);
-    ``pictures``: row -> a decision picture's path relative to the page; ``skipped``:
-    (name, reason) of each input that could not be scored, a card each, outside the
-    slider's counts."""
+    ``maps(rows)``: their anomaly maps at any resolution (shrink_map's will do), shown
+    over the thumbnails on the one colour scale ``colour_range`` (lo, hi) (None: plain
+    thumbnails); ``metrics``: a result whose METRIC_NAMES entries make the table (None: no
+    table); ``calibration``: the calibration the threshold came from (calibration.json's
+    dict) to say so beside it (rdjax.calibration.describe), marked where the test set
+    chose it; ``pictures``: row -> a decision picture's path relative to the page;
+    ``skipped``: (name, reason) of each input that could not be scored, a card each,
+    outside the slider's counts."""
 
     title: str
     scores: np.ndarray
@@ -115,6 +176,21 @@ class Page:
     pro: tuple[np.ndarray, np.ndarray] | None = None
     pictures: Mapping[int, str] = dataclasses.field(default_factory=dict)
     skipped: Sequence[tuple[str, str]] = ()
+    maps: Callable[[np.ndarray], Sequence[np.ndarray] | np.ndarray] | None = None
+    colour_range: tuple[float, float] | None = None
+    calibration: Mapping[str, Any] | None = None
+
+
+def _threshold_note(page: Page) -> str:
+    if page.threshold is None:
+        return ""
+    note = f"(calibrated threshold {page.threshold:.6g})"
+    cal = page.calibration
+    if cal is None:
+        return note
+    # describe's rule: a calibration.json without 'fitted_on_test_set' is on the test set when it is F1's.
+    optimistic = " optimistic" if cal.get("fitted_on_test_set", cal.get("method") == "f1") else ""
+    return f'{note}<br><span class="origin{optimistic}" id="origin">{html.escape(describe(dict(cal)))}</span>'
 
 
 def _head(page: Page, scores: np.ndarray) -> str:
@@ -142,7 +218,6 @@ def _head(page: Page, scores: np.ndarray) -> str:
         if page.labels is not None
         else 'anomalous <b id="ng"></b>, normal <b id="ok"></b>'
     )
-    calibrated = "" if page.threshold is None else f"(calibrated: {page.threshold:.6g})"
     if page.skipped:
         counts += f', skipped <b id="skipped">{len(page.skipped)}</b>'
     return f"""<!DOCTYPE html>
@@ -153,18 +228,21 @@ def _head(page: Page, scores: np.ndarray) -> str:
 <div id="controls"><label for="threshold">image threshold</label>
 <input type="range" id="threshold" min="{lo!r}" max="{hi!r}" step="any" value="{start!r}">
 <span id="value"></span> &nbsp; {counts}
-{calibrated}</div>
+{_threshold_note(page)}<br><label for="order">order of the cards</label>
+<select id="order"><option value="file">as listed</option><option value="up">score, lowest first</option>
+<option value="down">score, highest first</option></select></div>
 <div class="cards">
 """
 
 
-def _card(page: Page, row: int, image: np.ndarray, scores: np.ndarray) -> str:
+def _card(page: Page, row: int, image: np.ndarray, amap: np.ndarray | None, scores: np.ndarray) -> str:
     extra = ""
     if row in page.pictures:
         extra = f'<a href="{html.escape(urllib.parse.quote(page.pictures[row]), quote=True)}">decision picture</a>'
     label = "" if page.labels is None else ("defective, " if page.labels[row] else "good, ")
+    thumbnail = _thumbnail(image, amap, *(page.colour_range or (0.0, 1.0)))
     return (
-        f'<div class="card"><img alt="" src="{_thumbnail(image)}"><div>{html.escape(page.filenames[row])}'
+        f'<div class="card"><img alt="" src="{thumbnail}"><div>{html.escape(page.filenames[row])}'
         f"</div><div>{label}score {scores[row]:.5f}</div>"
         f'<div class="outcome"></div>{extra}</div>\n'
     )
@@ -173,6 +251,8 @@ def _card(page: Page, row: int, image: np.ndarray, scores: np.ndarray) -> str:
 def write_page(path: Path, page: Page, chunk: int = 16) -> Path:
     """The cards are decoded ``chunk`` images at a time and written as they are made, so
     memory does not grow with the number of images."""
+    if page.maps is not None and page.colour_range is None:
+        raise ValueError("Page.maps needs Page.colour_range: every thumbnail's heat map shares one scale")
     scores = np.asarray(page.scores, np.float64)
     labels = None if page.labels is None else [int(v != 0) for v in page.labels]
     data = json.dumps({"scores": scores.tolist(), "labels": labels}).replace("<", "\\u003c")
@@ -180,8 +260,9 @@ def write_page(path: Path, page: Page, chunk: int = 16) -> Path:
         out.write(_head(page, scores))
         for begin in range(0, len(scores), chunk):
             rows = np.arange(begin, min(begin + chunk, len(scores)))
-            for row, image in zip(rows, page.images(rows)):
-                out.write(_card(page, int(row), image, scores))
+            maps: Sequence[np.ndarray | None] = [None] * len(rows) if page.maps is None else list(page.maps(rows))
+            for row, image, amap in zip(rows, page.images(rows), maps):
+                out.write(_card(page, int(row), image, amap, scores))
         for name, reason in page.skipped:
             out.write(
                 f'<div class="skipcard"><div>{html.escape(name)}</div><div>skipped: {html.escape(reason)}</div></div>\n'

@@ -1,10 +1,16 @@
 """report.html in a real headless browser (Debian's chromium, driven by playwright): it
 loads without console errors, shows one card per test image, recounts at the slider's
-threshold what Python computes there, and shows hostile file names as text."""
+threshold what Python computes there, orders the cards by score, says where the threshold
+came from, and shows hostile file names as text. Its curves carry numeric ticks, and its
+thumbnails the heat map."""
 
 from __future__ import annotations
 
+import base64
+import io
+import re
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +18,8 @@ import pytest
 
 import rdjax
 from rdjax import webpage
+from rdjax.evaluators import EvalContext
+from rdjax.evaluators import report as report_evaluator
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +69,8 @@ def test_report_page_counts_what_python_counts(trained, browser, tmp_path):
             assert int(page.locator(f"#{key}").text_content()) == int(mask.sum()), (t, key)
         assert page.locator(".card.fp").count() == int(want["fp"].sum())
     assert page.locator("svg polyline").count() == 2  # ROC and PRO curves
+    # Each thumbnail is the image beside its heat map: two panels side by side.
+    assert page.locator(".card img").first.evaluate("i => i.naturalWidth / i.naturalHeight") > 1.9
     screenshot = tmp_path / "report_html.png"  # kept where the test fails (pytest's tmp_path retention)
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
@@ -126,3 +136,151 @@ def test_slider_starts_at_a_threshold_beyond_every_score(browser, tmp_path):
     assert problems == []
     assert int(page.locator("#ng").text_content()) == 0 and int(page.locator("#ok").text_content()) == 3
     assert page.locator(".card a").get_attribute("href") == "overlays/c%231.png"
+
+
+def _ticks(svg: str) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(x-axis ticks, y-axis ticks) of an SVG curve as (position, value): the x axis's
+    labels share the lowest line, the y axis's one column."""
+    found = [
+        (float(x), float(y), float(v))
+        for x, y, v in re.findall(r'class="tick" x="([\d.]+)" y="([\d.]+)"[^>]*>([^<]+)<', svg)
+    ]
+    bottom = max(y for _, y, _ in found)
+    return [(x, v) for x, y, v in found if y == bottom], [(y, v) for x, y, v in found if y != bottom]
+
+
+def test_curves_have_numeric_tick_labels():
+    x = np.linspace(0, 0.3, 31)
+    svg = webpage._svg_curve(x, np.sqrt(x / 0.3), "PRO", "false positive rate", "per-region overlap", 0.3)
+    xs, ys = _ticks(svg)
+    assert [v for _, v in xs] == pytest.approx([0, 0.1, 0.2, 0.3]) and [v for _, v in ys] == pytest.approx(
+        np.linspace(0, 1, 6)
+    )
+    assert np.all(np.diff([p for p, _ in xs]) > 0) and np.all(np.diff([p for p, _ in ys]) < 0)  # y grows upward
+    # The curve is drawn on the same scale as its ticks: its last point (0.3, 1) lies at
+    # the '0.3' tick's x and the '1' tick's height.
+    last = re.search(r'points="[^"]* ([\d.]+),([\d.]+)"', svg)
+    assert float(last[1]) == pytest.approx(xs[-1][0]) and float(last[2]) == pytest.approx(ys[-1][0] - 3.5)
+    roc_x, _ = _ticks(webpage._svg_curve(x, x, "ROC", "fpr", "tpr"))
+    assert [v for _, v in roc_x] == pytest.approx(np.linspace(0, 1, 6))
+
+
+def _thumbnails(path: Path) -> list[np.ndarray]:
+    from PIL import Image
+
+    urls = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', path.read_text())
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(u))).convert("RGB")).astype(int) for u in urls]
+
+
+def test_thumbnails_show_the_heat_map_where_it_is_hot(tmp_path):
+    """The card's picture is the plain image beside its overlay: the overlay is red where
+    the map is hot, blue where it is cold, and the plain half shows neither."""
+    image = np.full((64, 64, 3), 128, np.uint8)
+    amap = np.zeros((64, 64), np.float32)
+    amap[:32, :32] = 1.0  # hot top-left quadrant
+    images = lambda rows: np.stack([image] * len(rows))  # noqa: E731
+    maps = lambda rows: np.stack([amap] * len(rows))  # noqa: E731
+    path = webpage.write_page(
+        tmp_path / "r.html", webpage.Page("t", np.array([0.5]), ["a.png"], images, maps=maps, colour_range=(0.0, 1.0))
+    )
+    (thumb,) = _thumbnails(path)
+    h, w = thumb.shape[:2]
+    half = (w - 4) // 2
+    assert h == webpage.THUMBNAIL and half == webpage.THUMBNAIL
+    plain, heat = thumb[:, :half], thumb[:, -half:]
+    assert np.abs(plain - 128).max() < 12  # the plain image, up to JPEG
+    hot, cold = heat[h // 8, half // 8], heat[-h // 8, -half // 8]
+    assert hot[0] > hot[2] + 60 and cold[2] > cold[0] + 60
+    plain_only = webpage.write_page(tmp_path / "p.html", webpage.Page("t", np.array([0.5]), ["a.png"], images))
+    assert _thumbnails(plain_only)[0].shape[1] == webpage.THUMBNAIL
+    with pytest.raises(ValueError, match="colour_range"):
+        webpage.write_page(tmp_path / "x.html", webpage.Page("t", np.array([0.5]), ["a.png"], images, maps=maps))
+
+
+def test_sort_control_orders_cards_by_score(browser, tmp_path):
+    """Ascending, descending and back to the listed order; the skipped cards stay last and
+    the slider still decides each card by its own score after a reordering."""
+    scores = np.array([0.5, 0.1, 0.9, 0.3, 0.7])
+    names = [f"{i}.png" for i in range(len(scores))]
+    images = lambda rows: np.zeros((len(rows), 16, 16, 3), np.uint8)  # noqa: E731
+    path = webpage.write_page(
+        tmp_path / "r.html",
+        webpage.Page("sorting", scores, names, images, labels=np.array([0, 0, 1, 0, 1]), threshold=0.6,
+                     skipped=[("notes.txt", "not an image file (.txt)")]),
+    )  # fmt: skip
+    page, problems = _open(browser, path)
+
+    def shown() -> list[str]:
+        return page.locator(".cards > div").evaluate_all(
+            "cs => cs.map(c => c.classList.contains('skipcard') ? 'skipped' : c.children[1].textContent)"
+        )
+
+    page.select_option("#order", "up")
+    assert shown() == [names[i] for i in np.argsort(scores)] + ["skipped"]
+    page.locator("#threshold").fill("0.4")
+    by_card = page.locator(".card").evaluate_all(
+        "cs => cs.map(c => [parseFloat(c.children[2].textContent.split('score ')[1]), c.className])"
+    )
+    assert [("fp" in cls or "tp" in cls) for _, cls in by_card] == [s >= 0.4 for s, _ in by_card]
+    page.select_option("#order", "down")
+    assert shown() == [names[i] for i in np.argsort(-scores)] + ["skipped"]
+    page.select_option("#order", "file")
+    assert shown() == names + ["skipped"]
+    assert problems == []
+
+
+@pytest.mark.parametrize("on_test_set", [True, False])
+def test_page_says_where_the_threshold_came_from(browser, tmp_path, on_test_set):
+    """Beside the threshold, calibration.describe's phrase; marked as optimistic only
+    where the test set chose the threshold."""
+    from rdjax.calibration import describe
+
+    cal = (
+        {"method": "f1", "source": "5 labelled test images", "fitted_on_test_set": True}
+        if on_test_set
+        else {"method": "quantile", "source": "20 held-out train/good images", "quantile": 0.99,
+              "fitted_on_test_set": False}
+    )  # fmt: skip
+    cal["image_threshold"] = 0.2
+    images = lambda rows: np.zeros((len(rows), 16, 16, 3), np.uint8)  # noqa: E731
+    path = webpage.write_page(
+        tmp_path / "r.html",
+        webpage.Page("t", np.array([0.1, 0.3]), ["a.png", "b.png"], images, threshold=0.2, calibration=cal),
+    )
+    page, problems = _open(browser, path)
+    origin = page.locator("#origin")
+    assert origin.is_visible() and problems == []
+    assert origin.text_content() == describe(cal)
+    marked = page.locator("#origin.optimistic")
+    if on_test_set:
+        assert "test set" in describe(cal) and marked.count() == 1
+        assert marked.evaluate("e => getComputedStyle(e).backgroundColor") != "rgba(0, 0, 0, 0)"
+    else:
+        assert "0.99" in describe(cal) and "20 held-out train/good images" in describe(cal) and marked.count() == 0
+
+
+def test_evaluation_thumbnails_recompute_only_maps_the_pass_did_not_keep():
+    """Binned pixel statistics keep no maps: the report computes each test image's map
+    once more, a chunk at a time, and keeps it at thumbnail size; exact ones are reused."""
+    n = report_evaluator.MAP_CHUNK + 3
+    maps = np.random.default_rng(0).random((n, 8, 8)).astype(np.float32)
+    asked: list[np.ndarray] = []
+
+    def predict(split, rows):
+        asked.append(rows)
+        return maps[rows]
+
+    def context(kept):
+        passed = types.SimpleNamespace(pixels=types.SimpleNamespace(maps=kept))
+        return EvalContext(None, list(range(n)), passed, None, predict, None, None)
+
+    thumbnails = report_evaluator._thumbnail_maps(context(None))
+    np.testing.assert_array_equal(np.concatenate(asked), np.arange(n))  # every image once
+    np.testing.assert_array_equal(thumbnails(np.array([n - 1, 0])), maps[[n - 1, 0]])
+    asked.clear()
+    np.testing.assert_array_equal(report_evaluator._thumbnail_maps(context(maps))(np.array([3])), maps[[3]])
+    assert asked == []
+    big = np.zeros((1000, 500), np.float32)
+    big[:500] = 1.0
+    small = webpage.shrink_map(big)
+    assert max(small.shape) == webpage.THUMBNAIL and small.mean() == pytest.approx(0.5, abs=0.01)

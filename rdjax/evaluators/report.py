@@ -1,5 +1,6 @@
 """Evaluator 'report': report.png, the hardest cases' decision pictures, report.html
-(every image, a threshold slider; rdjax.webpage) and scores.csv (every image's score).
+(every image with its heat map, a threshold slider; rdjax.webpage) and scores.csv (every
+image's score).
 
 Settings: ``hardest`` (cases of each kind pictured), ``metrics_from`` (the evaluator
 whose metrics head the page) and ``threshold_from`` (the evaluator whose 'calibration'
@@ -7,7 +8,7 @@ draws the decisions; '' for none)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from rdjax import outputs, report, webpage
 from rdjax.evaluators import EvalContext, EvaluatorType
 from rdjax.workdir import write_csv
 
+MAP_CHUNK = 256  # test images whose maps are computed again at a time, for report.html's thumbnails
+
 
 class Report:
     def __init__(self, hardest: int = 4, metrics_from: str = "anomaly", threshold_from: str = "") -> None:
@@ -27,13 +30,16 @@ class Report:
         self.needs = tuple(n for n in (metrics_from, threshold_from) if n)
 
     def __call__(self, context: EvalContext, needed: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-        """The hardest cases' maps are computed again (a few images): nothing else of the
-        pass's maps is kept. Every process takes part in that computation."""
+        """The hardest cases' maps are computed again (a few images), and every image's map
+        where the pass did not keep them (binned pixel statistics), for the page's
+        thumbnails. Every process takes part in those computations."""
         test, passed = context.test, context.test_pass
         rows = np.concatenate(outputs.hardest_cases(test.labels, passed.scores, self.hardest))
         maps = context.predict(test, rows)
+        thumbnail_maps = _thumbnail_maps(context)
         if context.out_dir is None:
             return {}
+        config = context.config
         cal = needed[self.threshold_from].get("calibration") if self.threshold_from else None
         threshold = None if cal is None else cal["image_threshold"]
         cases = outputs.Cases(
@@ -48,17 +54,40 @@ class Report:
             fpr, overlap = passed.pixels.pro_curve
             pro = (fpr[fpr <= 0.3], overlap[fpr <= 0.3])
         out = context.out_dir
-        report.write_report(out / "report.png", test.labels, passed.scores, passed.pixels, cases, cal, roc, pro)
+        epoch = int(out.name.rsplit("_", 1)[1])  # outputs.evaluation_dir's epoch_NNNN
+        title = f"{config.dataset.category}: {config.model.name} {config.model.arch}, epoch {epoch}"
+        metrics = needed[self.metrics_from] if self.metrics_from else None
+        report.write_report(
+            out / "report.png", test.labels, passed.scores, passed.pixels, cases, cal, roc, pro,
+            title=title, metrics=metrics,
+        )  # fmt: skip
         written = outputs.write_overlays(out / "images", cases, threshold)
         _write_scores(out / "scores.csv", test, passed.scores, threshold)
         page = webpage.Page(
-            title=f"{context.config.dataset.category}: evaluation {out.name.replace('_', ' ')}",
-            scores=passed.scores, filenames=test.filenames, images=test.images, labels=test.labels,
-            metrics=needed[self.metrics_from] if self.metrics_from else None, threshold=threshold, roc=roc, pro=pro,
+            title=title, scores=passed.scores, filenames=test.filenames, images=test.images, labels=test.labels,
+            metrics=metrics, threshold=threshold, roc=roc, pro=pro,
             pictures={int(r): f"images/{p.name}" for r, p in zip(rows, written)},
+            maps=thumbnail_maps, colour_range=(passed.pixels.lo, passed.pixels.hi), calibration=cal,
         )  # fmt: skip
         webpage.write_page(out / "report.html", page)
         return {}
+
+
+def _thumbnail_maps(context: EvalContext) -> Callable[[np.ndarray], np.ndarray]:
+    """rows -> their maps for the page's thumbnails: the pass's own where it kept them
+    (exact pixel statistics), else computed again MAP_CHUNK images at a time and kept at
+    thumbnail size (webpage.shrink_map), so memory stays small on any test set."""
+    kept = context.test_pass.pixels.maps
+    if kept is None:
+        test = context.test
+        kept = np.stack(
+            [
+                webpage.shrink_map(m)
+                for begin in range(0, len(test), MAP_CHUNK)
+                for m in context.predict(test, np.arange(begin, min(begin + MAP_CHUNK, len(test))))
+            ]
+        )
+    return lambda rows: kept[rows]
 
 
 def _write_scores(path: Path, test: Any, scores: np.ndarray, threshold: float | None) -> None:
