@@ -10,9 +10,18 @@ inference stack.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 __all__ = ["Model", "Prediction", "load"]
+
+# The configs ship inside the package as rdjax.configs, from the repository's top-level
+# configs/ (pyproject.toml). Run from a clone's root with rdjax installed non-editable,
+# `import rdjax` finds the source folder, which has no configs/ of its own: the
+# repository's then serves as rdjax.configs, so the documented command works there too.
+_source = Path(__file__).parent
+if not (_source / "configs").is_dir() and (_source.parent / "configs" / "__init__.py").is_file():
+    __path__.append(str(_source.parent))
 
 
 def __getattr__(name: str) -> Any:

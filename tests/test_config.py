@@ -190,3 +190,24 @@ def test_check_rerun_names_the_key_and_what_each_command_may_change():
     ported = saved.copy_and_resolve_references()
     ported.dataset.name = ported.dataset.category = ""
     assert len(config_lib.check_rerun("W", ported, saved, evaluating=True)) == 2
+
+
+def test_every_package_is_installed_and_configs_resolve_from_a_source_tree(tmp_path):
+    """pyproject.toml lists every package folder (a non-editable install once lacked
+    rdjax.evaluators), and a source tree without rdjax/configs, as a clone's root is
+    for `python -m rdjax.main` after a non-editable install, takes its configs/ as
+    rdjax.configs (rdjax/__init__.py)."""
+    import shutil
+    import subprocess
+    import sys
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "rdjax").rglob("__init__.py")}
+    assert listed == found | {"rdjax.configs"}
+    shutil.copytree(ROOT / "rdjax", tmp_path / "rdjax", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "configs", tmp_path / "configs", ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import rdjax.configs.synthetic as s; print(s.__file__); print(s.get_config().dataset.name)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(tmp_path / "configs" / "synthetic.py"), "synthetic"]
