@@ -183,7 +183,7 @@ def test_check_rerun_names_the_key_and_what_each_command_may_change():
         for evaluating in (False, True):
             with pytest.raises(ConfigError, match=rf"^config\.{key}=.*, but W was trained with"):
                 changed(key, value, evaluating)
-    for key, value in [("resize.mode", "fit"), ("threshold.method", "quantile"), ("batch_size", 4)]:
+    for key, value in [("resize.mode", "fit"), ("threshold.method", "f1"), ("batch_size", 4)]:
         with pytest.raises(ConfigError, match=rf"config\.{key}="):
             changed(key, value, evaluating=False)
         assert len(changed(key, value, evaluating=True)) == 1
