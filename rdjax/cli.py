@@ -265,6 +265,18 @@ def _package(fv: flags.FlagValues, args: list[str]) -> None:
     package.package_workdir(fv.workdir, Path(fv.out), fv.weights_dtype)
 
 
+def _serve_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+    from rdjax import serve
+
+    serve.define_flags(fv, argv)
+
+
+def _serve(fv: flags.FlagValues, args: list[str]) -> None:
+    from rdjax import serve
+
+    serve.main(fv, args)
+
+
 def _predict(fv: flags.FlagValues, args: list[str]) -> None:
     from rdjax import predict
 
@@ -300,6 +312,7 @@ COMMANDS: dict[str, Command] = {
     "package": Command(
         "pack a workdir for deployment: config, teacher, student, calibration, contract", define_package_flags, _package
     ),
+    "serve": Command("serve a model over HTTP: POST /predict, GET /health, a page at /", _serve_flags, _serve),
     "port": Command(
         "import PyTorch weights: 'teacher', or an official model checkpoint ('rd4ad', 'rdpp')", define_port_flags, _port
     ),

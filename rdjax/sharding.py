@@ -86,8 +86,9 @@ def map_global_batches(
     from tqdm import tqdm
 
     outputs: list[list[np.ndarray]] = []
-    disable = None if jax.process_index() == 0 else True
-    for rows, valid in tqdm(global_batches(len(inputs), batch_size), desc=desc, leave=False, disable=disable):
+    batches = global_batches(len(inputs), batch_size)
+    disable = None if jax.process_index() == 0 and len(batches) > 1 else True  # no bar for one batch (a server's)
+    for rows, valid in tqdm(batches, desc=desc, leave=False, disable=disable):
         result = fn(put(local_share(inputs[rows])))
         gathered = [gather(r)[:valid] for r in result]
         outputs = outputs or [[] for _ in gathered]

@@ -200,6 +200,7 @@ def test_every_package_is_installed_and_configs_resolve_from_a_source_tree(tmp_p
     import shutil
     import subprocess
     import sys
+
     import tomllib
 
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
