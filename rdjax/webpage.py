@@ -248,8 +248,17 @@ def _card(page: Page, row: int, image: np.ndarray, amap: np.ndarray | None, scor
     )
 
 
-def write_page(path: Path, page: Page, chunk: int = 16) -> Path:
-    """The cards are decoded ``chunk`` images at a time and written as they are made, so
+PAGE_CHUNK = 16  # cards made at a time
+
+
+def chunks(n: int) -> list[np.ndarray]:
+    """The rows of n cards in the groups write_page makes them in (Page.maps is called
+    once per group, in this order: a collective maps function runs on every process)."""
+    return [np.arange(begin, min(begin + PAGE_CHUNK, n)) for begin in range(0, n, PAGE_CHUNK)]
+
+
+def write_page(path: Path, page: Page) -> Path:
+    """The cards are decoded PAGE_CHUNK images at a time and written as they are made, so
     memory does not grow with the number of images."""
     if page.maps is not None and page.colour_range is None:
         raise ValueError("Page.maps needs Page.colour_range: every thumbnail's heat map shares one scale")
@@ -258,8 +267,7 @@ def write_page(path: Path, page: Page, chunk: int = 16) -> Path:
     data = json.dumps({"scores": scores.tolist(), "labels": labels}).replace("<", "\\u003c")
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         out.write(_head(page, scores))
-        for begin in range(0, len(scores), chunk):
-            rows = np.arange(begin, min(begin + chunk, len(scores)))
+        for rows in chunks(len(scores)):
             maps: Sequence[np.ndarray | None] = [None] * len(rows) if page.maps is None else list(page.maps(rows))
             for row, image, amap in zip(rows, page.images(rows), maps):
                 out.write(_card(page, int(row), image, amap, scores))

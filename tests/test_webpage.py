@@ -260,9 +260,10 @@ def test_page_says_where_the_threshold_came_from(browser, tmp_path, on_test_set)
 
 
 def test_evaluation_thumbnails_recompute_only_maps_the_pass_did_not_keep():
-    """Binned pixel statistics keep no maps: the report computes each test image's map
-    once more, a chunk at a time, and keeps it at thumbnail size; exact ones are reused."""
-    n = report_evaluator.MAP_CHUNK + 3
+    """Binned pixel statistics keep no maps: the report computes a test image's map again
+    only when the page asks for its chunk, so nothing per image is kept in between; exact
+    ones are reused without computing anything."""
+    n = webpage.PAGE_CHUNK + 3
     maps = np.random.default_rng(0).random((n, 8, 8)).astype(np.float32)
     asked: list[np.ndarray] = []
 
@@ -275,8 +276,12 @@ def test_evaluation_thumbnails_recompute_only_maps_the_pass_did_not_keep():
         return EvalContext(None, list(range(n)), passed, None, predict, None, None)
 
     thumbnails = report_evaluator._thumbnail_maps(context(None))
-    np.testing.assert_array_equal(np.concatenate(asked), np.arange(n))  # every image once
-    np.testing.assert_array_equal(thumbnails(np.array([n - 1, 0])), maps[[n - 1, 0]])
+    assert asked == []  # nothing before the page asks
+    groups = webpage.chunks(n)
+    assert [len(g) for g in groups] == [webpage.PAGE_CHUNK, 3]
+    for group in groups:
+        np.testing.assert_array_equal(thumbnails(group), maps[group])  # 8x8 maps are their own thumbnails
+    np.testing.assert_array_equal(np.concatenate(asked), np.arange(n))  # every image once, in the page's order
     asked.clear()
     np.testing.assert_array_equal(report_evaluator._thumbnail_maps(context(maps))(np.array([3])), maps[[3]])
     assert asked == []

@@ -19,8 +19,6 @@ from rdjax import outputs, report, webpage
 from rdjax.evaluators import EvalContext, EvaluatorType
 from rdjax.workdir import write_csv
 
-MAP_CHUNK = 256  # test images whose maps are computed again at a time, for report.html's thumbnails
-
 
 class Report:
     def __init__(self, hardest: int = 4, metrics_from: str = "anomaly", threshold_from: str = "") -> None:
@@ -38,6 +36,8 @@ class Report:
         maps = context.predict(test, rows)
         thumbnail_maps = _thumbnail_maps(context)
         if context.out_dir is None:
+            for group in webpage.chunks(len(test)):  # process 0's page computes them: take part
+                thumbnail_maps(group)
             return {}
         config = context.config
         cal = needed[self.threshold_from].get("calibration") if self.threshold_from else None
@@ -75,19 +75,14 @@ class Report:
 
 def _thumbnail_maps(context: EvalContext) -> Callable[[np.ndarray], np.ndarray]:
     """rows -> their maps for the page's thumbnails: the pass's own where it kept them
-    (exact pixel statistics), else computed again MAP_CHUNK images at a time and kept at
-    thumbnail size (webpage.shrink_map), so memory stays small on any test set."""
+    (exact pixel statistics), else computed again for those rows only when the page asks
+    (at thumbnail size, webpage.shrink_map), so host memory does not grow with the test
+    set. Computing them is collective: every process calls it for webpage.chunks."""
     kept = context.test_pass.pixels.maps
-    if kept is None:
-        test = context.test
-        kept = np.stack(
-            [
-                webpage.shrink_map(m)
-                for begin in range(0, len(test), MAP_CHUNK)
-                for m in context.predict(test, np.arange(begin, min(begin + MAP_CHUNK, len(test))))
-            ]
-        )
-    return lambda rows: kept[rows]
+    if kept is not None:
+        return lambda rows: kept[rows]
+    test = context.test
+    return lambda rows: np.stack([webpage.shrink_map(m) for m in context.predict(test, rows)])
 
 
 def _write_scores(path: Path, test: Any, scores: np.ndarray, threshold: float | None) -> None:
