@@ -217,6 +217,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
     }
 
 
+@pytest.mark.slow  # a CLI refusal per key, one more epoch and an evaluation
 def test_a_rerun_may_not_change_what_the_weights_depend_on(trained, tmp_path):
     """The issue's case (a 64 px workdir rerun at 128 px) and its kin are refused with one
     line naming the key and both values, and leave every file as it was; training on
