@@ -9,6 +9,7 @@ anywhere rdjax is installed, by name (`mvtec`).
 from __future__ import annotations
 
 import importlib.resources
+import json
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,6 @@ TRAINING_KEYS = ("batch_size", "rdpp.accumulation", "model.teacher_weights")
 
 def _flat(config: Any) -> dict[str, Any]:
     """Dotted key -> value, as config.json holds it (tuples as lists)."""
-    import json
-
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:

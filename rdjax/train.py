@@ -61,6 +61,16 @@ def _log(fmt: str, *args: Any) -> None:
         tqdm.tqdm.write(prefix + fmt % args)
 
 
+@contextlib.contextmanager
+def _naming(category: str) -> Iterator[None]:
+    """_log's lines within the block start with ``category``."""
+    token = _CATEGORY.set(category)
+    try:
+        yield
+    finally:
+        _CATEGORY.reset(token)
+
+
 class StopRequest:
     """Ctrl-C (SIGINT) while training. Inside `deferred` (the steps, a checkpoint's write)
     the first press only asks the loop to stop at the next step boundary, so the state is
@@ -579,11 +589,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
     a rerun loses at most the epoch in progress. Returns the last evaluation's result."""
     workdir = Path(workdir)
     config = _category_epochs(config)
-    token = _CATEGORY.set(config.dataset.category)
-    try:
+    with _naming(config.dataset.category):
         return _train(config, workdir, dataset)
-    finally:
-        _CATEGORY.reset(token)
 
 
 def _train(config: Any, workdir: Path, dataset: data.Dataset | None) -> dict:
@@ -661,13 +668,13 @@ def evaluate(config: Any, workdir: str | Path, dataset: data.Dataset | None = No
     workdir = Path(workdir)
     if not (workdir / workdir_lib.CHECKPOINTS).is_dir():
         raise WorkdirError(f"{workdir / workdir_lib.CHECKPOINTS}: no checkpoint to evaluate")
-    run = setup(config, workdir, writing=False, dataset=dataset)
-    student_shapes = run.model.abstract_variables()[1]
-    step, student_vars = workdir_lib.restore_student(workdir, student_shapes, sharding.replicated(run.mesh))
-    trained_batch = workdir_lib.load_config(workdir).batch_size  # an evaluation may give another batch size
-    result = evaluate_student(
-        run, student_vars, step // max(pipeline.steps_per_epoch(len(run.train), trained_batch), 1), step
-    )
+    with _naming(config.dataset.category):
+        run = setup(config, workdir, writing=False, dataset=dataset)
+        student_shapes = run.model.abstract_variables()[1]
+        step, student_vars = workdir_lib.restore_student(workdir, student_shapes, sharding.replicated(run.mesh))
+        trained_batch = workdir_lib.load_config(workdir).batch_size  # an evaluation may give another batch size
+        epoch = step // max(pipeline.steps_per_epoch(len(run.train), trained_batch), 1)
+        result = evaluate_student(run, student_vars, epoch, step)
     Writer(workdir).evaluation(result)
     return result
 

@@ -150,20 +150,34 @@ def saved_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- teacher
 
 
+def _save_tagged(directory: str | os.PathLike, variables: Any, meta: dict) -> None:
+    """Variables (host numpy arrays) and a JSON tag saying what they are: the one format
+    of a teacher and of a package's student."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(
+            _abs(directory),
+            args=ocp.args.Composite(variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)),
+        )
+
+
+def _restore_tagged(path: Path, fmt: str, what: str) -> tuple[Any, dict]:
+    """(variables, tag) saved by _save_tagged; a WorkdirError unless the tag's format is ``fmt``."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(
+            path, args=ocp.args.Composite(variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        )
+    meta = restored["meta"] or {}
+    if meta.get("format") != fmt:
+        raise WorkdirError(f"{path}: not {what}")
+    return restored["variables"], meta
+
+
 def save_teacher(directory: str | os.PathLike, arch: str, teacher_vars: Any) -> None:
     """Write the teacher as an orbax checkpoint that any host can read without torch.
 
     Saved as host numpy arrays: identical on every process, written once by the primary.
     """
-    teacher_vars = jax.tree_util.tree_map(np.asarray, teacher_vars)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(
-            _abs(directory),
-            args=ocp.args.Composite(
-                variables=ocp.args.StandardSave(teacher_vars),
-                meta=ocp.args.JsonSave({"format": TEACHER_FORMAT, "arch": arch}),
-            ),
-        )
+    _save_tagged(directory, jax.tree_util.tree_map(np.asarray, teacher_vars), {"format": TEACHER_FORMAT, "arch": arch})
 
 
 def restore_teacher(directory: str | os.PathLike, arch: str) -> Any:
@@ -171,16 +185,10 @@ def restore_teacher(directory: str | os.PathLike, arch: str) -> Any:
     path = _abs(directory)
     if not path.is_dir():
         raise WorkdirError(f"{path}: no teacher checkpoint")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        restored = ckptr.restore(
-            path, args=ocp.args.Composite(variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
-        )
-    meta = restored["meta"] or {}
-    if meta.get("format") != TEACHER_FORMAT:
-        raise WorkdirError(f"{path}: not an rdjax teacher checkpoint")
+    variables, meta = _restore_tagged(path, TEACHER_FORMAT, "an rdjax teacher checkpoint")
     if meta["arch"] != arch:
         raise WorkdirError(f"{path}: holds a {meta['arch']} teacher, but the model is {arch}")
-    return restored["variables"]
+    return variables
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -245,27 +253,15 @@ def _cast(tree: Any, dtype: str) -> Any:
 
 
 def save_student(directory: Path, step: int, student_vars: Any, weights_dtype: str) -> None:
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(
-            directory.resolve(),
-            args=ocp.args.Composite(
-                variables=ocp.args.StandardSave(_cast(student_vars, weights_dtype)),
-                meta=ocp.args.JsonSave({"format": PACKAGE_FORMAT, "step": step, "weights_dtype": weights_dtype}),
-            ),
-        )
+    meta = {"format": PACKAGE_FORMAT, "step": step, "weights_dtype": weights_dtype}
+    _save_tagged(directory, _cast(student_vars, weights_dtype), meta)
 
 
 def restore_package_student(package: Path, student_shapes: Any) -> tuple[int, Any]:
     """(step, student variables) of a package, cast to the shapes' dtypes (float32)."""
     path = (Path(package) / STUDENT).resolve()
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        restored = ckptr.restore(
-            path, args=ocp.args.Composite(variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
-        )
-    meta = restored["meta"] or {}
-    if meta.get("format") != PACKAGE_FORMAT:
-        raise WorkdirError(f"{path}: not an rdjax package's student")
-    variables = {k: restored["variables"][k] for k in student_shapes}
+    restored, meta = _restore_tagged(path, PACKAGE_FORMAT, "an rdjax package's student")
+    variables = {k: restored[k] for k in student_shapes}
     as_shapes = jax.tree_util.tree_map(lambda a, s: jnp.asarray(a, s.dtype), variables, dict(student_shapes))
     return int(meta["step"]), as_shapes
 

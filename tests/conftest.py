@@ -110,6 +110,19 @@ def data_flags(root: Path, category: str = "disk") -> list[str]:
     ]
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium driven by playwright (the pages of test_webpage and test_serve)."""
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert executable, "the browser tests need chromium: apt-get install -y chromium"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
 # ----------------------------------------------------------------------------- running the CLI
 
 

@@ -18,7 +18,6 @@ import http.client
 import io
 import json
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -404,18 +403,6 @@ def test_settings_refuse_what_cannot_run():
 
 
 # ----------------------------------------------------------------------------- the page
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert executable, "the browser tests need chromium: apt-get install -y chromium"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        yield browser
-        browser.close()
 
 
 def jet_overlay(image: np.ndarray, level: np.ndarray) -> np.ndarray:

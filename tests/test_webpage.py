@@ -22,18 +22,6 @@ from rdjax.evaluators import EvalContext
 from rdjax.evaluators import report as report_evaluator
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert executable, "the browser tests need chromium: apt-get install -y chromium"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        yield browser
-        browser.close()
-
-
 def _open(browser, path: Path):
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     problems = []
@@ -102,7 +90,6 @@ def test_predict_page_decides_as_scores_csv_says(trained, browser, tmp_path):
     and at the calibrated threshold (the slider's start) the page counts the anomalous
     decisions scores.csv lists."""
     import csv
-    import shutil
 
     from rdjax import predict
 
