@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.name = "mvtec"
     config.dataset.root = ""
     config.dataset.category = "bottle"  # or "all": every category under root
+    # 'per_category': one model per category (the papers), each in workdir/<category> when
+    # there are several; 'unified': one model trained on every category's training images
+    # shuffled together, one workdir, evaluated per category (docs/usage.md).
+    config.setting = "per_category"
     config.dataset.data_dir = ""  # where TFDS keeps prepared data ("" = ~/tensorflow_datasets)
     config.dataset.synthetic_seed = 0  # dataset.name='synthetic' only
     # dataset.name='folder' only: any folders of images (masks optional, matched by file stem).
@@ -50,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.map_mode = "add"  # 'add' or 'mul' over the three scales
     config.blur_sigma = 4.0
+    # The image score from its map: 0 = the map's maximum (RD4AD, RD++); r in (0, 1] = the
+    # mean of the map's highest r fraction of pixels (Dinomaly's max_ratio, 0.01 there).
+    config.max_ratio = 0.0
     config.imagenet_normalize = True  # False for MNIST/Fashion-MNIST, as the official helpers
     config.eval_batch_size = 16
     # How evaluation (and, by default, predict) turns an image into model inputs

@@ -113,6 +113,9 @@ def check(config: Any, device_count: int) -> None:
             f"config.rdpp.proj_lr={config.rdpp.proj_lr} > 0"
         )
     modes.parse(modes.MapMode, config.map_mode, "config.map_mode")
+    modes.parse(modes.Setting, config.setting, "config.setting")
+    if not 0 <= config.max_ratio <= 1:
+        raise ConfigError(f"config.max_ratio={config.max_ratio} must be 0 (the map's maximum) or a fraction in (0, 1]")
     if LEGACY_EVALUATORS in config:
         raise ConfigError("config.evaluators was replaced by config.evals in rdjax 0.3 (docs/config.md)")
     for name, setting in config.evals.items():
@@ -138,7 +141,9 @@ SCHEDULE_KEYS = (
 # follows calibration.json; and it restores the trained weights with the workdir's own
 # teacher, so what only training reads does not matter to it. `train` writes
 # config.json, so there they stay frozen.
-EVALUATION_KEYS = ("resize.mode", "resize.tile_size", "resize.overlap", "threshold.method", "threshold.quantile")
+EVALUATION_KEYS = (
+    "resize.mode", "resize.tile_size", "resize.overlap", "threshold.method", "threshold.quantile", "max_ratio",
+)  # fmt: skip
 TRAINING_KEYS = ("batch_size", "rdpp.accumulation", "model.teacher_weights")
 
 

@@ -36,6 +36,13 @@ class ResizeMode(str, enum.Enum):
     TILE = "tile"  # windows of tile_size native pixels
 
 
+class Setting(str, enum.Enum):
+    """How a dataset's categories are trained."""
+
+    PER_CATEGORY = "per_category"  # one model per category, each in its own workdir
+    UNIFIED = "unified"  # one model on the union of every category (docs/usage.md)
+
+
 class FeatureCache(str, enum.Enum):
     AUTO = "auto"
     MEMORY = "memory"
