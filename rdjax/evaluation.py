@@ -34,6 +34,27 @@ class PassResult:
     pixels: metrics.PixelStats
 
 
+def merge(a: PassResult | None, b: PassResult, max_pixels: int) -> PassResult:
+    """Two passes as one pass over both splits (the unified setting's global threshold):
+    per-image numbers concatenated, histograms summed; maps and masks kept only while
+    the two together stay within ``max_pixels`` (config.exact_metrics_max_pixels), so a
+    running merge over many categories holds no more than one exact pass would."""
+    if a is None:
+        return b
+    pa, pb = a.pixels, b.pixels
+    (neg_a, pos_a, pro_a, edges), (neg_b, pos_b, pro_b, _) = pa._binned(), pb._binned()
+    pixels = metrics.PixelStats(
+        lo=min(pa.lo, pb.lo), hi=max(pa.hi, pb.hi), edges=edges, neg=neg_a + neg_b, pos=pos_a + pos_b,
+        pro=pro_a + pro_b, num_regions=pa.num_regions + pb.num_regions,
+    )  # fmt: skip
+    if pa.exact and pb.exact:
+        (maps_a, masks_a), (maps_b, masks_b) = pa._kept(), pb._kept()
+        if maps_a.size + maps_b.size <= max_pixels:
+            pixels.maps, pixels.masks = np.concatenate([maps_a, maps_b]), np.concatenate([masks_a, masks_b])
+    joined = lambda key: np.concatenate([getattr(a, key), getattr(b, key)])
+    return PassResult(joined("scores"), joined("sums"), joined("pro_images"), pixels)
+
+
 Tiler = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]
 
 

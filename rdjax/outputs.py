@@ -50,6 +50,14 @@ def summary_markdown(results: dict[str, dict], keys: tuple[str, ...] | None = No
     return "\n".join(lines) + "\n"
 
 
+def unified_markdown(result: dict) -> str:
+    """A unified model's results: its categories' table, each on its own test split."""
+    head = f"# one model for {len(result['categories'])} categories (epoch {result.get('epoch')})\n\n"
+    table = summary_markdown({c: r for c, r in result["categories"].items() if "image_auroc" in r}, TABLE_KEYS)
+    note = f"\nDecisions without a category: {result['threshold_note']}.\n" if "threshold_note" in result else ""
+    return head + table + note
+
+
 def overlay(image: np.ndarray, amap: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """uint8 image blended half and half with the map in the 'jet' colour map (fixed lo..hi)."""
     from matplotlib import colormaps
@@ -254,8 +262,11 @@ def write_evaluation(workdir: Path, epoch: int, result: dict) -> Path:
     if "calibration" in result:
         write_json(workdir / CALIBRATION, result["calibration"])
     write_json(out / "metrics.json", result)
+    for category, part in result.get("categories", {}).items():  # the unified setting
+        if "image_auroc" in part:
+            write_text(out / category / "results.md", results_markdown(part))
     if "image_auroc" in result:
-        table = results_markdown(result)
+        table = unified_markdown(result) if "categories" in result else results_markdown(result)
         write_text(out / "results.md", table)
         write_json(workdir / "metrics.json", result)
         write_text(workdir / "results.md", table)

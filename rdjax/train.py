@@ -24,6 +24,7 @@ import numpy as np
 import optax
 import tqdm
 
+from rdjax import calibration as calibration_lib
 from rdjax import config as config_lib
 from rdjax import (
     data,
@@ -59,6 +60,12 @@ def _log(fmt: str, *args: Any) -> None:
     if jax.process_index() == 0:
         prefix = f"[{_CATEGORY.get()}] " if _CATEGORY.get() else ""
         tqdm.tqdm.write(prefix + fmt % args)
+
+
+def label(config: Any) -> str:
+    """What a run's log lines and bars call it: its category, or 'unified'."""
+    unified = modes.Setting(config.setting) is modes.Setting.UNIFIED
+    return modes.Setting.UNIFIED.value if unified else str(config.dataset.category)
 
 
 @contextlib.contextmanager
@@ -110,9 +117,19 @@ class StopRequest:
             self._deferring = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One category's evaluation data: its test split and its held-out normal images."""
+
+    test: Split
+    validation: Split | None
+
+
 @dataclasses.dataclass
 class Run:
-    """What one run of one category works with, built once by `setup`."""
+    """What one run works with, built once by `setup`: one category's data, or (the
+    unified setting) every category's training images as one split and each category's
+    evaluation data apart."""
 
     config: Any
     workdir: Path
@@ -122,8 +139,8 @@ class Run:
     teacher_vars: Any
     warnings: list[str]
     train: Split
-    test: Split
-    validation: Split | None
+    parts: dict[str, Part]  # category -> its evaluation data
+    unified: bool
     evaluators: dict[str, evaluators_lib.Evaluator]  # config.evals, built in run order
     feature_mode: str = FeatureCache.OFF.value  # config.feature_cache resolved (training only)
     feature_dir: Path | None = None  # where 'disk' keeps this process's share
@@ -154,9 +171,17 @@ def _setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | No
             _log("note: %s", note)
     model = registry.build_model(config)
     dataset = dataset or registry.build_dataset(config.dataset)
-    train_split, test_split = dataset.load(config.dataset.category, config.image_size)
-    train_split, validation = data.hold_out(train_split, config.threshold.validation_size, config.seed)
-    check_exact_metrics(config, max(len(test_split), len(validation or ())))
+    unified = modes.Setting(config.setting) is modes.Setting.UNIFIED
+    categories = dataset.categories() if unified else [config.dataset.category]
+    if not categories:
+        raise DataError(f"{config.dataset.root}: no categories found (folders with train/ and test/)")
+    trains, parts = {}, {}
+    for category in categories:  # each category holds out its own share of its train/good images
+        train_split, test_split = dataset.load(category, config.image_size)
+        trains[category], validation = data.hold_out(train_split, config.threshold.validation_size, config.seed)
+        parts[category] = Part(test_split, validation)
+        check_exact_metrics(config, max(len(test_split), len(validation or ())))
+    train_split = Split.concat(trains) if unified else trains[categories[0]]
     if modes.ResizeMode(config.resize.mode) is not modes.ResizeMode.SQUEEZE and test_split.read_native is None:
         raise ConfigError(
             f"config.resize.mode={config.resize.mode!r}: dataset {config.dataset.name!r} has no images "
@@ -183,8 +208,8 @@ def _setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | No
         teacher_vars=jax.device_put(teacher_vars, sharding.replicated(mesh)),
         warnings=warnings,
         train=train_split,
-        test=test_split,
-        validation=validation,
+        parts=parts,
+        unified=unified,
         evaluators=evaluators_lib.build(config.evals, registry.EVALUATORS.get),
         feature_mode=feature_mode,
         feature_dir=feature_dir,
@@ -235,28 +260,127 @@ def _eval_functions(run: Run, student_vars: Any) -> tuple[Callable, Callable]:
 def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: list[str] | None = None) -> dict:
     """One evaluation pass over the test images and the evaluators ``names`` (in run
     order; default: all of run.evaluators); returns the result for Writer.evaluation.
-    The evaluators write their own files into eval/epoch_NNNN on process 0."""
+    The evaluators write their own files into eval/epoch_NNNN on process 0.
+
+    Unified: each category is evaluated on its own test split, by every evaluator, into
+    eval/epoch_NNNN/<category>; the result holds them under 'categories', their mean
+    at the top, and a global calibration fitted on the union of the categories' data
+    (each category's own stays in calibration.json's 'categories')."""
     config = run.config
     evaluators = {n: e for n, e in run.evaluators.items() if names is None or n in names}
     run_pass, predict = _eval_functions(run, student_vars)
-    start = time.perf_counter()
-    test_pass = run_pass(run.test, "test")
-    seconds = time.perf_counter() - start
     out_dir = outputs.evaluation_dir(run.workdir, epoch) if jax.process_index() == 0 else None
-    context = evaluators_lib.EvalContext(config, run.test, test_pass, run_pass, predict, run.validation, out_dir)
+    if not run.unified:
+        ((category, part),) = run.parts.items()
+        result = _evaluate_part(run, category, part, evaluators, run_pass, predict, out_dir, epoch)[0]
+        return _finish_result(run, result, epoch, step)
+    union: dict[str, evaluation.PassResult | None] = {"test": None, "validation": None}
+    merge = lambda kind, p: union.update({kind: evaluation.merge(union[kind], p, config.exact_metrics_max_pixels)})
+    results = {}
+    for category, part in run.parts.items():
+
+        def recording(split: Split, kind: str = "validation", part: Part = part) -> evaluation.PassResult:
+            passed = run_pass(split, kind)
+            if split is part.validation:
+                merge("validation", passed)
+            return passed
+
+        with _naming(category):
+            results[category], test_pass = _evaluate_part(
+                run, category, part, evaluators, recording, predict, out_dir and out_dir / category, epoch
+            )
+        merge("test", test_pass)
+    result = _unified_result(run, results, evaluators, union, run_pass, predict, epoch)
+    return _finish_result(run, result, epoch, step)
+
+
+def _evaluate_part(
+    run: Run,
+    category: str,
+    part: Part,
+    evaluators: dict,
+    run_pass: Callable,
+    predict: Callable,
+    out_dir: Path | None,
+    epoch: int,
+) -> tuple[dict, evaluation.PassResult]:
+    """One category's evaluation: (its evaluators' results, its test pass)."""
+    config = run.config
+    if run.unified:  # what the evaluators read of the config names the category they are about
+        config = config.copy_and_resolve_references()
+        config.dataset.category = category
+    start = time.perf_counter()
+    test_pass = run_pass(part.test, "test")
+    seconds = time.perf_counter() - start
+    context = evaluators_lib.EvalContext(
+        config, part.test, test_pass, run_pass, predict, part.validation, out_dir, epoch
+    )
     result = evaluators_lib.run_all(evaluators, context)
     for w in result["warnings"]:
         _log("note: %s", w)
+    result.update(category=category, eval_images_per_second=len(part.test) / seconds)
+    if "image_auroc" in result and run.unified:
+        _log("%s", metrics.headline(result))
+    return result, test_pass
+
+
+def _unified_result(
+    run: Run,
+    results: dict[str, dict],
+    evaluators: dict,
+    union: dict[str, evaluation.PassResult | None],
+    run_pass: Callable,
+    predict: Callable,
+    epoch: int,
+) -> dict:
+    """The categories' results, their mean, and the global calibration: the calibration
+    evaluators run once more over the union of the categories' test splits and held-out
+    images, whose passes were merged as the categories went (none is run again)."""
+    config = run.config
+    result: dict[str, Any] = {"categories": results, "warnings": []}
+    for key in metrics.METRIC_NAMES:
+        values = [r[key] for r in results.values() if key in r]
+        if values:
+            result[key] = metrics.nanmean(values)
+    calibrating = {n: e for n, e in evaluators.items() if evaluators_lib.type_of(n, config.evals[n]) == "calibration"}
+    if calibrating:
+        validations = {c: p.validation for c, p in run.parts.items() if p.validation is not None}
+        validation = Split.concat(validations) if len(validations) == len(run.parts) else None
+        test = Split.concat({c: p.test for c, p in run.parts.items()})
+        test_pass = union["test"]
+        assert test_pass is not None
+
+        def merged(split: Split, kind: str = "validation") -> evaluation.PassResult:
+            return (
+                union["validation"]
+                if split is validation and union["validation"] is not None
+                else run_pass(split, kind)
+            )
+
+        context = evaluators_lib.EvalContext(config, test, test_pass, merged, predict, validation, None, epoch)
+        cal = evaluators_lib.run_all(calibrating, context)["calibration"]  # one evaluator of a type at most
+        cal["source"] += f" of {len(run.parts)} categories"
+        cal["categories"] = {c: r["calibration"] for c, r in results.items()}
+        result.update(calibration=cal, threshold_note=f"global {calibration_lib.describe(cal)}")
+    return result
+
+
+def _finish_result(run: Run, result: dict, epoch: int, step: int) -> dict:
+    """What every evaluation's result records beside its metrics, and its log lines."""
+    config = run.config
     result["warnings"] = list(run.warnings) + result["warnings"]
-    if "calibration" in result:
-        result["calibration"].update(step=step, epoch=epoch, resize=config.resize.to_dict())
+    calibrations = [result.get("calibration")] + [r.get("calibration") for r in result.get("categories", {}).values()]
+    for cal in calibrations:
+        if cal is not None:
+            cal.update(step=step, epoch=epoch, resize=config.resize.to_dict(), max_ratio=config.max_ratio)
+    category = "unified" if run.unified else next(iter(run.parts))
     result.update(
-        epoch=epoch, step=step, seed=config.seed, category=config.dataset.category, model=config.model.name,
+        epoch=epoch, step=step, seed=config.seed, category=category, model=config.model.name,
         arch=config.model.arch, teacher_weights=config.model.teacher_weights, dtype=config.dtype,
-        image_size=config.image_size, eval_images_per_second=len(run.test) / seconds,
+        image_size=config.image_size, setting=config.setting,
     )  # fmt: skip
     if "image_auroc" in result:
-        _log("epoch %d: %s", epoch, metrics.headline(result))
+        _log("epoch %d: %s%s", epoch, "mean " if run.unified else "", metrics.headline(result))
     if "threshold_note" in result:
         _log("epoch %d: %s", epoch, result["threshold_note"])
     return result
@@ -278,7 +402,7 @@ def _feature_mode(config: Any, model: Model, workdir: Path, rows: int) -> tuple[
     p, count = jax.process_index(), jax.process_count()
     owned = len(pipeline.owned_rows(rows, config.batch_size, config.seed, p, count))
     folder = (
-        Path(config.feature_cache_dir).expanduser() / config.dataset.category
+        Path(config.feature_cache_dir).expanduser() / label(config)
         if config.feature_cache_dir
         else (workdir / "feature_cache")
     )
@@ -497,7 +621,7 @@ class Trainer:
         the epoch's end: the state is that of the last step done."""
         config = self.run.config
         steps = self.run.steps_per_epoch - skip
-        desc = f"[{config.dataset.category}] epoch {epoch}/{config.num_epochs}"
+        desc = f"[{label(config)}] epoch {epoch}/{config.num_epochs}"
         bar = tqdm.tqdm(total=self.run.steps_per_epoch, initial=skip, desc=desc, unit="step", leave=False, disable=None)
         on_device: list[jax.Array] = []
         in_flight: collections.deque = collections.deque()
@@ -553,7 +677,7 @@ def make_trainer(run: Run, tx: optax.GradientTransformation, start_epoch: int) -
 
 def _category_epochs(config: Any) -> Any:
     """config with num_epochs from num_epochs_by_category where the category has its own."""
-    epochs = config.num_epochs_by_category.get(config.dataset.category)
+    epochs = config.num_epochs_by_category.get(label(config))
     if epochs is None or epochs == config.num_epochs:
         return config
     _log("category %s: %d epochs (config.num_epochs_by_category, over num_epochs=%d)",
@@ -589,7 +713,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
     a rerun loses at most the epoch in progress. Returns the last evaluation's result."""
     workdir = Path(workdir)
     config = _category_epochs(config)
-    with _naming(config.dataset.category):
+    with _naming(label(config)):
         return _train(config, workdir, dataset)
 
 
@@ -624,7 +748,7 @@ def _train(config: Any, workdir: Path, dataset: data.Dataset | None) -> dict:
             profiler = Profiler(workdir, config.profile_steps)
             cleanup.callback(profiler.abandon)
             total = config.num_epochs * spe
-            overall = tqdm.tqdm(total=total, initial=min(start, total), desc=f"[{config.dataset.category}] training",
+            overall = tqdm.tqdm(total=total, initial=min(start, total), desc=f"[{label(config)}] training",
                                 unit="step", disable=None, dynamic_ncols=True)  # fmt: skip
             cleanup.callback(overall.close)
             for epoch in range(start_epoch + 1, config.num_epochs + 1):
@@ -668,7 +792,7 @@ def evaluate(config: Any, workdir: str | Path, dataset: data.Dataset | None = No
     workdir = Path(workdir)
     if not (workdir / workdir_lib.CHECKPOINTS).is_dir():
         raise WorkdirError(f"{workdir / workdir_lib.CHECKPOINTS}: no checkpoint to evaluate")
-    with _naming(config.dataset.category):
+    with _naming(label(config)):
         run = setup(config, workdir, writing=False, dataset=dataset)
         student_shapes = run.model.abstract_variables()[1]
         step, student_vars = workdir_lib.restore_student(workdir, student_shapes, sharding.replicated(run.mesh))
@@ -683,7 +807,8 @@ def run(config: Any, workdir: str | Path, mode: str = "train") -> dict[str, dict
     """Train ('train') or evaluate ('eval') every category the config asks for:
     {category: result}. With dataset.category='all' (or all ten novelty classes) each
     category runs in workdir/<category>, and workdir/results.md holds one table over
-    them with the mean row."""
+    them with the mean row. config.setting='unified': one model over every category, in
+    workdir itself, whose results.md is that table."""
     workdir = Path(workdir)
     config_lib.check(config, jax.device_count())  # before the dataset is built (it may generate or extract)
     registry.check(config)
@@ -691,8 +816,10 @@ def run(config: Any, workdir: str | Path, mode: str = "train") -> dict[str, dict
     categories = dataset.categories()
     if not categories:
         raise DataError(f"{config.dataset.root}: no categories found (folders with train/ and test/)")
-    several = len(categories) > 1 or config.dataset.category == "all"
     step = train_and_evaluate if mode == "train" else evaluate
+    if modes.Setting(config.setting) is modes.Setting.UNIFIED:  # one model, one workdir: the table is its results.md
+        return dict(step(config, workdir, dataset)["categories"])
+    several = len(categories) > 1 or config.dataset.category == "all"
     results = {}
     for category in categories:
         run_config = config.copy_and_resolve_references()  # the caller's config keeps 'all'

@@ -140,6 +140,38 @@ class Split:
         return np.stack([self.example(i)[1] for i in rows])
 
     @classmethod
+    def concat(cls, parts: dict[str, Split]) -> Split:
+        """One split over several categories' splits (the unified setting), each row
+        reading from its own split: its records are offset past those of the parts before
+        it, and its filename starts with its category. Nothing is decoded or copied."""
+        splits = list(parts.values())
+        bases = np.cumsum([0] + [int(s.records.max()) + 1 if len(s) else 0 for s in splits])
+
+        def owner(record: int) -> tuple[Split, int]:
+            k = int(np.searchsorted(bases, record, side="right")) - 1
+            return splits[k], record - int(bases[k])
+
+        def read(record: int) -> tuple[np.ndarray, np.ndarray | None]:
+            split, own = owner(record)
+            return split.read(own)
+
+        def read_native(record: int) -> np.ndarray:
+            split, own = owner(record)
+            assert split.read_native is not None
+            return split.read_native(own)
+
+        return cls(
+            read=read,
+            records=np.concatenate([s.records + b for s, b in zip(splits, bases)]),
+            labels=np.concatenate([s.labels for s in splits]),
+            defect_types=tuple(t for s in splits for t in s.defect_types),
+            filenames=tuple(f"{name}/{f}" for name, s in parts.items() for f in s.filenames),
+            image_size=splits[0].image_size,
+            has_masks=all(s.has_masks for s in splits),
+            read_native=read_native if all(s.read_native is not None for s in splits) else None,
+        )
+
+    @classmethod
     def from_arrays(
         cls,
         images: np.ndarray,

@@ -32,7 +32,8 @@ class EvalContext:
     run_pass: Callable[[Split], PassResult]  # an evaluation pass over another split (all processes call it)
     predict: Callable[[Split, np.ndarray], np.ndarray]  # (split, a few rows) -> their maps, as the pass made them
     validation: Split | None  # held-out normal training images, if any
-    out_dir: Path | None  # this evaluation's folder (eval/epoch_NNNN) on process 0, else None
+    out_dir: Path | None  # this evaluation's folder (eval/epoch_NNNN[/<category>]) on process 0, else None
+    epoch: int = 0  # the epoch evaluated
 
 
 class Evaluator(Protocol):

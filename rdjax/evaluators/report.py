@@ -54,8 +54,7 @@ class Report:
             fpr, overlap = passed.pixels.pro_curve
             pro = (fpr[fpr <= 0.3], overlap[fpr <= 0.3])
         out = context.out_dir
-        epoch = int(out.name.rsplit("_", 1)[1])  # outputs.evaluation_dir's epoch_NNNN
-        title = f"{config.dataset.category}: {config.model.name} {config.model.arch}, epoch {epoch}"
+        title = f"{config.dataset.category}: {config.model.name} {config.model.arch}, epoch {context.epoch}"
         metrics = needed[self.metrics_from] if self.metrics_from else None
         report.write_report(
             out / "report.png", test.labels, passed.scores, passed.pixels, cases, cal, roc, pro,
