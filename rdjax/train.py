@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
@@ -687,6 +688,21 @@ def _category_epochs(config: Any) -> Any:
     return config
 
 
+def optimizer(run: Run) -> optax.GradientTransformation:
+    """The model's optimizer; with config.lr_decay_at > 0, every update (so every learning
+    rate, the model's one or several) is multiplied by config.lr_decay_factor from that
+    fraction of the training steps on: ADer's step schedule, applied around any model
+    without touching it (Adam's update is linear in its rate). Without it the optimizer
+    state is the model's own, as in every workdir before the key existed."""
+    config = run.config
+    tx = run.model.optimizer(config)
+    if config.lr_decay_at <= 0:
+        return tx
+    boundary = int(round(config.lr_decay_at * config.num_epochs * run.steps_per_epoch))
+    factor = float(config.lr_decay_factor)
+    return optax.chain(tx, optax.scale_by_schedule(lambda count: jnp.where(count < boundary, 1.0, factor)))
+
+
 def _initial_state(run: Run, tx: optax.GradientTransformation, manager: Any) -> Any:
     """A fresh train state, or the workdir's latest (which an interrupt may have saved
     within an epoch)."""
@@ -721,7 +737,7 @@ def _train(config: Any, workdir: Path, dataset: data.Dataset | None) -> dict:
     run = setup(config, workdir, writing=True, dataset=dataset)
     writer = Writer(workdir)
     writer.config(config)
-    tx = run.model.optimizer(config)
+    tx = optimizer(run)
     manager = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
     spe = run.steps_per_epoch
     result: dict = {}

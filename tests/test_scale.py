@@ -47,13 +47,11 @@ def _finish(proc: subprocess.Popen) -> str:
     return out
 
 
-@pytest.fixture(scope="module")
-def runs(synth_root, tmp_path_factory):
+def _train_both(synth_root: Path, base: Path, *extra: str) -> dict:
     """The same config trained through the CLI with 2 devices in one process, and
     with two processes (jax.distributed on localhost, CPU collectives) of one device each."""
-    base = tmp_path_factory.mktemp("runs")
-    out = {}
-    _finish(_cli(synth_root, base / "d2", 2))
+    out: dict = {}
+    _finish(_cli(synth_root, base / "d2", 2, *extra))
     out["d2"] = base / "d2"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,6 +64,7 @@ def runs(synth_root, tmp_path_factory):
             f"--coordinator_address=127.0.0.1:{port}",
             "--num_processes=2",
             f"--process_id={i}",
+            *extra,
         )
         for i in range(2)
     ]
@@ -74,16 +73,39 @@ def runs(synth_root, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def runs(synth_root, tmp_path_factory):
+    return _train_both(synth_root, tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def unified_runs(synthetic_data, tmp_path_factory):
+    """One model over two categories (config.setting='unified'), trained both ways."""
+    root = synthetic_data(categories=("disk", "weave"))
+    flags = ("--config.setting=unified", "--config.dataset.category=all")
+    return _train_both(root, tmp_path_factory.mktemp("unified_runs"), *flags)
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one_process(runs):
+@pytest.mark.parametrize("setting", ["runs", "unified_runs"])
+def test_two_processes_equal_one_process(setting, request):
     """Two processes of one device each (jax.distributed, CPU collectives) compute exactly
-    what one process with two devices computes: bit-identical state, identical metrics."""
+    what one process with two devices computes: bit-identical state, identical metrics;
+    in the unified setting too, where the lanes run over the union of the categories and
+    each category's metrics are gathered apart."""
+    runs = request.getfixturevalue(setting)
     one, two = restore_state(runs["d2"])[0], restore_state(runs["p2"])[0]
     for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(two)):
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
     m1, m2 = (json.loads((runs[n] / "metrics.json").read_text()) for n in ("d2", "p2"))
-    for key in ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max", "num_images"):
-        assert m2[key] == m1[key], key
+    parts = [(m1, m2)] + [(m1["categories"][c], m2["categories"][c]) for c in m1.get("categories", {})]
+    assert len(parts) == (3 if setting == "unified_runs" else 1)
+    for i, (a, b) in enumerate(parts):  # the unified top level holds means, no image count
+        keys = ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max")
+        for key in keys + (("num_images",) if i or setting == "runs" else ()):
+            assert b[key] == a[key], key
+    cal1, cal2 = (json.loads((runs[n] / "calibration.json").read_text()) for n in ("d2", "p2"))
+    assert cal2 == cal1
 
 
 @pytest.mark.slow
