@@ -5,6 +5,7 @@ each in a fresh process (`python -m rdjax.main`), on synthetic data it generates
   python experiments/scale.py --train=10000 --test=2000        # the large run of docs/scaling.md
   python experiments/scale.py --arch=wide_resnet50_2 --size=1024 --train=50 --test=20 --batch=2
   python experiments/scale.py --size=128 --train=48 --test=48 --batch=8 --epochs=3 --feature_cache=memory,disk
+  python experiments/scale.py --setting=unified --categories=1,3 --train=600 --test=300   # one model, K categories
 
 Peak RSS is the child's own (os.wait4), so rows do not mix. Images/s come from the
 run's train_log.json and metrics.json. Prints a markdown table with the machine and date.
@@ -28,21 +29,23 @@ from performance import cpu_model  # noqa: E402  (experiments/ is on sys.path wh
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def dataset(base: Path, size: int, train: int, test: int) -> Path:
-    """A one-category MVTec-layout folder (weave), made once per shape: a third of the
-    test images are normal, the rest split over the three defect types."""
+def dataset(base: Path, size: int, train: int, test: int, categories: int = 1) -> Path:
+    """An MVTec-layout folder of ``categories`` categories (weave, each from its own seed)
+    that share ``train`` and ``test`` images evenly, made once per shape: a third of each
+    category's test images are normal, the rest split over the three defect types."""
     from rdjax.data import synthetic
 
-    root = base / f"weave_{size}px_{train}_{test}"
+    root = base / f"weave_{size}px_{train}_{test}_{categories}"
+    train, test = train // categories, test // categories
     per_defect = max((test - test // 3) // 3, 1)
-    return synthetic.generate(
-        root,
-        categories=("weave",),
-        size=size,
-        num_train=train,
-        num_test_good=test - 3 * per_defect,
-        num_per_defect=per_defect,
-    )
+    for k in range(categories):
+        name = "weave" if categories == 1 else f"weave{k}"
+        if not (root / name).is_dir():
+            made = synthetic.generate(root / f".{name}", categories=("weave",), seed=k, size=size, num_train=train,
+                                      num_test_good=test - 3 * per_defect, num_per_defect=per_defect)  # fmt: skip
+            os.replace(made / "weave", root / name)
+            shutil.rmtree(made)
+    return root
 
 
 def run(args: argparse.Namespace, root: Path, workdir: Path, mode: str) -> dict:
@@ -54,7 +57,9 @@ def run(args: argparse.Namespace, root: Path, workdir: Path, mode: str) -> dict:
         f"--workdir={workdir}",
         f"--config.dataset.root={root}",
         f"--config.dataset.data_dir={root / '_tfds'}",
-        "--config.dataset.category=weave",
+        f"--config.setting={args.setting}",
+        f"--config.dataset.name={'synthetic' if args.setting == 'per_category' else 'mvtec'}",
+        f"--config.dataset.category={'weave' if args.setting == 'per_category' else 'all'}",
         f"--config.model.arch={args.arch}",
         f"--config.image_size={args.size}",
         f"--config.batch_size={args.batch}",
@@ -72,11 +77,12 @@ def run(args: argparse.Namespace, root: Path, workdir: Path, mode: str) -> dict:
         raise SystemExit(f"run failed ({status}):\n{out[-3000:]}")
     log = json.loads((workdir / "train_log.json").read_text())[-1]
     metrics = json.loads((workdir / "metrics.json").read_text())
+    parts = metrics.get("categories", {"": metrics})  # a unified run's are per category
     return {
         "peak_rss_gb": usage.ru_maxrss / 2**20,
         "train_img_s": log["images_per_second"],
         "eval_img_s": metrics["eval_images_per_second"],
-        "pixel_metrics": metrics.get("pixel_metrics"),
+        "pixel_metrics": "/".join(sorted({m["pixel_metrics"] for m in parts.values()})),
         "feature_cache": log.get("feature_cache"),
         "seconds": seconds,
     }
@@ -94,6 +100,8 @@ def main() -> None:
         "--epochs", type=int, default=1, help="train img/s is the last epoch's (the first includes compiling the step)"
     )
     parser.add_argument("--feature_cache", default="auto", help="one or more modes, comma-separated: a row each")
+    parser.add_argument("--setting", default="per_category", choices=["per_category", "unified"])
+    parser.add_argument("--categories", default="1", help="unified: categories per row, comma-separated (a row each)")
     parser.add_argument("--data", default="", help="where generated data and workdirs go (default: a new temp folder)")
     args = parser.parse_args()
     trains = [int(x) for x in args.train.split(",")]
@@ -107,22 +115,26 @@ def main() -> None:
         flush=True,
     )
     print(
-        "| train images | test images | feature_cache | peak RSS (GB) | train img/s | eval img/s | wall (s) "
-        "| pixel metrics |"
+        "| categories | train images | test images | feature_cache | peak RSS (GB) | train img/s | eval img/s "
+        "| wall (s) | pixel metrics |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
+    counts = [int(x) for x in args.categories.split(",")]
+    if args.setting == "per_category" and counts != [1]:
+        raise SystemExit("--categories needs --setting=unified (a per-category run trains one category)")
     for train, test in zip(trains, tests):
-        root = dataset(base, args.size, train, test)
-        for mode in args.feature_cache.split(","):
-            workdir = base / "runs" / f"{args.arch}_{args.size}_{train}_{test}_{mode}_{time.time_ns()}"
-            r = run(args, root, workdir, mode)
-            chosen = mode if mode == r["feature_cache"] else f"{mode} -> {r['feature_cache']}"
-            print(
-                f"| {train} | {test} | {chosen} | {r['peak_rss_gb']:.2f} | {r['train_img_s']:.2f} "
-                f"| {r['eval_img_s']:.2f} | {r['seconds']:.0f} | {r['pixel_metrics']} |",
-                flush=True,
-            )
-            shutil.rmtree(workdir, ignore_errors=True)
+        for categories in counts:
+            root = dataset(base, args.size, train, test, categories)
+            for mode in args.feature_cache.split(","):
+                workdir = base / "runs" / f"{args.arch}_{args.size}_{train}_{test}_{categories}_{mode}_{time.time_ns()}"
+                r = run(args, root, workdir, mode)
+                chosen = mode if mode == r["feature_cache"] else f"{mode} -> {r['feature_cache']}"
+                print(
+                    f"| {categories} | {train} | {test} | {chosen} | {r['peak_rss_gb']:.2f} | {r['train_img_s']:.2f} "
+                    f"| {r['eval_img_s']:.2f} | {r['seconds']:.0f} | {r['pixel_metrics']} |",
+                    flush=True,
+                )
+                shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -275,6 +275,7 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: 
         ((category, part),) = run.parts.items()
         result = _evaluate_part(run, category, part, evaluators, run_pass, predict, out_dir, epoch)[0]
         return _finish_result(run, result, epoch, step)
+    start = time.perf_counter()
     union: dict[str, evaluation.PassResult | None] = {"test": None, "validation": None}
     merge = lambda kind, p: union.update({kind: evaluation.merge(union[kind], p, config.exact_metrics_max_pixels)})
     results = {}
@@ -292,6 +293,7 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: 
             )
         merge("test", test_pass)
     result = _unified_result(run, results, evaluators, union, run_pass, predict, epoch)
+    result["eval_images_per_second"] = sum(len(p.test) for p in run.parts.values()) / (time.perf_counter() - start)
     return _finish_result(run, result, epoch, step)
 
 
