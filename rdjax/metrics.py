@@ -1,11 +1,15 @@
 """Image- and pixel-level metrics on host numpy arrays.
 
-AUROC and F1-max are sklearn's. AUPRO follows the MVTec AD standard definition (the
-dataset's own evaluation code): 8-connected ground-truth regions, one global threshold
-swept over every distinct score, FPR over all anomaly-free pixels, PRO the mean overlap
-over all regions, area to FPR 0.3 by trapezoids with linear interpolation at 0.3,
-divided by 0.3. The RD4AD paper's own per-image variant is offered as
-``pro_rd4ad_per_image``; it is not the same number (see docs/differences.md).
+The seven metrics of the ADer / Dinomaly protocol: image AUROC, AP and F1-max; pixel
+AUROC, AP and F1-max; AUPRO. AUROC and AP are sklearn's (``roc_auc_score``,
+``average_precision_score``); F1-max is the best ``2PR / (P + R + 1e-7)`` over sklearn's
+``precision_recall_curve``, the epsilon of Dinomaly's evaluation code (docs/config.md).
+AUPRO follows the MVTec AD standard definition (the dataset's own evaluation code):
+8-connected ground-truth regions, one global threshold swept over every distinct score,
+FPR over all anomaly-free pixels, PRO the mean overlap over all regions, area to FPR 0.3
+by trapezoids with linear interpolation at 0.3, divided by 0.3. The RD4AD paper's own
+per-image variant is offered as ``pro_rd4ad_per_image``; it is not the same number (see
+docs/differences.md). AUPIMO is anomalib's (`aupimo`).
 
 Large test sets use the binned form of the same pixel metrics (`PixelStats`): histograms
 over bins of constant relative width 2^-12, accumulated batch by batch, so memory does
@@ -28,16 +32,37 @@ EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 # How people read each result key: tables, report.html and report.png use these names.
 METRIC_NAMES = {
     "image_auroc": "image AUROC",
+    "image_ap": "image AP",
+    "image_f1_max": "image F1-max",
     "pixel_auroc": "pixel AUROC",
+    "pixel_ap": "pixel AP",
+    "pixel_f1_max": "pixel F1-max",
     "aupro": "AUPRO",
     "pro_rd4ad_per_image": "PRO (RD4AD per-image)",
-    "image_f1_max": "image F1-max",
+    "aupimo": "AUPIMO",
     "image_auroc_sum": "image AUROC (sum of map)",
 }
-# The metrics an evaluation's table shows (results.md, report.html).
-TABLE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max")
+# The metrics an evaluation's table shows (results.md, report.html): the seven of the
+# ADer / Dinomaly protocol, in their order, then the paper's own PRO.
+TABLE_KEYS = (
+    "image_auroc",
+    "image_ap",
+    "image_f1_max",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_f1_max",
+    "aupro",
+    "pro_rd4ad_per_image",
+)
 # The three the paper reports, which progress lines print.
 PAPER_KEYS = ("image_auroc", "pixel_auroc", "aupro")
+# F1 = 2PR / (P + R + F1_EPSILON), as Dinomaly's f1_score_max (utils.py); it keeps 0/0 at 0.
+F1_EPSILON = 1e-7
+# anomalib 2's AUPIMO defaults (metrics/pimo/pimo.py): thresholds, shared-FPR bounds, and
+# the fewest integration points it computes with (it refuses 30 or fewer).
+AUPIMO_NUM_THRESHOLDS = 300_000
+AUPIMO_FPR_BOUNDS = (1e-5, 1e-4)
+AUPIMO_MIN_POINTS = 31
 
 
 def headline(result: dict) -> str:
@@ -52,15 +77,31 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(skm.roc_auc_score(labels, np.asarray(scores).ravel()))
 
 
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """sklearn's AP (the step sum of precision over recall); NaN without a positive."""
+    labels = np.asarray(labels).ravel()
+    if not labels.any():
+        return float("nan")
+    return float(skm.average_precision_score(labels, np.asarray(scores).ravel()))
+
+
+def f1_curve(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
+    """F1 at each point of a precision-recall curve, with Dinomaly's epsilon (0 where P = R = 0)."""
+    return 2 * precision * recall / (precision + recall + F1_EPSILON)
+
+
 def best_f1(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     """(best F1 over all thresholds, its threshold); scores >= threshold are anomalous."""
     precision, recall, thresholds = skm.precision_recall_curve(np.asarray(labels).ravel(), np.asarray(scores).ravel())
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    f1 = f1_curve(precision, recall)
     best = int(np.argmax(f1[:-1]))  # the last point (recall 0) has no threshold
     return float(f1[best]), float(thresholds[best])
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The best F1 over thresholds; NaN without a positive."""
+    if not np.asarray(labels).any():
+        return float("nan")
     return best_f1(labels, scores)[0]
 
 
@@ -158,6 +199,73 @@ def region_weights(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return inv_area[labeled], n
 
 
+def aupimo_scores(
+    maps: np.ndarray,
+    masks: np.ndarray,
+    labels: np.ndarray,
+    num_thresholds: int = AUPIMO_NUM_THRESHOLDS,
+    fpr_bounds: tuple[float, float] = AUPIMO_FPR_BOUNDS,
+) -> np.ndarray:
+    """Each anomalous image's AUPIMO as anomalib 2 defines it (metrics/pimo/functional.py),
+    NaN for the other images, or for all of them where anomalib refuses to compute it.
+
+    ``num_thresholds`` thresholds evenly spaced from the min to the max score of the normal
+    (label 0) images, in the maps' dtype; the shared FPR at each is the fraction of those
+    images' pixels scoring >= it (anomalib's mean of per-image FPRs, the images being of one
+    size); an anomalous image's PIMO curve is the fraction of its ground-truth pixels
+    scoring >= it. Each bound of ``fpr_bounds`` is met by the threshold whose shared FPR is
+    nearest (the lowest such threshold on a tie), without interpolation; between them the
+    curve is integrated by trapezoids over ln(FPR) (points of FPR 0 left out), divided by
+    ln(upper / lower) and clipped to [0, 1].
+
+    NaN for all where anomalib raises: no normal image, or no anomalous one with a
+    ground-truth pixel; constant normal scores; a bound outside the shared FPR's range (as
+    with fewer than 1 / lower normal pixels); both bounds met by one threshold; at most 30
+    points between them. A label-1 image without ground-truth pixels gets NaN (anomalib,
+    which classes images by their masks, would count its pixels as normal ones).
+    """
+    maps = np.asarray(maps)
+    masks = np.asarray(masks).astype(bool)
+    labels = np.asarray(labels).ravel()
+    if maps.shape != masks.shape or len(labels) != len(maps):
+        raise ValueError(f"maps {maps.shape}, masks {masks.shape} and {len(labels)} labels do not match")
+    result = np.full(len(maps), np.nan)
+    anomalous = np.flatnonzero((labels != 0) & masks.any(axis=(1, 2)))
+    normal = np.sort(maps[labels == 0], axis=None)
+    if not len(anomalous) or not normal.size or normal[0] == normal[-1]:
+        return result
+    thresholds = np.linspace(float(normal[0]), float(normal[-1]), num_thresholds).astype(maps.dtype)
+    fpr = (normal.size - np.searchsorted(normal, thresholds, side="left")) / normal.size
+    lower, upper = fpr_bounds
+    if lower < fpr.min() or upper > fpr.max():
+        return result
+    first = int(np.argmin(np.abs(fpr - upper)))  # FPR falls as the threshold rises
+    last = int(np.argmin(np.abs(fpr - lower)))
+    if first >= last:
+        return result
+    log_fpr = np.log(fpr[first : last + 1][::-1])
+    finite = np.isfinite(log_fpr)
+    if finite.sum() < AUPIMO_MIN_POINTS:
+        return result
+    window = thresholds[first : last + 1][::-1][finite]
+    for i in anomalous:
+        positives = np.sort(maps[i][masks[i]])
+        tpr = (positives.size - np.searchsorted(positives, window, side="left")) / positives.size
+        result[i] = np.trapezoid(tpr, log_fpr[finite]) / np.log(upper / lower)
+    return np.clip(result, 0, 1)
+
+
+def aupimo(
+    maps: np.ndarray,
+    masks: np.ndarray,
+    labels: np.ndarray,
+    num_thresholds: int = AUPIMO_NUM_THRESHOLDS,
+    fpr_bounds: tuple[float, float] = AUPIMO_FPR_BOUNDS,
+) -> float:
+    """anomalib's AUPIMO: the mean of `aupimo_scores` over the anomalous images."""
+    return nanmean(aupimo_scores(maps, masks, labels, num_thresholds, fpr_bounds))
+
+
 # ----------------------------------------------------------------------------- streaming (binned) pixel metrics
 
 
@@ -172,14 +280,29 @@ def auroc_from_histograms(neg: np.ndarray, pos: np.ndarray) -> float:
     return float(np.sum(pos * (below + 0.5 * neg)) / (neg.sum() * pos.sum()))
 
 
+def _counts_at_edges(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(true, false positives) with each bin's lower edge as the threshold."""
+    neg, pos = np.asarray(neg, np.float64), np.asarray(pos, np.float64)
+    return np.cumsum(pos[::-1])[::-1], np.cumsum(neg[::-1])[::-1]
+
+
+def ap_from_histograms(neg: np.ndarray, pos: np.ndarray) -> float:
+    """sklearn's AP of the binned pixels, each bin one group of tied scores: precision at
+    each bin's lower edge, weighted by the recall the bin adds."""
+    pos = np.asarray(pos, np.float64)
+    if pos.sum() == 0:
+        return float("nan")
+    tp, fp = _counts_at_edges(neg, pos)
+    precision = tp / np.maximum(tp + fp, 1e-300)
+    return float(np.sum(pos * precision) / pos.sum())
+
+
 def best_f1_from_histograms(neg: np.ndarray, pos: np.ndarray, edges: np.ndarray) -> tuple[float, float]:
     """(best F1, its threshold) over the bins' lower edges; scores >= threshold are anomalous."""
-    neg, pos = np.asarray(neg, np.float64), np.asarray(pos, np.float64)
-    tp = np.cumsum(pos[::-1])[::-1]
-    fp = np.cumsum(neg[::-1])[::-1]
+    tp, fp = _counts_at_edges(neg, pos)
     precision = tp / np.maximum(tp + fp, 1e-300)
-    recall = tp / max(pos.sum(), 1e-300)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    recall = tp / max(tp[0], 1e-300)
+    f1 = f1_curve(precision, recall)
     best = int(np.argmax(f1))
     return float(f1[best]), float(edges[best])
 
@@ -252,12 +375,27 @@ class PixelStats:
         fpr, pro = self.pro_curve
         return area_to(fpr, pro, fpr_limit) / fpr_limit
 
+    def ap(self) -> float:
+        if self.exact:
+            maps, masks = self._kept()
+            return average_precision(masks, maps)
+        neg, pos, _, _ = self._binned()
+        return ap_from_histograms(neg, pos)
+
     def best_f1(self) -> tuple[float, float]:
         if self.exact:
             maps, masks = self._kept()
             return best_f1(masks, maps)
         neg, pos, _, edges = self._binned()
         return best_f1_from_histograms(neg, pos, edges)
+
+    def f1_max(self) -> float:
+        return self.best_f1()[0] if self.has_regions else float("nan")
+
+    def aupimo(self, labels: np.ndarray) -> float:
+        """NaN when binned: AUPIMO needs each anomalous image's own curve, which the
+        histograms (pooled over all images) do not keep."""
+        return aupimo(*self._kept(), labels) if self.exact else float("nan")
 
     def quantile(self, q: float) -> float:
         if self.exact:
@@ -274,18 +412,23 @@ def compute_all(
     pro_images: np.ndarray,
 ) -> dict:
     """Every metric rdjax reports, as plain floats (JSON-ready). ``pixels=None`` (no ground
-    truth masks) reports the image-level metrics only; the pixel ones are NaN.
-    ``pro_images``: the per-image PRO of each image (NaN where undefined)."""
+    truth masks) reports the image-level metrics only; the pixel ones are NaN, and AUPIMO is
+    NaN with binned statistics too (`PixelStats.aupimo`). ``pro_images``: the per-image
+    PRO of each image (NaN where undefined)."""
     labels = np.asarray(labels)
     nan = float("nan")
     if pixels is None or not pixels.has_regions:
         pixels = None
     result: dict[str, Any] = {
         "image_auroc": auroc(labels, scores),
+        "image_ap": average_precision(labels, scores),
+        "image_f1_max": f1_max(labels, scores),
         "pixel_auroc": nan if pixels is None else pixels.auroc(),
+        "pixel_ap": nan if pixels is None else pixels.ap(),
+        "pixel_f1_max": nan if pixels is None else pixels.f1_max(),
         "aupro": nan if pixels is None else pixels.aupro(),
         "pro_rd4ad_per_image": nan if pixels is None else nanmean(pro_images),
-        "image_f1_max": f1_max(labels, scores),
+        "aupimo": nan if pixels is None else pixels.aupimo(labels),
         "num_images": int(len(labels)),
         "num_defective": int(labels.sum()),
         "pixel_metrics": "none" if pixels is None else ("exact" if pixels.exact else "binned"),

@@ -1,5 +1,6 @@
-"""Evaluator 'anomaly': image/pixel AUROC, AUPRO, the paper's PRO, F1-max, per-type AUROC,
-and the sum-of-map image AUROC of the novelty benchmarks."""
+"""Evaluator 'anomaly': the seven metrics of the ADer / Dinomaly protocol (image and pixel
+AUROC, AP, F1-max; AUPRO), the paper's PRO, AUPIMO, per-type AUROC, and the sum-of-map
+image AUROC of the novelty benchmarks (keys: metrics.METRIC_NAMES)."""
 
 from __future__ import annotations
 
