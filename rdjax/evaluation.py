@@ -42,13 +42,13 @@ def merge(a: PassResult | None, b: PassResult, max_pixels: int) -> PassResult:
     if a is None:
         return b
     pa, pb = a.pixels, b.pixels
-    (neg_a, pos_a, pro_a, edges), (neg_b, pos_b, pro_b, _) = pa._binned(), pb._binned()
+    (neg_a, pos_a, pro_a, edges), (neg_b, pos_b, pro_b, _) = pa.binned(), pb.binned()
     pixels = metrics.PixelStats(
         lo=min(pa.lo, pb.lo), hi=max(pa.hi, pb.hi), edges=edges, neg=neg_a + neg_b, pos=pos_a + pos_b,
         pro=pro_a + pro_b, num_regions=pa.num_regions + pb.num_regions,
     )  # fmt: skip
     if pa.exact and pb.exact:
-        (maps_a, masks_a), (maps_b, masks_b) = pa._kept(), pb._kept()
+        (maps_a, masks_a), (maps_b, masks_b) = pa.kept(), pb.kept()
         if maps_a.size + maps_b.size <= max_pixels:
             pixels.maps, pixels.masks = np.concatenate([maps_a, maps_b]), np.concatenate([masks_a, masks_b])
     joined = lambda key: np.concatenate([getattr(a, key), getattr(b, key)])

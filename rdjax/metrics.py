@@ -65,6 +65,12 @@ AUPIMO_FPR_BOUNDS = (1e-5, 1e-4)
 AUPIMO_MIN_POINTS = 31
 
 
+def percent(value: float | None) -> str:
+    """A metric as every table shows it: percent, one decimal; 'n/a' where it is missing
+    or undefined (an older metrics.json, a test set without masks)."""
+    return "n/a" if value is None or np.isnan(float(value)) else f"{100 * float(value):.1f}"
+
+
 def headline(result: dict) -> str:
     """'image AUROC 0.9876  pixel AUROC 0.9543  AUPRO 0.9012' for a log line."""
     return "  ".join(f"{METRIC_NAMES[k]} {result[k]:.4f}" for k in PAPER_KEYS)
@@ -345,30 +351,30 @@ class PixelStats:
     def exact(self) -> bool:
         return self.maps is not None
 
-    def _kept(self) -> tuple[np.ndarray, np.ndarray]:
+    def kept(self) -> tuple[np.ndarray, np.ndarray]:
         assert self.maps is not None and self.masks is not None, "exact statistics keep maps and masks"
         return self.maps, self.masks
 
-    def _binned(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def binned(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         assert self.neg is not None and self.pos is not None and self.pro is not None and self.edges is not None
         return self.neg, self.pos, self.pro, self.edges
 
     @property
     def has_regions(self) -> bool:
-        return bool(self._kept()[1].any()) if self.exact else bool(self._binned()[1].sum() > 0)
+        return bool(self.kept()[1].any()) if self.exact else bool(self.binned()[1].sum() > 0)
 
     def auroc(self) -> float:
         if self.exact:
-            maps, masks = self._kept()
+            maps, masks = self.kept()
             return auroc(masks, maps)
-        neg, pos, _, _ = self._binned()
+        neg, pos, _, _ = self.binned()
         return auroc_from_histograms(neg, pos)
 
     @functools.cached_property
     def pro_curve(self) -> tuple[np.ndarray, np.ndarray]:
         if self.exact:
-            return pro_curve(*self._kept())
-        neg, _, pro, _ = self._binned()
+            return pro_curve(*self.kept())
+        neg, _, pro, _ = self.binned()
         return pro_curve_from_histograms(neg, pro, self.num_regions)
 
     def aupro(self, fpr_limit: float = 0.3) -> float:
@@ -377,16 +383,16 @@ class PixelStats:
 
     def ap(self) -> float:
         if self.exact:
-            maps, masks = self._kept()
+            maps, masks = self.kept()
             return average_precision(masks, maps)
-        neg, pos, _, _ = self._binned()
+        neg, pos, _, _ = self.binned()
         return ap_from_histograms(neg, pos)
 
     def best_f1(self) -> tuple[float, float]:
         if self.exact:
-            maps, masks = self._kept()
+            maps, masks = self.kept()
             return best_f1(masks, maps)
-        neg, pos, _, edges = self._binned()
+        neg, pos, _, edges = self.binned()
         return best_f1_from_histograms(neg, pos, edges)
 
     def f1_max(self) -> float:
@@ -395,12 +401,12 @@ class PixelStats:
     def aupimo(self, labels: np.ndarray) -> float:
         """NaN when binned: AUPIMO needs each anomalous image's own curve, which the
         histograms (pooled over all images) do not keep."""
-        return aupimo(*self._kept(), labels) if self.exact else float("nan")
+        return aupimo(*self.kept(), labels) if self.exact else float("nan")
 
     def quantile(self, q: float) -> float:
         if self.exact:
-            return float(np.quantile(self._kept()[0], q))
-        neg, pos, _, edges = self._binned()
+            return float(np.quantile(self.kept()[0], q))
+        neg, pos, _, edges = self.binned()
         return float(np.clip(quantile_from_histogram(neg + pos, edges, q), self.lo, self.hi))
 
 

@@ -8,12 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from rdjax.metrics import METRIC_NAMES, PAPER_KEYS, TABLE_KEYS
+from rdjax.metrics import METRIC_NAMES, PAPER_KEYS, TABLE_KEYS, nanmean, percent
 from rdjax.workdir import atomic_path
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
 
 
 def results_markdown(result: dict) -> str:
@@ -22,12 +18,12 @@ def results_markdown(result: dict) -> str:
         "",
         "| " + " | ".join(METRIC_NAMES[k] for k in TABLE_KEYS) + " |",
         "|---" * len(TABLE_KEYS) + "|",
-        "| " + " | ".join(_fmt(result.get(k)) for k in TABLE_KEYS) + " |",
+        "| " + " | ".join(percent(result.get(k)) for k in TABLE_KEYS) + " |",
         "",
         f"| defect type | images | {METRIC_NAMES['image_auroc']} |",
         "|---|---|---|",
     ]
-    lines += [f"| {t} | {v['count']} | {_fmt(v['image_auroc'])} |" for t, v in result.get("per_type", {}).items()]
+    lines += [f"| {t} | {v['count']} | {percent(v['image_auroc'])} |" for t, v in result.get("per_type", {}).items()]
     if "threshold_note" in result:
         lines.append(f"\nDecisions: {result['threshold_note']}.")
     for w in result.get("warnings", []):
@@ -40,9 +36,9 @@ def summary_markdown(results: dict[str, dict], keys: tuple[str, ...] | None = No
     keys = keys or PAPER_KEYS
     lines = ["| category | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(r[k]) for k in keys) + " |")
-    means = [float(np.nanmean([r[k] for r in results.values()])) for k in keys]
-    lines.append("| **mean** | " + " | ".join(f"**{_fmt(m)}**" for m in means) + " |")
+        lines.append(f"| {name} | " + " | ".join(percent(r.get(k)) for k in keys) + " |")
+    means = [nanmean([r.get(k, np.nan) for r in results.values()]) for k in keys]
+    lines.append("| **mean** | " + " | ".join(f"**{percent(m)}**" for m in means) + " |")
     on_test = [name for name, r in results.items() if r.get("calibration", {}).get("fitted_on_test_set")]
     if on_test:
         lines.append(f"\nDecision thresholds fitted on the test set ({', '.join(on_test)}): decisions on these "

@@ -532,7 +532,7 @@ class Writer:
         if self.primary:
             outputs.write_evaluation(self.workdir, result["epoch"], result)
         if self.board is not None:
-            for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
+            for key in metrics.TABLE_KEYS:
                 if key in result:
                     self.board.add_scalar(f"eval/{key}", result[key], result["step"])
             self.board.flush()

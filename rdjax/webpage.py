@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from rdjax.calibration import describe
-from rdjax.metrics import METRIC_NAMES, TABLE_KEYS
+from rdjax.metrics import METRIC_NAMES, TABLE_KEYS, percent
 from rdjax.outputs import overlay
 from rdjax.workdir import atomic_path
 
@@ -204,7 +204,7 @@ def _head(page: Page, scores: np.ndarray) -> str:
             "<table><tr>"
             + "".join(f"<th>{METRIC_NAMES[k]}</th>" for k in TABLE_KEYS)
             + "</tr><tr>"
-            + "".join(f"<td>{100 * float(page.metrics[k]):.1f}</td>" for k in TABLE_KEYS)
+            + "".join(f"<td>{percent(page.metrics.get(k))}</td>" for k in TABLE_KEYS)
             + "</tr></table>"
         )
     curves = []
