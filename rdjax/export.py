@@ -6,9 +6,10 @@
 
 Both artifacts map uint8 images (batch, S, S, 3), S = the workdir's image_size and any
 batch size, to (maps (batch, S, S) float32, scores (batch,) float32): normalization, the
-teacher, the OCBE, the decoder, the maps, the upsampling, the blur and the max, with the
+teacher, the OCBE, the decoder, the maps, the upsampling, the blur and the image score
+(rdjax.maps.image_scores with the max_ratio the thresholds were calibrated with), with the
 weights inside. ``FILE.json`` beside it holds the input contract, the normalization, the
-thresholds and how to decide (the same rule as rdjax.Model.predict).
+score's rule, the thresholds and how to decide (the same rule as rdjax.Model.predict).
 
 Resizing to S is left to the caller (rdjax uses PIL's bilinear resize, the official
 pipeline's), because PIL's antialiasing filter has no exact StableHLO or ONNX equivalent.
@@ -39,7 +40,8 @@ WEIGHTS_DTYPES = ("float32", "float16", "bfloat16")
 def inference_fn(
     model: Predictor, weights_dtype: str = "float32"
 ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-    """uint8 images -> (maps, scores), the weights closed over as constants.
+    """uint8 images -> (maps, scores), the weights closed over as constants; the scores
+    by the model's max_ratio (rdjax.Model.max_ratio), which its eval step applies.
 
     With ``weights_dtype`` float16 or bfloat16 the constants are stored in that type and
     widened to float32 where they are used: half the file, float32 arithmetic (the map
@@ -121,9 +123,15 @@ def _quiet(*loggers: str) -> Iterator[None]:
 
 
 def contract(model: Predictor, fmt: str, weights_dtype: str) -> dict:
-    """What a caller needs besides the artifact: the input contract, the outputs and the
-    decision rule with its thresholds (FILE.json)."""
+    """What a caller needs besides the artifact: the input contract, the outputs, the
+    image score's rule (max_ratio) and the decision rule with its thresholds (FILE.json)."""
     cal = model.calibration
+    ratio = model.max_ratio
+    rule = (
+        "each map's maximum"
+        if ratio == 0
+        else f"the mean of each map's int(H * W * {ratio}) highest pixels (at least one)"
+    )
     return {
         "format": fmt,
         "platforms": list(PLATFORMS) if fmt == "jax" else ["onnx"],
@@ -147,6 +155,11 @@ def contract(model: Predictor, fmt: str, weights_dtype: str) -> dict:
             "their maps (docs/usage.md, 'Large and non-square images')",
         },
         "outputs": {"maps": ["batch", model.image_size, model.image_size, "float32"], "scores": ["batch", "float32"]},
+        "score": {
+            "max_ratio": ratio,
+            "rule": f"{rule}: inside the artifact for its maps; with resize 'fit' or 'tile', the caller "
+            "applies it to the blended map at the scale it was computed",
+        },
         "decision": "anomalous when score >= image_threshold; pixels with map >= pixel_threshold are anomalous",
         "model": model.config.model.name,
         "arch": model.config.model.arch,

@@ -2,7 +2,8 @@
 
 A workdir (or a package made from it, rdjax.package) holds everything: config.json, the
 teacher, checkpoints and calibration.json (thresholds and the normalized-score range, see
-rdjax.calibration). Nothing else is needed, on any device, and no optimizer is built.
+rdjax.calibration, and the resize and image-score rule they were fitted with). Nothing
+else is needed, on any device, and no optimizer is built.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def as_images(x: ImageLike | Sequence[ImageLike]) -> list[np.ndarray]:
 class Prediction:
     """What predict returns, one entry per input image."""
 
-    scores: np.ndarray  # (N,) raw image scores (max of the map)
+    scores: np.ndarray  # (N,) raw image scores (rdjax.maps.image_scores with Model.max_ratio)
     normalized_scores: np.ndarray | None  # (N,) in [0, 1], threshold at 0.5; None if uncalibrated
     decisions: np.ndarray | None  # (N,) bool, True = anomalous; None if uncalibrated
     maps: list[np.ndarray]  # per image, float32 (H, W) at the input's original resolution
@@ -80,7 +81,7 @@ class Model:
     teacher_vars: Any
     student_vars: Any
     calibration: dict | None
-    eval_step: Callable = dataclasses.field(repr=False)
+    eval_step: maps_lib.EvalStep = dataclasses.field(repr=False)
     _put: Callable = dataclasses.field(repr=False)
 
     @property
@@ -98,6 +99,12 @@ class Model:
         if cal is not None and "resize" in cal:
             return ml_collections.ConfigDict(cal["resize"])
         return self.config.resize
+
+    @property
+    def max_ratio(self) -> float:
+        """The image score's rule (rdjax.maps.image_scores) that the thresholds were
+        calibrated with, which the eval step applies: `recorded_max_ratio`."""
+        return self.eval_step.max_ratio
 
     def preprocess(self, images: Iterable[np.ndarray]) -> np.ndarray:
         """Resize with PIL's bilinear filter, exactly as training and evaluation do."""
@@ -129,7 +136,8 @@ class Model:
         'fit' or 'tile' (windows of a proportionally scaled copy, blended; ``tile_size``
         native pixels per window, ``overlap`` native pixels between windows): see
         rdjax.tiling. Each left as None takes the setting the thresholds were calibrated
-        with (calibration.json's 'resize'; else the workdir's config.resize).
+        with (calibration.json's 'resize'; else the workdir's config.resize). The image
+        score always follows the thresholds' rule, `max_ratio`.
         """
         images = as_images(x)
         if not images:
@@ -145,7 +153,7 @@ class Model:
             run = lambda windows: self.predict_resized(windows, batch_size)[0]  # noqa: E731
             scales = [tiling.scale_for(resize, a.shape[:2], self.image_size, tile_size) for a in images]
             tiled = tiling.tiled_maps(images, self.image_size, scales, overlap, run)
-            scores = np.array([m.max() for m in tiled], np.float32)
+            scores = tiling.blended_scores(tiled, self.max_ratio)
             full = [tiling.resize_map(m, a.shape[:2]) for m, a in zip(tiled, images)]
         cal = self.calibration
         if cal is None:
@@ -165,6 +173,14 @@ class Model:
         if cal is None:
             raise ConfigError(f"{self.workdir}: no calibration.json; train (or evaluate) first to calibrate")
         return normalize_scores(amap, cal["pixel_threshold"], cal["pixel_min"], cal["pixel_max"])
+
+
+def recorded_max_ratio(calibration: dict | None, config: Any) -> float:
+    """The max_ratio of the thresholds: calibration.json's, else (uncalibrated, or a
+    calibration.json older than the key) the workdir config's, which defaults to 0."""
+    if calibration is not None and "max_ratio" in calibration:
+        return float(calibration["max_ratio"])
+    return float(config.max_ratio)
 
 
 def load(workdir: str | os.PathLike, step: int | None = None, dtype: str | None = None) -> Model:
@@ -203,6 +219,6 @@ def load(workdir: str | os.PathLike, step: int | None = None, dtype: str | None 
         teacher_vars=jax.device_put(teacher_vars, sharding.replicated(mesh)),
         student_vars=student_vars,
         calibration=calibration,
-        eval_step=maps_lib.eval_step_for(model, config),
+        eval_step=maps_lib.eval_step_for(model, config, max_ratio=recorded_max_ratio(calibration, config)),
         _put=lambda b: sharding.put_batch(b, sharding.batch_sharding(mesh)),
     )

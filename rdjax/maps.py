@@ -6,19 +6,25 @@ scales, then scipy.ndimage.gaussian_filter(sigma=4) with scipy's defaults (trunc
 mode 'reflect'). Upsampling and blur are linear and separable, so each is two small
 matmuls with exact interpolation / reflect-boundary matrices, at HIGHEST precision
 (no TF32 on GPUs).
+
+The image score is the map's maximum (the official code), or with config.max_ratio r > 0
+the mean of its highest r fraction of pixels: `image_scores`, the one place that turns
+maps into scores.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rdjax import modes
+from rdjax.errors import ConfigError
 from rdjax.features import Features, normalize
 from rdjax.models import Model
 from rdjax.pytrees import Variables
@@ -93,9 +99,47 @@ def _separable(rows: jax.Array, x: jax.Array, cols: jax.Array) -> jax.Array:
     return jnp.matmul(jnp.matmul(rows, x, precision=HIGHEST), cols.T, precision=HIGHEST)
 
 
+def image_scores(maps: jax.Array | np.ndarray, max_ratio: float = 0.0) -> jax.Array:
+    """(B, H, W) blurred maps -> (B,) float32 image scores.
+
+    ``max_ratio`` 0: each map's maximum (RD4AD's and RD++'s test code). ``max_ratio`` r in
+    (0, 1]: the mean of each map's k = int(H * W * r) highest pixels, as Dinomaly's
+    `max_ratio` (guojiajeremy/Dinomaly, utils.py, evaluation_batch: the blurred map at the
+    evaluated resolution, flattened, sorted, the first int(numel * r) averaged), which
+    makes the score less sensitive to a single noisy pixel. k is at least 1 (there, a
+    map too small for one pixel would give the mean of nothing). Works inside jit and
+    eagerly on host maps alike; k depends only on the static shape."""
+    if not 0 <= max_ratio <= 1:
+        raise ConfigError(f"max_ratio={max_ratio} must be 0 (the map's maximum) or a fraction in (0, 1]")
+    maps = jnp.asarray(maps, jnp.float32)
+    if max_ratio == 0:
+        return jnp.max(maps, axis=(-2, -1))
+    h, w = maps.shape[-2:]
+    k = max(1, int(h * w * max_ratio))
+    top = jax.lax.top_k(maps.reshape(*maps.shape[:-2], h * w), k)[0]
+    return jnp.mean(top, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalStep:
+    """A jitted (teacher_vars, student_vars, uint8 images) -> (maps, scores), with the
+    ``max_ratio`` its scores use, so that maps blended from its windows elsewhere
+    (rdjax.tiling) are scored by the same rule."""
+
+    fn: Callable[[Variables, Variables, jax.Array | np.ndarray], tuple[jax.Array, jax.Array]]
+    max_ratio: float
+
+    def __call__(
+        self, teacher_vars: Variables, student_vars: Variables, images: jax.Array | np.ndarray
+    ) -> tuple[jax.Array, jax.Array]:
+        return self.fn(teacher_vars, student_vars, images)
+
+
 @functools.cache
-def make_eval_step(model: Model, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True):
-    """A jitted (teacher_vars, student_vars, uint8 images) -> (maps, scores): the full path.
+def make_eval_step(
+    model: Model, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True, max_ratio: float = 0.0
+) -> EvalStep:
+    """The full path from uint8 images to maps and `image_scores`.
 
     Cached, so that every evaluation of a run reuses one compilation."""
 
@@ -104,9 +148,9 @@ def make_eval_step(model: Model, mode: str = "add", sigma: float = 4.0, imagenet
         x = normalize(images, imagenet_normalize)
         t, s = model(teacher_vars, student_vars, x, train=False)
         maps = anomaly_map(t, s, (x.shape[1], x.shape[2]), mode, sigma)
-        return maps, jnp.max(maps, axis=(1, 2))
+        return maps, image_scores(maps, max_ratio)
 
-    return eval_step
+    return EvalStep(eval_step, max_ratio)
 
 
 # ----------------------------------------------------------------------------- binned pixel statistics
@@ -161,10 +205,12 @@ def stats_step(
 
 
 @functools.cache
-def make_pass_step(model: Model, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True):
-    """The eval step of an evaluation pass over squeezed images: the maps computed from
-    the images, then `stats_step`, in one program."""
-    eval_step = make_eval_step(model, mode, sigma, imagenet_normalize)
+def make_pass_step(
+    model: Model, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True, max_ratio: float = 0.0
+):
+    """The eval step of an evaluation pass over squeezed images: the maps and scores
+    computed from the images, then `stats_step`, in one program."""
+    eval_step = make_eval_step(model, mode, sigma, imagenet_normalize, max_ratio)
 
     @jax.jit
     def pass_step(
@@ -182,21 +228,49 @@ def make_pass_step(model: Model, mode: str = "add", sigma: float = 4.0, imagenet
     return pass_step
 
 
+@dataclasses.dataclass(frozen=True)
+class WindowRunner:
+    """uint8 windows -> their maps (``run``), and the ``max_ratio`` that scores the maps
+    blended from them (rdjax.tiling.evaluation_maps), the eval step's own."""
+
+    run: Callable[[np.ndarray], np.ndarray]
+    max_ratio: float
+
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        return self.run(windows)
+
+
 def local_runner(
-    eval_step: Callable, teacher_vars: Variables, student_vars: Variables, batch_size: int
-) -> Callable[[np.ndarray], np.ndarray]:
+    eval_step: EvalStep, teacher_vars: Variables, student_vars: Variables, batch_size: int
+) -> WindowRunner:
     """uint8 windows -> their maps, on this process's first device alone, in padded
     batches of ``batch_size``.
 
     Tiling gives each image its own number of windows, so processes cannot share one
     global batch; each computes its own images' windows with its local copy of the
     (replicated) variables, and no collective is involved."""
-    local = jax.tree.map(lambda a: a.addressable_data(0), (teacher_vars, student_vars))
-    return lambda windows: map_local(lambda batch: eval_step(*local, batch)[0], windows, batch_size)
+    teacher, student = jax.tree.map(lambda a: a.addressable_data(0), (teacher_vars, student_vars))
+
+    def run(windows: np.ndarray) -> np.ndarray:
+        return map_local(lambda batch: eval_step(teacher, student, batch)[0], windows, batch_size)
+
+    return WindowRunner(run, eval_step.max_ratio)
 
 
-def eval_step_for(model: Model, config: Any, full_pass: bool = False) -> Callable:
-    """The eval step a config asks for (map mode, blur, input normalization); with
-    ``full_pass`` the pass step that adds the binned pixel statistics."""
-    make = make_pass_step if full_pass else make_eval_step
-    return make(model, config.map_mode, config.blur_sigma, config.imagenet_normalize)
+@overload
+def eval_step_for(
+    model: Model, config: Any, full_pass: Literal[False] = False, max_ratio: float | None = None
+) -> EvalStep: ...
+
+
+@overload
+def eval_step_for(model: Model, config: Any, full_pass: Literal[True], max_ratio: float | None = None) -> Callable: ...
+
+
+def eval_step_for(model: Model, config: Any, full_pass: bool = False, max_ratio: float | None = None) -> Callable:
+    """The eval step a config asks for (map mode, blur, input normalization, the image
+    score's ``max_ratio``: config.max_ratio unless given); with ``full_pass`` the pass step
+    that adds the binned pixel statistics."""
+    ratio = float(config.max_ratio if max_ratio is None else max_ratio)
+    args = (model, config.map_mode, config.blur_sigma, config.imagenet_normalize, ratio)
+    return make_pass_step(*args) if full_pass else make_eval_step(*args)

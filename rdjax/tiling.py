@@ -10,7 +10,8 @@ proportionally scaled copy and blend the windows' maps back together:
         the native resolution): small defects keep their size.
 Windows overlap by ``overlap`` native pixels (at least as needed to cover the image), and
 their maps are averaged with weights that ramp down linearly across the overlap, so no seam
-shows. The image score is the blended map's maximum, as for a whole image.
+shows. The image score is taken from the blended map at the scale it was computed, by the
+rule of a whole image (rdjax.maps.image_scores, config.max_ratio).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from rdjax import modes
+from rdjax import maps, modes
 from rdjax.errors import ConfigError, DataError
 
 
@@ -107,15 +108,22 @@ def resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR))
 
 
+def blended_scores(blended: Sequence[np.ndarray], max_ratio: float) -> np.ndarray:
+    """Each blended map's image score (rdjax.maps.image_scores), at the size it has: the
+    maps of differently sized images are scored one by one."""
+    return np.asarray([maps.image_scores(amap[None], max_ratio)[0] for amap in blended], np.float32)
+
+
 def evaluation_maps(
-    images: Sequence[np.ndarray], size: int, setting: Any, run: Callable[[np.ndarray], np.ndarray]
+    images: Sequence[np.ndarray], size: int, setting: Any, run: maps.WindowRunner
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tiled evaluation (config.resize): each image's blended map resized to (size, size),
-    where the masks and pixel metrics live, and its score, the blended map's maximum at
-    the scale it was computed (as `Model.predict` scores it), before that resize."""
+    where the masks and pixel metrics live, and its score by ``run``'s max_ratio, from the
+    blended map at the scale it was computed (as `Model.predict` scores it), before that
+    resize."""
     scales = [scale_for(setting.mode, image.shape[:2], size, setting.tile_size or None) for image in images]
     blended = tiled_maps(images, size, scales, setting.overlap, run)
     return (
         np.stack([resize_map(amap, (size, size)) for amap in blended]),
-        np.asarray([amap.max() for amap in blended], np.float32),
+        blended_scores(blended, run.max_ratio),
     )

@@ -141,6 +141,47 @@ def test_half_precision_weights_halve_the_file_and_keep_the_maps(setup, jax_file
     assert 0 < err < 64 * 2.0**-bits, err
 
 
+def test_the_contract_states_the_image_score(trained):
+    """The default score, recorded by training in calibration.json: the map's maximum."""
+    from rdjax import export as export_lib
+
+    score = export_lib.contract(rdjax.load(trained[1]), "jax", "float32")["score"]
+    assert score["max_ratio"] == 0.0 and score["rule"].startswith("each map's maximum")
+
+
+@pytest.mark.slow  # two exports and their compilations
+def test_exports_score_by_the_recorded_max_ratio(setup, tmp_path):
+    """A workdir whose calibration.json records max_ratio 0.01 (rdjax eval
+    --config.max_ratio=0.01): both artifacts compute predict's scores, the mean of each
+    map's 40 highest pixels, and their JSON states the rule. Tolerances: the jax artifact
+    as in the test above (1e-5 relative); the ONNX model's maps are within 1e-4 of the
+    largest value (test_onnxruntime_reproduces_predict), and the mean of a map's k
+    highest pixels moves by no more than its largest pixel change, so its scores lie
+    within that absolute bound."""
+    import shutil
+
+    import onnxruntime
+    from jax import export
+
+    work, model, batch, _, _ = setup
+    copy = tmp_path / "w"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("eval"))
+    (copy / "calibration.json").write_text(json.dumps({**model.calibration, "max_ratio": 0.01}))
+    top = rdjax.load(copy)
+    want_maps, want_scores = top.predict_resized(batch)
+    assert np.all(want_scores < want_maps.max(axis=(1, 2)))  # not the maximum
+    meta = _export(copy, tmp_path / "m.jaxexport")
+    assert meta["score"]["max_ratio"] == meta["calibration"]["max_ratio"] == 0.01
+    assert "int(H * W * 0.01) highest pixels" in meta["score"]["rule"]
+    scores = export.deserialize((tmp_path / "m.jaxexport").read_bytes()).call(batch)[1]
+    np.testing.assert_allclose(np.asarray(scores), want_scores, rtol=1e-5)
+    onnx_meta = _export(copy, tmp_path / "m.onnx", "--format=onnx")
+    assert onnx_meta["score"] == meta["score"]
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    scores = session.run(None, {"images": batch})[1]
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-4 * float(want_maps.max()))
+
+
 def test_bad_export_flags_are_one_line_errors(trained, tmp_path):
     work = trained[1]
     for flag, message in (

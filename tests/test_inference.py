@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import rdjax
-from rdjax import calibration, data, predict, registry, train
+from rdjax import calibration, data, inference, predict, registry, train
 from rdjax import config as config_lib
 
 from conftest import RECOMPUTED, assert_auroc_within, rdjax_cli, small_config
@@ -90,6 +90,68 @@ def test_predict_accepts_every_input_kind(workdir, model):
     np.testing.assert_allclose(many.scores, by_array.scores[0], rtol=1e-6)
     with pytest.raises(ValueError, match=r"expected a uint8 array of shape \(H, W, 3\)"):
         model.predict(np.zeros((8, 8), np.float32))
+
+
+def top_ratio_scores(amaps: list[np.ndarray], max_ratio: float) -> np.ndarray:
+    """Dinomaly's max_ratio by hand (float64): each map's int(H * W * r) largest pixels'
+    mean, by np.sort."""
+    return np.array([np.sort(m.ravel().astype(np.float64))[::-1][: int(m.size * max_ratio)].mean() for m in amaps])
+
+
+def _copy(work: Path, to: Path) -> Path:
+    """The workdir without its evaluation folders, to change its files."""
+    shutil.copytree(work, to, ignore=shutil.ignore_patterns("eval"))
+    return to
+
+
+def test_load_takes_the_recorded_max_ratio(workdir, model, tmp_path):
+    """Training recorded the default image score (max_ratio 0, the map's maximum) in
+    calibration.json. A calibration.json recording 0.01 (as `rdjax eval
+    --config.max_ratio=0.01` writes, config.json unchanged) is what rdjax.load scores
+    with; one older than the key, or none, leaves the workdir config's."""
+    work, _, _ = workdir
+    assert model.calibration["max_ratio"] == 0.0 == model.max_ratio
+    copy = _copy(work, tmp_path / "w")
+    (copy / "calibration.json").write_text(json.dumps({**model.calibration, "max_ratio": 0.01}))
+    top = rdjax.load(copy)
+    assert top.max_ratio == top.eval_step.max_ratio == 0.01 and top.config.max_ratio == 0.0
+    config = config_lib.defaults()
+    config.max_ratio = 0.05
+    assert inference.recorded_max_ratio({"image_threshold": 1.0}, config) == 0.05
+    assert inference.recorded_max_ratio(None, config) == 0.05
+
+
+@pytest.mark.slow  # an evaluation of the shared run, and predict compiled for another score
+def test_an_evaluation_with_max_ratio_records_it_for_predict(workdir, tmp_path):
+    """`rdjax eval` with config.max_ratio=0.01 refits calibration.json, which records it,
+    and leaves config.json as trained. Predict then scores each map by the mean of its
+    int(64 * 64 * 0.01) = 40 highest pixels, squeezed and tiled alike (one 64 px window
+    per 64 px image: the blended map is the window's), and decides on those scores:
+    rtol 2.5e-6, since these are the same float32 maps, and a float32 sum of 40 positive
+    terms errs by at most 39 roundings of 2^-24 relative whatever the order, 2 more for
+    the mean's reciprocal multiply (41 * 2^-24 < 2.5e-6). The squeezed scores reproduce
+    the evaluation's (scores.csv) within RECOMPUTED plus 1e-6 for its six decimals: the
+    maps of another program differ by at most RECOMPUTED per pixel, and the mean of a
+    map's k highest pixels moves by no more than its largest pixel change."""
+    import csv
+
+    work, root, _ = workdir
+    copy = _copy(work, tmp_path / "w")
+    result = train.evaluate(small_config(root, max_ratio=0.01), copy)
+    cal = json.loads((copy / "calibration.json").read_text())
+    assert cal["max_ratio"] == 0.01 and json.loads((copy / "config.json").read_text())["max_ratio"] == 0.0
+    table = copy / "eval" / f"epoch_{result['epoch']:04d}" / "scores.csv"
+    evaluated = {row["file"]: float(row["score"]) for row in csv.DictReader(table.open())}
+    files = {f"{p.parent.name}/{p.name}": str(p) for p in (root / "disk" / "test").rglob("*.png")}
+    model = rdjax.load(copy)
+    squeezed = model.predict([files[k] for k in evaluated])
+    tiled = model.predict([files[k] for k in evaluated], resize="tile", tile_size=64)
+    for pred in (squeezed, tiled):
+        assert all(m.shape == (64, 64) for m in pred.maps)
+        np.testing.assert_allclose(pred.scores, top_ratio_scores(pred.maps, 0.01), rtol=2.5e-6)
+        np.testing.assert_array_equal(pred.decisions, pred.scores >= cal["image_threshold"])
+    assert np.all(squeezed.scores < np.array([m.max() for m in squeezed.maps]))  # not the maximum
+    np.testing.assert_allclose(squeezed.scores, list(evaluated.values()), rtol=0, atol=RECOMPUTED + 1e-6)
 
 
 def test_report_is_written(workdir):
