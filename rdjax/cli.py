@@ -214,6 +214,14 @@ def define_predict_flags(fv: flags.FlagValues, argv: list[str]) -> None:
         lower_bound=0,
         flag_values=fv,
     )
+    flags.DEFINE_enum(
+        "format",
+        "rdjax",
+        ["rdjax", "mvtec_ad_2"],
+        "rdjax: overlays, masks, scores.csv, report.html; mvtec_ad_2: --input is an MVTec AD 2 "
+        "category folder, its private test sets' maps in the evaluation server's layout (docs/datasets.md).",
+        flag_values=fv,
+    )
     flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
 
 
@@ -280,9 +288,8 @@ def _serve(fv: flags.FlagValues, args: list[str]) -> None:
 def _predict(fv: flags.FlagValues, args: list[str]) -> None:
     from rdjax import predict
 
-    predict.predict_folder(
-        fv.workdir, fv.input, Path(fv.output), fv.batch_size, fv.dtype, fv.resize, fv.tile_size, fv.tile_overlap
-    )
+    run = predict.predict_mvtec_ad2 if fv.format == "mvtec_ad_2" else predict.predict_folder
+    run(fv.workdir, fv.input, Path(fv.output), fv.batch_size, fv.dtype, fv.resize, fv.tile_size, fv.tile_overlap)
 
 
 def _export(fv: flags.FlagValues, args: list[str]) -> None:

@@ -15,7 +15,11 @@ inputs have distinct names by construction, since an image extension holds no '_
 Every file of the input is accounted for: scores.csv has a row for each, with status
 `scored`, or `skipped` and the reason (not an image file, or an image that does not
 decode), and report.html a card for each. scores.csv and report.html appear only when
-every file has been processed."""
+every file has been processed.
+
+`--format=mvtec_ad_2` takes one category folder of MVTec AD 2 and writes only the maps of
+its private test sets, in the layout MVTec's evaluation server takes
+(rdjax.data.mvtec_ad2; docs/datasets.md)."""
 
 from __future__ import annotations
 
@@ -145,6 +149,38 @@ def predict_folder(
     flagged = sum(r["decision"] == "anomalous" for r in rows.values())
     print(f"{len(rows)} images scored, {flagged} anomalous, {len(skipped)} files skipped (scores.csv says why) "
           f"-> {out / 'scores.csv'}")  # fmt: skip
+
+
+def predict_mvtec_ad2(
+    workdir: str,
+    category: str,
+    out: Path,
+    batch_size: int = 32,
+    dtype: str | None = None,
+    resize: str | None = None,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+) -> None:
+    """The maps of the test_private and test_private_mixed images of the ``category``
+    folder, at each image's resolution, under ``out`` as MVTec AD 2's server takes them;
+    the thresholded maps are the calibrated workdir's masks (none without a calibration)."""
+    from tqdm import tqdm
+
+    from rdjax import inference
+    from rdjax.data import mvtec_ad2
+
+    category_dir = Path(category).resolve()
+    inputs = mvtec_ad2.private_images(category_dir)
+    model = inference.load(workdir, dtype=dtype)
+    if model.calibration is None:
+        print(f"warning: {workdir} has no calibration.json: no {mvtec_ad2.THRESHOLDED}", file=sys.stderr)
+    for start in tqdm(range(0, len(inputs), batch_size), unit="batch", desc="predicting", disable=None):
+        chunk = inputs[start : start + batch_size]
+        pred = model.predict([f for _, f in chunk], batch_size, resize, tile_size, overlap)
+        for i, (split, f) in enumerate(chunk):
+            mask = None if pred.masks is None else pred.masks[i]
+            mvtec_ad2.write_submission(out, category_dir.name, split, f, pred.maps[i], mask)
+    print(f"{len(inputs)} maps of {category_dir.name} -> {out}")
 
 
 if __name__ == "__main__":  # 0.2.0's spelling: say the one that works, import nothing back

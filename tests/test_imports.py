@@ -38,6 +38,8 @@ RANKS = [
         "rdjax.data.pipeline",
         "rdjax.data",
         "rdjax.data.mvtec",
+        "rdjax.data.mvtec_ad2",
+        "rdjax.data.realiad",
         "rdjax.data.layouts",
         "rdjax.data.novelty",
         "rdjax.data.synthetic",

@@ -114,5 +114,4 @@ def folder(dataset: Any) -> FileDataset:
         lambda: [d.category],
         lambda _: scan_folders(d.train_dir, d.test_good_dir, d.test_anomalous_dir, d.mask_dir),
         prefix="folder_",
-        flat=True,
     )

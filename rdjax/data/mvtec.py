@@ -5,9 +5,12 @@ The builder reads MVTec's own folder layout from a manual directory:
   <root>/<category>/train/good/*.png
   <root>/<category>/test/<type>/*.png               (type 'good' = normal)
   <root>/<category>/ground_truth/<type>/*_mask.png
-Any folder in this layout works (the synthetic one too; JPEG/BMP and upper-case
-extensions are accepted). The prepared dataset is an index: each record holds a file's
-path relative to the root, its label, defect type and name, never pixels or file bytes,
+Any folder in this layout works (the synthetic one and MPDD too; JPEG/BMP and upper-case
+extensions are accepted). BTAD's variant reads as well: normal images in 'ok' folders
+(train/ok, test/ok), anomalous in test/ko, masks named as their image (<stem>.png or .bmp).
+
+The prepared dataset is an index: each record holds a file's path relative to the root,
+its label, defect type and name, never pixels or file bytes,
 so preparing stays small at any dataset size (TFDS's writer would otherwise spill more
 than 1 GB per split to temporary files through TensorFlow, which rdjax does not need).
 Decoding and resizing happen batch by batch with PIL, exactly as torchvision's Resize
@@ -46,12 +49,12 @@ def images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def list_categories(root: str | os.PathLike) -> list[str]:
-    """Categories under ``root``: folders that hold both train/ and test/."""
+def list_categories(root: str | os.PathLike, test: str = "test") -> list[str]:
+    """Categories under ``root``: folders that hold both train/ and ``test``/."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "train").is_dir() and (p / "test").is_dir())
+    return sorted(p.name for p in root.iterdir() if (p / "train").is_dir() and (p / test).is_dir())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,30 +64,45 @@ class Item:
     defect_type: str
 
 
-def scan_category(root: str | os.PathLike, category: str) -> dict[str, list[Item]]:
-    """Pair every test image with its mask; raise DataError naming what is wrong."""
+def normal_folder(directory: Path) -> str:
+    """The name of the folders of normal images: 'good', or BTAD's 'ok' (train/ok)."""
+    return "ok" if (directory / "train" / "ok").is_dir() and not (directory / "train" / "good").is_dir() else "good"
+
+
+def scan_category(
+    root: str | os.PathLike, category: str, test: str = "test", ground_truth: str = "ground_truth"
+) -> dict[str, list[Item]]:
+    """Pair every test image with its mask; raise DataError naming what is wrong.
+
+    ``test`` and ``ground_truth``: the folders of test images and of their masks, relative
+    to the category (MVTec AD 2 has test_public/ and test_public/ground_truth/). Normal
+    images get the defect type 'good' whatever their folder is called ('ok' in BTAD)."""
     root = Path(root)
     directory = root / category
     if not root.is_dir():
         raise DataError(f"{root}: dataset root does not exist")
-    if not (directory / "train").is_dir() or not (directory / "test").is_dir():
-        found = list_categories(root)
-        raise DataError(f"{directory}: no such category (needs train/ and test/); found: {', '.join(found) or 'none'}")
-    train = [Item(p, None, "good") for p in images_in(directory / "train" / "good")]
+    if not (directory / "train").is_dir() or not (directory / test).is_dir():
+        found = list_categories(root, test)
+        raise DataError(
+            f"{directory}: no such category (needs train/ and {test}/); found: {', '.join(found) or 'none'}"
+        )
+    good = normal_folder(directory)
+    train = [Item(p, None, "good") for p in images_in(directory / "train" / good)]
     if not train:
-        raise DataError(f"{directory / 'train' / 'good'}: no training images (.png/.jpg/.bmp/.tif)")
-    test: list[Item] = []
-    for type_dir in sorted(p for p in (directory / "test").iterdir() if p.is_dir()):
+        raise DataError(f"{directory / 'train' / good}: no training images (.png/.jpg/.bmp/.tif)")
+    test_items: list[Item] = []
+    for type_dir in sorted(p for p in (directory / test).iterdir() if p.is_dir() and p != directory / ground_truth):
         images = images_in(type_dir)
-        if type_dir.name == "good":
-            test += [Item(p, None, "good") for p in images]
+        if type_dir.name == good:
+            test_items += [Item(p, None, "good") for p in images]
             continue
-        masks = {p.stem.removesuffix("_mask"): p for p in images_in(directory / "ground_truth" / type_dir.name)}
+        mask_dir = directory / ground_truth / type_dir.name
+        masks = {p.stem.removesuffix("_mask"): p for p in images_in(mask_dir)}
         missing = [p.name for p in images if p.stem not in masks]
         if missing:
             raise DataError(
-                f"{directory / 'ground_truth' / type_dir.name}: no mask for {len(missing)} of {len(images)} "
-                f"'{type_dir.name}' images (first: {missing[0]}, expected {Path(missing[0]).stem}_mask.png)"
+                f"{mask_dir}: no mask for {len(missing)} of {len(images)} '{type_dir.name}' images "
+                f"(first: {missing[0]}, expected {Path(missing[0]).stem}_mask.png or {Path(missing[0]).stem}.png)"
             )
         orphans = sorted(set(masks) - {p.stem for p in images})
         if orphans:
@@ -92,10 +110,10 @@ def scan_category(root: str | os.PathLike, category: str) -> dict[str, list[Item
                 f"{masks[orphans[0]]}: mask without an image ({len(orphans)} such masks; "
                 f"{len(masks)} masks for {len(images)} '{type_dir.name}' images)"
             )
-        test += [Item(p, masks[p.stem], type_dir.name) for p in images]
-    if not test:
-        raise DataError(f"{directory / 'test'}: no test images")
-    return {"train": train, "test": test}
+        test_items += [Item(p, masks[p.stem], type_dir.name) for p in images]
+    if not test_items:
+        raise DataError(f"{directory / test}: no test images")
+    return {"train": train, "test": test_items}
 
 
 def fingerprint(items: dict[str, list[Item]]) -> str:
@@ -232,32 +250,32 @@ def _read(root: Path, relative: Any, name: str) -> bytes:
         ) from None
 
 
-def load_split(
-    builder: MVTecAD, split: str, image_size: int, root: Path, location: Path | None = None, nonzero_masks: bool = False
-) -> Split:
+def load_split(builder: MVTecAD, split: str, image_size: int, root: Path, nonzero_masks: bool = False) -> Split:
     """A prepared split as a lazy `Split` over the files under ``root``: one pass over the
     records reads the labels and names and checks each file (the pixels are decoded
     later, batch by batch). Rows are sorted by file name, a stable order whatever the
     storage order.
 
-    Errors name the file under ``location`` (the category folder), e.g. a corrupt image or
-    a mask whose size differs from its image's.
+    Errors name the file as it lies under ``root``, e.g. a corrupt image or a mask whose
+    size differs from its image's.
     """
     root = Path(root)
     source = builder.as_data_source()[split]
     n = len(source)
-    where = Path(location or root / builder.builder_config.category) / split
+
+    def path_of(ex: Any) -> str:
+        return os.path.normpath(root / _text(ex["image"]))
 
     def meta(i: int) -> tuple[str, str, int, bool]:
         """Names and label; the headers are checked here, so that an unreadable file or a
         mask of the wrong size fails before training starts."""
         ex = source[i]
-        filename = _text(ex["filename"])
-        size = header_size(_read(root, ex["image"], str(where / filename)), str(where / filename))
+        path = path_of(ex)
+        size = header_size(_read(root, ex["image"], path), path)
         if ex["mask"]:
-            name = f"{where / filename} (its mask)"
+            name = f"{path} (its mask)"
             check_mask_header(_read(root, ex["mask"], name), size, name)
-        return filename, _text(ex["defect_type"]), int(ex["label"]), bool(ex["mask"])
+        return _text(ex["filename"]), _text(ex["defect_type"]), int(ex["label"]), bool(ex["mask"])
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         rows = list(pool.map(meta, range(n)))
@@ -267,7 +285,7 @@ def load_split(
 
     def read(record: int) -> tuple[np.ndarray, np.ndarray | None]:
         ex = source[record]
-        name = str(where / _text(ex["filename"]))
+        name = path_of(ex)
         image = decode_image(_read(root, ex["image"], name), image_size, name)
         if not ex["mask"]:
             return image, None
@@ -276,7 +294,7 @@ def load_split(
 
     def read_native(record: int) -> np.ndarray:
         ex = source[record]
-        name = str(where / _text(ex["filename"]))
+        name = path_of(ex)
         return decode_image(_read(root, ex["image"], name), None, name)
 
     return Split(
@@ -309,7 +327,6 @@ class FileDataset:
     scan: Callable[[str], dict[str, list[Item]]]
     prefix: str = ""  # builder config names: distinct per layout, so caches never mix
     nonzero_masks: bool = False  # masks mark defects with any non-zero value (VisA)
-    flat: bool = False  # the files are not under root/<category> (any folders)
     summary_keys: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro")
 
     def categories(self) -> list[str]:
@@ -329,9 +346,8 @@ class FileDataset:
                 ready()
             multihost_utils.sync_global_devices("rdjax: dataset prepared")
         builder = ready()
-        location = self.root if self.flat else self.root / category
         train, test = (
-            load_split(builder, split, image_size, self.root, location=location, nonzero_masks=self.nonzero_masks)
+            load_split(builder, split, image_size, self.root, nonzero_masks=self.nonzero_masks)
             for split in ("train", "test")
         )
         return train, test
