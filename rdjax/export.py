@@ -168,8 +168,12 @@ def contract(model: Predictor, fmt: str, weights_dtype: str) -> dict:
     }
 
 
-def export_workdir(workdir: str, out: Path, fmt: str = "jax", weights_dtype: str = "float32") -> None:
-    """Write ``out`` and ``out``.json; checks every argument before anything is written."""
+def export_workdir(
+    workdir: str, out: Path, fmt: str = "jax", weights_dtype: str = "float32", category: str | None = None
+) -> None:
+    """Write ``out`` and ``out``.json; checks every argument before anything is written.
+    The JSON holds the workdir's calibration whole (a unified one's global and per-category
+    thresholds); with ``category``, that category's thresholds alone."""
     from rdjax import inference
     from rdjax.workdir import write_bytes, write_json
 
@@ -181,7 +185,7 @@ def export_workdir(workdir: str, out: Path, fmt: str = "jax", weights_dtype: str
         raise WorkdirError(f"{out.parent}: no such folder for --out")
     if out.is_dir():
         raise WorkdirError(f"{out}: is a folder; --out names the file to write")
-    model = inference.load(workdir, dtype="float32" if fmt == "onnx" else None)
+    model = inference.load(workdir, dtype="float32" if fmt == "onnx" else None, category=category)
     data = export_jax(model, weights_dtype).serialize() if fmt == "jax" else export_onnx(model, weights_dtype)
     write_bytes(out, bytes(data))
     write_json(out.with_name(out.name + ".json"), contract(model, fmt, weights_dtype))

@@ -183,9 +183,24 @@ def recorded_max_ratio(calibration: dict | None, config: Any) -> float:
     return float(config.max_ratio)
 
 
-def load(workdir: str | os.PathLike, step: int | None = None, dtype: str | None = None) -> Model:
+def category_calibration(workdir: Path, calibration: dict | None, category: str) -> dict:
+    """One category's thresholds of a unified workdir's calibration.json."""
+    known = (calibration or {}).get("categories")
+    if not known:
+        raise ConfigError(f"{workdir}: not a calibrated unified workdir; its thresholds have no categories")
+    if category not in known:
+        raise ConfigError(f"{workdir}: no category {category!r}; its categories: {', '.join(sorted(known))}")
+    return dict(known[category])
+
+
+def load(
+    workdir: str | os.PathLike, step: int | None = None, dtype: str | None = None, category: str | None = None
+) -> Model:
     """Restore the model in ``workdir`` (its latest checkpoint by default), or in a package
     (`rdjax package`), on the available devices.
+
+    ``category``: a unified workdir's category whose thresholds decide (calibration.json's
+    'categories'); without it a unified model decides with its global thresholds.
 
     ``dtype`` overrides the compute dtype the model was trained with: ``'bfloat16'`` runs a
     float32-trained model faster on CPUs with AVX512-BF16/AMX, with maps within a few
@@ -212,6 +227,8 @@ def load(workdir: str | os.PathLike, step: int | None = None, dtype: str | None 
         )
     cal_path = workdir / workdir_lib.CALIBRATION
     calibration = workdir_lib.read_json(cal_path) if cal_path.is_file() else None
+    if category is not None:
+        calibration = category_calibration(workdir, calibration, category)
     return Model(
         config=config,
         workdir=workdir,
