@@ -1,10 +1,11 @@
 """VisA (1cls split CSV, non-0/255 masks) and plain folders, through the same training and
-evaluation as MVTec AD."""
+evaluation as MVTec AD; MPDD and BTAD (ok/ko folders) read by dataset 'mvtec'."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -135,6 +136,58 @@ def test_visa_all_categories_through_the_cli(visa_root, source, tmp_path):
     ).load("pcb1", 64)
     maps, _ = reevaluate(tmp_path / "w" / "pcb1", test)
     assert_auroc_within(metrics["pixel_auroc"], test.masks(), maps)
+
+
+def test_mpdd_reads_as_mvtec(source, tmp_path):
+    """MPDD is in MVTec AD's layout exactly (train/good, test/<type>, ground_truth/<type>/<stem>_mask.png)."""
+    root = tmp_path / "MPDD"
+    for category in ("bracket_black", "tubes"):
+        shutil.copytree(source / "disk", root / category)
+    config = dataset_config(tmp_path, name="mvtec", root=str(root), category="all", data_dir=str(tmp_path / "tfds"))
+    dataset = registry.build_dataset(config.dataset)
+    assert dataset.categories() == ["bracket_black", "tubes"]
+    train_split, test = dataset.load("tubes", 64)
+    n_train, n_good, n_bad = counts(source)
+    assert len(train_split) == n_train and len(test) == n_good + n_bad and int(test.labels.sum()) == n_bad
+    assert test.has_masks and set(test.defect_types) == {"good", "hole", "scratch", "stain"}
+
+
+@pytest.fixture(scope="module")
+def btad_root(source, tmp_path_factory):
+    """BTAD's layout: train/ok, test/ok, test/ko, masks in ground_truth/ko named as their
+    image; .bmp images with .png masks (as its 01) and with .bmp masks."""
+    root = tmp_path_factory.mktemp("BTech_Dataset_transformed")
+    disk = source / "disk"
+    for category, mask_ext in (("01", ".png"), ("03", ".bmp")):
+        for sub in ("train/ok", "test/ok", "test/ko", "ground_truth/ko"):
+            (root / category / sub).mkdir(parents=True)
+        for split in ("train", "test"):
+            for p in sorted((disk / split / "good").glob("*.png")):
+                Image.open(p).save(root / category / split / "ok" / f"{p.stem}.bmp")
+        for i, p in enumerate(sorted((disk / "test").glob("[!g]*/*.png"))):
+            Image.open(p).save(root / category / "test/ko" / f"{i:04d}.bmp")
+            gt = disk / "ground_truth" / p.parent.name / f"{p.stem}_mask.png"
+            Image.open(gt).save(root / category / "ground_truth/ko" / f"{i:04d}{mask_ext}")
+    return root
+
+
+@pytest.mark.parametrize("category", ["01", "03"])
+def test_btad_ok_and_ko_folders(btad_root, source, tmp_path, category):
+    config = dataset_config(
+        tmp_path, name="mvtec", root=str(btad_root), category="all", data_dir=str(tmp_path / "tfds")
+    )
+    dataset = registry.build_dataset(config.dataset)
+    assert dataset.categories() == ["01", "03"]
+    train_split, test = dataset.load(category, 64)
+    n_train, n_good, n_bad = counts(source)
+    assert len(train_split) == n_train and not train_split.labels.any()
+    assert len(test) == n_good + n_bad and int(test.labels.sum()) == n_bad and test.has_masks
+    assert set(test.defect_types) == {"good", "ko"} and "good/000.bmp" in test.filenames
+    bad = sorted((source / "disk/test").glob("[!g]*/*.png"))
+    row = test.filenames.index("ko/0002.bmp")
+    gt = source / "disk/ground_truth" / bad[2].parent.name / f"{bad[2].stem}_mask.png"
+    np.testing.assert_array_equal(test.masks([row])[0], np.asarray(Image.open(gt)) > 127)
+    np.testing.assert_array_equal(test.images([row])[0], np.asarray(Image.open(bad[2]).convert("RGB")))
 
 
 def dict_with(node, **changes):
