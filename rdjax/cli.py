@@ -222,6 +222,12 @@ def define_predict_flags(fv: flags.FlagValues, argv: list[str]) -> None:
         "category folder, its private test sets' maps in the evaluation server's layout (docs/datasets.md).",
         flag_values=fv,
     )
+    flags.DEFINE_string(
+        "category",
+        None,
+        "A unified workdir's category whose thresholds decide (default: its global thresholds).",
+        flag_values=fv,
+    )
     flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
 
 
@@ -235,6 +241,12 @@ def define_export_flags(fv: flags.FlagValues, argv: list[str]) -> None:
         "weights_dtype",
         "float32",
         "Stored weights: float32, float16 or bfloat16 (computed in float32 either way).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "category",
+        None,
+        "A unified workdir's category whose thresholds decide (default: its global thresholds).",
         flag_values=fv,
     )
     flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
@@ -289,13 +301,14 @@ def _predict(fv: flags.FlagValues, args: list[str]) -> None:
     from rdjax import predict
 
     run = predict.predict_mvtec_ad2 if fv.format == "mvtec_ad_2" else predict.predict_folder
-    run(fv.workdir, fv.input, Path(fv.output), fv.batch_size, fv.dtype, fv.resize, fv.tile_size, fv.tile_overlap)
+    run(fv.workdir, fv.input, Path(fv.output), fv.batch_size, fv.dtype, fv.resize, fv.tile_size, fv.tile_overlap,
+        category=fv.category)  # fmt: skip
 
 
 def _export(fv: flags.FlagValues, args: list[str]) -> None:
     from rdjax import export
 
-    export.export_workdir(fv.workdir, Path(fv.out), fv.format, fv.weights_dtype)
+    export.export_workdir(fv.workdir, Path(fv.out), fv.format, fv.weights_dtype, fv.category)
 
 
 def _port(fv: flags.FlagValues, args: list[str]) -> None:

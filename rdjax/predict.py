@@ -95,6 +95,7 @@ def predict_folder(
     resize: str | None = None,
     tile_size: int | None = None,
     overlap: int | None = None,
+    category: str | None = None,
 ) -> None:
     from tqdm import tqdm
 
@@ -107,7 +108,7 @@ def predict_folder(
         raise DataError(f"{pattern}: no image files found")
     if out.exists() and not out.is_dir():
         raise WorkdirError(f"{out}: exists and is not a folder; choose another --output")
-    model = inference.load(workdir, dtype=dtype)
+    model = inference.load(workdir, dtype=dtype, category=category)
     if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no decisions or masks", file=sys.stderr)
     root = Path(pattern) if Path(pattern).is_dir() else Path(os.path.commonpath([str(f.parent) for f in files]))
@@ -153,25 +154,27 @@ def predict_folder(
 
 def predict_mvtec_ad2(
     workdir: str,
-    category: str,
+    folder: str,
     out: Path,
     batch_size: int = 32,
     dtype: str | None = None,
     resize: str | None = None,
     tile_size: int | None = None,
     overlap: int | None = None,
+    category: str | None = None,
 ) -> None:
-    """The maps of the test_private and test_private_mixed images of the ``category``
-    folder, at each image's resolution, under ``out`` as MVTec AD 2's server takes them;
-    the thresholded maps are the calibrated workdir's masks (none without a calibration)."""
+    """The maps of the test_private and test_private_mixed images of a category's
+    ``folder``, at each image's resolution, under ``out`` as MVTec AD 2's server takes
+    them; the thresholded maps are the calibrated workdir's masks (none without a
+    calibration). ``category``: a unified workdir's thresholds to use (see rdjax.load)."""
     from tqdm import tqdm
 
     from rdjax import inference
     from rdjax.data import mvtec_ad2
 
-    category_dir = Path(category).resolve()
+    category_dir = Path(folder).resolve()
     inputs = mvtec_ad2.private_images(category_dir)
-    model = inference.load(workdir, dtype=dtype)
+    model = inference.load(workdir, dtype=dtype, category=category)
     if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no {mvtec_ad2.THRESHOLDED}", file=sys.stderr)
     for start in tqdm(range(0, len(inputs), batch_size), unit="batch", desc="predicting", disable=None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -100,3 +101,123 @@ def test_step_schedule_scales_every_rate_from_its_boundary():
         u, state = tx.update(g, state)
         r, ref_state = reference.update(g, ref_state)
         np.testing.assert_allclose(u["w"], r["w"], rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------- the whole workflow (slow)
+
+
+@pytest.fixture(scope="module")
+def unified(synthetic_data, tmp_path_factory):
+    """`rdjax train --config.setting=unified` over two synthetic categories, with the
+    default calibration (a quarter of each category's 16 train/good images held out)."""
+    from conftest import data_flags, rdjax_cli
+
+    root = synthetic_data(categories=("disk", "weave"))
+    workdir = tmp_path_factory.mktemp("unified") / "w"
+    flags = [f for f in data_flags(root, "all") if not f.startswith("--config.threshold.")]
+    result = rdjax_cli("train", *flags, "--config.setting=unified", "--config.threshold.validation_size=0.25",
+                       "--config.batch_size=8", f"--workdir={workdir}")  # fmt: skip
+    assert result.code == 0, result.stderr[-3000:]
+    return root, workdir, result.stdout
+
+
+def _held_out_scores(root, workdir, category: str) -> np.ndarray:
+    """The held-out images' scores recomputed through rdjax.load (another program than
+    the evaluation's pass: within conftest.RECOMPUTED of it)."""
+    import rdjax
+    from rdjax import data, registry
+    from rdjax.configs import synthetic
+
+    config = synthetic.get_config()
+    config.dataset.root, config.dataset.data_dir = str(root), str(root / "_tfds")
+    train_split, _ = registry.build_dataset(config.dataset).load(category, 64)
+    held = data.hold_out(train_split, 0.25, config.seed)[1]
+    return rdjax.load(workdir).predict_resized(held.images())[1]
+
+
+@pytest.mark.slow
+def test_one_workdir_a_table_per_category_and_a_mean(unified):
+    """One workdir (no per-category folders), the seven metrics for each category and
+    their mean printed and in results.md, each category's report in its own folder."""
+    from rdjax.metrics import METRIC_NAMES, TABLE_KEYS
+
+    _, workdir, stdout = unified
+    assert not (workdir / "disk").exists() and (workdir / "checkpoints").is_dir()
+    rows = [line for line in stdout.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| category | " + " | ".join(METRIC_NAMES[k] for k in TABLE_KEYS) + " |"
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| disk", "| weave", "| **mean**"]
+    result = json.loads((workdir / "metrics.json").read_text())
+    for key in TABLE_KEYS:
+        parts = [result["categories"][c][key] for c in ("disk", "weave")]
+        assert result[key] == pytest.approx(np.nanmean(parts), abs=1e-12), key
+    assert result["categories"]["disk"]["num_images"] == 13  # 4 good + 3 defect types x 3
+    for category in ("disk", "weave"):
+        assert (workdir / "eval" / "epoch_0001" / category / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_thresholds_per_category_and_global_from_the_union(unified):
+    """Each category's image threshold splits its own 4 held-out scores 3 | 1 (the 0.99
+    quantile, moved midway into the gap below the highest), the global one the union of
+    all 8 as 7 | 1, on scores recomputed independently of the evaluation; the recomputed
+    scores stay within RECOMPUTED of the evaluation's, so only a gap narrower than that
+    could flip a side, and the midway rule keeps the threshold away from both neighbours."""
+    from conftest import RECOMPUTED
+
+    root, workdir, _ = unified
+    cal = json.loads((workdir / "calibration.json").read_text())
+    assert set(cal["categories"]) == {"disk", "weave"} and not cal["fitted_on_test_set"]
+    union = []
+    for category in ("disk", "weave"):
+        scores = _held_out_scores(root, workdir, category)
+        threshold = cal["categories"][category]["image_threshold"]
+        assert np.min(np.abs(scores - threshold)) > RECOMPUTED
+        assert int(np.sum(scores > threshold)) == 1, category
+        union.append(scores)
+    scores = np.concatenate(union)
+    assert np.min(np.abs(scores - cal["image_threshold"])) > RECOMPUTED
+    assert int(np.sum(scores > cal["image_threshold"])) == 1
+
+
+@pytest.mark.slow
+def test_predict_and_export_with_and_without_a_category(unified, tmp_path):
+    """predict decides by the global thresholds, or by a category's with --category; a
+    category it does not know is one line and writes nothing; the export records every
+    threshold, or the category's alone."""
+    import csv
+
+    from conftest import rdjax_cli
+
+    root, workdir, _ = unified
+    cal = json.loads((workdir / "calibration.json").read_text())
+    images = root / "weave" / "test"
+    weave = cal["categories"]["weave"]["image_threshold"]
+    for category, threshold in ((None, cal["image_threshold"]), ("weave", weave)):
+        out = tmp_path / f"pred_{category}"
+        extra = [] if category is None else [f"--category={category}"]
+        result = rdjax_cli("predict", f"--workdir={workdir}", f"--input={images}", f"--output={out}", *extra)
+        assert result.code == 0, result.stderr[-2000:]
+        rows = list(csv.DictReader((out / "scores.csv").open()))
+        assert len(rows) == 13
+        for row in rows:
+            score = float(row["score"])
+            if abs(score - threshold) > RECOMPUTED_MARGIN:
+                assert row["decision"] == ("anomalous" if score >= threshold else "normal"), (category, row)
+    bad = rdjax_cli("predict", f"--workdir={workdir}", f"--input={images}", f"--output={tmp_path / 'no'}",
+                    "--category=bottle")  # fmt: skip
+    assert bad.code == 1 and bad.stderr.startswith("error: ") and "disk, weave" in bad.stderr
+    assert not (tmp_path / "no").exists()
+    for category in (None, "disk"):
+        out = tmp_path / f"model_{category}.onnx"
+        extra = [] if category is None else [f"--category={category}"]
+        result = rdjax_cli("export", f"--workdir={workdir}", f"--out={out}", "--format=onnx", *extra)
+        assert result.code == 0, result.stderr[-2000:]
+        recorded = json.loads(out.with_name(out.name + ".json").read_text())["calibration"]
+        expected = cal if category is None else cal["categories"][category]
+        assert recorded["image_threshold"] == expected["image_threshold"]
+        assert ("categories" in recorded) is (category is None)
+
+
+# predict's scores.csv holds six decimals: a score this close to the threshold may print
+# on either side of it.
+RECOMPUTED_MARGIN = 1e-6
