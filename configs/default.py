@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.mask_dir = ""
     # dataset.name in ('mnist', 'fashion_mnist', 'cifar10') only: the normal class, "0".."9" or "all".
     config.dataset.normal_class = "0"
+    # dataset.name='realiad' only: the split set beside the image folder (docs/datasets.md):
+    # 'realiad_jsons' (the multi-view protocol), 'realiad_jsons_sv', 'realiad_jsons_fuiad_0.1', ...
+    config.dataset.split_set = "realiad_jsons"
 
     config.image_size = 256
     config.batch_size = 16

@@ -147,3 +147,21 @@ def test_sample_and_view_of_a_name():
     assert sample_and_view("good/usb_adaptor_0326_OK_C5_20230925185139.jpg") == ("usb_adaptor_0326_OK", "C5")
     with pytest.raises(DataError, match="not a Real-IAD image name"):
         sample_and_view("good/000.png")
+
+
+@pytest.mark.slow
+def test_one_model_trains_and_evaluates_on_every_category(realiad_root, tmp_path):
+    """The unified setting over the split files: one workdir, each category evaluated on
+    its own test rows (the counts the split files give) with its own thresholds."""
+    from rdjax import train
+
+    config = realiad_config(realiad_root, tmp_path, category="all")
+    config.setting, config.batch_size = "unified", 8
+    results = train.run(config, tmp_path / "w")
+    assert sorted(results) == ["audiojack", "toy"]
+    assert results["audiojack"]["num_images"] == 15 and results["audiojack"]["num_defective"] == 8
+    for category, result in results.items():
+        assert 0 <= result["image_auroc"] <= 1 and 0 <= result["pixel_auroc"] <= 1, category
+        assert (tmp_path / "w" / "eval" / "epoch_0001" / category / "results.md").is_file()
+    calibration = json.loads((tmp_path / "w" / "calibration.json").read_text())
+    assert sorted(calibration["categories"]) == ["audiojack", "toy"]

@@ -102,7 +102,7 @@ def realiad(dataset: Any) -> FileDataset:
     """Real-IAD, one resolution's images (config.dataset.root) with one set of split files
     (config.dataset.split_set); masks mark defects with any non-zero value."""
     root = dataset_root(dataset)
-    folder = split_dir(root, dataset.get("split_set", DEFAULT_SPLIT_SET))
+    folder = split_dir(root, dataset.split_set)
     return FileDataset(
         root,
         dataset.data_dir or None,
