@@ -844,5 +844,5 @@ def run(config: Any, workdir: str | Path, mode: str = "train") -> dict[str, dict
         run_config.dataset.category = category
         results[category] = step(run_config, workdir / category if several else workdir, dataset)
     if several:
-        Writer(workdir).summary(results, dataset.summary_keys)
+        Writer(workdir).summary(results, dataset.summary_keys or metrics.TABLE_KEYS)
     return results

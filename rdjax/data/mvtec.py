@@ -327,7 +327,7 @@ class FileDataset:
     scan: Callable[[str], dict[str, list[Item]]]
     prefix: str = ""  # builder config names: distinct per layout, so caches never mix
     nonzero_masks: bool = False  # masks mark defects with any non-zero value (VisA)
-    summary_keys: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro")
+    summary_keys: tuple[str, ...] = ()  # every metric of the table (rdjax.data.Dataset)
 
     def categories(self) -> list[str]:
         return self.names()
