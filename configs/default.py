@@ -54,9 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Further keys.
     config.adam_b1 = 0.5
     config.adam_b2 = 0.999
-    # A step schedule (ADer's): every learning rate times lr_decay_factor from this fraction
-    # of the training steps on; 0 keeps the rates constant, as the papers' code.
-    config.lr_decay_at = 0.0
+    # A step schedule (ADer's): every learning rate times lr_decay_factor after this many
+    # epochs; 0 keeps the rates constant, as the papers' code.
+    config.lr_decay_epoch = 0
     config.lr_decay_factor = 0.1
     config.keep_checkpoints = 3
     config.map_mode = "add"  # 'add' or 'mul' over the three scales

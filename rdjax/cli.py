@@ -171,7 +171,7 @@ def run_training(fv: flags.FlagValues, mode: str) -> None:
     results = train.run(config, workdir, mode)
     if jax.process_index() != 0:
         return
-    if len(results) > 1 or config.dataset.category == "all":
+    if len(results) > 1 or config.dataset.category == "all" or config.setting == "unified":
         print((workdir / "results.md").read_text(), end="")
         return
     from rdjax.metrics import headline

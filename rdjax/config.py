@@ -114,9 +114,9 @@ def check(config: Any, device_count: int) -> None:
         )
     modes.parse(modes.MapMode, config.map_mode, "config.map_mode")
     modes.parse(modes.Setting, config.setting, "config.setting")
-    if not 0 <= config.lr_decay_at < 1 or config.lr_decay_factor <= 0:
+    if config.lr_decay_epoch < 0 or config.lr_decay_factor <= 0:
         raise ConfigError(
-            f"config.lr_decay_at={config.lr_decay_at} must be in [0, 1) and "
+            f"config.lr_decay_epoch={config.lr_decay_epoch} must be >= 0 and "
             f"config.lr_decay_factor={config.lr_decay_factor} > 0"
         )
     if not 0 <= config.max_ratio <= 1:

@@ -176,12 +176,20 @@ def _setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | No
     categories = dataset.categories() if unified else [config.dataset.category]
     if not categories:
         raise DataError(f"{config.dataset.root}: no categories found (folders with train/ and test/)")
+    if unified and not dataset.unifiable:
+        raise ConfigError(
+            f"config.setting='unified': dataset {config.dataset.name!r} has one-class problems, each class "
+            "the others' anomalies; train them per category"
+        )
+    if unified:
+        _check_categories(workdir, categories)
     trains, parts = {}, {}
     for category in categories:  # each category holds out its own share of its train/good images
-        train_split, test_split = dataset.load(category, config.image_size)
-        trains[category], validation = data.hold_out(train_split, config.threshold.validation_size, config.seed)
-        parts[category] = Part(test_split, validation)
-        check_exact_metrics(config, max(len(test_split), len(validation or ())))
+        with _naming(category):
+            train_split, test_split = dataset.load(category, config.image_size)
+            trains[category], validation = data.hold_out(train_split, config.threshold.validation_size, config.seed)
+            parts[category] = Part(test_split, validation)
+            check_exact_metrics(config, max(len(test_split), len(validation or ())))
     train_split = Split.concat(trains) if unified else trains[categories[0]]
     if modes.ResizeMode(config.resize.mode) is not modes.ResizeMode.SQUEEZE and test_split.read_native is None:
         raise ConfigError(
@@ -215,6 +223,19 @@ def _setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | No
         feature_mode=feature_mode,
         feature_dir=feature_dir,
     )
+
+
+def _check_categories(workdir: Path, categories: list[str]) -> None:
+    """A unified workdir's model and global thresholds belong to the categories it was
+    calibrated on (calibration.json's 'categories'): a root that gained or lost one would
+    change the union silently."""
+    path = workdir / workdir_lib.CALIBRATION
+    known = sorted(workdir_lib.read_json(path).get("categories", {})) if path.is_file() else []
+    if known and known != sorted(categories):
+        raise DataError(
+            f"{workdir} was trained on the categories {', '.join(known)}, but the dataset now has "
+            f"{', '.join(sorted(categories))}: use a new --workdir, or restore the dataset's folders"
+        )
 
 
 EXACT_BYTES_PER_PIXEL = 48  # maps and masks kept, then the exact metrics' sort and float64 weights
@@ -275,9 +296,11 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: 
         ((category, part),) = run.parts.items()
         result = _evaluate_part(run, category, part, evaluators, run_pass, predict, out_dir, epoch)[0]
         return _finish_result(run, result, epoch, step)
-    start = time.perf_counter()
     union: dict[str, evaluation.PassResult | None] = {"test": None, "validation": None}
-    merge = lambda kind, p: union.update({kind: evaluation.merge(union[kind], p, config.exact_metrics_max_pixels)})
+    # The union keeps exact maps within half the exact budget, so with the category's own
+    # exact pass beside it the total stays within what check_exact_metrics allowed.
+    budget = config.exact_metrics_max_pixels // 2
+    merge = lambda kind, p: union.update({kind: evaluation.merge(union[kind], p, budget)})
     results = {}
     for category, part in run.parts.items():
 
@@ -293,7 +316,8 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: 
             )
         merge("test", test_pass)
     result = _unified_result(run, results, evaluators, union, run_pass, predict, epoch)
-    result["eval_images_per_second"] = sum(len(p.test) for p in run.parts.values()) / (time.perf_counter() - start)
+    seconds = sum(len(run.parts[c].test) / r["eval_images_per_second"] for c, r in results.items())
+    result["eval_images_per_second"] = sum(len(p.test) for p in run.parts.values()) / seconds  # the test passes'
     return _finish_result(run, result, epoch, step)
 
 
@@ -376,6 +400,8 @@ def _finish_result(run: Run, result: dict, epoch: int, step: int) -> dict:
     for cal in calibrations:
         if cal is not None:
             cal.update(step=step, epoch=epoch, resize=config.resize.to_dict(), max_ratio=config.max_ratio)
+    for part in result.get("categories", {}).values():
+        part.update(epoch=epoch, step=step, seed=config.seed)
     category = "unified" if run.unified else next(iter(run.parts))
     result.update(
         epoch=epoch, step=step, seed=config.seed, category=category, model=config.model.name,
@@ -680,7 +706,9 @@ def make_trainer(run: Run, tx: optax.GradientTransformation, start_epoch: int) -
 
 def _category_epochs(config: Any) -> Any:
     """config with num_epochs from num_epochs_by_category where the category has its own."""
-    epochs = config.num_epochs_by_category.get(label(config))
+    if modes.Setting(config.setting) is modes.Setting.UNIFIED:
+        return config  # one schedule over the union
+    epochs = config.num_epochs_by_category.get(config.dataset.category)
     if epochs is None or epochs == config.num_epochs:
         return config
     _log("category %s: %d epochs (config.num_epochs_by_category, over num_epochs=%d)",
@@ -691,16 +719,17 @@ def _category_epochs(config: Any) -> Any:
 
 
 def optimizer(run: Run) -> optax.GradientTransformation:
-    """The model's optimizer; with config.lr_decay_at > 0, every update (so every learning
-    rate, the model's one or several) is multiplied by config.lr_decay_factor from that
-    fraction of the training steps on: ADer's step schedule, applied around any model
-    without touching it (Adam's update is linear in its rate). Without it the optimizer
-    state is the model's own, as in every workdir before the key existed."""
+    """The model's optimizer; with config.lr_decay_epoch > 0, every update (so every
+    learning rate, the model's one or several) is multiplied by config.lr_decay_factor
+    after that many epochs: ADer's step schedule, applied around any model without
+    touching it (Adam's update is linear in its rate). An epoch, not a fraction of the
+    run, so a rerun that extends num_epochs leaves the boundary where it was. Without it
+    the optimizer state is the model's own, as in every workdir before the key existed."""
     config = run.config
     tx = run.model.optimizer(config)
-    if config.lr_decay_at <= 0:
+    if config.lr_decay_epoch <= 0:
         return tx
-    boundary = int(round(config.lr_decay_at * config.num_epochs * run.steps_per_epoch))
+    boundary = int(config.lr_decay_epoch) * run.steps_per_epoch
     factor = float(config.lr_decay_factor)
     return optax.chain(tx, optax.scale_by_schedule(lambda count: jnp.where(count < boundary, 1.0, factor)))
 

@@ -78,11 +78,11 @@ def test_merged_passes_equal_one_pass_over_both(exact):
 
 
 def test_step_schedule_scales_every_rate_from_its_boundary():
-    """config.lr_decay_at wraps the model's optimizer; its updates equal those of optax's
+    """config.lr_decay_epoch wraps the model's optimizer; its updates equal those of optax's
     own Adam on a piecewise-constant rate (independent: the rate inside Adam), to float32
     rounding (a handful of ulps on values of order lr)."""
     config = config_lib.defaults()
-    config.num_epochs, config.lr_decay_at, config.lr_decay_factor = 10, 0.5, 0.1
+    config.num_epochs, config.lr_decay_epoch, config.lr_decay_factor = 10, 5, 0.1
 
     class _Model:
         def optimizer(self, config):
@@ -108,15 +108,16 @@ def test_step_schedule_scales_every_rate_from_its_boundary():
 
 @pytest.fixture(scope="module")
 def unified(synthetic_data, tmp_path_factory):
-    """`rdjax train --config.setting=unified` over two synthetic categories, with the
-    default calibration (a quarter of each category's 16 train/good images held out)."""
+    """`rdjax train --config.setting=unified` over two synthetic categories, read as any
+    MVTec-layout folder (the 'synthetic' dataset would generate a missing category), with
+    the default calibration (a quarter of each category's 16 train/good images held out)."""
     from conftest import data_flags, rdjax_cli
 
     root = synthetic_data(categories=("disk", "weave"))
     workdir = tmp_path_factory.mktemp("unified") / "w"
     flags = [f for f in data_flags(root, "all") if not f.startswith("--config.threshold.")]
     result = rdjax_cli("train", *flags, "--config.setting=unified", "--config.threshold.validation_size=0.25",
-                       "--config.batch_size=8", f"--workdir={workdir}")  # fmt: skip
+                       "--config.batch_size=8", "--config.dataset.name=mvtec", f"--workdir={workdir}")  # fmt: skip
     assert result.code == 0, result.stderr[-3000:]
     return root, workdir, result.stdout
 
@@ -186,6 +187,8 @@ def test_predict_and_export_with_and_without_a_category(unified, tmp_path):
     threshold, or the category's alone."""
     import csv
 
+    import rdjax
+
     from conftest import rdjax_cli
 
     root, workdir, _ = unified
@@ -203,6 +206,13 @@ def test_predict_and_export_with_and_without_a_category(unified, tmp_path):
             score = float(row["score"])
             if abs(score - threshold) > RECOMPUTED_MARGIN:
                 assert row["decision"] == ("anomalous" if score >= threshold else "normal"), (category, row)
+    api = rdjax.load(workdir, category="weave")  # the category's thresholds, not the global ones
+    assert api.calibration == cal["categories"]["weave"] and rdjax.load(workdir).calibration == cal
+    scores = np.array([float(r["score"]) for r in rows])
+    between = (scores - cal["image_threshold"]) * (scores - weave) < 0
+    if between.any():  # where the two thresholds disagree, the runs' decisions must too
+        decided = [list(csv.DictReader((tmp_path / f"pred_{c}" / "scores.csv").open())) for c in (None, "weave")]
+        assert [r["decision"] for r in decided[0]] != [r["decision"] for r in decided[1]]
     bad = rdjax_cli("predict", f"--workdir={workdir}", f"--input={images}", f"--output={tmp_path / 'no'}",
                     "--category=bottle")  # fmt: skip
     assert bad.code == 1 and bad.stderr.startswith("error: ") and "disk, weave" in bad.stderr
@@ -216,6 +226,47 @@ def test_predict_and_export_with_and_without_a_category(unified, tmp_path):
         expected = cal if category is None else cal["categories"][category]
         assert recorded["image_threshold"] == expected["image_threshold"]
         assert ("categories" in recorded) is (category is None)
+
+
+@pytest.mark.slow
+def test_a_changed_set_of_categories_is_refused(unified, synthetic_data):
+    """Evaluating a unified workdir on a root that lost a category would change its
+    union and global thresholds: one line, nothing written."""
+    from conftest import data_flags, rdjax_cli
+
+    _, workdir, _ = unified
+    before = (workdir / "calibration.json").read_bytes()
+    root = synthetic_data(categories=("disk",))
+    flags = [f for f in data_flags(root, "all") if not f.startswith("--config.threshold.")]
+    result = rdjax_cli("eval", *flags, "--config.setting=unified", "--config.threshold.validation_size=0.25",
+                       "--config.batch_size=8", "--config.dataset.name=mvtec", f"--workdir={workdir}")  # fmt: skip
+    assert result.code == 1 and "trained on the categories disk, weave" in result.stderr, result.stderr[-2000:]
+    assert (workdir / "calibration.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_one_category_unified_prints_its_table(synthetic_data, tmp_path):
+    """A unified run over a single category (dataset.category names it) prints the
+    table with its mean row, and its results carry their epoch."""
+    from conftest import data_flags, rdjax_cli
+
+    root = synthetic_data()
+    result = rdjax_cli("train", *data_flags(root, "disk"), "--config.setting=unified", f"--workdir={tmp_path / 'w'}")
+    assert result.code == 0, result.stderr[-2000:]
+    assert "| disk |" in result.stdout and "| **mean** |" in result.stdout
+    assert (tmp_path / "w" / "eval" / "epoch_0001" / "disk" / "results.md").read_text().startswith("# disk (epoch 1)")
+
+
+def test_one_class_problems_are_refused_unified(tmp_path):
+    """MNIST's classes are each other's anomalies: no model of all of them."""
+    from rdjax.configs import mnist
+    from rdjax.errors import ConfigError
+
+    config = mnist.get_config()
+    config.setting, config.offline = "unified", True
+    with pytest.raises(ConfigError, match="one-class problems"):
+        train.setup(config, tmp_path / "w", writing=True)
+    assert not (tmp_path / "w").exists()
 
 
 # predict's scores.csv holds six decimals: a score this close to the threshold may print

@@ -22,6 +22,12 @@ class Dataset(Protocol):
         (a dataset module cannot import the metrics, which come after it on the data path)."""
         ...
 
+    @property
+    def unifiable(self) -> bool:
+        """Whether one model may train on all its categories (config.setting='unified'):
+        not where the categories are one set's classes, each the others' anomalies."""
+        ...
+
     def categories(self) -> list[str]:
         """The categories the config asks for ('all' expanded)."""
         ...

@@ -328,6 +328,7 @@ class FileDataset:
     prefix: str = ""  # builder config names: distinct per layout, so caches never mix
     nonzero_masks: bool = False  # masks mark defects with any non-zero value (VisA)
     summary_keys: tuple[str, ...] = ()  # every metric of the table (rdjax.data.Dataset)
+    unifiable: bool = True
 
     def categories(self) -> list[str]:
         return self.names()

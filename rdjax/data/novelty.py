@@ -96,6 +96,7 @@ class NoveltyDataset:
     normal_class: str
     data_dir: str | None
     summary_keys: tuple[str, ...] = ("image_auroc", "image_auroc_sum")
+    unifiable: bool = False  # the classes are each other's anomalies
 
     def categories(self) -> list[str]:
         if self.normal_class != "all" and self.normal_class not in CLASSES:
