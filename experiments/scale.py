@@ -67,6 +67,7 @@ def run(args: argparse.Namespace, root: Path, workdir: Path, mode: str) -> dict:
         f"--config.num_epochs={args.epochs}",
         f"--config.eval_every={args.epochs}",
         f"--config.feature_cache={mode}",
+        *([] if args.exact_pixels is None else [f"--config.exact_metrics_max_pixels={args.exact_pixels}"]),
     ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -100,6 +101,7 @@ def main() -> None:
         "--epochs", type=int, default=1, help="train img/s is the last epoch's (the first includes compiling the step)"
     )
     parser.add_argument("--feature_cache", default="auto", help="one or more modes, comma-separated: a row each")
+    parser.add_argument("--exact_pixels", type=int, default=None, help="config.exact_metrics_max_pixels (0: binned)")
     parser.add_argument("--setting", default="per_category", choices=["per_category", "unified"])
     parser.add_argument("--categories", default="1", help="unified: categories per row, comma-separated (a row each)")
     parser.add_argument("--data", default="", help="where generated data and workdirs go (default: a new temp folder)")
