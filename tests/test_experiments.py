@@ -27,6 +27,7 @@ def test_each_script_imports(name):
     sys.modules.pop(name, None)
 
 
+@pytest.mark.slow  # 38 s of compiling the benchmark's programs: the fast tier's budget is 3 minutes
 def test_the_benchmark_measures_a_tiny_setting():
     benchmark = importlib.import_module("benchmark")
     row = benchmark.measure("resnet18", 32, 2, 1, "float32")
