@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from rdjax.calibration import describe
-from rdjax.metrics import METRIC_NAMES, PAPER_KEYS, PixelStats
+from rdjax.metrics import METRIC_NAMES, TABLE_KEYS, PixelStats
 from rdjax.outputs import Cases, outcome
 from rdjax.workdir import atomic_path
 
@@ -27,17 +27,18 @@ CURVES_HEIGHT = 4.2  # inches: the curves' row
 
 
 def headline(metrics: Mapping[str, Any] | None, calibration: Mapping[str, Any] | None) -> str:
-    """The paper's metrics (percent) and the image threshold on one line, and on the next
-    where the threshold came from (rdjax.calibration.describe)."""
-    parts = []
-    for key in PAPER_KEYS:
+    """The table's metrics (percent, those defined), the image level on one line and the
+    pixel level on the next; then the image threshold and where it came from
+    (rdjax.calibration.describe)."""
+    levels: list[list[str]] = [[], []]
+    for key in TABLE_KEYS:
         value = None if metrics is None else metrics.get(key)
         if value is not None and np.isfinite(value):
-            parts.append(f"{METRIC_NAMES[key]} {100 * float(value):.1f}")
-    if calibration is None:
-        return "   |   ".join(parts)
-    parts.append(f"image threshold {calibration['image_threshold']:.4g}")
-    return "   |   ".join(parts) + "\n" + describe(dict(calibration))
+            levels[not key.startswith("image_")].append(f"{METRIC_NAMES[key]} {100 * float(value):.1f}")
+    lines = ["   |   ".join(parts) for parts in levels if parts]
+    if calibration is not None:
+        lines.append(f"image threshold {calibration['image_threshold']:.4g}   |   {describe(dict(calibration))}")
+    return "\n".join(lines)
 
 
 def write_report(
@@ -54,7 +55,7 @@ def write_report(
 ) -> Path:
     """``roc``: the image ROC curve (fpr, tpr), None with one class only; ``pro``: the PRO
     curve up to FPR 0.3, None without regions (computed once, shared with report.html);
-    ``title``: what was evaluated; ``metrics``: a result whose PAPER_KEYS head the sheet
+    ``title``: what was evaluated; ``metrics``: a result whose TABLE_KEYS head the sheet
     (None: the image AUROC and AUPRO the curves give)."""
     import matplotlib
 
