@@ -109,9 +109,14 @@ def resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def blended_scores(blended: Sequence[np.ndarray], max_ratio: float) -> np.ndarray:
-    """Each blended map's image score (rdjax.maps.image_scores), at the size it has: the
-    maps of differently sized images are scored one by one."""
-    return np.asarray([maps.image_scores(amap[None], max_ratio)[0] for amap in blended], np.float32)
+    """Each blended map's image score (rdjax.maps.image_scores), at the size it has: maps
+    of one size are scored together, one call per size (a call per map would cost a
+    dispatch each, and a compilation per size either way)."""
+    scores = np.zeros(len(blended), np.float32)
+    for shape in {m.shape for m in blended}:
+        rows = [i for i, m in enumerate(blended) if m.shape == shape]
+        scores[rows] = np.asarray(maps.image_scores(np.stack([blended[i] for i in rows]), max_ratio))
+    return scores
 
 
 def evaluation_maps(

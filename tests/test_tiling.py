@@ -141,3 +141,17 @@ def test_evaluation_tiles_as_predict_does(trained, synthetic_data, tmp_path):
     np.testing.assert_allclose(pred.scores, list(tiled.values()), rtol=1e-5, atol=1e-6)
     assert max(abs(a - b) for a, b in zip(tiled.values(), squeezed.values())) > 1e-3  # the tiles saw other pixels
     np.testing.assert_array_equal(pred.decisions, np.array(list(tiled.values())) >= model.image_threshold)
+
+
+@pytest.mark.parametrize("max_ratio", [0.0, 0.05])
+def test_blended_maps_of_several_sizes_are_each_scored_by_the_rule(max_ratio):
+    """Maps of mixed sizes, scored a size at a time, keep their order, and each score is
+    the rule on that map alone: the max, or the mean of its int(H * W * r) highest pixels
+    (np.sort here), to float32 rounding of a mean of a few values (a few ulps)."""
+    rng = np.random.default_rng(0)
+    blended = [rng.random(shape).astype(np.float32) for shape in ((20, 30), (16, 16), (20, 30), (9, 40))]
+    scores = tiling.blended_scores(blended, max_ratio)
+    for amap, score in zip(blended, scores):
+        k = max(1, int(amap.size * max_ratio))
+        expected = np.sort(amap.ravel())[::-1][:k].mean() if max_ratio else amap.max()
+        np.testing.assert_allclose(score, expected, rtol=1e-6)
