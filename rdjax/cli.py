@@ -185,6 +185,16 @@ def run_training(fv: flags.FlagValues, mode: str) -> None:
 # ----------------------------------------------------------------------------- predict / export / port
 
 
+def _define_category_flag(fv: flags.FlagValues) -> None:
+    """--category, for predict and export."""
+    flags.DEFINE_string(
+        "category",
+        None,
+        "A unified workdir's category whose thresholds decide (default: its global thresholds).",
+        flag_values=fv,
+    )
+
+
 def define_predict_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir, or a package.", flag_values=fv)
     flags.DEFINE_string("input", None, "A folder (searched recursively) or a glob of image files.", flag_values=fv)
@@ -222,12 +232,7 @@ def define_predict_flags(fv: flags.FlagValues, argv: list[str]) -> None:
         "category folder, its private test sets' maps in the evaluation server's layout (docs/datasets.md).",
         flag_values=fv,
     )
-    flags.DEFINE_string(
-        "category",
-        None,
-        "A unified workdir's category whose thresholds decide (default: its global thresholds).",
-        flag_values=fv,
-    )
+    _define_category_flag(fv)
     flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
 
 
@@ -243,12 +248,7 @@ def define_export_flags(fv: flags.FlagValues, argv: list[str]) -> None:
         "Stored weights: float32, float16 or bfloat16 (computed in float32 either way).",
         flag_values=fv,
     )
-    flags.DEFINE_string(
-        "category",
-        None,
-        "A unified workdir's category whose thresholds decide (default: its global thresholds).",
-        flag_values=fv,
-    )
+    _define_category_flag(fv)
     flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
 
 

@@ -300,7 +300,12 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: 
     # The union keeps exact maps within half the exact budget, so with the category's own
     # exact pass beside it the total stays within what check_exact_metrics allowed.
     budget = config.exact_metrics_max_pixels // 2
-    merge = lambda kind, p: union.update({kind: evaluation.merge(union[kind], p, budget)})
+    calibrating = {n: e for n, e in evaluators.items() if evaluators_lib.type_of(n, config.evals[n]) == "calibration"}
+
+    def merge(kind: str, passed: evaluation.PassResult) -> None:
+        if calibrating:  # only the global calibration reads the union
+            union[kind] = evaluation.merge(union[kind], passed, budget)
+
     results = {}
     for category, part in run.parts.items():
 
@@ -315,7 +320,7 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: 
                 run, category, part, evaluators, recording, predict, out_dir and out_dir / category, epoch
             )
         merge("test", test_pass)
-    result = _unified_result(run, results, evaluators, union, run_pass, predict, epoch)
+    result = _unified_result(run, results, calibrating, union, run_pass, predict, epoch)
     seconds = sum(len(run.parts[c].test) / r["eval_images_per_second"] for c, r in results.items())
     result["eval_images_per_second"] = sum(len(p.test) for p in run.parts.values()) / seconds  # the test passes'
     return _finish_result(run, result, epoch, step)
@@ -354,14 +359,14 @@ def _evaluate_part(
 def _unified_result(
     run: Run,
     results: dict[str, dict],
-    evaluators: dict,
+    calibrating: dict,
     union: dict[str, evaluation.PassResult | None],
     run_pass: Callable,
     predict: Callable,
     epoch: int,
 ) -> dict:
-    """The categories' results, their mean, and the global calibration: the calibration
-    evaluators run once more over the union of the categories' test splits and held-out
+    """The categories' results, their mean, and the global calibration: the
+    ``calibrating`` evaluators run once more over the union of the categories' test splits and held-out
     images, whose passes were merged as the categories went (none is run again)."""
     config = run.config
     result: dict[str, Any] = {"categories": results, "warnings": []}
@@ -369,7 +374,6 @@ def _unified_result(
         values = [r[key] for r in results.values() if key in r]
         if values:
             result[key] = metrics.nanmean(values)
-    calibrating = {n: e for n, e in evaluators.items() if evaluators_lib.type_of(n, config.evals[n]) == "calibration"}
     if calibrating:
         validations = {c: p.validation for c, p in run.parts.items() if p.validation is not None}
         validation = Split.concat(validations) if len(validations) == len(run.parts) else None
