@@ -65,6 +65,15 @@ def get_config() -> ml_collections.ConfigDict:
     # mean of the map's highest r fraction of pixels (Dinomaly's max_ratio, 0.01 there).
     config.max_ratio = 0.0
     config.imagenet_normalize = True  # False for MNIST/Fashion-MNIST, as the official helpers
+    # How a file becomes the model's input (rdjax.data.preprocess.Recipe, docs/config.md):
+    # filter 'pil_bilinear' (torchvision's Resize on PIL images: RD4AD's code) or
+    # 'cv2_bilinear' (OpenCV's resize of the float image: RD++'s code); '' = the workdir's
+    # recipe when it has one, else the model's own. resize: the side images are resized
+    # to before a centre crop to image_size (0 = image_size, no crop). Recorded in
+    # config.json when training starts.
+    config.input = ml_collections.ConfigDict()
+    config.input.filter = ""
+    config.input.resize = 0
     config.eval_batch_size = 16
     # How evaluation (and, by default, predict) turns an image into model inputs
     # (rdjax.tiling, docs/usage.md "Large and non-square images"): 'squeeze' (the whole

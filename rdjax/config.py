@@ -46,6 +46,8 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 LEGACY_EVALUATORS = "evaluators"  # 0.2.0's tuple of evaluator names, before config.evals
+# Before 0.6.0 every model read its inputs so: PIL's bilinear resize to image_size.
+LEGACY_INPUT = {"filter": modes.ResizeFilter.PIL_BILINEAR.value, "resize": 0}
 
 
 def evals_from_names(names: Any) -> dict:
@@ -61,12 +63,14 @@ def evals_from_names(names: Any) -> dict:
 def from_dict(saved: dict) -> ml_collections.ConfigDict:
     """A saved config (a workdir's config.json) over today's defaults: keys added to rdjax
     since the workdir was written take their default, which reproduces the old behaviour.
-    config.evals is taken whole (an evaluator left out stays out), and 0.2.0's
-    config.evaluators becomes config.evals."""
+    config.evals is taken whole (an evaluator left out stays out), 0.2.0's
+    config.evaluators becomes config.evals, and a workdir written before config.input
+    reads as the recipe it was trained with (LEGACY_INPUT), whatever its model's today."""
     config = defaults()
     saved = dict(saved)
     if LEGACY_EVALUATORS in saved:
         saved["evals"] = evals_from_names(saved.pop(LEGACY_EVALUATORS))
+    saved.setdefault("input", LEGACY_INPUT)
 
     def merge(node: ml_collections.ConfigDict, values: dict) -> None:
         for key, value in values.items():
@@ -105,6 +109,18 @@ def check(config: Any, device_count: int) -> None:
     if config.exact_metrics_max_pixels < 0:
         raise ConfigError(f"config.exact_metrics_max_pixels={config.exact_metrics_max_pixels} must be >= 0")
     modes.parse(modes.ResizeMode, config.resize.mode, "config.resize.mode")
+    if config.input.filter:
+        modes.parse(modes.ResizeFilter, config.input.filter, "config.input.filter")
+    if config.input.resize not in (0, config.image_size) and config.resize.mode != modes.ResizeMode.SQUEEZE:
+        raise ConfigError(
+            f"config.resize.mode={config.resize.mode!r} tiles the whole image, but config.input.resize="
+            f"{config.input.resize} centre-crops it; use 'squeeze'"
+        )
+    if config.input.resize and config.input.resize < config.image_size:
+        raise ConfigError(
+            f"config.input.resize={config.input.resize} is smaller than config.image_size={config.image_size}, "
+            "which it is centre-cropped to; use 0 (no crop) or a larger side"
+        )
     if config.resize.tile_size < 0 or config.resize.overlap < 0:
         raise ConfigError("config.resize.tile_size and config.resize.overlap must be >= 0")
     if config.rdpp.accumulation < 1 or config.rdpp.proj_lr <= 0:
@@ -165,6 +181,13 @@ def _flat(config: Any) -> dict[str, Any]:
 
     walk(json.loads(config.to_json_best_effort()), "")
     return out
+
+
+def resolve_input(config: Any, saved: Any | None, model_filter: str) -> None:
+    """config.input.filter '' -> the trained workdir's (``saved``), else the model's own,
+    so that config.json records the recipe and a rerun keeps it."""
+    if not config.input.filter:
+        config.input.filter = saved.input.filter if saved is not None else model_filter
 
 
 def check_rerun(workdir: Any, saved: Any, config: Any, evaluating: bool) -> list[str]:

@@ -4,20 +4,23 @@
   rdjax export --workdir=DIR --out=model.onnx --format=onnx        # onnxruntime, OpenVINO
   ... --weights_dtype=float16                                      # half-size weights
 
-Both artifacts map uint8 images (batch, S, S, 3), S = the workdir's image_size and any
-batch size, to (maps (batch, S, S) float32, scores (batch,) float32): normalization, the
+Both artifacts map the model's inputs (batch, S, S, 3), S = the workdir's image_size and
+any batch size, in its recipe's dtype (uint8, or float32 in [0, 1] for OpenCV's recipe;
+rdjax.data.preprocess.Recipe), to (maps (batch, S, S) float32, scores (batch,) float32): normalization, the
 teacher, the OCBE, the decoder, the maps, the upsampling, the blur and the image score
 (rdjax.maps.image_scores with the max_ratio the thresholds were calibrated with), with the
 weights inside. ``FILE.json`` beside it holds the input contract, the normalization, the
 score's rule, the thresholds and how to decide (the same rule as rdjax.Model.predict).
 
-Resizing to S is left to the caller (rdjax uses PIL's bilinear resize, the official
-pipeline's), because PIL's antialiasing filter has no exact StableHLO or ONNX equivalent.
+Resizing to S is left to the caller, by the recipe FILE.json names (the model's official
+pipeline's): images arrive in any size, and PIL's antialiasing filter has no exact
+StableHLO or ONNX equivalent, so no artifact of a fixed program could take them all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,7 +43,7 @@ WEIGHTS_DTYPES = ("float32", "float16", "bfloat16")
 def inference_fn(
     model: Predictor, weights_dtype: str = "float32"
 ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-    """uint8 images -> (maps, scores), the weights closed over as constants; the scores
+    """Model inputs -> (maps, scores), the weights closed over as constants; the scores
     by the model's max_ratio (rdjax.Model.max_ratio), which its eval step applies.
 
     With ``weights_dtype`` float16 or bfloat16 the constants are stored in that type and
@@ -69,7 +72,7 @@ def export_jax(
     """The inference function for every platform in ``platforms``, batch size symbolic.
     On the CPU it keeps rdjax's CPU lowering (chosen at run time by platform)."""
     (batch,) = jax.export.symbolic_shape("batch")
-    spec = jax.ShapeDtypeStruct((batch, model.image_size, model.image_size, 3), jnp.uint8)
+    spec = jax.ShapeDtypeStruct((batch, model.image_size, model.image_size, 3), model.recipe.dtype)
     return jax.export.export(jax.jit(inference_fn(model, weights_dtype)), platforms=platforms)(spec)
 
 
@@ -92,7 +95,7 @@ def export_onnx(model: Predictor, weights_dtype: str = "float32") -> bytes:
         ) from None
     from rdjax.models import lowering
 
-    spec = jax.ShapeDtypeStruct(("batch", model.image_size, model.image_size, 3), jnp.uint8)
+    spec = jax.ShapeDtypeStruct(("batch", model.image_size, model.image_size, 3), model.recipe.dtype)
     with lowering.portable(), _quiet("jax2onnx", "onnx_ir"):
         ir_model = to_onnx(
             inference_fn(model, weights_dtype),
@@ -127,6 +130,10 @@ def contract(model: Predictor, fmt: str, weights_dtype: str) -> dict:
     image score's rule (max_ratio) and the decision rule with its thresholds (FILE.json)."""
     cal = model.calibration
     ratio = model.max_ratio
+    recipe = model.recipe
+    steps = ["x / 255"] if recipe.dtype == np.uint8 else []  # float32 inputs are in [0, 1] already
+    if recipe.imagenet_normalize:
+        steps.append("ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225)")
     rule = (
         "each map's maximum"
         if ratio == 0
@@ -140,13 +147,11 @@ def contract(model: Predictor, fmt: str, weights_dtype: str) -> dict:
         "input": {
             "name": "images",
             "shape": ["batch", model.image_size, model.image_size, 3],
-            "dtype": "uint8",
+            "dtype": recipe.dtype.name,
             "channels": "RGB",
-            "resize": f"PIL bilinear to {model.image_size}x{model.image_size}",
-            "normalization": "inside the artifact: x / 255, then ImageNet mean (0.485, 0.456, 0.406) "
-            "and std (0.229, 0.224, 0.225)"
-            if model.config.imagenet_normalize
-            else "inside the artifact: x / 255",
+            "recipe": dataclasses.asdict(recipe),
+            "resize": recipe.describe(),
+            "normalization": "inside the artifact: " + (", then ".join(steps) or "none"),
         },
         "resize": {
             **model.resize.to_dict(),

@@ -41,10 +41,18 @@ from rdjax.workdir import write_text
 AUTO_MEMORY_MAX_BYTES = 2**30
 
 
+def to_unit(images: jax.Array) -> jax.Array:
+    """Model inputs as their recipe (rdjax.data.preprocess.Recipe) gives them -> float32
+    in [0, 1]: uint8 over 255, as ToTensor; float32 (OpenCV's recipe) as it is."""
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+
 def normalize(images: jax.Array, imagenet: bool = True) -> jax.Array:
-    """uint8 NHWC -> float32 as ToTensor + Normalize(ImageNet mean, std); ToTensor alone
-    with ``imagenet=False`` (the official MNIST/Fashion-MNIST helpers skip Normalize)."""
-    return standardize(images.astype(jnp.float32) / 255.0, imagenet)
+    """Model inputs (NHWC) -> float32 as ToTensor + Normalize(ImageNet mean, std); ToTensor
+    alone with ``imagenet=False`` (the official MNIST/Fashion-MNIST helpers skip Normalize)."""
+    return standardize(to_unit(images), imagenet)
 
 
 def standardize(x: jax.Array, imagenet: bool = True) -> jax.Array:
@@ -55,14 +63,14 @@ def standardize(x: jax.Array, imagenet: bool = True) -> jax.Array:
 
 
 def teacher_fn(model: Model, imagenet_normalize: bool) -> Callable[[Any, jax.Array], Features]:
-    """(teacher_vars, uint8 images) -> what the feature cache stores: the model's own
+    """(teacher_vars, model inputs) -> what the feature cache stores: the model's own
     `train_inputs` (a model that trains from a cache draws nothing from the key), so
     cached and fresh training feed the loss the same arrays."""
     scale = functools.partial(standardize, imagenet=imagenet_normalize)
     key = jax.random.key(0)
 
     def features(teacher_vars: Any, images: jax.Array) -> Features:
-        return tuple(model.train_inputs(teacher_vars, images.astype(jnp.float32) / 255.0, key, scale))
+        return tuple(model.train_inputs(teacher_vars, to_unit(images), key, scale))
 
     return features
 

@@ -23,7 +23,7 @@ from rdjax import maps as maps_lib
 from rdjax import modes, sharding, tiling
 from rdjax import workdir as workdir_lib
 from rdjax.calibration import explanation_masks, normalize_scores
-from rdjax.data.preprocess import open_image, to_rgb
+from rdjax.data.preprocess import Recipe, open_image, to_rgb
 from rdjax.errors import ConfigError, DataError
 from rdjax.registry import MODELS
 
@@ -106,15 +106,18 @@ class Model:
         calibrated with, which the eval step applies: `recorded_max_ratio`."""
         return self.eval_step.max_ratio
 
+    @property
+    def recipe(self) -> Recipe:
+        """How a file becomes this model's input, as training and evaluation made it."""
+        return Recipe.from_config(self.config)
+
     def preprocess(self, images: Iterable[np.ndarray]) -> np.ndarray:
-        """Resize with PIL's bilinear filter, exactly as training and evaluation do."""
-        s = self.image_size
-        return np.stack(
-            [np.asarray(Image.fromarray(a).resize((s, s), Image.Resampling.BILINEAR), np.uint8) for a in images]
-        )
+        """uint8 images of any size -> the model's inputs, by its recipe."""
+        recipe = self.recipe
+        return np.stack([recipe.image(a) for a in images])
 
     def predict_resized(self, batch: np.ndarray, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Maps (at image_size) and scores of uint8 images already at image_size."""
+        """Maps (at image_size) and scores of model inputs (`preprocess`)."""
         bs = sharding.round_up(batch_size or int(self.config.eval_batch_size), jax.device_count())
         step = lambda x: self.eval_step(self.teacher_vars, self.student_vars, x)
         maps, scores = sharding.map_global_batches(step, batch, bs, self._put, "predicting")
@@ -148,11 +151,11 @@ class Model:
         overlap = setting.overlap if overlap is None else overlap
         if modes.parse(modes.ResizeMode, resize, "resize") is modes.ResizeMode.SQUEEZE:
             maps, scores = self.predict_resized(self.preprocess(images), batch_size)
-            full = [tiling.resize_map(m, a.shape[:2]) for m, a in zip(maps, images)]
+            full = [tiling.uncrop_map(m, a.shape[:2], self.recipe) for m, a in zip(maps, images)]
         else:
             run = lambda windows: self.predict_resized(windows, batch_size)[0]  # noqa: E731
             scales = [tiling.scale_for(resize, a.shape[:2], self.image_size, tile_size) for a in images]
-            tiled = tiling.tiled_maps(images, self.image_size, scales, overlap, run)
+            tiled = tiling.tiled_maps(images, self.recipe, scales, overlap, run)
             scores = tiling.blended_scores(tiled, self.max_ratio)
             full = [tiling.resize_map(m, a.shape[:2]) for m, a in zip(tiled, images)]
         cal = self.calibration

@@ -122,7 +122,7 @@ def image_scores(maps: jax.Array | np.ndarray, max_ratio: float = 0.0) -> jax.Ar
 
 @dataclasses.dataclass(frozen=True)
 class EvalStep:
-    """A jitted (teacher_vars, student_vars, uint8 images) -> (maps, scores), with the
+    """A jitted (teacher_vars, student_vars, model inputs) -> (maps, scores), with the
     ``max_ratio`` its scores use, so that maps blended from its windows elsewhere
     (rdjax.tiling) are scored by the same rule."""
 
@@ -139,7 +139,7 @@ class EvalStep:
 def make_eval_step(
     model: Model, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True, max_ratio: float = 0.0
 ) -> EvalStep:
-    """The full path from uint8 images to maps and `image_scores`.
+    """The full path from model inputs to maps and `image_scores`.
 
     Cached, so that every evaluation of a run reuses one compilation."""
 
@@ -230,7 +230,7 @@ def make_pass_step(
 
 @dataclasses.dataclass(frozen=True)
 class WindowRunner:
-    """uint8 windows -> their maps (``run``), and the ``max_ratio`` that scores the maps
+    """windows (model inputs) -> their maps (``run``), and the ``max_ratio`` that scores the maps
     blended from them (rdjax.tiling.evaluation_maps), the eval step's own."""
 
     run: Callable[[np.ndarray], np.ndarray]
@@ -243,7 +243,7 @@ class WindowRunner:
 def local_runner(
     eval_step: EvalStep, teacher_vars: Variables, student_vars: Variables, batch_size: int
 ) -> WindowRunner:
-    """uint8 windows -> their maps, on this process's first device alone, in padded
+    """windows (model inputs) -> their maps, on this process's first device alone, in padded
     batches of ``batch_size``.
 
     Tiling gives each image its own number of windows, so processes cannot share one

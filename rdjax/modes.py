@@ -36,6 +36,13 @@ class ResizeMode(str, enum.Enum):
     TILE = "tile"  # windows of tile_size native pixels
 
 
+class ResizeFilter(str, enum.Enum):
+    """How an image file becomes the model's input size (rdjax.data.preprocess.Recipe)."""
+
+    PIL_BILINEAR = "pil_bilinear"  # torchvision's Resize on a PIL image (RD4AD's, Dinomaly's code)
+    CV2_BILINEAR = "cv2_bilinear"  # OpenCV's INTER_LINEAR on the float image (RD++'s code)
+
+
 class Setting(str, enum.Enum):
     """How a dataset's categories are trained."""
 

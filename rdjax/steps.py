@@ -14,10 +14,9 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from rdjax.features import standardize
+from rdjax.features import standardize, to_unit
 from rdjax.models import Model
 from rdjax.pytrees import Variables
 from rdjax.sharding import batch_sharding, replicated
@@ -68,14 +67,14 @@ def make_image_train_step(
     imagenet_normalize: bool = True,
     seed: int = 0,
 ):
-    """The jitted step from uint8 images (config.feature_cache='off'): the teacher's
+    """The jitted step from model inputs (config.feature_cache='off'): the teacher's
     forward passes the model asks for, then the student update. The teacher's variables
     are an argument, replicated and never donated."""
     normalize = functools.partial(standardize, imagenet=imagenet_normalize)
 
     def step(state: TrainState, teacher_vars: Variables, images: jax.Array) -> tuple[TrainState, jax.Array]:
         key = jax.random.fold_in(step_key(seed, state.step), 0)
-        inputs = model.train_inputs(teacher_vars, images.astype(jnp.float32) / 255.0, key, normalize)
+        inputs = model.train_inputs(teacher_vars, to_unit(images), key, normalize)
         return train_step_features(model, tx, seed, state, inputs)
 
     return jax.jit(

@@ -1,10 +1,11 @@
 """Large and non-square images without the square squeeze (docs/usage.md, "Large and
 non-square images").
 
-The model sees S×S inputs (S = the workdir's image_size). 'squeeze' resizes a whole image
-to S×S, the paper's protocol: a 640×480 part is distorted and a small defect in a 2048 px
-image shrinks to a few pixels. The other two modes cut the image into S×S windows of a
-proportionally scaled copy and blend the windows' maps back together:
+The model sees S×S inputs (S = the workdir's image_size). 'squeeze' makes a whole image
+an S×S input by the model's input recipe (rdjax.data.preprocess.Recipe), the paper's
+protocol: a 640×480 part is distorted and a small defect in a 2048 px image shrinks to a
+few pixels. The other two modes cut the image into S×S windows of a proportionally scaled
+copy (the recipe's filter) and blend the windows' maps back together:
   fit   scale the shorter side to S: no distortion, windows along the longer side;
   tile  scale by S / tile_size (tile_size native pixels per window; tile_size = S keeps
         the native resolution): small defects keep their size.
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from rdjax import maps, modes
+from rdjax.data.preprocess import Recipe
 from rdjax.errors import ConfigError, DataError
 
 
@@ -60,27 +62,22 @@ def scale_for(mode: str, shape: tuple[int, int], size: int, tile_size: int | Non
 
 def tiled_maps(
     images: Sequence[np.ndarray],
-    size: int,
+    recipe: Recipe,
     scales: Sequence[float],
     overlap: int,
     run: Callable[[np.ndarray], np.ndarray],
 ) -> list[np.ndarray]:
-    """The blended map of each image scaled by its scale (float32, at the scaled size).
-    The windows of all the images go to ``run`` together, so batches fill up even when
-    each image has only a few windows.
+    """The blended map of each uint8 image scaled by its scale with the recipe's filter
+    (float32, at the scaled size). The windows of all the images go to ``run`` together,
+    so batches fill up even when each image has only a few windows.
 
-    ``run``: uint8 (n, size, size, 3) windows -> their (n, size, size) maps."""
-    from PIL import Image
-
+    ``run``: (n, size, size, 3) windows in the recipe's dtype -> their (n, size, size) maps."""
+    size = recipe.size
     windows, layouts = [], []
     for image, scale in zip(images, scales):
         h, w = image.shape[:2]
         sh, sw = max(size, round(h * scale)), max(size, round(w * scale))
-        scaled = (
-            image
-            if (sh, sw) == (h, w)
-            else np.asarray(Image.fromarray(image).resize((sw, sh), Image.Resampling.BILINEAR))
-        )
+        scaled = recipe.scale(image, sw, sh)
         over = min(int(round(overlap * scale)), size - 1)
         corners = [(y, x) for y in starts(sh, size, size - over) for x in starts(sw, size, size - over)]
         windows += [scaled[y : y + size, x : x + size] for y, x in corners]
@@ -108,6 +105,21 @@ def resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR))
 
 
+def uncrop_map(amap: np.ndarray, shape: tuple[int, int], recipe: Recipe) -> np.ndarray:
+    """A squeezed input's map back on its image of ``shape``: resized over the part of the
+    image the recipe's centre crop kept; 0 (nothing seen) outside it."""
+    side = recipe.resize or recipe.size
+    if side == recipe.size:
+        return resize_map(amap, shape)
+    h, w = shape
+    start = int(round((side - recipe.size) / 2.0))
+    y0, y1 = round(start * h / side), round((start + recipe.size) * h / side)
+    x0, x1 = round(start * w / side), round((start + recipe.size) * w / side)
+    full = np.zeros(shape, np.float32)
+    full[y0:y1, x0:x1] = resize_map(amap, (y1 - y0, x1 - x0))
+    return full
+
+
 def blended_scores(blended: Sequence[np.ndarray], max_ratio: float) -> np.ndarray:
     """Each blended map's image score (rdjax.maps.image_scores), at the size it has: maps
     of one size are scored together, one call per size (a call per map would cost a
@@ -120,14 +132,15 @@ def blended_scores(blended: Sequence[np.ndarray], max_ratio: float) -> np.ndarra
 
 
 def evaluation_maps(
-    images: Sequence[np.ndarray], size: int, setting: Any, run: maps.WindowRunner
+    images: Sequence[np.ndarray], recipe: Recipe, setting: Any, run: maps.WindowRunner
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tiled evaluation (config.resize): each image's blended map resized to (size, size),
     where the masks and pixel metrics live, and its score by ``run``'s max_ratio, from the
     blended map at the scale it was computed (as `Model.predict` scores it), before that
     resize."""
+    size = recipe.size
     scales = [scale_for(setting.mode, image.shape[:2], size, setting.tile_size or None) for image in images]
-    blended = tiled_maps(images, size, scales, setting.overlap, run)
+    blended = tiled_maps(images, recipe, scales, setting.overlap, run)
     return (
         np.stack([resize_map(amap, (size, size)) for amap in blended]),
         blended_scores(blended, run.max_ratio),

@@ -47,7 +47,7 @@ from rdjax import state as state_lib
 from rdjax import workdir as workdir_lib
 from rdjax.data import pipeline
 from rdjax.data.pipeline import prefetch
-from rdjax.data.preprocess import Split
+from rdjax.data.preprocess import Recipe, Split
 from rdjax.errors import ConfigError, DataError, Interrupted, TrainingError, WorkdirError
 from rdjax.models import Model
 from rdjax.modes import FeatureCache
@@ -167,10 +167,13 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
 def _setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | None) -> Run:
     config_lib.check(config, jax.device_count())
     registry.check(config)
-    if (workdir / workdir_lib.CONFIG).is_file():  # a trained workdir: its weights' settings stay as they are
-        for note in config_lib.check_rerun(workdir, workdir_lib.load_config(workdir), config, evaluating=not writing):
-            _log("note: %s", note)
     model = registry.build_model(config)
+    saved_config = workdir_lib.load_config(workdir) if (workdir / workdir_lib.CONFIG).is_file() else None
+    config_lib.resolve_input(config, saved_config, model.input_filter)
+    if saved_config is not None:  # a trained workdir: its weights' settings stay as they are
+        for note in config_lib.check_rerun(workdir, saved_config, config, evaluating=not writing):
+            _log("note: %s", note)
+    recipe = Recipe.from_config(config)
     dataset = dataset or registry.build_dataset(config.dataset)
     unified = modes.Setting(config.setting) is modes.Setting.UNIFIED
     categories = dataset.categories() if unified else [config.dataset.category]
@@ -186,7 +189,7 @@ def _setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | No
     trains, parts = {}, {}
     for category in categories:  # each category holds out its own share of its train/good images
         with _naming(category):
-            train_split, test_split = dataset.load(category, config.image_size)
+            train_split, test_split = dataset.load(category, recipe)
             trains[category], validation = data.hold_out(train_split, config.threshold.validation_size, config.seed)
             parts[category] = Part(test_split, validation)
             check_exact_metrics(config, max(len(test_split), len(validation or ())))
@@ -261,7 +264,8 @@ def _eval_functions(run: Run, student_vars: Any) -> tuple[Callable, Callable]:
         pass_step = maps.eval_step_for(run.model, config, full_pass=True)
     else:
         windows = maps.local_runner(eval_step, run.teacher_vars, student_vars, config.eval_batch_size)
-        tiler = functools.partial(tiling.evaluation_maps, size=config.image_size, setting=config.resize, run=windows)
+        recipe = Recipe.from_config(config)
+        tiler = functools.partial(tiling.evaluation_maps, recipe=recipe, setting=config.resize, run=windows)
         pass_step = lambda teacher_vars, student_vars, *batch: maps.stats_step(*batch)
 
     def run_pass(split: Split, kind: str = "validation") -> evaluation.PassResult:

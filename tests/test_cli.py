@@ -17,6 +17,7 @@ from PIL import Image
 from rdjax import config as config_lib
 from rdjax import workdir as workdir_lib
 from rdjax.data import mvtec
+from rdjax.data.preprocess import Recipe
 from rdjax.errors import ConfigError, WorkdirError
 
 from conftest import data_flags, rdjax_cli
@@ -200,7 +201,7 @@ def test_image_kinds_that_are_not_errors(root, tmp_path):
         fmt = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP"}[name.rsplit(".", 1)[1].lower()]
         (good / name).write_bytes(_encode(img, fmt))
     builder = mvtec.prepare(root, "disk", tmp_path / "tfds")
-    train = mvtec.load_split(builder, "train", 32, root)
+    train = mvtec.load_split(builder, "train", Recipe(size=32), root)
     assert len(train) == 8 + len(variants)
     assert train.images().shape[1:] == (32, 32, 3)
     gray = train.images()[train.filenames.index("good/gray.png")]

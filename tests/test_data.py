@@ -11,6 +11,7 @@ from torchvision import transforms
 
 from rdjax import data, evaluation, features, maps, registry, sharding
 from rdjax.data import mvtec, pipeline, preprocess, synthetic
+from rdjax.data.preprocess import Recipe
 from rdjax.errors import ConfigError
 
 
@@ -55,8 +56,8 @@ def test_synthetic_masks_are_exactly_the_changed_pixels(category, kind):
 
 def test_builder_reads_the_layout(synth_root, tmp_path):
     builder = mvtec.prepare(synth_root, "disk", tmp_path / "tfds")
-    train = mvtec.load_split(builder, "train", 32, synth_root)
-    test = mvtec.load_split(builder, "test", 32, synth_root)
+    train = mvtec.load_split(builder, "train", Recipe(size=32), synth_root)
+    test = mvtec.load_split(builder, "test", Recipe(size=32), synth_root)
     assert train.images().shape == (6, 32, 32, 3) and train.images().dtype == np.uint8
     assert len(test) == 3 + 3 * 2
     assert test.defect_types.count("good") == 3
@@ -64,7 +65,9 @@ def test_builder_reads_the_layout(synth_root, tmp_path):
     assert not test.masks()[test.labels == 0].any()
     assert all(test.masks()[i].any() for i in np.flatnonzero(test.labels))
     i = test.filenames.index("hole/001.png")
-    want = preprocess.decode_mask((synth_root / "disk/ground_truth/hole/001_mask.png").read_bytes(), 32)
+    want = Recipe(size=32).mask(
+        preprocess.decode_mask((synth_root / "disk/ground_truth/hole/001_mask.png").read_bytes())
+    )
     np.testing.assert_array_equal(test.masks()[i], want)
 
 
@@ -77,7 +80,7 @@ def test_builder_sees_an_edited_folder(synth_root, tmp_path):
     (root / "disk/train/good/000.png").unlink()
     second = mvtec.prepare(root, "disk", tmp_path / "tfds")
     assert first.builder_config.name != second.builder_config.name
-    assert len(mvtec.load_split(second, "train", 32, root)) == 5
+    assert len(mvtec.load_split(second, "train", Recipe(size=32), root)) == 5
     # Each edit prepares a copy; only the KEEP_PREPARED most recently used stay, the one in use among them.
     (root / "disk" / "train" / "good" / "001.png").unlink()
     third = mvtec.prepare(root, "disk", tmp_path / "tfds")
@@ -86,7 +89,7 @@ def test_builder_sees_an_edited_folder(synth_root, tmp_path):
     kept = sorted(p.name for p in (tmp_path / "tfds" / "mvtec_ad").iterdir() if p.name.startswith("disk-"))
     assert mvtec.KEEP_PREPARED == 3
     assert kept == sorted(b.builder_config.name for b in (second, third, fourth))
-    assert len(mvtec.load_split(fourth, "train", 32, root)) == 3
+    assert len(mvtec.load_split(fourth, "train", Recipe(size=32), root)) == 3
 
 
 def test_prepared_index_holds_paths_and_survives_a_moved_root(synth_root, tmp_path):
@@ -99,12 +102,12 @@ def test_prepared_index_holds_paths_and_survives_a_moved_root(synth_root, tmp_pa
     builder = mvtec.prepare(root, "disk", tmp_path / "tfds")
     record = builder.as_data_source()["train"][0]
     assert record["image"].decode().startswith("disk/train/good/") and record["mask"] == b""
-    before = mvtec.load_split(builder, "train", 32, root).images()
+    before = mvtec.load_split(builder, "train", Recipe(size=32), root).images()
     moved = tmp_path / "after"
     root.rename(moved)
     again = mvtec.prepare(moved, "disk", tmp_path / "tfds")
     assert again.builder_config.name == builder.builder_config.name  # the same index, reused
-    np.testing.assert_array_equal(mvtec.load_split(again, "train", 32, moved).images(), before)
+    np.testing.assert_array_equal(mvtec.load_split(again, "train", Recipe(size=32), moved).images(), before)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
@@ -114,7 +117,7 @@ def test_image_preprocessing_equals_torchvision(mode):
     pil = Image.fromarray(rgb).convert(mode)
     data = io.BytesIO()
     pil.save(data, format="PNG")
-    ours = preprocess.decode_image(data.getvalue(), 64)
+    ours = preprocess.Recipe(size=64).image(preprocess.decode_image(data.getvalue()))
     reference = Image.open(io.BytesIO(data.getvalue())).convert("RGB")  # the official dataset.py
     official = transforms.Compose([transforms.Resize((64, 64)), transforms.ToTensor()])(reference)
     np.testing.assert_array_equal(ours.astype(np.float32) / 255.0, official.permute(1, 2, 0).numpy())
@@ -127,12 +130,14 @@ def test_mask_preprocessing_equals_official():
     mask[10:40, 20:61] = 255
     mask[50:52, 5:80] = 255  # thin: bilinear shrinking makes it partly fall below 0.5
     gt = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])(Image.fromarray(mask))
-    np.testing.assert_array_equal(preprocess.decode_mask(_png(mask), 32), gt[0].numpy() > 0.5)
+    np.testing.assert_array_equal(
+        preprocess.Recipe(size=32).mask(preprocess.decode_mask(_png(mask))), gt[0].numpy() > 0.5
+    )
 
 
 def test_sixteen_bit_grayscale_is_scaled_not_clipped():
     arr = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
-    out = preprocess.decode_image(_png(arr), 64)
+    out = preprocess.Recipe(size=64).image(preprocess.decode_image(_png(arr)))
     assert out.shape == (64, 64, 3)
     assert out.max() == 255 and out.min() == 0
     np.testing.assert_array_equal(out[..., 0], np.round(arr / 65535 * 255).astype(np.uint8))
@@ -227,7 +232,7 @@ def test_official_tar_archive_is_accepted(synth_root, tmp_path):
     ).read_bytes()
     mtime = root.stat().st_mtime_ns
     assert registry.build_dataset(config).root == root and root.stat().st_mtime_ns == mtime  # extracted once, reused
-    train, test = dataset.load("disk", 32)
+    train, test = dataset.load("disk", Recipe(size=32))
     assert len(train) == 6 and len(test) == 3 + 3 * 2
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 import rdjax
 from rdjax import registry, train
+from rdjax.data.preprocess import Recipe
 from rdjax.errors import DataError
 
 from conftest import RECOMPUTED, assert_auroc_within, rdjax_cli, small_config
@@ -92,7 +93,7 @@ def test_visa_split_and_masks(visa_root, source, tmp_path):
         tmp_path, name="visa", root=str(visa_root), category="pcb1", data_dir=str(tmp_path / "tfds")
     )
     assert registry.build_dataset(dict_with(config.dataset, category="all")).categories() == ["candle", "pcb1"]
-    train_split, test = registry.build_dataset(config.dataset).load("pcb1", 64)
+    train_split, test = registry.build_dataset(config.dataset).load("pcb1", Recipe(size=64))
     n_train, n_good, n_bad = counts(source)
     assert len(train_split) == n_train and len(test) == n_good + n_bad
     assert test.has_masks and set(test.defect_types) == {"good", "anomaly"}
@@ -107,7 +108,7 @@ def test_visa_unknown_category(visa_root, tmp_path):
         tmp_path, name="visa", root=str(visa_root), category="fryum", data_dir=str(tmp_path / "tfds")
     )
     with pytest.raises(DataError, match="no rows for category 'fryum'; found: candle, pcb1"):
-        registry.build_dataset(config.dataset).load("fryum", 64)
+        registry.build_dataset(config.dataset).load("fryum", Recipe(size=64))
 
 
 @pytest.mark.slow
@@ -133,7 +134,7 @@ def test_visa_all_categories_through_the_cli(visa_root, source, tmp_path):
     assert metrics["num_images"] == sum(counts(source)[1:])
     _, test = registry.build_dataset(
         dict_with(small_config(tmp_path).dataset, name="visa", root=str(visa_root), data_dir=str(tmp_path / "tfds"))
-    ).load("pcb1", 64)
+    ).load("pcb1", Recipe(size=64))
     maps, _ = reevaluate(tmp_path / "w" / "pcb1", test)
     assert_auroc_within(metrics["pixel_auroc"], test.masks(), maps)
 
@@ -146,7 +147,7 @@ def test_mpdd_reads_as_mvtec(source, tmp_path):
     config = dataset_config(tmp_path, name="mvtec", root=str(root), category="all", data_dir=str(tmp_path / "tfds"))
     dataset = registry.build_dataset(config.dataset)
     assert dataset.categories() == ["bracket_black", "tubes"]
-    train_split, test = dataset.load("tubes", 64)
+    train_split, test = dataset.load("tubes", Recipe(size=64))
     n_train, n_good, n_bad = counts(source)
     assert len(train_split) == n_train and len(test) == n_good + n_bad and int(test.labels.sum()) == n_bad
     assert test.has_masks and set(test.defect_types) == {"good", "hole", "scratch", "stain"}
@@ -178,7 +179,7 @@ def test_btad_ok_and_ko_folders(btad_root, source, tmp_path, category):
     )
     dataset = registry.build_dataset(config.dataset)
     assert dataset.categories() == ["01", "03"]
-    train_split, test = dataset.load(category, 64)
+    train_split, test = dataset.load(category, Recipe(size=64))
     n_train, n_good, n_bad = counts(source)
     assert len(train_split) == n_train and not train_split.labels.any()
     assert len(test) == n_good + n_bad and int(test.labels.sum()) == n_bad and test.has_masks
@@ -222,7 +223,7 @@ def test_folder_dataset(source, tmp_path, with_masks):
     result = train.train_and_evaluate(config, tmp_path / "w")
     _, n_good, n_bad = counts(source)
     assert result["num_images"] == n_good + n_bad and result["num_defective"] == n_bad
-    _, test = registry.build_dataset(config.dataset).load("parts", 64)
+    _, test = registry.build_dataset(config.dataset).load("parts", Recipe(size=64))
     maps, scores = reevaluate(tmp_path / "w", test)
     assert_auroc_within(result["image_auroc"], test.labels, scores)
     if with_masks:
@@ -252,7 +253,7 @@ def test_novelty_split_protocol(mock_tfds, name, tmp_path):
     assert registry.build_dataset(dict_with(config, normal_class="all")).categories() == [
         f"class_{c}" for c in range(10)
     ]
-    train_split, test = dataset.load("class_3", 32)
+    train_split, test = dataset.load("class_3", Recipe(size=32))
     source = {s: tfds.builder(name).as_data_source(split=s) for s in ("train", "test")}
     all_train = np.array([int(source["train"][i]["label"]) for i in range(len(source["train"]))])
     all_test = np.array([int(source["test"][i]["label"]) for i in range(len(source["test"]))])
@@ -278,7 +279,7 @@ def test_novelty_trains_and_reports_both_scores(mock_tfds, tmp_path):
     assert list(results) == ["class_3"]
     result = results["class_3"]
     assert np.isnan(result["pixel_auroc"])
-    _, test = registry.build_dataset(config.dataset).load("class_3", 32)
+    _, test = registry.build_dataset(config.dataset).load("class_3", Recipe(size=32))
     maps, scores = reevaluate(tmp_path / "w", test)
     assert_auroc_within(result["image_auroc"], test.labels, scores)
     # A sum of H*W values each within RECOMPUTED: within H*W times that.

@@ -15,6 +15,7 @@ from PIL import Image
 import rdjax
 from rdjax import calibration, data, inference, predict, registry, train
 from rdjax import config as config_lib
+from rdjax.data.preprocess import Recipe
 
 from conftest import RECOMPUTED, assert_auroc_within, rdjax_cli, small_config
 
@@ -234,7 +235,7 @@ def test_the_default_threshold_uses_no_test_image(workdir, tmp_path):
     assert cal["method"] == "quantile" and cal["source"] == "2 held-out train/good images"
     assert cal["fitted_on_test_set"] is False and "held-out" in first["threshold_note"]
     model = rdjax.load(work)
-    train_split, _ = registry.build_dataset(config.dataset).load("disk", 64)
+    train_split, _ = registry.build_dataset(config.dataset).load("disk", Recipe(size=64))
     held = data.hold_out(train_split, defaults.validation_size, config.seed)[1]
     scores = model.predict_resized(held.images())[1]
     # Another batch composition than the calibration pass's: maps within RECOMPUTED, so

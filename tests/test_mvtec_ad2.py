@@ -17,6 +17,7 @@ from PIL import Image
 import rdjax
 from rdjax import registry, tiling, train
 from rdjax.data import mvtec_ad2
+from rdjax.data.preprocess import Recipe
 from rdjax.errors import DataError
 
 from conftest import rdjax_cli, small_config
@@ -77,7 +78,7 @@ def test_the_published_layout_loads_at_its_own_resolution(ad2_root, source, tmp_
     config.dataset.category = "all"
     dataset = registry.build_dataset(config.dataset)
     assert dataset.categories() == ["can"]
-    train_split, test = dataset.load("can", 64)
+    train_split, test = dataset.load("can", Recipe(size=64))
     bad = sorted((source / "disk/test").glob("[!g]*/*.png"))
     assert len(train_split) == 6 and not train_split.labels.any()  # train/good only: validation/ is not read
     assert len(test) == 3 + len(bad) and int(test.labels.sum()) == len(bad)
@@ -93,14 +94,14 @@ def test_a_missing_mask_names_the_ground_truth_folder(ad2_root, tmp_path):
     shutil.copytree(ad2_root, root)
     (root / "can/test_public/ground_truth/bad/001_regular_mask.png").unlink()
     with pytest.raises(DataError, match=r"test_public/ground_truth/bad: no mask for 1 of 6 'bad' images"):
-        registry.build_dataset(ad2_config(root, tmp_path).dataset).load("can", 64)
+        registry.build_dataset(ad2_config(root, tmp_path).dataset).load("can", Recipe(size=64))
 
 
 def test_fit_windows_the_long_side_at_the_short_sides_scale(ad2_root, tmp_path):
     """resize.mode='fit' on the 96x64 images and image_size 32: the short side is scaled
     to 32, so the copy is 48x32, undistorted; two 32x32 windows cover it, and a 'model'
     whose map is its window's first channel blends back to that copy's first channel."""
-    _, test = registry.build_dataset(ad2_config(ad2_root, tmp_path).dataset).load("can", 32)
+    _, test = registry.build_dataset(ad2_config(ad2_root, tmp_path).dataset).load("can", Recipe(size=32))
     native = [test.native_image(r) for r in range(2)]
     scales = [tiling.scale_for("fit", image.shape[:2], 32, None) for image in native]
     assert scales == [0.5, 0.5]
@@ -110,7 +111,7 @@ def test_fit_windows_the_long_side_at_the_short_sides_scale(ad2_root, tmp_path):
         seen.append(windows.shape)
         return windows[..., 0].astype(np.float32) / 255
 
-    blended = tiling.tiled_maps(native, 32, scales, 8, run)
+    blended = tiling.tiled_maps(native, Recipe(size=32), scales, 8, run)
     assert seen == [(4, 32, 32, 3)]
     for image, amap in zip(native, blended):
         scaled = np.asarray(Image.fromarray(image).resize((48, 32), Image.BILINEAR))[..., 0] / 255

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from rdjax import registry
+from rdjax.data.preprocess import Recipe
 from rdjax.data.realiad import sample_and_view
 from rdjax.errors import DataError
 
@@ -94,7 +95,7 @@ def test_split_file_rows_labels_masks_and_views(realiad_root, tmp_path):
     config.dataset.category = "all"
     dataset = registry.build_dataset(config.dataset)
     assert dataset.categories() == ["audiojack", "toy"]
-    train, test = dataset.load("audiojack", 32)
+    train, test = dataset.load("audiojack", Recipe(size=32))
     assert len(train) == 20 and not train.labels.any()
     assert len(test) == 15 and int(test.labels.sum()) == 8  # AK's C4 and C5 show no defect: normal
     assert Counter(test.defect_types) == {"good": 7, "AK": 3, "HS": 5} and test.has_masks
@@ -117,7 +118,7 @@ def test_split_file_rows_labels_masks_and_views(realiad_root, tmp_path):
 def test_the_single_view_split_set(realiad_root, tmp_path):
     config = realiad_config(realiad_root, tmp_path, category="toy")
     config.dataset.split_set = "realiad_jsons_sv"
-    train, test = registry.build_dataset(config.dataset).load("toy", 32)
+    train, test = registry.build_dataset(config.dataset).load("toy", Recipe(size=32))
     assert len(train) == 4 and len(test) == 3 and test.labels.tolist() == [1, 1, 0]
     assert {sample_and_view(f)[1] for f in train.filenames + test.filenames} == {"C1"}
 
@@ -130,12 +131,12 @@ def test_a_missing_listed_image_is_named(realiad_root, tmp_path):
     missing = base / "realiad_256" / "audiojack" / test[2]["image_path"]
     missing.unlink()
     with pytest.raises(DataError, match=rf"{missing}: listed in .*audiojack.json but missing"):
-        registry.build_dataset(realiad_config(base, tmp_path).dataset).load("audiojack", 32)
+        registry.build_dataset(realiad_config(base, tmp_path).dataset).load("audiojack", Recipe(size=32))
 
 
 def test_unknown_category_and_misplaced_root(realiad_root, tmp_path):
     with pytest.raises(DataError, match="no split file for 'fryum'; found: audiojack, toy"):
-        registry.build_dataset(realiad_config(realiad_root, tmp_path, "fryum").dataset).load("fryum", 32)
+        registry.build_dataset(realiad_config(realiad_root, tmp_path, "fryum").dataset).load("fryum", Recipe(size=32))
     config = realiad_config(realiad_root, tmp_path)
     config.dataset.root = str(realiad_root)  # the Real-IAD folder instead of its realiad_256
     with pytest.raises(DataError, match="no split files beside it"):

@@ -16,6 +16,7 @@ import pytest
 
 import rdjax
 from rdjax import maps, metrics, registry
+from rdjax.data.preprocess import Recipe
 from rdjax.models.rd4ad import RD4AD
 
 from conftest import ROOT, assert_auroc_within, cpu_devices_env, data_flags, rdjax_cli, restore_state, small_config
@@ -129,7 +130,7 @@ def test_checkpoints_move_between_topologies(runs, synth_root, tmp_path):
     import shutil
 
     before = json.loads((runs["d2"] / "metrics.json").read_text())
-    _, test = registry.build_dataset(small_config(synth_root).dataset).load("disk", 64)
+    _, test = registry.build_dataset(small_config(synth_root).dataset).load("disk", Recipe(size=64))
     maps, scores = rdjax.load(runs["d2"]).predict_resized(test.images())
     for devices in (8, 1):
         workdir = tmp_path / f"on{devices}"

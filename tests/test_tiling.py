@@ -12,6 +12,7 @@ import pytest
 import rdjax
 from rdjax import tiling, train
 from rdjax.data import synthetic
+from rdjax.data.preprocess import Recipe
 from rdjax.errors import ConfigError, DataError
 
 from conftest import small_config
@@ -37,7 +38,9 @@ def test_blending_reproduces_a_map_that_windows_agree_on():
     truth = image[..., 0].astype(np.float32) / 255
     crops = lambda windows: windows[..., 0].astype(np.float32) / 255  # noqa: E731  (a 'model' that is a crop)
     for overlap in (0, 7, 20):
-        out = tiling.tiled_maps([image, image[:100]], 64, [1.0, 1.0], overlap, crops)  # two images, one batch
+        out = tiling.tiled_maps(
+            [image, image[:100]], Recipe(size=64), [1.0, 1.0], overlap, crops
+        )  # two images, one batch
         np.testing.assert_allclose(out[0], truth, rtol=1e-6)
         np.testing.assert_allclose(out[1], truth[:100], rtol=1e-6)
     w = tiling.ramp(16, 4)

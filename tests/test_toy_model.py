@@ -43,6 +43,7 @@ class Toy:
     """Two scales, a 1x1 student: no code of RD4AD's."""
 
     needs_images = False
+    input_filter = "pil_bilinear"
     imagenet_file = None
 
     def __init__(self, arch: str, dtype: str) -> None:

@@ -26,6 +26,7 @@ from rdjax import config as config_lib
 from rdjax import metrics, registry, train
 from rdjax import workdir as workdir_lib
 from rdjax.data import synthetic
+from rdjax.data.preprocess import Recipe
 
 from conftest import (
     assert_auroc_within,
@@ -46,7 +47,7 @@ def test_metrics_equal_an_independent_recomputation(trained):
     largest value: each AUROC must lie in the range those maps allow
     (conftest.assert_auroc_within). AUPRO integrates the same curve; held to 1e-5."""
     config, workdir, result = trained
-    _, test = registry.build_dataset(config.dataset).load("disk", 64)
+    _, test = registry.build_dataset(config.dataset).load("disk", Recipe(size=64))
     maps, scores = rdjax.load(workdir).predict_resized(test.images())
     assert_auroc_within(result["image_auroc"], test.labels, scores)
     assert_auroc_within(result["pixel_auroc"], test.masks(), maps)

@@ -14,7 +14,7 @@ from sklearn import metrics as skm
 
 from rdjax import config as config_lib
 from rdjax import evaluation, maps, metrics, train
-from rdjax.data.preprocess import Split
+from rdjax.data.preprocess import Recipe, Split
 
 
 def _split(seed: int, n: int, size: int = 8, records: np.ndarray | None = None) -> Split:
@@ -133,7 +133,7 @@ def _held_out_scores(root, workdir, category: str) -> np.ndarray:
 
     config = synthetic.get_config()
     config.dataset.root, config.dataset.data_dir = str(root), str(root / "_tfds")
-    train_split, _ = registry.build_dataset(config.dataset).load(category, 64)
+    train_split, _ = registry.build_dataset(config.dataset).load(category, Recipe(size=64))
     held = data.hold_out(train_split, 0.25, config.seed)[1]
     return rdjax.load(workdir).predict_resized(held.images())[1]
 

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rdjax.data.preprocess import Split
+from rdjax.data.preprocess import Recipe, Split
 from rdjax.errors import ConfigError
 
 
@@ -32,8 +32,9 @@ class Dataset(Protocol):
         """The categories the config asks for ('all' expanded)."""
         ...
 
-    def load(self, category: str, image_size: int) -> tuple[Split, Split]:
-        """(train, test) splits, decoded lazily."""
+    def load(self, category: str, recipe: Recipe) -> tuple[Split, Split]:
+        """(train, test) splits whose rows are model inputs as ``recipe`` makes them,
+        decoded lazily."""
         ...
 
 

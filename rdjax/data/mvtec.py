@@ -13,8 +13,8 @@ The prepared dataset is an index: each record holds a file's path relative to th
 its label, defect type and name, never pixels or file bytes,
 so preparing stays small at any dataset size (TFDS's writer would otherwise spill more
 than 1 GB per split to temporary files through TensorFlow, which rdjax does not need).
-Decoding and resizing happen batch by batch with PIL, exactly as torchvision's Resize
-does in the official code (PIL's bilinear filter, which antialiases when it shrinks). A
+Decoding (PIL) and the model's input recipe (rdjax.data.preprocess.Recipe) happen batch
+by batch. A
 builder config is named after the category and a fingerprint of its files' names and
 sizes, so an edited folder is never served from a stale index, and a moved root still
 works (paths are relative).
@@ -37,7 +37,15 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from rdjax.data import DatasetBuilder
-from rdjax.data.preprocess import IMAGE_EXTENSIONS, Split, check_mask_header, decode_image, decode_mask, header_size
+from rdjax.data.preprocess import (
+    IMAGE_EXTENSIONS,
+    Recipe,
+    Split,
+    check_mask_header,
+    decode_image,
+    decode_mask,
+    header_size,
+)
 from rdjax.errors import DataError
 
 # ----------------------------------------------------------------------------- layout
@@ -250,7 +258,7 @@ def _read(root: Path, relative: Any, name: str) -> bytes:
         ) from None
 
 
-def load_split(builder: MVTecAD, split: str, image_size: int, root: Path, nonzero_masks: bool = False) -> Split:
+def load_split(builder: MVTecAD, split: str, recipe: Recipe, root: Path, nonzero_masks: bool = False) -> Split:
     """A prepared split as a lazy `Split` over the files under ``root``: one pass over the
     records reads the labels and names and checks each file (the pixels are decoded
     later, batch by batch). Rows are sorted by file name, a stable order whatever the
@@ -286,16 +294,16 @@ def load_split(builder: MVTecAD, split: str, image_size: int, root: Path, nonzer
     def read(record: int) -> tuple[np.ndarray, np.ndarray | None]:
         ex = source[record]
         name = path_of(ex)
-        image = decode_image(_read(root, ex["image"], name), image_size, name)
+        image = recipe.image(decode_image(_read(root, ex["image"], name), name))
         if not ex["mask"]:
             return image, None
         mask_name = f"{name} (its mask)"
-        return image, decode_mask(_read(root, ex["mask"], mask_name), image_size, mask_name, nonzero=nonzero_masks)
+        return image, recipe.mask(decode_mask(_read(root, ex["mask"], mask_name), mask_name, nonzero=nonzero_masks))
 
     def read_native(record: int) -> np.ndarray:
         ex = source[record]
         name = path_of(ex)
-        return decode_image(_read(root, ex["image"], name), None, name)
+        return decode_image(_read(root, ex["image"], name), name)
 
     return Split(
         read=read,
@@ -304,7 +312,7 @@ def load_split(builder: MVTecAD, split: str, image_size: int, root: Path, nonzer
         labels=np.array([r[2] for r in rows], np.int32),
         defect_types=tuple(r[1] for r in rows),
         filenames=tuple(r[0] for r in rows),
-        image_size=image_size,
+        image_size=recipe.size,
         has_masks=bool(defective) and all(r[3] for r in defective),
     )
 
@@ -333,8 +341,8 @@ class FileDataset:
     def categories(self) -> list[str]:
         return self.names()
 
-    def load(self, category: str, image_size: int) -> tuple[Split, Split]:
-        """(train, test) at ``image_size``, decoded lazily. With several processes, process 0
+    def load(self, category: str, recipe: Recipe) -> tuple[Split, Split]:
+        """(train, test) as ``recipe`` makes model inputs, decoded lazily. With several processes, process 0
         prepares the data first and the others wait, so no two write the same folder."""
         import jax
         from jax.experimental import multihost_utils
@@ -348,7 +356,7 @@ class FileDataset:
             multihost_utils.sync_global_devices("rdjax: dataset prepared")
         builder = ready()
         train, test = (
-            load_split(builder, split, image_size, self.root, nonzero_masks=self.nonzero_masks)
+            load_split(builder, split, recipe, self.root, nonzero_masks=self.nonzero_masks)
             for split in ("train", "test")
         )
         return train, test

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from rdjax.data.preprocess import Split
+from rdjax.data.preprocess import Recipe, Split
 from rdjax.errors import DataError
 from rdjax.weights import offline
 
@@ -52,16 +52,13 @@ def _sources(name: str, data_dir: str | None) -> dict:
     return {split: builder.as_data_source(split=split) for split in ("train", "test")}
 
 
-def _to_rgb32(image: np.ndarray, size: int) -> np.ndarray:
-    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    return np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), np.uint8)
+def _read_record(source: Any, recipe: Recipe, i: int) -> tuple[np.ndarray, None]:
+    image = np.asarray(source[i]["image"])
+    rgb = np.asarray(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).convert("RGB"), np.uint8)
+    return recipe.image(rgb), None
 
 
-def _read_record(source: Any, image_size: int, i: int) -> tuple[np.ndarray, None]:
-    return _to_rgb32(np.asarray(source[i]["image"]), image_size), None
-
-
-def load_novelty(name: str, normal_class: int, image_size: int, data_dir: str | None) -> tuple[Split, Split]:
+def load_novelty(name: str, normal_class: int, recipe: Recipe, data_dir: str | None) -> tuple[Split, Split]:
     """(train, test) as lazy splits: one pass reads the labels, pixels are decoded on demand."""
     if normal_class not in range(10):
         raise DataError(f"config.dataset.normal_class={normal_class} must be 0..9 or 'all'")
@@ -76,12 +73,12 @@ def load_novelty(name: str, normal_class: int, image_size: int, data_dir: str | 
         anomalous = (labels[keep] != normal_class).astype(np.int32)
         splits.append(
             Split(
-                read=functools.partial(_read_record, source, image_size),
+                read=functools.partial(_read_record, source, recipe),
                 records=keep.astype(np.int64),
                 labels=anomalous,
                 defect_types=tuple("good" if a == 0 else f"class_{labels[i]}" for a, i in zip(anomalous, keep)),
                 filenames=tuple(f"{split}/{i:05d}" for i in keep),
-                image_size=image_size,
+                image_size=recipe.size,
                 has_masks=False,
             )
         )
@@ -103,8 +100,8 @@ class NoveltyDataset:
             raise DataError(f"config.dataset.normal_class={self.normal_class!r} must be 0..9 or 'all'")
         return [f"class_{c}" for c in (CLASSES if self.normal_class == "all" else (self.normal_class,))]
 
-    def load(self, category: str, image_size: int) -> tuple[Split, Split]:
-        return load_novelty(self.name, int(category.removeprefix("class_")), image_size, self.data_dir)
+    def load(self, category: str, recipe: Recipe) -> tuple[Split, Split]:
+        return load_novelty(self.name, int(category.removeprefix("class_")), recipe, self.data_dir)
 
 
 def builder(name: str) -> Callable[[Any], NoveltyDataset]:

@@ -78,7 +78,7 @@ def _threads() -> int:
 
 def load_batches(split: Split, batches: Iterable[np.ndarray], kind: str, with_masks: bool = False) -> Iterator[dict]:
     """Decode the rows of each batch (this process's share) in grain's reader threads:
-    {'image': uint8 (b, S, S, 3)} and, ``with_masks``, {'mask': bool (b, S, S)}. Every
+    {'image': the recipe's (b, S, S, 3) inputs} and, ``with_masks``, {'mask': bool (b, S, S)}. Every
     batch in ``batches`` must have the same length (pad the last one by repeating rows)."""
     import grain
 

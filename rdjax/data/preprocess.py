@@ -1,5 +1,5 @@
-"""Decoding and preprocessing as the official code: PIL bilinear resize (what
-torchvision's Resize does on PIL images), ImageNet statistics, masks binarized at 0.5.
+"""How a file becomes a model's input: decoding, and each model's input recipe (the resize
+filter and size, an optional centre crop, the mask rule and the normalization).
 
 Kept apart from the TFDS builder so that inference needs no tensorflow-datasets.
 """
@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import io
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from rdjax import modes
 from rdjax.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -41,13 +43,121 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, size: int | None, name: str = "image") -> np.ndarray:
-    """Encoded file -> uint8 (size, size, 3), resized as torchvision's Resize on PIL;
-    ``size=None`` keeps the file's own resolution (tiled evaluation)."""
-    img = to_rgb(open_image(data, name))
-    if size is not None:
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+    """Encoded file -> uint8 (H, W, 3) at the file's own resolution."""
+    return np.asarray(to_rgb(open_image(data, name)), dtype=np.uint8)
+
+
+def resize_pil(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 (H, W[, C]) -> uint8 (height, width[, C]) by PIL's bilinear filter, which
+    antialiases when it shrinks: what torchvision's Resize does to a PIL image."""
+    if image.shape[:2] == (height, width):
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR), np.uint8)
+
+
+def _cv2_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's INTER_LINEAR taps along one axis: per output pixel, the source index left
+    of its centre (d + 0.5) * scale - 0.5 and the weight of the pixel right of it, the
+    centre's fraction; scale is 1 / (dst / src), as cv::resize takes it."""
+    scale = 1.0 / (dst / src)
+    centre = (np.arange(dst) + 0.5) * scale - 0.5
+    index = np.floor(centre).astype(np.int64)
+    return index, centre - index
+
+
+def resize_cv2(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 (H, W, C) -> float32 (height, width, C) in [0, 1], as RD++'s code does it:
+    ``cv2.resize(image / 255.0, (width, height))``, OpenCV's bilinear filter (no
+    antialiasing) on the float64 image, rounded once to float32 at the end.
+
+    OpenCV's rule, separable, in float64: a centre left of the first pixel or right of
+    the last takes that pixel alone."""
+    src = image.astype(np.float64) / 255.0
+    out = src
+    for axis, (old, new) in enumerate(zip(src.shape[:2], (height, width))):
+        index, frac = _cv2_taps(old, new)
+        frac = np.where((index < 0) | (index >= old - 1), 0.0, frac)
+        index = np.clip(index, 0, old - 1)
+        shape = (-1,) + (1,) * (out.ndim - 1 - axis)
+        first = np.take(out, index, axis=axis) * (1.0 - frac).reshape(shape)
+        out = first + np.take(out, np.minimum(index + 1, old - 1), axis=axis) * frac.reshape(shape)
+    return out.astype(np.float32)
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """The central size x size pixels, offset as torchvision's CenterCrop rounds them."""
+    h, w = image.shape[:2]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return image[top : top + size, left : left + size]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a file becomes a model's input, as the model's official code does it; recorded
+    in the workdir's config (config.input, config.image_size, config.imagenet_normalize)
+    and used by training, evaluation, predict, tiling, packages and the export contract.
+
+    filter: rdjax.modes.ResizeFilter. 'pil_bilinear' gives uint8 inputs (PIL works on
+    8-bit images); 'cv2_bilinear' gives float32 inputs in [0, 1], since OpenCV resizes
+    the float image and rounding it back to 8 bits would change the pixels.
+    size: the model's input side. resize: the side images are resized to before a
+    centre crop to ``size`` (0: size, no crop). Masks take the same resize with
+    PIL's bilinear filter and crop, then > 0.5: every official code of the family
+    resizes masks so, whatever its image filter.
+    """
+
+    filter: str = modes.ResizeFilter.PIL_BILINEAR.value
+    size: int = 256
+    resize: int = 0
+    imagenet_normalize: bool = True
+
+    @classmethod
+    def from_config(cls, config: Any) -> Recipe:
+        return cls(
+            filter=modes.parse(modes.ResizeFilter, config.input.filter, "config.input.filter").value,
+            size=config.image_size,
+            resize=config.input.resize,
+            imagenet_normalize=config.imagenet_normalize,
+        )
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the model's inputs on the host (uint8, or float32 in [0, 1])."""
+        return np.dtype(np.uint8 if self.filter == modes.ResizeFilter.PIL_BILINEAR else np.float32)
+
+    def describe(self) -> str:
+        """What a caller outside rdjax must do to a uint8 RGB image (the export contract)."""
+        side = self.resize or self.size
+        if self.filter == modes.ResizeFilter.PIL_BILINEAR:
+            how = f"PIL's bilinear resize of the 8-bit image to {side}x{side} (torchvision's Resize on a PIL image)"
+        else:
+            how = f"cv2.resize(image / 255.0, ({side}, {side})) in float64 (OpenCV's INTER_LINEAR), then float32"
+        return how if side == self.size else f"{how}, then the central {self.size}x{self.size} crop"
+
+    def scale(self, image: np.ndarray, width: int, height: int) -> np.ndarray:
+        """uint8 (H, W, 3) -> (height, width, 3) in ``dtype`` by the recipe's filter."""
+        if self.filter == modes.ResizeFilter.PIL_BILINEAR:
+            return resize_pil(image, width, height)
+        return resize_cv2(image, width, height)
+
+    def image(self, image: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, 3) at any size -> the model's (size, size, 3) input."""
+        side = self.resize or self.size
+        return center_crop(self.scale(image, side, side), self.size)
+
+    def mask(self, mask: np.ndarray) -> np.ndarray:
+        """uint8 (H, W) mask, 255 = defect -> bool (size, size)."""
+        side = self.resize or self.size
+        resized = resize_pil(mask, side, side).astype(np.float32) / 255.0
+        return center_crop(resized, self.size) > 0.5
+
+
+def to_display(images: np.ndarray) -> np.ndarray:
+    """Model inputs in either recipe dtype -> uint8, for pictures (reports, overlays)."""
+    if images.dtype == np.uint8:
+        return images
+    return np.clip(np.rint(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
 def header_size(data: bytes, name: str) -> tuple[int, int]:
@@ -70,18 +180,17 @@ def check_mask_header(data: bytes, image_size: tuple[int, int], name: str) -> No
         raise DataError(f"{name}: mask is {size[0]}x{size[1]} but its image is {image_size[0]}x{image_size[1]}")
 
 
-def decode_mask(data: bytes, size: int, name: str = "mask", nonzero: bool = False) -> np.ndarray:
-    """Encoded mask -> bool (size, size): same bilinear resize, then > 0.5 as the official code.
+def decode_mask(data: bytes, name: str = "mask", nonzero: bool = False) -> np.ndarray:
+    """Encoded mask -> uint8 (H, W), 255 = defect, at the file's own resolution.
 
     ``nonzero``: the mask marks defects with any non-zero value (VisA's are not 0/255), so it
-    is binarized to 0/255 before the resize."""
+    is binarized to 0/255 first."""
     img = open_image(data, name)
     if nonzero:
-        img = Image.fromarray(((np.asarray(to_rgb(img).convert("L")) > 0) * 255).astype(np.uint8))
+        return ((np.asarray(to_rgb(img).convert("L")) > 0) * 255).astype(np.uint8)
     if img.mode != "L":
         img = to_rgb(img).convert("L")
-    resized = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-    return resized > 0.5
+    return np.asarray(img, np.uint8)
 
 
 Reader = Callable[[int], tuple[np.ndarray, "np.ndarray | None"]]
@@ -96,7 +205,8 @@ class Split:
     (rdjax.data.pipeline), on each process only for its own share.
     """
 
-    read: Reader = dataclasses.field(repr=False)  # record -> (uint8 (S, S, 3), bool (S, S) or None if no mask)
+    # record -> (the recipe's (S, S, 3) input, bool (S, S) mask or None if there is none)
+    read: Reader = dataclasses.field(repr=False)
     records: np.ndarray  # int64 (N,): the record each row reads
     labels: np.ndarray  # int32 (N,), 0 = good
     defect_types: tuple[str, ...]

@@ -16,6 +16,7 @@ import numpy as np
 import sklearn.metrics as skm
 
 from rdjax import outputs, report, webpage
+from rdjax.data.preprocess import to_display
 from rdjax.evaluators import EvalContext, EvaluatorType
 from rdjax.workdir import write_csv
 
@@ -43,7 +44,7 @@ class Report:
         cal = needed[self.threshold_from].get("calibration") if self.threshold_from else None
         threshold = None if cal is None else cal["image_threshold"]
         cases = outputs.Cases(
-            rows, test.images(rows), test.masks(rows), maps, passed.scores[rows],
+            rows, to_display(test.images(rows)), test.masks(rows), maps, passed.scores[rows],
             [test.filenames[i] for i in rows], test.labels[rows], passed.pixels.lo, passed.pixels.hi,
         )  # fmt: skip
         roc = None
@@ -63,7 +64,8 @@ class Report:
         written = outputs.write_overlays(out / "images", cases, threshold)
         _write_scores(out / "scores.csv", test, passed.scores, threshold)
         page = webpage.Page(
-            title=title, scores=passed.scores, filenames=test.filenames, images=test.images, labels=test.labels,
+            title=title, scores=passed.scores, filenames=test.filenames, labels=test.labels,
+            images=lambda rows: to_display(test.images(rows)),
             metrics=metrics, threshold=threshold, roc=roc, pro=pro,
             pictures={int(r): f"images/{p.name}" for r, p in zip(rows, written)},
             maps=thumbnail_maps, colour_range=(passed.pixels.lo, passed.pixels.hi), calibration=cal,

@@ -41,6 +41,12 @@ class Model(Protocol):
         ...
 
     @property
+    def input_filter(self) -> str:
+        """The official code's resize filter (rdjax.modes.ResizeFilter): what
+        config.input.filter '' means for a new workdir (rdjax.data.preprocess.Recipe)."""
+        ...
+
+    @property
     def imagenet_file(self) -> str | None:
         """The teacher's ImageNet weights file (rdjax.weights.download), or None."""
         ...

@@ -155,6 +155,7 @@ class RD4AD:
     arch: str = "wide_resnet50_2"
     dtype: str = "float32"
     needs_images = False  # training can read the teacher's features from a cache (config.feature_cache)
+    input_filter = modes.ResizeFilter.PIL_BILINEAR.value  # the official code's torchvision Resize on PIL images
 
     def __post_init__(self) -> None:
         get_arch(self.arch)

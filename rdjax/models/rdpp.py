@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rdjax import weights
+from rdjax import modes, weights
 from rdjax.errors import PortError
 from rdjax.models import ModelType
 from rdjax.models.layers import Conv, Dtype, torch_default_init
@@ -194,6 +194,7 @@ class RDPP(RD4AD):
     noised branch."""
 
     needs_images = True
+    input_filter = modes.ResizeFilter.CV2_BILINEAR.value  # the official dataset's cv2.resize(image / 255.0)
 
     @property
     def student(self) -> Student:  # type: ignore[override]  # RD4AD's student plus the MPL
