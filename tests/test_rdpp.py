@@ -302,17 +302,12 @@ def test_rdpp_trains_predicts_exports_and_ports(synthetic_data, tmp_path):
     assert best["epoch"] == 1 + int(np.argmax(mean)) and "test set" in best["selected_on"]
     model = rdjax.load(tmp_path / "w")
     assert set(model.student_vars["params"]) == {"proj", "ocbe", "decoder"}
-    images = np.stack(
-        [
-            np.asarray(a)
-            for a in model.preprocess(
-                [np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
-            )
-        ]
-    )
+    files = [np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    images = model.preprocess(files)  # RD++'s recipe: float32 inputs in [0, 1]
+    assert images.dtype == np.float32
     exported = export.export_jax(model)
     maps, scores = exported.call(images)
-    pred = model.predict(list(images))
+    pred = model.predict(files)
     assert rel_err(np.asarray(maps)[0], pred.maps[0]) < 1e-5
     import onnxruntime  # the MPL's instance norms and leaky ReLUs convert too: 1e-4, the export bound (docs/export.md)
 
