@@ -1,6 +1,6 @@
 """Cross-check rdjax against the official RD4AD and RD++ repositories' own code (not re-implementations).
 
-    python experiments/crosscheck_official.py --rd4ad DIR --rdpp DIR [--arch resnet18] [--size 64]
+    python experiments/crosscheck_official.py --rd4ad DIR --rdpp DIR [--arch resnet18] [--size 64] [--native 1024]
 
 DIR: local clones of hq-deng/RD4AD and tientrandinh/Revisiting-Reverse-Distillation, imported at run time
 one at a time (both define `resnet`, `de_resnet`, `dataset`, ...: their modules leave sys.modules before
@@ -12,14 +12,16 @@ them). Per model, on the official builders' random weights with random BatchNorm
    RD++'s noised images come from rdjax.models.rdpp.add_noise and are fed to both sides;
 3. after 20 steps of the official loop on synthetic 'weave' images: `rdjax port` + `rdjax eval` against
    the official evaluation (RD4AD test.evaluation on its MVTecDataset; RD++ evaluation_multi_proj) on
-   test images generated at the model's size, so neither side resizes (docs/differences.md).
+   test images generated at --native px (default: the model's size, nothing resized), each side making
+   them model inputs by its own pipeline (rdjax: the model's input recipe, docs/config.md).
 Patched (their code assumes CUDA and 2022-23 libraries): torch.Tensor.to('cuda') is a no-op and
 torch.randperm returns rdjax's jax.random.permutation while Revisit_RDLoss runs (it moves its target to
 'cuda'; the same permutation pairs the same images in SSOT); cv2 is an empty module when OpenCV is absent
 (they draw heat maps with it only); pandas.DataFrame.append (gone since pandas 2) is pd.concat, for
 RD4AD's compute_pro; `round` in their evaluation modules is the identity, to compare unrounded metrics.
-RD++'s dataset module is not imported (it needs numba and resizes to 256 px with cv2): `rdpp_items`
-repeats its test transform (RGB / 255, ImageNet Normalize in float64, float32). Needs pandas, scikit-image.
+RD++'s dataset module is not imported (it needs numba, and fixes the size at 256 px): `rdpp_items`
+repeats its test transform (cv2.imread, RGB, cv2.resize of the image / 255 to --size, ImageNet Normalize in
+float64, float32; masks torchvision Resize + ToTensor). Needs pandas, scikit-image, OpenCV.
 """
 
 from __future__ import annotations
@@ -208,11 +210,21 @@ def step_rows(name: str, arch: str, mods: dict, parts: Parts, images: np.ndarray
     return rows
 
 
-def train_official(mods: dict, parts: Parts, train_dir: Path, steps: int = 20) -> None:
+def official_input(name: str, path: Path, size: int) -> np.ndarray:
+    """A file as the official dataset makes it a [0, 1] float image of the model's size: RD4AD PIL and
+    torchvision's Resize; RD++ cv2.imread, RGB, cv2.resize of the float64 image."""
+    if name == "rd4ad":
+        return np.asarray(Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)) / 255.0
+    import cv2
+
+    return cv2.resize(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB) / 255.0, (size, size))
+
+
+def train_official(name: str, mods: dict, parts: Parts, train_dir: Path, size: int, steps: int = 20) -> None:
     """A few steps of the official loop on the synthetic train images, so that the evaluated maps mean
     something. Adam, betas (0.5, 0.999), lr 0.005 for OCBE and decoder and 0.001 for RD++'s MPL, as both
     main.py; batches of 8; RD++'s 2-batch accumulation is left out (it does not matter here)."""
-    images = np.stack([np.asarray(Image.open(f).convert("RGB")) / 255.0 for f in sorted(train_dir.glob("*.png"))])
+    images = np.stack([official_input(name, f, size) for f in sorted(train_dir.glob("*.png"))])
     groups = [{"params": [q for k in ("bn", "decoder") for q in parts[k].parameters()], "lr": 0.005}]
     groups += [{"params": list(parts["proj"].parameters()), "lr": 0.001}] if "proj" in parts else []
     optimizer = torch.optim.Adam(groups, betas=(0.5, 0.999))
@@ -237,25 +249,28 @@ def rdjax_cli(*argv: str) -> None:
         raise SystemExit(f"rdjax {argv[0]} failed ({code}):\n{out.getvalue()[-3000:]}")
 
 
-def rdpp_items(category: Path) -> list[tuple]:
-    """RD++'s test samples (img, gt, label, type, name) at batch 1, as its MVTecDataset_test makes them
-    but for its resize to 256 px (the images already have the model's size)."""
+def rdpp_items(category: Path, size: int) -> list[tuple]:
+    """RD++'s test samples (img, gt, label, type, name) at batch 1, as its MVTecDataset_test makes them,
+    at --size instead of its fixed 256 px."""
+    from torchvision import transforms
+
+    gt_transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
     items = []
     for kind in sorted((category / "test").iterdir()):
         for path in sorted(kind.glob("*.png")):
-            img = nchw(np.asarray(Image.open(path).convert("RGB"))[None] / 255.0).float()
+            img = torch.from_numpy(((official_input("rdpp", path, size) - MEAN) / STD).transpose(2, 0, 1)).float()
             mask = category / "ground_truth" / kind.name / f"{path.stem}_mask.png"
-            gt = np.asarray(Image.open(mask), np.float32) / 255.0 if mask.exists() else np.zeros(img.shape[2:])
+            gt = gt_transform(Image.open(mask)) if mask.exists() else torch.zeros(1, size, size)
             label = torch.tensor([int(kind.name != "good")])
-            items.append((img, torch.from_numpy(gt).float()[None, None], label, [kind.name], [path.name]))
+            items.append((img[None], gt[None], label, [kind.name], [path.name]))
     return items
 
 
 def eval_rows(name: str, arch: str, mods: dict, parts: Parts, root: Path, size: int, tmp: Path) -> list[Row]:
     """3. The official modules saved as official checkpoints, `rdjax port` + `rdjax eval`, against the
-    official evaluation function on the same images (at the model's size: nothing is resized)."""
+    official evaluation function on the same files, each side resizing them by its own pipeline."""
     category = root / CATEGORY
-    train_official(mods, parts, category / "train" / "good")
+    train_official(name, mods, parts, category / "train" / "good", size)
     for m in parts.values():
         m.eval()
     teacher, checkpoint, work = tmp / f"{name}_teacher.pth", tmp / f"{name}.pth", tmp / f"{name}_ported"
@@ -263,18 +278,18 @@ def eval_rows(name: str, arch: str, mods: dict, parts: Parts, root: Path, size: 
     torch.save({k: parts[k].state_dict() for k in ("proj", "bn", "decoder") if k in parts}, checkpoint)
     files = [f"--teacher={teacher}", f"--src={checkpoint}", f"--out={work}", f"--image_size={size}"]
     rdjax_cli("port", name, f"--arch={arch}", *files)
-    config = [f"--config.{k}={v}" for k, v in (("dataset.root", root), ("dataset.category", CATEGORY))]
-    config += [f"--config.{k}={v}" for k, v in (("dataset.data_dir", root / "_tfds"), ("model.name", name))]
-    rdjax_cli("eval", f"--workdir={work}", "--config=synthetic", f"--config.image_size={size}", *config)
+    data = (("name", "synthetic"), ("root", root), ("category", CATEGORY), ("data_dir", root / "_tfds"))
+    rdjax_cli("eval", f"--workdir={work}", *(f"--config.dataset.{k}={v}" for k, v in data))  # the port's config
     ours = json.loads((work / "metrics.json").read_text())
-    if name == "rd4ad":  # its own dataset class and transforms (identities at this size), batch 1
+    if name == "rd4ad":  # its own dataset class and transforms, batch 1
         transform, gt_transform = mods["dataset"].get_data_transforms(size, size)
         dataset = mods["dataset"].MVTecDataset(str(category), transform, gt_transform, phase="test")
         loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False)
         theirs = mods["test"].evaluation(parts["encoder"], parts["bn"], parts["decoder"], loader, "cpu")
     else:
         evaluate = mods["utils.utils_test"].evaluation_multi_proj
-        theirs = evaluate(parts["encoder"], parts["proj"], parts["bn"], parts["decoder"], rdpp_items(category), "cpu")
+        items = rdpp_items(category, size)
+        theirs = evaluate(parts["encoder"], parts["proj"], parts["bn"], parts["decoder"], items, "cpu")
     labels = ("pixel AUROC", "image AUROC", "PRO per image (official definition)")
     keys = ("pixel_auroc", "image_auroc", "pro_rd4ad_per_image")
     return [
@@ -296,7 +311,8 @@ def header(args: argparse.Namespace) -> list[str]:
     for label, repo in (("hq-deng/RD4AD", args.rd4ad), ("tientrandinh/Revisiting-Reverse-Distillation", args.rdpp)):
         done = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
         lines.append(f"{label}: {done.stdout.strip() if done.returncode == 0 else 'not a git clone'}")
-    return lines + [f"{args.arch}, {args.size} px; synthetic '{CATEGORY}' images made at {args.size} px (no resizing)"]
+    made = f"synthetic '{CATEGORY}' images made at {args.native} px"
+    return lines + [f"{args.arch}, {args.size} px; {made}" + (" (no resizing)" if args.native == args.size else "")]
 
 
 def main() -> int:
@@ -305,7 +321,9 @@ def main() -> int:
     parser.add_argument("--rdpp", type=Path, required=True, help="a clone of its RD++ repository")
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--native", type=int, default=0, help="the generated images' size (0: --size)")
     args = parser.parse_args()
+    args.native = args.native or args.size
     import matplotlib
     import pandas as pd
 
@@ -320,7 +338,7 @@ def main() -> int:
     )
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = synthetic.generate(Path(tmp) / "data", (CATEGORY,), size=args.size, num_train=16, num_test_good=6)
+        root = synthetic.generate(Path(tmp) / "data", (CATEGORY,), size=args.native, num_train=16, num_test_good=6)
         for name, repo, modules in repos:
             mods = import_official(repo, modules)
             parts = build(mods, args.arch, channels, seed=10)

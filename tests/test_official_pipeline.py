@@ -182,7 +182,7 @@ def test_ported_checkpoint_evaluates_as_the_official_code(name, filter_, other, 
     wrong = _official_metrics(base, encoder, student, other)
     assert max(abs(wrong[k] - official[k]) for k in official) > 1e-4  # the test tells the filters apart
 
-    # predict and the exported artifact score the files as eval did (scores.csv: six decimals)
+    # predict, the exported artifact and a package score the files as eval did (scores.csv: six decimals)
     scored = {}
     for line in (ported / "eval/epoch_0000/scores.csv").read_text().splitlines()[1:]:
         fields = line.split(",")
@@ -198,3 +198,7 @@ def test_ported_checkpoint_evaluates_as_the_official_code(name, filter_, other, 
     np.testing.assert_allclose(np.asarray(exported), predicted, rtol=1e-5)
     contract = export.contract(model, "jax", "float32")["input"]
     assert contract["dtype"] == inputs.dtype.name and contract["recipe"]["filter"] == filter_
+    result = rdjax_cli("package", f"--workdir={ported}", f"--out={tmp_path / 'package'}")
+    assert result.code == 0, result.stderr[-2000:]
+    packaged = rdjax.load(tmp_path / "package")  # a float32 package scores as its workdir
+    np.testing.assert_array_equal(packaged.predict([str(f) for f in files]).scores, predicted)

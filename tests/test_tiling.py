@@ -47,6 +47,19 @@ def test_blending_reproduces_a_map_that_windows_agree_on():
     assert w.min() > 0 and w[8, 8] == 1 and w[0, 8] == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize("filter_", ["pil_bilinear", "cv2_bilinear"])
+def test_windows_are_cut_from_a_copy_scaled_by_the_recipe(filter_):
+    """Tiling scales by the model's own filter (RD++: OpenCV's, float inputs): a crop
+    'model' blends back to the scaled copy that filter makes, in the recipe's dtype."""
+    image = np.random.default_rng(1).integers(0, 256, (150, 230, 3), dtype=np.uint8)
+    recipe = Recipe(filter_, size=32)
+    scaled = recipe.scale(image, 115, 75)
+    assert scaled.dtype == recipe.dtype
+    unit = lambda windows: windows[..., 0].astype(np.float32) / (255 if windows.dtype == np.uint8 else 1)  # noqa: E731
+    (out,) = tiling.tiled_maps([image], recipe, [0.5], 5, unit)
+    np.testing.assert_allclose(out, unit(scaled), rtol=1e-6)
+
+
 def test_modes_reject_what_they_cannot_do():
     assert tiling.scale_for("fit", (480, 640), 256, None) == pytest.approx(256 / 480)
     assert tiling.scale_for("tile", (2048, 2048), 256, 512) == 0.5

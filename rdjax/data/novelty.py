@@ -2,8 +2,9 @@
 Table 3).
 
 Train on the training images of one class; test on the whole test split, where that class
-is normal and the nine others anomalous. Images are resized to 32x32 (PIL bilinear, as the
-official helpers' torchvision Resize) and grayscale becomes 3 channels. There are no
+is normal and the nine others anomalous. Grayscale becomes 3 channels, and images are
+resized to image_size by the model's recipe (RD4AD's: PIL bilinear, as the official
+helpers' torchvision Resize). There are no
 masks: only image-level metrics are reported.
 """
 
