@@ -59,6 +59,7 @@ def measure(arch: str, size: int, batch: int, steps: int, dtype: str, name: str 
     tx = model.optimizer(config_lib.defaults())
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     x = put(images)
+    valid = put(np.ones(batch, np.float32))  # every row counts: a full batch
 
     feats = jax.jit(lambda tv, im: model.teacher_features(tv, normalize(im)))(teacher_vars, x)
     state = jax.device_put(state_lib.create_train_state(student_vars, tx), sharding.replicated(mesh))
@@ -66,7 +67,7 @@ def measure(arch: str, size: int, batch: int, steps: int, dtype: str, name: str 
     holder = {"state": state}
 
     def run_cached(f):
-        holder["state"], loss = step(holder["state"], f)
+        holder["state"], loss = step(holder["state"], f, valid)
         return loss
 
     c_train, t_train = (0.0, float("nan")) if model.needs_images else _timed(run_cached, lambda: (feats,), steps)
@@ -74,7 +75,7 @@ def measure(arch: str, size: int, batch: int, steps: int, dtype: str, name: str 
     full = steps_lib.make_image_train_step(model, tx, mesh)
 
     def run_full(im):
-        holder["state"], loss = full(holder["state"], teacher_vars, im)
+        holder["state"], loss = full(holder["state"], teacher_vars, im, valid)
         return loss
 
     c_full, t_full = _timed(run_full, lambda: (x,), steps)

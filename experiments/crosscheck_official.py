@@ -15,7 +15,7 @@ them). Per model, on the official builders' random weights with random BatchNorm
    test images generated at --native px (default: the model's size, nothing resized), each side making
    them model inputs by its own pipeline (rdjax: the model's input recipe, docs/config.md).
 Patched (their code assumes CUDA and 2022-23 libraries): torch.Tensor.to('cuda') is a no-op and
-torch.randperm returns rdjax's jax.random.permutation while Revisit_RDLoss runs (it moves its target to
+torch.randperm returns rdjax's ssot_permutation while Revisit_RDLoss runs (it moves its target to
 'cuda'; the same permutation pairs the same images in SSOT); cv2 is an empty module when OpenCV is absent
 (they draw heat maps with it only); pandas.DataFrame.append (gone since pandas 2) is pd.concat, for
 RD4AD's compute_pro; `round` in their evaluation modules is the identity, to compare unrounded metrics.
@@ -48,7 +48,7 @@ from PIL import Image
 
 from rdjax import cli
 from rdjax.data import synthetic
-from rdjax.models.rdpp import add_noise
+from rdjax.models.rdpp import add_noise, ssot_permutation
 from rdjax.registry import MODELS
 
 THEIR_NAMES = {"resnet", "de_resnet", "dataset", "test", "main", "model", "utils", "inference"}
@@ -180,7 +180,7 @@ def step_rows(name: str, arch: str, mods: dict, parts: Parts, images: np.ndarray
         model, to64 = MODELS.get(name)(arch, "float64"), lambda tree: jax.tree.map(jnp.float64, tree)
         batches = [images] + ([np.asarray(add_noise(jnp.asarray(images), noise_key))] if name == "rdpp" else [])
         x, noised = nchw(batches[0]), nchw(batches[1]) if len(batches) > 1 else None
-        official = official_loss(mods, p, x, noised, np.asarray(jax.random.permutation(key, len(images))))
+        official = official_loss(mods, p, x, noised, np.asarray(ssot_permutation(key, jnp.ones(len(images)))))
         official.backward()
         want = official.item()
         grads = {f"{k}.{n}": q.grad for k in p for n, q in p[k].named_parameters() if q.grad is not None}

@@ -46,8 +46,10 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 LEGACY_EVALUATORS = "evaluators"  # 0.2.0's tuple of evaluator names, before config.evals
-# Before 0.6.0 every model read its inputs so: PIL's bilinear resize to image_size.
+# Before 0.6.0 every model read its inputs so: PIL's bilinear resize to image_size; and
+# every epoch ran full batches only.
 LEGACY_INPUT = {"filter": modes.ResizeFilter.PIL_BILINEAR.value, "resize": 0}
+LEGACY_DROP_LAST = True
 
 
 def evals_from_names(names: Any) -> dict:
@@ -65,12 +67,14 @@ def from_dict(saved: dict) -> ml_collections.ConfigDict:
     since the workdir was written take their default, which reproduces the old behaviour.
     config.evals is taken whole (an evaluator left out stays out), 0.2.0's
     config.evaluators becomes config.evals, and a workdir written before config.input
-    reads as the recipe it was trained with (LEGACY_INPUT), whatever its model's today."""
+    and config.drop_last reads as the recipe and the epochs it was trained with
+    (LEGACY_INPUT, LEGACY_DROP_LAST), whatever today's defaults."""
     config = defaults()
     saved = dict(saved)
     if LEGACY_EVALUATORS in saved:
         saved["evals"] = evals_from_names(saved.pop(LEGACY_EVALUATORS))
     saved.setdefault("input", LEGACY_INPUT)
+    saved.setdefault("drop_last", LEGACY_DROP_LAST)
 
     def merge(node: ml_collections.ConfigDict, values: dict) -> None:
         for key, value in values.items():
@@ -165,7 +169,7 @@ SCHEDULE_KEYS = (
 EVALUATION_KEYS = (
     "resize.mode", "resize.tile_size", "resize.overlap", "threshold.method", "threshold.quantile", "max_ratio",
 )  # fmt: skip
-TRAINING_KEYS = ("batch_size", "rdpp.accumulation", "model.teacher_weights")
+TRAINING_KEYS = ("batch_size", "drop_last", "rdpp.accumulation", "model.teacher_weights")
 
 
 def _flat(config: Any) -> dict[str, Any]:

@@ -28,14 +28,15 @@ def step_key(seed: int, step: jax.Array) -> jax.Array:
 
 
 def train_step_features(
-    model: Model, tx: optax.GradientTransformation, seed: int, state: TrainState, inputs: Any
+    model: Model, tx: optax.GradientTransformation, seed: int, state: TrainState, inputs: Any, valid: jax.Array
 ) -> tuple[TrainState, jax.Array]:
     """One optimizer step given the model's train inputs (RD4AD: the teacher's features,
-    precomputed or fresh)."""
+    precomputed or fresh) and which rows count (``valid``, 1 and 0: a partial last batch
+    is padded to the full batch, rdjax.data.pipeline)."""
     key = jax.random.fold_in(step_key(seed, state.step), 1)  # 0 is train_inputs' (the noise)
 
     def loss_fn(params: Any) -> tuple[jax.Array, Any]:
-        return model.train_loss({"params": params, "batch_stats": state.batch_stats}, inputs, key)
+        return model.train_loss({"params": params, "batch_stats": state.batch_stats}, inputs, key, valid)
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -54,7 +55,7 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, mesh: jax.sh
     batch axis over every device; the old state's buffers are donated."""
     return jax.jit(
         functools.partial(train_step_features, model, tx, seed),
-        in_shardings=(replicated(mesh), batch_sharding(mesh)),
+        in_shardings=(replicated(mesh), batch_sharding(mesh), batch_sharding(mesh)),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=0,
     )
@@ -72,14 +73,16 @@ def make_image_train_step(
     are an argument, replicated and never donated."""
     normalize = functools.partial(standardize, imagenet=imagenet_normalize)
 
-    def step(state: TrainState, teacher_vars: Variables, images: jax.Array) -> tuple[TrainState, jax.Array]:
+    def step(
+        state: TrainState, teacher_vars: Variables, images: jax.Array, valid: jax.Array
+    ) -> tuple[TrainState, jax.Array]:
         key = jax.random.fold_in(step_key(seed, state.step), 0)
         inputs = model.train_inputs(teacher_vars, to_unit(images), key, normalize)
-        return train_step_features(model, tx, seed, state, inputs)
+        return train_step_features(model, tx, seed, state, inputs, valid)
 
     return jax.jit(
         step,
-        in_shardings=(replicated(mesh), replicated(mesh), batch_sharding(mesh)),
+        in_shardings=(replicated(mesh), replicated(mesh), batch_sharding(mesh), batch_sharding(mesh)),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=0,
     )

@@ -148,7 +148,7 @@ class Run:
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(pipeline.steps_per_epoch(len(self.train), self.config.batch_size), 1)
+        return max(pipeline.steps_per_epoch(len(self.train), self.config.batch_size, self.config.drop_last), 1)
 
     @property
     def eval_batch(self) -> int:
@@ -634,20 +634,22 @@ class Trainer:
     """The jitted step and where each epoch's inputs come from (the images, or a cache)."""
 
     run: Run
-    step_fn: Callable[[Any, Any], tuple[Any, jax.Array]]
+    step_fn: Callable[[Any, Any, Any], tuple[Any, jax.Array]]  # (state, inputs, valid)
     mode: str  # the feature cache in use: 'memory', 'disk' or 'off'
     store: Any = None
     position: np.ndarray | None = None  # training row -> its place in this process's store
 
-    def inputs(self, epoch: int, skip: int = 0) -> Iterator[Any]:
-        """The epoch's batches from its ``skip``-th on (a resume within the epoch)."""
+    def inputs(self, epoch: int, skip: int = 0) -> Iterator[tuple[Any, Any]]:
+        """The epoch's (inputs, valid) batches from its ``skip``-th on (a resume within the epoch)."""
         run, config = self.run, self.run.config
-        rows = pipeline.epoch_batches(len(run.train), config.batch_size, config.seed, epoch)
-        rows = rows[skip:, pipeline.share(config.batch_size, jax.process_index(), jax.process_count())]
+        rows, valid = pipeline.epoch_batches(len(run.train), config.batch_size, config.seed, epoch, config.drop_last)
+        mine = pipeline.share(config.batch_size, jax.process_index(), jax.process_count())
+        rows, valid = rows[skip:, mine], valid[skip:, mine]
         store, position = self.store, self.position
         if store is None or position is None:
-            return prefetch((b["image"] for b in pipeline.load_batches(run.train, rows, "train")), run.put)
-        return prefetch(rows, lambda r: run.put(store.read(position[r])))
+            images = (b["image"] for b in pipeline.load_batches(run.train, rows, "train"))
+            return prefetch(zip(images, valid), run.put)
+        return prefetch(zip(rows, valid), lambda r_v: run.put((store.read(position[r_v[0]]), r_v[1])))
 
     def epoch(
         self, state: Any, epoch: int, profiler: Profiler, stop: StopRequest, overall: Any, skip: int = 0
@@ -671,8 +673,8 @@ class Trainer:
                 overall.update()
 
         with stop.deferred():
-            for x in self.inputs(epoch, skip):
-                state, loss = self.step_fn(state, x)
+            for x, valid in self.inputs(epoch, skip):
+                state, loss = self.step_fn(state, x, valid)
                 profiler.step(state)
                 on_device.append(loss)
                 in_flight.append(loss)
@@ -702,7 +704,7 @@ def make_trainer(run: Run, tx: optax.GradientTransformation, start_epoch: int) -
     mode = run.feature_mode if start_epoch < config.num_epochs else FeatureCache.OFF.value
     if mode == FeatureCache.OFF:
         image_step = steps.make_image_train_step(run.model, tx, run.mesh, config.imagenet_normalize, config.seed)
-        return Trainer(run, lambda state, images: image_step(state, run.teacher_vars, images), mode)
+        return Trainer(run, lambda state, images, valid: image_step(state, run.teacher_vars, images, valid), mode)
     n, p, count = len(run.train), jax.process_index(), jax.process_count()
     owned = pipeline.owned_rows(n, config.batch_size, config.seed, p, count)
     position = np.full(n, -1, np.int64)
@@ -851,8 +853,8 @@ def evaluate(config: Any, workdir: str | Path, dataset: data.Dataset | None = No
         run = setup(config, workdir, writing=False, dataset=dataset)
         student_shapes = run.model.abstract_variables()[1]
         step, student_vars = workdir_lib.restore_student(workdir, student_shapes, sharding.replicated(run.mesh))
-        trained_batch = workdir_lib.load_config(workdir).batch_size  # an evaluation may give another batch size
-        epoch = step // max(pipeline.steps_per_epoch(len(run.train), trained_batch), 1)
+        trained = workdir_lib.load_config(workdir)  # an evaluation may give another batch size
+        epoch = step // max(pipeline.steps_per_epoch(len(run.train), trained.batch_size, trained.drop_last), 1)
         result = evaluate_student(run, student_vars, epoch, step)
     Writer(workdir).evaluation(result)
     return result

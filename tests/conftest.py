@@ -245,7 +245,8 @@ def restore_state(workdir: Path, arch: str = "resnet18", name: str = "rd4ad"):
 
 def _shared_run(tmp_path_factory, worker_id, name: str, **overrides):
     """(config, workdir, result) of the demo config trained 3 epochs on a small 'disk'
-    category (16 images, batch 8: 6 steps), in-process, made once for the whole run and
+    category (16 images, batch 6: 3 steps an epoch, the last a partial batch of 4 rows,
+    9 steps), in-process, made once for the whole run and
     shared by the pytest-xdist workers (a file lock; the first one trains). Tests must
     not change the workdir (copy it first)."""
     import json
@@ -260,7 +261,7 @@ def _shared_run(tmp_path_factory, worker_id, name: str, **overrides):
     shared = base.parent if worker_id != "master" else base
     root = shared / "trained_data"
     workdir = shared / f"{name}_workdir"
-    config = small_config(root, num_epochs=3, eval_every=2, **overrides)
+    config = small_config(root, num_epochs=3, eval_every=2, batch_size=6, **overrides)
     with FileLock(str(shared / "trained.lock")):
         if not (workdir / "result.json").is_file():
             synthetic.generate(root, categories=("disk",), size=64, num_train=16, num_test_good=4, num_per_defect=3)

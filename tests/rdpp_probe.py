@@ -42,7 +42,9 @@ def run() -> dict:
         state = jax.device_put(state_lib.create_train_state(student_vars, tx), rep)
         teacher = jax.device_put(teacher_vars, rep)
         for batch in images:
-            state, _ = step(state, teacher, jax.device_put(batch, dat))
+            state, _ = step(
+                state, teacher, jax.device_put(batch, dat), jax.device_put(np.ones(len(batch), np.float32), dat)
+            )
         result.update(_flat(f"param/{n}", state.params))
         result.update(_flat(f"stats/{n}", state.batch_stats))
     return result

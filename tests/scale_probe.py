@@ -68,7 +68,8 @@ def run(count: int) -> dict:
         step = steps.make_train_step(model, tx, mesh)
         state = jax.device_put(state_lib.create_train_state(student_vars, tx), rep)
         for i, feats in enumerate(batches):
-            state, loss = step(state, jax.device_put(feats, dat))
+            valid = jax.device_put(np.ones(len(feats[0]), np.float32), dat)
+            state, loss = step(state, jax.device_put(feats, dat), valid)
             if i == 0:
                 result[f"loss/{n}"] = np.asarray(loss)
                 adam = state.opt_state[0]

@@ -144,21 +144,37 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped():
 
 
 def test_epoch_batches_cover_every_image_once_and_depend_only_on_seed_and_epoch():
-    a = pipeline.epoch_batches(37, 8, seed=5, epoch=3)
-    assert a.shape == (4, 8)  # full batches only: 37 mod 8 = 5 rows wait for another epoch
+    a, valid = pipeline.epoch_batches(37, 8, seed=5, epoch=3, drop_last=True)
+    assert a.shape == (4, 8) and valid.all()  # full batches only: 37 mod 8 = 5 rows wait for another epoch
     assert len(set(a.ravel().tolist())) == 32 and set(a.ravel().tolist()) <= set(range(37))
-    np.testing.assert_array_equal(a, pipeline.epoch_batches(37, 8, seed=5, epoch=3))
-    assert not np.array_equal(a, pipeline.epoch_batches(37, 8, seed=5, epoch=4))
+    np.testing.assert_array_equal(a, pipeline.epoch_batches(37, 8, seed=5, epoch=3, drop_last=True)[0])
+    assert not np.array_equal(a, pipeline.epoch_batches(37, 8, seed=5, epoch=4, drop_last=True)[0])
     # Column j always draws from lane j: the process feeding those columns owns those rows.
     lanes = pipeline.lanes(37, 8, seed=5)
     assert sorted(np.concatenate(lanes).tolist()) == list(range(37))
     for epoch in range(1, 6):
-        batches = pipeline.epoch_batches(37, 8, seed=5, epoch=epoch)
-        for j, lane in enumerate(lanes):
-            assert set(batches[:, j].tolist()) <= set(lane.tolist())
+        for drop_last in (True, False):
+            batches, _ = pipeline.epoch_batches(37, 8, seed=5, epoch=epoch, drop_last=drop_last)
+            for j, lane in enumerate(lanes):
+                assert set(batches[:, j].tolist()) <= set(lane.tolist())
     # Over epochs every row is used (the left-over rows differ from epoch to epoch).
-    used = set(np.concatenate([pipeline.epoch_batches(37, 8, 5, e).ravel() for e in range(1, 9)]).tolist())
+    used = set(np.concatenate([pipeline.epoch_batches(37, 8, 5, e, True)[0].ravel() for e in range(1, 9)]).tolist())
     assert used == set(range(37))
+
+
+@pytest.mark.parametrize(("n", "batch", "steps"), [(41, 16, 3), (37, 8, 5), (32, 8, 4)])
+def test_the_official_epoch_sees_every_row_exactly_once(n, batch, steps):
+    """ceil(N / B) steps, as the official DataLoader (drop_last=False): the valid rows of
+    an epoch are every row exactly once; the last batch has N mod B of them (B when it
+    divides), the padding rows repeat rows of their own lanes, and the order is a
+    function of (seed, epoch)."""
+    for epoch in (1, 2):
+        rows, valid = pipeline.epoch_batches(n, batch, seed=5, epoch=epoch)
+        assert rows.shape == valid.shape == (steps, batch) == (pipeline.steps_per_epoch(n, batch), batch)
+        assert sorted(rows[valid == 1].tolist()) == list(range(n))
+        assert valid[:-1].all() and valid[-1].sum() == (n % batch or batch)
+        np.testing.assert_array_equal(rows, pipeline.epoch_batches(n, batch, seed=5, epoch=epoch)[0])
+    assert pipeline.steps_per_epoch(n, batch, drop_last=True) == n // batch
 
 
 def test_processes_own_disjoint_rows_that_cover_their_columns():
@@ -167,7 +183,7 @@ def test_processes_own_disjoint_rows_that_cover_their_columns():
     for processes in (1, 2, 4):
         owned = [pipeline.owned_rows(37, 8, 5, p, processes) for p in range(processes)]
         assert sorted(np.concatenate(owned).tolist()) == list(range(37))
-        batches = pipeline.epoch_batches(37, 8, seed=5, epoch=2)
+        batches, _ = pipeline.epoch_batches(37, 8, seed=5, epoch=2)
         for p in range(processes):
             assert set(batches[:, pipeline.share(8, p, processes)].ravel().tolist()) <= set(owned[p].tolist())
     with pytest.raises(ConfigError, match="batch_size=8 is larger than the 5 training images"):

@@ -54,7 +54,7 @@ def test_jax_export_declares_three_platforms_and_runs_without_rdjax(setup, jax_f
     work, model, batch, want_maps, want_scores = setup
     out, meta = jax_file
     assert meta["input"]["shape"] == ["batch", 64, 64, 3] and meta["input"]["dtype"] == "uint8"
-    assert meta["step"] == 6 and meta["model"] == "rd4ad" and meta["calibration"] == model.calibration
+    assert meta["step"] == 9 and meta["model"] == "rd4ad" and meta["calibration"] == model.calibration
     exported = export.deserialize(out.read_bytes())
     assert exported.platforms == ("cpu", "cuda", "tpu")
     for n in (len(batch), 1):  # the batch size is symbolic

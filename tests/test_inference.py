@@ -35,7 +35,7 @@ def test_load_restores_the_trained_model(workdir, model):
     work, data, result = workdir
     assert model.step == 3 * 2
     cal = json.loads((work / "calibration.json").read_text())
-    assert cal == model.calibration and cal["method"] == "f1" and cal["step"] == 6
+    assert cal == model.calibration and cal["method"] == "f1" and cal["step"] == 9
     # Scores from predict on the original test files equal the evaluation's scores.
     files = sorted((data / "disk" / "test").rglob("*.png"))
     pred = model.predict([str(f) for f in files])
@@ -244,7 +244,7 @@ def test_the_default_threshold_uses_no_test_image(workdir, tmp_path):
     assert cal["image_threshold"] == pytest.approx(
         calibration.midway(scores, float(np.quantile(scores, defaults.quantile))), abs=RECOMPUTED
     )
-    assert json.loads((work / "train_log.json").read_text())[0]["step"] == 1  # 14 images left, batch 8
+    assert json.loads((work / "train_log.json").read_text())[0]["step"] == 2  # 14 images left, batch 8: 8 + 6
 
     fewer = tmp_path / "fewer"
     shutil.copytree(root, fewer, ignore=shutil.ignore_patterns("_tfds"))

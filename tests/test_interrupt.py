@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 def command(config, workdir: Path, mode: str = "auto", checkpoint_every: int = 1) -> list[str]:
-    """The CLI run of the shared trained workdir's config (3 epochs, 6 steps), with a
+    """The CLI run of the shared trained workdir's config (3 epochs of 3 steps, each ending
+    in a partial batch), with a
     checkpoint every ``checkpoint_every`` epochs, in feature-cache mode ``mode``."""
     return [
         sys.executable,
@@ -31,6 +32,7 @@ def command(config, workdir: Path, mode: str = "auto", checkpoint_every: int = 1
         *data_flags(Path(config.dataset.root)),
         f"--workdir={workdir}",
         f"--config.num_epochs={config.num_epochs}",
+        f"--config.batch_size={config.batch_size}",
         f"--config.eval_every={config.eval_every}",
         f"--config.checkpoint_every={checkpoint_every}",
         f"--config.feature_cache={mode}",
@@ -60,7 +62,7 @@ def test_sigkill_then_resume_equals_uninterrupted(trained, trained_off, tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     steps = finished_steps(workdir)
-    assert steps and steps[-1] < 6, "the run was not killed mid-training"
+    assert steps and steps[-1] < 9, "the run was not killed mid-training"
     restore(workdir)  # the latest complete checkpoint is readable right after the kill
     resumed = subprocess.run(command(config, workdir, mode), cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -69,7 +71,7 @@ def test_sigkill_then_resume_equals_uninterrupted(trained, trained_off, tmp_path
         assert "feature cache: reusing" in resumed.stdout
         assert not (workdir / "feature_cache").exists()  # and removed once training is done
     (a, step_a), (b, step_b) = restore(uninterrupted), restore(workdir)
-    assert step_a == step_b == 6  # 16 images, batch 8, 3 epochs
+    assert step_a == step_b == 9  # 16 images, batch 6 (6 + 6 + 4), 3 epochs
     jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, a.opt_state, b.opt_state)
     # Two runs with the same seed (one of them killed and resumed) give identical metrics.
@@ -102,15 +104,15 @@ def test_ctrl_c_says_where_to_resume_and_the_resume_equals_uninterrupted(trained
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     last = err.strip().splitlines()[-1]
     steps = finished_steps(workdir)
-    assert len(steps) == 1 and 2 <= steps[0] < 6, steps  # saved at the interrupt, after epoch 1
-    epoch, within = divmod(steps[0], 2)
+    assert len(steps) == 1 and 3 <= steps[0] < 9, steps  # saved at the interrupt, after epoch 1
+    epoch, within = divmod(steps[0], 3)
     resume = f"epoch {epoch + 1}" + (f", step {steps[0]}" if within else "")
     assert re.fullmatch(rf"interrupted at epoch [123]; rerun the same command to resume from {resume}", last), last
     resumed = subprocess.run(command(config, workdir, checkpoint_every=10), cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step {steps[0]}" in resumed.stdout
     (a, step_a), (b, step_b) = restore(uninterrupted), restore(workdir)
-    assert step_a == step_b == 6
+    assert step_a == step_b == 9
     jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, a.opt_state, b.opt_state)
     ma, mb = (json.loads((w / "metrics.json").read_text()) for w in (uninterrupted, workdir))

@@ -99,7 +99,8 @@ def test_teacher_is_frozen_through_a_train_step(small):
     # The jitted step donates the train state only: the teacher's buffers stay alive, and
     # the state it returns holds no teacher variable.
     feats = jax.jit(model.teacher_features)(teacher_vars, images)
-    new_state, loss_value = steps.make_train_step(model, tx, sharding.make_mesh())(state, feats)
+    step = steps.make_train_step(model, tx, sharding.make_mesh())
+    new_state, loss_value = step(state, feats, np.ones(len(images), np.float32))
     assert np.isfinite(float(loss_value))
     assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(state.params))
     assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(teacher_vars))

@@ -166,7 +166,7 @@ def test_loss_and_gradients_match_the_official_code_in_float64():
     clean = [torch.randn(4, c, s, s, generator=g, dtype=torch.float64) for c, s in zip(CHANNELS[arch], (16, 8, 4))]
     noised = [f + 0.3 * torch.randn(f.shape, generator=g, dtype=torch.float64) for f in clean]
     key = jax.random.key(7)
-    perm = torch.tensor(np.asarray(jax.random.permutation(key, 4)))
+    perm = torch.tensor(np.asarray(rdpp.ssot_permutation(key, jnp.ones(4))))
     proj_clean, proj_noised = mpl(clean), mpl(noised)
     out = decoder(ocbe(proj_clean))
     cos = torch.nn.CosineSimilarity()
@@ -344,7 +344,7 @@ def test_one_steps_loss_terms_match_the_official_code_in_float32():
     clean = [torch.randn(4, c, s, s, generator=g) for c, s in zip(CHANNELS[arch], (16, 8, 4))]
     noised = [f + 0.3 * torch.randn(f.shape, generator=g) for f in clean]
     key = jax.random.key(10)
-    perm = torch.tensor(np.asarray(jax.random.permutation(key, 4)))
+    perm = torch.tensor(np.asarray(rdpp.ssot_permutation(key, jnp.ones(4))))
     with torch.no_grad():
         proj_clean, proj_noised = mpl(clean), mpl(noised)
         out = decoder(ocbe(proj_clean))
@@ -413,7 +413,7 @@ def test_rdpp_steps_are_pure(rdpp_vars):
     def run(state, n):
         step = steps.make_image_train_step(model, tx, mesh, True, seed=5)
         for _ in range(n):
-            state, _ = step(state, teacher_vars, images)
+            state, _ = step(state, teacher_vars, images, np.ones(len(images), np.float32))
         return state
 
     fresh = lambda: jax.device_put(

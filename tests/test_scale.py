@@ -81,9 +81,11 @@ def runs(synth_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unified_runs(synthetic_data, tmp_path_factory):
-    """One model over two categories (config.setting='unified'), trained both ways."""
+    """One model over two categories (config.setting='unified'), trained both ways; 32
+    images at batch 6, so every epoch ends in a partial batch of 2 rows, both in the first
+    process's columns: the second feeds padding alone."""
     root = synthetic_data(categories=("disk", "weave"))
-    flags = ("--config.setting=unified", "--config.dataset.category=all")
+    flags = ("--config.setting=unified", "--config.dataset.category=all", "--config.batch_size=6")
     return _train_both(root, tmp_path_factory.mktemp("unified_runs"), *flags)
 
 
@@ -92,8 +94,8 @@ def unified_runs(synthetic_data, tmp_path_factory):
 def test_two_processes_equal_one_process(setting, request):
     """Two processes of one device each (jax.distributed, CPU collectives) compute exactly
     what one process with two devices computes: bit-identical state, identical metrics;
-    in the unified setting too, where the lanes run over the union of the categories and
-    each category's metrics are gathered apart."""
+    in the unified setting too, where the lanes run over the union of the categories,
+    each epoch ends in a partial batch, and each category's metrics are gathered apart."""
     runs = request.getfixturevalue(setting)
     one, two = restore_state(runs["d2"])[0], restore_state(runs["p2"])[0]
     for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(two)):

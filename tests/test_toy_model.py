@@ -80,11 +80,14 @@ class Toy:
     def train_inputs(self, teacher_vars: Variables, x: jax.Array, key: jax.Array, normalize: Callable) -> Any:
         return self.teacher_features(teacher_vars, normalize(x))
 
-    def train_loss(self, student_vars: Variables, inputs: Any, key: jax.Array) -> tuple[jax.Array, Variables]:
+    def train_loss(
+        self, student_vars: Variables, inputs: Any, key: jax.Array, valid: jax.Array | None = None
+    ) -> tuple[jax.Array, Variables]:
         s, batch_stats = self.student_features(student_vars, inputs, True)
+        w = jnp.ones(inputs[0].shape[0]) if valid is None else valid
         loss = jnp.zeros(())
         for a, b in zip(inputs, s):
-            loss = loss + jnp.mean((a - b) ** 2)
+            loss = loss + jnp.sum(jnp.mean((a - b) ** 2, axis=(1, 2, 3)) * w) / jnp.sum(w)
         return loss, batch_stats
 
     def optimizer(self, config: Any) -> optax.GradientTransformation:

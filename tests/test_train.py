@@ -59,7 +59,7 @@ def test_workdir_outputs(trained):
     config, workdir, result = trained
     saved = json.loads((workdir / "metrics.json").read_text())
     assert saved["image_auroc"] == pytest.approx(result["image_auroc"])
-    assert saved["seed"] == config.seed and saved["epoch"] == 3 and saved["step"] == 6
+    assert saved["seed"] == config.seed and saved["epoch"] == 3 and saved["step"] == 9
     assert saved["model"] == "rd4ad" and saved["arch"] == "resnet18"
     assert any("RANDOM" in w for w in saved["warnings"])  # teacher_weights='none' is loud
     assert set(saved["per_type"]) == set(synthetic.DEFECT_TYPES)
@@ -88,7 +88,7 @@ def test_workdir_outputs(trained):
     log = json.loads((workdir / "train_log.json").read_text())
     assert [e["step"] for e in log] == [2, 4, 6] and all(np.isfinite(e["loss"]) for e in log)
     cal = json.loads((workdir / "calibration.json").read_text())
-    assert cal["step"] == 6 and cal["method"] == "f1" and cal["fitted_on_test_set"] is True
+    assert cal["step"] == 9 and cal["method"] == "f1" and cal["fitted_on_test_set"] is True
     assert (
         "Decisions: threshold fitted on the test set (F1-optimal on 13 labelled test images)"
         in (workdir / "results.md").read_text()

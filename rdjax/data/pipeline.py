@@ -43,22 +43,32 @@ def lanes(n: int, batch_size: int, seed: int) -> list[np.ndarray]:
     return [np.sort(order[j::batch_size]) for j in range(batch_size)]
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Full batches only: the N mod B rows left over differ from epoch to epoch (a
-    partial last batch could not be split evenly over the processes that own its lanes)."""
-    return n // batch_size
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """ceil(N / B), the official DataLoader's epoch (drop_last=False): the last batch has
+    the N mod B rows left over. ``drop_last``: full batches only, N // B."""
+    return n // batch_size if drop_last else -(-n // batch_size)
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
-    """(steps, batch_size) row indices of one epoch, a pure function of (seed, epoch): a
-    resumed run sees exactly the order an uninterrupted one would. Every row appears at
-    most once, and all but N mod B rows exactly once."""
-    steps = steps_per_epoch(n, batch_size)
-    columns = [
-        np.random.default_rng([seed, epoch, j]).permutation(lane)[:steps]
-        for j, lane in enumerate(lanes(n, batch_size, seed))
-    ]
-    return np.stack(columns, axis=1)
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, drop_last: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, valid): (steps, batch_size) row indices of one epoch and float32 1/0 for the
+    rows that count, a pure function of (seed, epoch), so a resumed run sees exactly the
+    order an uninterrupted one would. Every row appears exactly once (``drop_last``: all
+    but the N mod B rows left over).
+
+    The last step of an epoch that keeps its partial batch takes the extra row of each of
+    the first N mod B lanes; the other lanes' columns repeat a row of their own lane with
+    valid 0, so every process still feeds its fixed columns of a full batch (and reads
+    only its own rows), and the step is the same compiled program."""
+    steps = steps_per_epoch(n, batch_size, drop_last)
+    rows = np.empty((steps, batch_size), np.int64)
+    valid = np.zeros((steps, batch_size), np.float32)
+    for j, lane in enumerate(lanes(n, batch_size, seed)):
+        order = np.random.default_rng([seed, epoch, j]).permutation(lane)[:steps]
+        rows[:, j] = np.concatenate([order, order[: steps - len(order)]])
+        valid[: len(order), j] = 1.0
+    return rows, valid
 
 
 def share(columns: int, process_index: int, process_count: int) -> slice:

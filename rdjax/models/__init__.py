@@ -88,8 +88,12 @@ class Model(Protocol):
         """[0, 1] images -> what `train_loss` takes (what the feature cache stores)."""
         ...
 
-    def train_loss(self, student_vars: Variables, inputs: Any, key: jax.Array) -> tuple[jax.Array, Variables]:
-        """The training loss and the updated batch_stats."""
+    def train_loss(
+        self, student_vars: Variables, inputs: Any, key: jax.Array, valid: jax.Array | None = None
+    ) -> tuple[jax.Array, Variables]:
+        """The training loss over the ``valid`` rows (1 and 0; None: every row) and the
+        batch_stats updated from them: a partial batch padded to full size trains as its
+        valid rows alone would (the official DataLoader's last batch)."""
         ...
 
     def optimizer(self, config: Any) -> optax.GradientTransformation:

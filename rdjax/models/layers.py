@@ -86,6 +86,8 @@ class BatchNorm(nn.Module):
     In train mode the batch statistics are reduced over the whole (global) batch: under
     jit with a batch-sharded input, XLA inserts the cross-device reduction itself.
     The running variance is updated with the unbiased batch variance, as PyTorch does.
+    ``valid`` (N,) of 1 and 0: the rows whose statistics count (a partial last batch is
+    padded to full size with rows of 0); None counts every row.
     """
 
     use_running_average: bool
@@ -94,7 +96,7 @@ class BatchNorm(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -104,13 +106,15 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
-            mean = jnp.mean(xf, axis=(0, 1, 2))
-            var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+            w = jnp.ones(x.shape[0], xf.dtype) if valid is None else valid.astype(xf.dtype)
+            w = w[:, None, None, None]
+            n = jnp.sum(w) * (x.shape[1] * x.shape[2])  # the values per channel that count
+            mean = jnp.sum(xf * w, axis=(0, 1, 2)) / n
+            var = jnp.sum(jnp.square(xf - mean) * w, axis=(0, 1, 2)) / n
             if not self.is_initializing():
-                n = xf.size // c
                 m = self.momentum
                 ra_mean.value = (1 - m) * ra_mean.value + m * mean
-                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+                ra_var.value = (1 - m) * ra_var.value + m * var * (n / jnp.maximum(n - 1, 1))
         y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
         return y.astype(self.dtype)
 

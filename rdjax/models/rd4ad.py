@@ -45,18 +45,19 @@ class OCBE(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, feats: Features, train: bool) -> jax.Array:
+    def __call__(self, feats: Features, train: bool, valid: jax.Array | None = None) -> jax.Array:
         a, b, c = feats
         e = self.spec.expansion
 
         def conv_bn_relu(x: jax.Array, features: int, i: int) -> jax.Array:
             x = Conv(features, 3, 2, dtype=self.dtype, name=f"conv{i}")(x)
-            return nn.relu(BatchNorm(not train, dtype=self.dtype, name=f"bn{i}")(x))
+            return nn.relu(BatchNorm(not train, dtype=self.dtype, name=f"bn{i}")(x, valid))
 
         a = conv_bn_relu(conv_bn_relu(a, 128 * e, 1), 256 * e, 2)
         b = conv_bn_relu(b, 256 * e, 3)
         x = jnp.concatenate([a.astype(self.dtype), b.astype(self.dtype), c.astype(self.dtype)], axis=-1)
-        return run_layer(x, self.spec, "bn_layer", 512, self.spec.ocbe_blocks, 2, train=train, dtype=self.dtype)
+        blocks = self.spec.ocbe_blocks
+        return run_layer(x, self.spec, "bn_layer", 512, blocks, 2, train=train, dtype=self.dtype, valid=valid)
 
 
 class Decoder(nn.Module):
@@ -68,7 +69,7 @@ class Decoder(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> Features:
+    def __call__(self, x: jax.Array, train: bool, valid: jax.Array | None = None) -> Features:
         outs = []
         for i, planes in enumerate((256, 128, 64)):
             x = run_layer(
@@ -81,6 +82,7 @@ class Decoder(nn.Module):
                 train=train,
                 dtype=self.dtype,
                 transposed=True,
+                valid=valid,
             )
             outs.append(x)
         # Decoder layer3 (largest) pairs with teacher layer1, and so on.
@@ -97,13 +99,24 @@ class Student(nn.Module):
         self.ocbe = OCBE(self.spec, self.dtype)
         self.decoder = Decoder(self.spec, self.dtype)
 
-    def __call__(self, teacher_feats: Features, train: bool) -> Features:
-        return self.decoder(self.ocbe(teacher_feats, train), train)
+    def __call__(self, teacher_feats: Features, train: bool, valid: jax.Array | None = None) -> Features:
+        return self.decoder(self.ocbe(teacher_feats, train, valid), train, valid)
 
 
-def cosine_distance_loss(teacher: Features, student: Features, eps: float = 1e-8) -> jax.Array:
+def batch_mean(values: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """The mean of per-sample ``values`` (N,) over the rows that count (``valid``, 1 and 0;
+    None: every row): a padded partial batch averages as its valid rows alone would."""
+    if valid is None:
+        return jnp.mean(values)
+    w = valid.astype(values.dtype)
+    return jnp.sum(values * w) / jnp.sum(w)
+
+
+def cosine_distance_loss(
+    teacher: Features, student: Features, valid: jax.Array | None = None, eps: float = 1e-8
+) -> jax.Array:
     """Official loss: per sample, 1 - cos between the *flattened* (H*W*C) feature maps,
-    averaged over the batch and summed over the three scales.
+    averaged over the batch (its ``valid`` rows) and summed over the three scales.
 
     The paper's text describes a per-pixel loss; the code's flattened one is what
     produced the published numbers (see docs/differences.md), so rdjax uses it.
@@ -114,7 +127,7 @@ def cosine_distance_loss(teacher: Features, student: Features, eps: float = 1e-8
         s = at_least_float32(s.reshape(s.shape[0], -1))
         dot = jnp.sum(t * s, axis=1)
         norm = jnp.linalg.norm(t, axis=1) * jnp.linalg.norm(s, axis=1)
-        total = total + jnp.mean(1.0 - dot / jnp.maximum(norm, eps))
+        total = total + batch_mean(1.0 - dot / jnp.maximum(norm, eps), valid)
     return total
 
 
@@ -201,11 +214,14 @@ class RD4AD:
         return tuple(jax.lax.stop_gradient(at_least_float32(f)) for f in feats)
 
     def student_features(
-        self, student_vars: Variables, teacher_feats: Features, train: bool
+        self, student_vars: Variables, teacher_feats: Features, train: bool, valid: jax.Array | None = None
     ) -> tuple[Features, Variables]:
-        """Student features (float32) and, in train mode, the updated batch_stats."""
+        """Student features (float32) and, in train mode, the batch_stats updated from the
+        ``valid`` rows (None: every row)."""
         if train:
-            feats, updates = self.student.apply(student_vars, teacher_feats, train=True, mutable=["batch_stats"])
+            feats, updates = self.student.apply(
+                student_vars, teacher_feats, train=True, valid=valid, mutable=["batch_stats"]
+            )
             batch_stats = updates["batch_stats"]
         else:
             feats = self.student.apply(student_vars, teacher_feats, train=False)
@@ -227,10 +243,12 @@ class RD4AD:
         dtype, as the feature cache stores them (so cached and fresh features train alike)."""
         return tuple(f.astype(self.dtype) for f in self.teacher_features(teacher_vars, normalize(x)))
 
-    def train_loss(self, student_vars: Variables, teacher_feats: Any, key: jax.Array) -> tuple[jax.Array, Variables]:
-        """The official loss, and the updated batch_stats."""
-        s, batch_stats = self.student_features(student_vars, teacher_feats, train=True)
-        return cosine_distance_loss(teacher_feats, s), batch_stats
+    def train_loss(
+        self, student_vars: Variables, teacher_feats: Any, key: jax.Array, valid: jax.Array | None = None
+    ) -> tuple[jax.Array, Variables]:
+        """The official loss over the ``valid`` rows, and the updated batch_stats."""
+        s, batch_stats = self.student_features(student_vars, teacher_feats, train=True, valid=valid)
+        return cosine_distance_loss(teacher_feats, s, valid), batch_stats
 
     def optimizer(self, config: Any) -> optax.GradientTransformation:
         """Adam with the official settings (config.learning_rate, adam_b1, adam_b2)."""

@@ -27,7 +27,16 @@ from rdjax.errors import PortError
 from rdjax.models import ModelType
 from rdjax.models.layers import Conv, Dtype, torch_default_init
 from rdjax.models.lowering import at_least_float32
-from rdjax.models.rd4ad import OCBE, RD4AD, Decoder, Features, Variables, cosine_distance_loss, official_parts
+from rdjax.models.rd4ad import (
+    OCBE,
+    RD4AD,
+    Decoder,
+    Features,
+    Variables,
+    batch_mean,
+    cosine_distance_loss,
+    official_parts,
+)
 from rdjax.models.resnet import ArchSpec
 from rdjax.models.sinkhorn import sinkhorn_divergence
 
@@ -94,55 +103,73 @@ class Student(nn.Module):
         self.ocbe = OCBE(self.spec, self.dtype)
         self.decoder = Decoder(self.spec, self.dtype)
 
-    def __call__(self, teacher_feats: Features, train: bool) -> Features:
-        return self.decoder(self.ocbe(self.proj(teacher_feats), train), train)
+    def __call__(self, teacher_feats: Features, train: bool, valid: jax.Array | None = None) -> Features:
+        return self.decoder(self.ocbe(self.proj(teacher_feats), train, valid), train, valid)
 
-    def training(self, clean: Features, noised: Features) -> tuple[Features, Features, Features]:
-        """(projected noised, projected clean, student features of the projected clean)."""
+    def training(
+        self, clean: Features, noised: Features, valid: jax.Array | None = None
+    ) -> tuple[Features, Features, Features]:
+        """(projected noised, projected clean, student features of the projected clean);
+        BatchNorm's statistics from the ``valid`` rows (the MPL's instance norms are per row)."""
         projected = self.proj(clean)
-        return self.proj(noised), projected, self.decoder(self.ocbe(projected, True), True)
+        return self.proj(noised), projected, self.decoder(self.ocbe(projected, True, valid), True, valid)
 
 
 def _flat(x: jax.Array) -> jax.Array:
     return at_least_float32(x.reshape(x.shape[0], -1))
 
 
-def cosine_reconstruction(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
-    """mean(1 - CosineSimilarity(dim=1)(a, b)) on NCHW tensors: per pixel, over channels."""
+def cosine_reconstruction(a: jax.Array, b: jax.Array, valid: jax.Array | None = None, eps: float = 1e-8) -> jax.Array:
+    """mean(1 - CosineSimilarity(dim=1)(a, b)) on NCHW tensors: per pixel, over channels;
+    the mean over the ``valid`` rows' pixels (every row has as many)."""
     a, b = at_least_float32(a), at_least_float32(b)
     dot = jnp.sum(a * b, axis=-1)
     norms = jnp.sqrt(jnp.maximum(jnp.sum(a * a, axis=-1) * jnp.sum(b * b, axis=-1), eps * eps))
-    return jnp.mean(1.0 - dot / norms)
+    return batch_mean(jnp.mean(1.0 - dot / norms, axis=(1, 2)), valid)
 
 
-def contrast(a: jax.Array, b: jax.Array, margin: float = CONTRAST_MARGIN, eps: float = 1e-12) -> jax.Array:
-    """CosineEmbeddingLoss(margin) with target -1 on the flattened images: mean of
-    max(0, cos(a, b) - margin), with PyTorch's epsilon inside the norms."""
+def contrast(
+    a: jax.Array, b: jax.Array, valid: jax.Array | None = None, margin: float = CONTRAST_MARGIN, eps: float = 1e-12
+) -> jax.Array:
+    """CosineEmbeddingLoss(margin) with target -1 on the flattened images: mean over the
+    ``valid`` rows of max(0, cos(a, b) - margin), with PyTorch's epsilon inside the norms."""
     a, b = _flat(a), _flat(b)
     cos = jnp.sum(a * b, axis=1) / jnp.sqrt((jnp.sum(a * a, axis=1) + eps) * (jnp.sum(b * b, axis=1) + eps))
-    return jnp.mean(jnp.maximum(cos - margin, 0.0))
+    return batch_mean(jnp.maximum(cos - margin, 0.0), valid)
+
+
+def ssot_permutation(key: jax.Array, valid: jax.Array) -> jax.Array:
+    """The order SSOT pairs a batch with (the official torch.randperm over its rows): the
+    valid rows first, in a uniformly random order, then the padding rows."""
+    return jnp.argsort(jnp.where(valid > 0, jax.random.uniform(key, valid.shape), 2.0))
 
 
 def projection_terms(
-    noised: Features, projected_noised: Features, projected: Features, key: jax.Array
+    noised: Features, projected_noised: Features, projected: Features, key: jax.Array, valid: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The official Revisit_RDLoss's three terms (SSOT, reconstruction, contrast), each summed
-    over the three scales.
+    over the three scales, over the ``valid`` rows (None: every row).
 
     SSOT pairs each scale's softmax-ed, flattened projections with the same batch in a
     random order. Uniform measures on the same points are the same measure, so this
     term is zero up to rounding, and so is its gradient (docs/differences.md); it is
     computed all the same, as the official code does."""
-    perm = jax.random.permutation(key, projected[0].shape[0])
-    ssot = sum(sinkhorn_divergence(jax.nn.softmax(_flat(p), -1), jax.nn.softmax(_flat(p)[perm], -1)) for p in projected)
-    reconstruct = sum(cosine_reconstruction(n, p) for n, p in zip(projected_noised, projected))
-    contrasts = sum(contrast(f, p) for f, p in zip(noised, projected))
+    valid = jnp.ones(projected[0].shape[0], jnp.float32) if valid is None else valid
+    perm = ssot_permutation(key, valid)
+    ssot = sum(
+        sinkhorn_divergence(jax.nn.softmax(_flat(p), -1), jax.nn.softmax(_flat(p)[perm], -1), valid, valid[perm])
+        for p in projected
+    )
+    reconstruct = sum(cosine_reconstruction(n, p, valid) for n, p in zip(projected_noised, projected))
+    contrasts = sum(contrast(f, p, valid) for f, p in zip(noised, projected))
     return ssot, reconstruct, contrasts  # type: ignore[return-value]  # sums of >= 1 arrays
 
 
-def projection_loss(noised: Features, projected_noised: Features, projected: Features, key: jax.Array) -> jax.Array:
+def projection_loss(
+    noised: Features, projected_noised: Features, projected: Features, key: jax.Array, valid: jax.Array | None = None
+) -> jax.Array:
     """The official Revisit_RDLoss: (SSOT + 0.01 reconstruction + 0.1 contrast) / 1.11."""
-    ssot, reconstruct, contrasts = projection_terms(noised, projected_noised, projected, key)
+    ssot, reconstruct, contrasts = projection_terms(noised, projected_noised, projected, key, valid)
     return (ssot + RECONSTRUCT_WEIGHT * reconstruct + CONTRAST_WEIGHT * contrasts) / PROJ_NORMALIZER
 
 
@@ -212,18 +239,18 @@ class RDPP(RD4AD):
         )
 
     def train_loss(
-        self, student_vars: Variables, inputs: tuple[Features, Features], key: jax.Array
+        self, student_vars: Variables, inputs: tuple[Features, Features], key: jax.Array, valid: jax.Array | None = None
     ) -> tuple[jax.Array, Variables]:
-        """L_distill + 0.2 L_proj, and the updated batch_stats."""
+        """L_distill + 0.2 L_proj over the ``valid`` rows, and the updated batch_stats."""
         clean, noised = inputs
         (proj_noised, proj_clean, student), updates = self.student.apply(
-            student_vars, clean, noised, method=Student.training, mutable=["batch_stats"]
+            student_vars, clean, noised, valid, method=Student.training, mutable=["batch_stats"]
         )
         proj_noised = tuple(at_least_float32(p) for p in proj_noised)
         proj_clean = tuple(at_least_float32(p) for p in proj_clean)
         student = tuple(at_least_float32(s) for s in student)
-        distill = cosine_distance_loss(clean, student)
-        proj = projection_loss(noised, proj_noised, proj_clean, key)
+        distill = cosine_distance_loss(clean, student, valid)
+        proj = projection_loss(noised, proj_noised, proj_clean, key, valid)
         return distill + PROJ_WEIGHT * proj, updates["batch_stats"]
 
     def optimizer(self, config: Any) -> optax.GradientTransformation:

@@ -10,6 +10,7 @@ convolution of the official de_resnet.py, and the projection shortcut is called
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,8 +86,8 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        bn = lambda name: BatchNorm(not self.train, dtype=self.dtype, name=name)  # noqa: E731
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        bn = lambda name: functools.partial(BatchNorm(not self.train, dtype=self.dtype, name=name), valid=valid)  # noqa: E731
         out = _resample(self.planes, 3, self.stride, self.transposed, self.dtype, "conv1")(x)
         out = nn.relu(bn("bn1")(out))
         out = bn("bn2")(Conv(self.planes, 3, dtype=self.dtype, name="conv2")(out))
@@ -111,8 +112,8 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        bn = lambda name: BatchNorm(not self.train, dtype=self.dtype, name=name)  # noqa: E731
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        bn = lambda name: functools.partial(BatchNorm(not self.train, dtype=self.dtype, name=name), valid=valid)  # noqa: E731
         width = int(self.planes * (self.base_width / 64.0))
         out = nn.relu(bn("bn1")(Conv(width, 1, dtype=self.dtype, name="conv1")(x)))
         out = _resample(width, 3, self.stride, self.transposed, self.dtype, "conv2")(out)
@@ -140,9 +141,11 @@ def run_layer(
     train: bool,
     dtype: Dtype,
     transposed: bool = False,
+    valid: jax.Array | None = None,
 ) -> jax.Array:
     """torchvision's _make_layer, applied: a projection shortcut on the first block
-    when the stride or the channel count changes. Must be called inside a compact module."""
+    when the stride or the channel count changes. Must be called inside a compact module.
+    ``valid``: the rows that count in train-mode BatchNorm (rdjax.models.layers)."""
     block: Any = BLOCKS[spec.block]
     out_channels = planes * block.expansion
     width = {} if spec.block == "basic" else {"base_width": spec.base_width}
@@ -157,7 +160,7 @@ def run_layer(
             train=train,
             dtype=dtype,
             name=f"{name}_{i}",
-        )(x)
+        )(x, valid)
     return x
 
 

@@ -39,17 +39,31 @@ def _softmin(eps: jax.Array, cost: jax.Array, h: jax.Array) -> jax.Array:
     return -eps * jax.nn.logsumexp(h[None, :] - cost / eps, axis=1)
 
 
+def _uniform(valid: jax.Array | None, n: int, dtype: jnp.dtype) -> jax.Array:
+    """The uniform measure on the valid rows (all n where None)."""
+    if valid is None:
+        return jnp.full((n,), 1.0 / n, dtype)
+    w = valid.astype(dtype)
+    return w / jnp.sum(w)
+
+
 def sinkhorn_divergence(
-    x: jax.Array, y: jax.Array, blur: float = 0.05, scaling: float = 0.95, diameter: float = 1e7
+    x: jax.Array,
+    y: jax.Array,
+    x_valid: jax.Array | None = None,
+    y_valid: jax.Array | None = None,
+    blur: float = 0.05,
+    scaling: float = 0.95,
+    diameter: float = 1e7,
 ) -> jax.Array:
     """S(x, y) = OT(x, y) - OT(x, x) / 2 - OT(y, y) / 2 between uniform measures on the rows
-    of x (N, D) and y (M, D), cost |x - y|^2 / 2, temperature blur^2, with geomloss's
-    annealing loop and gradients (module docstring)."""
+    of x (N, D) and y (M, D) (on their ``valid`` rows, 1 and 0: the others weigh 0, so a
+    padded batch gives the divergence of its valid rows), cost |x - y|^2 / 2, temperature
+    blur^2, with geomloss's annealing loop and gradients (module docstring)."""
     sg = jax.lax.stop_gradient
-    n, m = x.shape[0], y.shape[0]
-    a = jnp.full((n,), 1.0 / n, x.dtype)
-    b = jnp.full((m,), 1.0 / m, y.dtype)
-    a_log, b_log = jnp.log(a), jnp.log(b)
+    a = _uniform(x_valid, x.shape[0], x.dtype)
+    b = _uniform(y_valid, y.shape[0], y.dtype)
+    a_log, b_log = jnp.log(a), jnp.log(b)  # -inf where a row does not count: exp gives it 0
     c_xy, c_yx = half_squared_distances(x, sg(y)), half_squared_distances(y, sg(x))
     c_xx, c_yy = half_squared_distances(x, sg(x)), half_squared_distances(y, sg(y))
     eps_list = jnp.asarray(epsilon_schedule(2, diameter, blur, scaling), x.dtype)
