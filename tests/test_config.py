@@ -56,6 +56,15 @@ def test_saved_configs_take_defaults_for_new_keys():
     assert config.evals.to_dict() == config_lib.defaults().evals.to_dict()
 
 
+def test_workdirs_before_the_official_epoch_resume_with_full_batches():
+    """A workdir written before config.drop_last trained full batches only: it reads as
+    drop_last=True, so its steps per epoch (and where a resume lands) stay as they were;
+    a new config keeps the last partial batch, as the official DataLoader."""
+    assert config_lib.defaults().drop_last is False
+    assert config_lib.from_dict({"model": {"arch": "resnet18"}}).drop_last is True
+    assert config_lib.from_dict({"drop_last": False}).drop_last is False
+
+
 def test_old_evaluator_tuples_become_evals():
     """0.2.0 workdirs name their evaluators in a tuple: the same evaluators, in the same
     order, with report drawing calibration's threshold only where calibration ran."""
