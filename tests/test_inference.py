@@ -33,7 +33,7 @@ def model(workdir):
 
 def test_load_restores_the_trained_model(workdir, model):
     work, data, result = workdir
-    assert model.step == 3 * 2
+    assert model.step == 3 * 3
     cal = json.loads((work / "calibration.json").read_text())
     assert cal == model.calibration and cal["method"] == "f1" and cal["step"] == 9
     # Scores from predict on the original test files equal the evaluation's scores.

@@ -86,7 +86,7 @@ def test_workdir_outputs(trained):
     assert Image.open(workdir / "eval" / "epoch_0003" / "report.png").size[0] > 800
     assert workdir_lib.load_config(workdir).dataset.category == "disk"
     log = json.loads((workdir / "train_log.json").read_text())
-    assert [e["step"] for e in log] == [2, 4, 6] and all(np.isfinite(e["loss"]) for e in log)
+    assert [e["step"] for e in log] == [3, 6, 9] and all(np.isfinite(e["loss"]) for e in log)
     cal = json.loads((workdir / "calibration.json").read_text())
     assert cal["step"] == 9 and cal["method"] == "f1" and cal["fitted_on_test_set"] is True
     assert (
@@ -117,7 +117,7 @@ def test_eval_command_reproduces_the_metrics(trained, tmp_path):
     assert out.code == 0, out.stderr[-2000:]
     assert "disk: image AUROC" in out.stdout
     again = json.loads((workdir / "metrics.json").read_text())
-    assert again["step"] == 6 and again["epoch"] == 3
+    assert again["step"] == 9 and again["epoch"] == 3
     for key in ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image"):
         assert again[key] == pytest.approx(before[key], abs=1e-6), key
 
@@ -149,8 +149,8 @@ def test_binned_metrics_of_a_trained_model_equal_the_exact_ones(trained, tmp_pat
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path):
-    """One more epoch at an infinite learning rate, from the disk cache: step 7 makes the
-    parameters non-finite, so step 8's loss is; one error line names it, the workdir's
+    """One more epoch at an infinite learning rate, from the disk cache: step 10 makes the
+    parameters non-finite, so step 11's loss is; one error line names it, the workdir's
     latest checkpoint is still the last good one, and the cache's files are closed but
     kept for the next run."""
     config, trained_dir, _ = trained
@@ -160,11 +160,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_p
         "train",
         f"--workdir={workdir}",
         *data_flags(Path(config.dataset.root)),
+        f"--config.batch_size={config.batch_size}",
         "--config.num_epochs=4",
         "--config.learning_rate=inf",
         "--config.feature_cache=disk",
     )
-    assert "non-finite loss" in out.error_line() and "at step 8 (epoch 4)" in out.error_line()
+    assert "non-finite loss" in out.error_line() and "at step 11 (epoch 4)" in out.error_line()
     assert sorted(p.name for p in (workdir / "feature_cache" / "process_0_of_1").iterdir()) == [
         "complete.json",
         "scale0.npy",
@@ -174,7 +175,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_p
     open_files = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
     assert not [f for f in open_files if f.startswith(str(workdir))], open_files
     state, latest = restore_state(workdir)
-    assert latest == 6 and int(state.step) == 6
+    assert latest == 9 and int(state.step) == 9
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
 
 
@@ -205,7 +206,7 @@ def test_training_again_resumes_and_evaluates_what_is_there(trained, tmp_path):
     again = tmp_path / "again"
     shutil.copytree(workdir, again)
     second = train.train_and_evaluate(config, again)
-    assert second["step"] == 6 and second["epoch"] == 3
+    assert second["step"] == 9 and second["epoch"] == 3
     assert second["image_auroc"] == result["image_auroc"] and second["pixel_auroc"] == result["pixel_auroc"]
 
 
@@ -235,14 +236,15 @@ def test_a_rerun_may_not_change_what_the_weights_depend_on(trained, tmp_path):
         ("--config.model.arch=resnet34", f"config.model.arch='resnet34', but {workdir} was trained with 'resnet18'"),
         ("--config.seed=5", f"config.seed=5, but {workdir} was trained with 111"),
     ]:
-        assert line in rdjax_cli("train", f"--workdir={workdir}", *data_flags(root), flag).error_line()
+        batch = f"--config.batch_size={config.batch_size}"
+        assert line in rdjax_cli("train", f"--workdir={workdir}", *data_flags(root), batch, flag).error_line()
     assert "config.image_size=128" in rdjax_cli("eval", f"--workdir={workdir}", "--config.image_size=128").error_line()
     assert _snapshot(workdir) == before
 
     more = config.copy_and_resolve_references()
     more.num_epochs = 4
     result = train.train_and_evaluate(more, workdir)
-    assert (result["epoch"], result["step"]) == (4, 8)
+    assert (result["epoch"], result["step"]) == (4, 12)
     assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 4
     evaluated = rdjax_cli("eval", f"--workdir={workdir}", "--config.resize.mode=fit")
     assert evaluated.code == 0, evaluated.stderr[-2000:]
