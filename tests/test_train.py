@@ -419,3 +419,44 @@ def test_eval_and_predict_read_the_workdirs_own_config(trained, tmp_path):
     assert "holds one workdir per category (disk)" in error and str(parent / "disk") in error
     saved = workdir_lib.saved_config(parent)
     assert saved.dataset.category == "all" and saved.model.to_dict() == workdir_lib.load_config(workdir).model.to_dict()
+
+
+@pytest.mark.slow  # most of a training run, in two parts
+def test_a_stop_inside_an_epoch_ending_in_a_partial_batch_resumes_exactly(trained, tmp_path, monkeypatch):
+    """The shared run's epochs are 6 + 6 + 4 images (batch 6). Stopped after its fifth step,
+    inside the second epoch (a Ctrl-C, made deterministic here: the stop request reads
+    the step count), the run saves step 5; run again, it resumes there, trains the
+    second epoch's partial batch and the third epoch, and ends with the uninterrupted
+    run's parameters and optimizer state, bit for bit."""
+    import dataclasses
+
+    from rdjax.errors import Interrupted
+
+    config, uninterrupted, _ = trained
+    steps_done = [0]
+    make_trainer = train.make_trainer
+
+    def counting(*args):
+        trainer = make_trainer(*args)
+
+        def step(state, x, valid):
+            steps_done[0] += 1
+            return trainer.step_fn(state, x, valid)
+
+        return dataclasses.replace(trainer, step_fn=step)
+
+    class StopAfterFive(train.StopRequest):
+        requested = property(lambda self: steps_done[0] >= 5, lambda self, value: None)
+
+    monkeypatch.setattr(train, "make_trainer", counting)
+    monkeypatch.setattr(train, "StopRequest", StopAfterFive)
+    workdir = tmp_path / "w"
+    with pytest.raises(Interrupted, match="resume from epoch 2, step 5"):
+        train.train_and_evaluate(config, workdir)
+    assert restore_state(workdir)[1] == 5
+    monkeypatch.undo()
+    train.train_and_evaluate(config, workdir)
+    (a, step_a), (b, step_b) = restore_state(uninterrupted), restore_state(workdir)
+    assert step_a == step_b == 9
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a.opt_state, b.opt_state)
