@@ -44,10 +44,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.image_size = 256
     config.batch_size = 16
-    # Epochs as the official code runs them: ceil(N / batch_size) steps, the last on the N mod
-    # batch_size rows left over (the loss and BatchNorm count only those). True: full
-    # batches only, N // batch_size steps; on small sets that is far fewer steps (docs/config.md).
-    config.drop_last = False
+    # Epochs as the official code runs them (False): ceil(N / batch_size) steps, the last on
+    # the N mod batch_size rows left over (the loss and BatchNorm count only those). True:
+    # full batches only, N // batch_size steps; on small sets that is far fewer steps
+    # (docs/config.md). None (unset) = the workdir's when it has one, else False; recorded
+    # in config.json when training starts.
+    config.drop_last = ml_collections.config_dict.placeholder(bool)
     config.num_epochs = 200
     config.learning_rate = 0.005
     config.eval_every = 10

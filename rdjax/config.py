@@ -187,11 +187,17 @@ def _flat(config: Any) -> dict[str, Any]:
     return out
 
 
-def resolve_input(config: Any, saved: Any | None, model_filter: str) -> None:
-    """config.input.filter '' -> the trained workdir's (``saved``), else the model's own,
-    so that config.json records the recipe and a rerun keeps it."""
+def for_workdir(config: Any, saved: Any | None, model_filter: str) -> Any:
+    """A copy of ``config`` with what it leaves to the workdir resolved, so that config.json
+    records it and a rerun (resuming an older workdir too) keeps it: config.input.filter ''
+    -> the trained workdir's (``saved``), else the model's own; config.drop_last None ->
+    the workdir's, else False (the official epoch)."""
+    config = config.copy_and_resolve_references()
     if not config.input.filter:
         config.input.filter = saved.input.filter if saved is not None else model_filter
+    if config.drop_last is None:
+        config.drop_last = bool(saved.drop_last) if saved is not None else False
+    return config
 
 
 def check_rerun(workdir: Any, saved: Any, config: Any, evaluating: bool) -> list[str]:

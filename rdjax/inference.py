@@ -149,7 +149,13 @@ class Model:
         resize = setting.mode if resize is None else resize
         tile_size = (setting.tile_size or None) if tile_size is None else tile_size
         overlap = setting.overlap if overlap is None else overlap
-        if modes.parse(modes.ResizeMode, resize, "resize") is modes.ResizeMode.SQUEEZE:
+        squeeze = modes.parse(modes.ResizeMode, resize, "resize") is modes.ResizeMode.SQUEEZE
+        if not squeeze and self.recipe.resize not in (0, self.image_size):
+            raise ConfigError(
+                f"resize={resize!r} tiles the whole image, but this model's inputs are centre-cropped "
+                f"(config.input.resize={self.recipe.resize}); use 'squeeze'"
+            )
+        if squeeze:
             maps, scores = self.predict_resized(self.preprocess(images), batch_size)
             full = [tiling.uncrop_map(m, a.shape[:2], self.recipe) for m, a in zip(maps, images)]
         else:

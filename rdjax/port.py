@@ -39,6 +39,7 @@ def port(what: str, arch: str, src: str, out: Path, teacher: str | None = None, 
         config = config_lib.defaults()
         config.model.name, config.model.arch, config.image_size = what, arch, image_size
         config.input.filter = model.input_filter  # the official code's recipe, which its weights were trained on
+        config.drop_last = False  # the official epoch
         config.model.teacher_weights = str((out / workdir_lib.TEACHER).resolve())
         config.dataset.name = config.dataset.category = ""  # trained elsewhere: the first evaluation names them
         # The official code trains on every train/good image: none are held out, so the

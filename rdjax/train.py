@@ -169,7 +169,7 @@ def _setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | No
     registry.check(config)
     model = registry.build_model(config)
     saved_config = workdir_lib.load_config(workdir) if (workdir / workdir_lib.CONFIG).is_file() else None
-    config_lib.resolve_input(config, saved_config, model.input_filter)
+    config = config_lib.for_workdir(config, saved_config, model.input_filter)
     if saved_config is not None:  # a trained workdir: its weights' settings stay as they are
         for note in config_lib.check_rerun(workdir, saved_config, config, evaluating=not writing):
             _log("note: %s", note)
@@ -471,6 +471,7 @@ def _cache_identity(run: Run) -> dict:
         "teacher_file": stamp,
         "dataset": config.dataset.to_dict(),
         "image_size": config.image_size,
+        "input": config.input.to_dict(),  # the recipe that made the images the teacher saw
         "dtype": config.dtype,
         "imagenet_normalize": config.imagenet_normalize,
         "seed": config.seed,
@@ -688,7 +689,9 @@ class Trainer:
         _check_finite(losses, epoch, self.run.steps_per_epoch, skip)
         if len(losses) < steps:
             return state, None
-        speed = steps * config.batch_size / seconds
+        # The images trained on (every step but an epoch's last is full; padding is not counted).
+        total = self.run.steps_per_epoch * config.batch_size if config.drop_last else len(self.run.train)
+        speed = (total - skip * config.batch_size) / seconds
         return state, {"epoch": epoch, "step": int(state.step), "loss": float(losses.mean()), "steps": steps,
                        "images_per_second": speed, "feature_cache": self.mode}  # fmt: skip
 
@@ -776,6 +779,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
 
 def _train(config: Any, workdir: Path, dataset: data.Dataset | None) -> dict:
     run = setup(config, workdir, writing=True, dataset=dataset)
+    config = run.config  # resolved against the workdir (config_lib.for_workdir)
     writer = Writer(workdir)
     writer.config(config)
     tx = optimizer(run)

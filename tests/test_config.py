@@ -56,13 +56,23 @@ def test_saved_configs_take_defaults_for_new_keys():
     assert config.evals.to_dict() == config_lib.defaults().evals.to_dict()
 
 
-def test_workdirs_before_the_official_epoch_resume_with_full_batches():
-    """A workdir written before config.drop_last trained full batches only: it reads as
-    drop_last=True, so its steps per epoch (and where a resume lands) stay as they were;
-    a new config keeps the last partial batch, as the official DataLoader."""
-    assert config_lib.defaults().drop_last is False
-    assert config_lib.from_dict({"model": {"arch": "resnet18"}}).drop_last is True
-    assert config_lib.from_dict({"drop_last": False}).drop_last is False
+def test_workdirs_before_the_official_epoch_resume_with_full_batches(tmp_path):
+    """A workdir written before config.drop_last (and config.input) trained full batches
+    only: it reads as drop_last=True, and a rerun of the same config file resolves to
+    that, so the rerun check lets it resume and its steps per epoch (and where a resume
+    lands) stay as they were. A new workdir keeps the last partial batch, as the official
+    DataLoader; an explicit setting that contradicts the workdir is refused."""
+    saved = config_lib.defaults().to_dict()
+    del saved["drop_last"], saved["input"]
+    old = config_lib.from_dict(saved)
+    assert old.drop_last is True and config_lib.from_dict({"drop_last": False}).drop_last is False
+    rerun = config_lib.for_workdir(config_lib.defaults(), old, "pil_bilinear")
+    assert rerun.drop_last is True and config_lib.check_rerun(tmp_path, old, rerun, evaluating=False) == []
+    assert config_lib.for_workdir(config_lib.defaults(), None, "pil_bilinear").drop_last is False
+    explicit = config_lib.defaults()
+    explicit.drop_last = False
+    with pytest.raises(ConfigError, match="config.drop_last=False, but .* was trained with True"):
+        config_lib.check_rerun(tmp_path, old, config_lib.for_workdir(explicit, old, "pil_bilinear"), evaluating=False)
 
 
 def test_old_evaluator_tuples_become_evals():

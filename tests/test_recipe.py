@@ -2,6 +2,7 @@
 and new configs read it (rdjax.config), and the centre crop undone on maps (rdjax.tiling)."""
 
 import json
+import math
 
 import cv2
 import numpy as np
@@ -48,18 +49,33 @@ def _to_hwc(tensor):
     return tensor.permute(1, 2, 0).numpy()
 
 
+@pytest.fixture
+def opencv_ipp():
+    """OpenCV's IPP setting, restored after the test."""
+    before = cv2.ipp.useIPP()
+    yield
+    cv2.ipp.setUseIPP(before)
+
+
 @pytest.mark.parametrize("source,target", CV2_CASES)
-def test_resize_cv2_matches_opencv(source, target):
+def test_resize_cv2_matches_opencv(source, target, opencv_ipp):
+    """OpenCV resizes a float64 image by one of two paths. With IPP (its x86 wheels, which
+    RD++'s official code ran on) it forms the convex combination in float64 with float64
+    weights, as resize_cv2 does: both round once to float32, and a different order of the
+    float64 operations can move that rounding by at most one float32 ulp, 2**-24 below 1
+    (values are <= 1), so 2**-23 bounds it on any CPU (measured: 0 on these sizes).
+    Without IPP (ARM wheels, or IPP off) OpenCV rounds each source coordinate to float32:
+    a weight moves by at most half an ulp of the coordinate, 2**-24 * 2**ceil(log2(side)),
+    and the output, a convex combination of [0, 1] values along each of two axes, by at
+    most twice that, plus the same 2**-23."""
     img = _image(*source)
     got = preprocess.resize_cv2(img, *target)
-    want = cv2.resize(img / 255.0, target).astype(np.float32)
-    assert got.dtype == np.float32 and got.shape == want.shape == (target[1], target[0], 3)
-    # Both compute the same convex combination of [0, 1] values in float64, with float64
-    # weights, and round once to float32. A different order of the float64 operations moves
-    # the float64 result by a few float64 ulps, which can move the float32 rounding by at
-    # most one float32 ulp: 2**-24 for values below 1 (all values are <= 1). So 2**-23 is a
-    # safe bound on any CPU. (Measured: the largest difference is 0 on these sizes.)
-    np.testing.assert_allclose(got, want, rtol=0, atol=2**-23)
+    assert got.dtype == np.float32 and got.shape == (target[1], target[0], 3)
+    if cv2.ipp.useIPP():
+        np.testing.assert_allclose(got, cv2.resize(img / 255.0, target).astype(np.float32), rtol=0, atol=2**-23)
+    cv2.ipp.setUseIPP(False)
+    generic = 2 * 2**-24 * 2 ** math.ceil(math.log2(max(source))) + 2**-23
+    np.testing.assert_allclose(got, cv2.resize(img / 255.0, target).astype(np.float32), rtol=0, atol=generic)
 
 
 @pytest.mark.parametrize("source", LARGER + SMALLER + ODD + [(333, 257)])
@@ -165,22 +181,15 @@ def test_new_config_keeps_its_filter():
 def test_resolve_input():
     config = rdconfig.defaults()
     assert config.input.filter == ""
-    rdconfig.resolve_input(config, None, RDPP.input_filter)
-    assert config.input.filter == "cv2_bilinear"
-
-    config = rdconfig.defaults()
-    rdconfig.resolve_input(config, None, RD4AD.input_filter)
-    assert config.input.filter == "pil_bilinear"
+    assert rdconfig.for_workdir(config, None, RDPP.input_filter).input.filter == "cv2_bilinear"
+    assert config.input.filter == ""  # the caller's config is left as it was
+    assert rdconfig.for_workdir(config, None, RD4AD.input_filter).input.filter == "pil_bilinear"
 
     saved = rdconfig.from_dict(_legacy_rdpp_dict())  # a workdir trained with PIL's filter
-    config = rdconfig.defaults()
-    rdconfig.resolve_input(config, saved, RDPP.input_filter)
-    assert config.input.filter == "pil_bilinear"
+    assert rdconfig.for_workdir(config, saved, RDPP.input_filter).input.filter == "pil_bilinear"
 
-    config = rdconfig.defaults()
     config.input.filter = "cv2_bilinear"
-    rdconfig.resolve_input(config, saved, RD4AD.input_filter)
-    assert config.input.filter == "cv2_bilinear"
+    assert rdconfig.for_workdir(config, saved, RD4AD.input_filter).input.filter == "cv2_bilinear"
 
 
 def test_check_accepts_the_recipes():

@@ -56,33 +56,29 @@ def resize_pil(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR), np.uint8)
 
 
-def _cv2_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
-    """OpenCV's INTER_LINEAR taps along one axis: per output pixel, the source index left
-    of its centre (d + 0.5) * scale - 0.5 and the weight of the pixel right of it, the
-    centre's fraction; scale is 1 / (dst / src), as cv::resize takes it."""
-    scale = 1.0 / (dst / src)
-    centre = (np.arange(dst) + 0.5) * scale - 0.5
-    index = np.floor(centre).astype(np.int64)
-    return index, centre - index
+def _cv2_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV's INTER_LINEAR taps along one axis: per output pixel, the source pixels left
+    and right of its centre (d + 0.5) * scale - 0.5 (scale = 1 / (dst / src), as
+    cv::resize takes it) and the right one's weight, the centre's fraction; a centre left
+    of the first pixel or right of the last takes that pixel alone."""
+    centre = (np.arange(dst) + 0.5) * (1.0 / (dst / src)) - 0.5
+    left = np.floor(centre).astype(np.int64)
+    frac = np.where((left < 0) | (left >= src - 1), 0.0, centre - left)
+    left = np.clip(left, 0, src - 1)
+    return left, np.minimum(left + 1, src - 1), frac
 
 
 def resize_cv2(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """uint8 (H, W, C) -> float32 (height, width, C) in [0, 1], as RD++'s code does it:
     ``cv2.resize(image / 255.0, (width, height))``, OpenCV's bilinear filter (no
-    antialiasing) on the float64 image, rounded once to float32 at the end.
-
-    OpenCV's rule, separable, in float64: a centre left of the first pixel or right of
-    the last takes that pixel alone."""
-    src = image.astype(np.float64) / 255.0
-    out = src
-    for axis, (old, new) in enumerate(zip(src.shape[:2], (height, width))):
-        index, frac = _cv2_taps(old, new)
-        frac = np.where((index < 0) | (index >= old - 1), 0.0, frac)
-        index = np.clip(index, 0, old - 1)
-        shape = (-1,) + (1,) * (out.ndim - 1 - axis)
-        first = np.take(out, index, axis=axis) * (1.0 - frac).reshape(shape)
-        out = first + np.take(out, np.minimum(index + 1, old - 1), axis=axis) * frac.reshape(shape)
-    return out.astype(np.float32)
+    antialiasing), separable, in float64 with float64 weights, rounded once to float32.
+    That is OpenCV's IPP path (its x86 wheels); its generic path rounds the coordinates to
+    float32 (tests/test_recipe.py bounds the difference)."""
+    top, bottom, fy = _cv2_taps(image.shape[0], height)
+    rows = lambda i: np.take(image, i, axis=0).astype(np.float64) / 255.0  # noqa: E731  (the taps only)
+    tall = rows(top) * (1.0 - fy)[:, None, None] + rows(bottom) * fy[:, None, None]
+    left, right, fx = _cv2_taps(image.shape[1], width)
+    return (tall[:, left] * (1.0 - fx)[None, :, None] + tall[:, right] * fx[None, :, None]).astype(np.float32)
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:

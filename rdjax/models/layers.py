@@ -106,11 +106,13 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
-            w = jnp.ones(x.shape[0], xf.dtype) if valid is None else valid.astype(xf.dtype)
-            w = w[:, None, None, None]
-            n = jnp.sum(w) * (x.shape[1] * x.shape[2])  # the values per channel that count
-            mean = jnp.sum(xf * w, axis=(0, 1, 2)) / n
-            var = jnp.sum(jnp.square(xf - mean) * w, axis=(0, 1, 2)) / n
+            keep = jnp.ones(x.shape[0], bool) if valid is None else valid > 0
+            keep = keep[:, None, None, None]
+            # The values per channel that count; where (not a product) keeps a padding row's
+            # inf or NaN out of the statistics.
+            n = jnp.maximum(jnp.sum(keep), 1).astype(xf.dtype) * (x.shape[1] * x.shape[2])
+            mean = jnp.sum(jnp.where(keep, xf, 0), axis=(0, 1, 2)) / n
+            var = jnp.sum(jnp.where(keep, jnp.square(xf - mean), 0), axis=(0, 1, 2)) / n
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = (1 - m) * ra_mean.value + m * mean

@@ -108,12 +108,12 @@ def batch_mean(values: jax.Array, valid: jax.Array | None = None) -> jax.Array:
     None: every row): a padded partial batch averages as its valid rows alone would."""
     if valid is None:
         return jnp.mean(values)
-    w = valid.astype(values.dtype)
-    return jnp.sum(values * w) / jnp.sum(w)
+    keep = valid > 0  # where, not a product: a padding row's inf or NaN stays out
+    return jnp.sum(jnp.where(keep, values, 0)) / jnp.maximum(jnp.sum(keep), 1).astype(values.dtype)
 
 
 def cosine_distance_loss(
-    teacher: Features, student: Features, valid: jax.Array | None = None, eps: float = 1e-8
+    teacher: Features, student: Features, eps: float = 1e-8, *, valid: jax.Array | None = None
 ) -> jax.Array:
     """Official loss: per sample, 1 - cos between the *flattened* (H*W*C) feature maps,
     averaged over the batch (its ``valid`` rows) and summed over the three scales.
@@ -248,7 +248,7 @@ class RD4AD:
     ) -> tuple[jax.Array, Variables]:
         """The official loss over the ``valid`` rows, and the updated batch_stats."""
         s, batch_stats = self.student_features(student_vars, teacher_feats, train=True, valid=valid)
-        return cosine_distance_loss(teacher_feats, s, valid), batch_stats
+        return cosine_distance_loss(teacher_feats, s, valid=valid), batch_stats
 
     def optimizer(self, config: Any) -> optax.GradientTransformation:
         """Adam with the official settings (config.learning_rate, adam_b1, adam_b2)."""

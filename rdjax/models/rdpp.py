@@ -119,7 +119,9 @@ def _flat(x: jax.Array) -> jax.Array:
     return at_least_float32(x.reshape(x.shape[0], -1))
 
 
-def cosine_reconstruction(a: jax.Array, b: jax.Array, valid: jax.Array | None = None, eps: float = 1e-8) -> jax.Array:
+def cosine_reconstruction(
+    a: jax.Array, b: jax.Array, eps: float = 1e-8, *, valid: jax.Array | None = None
+) -> jax.Array:
     """mean(1 - CosineSimilarity(dim=1)(a, b)) on NCHW tensors: per pixel, over channels;
     the mean over the ``valid`` rows' pixels (every row has as many)."""
     a, b = at_least_float32(a), at_least_float32(b)
@@ -129,7 +131,7 @@ def cosine_reconstruction(a: jax.Array, b: jax.Array, valid: jax.Array | None = 
 
 
 def contrast(
-    a: jax.Array, b: jax.Array, valid: jax.Array | None = None, margin: float = CONTRAST_MARGIN, eps: float = 1e-12
+    a: jax.Array, b: jax.Array, margin: float = CONTRAST_MARGIN, eps: float = 1e-12, *, valid: jax.Array | None = None
 ) -> jax.Array:
     """CosineEmbeddingLoss(margin) with target -1 on the flattened images: mean over the
     ``valid`` rows of max(0, cos(a, b) - margin), with PyTorch's epsilon inside the norms."""
@@ -157,11 +159,13 @@ def projection_terms(
     valid = jnp.ones(projected[0].shape[0], jnp.float32) if valid is None else valid
     perm = ssot_permutation(key, valid)
     ssot = sum(
-        sinkhorn_divergence(jax.nn.softmax(_flat(p), -1), jax.nn.softmax(_flat(p)[perm], -1), valid, valid[perm])
+        sinkhorn_divergence(
+            jax.nn.softmax(_flat(p), -1), jax.nn.softmax(_flat(p)[perm], -1), x_valid=valid, y_valid=valid[perm]
+        )
         for p in projected
     )
-    reconstruct = sum(cosine_reconstruction(n, p, valid) for n, p in zip(projected_noised, projected))
-    contrasts = sum(contrast(f, p, valid) for f, p in zip(noised, projected))
+    reconstruct = sum(cosine_reconstruction(n, p, valid=valid) for n, p in zip(projected_noised, projected))
+    contrasts = sum(contrast(f, p, valid=valid) for f, p in zip(noised, projected))
     return ssot, reconstruct, contrasts  # type: ignore[return-value]  # sums of >= 1 arrays
 
 
@@ -249,7 +253,7 @@ class RDPP(RD4AD):
         proj_noised = tuple(at_least_float32(p) for p in proj_noised)
         proj_clean = tuple(at_least_float32(p) for p in proj_clean)
         student = tuple(at_least_float32(s) for s in student)
-        distill = cosine_distance_loss(clean, student, valid)
+        distill = cosine_distance_loss(clean, student, valid=valid)
         proj = projection_loss(noised, proj_noised, proj_clean, key, valid)
         return distill + PROJ_WEIGHT * proj, updates["batch_stats"]
 

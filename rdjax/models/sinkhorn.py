@@ -50,11 +50,12 @@ def _uniform(valid: jax.Array | None, n: int, dtype: jnp.dtype) -> jax.Array:
 def sinkhorn_divergence(
     x: jax.Array,
     y: jax.Array,
-    x_valid: jax.Array | None = None,
-    y_valid: jax.Array | None = None,
     blur: float = 0.05,
     scaling: float = 0.95,
     diameter: float = 1e7,
+    *,
+    x_valid: jax.Array | None = None,
+    y_valid: jax.Array | None = None,
 ) -> jax.Array:
     """S(x, y) = OT(x, y) - OT(x, x) / 2 - OT(y, y) / 2 between uniform measures on the rows
     of x (N, D) and y (M, D) (on their ``valid`` rows, 1 and 0: the others weigh 0, so a
