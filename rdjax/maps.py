@@ -84,8 +84,10 @@ def anomaly_map(
         uh = jnp.asarray(upsample_matrix(h, dist.shape[1]))
         uw = jnp.asarray(upsample_matrix(w, dist.shape[2]))
         up = _separable(uh, dist, uw)
-        total = up if total is None else (total + up if combine is modes.MapMode.ADD else total * up)
+        total = up if total is None else (total * up if combine is modes.MapMode.MUL else total + up)
     assert total is not None, "no feature scales"
+    if combine is modes.MapMode.MEAN:
+        total = total / len(teacher)
     if sigma > 0:
         bh, bw = jnp.asarray(blur_matrix(h, sigma)), jnp.asarray(blur_matrix(w, sigma))
         total = _separable(bh, total, bw)

@@ -19,10 +19,11 @@ class Dtype(str, enum.Enum):
 
 
 class MapMode(str, enum.Enum):
-    """How the per-scale maps combine (the official code's 'a' and 'mul')."""
+    """How the per-scale maps combine (RD4AD's 'a' and 'mul'; Dinomaly's mean over its groups)."""
 
     ADD = "add"
     MUL = "mul"
+    MEAN = "mean"
 
 
 class ThresholdMethod(str, enum.Enum):

@@ -36,7 +36,7 @@ def train_step_features(
     key = jax.random.fold_in(step_key(seed, state.step), 1)  # 0 is train_inputs' (the noise)
 
     def loss_fn(params: Any) -> tuple[jax.Array, Any]:
-        return model.train_loss({"params": params, "batch_stats": state.batch_stats}, inputs, key, valid)
+        return model.train_loss({"params": params, "batch_stats": state.batch_stats}, inputs, key, valid, state.step)
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -98,18 +98,20 @@ _LEAF_TO_TORCH = {
 def torch_key(path: tuple[str, ...]) -> str:
     """('layer1_0', 'conv1', 'kernel') -> 'layer1.0.conv1.weight'."""
     parts = [re.sub(r"_(\d+)$", r".\1", p) for p in path[:-1]]
-    return ".".join(parts + [_LEAF_TO_TORCH[path[-1]]])
+    return ".".join(parts + [_LEAF_TO_TORCH.get(path[-1], path[-1])])
 
 
 def _to_flax(leaf: str, array: np.ndarray) -> np.ndarray:
-    if leaf == "kernel":  # Conv2d (out, in, kh, kw) -> (kh, kw, in, out)
-        return array.transpose(2, 3, 1, 0) if array.ndim == 4 else array
+    if leaf == "kernel":  # Conv2d (out, in, kh, kw) -> (kh, kw, in, out); Linear (out, in) -> (in, out)
+        return array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T if array.ndim == 2 else array
     if leaf == "transposed_kernel":  # ConvTranspose2d (in, out, kh, kw) -> (kh, kw, in, out)
         return array.transpose(2, 3, 0, 1) if array.ndim == 4 else array
     return array
 
 
 def _torch_shape(leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if leaf == "kernel" and len(flax_shape) == 2:
+        return tuple(reversed(flax_shape))
     if leaf == "kernel":
         kh, kw, i, o = flax_shape
         return (o, i, kh, kw)
@@ -191,18 +193,21 @@ def offline_scope(on: bool) -> Iterator[None]:
 
 
 def download(filename: str, directory: str | os.PathLike | None = None) -> Path:
-    """Return torchvision's ``filename`` from the cache, downloading it if needed and not
+    """Return torchvision's ``filename`` (or a full address's file) from the cache, downloading it if needed and not
     `offline()` (else a one-line error naming where to place the file).
 
     The file's SHA-256 must start with the hash prefix in its name, as torchvision
     checks. RDJAX_WEIGHTS_BASE_URL replaces the download host (a mirror, or file://).
     """
     directory = Path(directory) if directory is not None else cache_dir()
+    home = DEFAULT_BASE_URL
+    if "://" in filename:  # a full address (DINOv2's hub files): its last part names the file
+        home, filename = filename.rsplit("/", 1)
     dest = directory / filename
     if dest.is_file():
         _check_hash(dest, dest)
         return dest
-    base = os.environ.get("RDJAX_WEIGHTS_BASE_URL", DEFAULT_BASE_URL)
+    base = os.environ.get("RDJAX_WEIGHTS_BASE_URL", home)
     url = base.rstrip("/") + "/" + filename
     if offline():
         raise PortError(f"offline (RDJAX_OFFLINE=1 or config.offline): {filename} is not in the cache; "

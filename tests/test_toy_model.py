@@ -81,7 +81,12 @@ class Toy:
         return self.teacher_features(teacher_vars, normalize(x))
 
     def train_loss(
-        self, student_vars: Variables, inputs: Any, key: jax.Array, valid: jax.Array | None = None
+        self,
+        student_vars: Variables,
+        inputs: Any,
+        key: jax.Array,
+        valid: jax.Array | None = None,
+        step: jax.Array | None = None,
     ) -> tuple[jax.Array, Variables]:
         s, batch_stats = self.student_features(student_vars, inputs, True)
         w = jnp.ones(inputs[0].shape[0]) if valid is None else valid

@@ -1,6 +1,7 @@
 """The model contract. A model is chosen by name (config.model.name) from
 `rdjax.registry.MODELS`: the module `rdjax.models.<name>` exports `MODEL`, a class built
-as `MODEL(arch, dtype)` whose instances satisfy `Model`. RD4AD is 'rd4ad', RD++ 'rdpp'.
+as `MODEL(arch, dtype)` whose instances satisfy `Model`. RD4AD is 'rd4ad', RD++ 'rdpp',
+Dinomaly 'dinomaly'.
 
 Everything the training loop, evaluation, the feature cache, the port and the export do
 with a model goes through these members, so a new model is one module and a config.
@@ -89,11 +90,17 @@ class Model(Protocol):
         ...
 
     def train_loss(
-        self, student_vars: Variables, inputs: Any, key: jax.Array, valid: jax.Array | None = None
+        self,
+        student_vars: Variables,
+        inputs: Any,
+        key: jax.Array,
+        valid: jax.Array | None = None,
+        step: jax.Array | None = None,
     ) -> tuple[jax.Array, Variables]:
         """The training loss over the ``valid`` rows (1 and 0; None: every row) and the
         batch_stats updated from them: a partial batch padded to full size trains as its
-        valid rows alone would (the official DataLoader's last batch)."""
+        valid rows alone would (the official DataLoader's last batch). ``step`` is the
+        optimizer step it is for (Dinomaly's hard mining ramps with it; None: 0)."""
         ...
 
     def optimizer(self, config: Any) -> optax.GradientTransformation:

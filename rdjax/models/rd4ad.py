@@ -244,7 +244,12 @@ class RD4AD:
         return tuple(f.astype(self.dtype) for f in self.teacher_features(teacher_vars, normalize(x)))
 
     def train_loss(
-        self, student_vars: Variables, teacher_feats: Any, key: jax.Array, valid: jax.Array | None = None
+        self,
+        student_vars: Variables,
+        teacher_feats: Any,
+        key: jax.Array,
+        valid: jax.Array | None = None,
+        step: jax.Array | None = None,
     ) -> tuple[jax.Array, Variables]:
         """The official loss over the ``valid`` rows, and the updated batch_stats."""
         s, batch_stats = self.student_features(student_vars, teacher_feats, train=True, valid=valid)

@@ -243,7 +243,12 @@ class RDPP(RD4AD):
         )
 
     def train_loss(
-        self, student_vars: Variables, inputs: tuple[Features, Features], key: jax.Array, valid: jax.Array | None = None
+        self,
+        student_vars: Variables,
+        inputs: tuple[Features, Features],
+        key: jax.Array,
+        valid: jax.Array | None = None,
+        step: jax.Array | None = None,
     ) -> tuple[jax.Array, Variables]:
         """L_distill + 0.2 L_proj over the ``valid`` rows, and the updated batch_stats."""
         clean, noised = inputs
