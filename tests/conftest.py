@@ -217,6 +217,15 @@ def rel_err(ours, ref) -> float:
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
+def port64(port, flat: dict[str, np.ndarray]) -> dict:
+    """A float64 tree through a port (which stores float32): as float32 high and low parts."""
+    import jax
+
+    high = {k: v.astype(np.float32) for k, v in flat.items()}
+    low = {k: (v - high[k]).astype(np.float32) for k, v in flat.items()}
+    return jax.tree.map(lambda h, lo: h.astype(np.float64) + lo, port(high), port(low))
+
+
 def nchw_to_nhwc(x) -> np.ndarray:
     return np.transpose(np.asarray(x), (0, 2, 3, 1))
 

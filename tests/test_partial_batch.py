@@ -22,7 +22,7 @@ from rdjax.models import rdpp
 from rdjax.models.rd4ad import RD4AD
 from rdjax.models.rdpp import RDPP
 
-from conftest import nchw_to_nhwc, randomize_batchnorm, rel_err
+from conftest import nchw_to_nhwc, port64, randomize_batchnorm, rel_err
 from torch_reference import TorchDecoder, TorchMPL, TorchOCBE, official_state_dict, rdpp_projection_loss
 
 pytestmark = pytest.mark.slow  # two float64 steps of whole students: ~30 s on 2 cores
@@ -48,13 +48,6 @@ def _checkpoint(parts: dict[str, torch.nn.Module]) -> dict[str, np.ndarray]:
     if "proj" in parts:
         sd["proj"] = parts["proj"].state_dict()
     return {f"{k}.{n}": t.detach().numpy().astype(np.float64) for k, v in sd.items() for n, t in v.items()}
-
-
-def _port64(model, flat: dict[str, np.ndarray]) -> dict:
-    """A float64 tree through the port, which stores float32: as float32 high and low parts."""
-    high = {k: v.astype(np.float32) for k, v in flat.items()}
-    low = {k: (v - high[k]).astype(np.float32) for k, v in flat.items()}
-    return jax.tree.map(lambda h, lo: h.astype(np.float64) + lo, model.port_official(high), model.port_official(low))
 
 
 def _official_step(name: str, parts: dict, clean: list, noised: list, perm: torch.Tensor) -> tuple[float, dict]:
@@ -96,10 +89,10 @@ def test_a_padded_partial_batch_steps_as_the_official_code_on_its_valid_rows(nam
     )
 
     model_type = RDPP if name == "rdpp" else RD4AD
-    want_tree = _port64(model_type(ARCH), want)
+    want_tree = port64(model_type(ARCH).port_official, want)
     with jax.enable_x64(True):
         model = model_type(ARCH, "float64")
-        student_vars = _port64(model_type(ARCH), start)
+        student_vars = port64(model_type(ARCH).port_official, start)
         to_jax = lambda fs: tuple(jnp.asarray(nchw_to_nhwc(f.numpy())) for f in fs)  # noqa: E731
         inputs = (to_jax(clean), to_jax(noised)) if name == "rdpp" else to_jax(clean)
 
