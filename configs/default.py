@@ -12,7 +12,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # User-facing keys.
     config.model = ml_collections.ConfigDict()
-    config.model.name = "rd4ad"  # a name in rdjax.registry.MODELS: 'rd4ad' or 'rdpp' (RD++)
+    config.model.name = "rd4ad"  # a name in rdjax.registry.MODELS: 'rd4ad', 'rdpp' (RD++) or 'dinomaly'
+    # The teacher: a ResNet for RD4AD and RD++ ('resnet18', 'resnet34', 'resnet50',
+    # 'wide_resnet50_2', 'wide_resnet101_2'); a DINOv2 ViT for Dinomaly
+    # ('dinov2_vitb14_reg4', ...; rdjax.models.vit.VIT_ARCHS).
     config.model.arch = "wide_resnet50_2"
     # 'imagenet' (download/cache), a .pth/.safetensors/.npz file, an rdjax teacher
     # directory, or 'none' (random teacher: for tests and demos only).
@@ -51,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     # in config.json when training starts.
     config.drop_last = ml_collections.config_dict.placeholder(bool)
     config.num_epochs = 200
+    # > 0: train exactly this many optimizer steps, as iteration-counted official loops do
+    # (Dinomaly's 10,000): num_epochs becomes ceil(total_steps / steps per epoch) and the
+    # last epoch stops early. 0: num_epochs epochs.
+    config.total_steps = 0
     config.learning_rate = 0.005
     config.eval_every = 10
     config.checkpoint_every = 10
@@ -67,6 +74,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.map_mode = "add"  # 'add' or 'mul' over the three scales
     config.blur_sigma = 4.0
+    # 0: scipy's gaussian_filter (truncate 4, reflect), RD4AD's and RD++'s blur; k > 0 (odd):
+    # a k x k Gaussian with zero padding, Dinomaly's (5).
+    config.blur_kernel = 0
+    # The side of the maps the metrics compare: 0 = the input's; > 0 = the map resized to
+    # it (bilinear, align_corners=False) before the blur, and the masks by nearest
+    # neighbour, as Dinomaly's evaluation does at 256.
+    config.map_size = 0
     # The image score from its map: 0 = the map's maximum (RD4AD, RD++); r in (0, 1] = the
     # mean of the map's highest r fraction of pixels (Dinomaly's max_ratio, 0.01 there).
     config.max_ratio = 0.0
@@ -80,6 +94,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.input = ml_collections.ConfigDict()
     config.input.filter = ""
     config.input.resize = 0
+    # A mask pixel is a defect where its resized value (in [0, 1]) exceeds this: 0.5 for
+    # RD4AD's and RD++'s code, 0 for Dinomaly's (any non-zero value).
+    config.input.mask_threshold = 0.5
     config.eval_batch_size = 16
     # How evaluation (and, by default, predict) turns an image into model inputs
     # (rdjax.tiling, docs/usage.md "Large and non-square images"): 'squeeze' (the whole
@@ -125,6 +142,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.rdpp = ml_collections.ConfigDict()
     config.rdpp.proj_lr = 0.001
     config.rdpp.accumulation = 2
+    # model.name='dinomaly' only: StableAdamW (amsgrad, betas adam_b1/adam_b2) with
+    # decoupled weight decay, on a schedule warming up linearly from 0 to learning_rate over
+    # warmup_steps, then a cosine down to final_lr at the run's last step; the gradients'
+    # global norm is clipped to clip first.
+    config.dinomaly = ml_collections.ConfigDict()
+    config.dinomaly.final_lr = 2e-4
+    config.dinomaly.warmup_steps = 100
+    config.dinomaly.eps = 1e-10
+    config.dinomaly.weight_decay = 1e-4
+    config.dinomaly.clip = 0.1
     # Epochs by category where they differ from num_epochs ({} = num_epochs everywhere);
     # configs/rdpp_mvtec.py sets RD++'s official table.
     config.num_epochs_by_category = ml_collections.ConfigDict()

@@ -132,6 +132,26 @@ def check(config: Any, device_count: int) -> None:
             f"config.rdpp.accumulation={config.rdpp.accumulation} must be >= 1 and "
             f"config.rdpp.proj_lr={config.rdpp.proj_lr} > 0"
         )
+    if not 0 <= config.input.mask_threshold < 1:
+        raise ConfigError(f"config.input.mask_threshold={config.input.mask_threshold} must be in [0, 1)")
+    if config.map_size < 0 or config.blur_kernel < 0 or (config.blur_kernel and config.blur_kernel % 2 == 0):
+        raise ConfigError(
+            f"config.map_size={config.map_size} must be >= 0 and config.blur_kernel={config.blur_kernel} "
+            "0 or an odd size"
+        )
+    if config.map_size not in (0, config.image_size) and config.resize.mode != modes.ResizeMode.SQUEEZE:
+        raise ConfigError(
+            f"config.resize.mode={config.resize.mode!r} blends maps at the input's size; config.map_size="
+            f"{config.map_size} resizes them: use 'squeeze' or map_size=0"
+        )
+    if config.total_steps < 0:
+        raise ConfigError(f"config.total_steps={config.total_steps} must be >= 0 (0: num_epochs epochs)")
+    d = config.dinomaly
+    if d.warmup_steps < 0 or min(d.final_lr, d.eps, d.clip) <= 0 or d.weight_decay < 0:
+        raise ConfigError(
+            "config.dinomaly: warmup_steps and weight_decay must be >= 0, final_lr, eps and clip > 0 "
+            f"(got {d.warmup_steps}, {d.weight_decay}, {d.final_lr}, {d.eps}, {d.clip})"
+        )
     modes.parse(modes.MapMode, config.map_mode, "config.map_mode")
     modes.parse(modes.Setting, config.setting, "config.setting")
     if config.lr_decay_epoch < 0 or config.lr_decay_factor <= 0:
@@ -156,7 +176,7 @@ def check(config: Any, device_count: int) -> None:
 # config.json: a list of what may change, so a key added later is protected until
 # someone decides otherwise.
 SCHEDULE_KEYS = (
-    "num_epochs", "num_epochs_by_category", "eval_every", "checkpoint_every", "keep_checkpoints", "profile_steps",
+    "num_epochs", "total_steps", "num_epochs_by_category", "eval_every", "checkpoint_every", "keep_checkpoints", "profile_steps",
     "learning_rate", "adam_b1", "adam_b2", "rdpp.proj_lr",
     "feature_cache", "feature_cache_dir", "offline", "eval_batch_size", "exact_metrics_max_pixels",
     "report_best_on_test", "evals", "dataset.root", "dataset.data_dir", "dataset.train_dir",

@@ -104,6 +104,7 @@ def run_pass(
     exact: bool,
     kind: str = "test",
     tiler: Tiler | None = None,
+    map_size: int = 0,
 ) -> PassResult:
     """Maps of every row of ``split`` exactly once, in global batches of ``batch_size``
     (sharding.global_batches: the last padded, its padding masked out), each process
@@ -114,7 +115,9 @@ def run_pass(
     ``tiler`` (config.resize 'fit' or 'tile'): this process's images at their own
     resolution -> (maps at image_size, scores), computed on the host's side of the
     batch; ``pass_step`` then only reduces them (maps.stats_step). Without it,
-    ``pass_step`` computes the maps of the squeezed images too."""
+    ``pass_step`` computes the maps of the squeezed images too. ``map_size``
+    (config.map_size): the maps' side where it differs from the inputs'; the masks are
+    resized to it by nearest neighbour (maps.map_masks)."""
     batches = global_batches(len(split), batch_size)
     local = [local_share(rows) for rows, _ in batches]
     local_valid = [local_share(np.arange(batch_size) < valid) for _, valid in batches]
@@ -122,12 +125,11 @@ def run_pass(
     def prepare(item: tuple[dict, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, tuple, Any]:
         """Host batch -> (host masks, valid rows, the step's device inputs, device masks)."""
         batch, rows, valid = item
-        weights, regions = zip(*(metrics.region_weights(m) for m in batch["mask"]))
+        masks = maps_lib.map_masks(batch["mask"], map_size)
+        weights, regions = zip(*(metrics.region_weights(m) for m in masks))
         inputs = (batch["image"],) if tiler is None else tiler([split.native_image(r) for r in rows])
-        device = put(
-            (*inputs, batch["mask"], np.stack(weights).astype(np.float32), np.asarray(regions, np.int32), valid)
-        )
-        return batch["mask"], valid, device, device[len(inputs)]
+        device = put((*inputs, masks, np.stack(weights).astype(np.float32), np.asarray(regions, np.int32), valid))
+        return masks, valid, device, device[len(inputs)]
 
     kept = _Accumulator()
     loaded = zip(load_batches(split, local, kind, with_masks=True), local, local_valid)

@@ -33,19 +33,57 @@ from rdjax.sharding import map_local
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@functools.cache
-def upsample_matrix(out_size: int, in_size: int) -> np.ndarray:
-    """(out, in) matrix of bilinear interpolation with align_corners=True."""
+def _upsample64(out_size: int, in_size: int) -> np.ndarray:
     m = np.zeros((out_size, in_size), np.float64)
     if in_size == 1 or out_size == 1:
         m[:, 0] = 1.0
-        return m.astype(np.float32)
+        return m
     pos = np.arange(out_size) * (in_size - 1) / (out_size - 1)
     lo = np.minimum(np.floor(pos).astype(int), in_size - 2)
     frac = pos - lo
     m[np.arange(out_size), lo] = 1.0 - frac
     m[np.arange(out_size), lo + 1] += frac
+    return m
+
+
+@functools.cache
+def upsample_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """(out, in) matrix of bilinear interpolation with align_corners=True."""
+    return _upsample64(out_size, in_size).astype(np.float32)
+
+
+def _resize64(out_size: int, in_size: int) -> np.ndarray:
+    """torch's bilinear interpolate(size=out, align_corners=False, antialias=False) along one
+    axis: source (i + 0.5) in / out - 0.5, clamped at 0, the upper tap clamped to the border."""
+    src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(int), in_size - 1)
+    frac = np.clip(src - lo, 0.0, 1.0)
+    m = np.zeros((out_size, in_size), np.float64)
+    m[np.arange(out_size), lo] = 1.0 - frac
+    m[np.arange(out_size), np.minimum(lo + 1, in_size - 1)] += frac
+    return m
+
+
+@functools.cache
+def scale_matrix(out_size: int, input_size: int, in_size: int) -> np.ndarray:
+    """(out, in) float32: a scale's distances (in) upsampled with align_corners=True to the
+    model's input size, then, where the map has another size (config.map_size: Dinomaly
+    evaluates at 256), resized to it as torch's bilinear align_corners=False does. Both
+    are linear, so they are one matrix, formed in float64."""
+    m = _upsample64(input_size, in_size)
+    if out_size != input_size:
+        m = _resize64(out_size, input_size) @ m
     return m.astype(np.float32)
+
+
+def map_masks(masks: np.ndarray, size: int) -> np.ndarray:
+    """(B, S, S) masks -> (B, size, size) by torch's 'nearest' (source floor(i * S / size)),
+    as Dinomaly's evaluation resizes its masks to the map's size; unchanged at size S."""
+    side = masks.shape[-1]
+    if size in (0, side):
+        return masks
+    idx = np.minimum(np.floor(np.arange(size) * (side / size)).astype(int), side - 1)
+    return masks[..., idx[:, None], idx[None, :]]
 
 
 def _reflect(i: np.ndarray, n: int) -> np.ndarray:
@@ -69,28 +107,52 @@ def blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
     return m.astype(np.float32)
 
 
+@functools.cache
+def kernel_blur_matrix(size: int, kernel: int, sigma: float) -> np.ndarray:
+    """(size, size) matrix of a ``kernel`` x ``kernel`` Gaussian with zero padding (Dinomaly's
+    get_gaussian_kernel: exp(-d^2 / 2 sigma^2) on the kernel's grid, normalized, applied
+    by a padded convolution). The 2-D kernel is the outer product of this normalized 1-D
+    one, so rows and columns blur apart."""
+    half = kernel // 2
+    taps = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    m = np.zeros((size, size), np.float64)
+    for offset, weight in zip(range(-half, half + 1), taps):
+        rows = np.arange(max(0, -offset), min(size, size - offset))
+        m[rows, rows + offset] = weight
+    return m.astype(np.float32)
+
+
 def anomaly_map(
-    teacher: Features, student: Features, out_size: tuple[int, int], mode: str = "add", sigma: float = 4.0
+    teacher: Features,
+    student: Features,
+    out_size: tuple[int, int],
+    mode: str = "add",
+    sigma: float = 4.0,
+    map_size: int = 0,
+    kernel: int = 0,
 ) -> jax.Array:
-    """(B, H, W) float32 blurred anomaly map from the paired features."""
+    """(B, H, W) float32 blurred anomaly map from the paired features: at the input's size
+    ``out_size``, or at ``map_size`` x ``map_size`` (config.map_size); blurred by scipy's
+    gaussian_filter (``kernel`` 0) or a ``kernel`` x ``kernel`` Gaussian with zero padding."""
     combine = modes.parse(modes.MapMode, mode, "map mode")
-    h, w = out_size
+    h, w = (map_size, map_size) if map_size else out_size
     total: jax.Array | None = None
     for t, s in zip(teacher, student):
         t, s = t.astype(jnp.float32), s.astype(jnp.float32)
         dot = jnp.sum(t * s, axis=-1)
         norm = jnp.linalg.norm(t, axis=-1) * jnp.linalg.norm(s, axis=-1)
         dist = 1.0 - dot / jnp.maximum(norm, 1e-8)  # (B, h_k, w_k)
-        uh = jnp.asarray(upsample_matrix(h, dist.shape[1]))
-        uw = jnp.asarray(upsample_matrix(w, dist.shape[2]))
+        uh = jnp.asarray(scale_matrix(h, out_size[0], dist.shape[1]))
+        uw = jnp.asarray(scale_matrix(w, out_size[1], dist.shape[2]))
         up = _separable(uh, dist, uw)
         total = up if total is None else (total * up if combine is modes.MapMode.MUL else total + up)
     assert total is not None, "no feature scales"
     if combine is modes.MapMode.MEAN:
         total = total / len(teacher)
     if sigma > 0:
-        bh, bw = jnp.asarray(blur_matrix(h, sigma)), jnp.asarray(blur_matrix(w, sigma))
-        total = _separable(bh, total, bw)
+        blur = (lambda n: kernel_blur_matrix(n, kernel, sigma)) if kernel else (lambda n: blur_matrix(n, sigma))
+        total = _separable(jnp.asarray(blur(h)), total, jnp.asarray(blur(w)))
     return total
 
 
@@ -139,7 +201,13 @@ class EvalStep:
 
 @functools.cache
 def make_eval_step(
-    model: Model, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True, max_ratio: float = 0.0
+    model: Model,
+    mode: str = "add",
+    sigma: float = 4.0,
+    imagenet_normalize: bool = True,
+    max_ratio: float = 0.0,
+    map_size: int = 0,
+    blur_kernel: int = 0,
 ) -> EvalStep:
     """The full path from model inputs to maps and `image_scores`.
 
@@ -149,7 +217,7 @@ def make_eval_step(
     def eval_step(teacher_vars: Variables, student_vars: Variables, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = normalize(images, imagenet_normalize)
         t, s = model(teacher_vars, student_vars, x, train=False)
-        maps = anomaly_map(t, s, (x.shape[1], x.shape[2]), mode, sigma)
+        maps = anomaly_map(t, s, (x.shape[1], x.shape[2]), mode, sigma, map_size, blur_kernel)
         return maps, image_scores(maps, max_ratio)
 
     return EvalStep(eval_step, max_ratio)
@@ -208,11 +276,17 @@ def stats_step(
 
 @functools.cache
 def make_pass_step(
-    model: Model, mode: str = "add", sigma: float = 4.0, imagenet_normalize: bool = True, max_ratio: float = 0.0
+    model: Model,
+    mode: str = "add",
+    sigma: float = 4.0,
+    imagenet_normalize: bool = True,
+    max_ratio: float = 0.0,
+    map_size: int = 0,
+    blur_kernel: int = 0,
 ):
     """The eval step of an evaluation pass over squeezed images: the maps and scores
     computed from the images, then `stats_step`, in one program."""
-    eval_step = make_eval_step(model, mode, sigma, imagenet_normalize, max_ratio)
+    eval_step = make_eval_step(model, mode, sigma, imagenet_normalize, max_ratio, map_size, blur_kernel)
 
     @jax.jit
     def pass_step(
@@ -270,9 +344,17 @@ def eval_step_for(model: Model, config: Any, full_pass: Literal[True], max_ratio
 
 
 def eval_step_for(model: Model, config: Any, full_pass: bool = False, max_ratio: float | None = None) -> Callable:
-    """The eval step a config asks for (map mode, blur, input normalization, the image
-    score's ``max_ratio``: config.max_ratio unless given); with ``full_pass`` the pass step
+    """The eval step a config asks for (map mode, size and blur, input normalization, the
+    image score's ``max_ratio``: config.max_ratio unless given); with ``full_pass`` the pass step
     that adds the binned pixel statistics."""
     ratio = float(config.max_ratio if max_ratio is None else max_ratio)
-    args = (model, config.map_mode, config.blur_sigma, config.imagenet_normalize, ratio)
+    args = (
+        model,
+        config.map_mode,
+        config.blur_sigma,
+        config.imagenet_normalize,
+        ratio,
+        config.map_size,
+        config.blur_kernel,
+    )
     return make_pass_step(*args) if full_pass else make_eval_step(*args)

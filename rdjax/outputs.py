@@ -55,8 +55,14 @@ def unified_markdown(result: dict) -> str:
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """uint8 image blended half and half with the map in the 'jet' colour map (fixed lo..hi)."""
+    """uint8 image blended half and half with the map in the 'jet' colour map (fixed lo..hi);
+    an image of another size than the map (config.map_size) is resized to it first."""
     from matplotlib import colormaps
+
+    if image.shape[:2] != amap.shape:
+        from PIL import Image
+
+        image = np.asarray(Image.fromarray(image).resize(amap.shape[::-1], Image.Resampling.BILINEAR))
 
     heat = colormaps["jet"](np.clip((amap - lo) / max(hi - lo, 1e-12), 0, 1))[..., :3]
     return (np.clip(0.5 * image.astype(np.float32) / 255.0 + 0.5 * heat, 0, 1) * 255).astype(np.uint8)

@@ -151,6 +151,16 @@ class Run:
         return max(pipeline.steps_per_epoch(len(self.train), self.config.batch_size, self.config.drop_last), 1)
 
     @property
+    def total_steps(self) -> int:
+        """The optimizer steps the run trains: config.total_steps, else num_epochs epochs."""
+        return int(self.config.total_steps) or self.config.num_epochs * self.steps_per_epoch
+
+    def epoch_steps(self, epoch: int) -> int:
+        """Steps in ``epoch`` (1-based): all of them, but the last epoch of a run with
+        config.total_steps stops there (an iteration-counted loop's last epoch)."""
+        return max(min(self.steps_per_epoch, self.total_steps - (epoch - 1) * self.steps_per_epoch), 0)
+
+    @property
     def eval_batch(self) -> int:
         return sharding.round_up(self.config.eval_batch_size, self.mesh.size)
 
@@ -194,6 +204,10 @@ def _setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | No
             parts[category] = Part(test_split, validation)
             check_exact_metrics(config, max(len(test_split), len(validation or ())))
     train_split = Split.concat(trains) if unified else trains[categories[0]]
+    if config.total_steps > 0:  # an iteration-counted schedule: as many epochs as its steps take
+        spe = max(pipeline.steps_per_epoch(len(train_split), config.batch_size, config.drop_last), 1)
+        config = config.copy_and_resolve_references()
+        config.num_epochs = -(-int(config.total_steps) // spe)
     if modes.ResizeMode(config.resize.mode) is not modes.ResizeMode.SQUEEZE and test_split.read_native is None:
         raise ConfigError(
             f"config.resize.mode={config.resize.mode!r}: dataset {config.dataset.name!r} has no images "
@@ -246,13 +260,18 @@ EXACT_BYTES_PER_PIXEL = 48  # maps and masks kept, then the exact metrics' sort 
 
 def check_exact_metrics(config: Any, images: int) -> None:
     """Exact pixel metrics keep every map: refuse before any work where that cannot fit."""
-    pixels = images * config.image_size**2
+    pixels = images * map_side(config) ** 2
     need, have = EXACT_BYTES_PER_PIXEL * pixels, features.available_memory()
     if pixels <= config.exact_metrics_max_pixels and need > have:
         raise ConfigError(
             f"exact pixel metrics over {pixels} pixels need about {need / 2**30:.1f} GiB but "
             f"{have / 2**30:.1f} GiB are available; lower config.exact_metrics_max_pixels (binned metrics)"
         )
+
+
+def map_side(config: Any) -> int:
+    """The side of the maps the metrics compare: config.map_size, else the input's."""
+    return int(config.map_size) or int(config.image_size)
 
 
 def _eval_functions(run: Run, student_vars: Any) -> tuple[Callable, Callable]:
@@ -269,10 +288,11 @@ def _eval_functions(run: Run, student_vars: Any) -> tuple[Callable, Callable]:
         pass_step = lambda teacher_vars, student_vars, *batch: maps.stats_step(*batch)
 
     def run_pass(split: Split, kind: str = "validation") -> evaluation.PassResult:
-        exact = len(split) * config.image_size**2 <= config.exact_metrics_max_pixels
+        exact = len(split) * map_side(config) ** 2 <= config.exact_metrics_max_pixels
         return evaluation.run_pass(
-            pass_step, run.teacher_vars, student_vars, split, run.eval_batch, run.put, exact, kind, tiler
-        )
+            pass_step, run.teacher_vars, student_vars, split, run.eval_batch, run.put, exact, kind, tiler,
+            config.map_size,
+        )  # fmt: skip
 
     def predict(split: Split, rows: np.ndarray) -> np.ndarray:
         if tiler is not None:
@@ -645,7 +665,8 @@ class Trainer:
         run, config = self.run, self.run.config
         rows, valid = pipeline.epoch_batches(len(run.train), config.batch_size, config.seed, epoch, config.drop_last)
         mine = pipeline.share(config.batch_size, jax.process_index(), jax.process_count())
-        rows, valid = rows[skip:, mine], valid[skip:, mine]
+        limit = run.epoch_steps(epoch)
+        rows, valid = rows[skip:limit, mine], valid[skip:limit, mine]
         store, position = self.store, self.position
         if store is None or position is None:
             images = (b["image"] for b in pipeline.load_batches(run.train, rows, "train"))
@@ -660,9 +681,10 @@ class Trainer:
         keeps the device busy). Returns (state, None) when a stop was requested before
         the epoch's end: the state is that of the last step done."""
         config = self.run.config
-        steps = self.run.steps_per_epoch - skip
+        limit = self.run.epoch_steps(epoch)
+        steps = limit - skip
         desc = f"[{label(config)}] epoch {epoch}/{config.num_epochs}"
-        bar = tqdm.tqdm(total=self.run.steps_per_epoch, initial=skip, desc=desc, unit="step", leave=False, disable=None)
+        bar = tqdm.tqdm(total=limit, initial=skip, desc=desc, unit="step", leave=False, disable=None)
         on_device: list[jax.Array] = []
         in_flight: collections.deque = collections.deque()
         start = time.perf_counter()
@@ -690,7 +712,8 @@ class Trainer:
         if len(losses) < steps:
             return state, None
         # The images trained on (every step but an epoch's last is full; padding is not counted).
-        total = self.run.steps_per_epoch * config.batch_size if config.drop_last else len(self.run.train)
+        full = limit < self.run.steps_per_epoch or config.drop_last
+        total = limit * config.batch_size if full else len(self.run.train)
         speed = (total - skip * config.batch_size) / seconds
         return state, {"epoch": epoch, "step": int(state.step), "loss": float(losses.mean()), "steps": steps,
                        "images_per_second": speed, "feature_cache": self.mode}  # fmt: skip
@@ -700,11 +723,11 @@ class Trainer:
             self.store.close(delete=finished)  # a finished run needs its cache no more; a failed one resumes
 
 
-def make_trainer(run: Run, tx: optax.GradientTransformation, start_epoch: int) -> Trainer:
+def make_trainer(run: Run, tx: optax.GradientTransformation, start_step: int) -> Trainer:
     """The step for config.feature_cache as resolved: from cached features, or from the
     images (nothing left to train needs no cache)."""
     config = run.config
-    mode = run.feature_mode if start_epoch < config.num_epochs else FeatureCache.OFF.value
+    mode = run.feature_mode if start_step < run.total_steps else FeatureCache.OFF.value
     if mode == FeatureCache.OFF:
         image_step = steps.make_image_train_step(run.model, tx, run.mesh, config.imagenet_normalize, config.seed)
         return Trainer(run, lambda state, images, valid: image_step(state, run.teacher_vars, images, valid), mode)
@@ -739,7 +762,7 @@ def optimizer(run: Run) -> optax.GradientTransformation:
     run, so a rerun that extends num_epochs leaves the boundary where it was. Without it
     the optimizer state is the model's own, as in every workdir before the key existed."""
     config = run.config
-    tx = run.model.optimizer(config)
+    tx = run.model.optimizer(config, run.total_steps)
     if config.lr_decay_epoch <= 0:
         return tx
     boundary = int(config.lr_decay_epoch) * run.steps_per_epoch
@@ -802,17 +825,18 @@ def _train(config: Any, workdir: Path, dataset: data.Dataset | None) -> dict:
             saved = int(state.step)
 
         try:
-            trainer = make_trainer(run, tx, start_epoch)
+            trainer = make_trainer(run, tx, start)
             cleanup.callback(lambda: trainer.close(finished[0]))  # a disk cache is kept for the resume
             writer.resume(start_epoch)
             cleanup.callback(writer.close)
             profiler = Profiler(workdir, config.profile_steps)
             cleanup.callback(profiler.abandon)
-            total = config.num_epochs * spe
+            total = run.total_steps
             overall = tqdm.tqdm(total=total, initial=min(start, total), desc=f"[{label(config)}] training",
                                 unit="step", disable=None, dynamic_ncols=True)  # fmt: skip
             cleanup.callback(overall.close)
-            for epoch in range(start_epoch + 1, config.num_epochs + 1):
+            first = start_epoch + 1 if start < total else config.num_epochs + 1  # nothing left: evaluate
+            for epoch in range(first, config.num_epochs + 1):
                 state, entry = trainer.epoch(state, epoch, profiler, stop, overall, skip)
                 skip = 0
                 profiler.stop(state)  # checkpoints and evaluations stay out of the trace

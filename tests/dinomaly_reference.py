@@ -151,7 +151,9 @@ class StableAdamW(torch.optim.Optimizer):
     """The official StableAdamW (amsgrad option, decay first, the step divided by max(1, RMS(g / denom)))."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, clip=1.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, clip=clip))
+        super().__init__(
+            params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, clip=clip)
+        )
 
     @torch.no_grad()
     def step(self):

@@ -12,6 +12,7 @@ arithmetic is elementwise.
 
 from __future__ import annotations
 
+import dinomaly_reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +25,6 @@ from rdjax.errors import PortError
 from rdjax.models import dinomaly, vit
 from rdjax.models.dinomaly import Dinomaly
 
-import dinomaly_reference as ref
 from conftest import nchw_to_nhwc, port64, rel_err
 
 ARCH = "vit_tiny14_reg4"  # 96 wide, 3 heads, 4 registers, 16 x 16 position grid (224 px)
@@ -113,6 +113,7 @@ def test_the_student_in_eval_mode_equals_the_official_vitill():
         assert rel_err(ours, nchw_to_nhwc(theirs.numpy())) < 1e-5
 
 
+@pytest.mark.slow  # three float64 steps through the encoder and the student: ~25 s on 2 cores
 @pytest.mark.parametrize("step", [0, 500, 4000])
 def test_a_float64_training_step_equals_the_official_step(step):
     """Loss and every gradient, with the same dropout masks on both sides and the hard

@@ -287,6 +287,8 @@ def test_binned_pixel_metrics_equal_exact_within_1e3(kind):
     # the exact AUPRO equals the brute force's (test_aupro_matches_brute_force...), which
     # would take seconds here (one pass over all pixels per distinct score)
     assert stream.aupro() == pytest.approx(exact.aupro(), abs=1e-3)
+    if kind == "maps":  # smooth maps; elsewhere the FPR-0.3 cut may fall between a bin and its threshold
+        assert stream.aupro_200() == pytest.approx(exact.aupro_200(), abs=1e-3)
     assert stream.ap() == pytest.approx(exact.ap(), abs=1e-3)
     assert stream.f1_max() == pytest.approx(exact.f1_max(), abs=1e-3)
     f1_exact, t_exact = exact.best_f1()
@@ -406,3 +408,34 @@ def test_aupimo_needs_31_points_between_the_bounds():
     assert np.isnan(metrics.aupimo(*case, 1000, (1e-2, 3.9e-2)))
     maps, masks, labels = _aupimo_maps(np.random.default_rng(1), 30, 128)
     assert 0 < metrics.aupimo(maps + masks * 0.15, masks, labels) < 1
+
+
+def _compute_pro_loop(masks, amaps, num_th=200):
+    """Dinomaly's compute_pro as its code runs it: a pass over every pixel per threshold,
+    each region's overlap (scipy's 8-connected labels, skimage's default connectivity),
+    the FPR pooled over the images, points with FPR < 0.3 rescaled by their largest FPR."""
+    lo, hi = amaps.min(), amaps.max()
+    fprs, pros = [], []
+    for th in np.arange(lo, hi, (hi - lo) / num_th):
+        binary = amaps > th
+        overlaps = []
+        for b, m in zip(binary, masks):
+            labeled, n = ndimage.label(m, structure=np.ones((3, 3), int))
+            overlaps += [b[labeled == r].sum() / (labeled == r).sum() for r in range(1, n + 1)]
+        pros.append(np.mean(overlaps))
+        fprs.append(np.logical_and(~masks, binary).sum() / (~masks).sum())
+    fprs, pros = np.array(fprs), np.array(pros)
+    keep = fprs < 0.3
+    return skm.auc(fprs[keep] / fprs[keep].max(), pros[keep])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_aupro_200_equals_dinomalys_compute_pro(seed):
+    """Exact against the loop (rounding of the sums only: 1e-12); the binned form is
+    checked on larger maps in test_binned_pixel_metrics_equal_exact_within_1e3."""
+    rng = np.random.default_rng(seed)
+    masks = _blobs(rng, 4, 24)
+    maps = (ndimage.gaussian_filter(rng.random((4, 24, 24)), (0, 2, 2)) + masks * 0.05).astype(np.float32)
+    want = _compute_pro_loop(masks, maps)
+    assert metrics.aupro_200(maps, masks) == pytest.approx(want, abs=1e-12)
+    assert abs(want - metrics.aupro(maps, masks)) > 1e-3  # a metric of its own, not the MVTec AUPRO

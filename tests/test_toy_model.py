@@ -95,7 +95,7 @@ class Toy:
             loss = loss + jnp.sum(jnp.mean((a - b) ** 2, axis=(1, 2, 3)) * w) / jnp.sum(w)
         return loss, batch_stats
 
-    def optimizer(self, config: Any) -> optax.GradientTransformation:
+    def optimizer(self, config: Any, total_steps: int = 0) -> optax.GradientTransformation:
         return optax.sgd(config.learning_rate)
 
     def port_teacher(self, state_dict: dict, source: str = "state dict") -> Variables:

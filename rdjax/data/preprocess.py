@@ -99,14 +99,16 @@ class Recipe:
     the float image and rounding it back to 8 bits would change the pixels.
     size: the model's input side. resize: the side images are resized to before a
     centre crop to ``size`` (0: size, no crop). Masks take the same resize with
-    PIL's bilinear filter and crop, then > 0.5: every official code of the family
-    resizes masks so, whatever its image filter.
+    PIL's bilinear filter and crop, then > mask_threshold: every official code of the
+    family resizes masks so, whatever its image filter; RD4AD's and RD++'s threshold is
+    0.5, Dinomaly's 0 (its evaluation takes any non-zero value as a defect).
     """
 
     filter: str = modes.ResizeFilter.PIL_BILINEAR.value
     size: int = 256
     resize: int = 0
     imagenet_normalize: bool = True
+    mask_threshold: float = 0.5
 
     @classmethod
     def from_config(cls, config: Any) -> Recipe:
@@ -115,6 +117,7 @@ class Recipe:
             size=config.image_size,
             resize=config.input.resize,
             imagenet_normalize=config.imagenet_normalize,
+            mask_threshold=config.input.mask_threshold,
         )
 
     @property
@@ -146,7 +149,7 @@ class Recipe:
         """uint8 (H, W) mask, 255 = defect -> bool (size, size)."""
         side = self.resize or self.size
         resized = resize_pil(mask, side, side).astype(np.float32) / 255.0
-        return center_crop(resized, self.size) > 0.5
+        return center_crop(resized, self.size) > self.mask_threshold
 
 
 def to_display(images: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ import sklearn.metrics as skm
 from rdjax import outputs, report, webpage
 from rdjax.data.preprocess import to_display
 from rdjax.evaluators import EvalContext, EvaluatorType
+from rdjax.maps import map_masks
 from rdjax.workdir import write_csv
 
 
@@ -44,7 +45,7 @@ class Report:
         cal = needed[self.threshold_from].get("calibration") if self.threshold_from else None
         threshold = None if cal is None else cal["image_threshold"]
         cases = outputs.Cases(
-            rows, to_display(test.images(rows)), test.masks(rows), maps, passed.scores[rows],
+            rows, to_display(test.images(rows)), map_masks(test.masks(rows), config.map_size), maps, passed.scores[rows],
             [test.filenames[i] for i in rows], test.labels[rows], passed.pixels.lo, passed.pixels.hi,
         )  # fmt: skip
         roc = None

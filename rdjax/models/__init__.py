@@ -103,8 +103,9 @@ class Model(Protocol):
         optimizer step it is for (Dinomaly's hard mining ramps with it; None: 0)."""
         ...
 
-    def optimizer(self, config: Any) -> optax.GradientTransformation:
-        """The optimizer, from the config's settings."""
+    def optimizer(self, config: Any, total_steps: int = 0) -> optax.GradientTransformation:
+        """The optimizer, from the config's settings; ``total_steps`` is the run's length,
+        for schedules that span it (Dinomaly's; 0 where unknown, as for a port)."""
         ...
 
     def port_teacher(self, state_dict: dict[str, Any], source: str = "state dict") -> Variables:

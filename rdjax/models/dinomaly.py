@@ -430,12 +430,15 @@ class Dinomaly:
         )
         return loss, batch_stats
 
-    def optimizer(self, config: Any) -> optax.GradientTransformation:
+    def optimizer(self, config: Any, total_steps: int = 0) -> optax.GradientTransformation:
         """Gradient clipping at config.dinomaly.clip, then StableAdamW (amsgrad; betas
         config.adam_b1, adam_b2; eps and weight decay from config.dinomaly) on the
-        warm-cosine schedule from config.learning_rate to config.dinomaly.final_lr."""
+        warm-cosine schedule from config.learning_rate to config.dinomaly.final_lr over
+        the run's ``total_steps`` (the official total_iters)."""
         d = config.dinomaly
-        table = warm_cosine_schedule(config.learning_rate, d.final_lr, int(d.total_iters), int(d.warmup_iters))
+        warmup = int(d.warmup_steps)
+        total = max(int(total_steps), warmup + 1)  # a port's optimizer is only a shape: any length will do
+        table = warm_cosine_schedule(config.learning_rate, d.final_lr, total, warmup)
         return optax.chain(
             torch_clip_by_global_norm(d.clip),
             stable_adamw(

@@ -255,7 +255,7 @@ class RD4AD:
         s, batch_stats = self.student_features(student_vars, teacher_feats, train=True, valid=valid)
         return cosine_distance_loss(teacher_feats, s, valid=valid), batch_stats
 
-    def optimizer(self, config: Any) -> optax.GradientTransformation:
+    def optimizer(self, config: Any, total_steps: int = 0) -> optax.GradientTransformation:
         """Adam with the official settings (config.learning_rate, adam_b1, adam_b2)."""
         return optax.adam(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2)
 

@@ -262,7 +262,7 @@ class RDPP(RD4AD):
         proj = projection_loss(noised, proj_noised, proj_clean, key, valid)
         return distill + PROJ_WEIGHT * proj, updates["batch_stats"]
 
-    def optimizer(self, config: Any) -> optax.GradientTransformation:
+    def optimizer(self, config: Any, total_steps: int = 0) -> optax.GradientTransformation:
         """Two Adams (betas config.adam_b1, adam_b2): the MPL at config.rdpp.proj_lr, OCBE and
         decoder at config.learning_rate, stepping every config.rdpp.accumulation batches on
         the *sum* of their gradients, as the official loop does. The sum is kept in float64

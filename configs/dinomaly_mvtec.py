@@ -1,0 +1,46 @@
+"""Dinomaly's official MVTec AD settings, unified (guojiajeremy/Dinomaly,
+dinomaly_mvtec_uni.py): one model for every category; DINOv2 ViT-B/14 with 4 registers
+(DINOv2's hub weights), blocks 2..9 rebuilt in two groups; images resized to 448 and
+centre-cropped to 392; batch 16 with full batches only; 10,000 iterations of StableAdamW
+(amsgrad, betas (0.9, 0.999), weight decay 1e-4, eps 1e-10) warming up to 2e-3 over 100
+and a cosine down to 2e-4, gradients clipped to norm 0.1; maps the mean of the groups'
+1 - cos, resized to 256 and blurred by a 5 x 5 Gaussian (sigma 4); the image score the
+mean of the map's top 1 %; seed 1.
+
+python -m rdjax.main --config=configs/dinomaly_mvtec.py --workdir=runs/dinomaly \
+    --config.dataset.root=/data/mvtec_anomaly_detection
+"""
+
+from rdjax.configs import mvtec
+
+
+def get_config():
+    config = mvtec.get_config()
+    config.model.name = "dinomaly"
+    config.model.arch = "dinov2_vitb14_reg4"
+    config.model.teacher_weights = "imagenet"  # DINOv2's hub checkpoint for the architecture
+    config.setting = "unified"
+    config.dataset.category = "all"
+    config.input.filter = ""  # the model's: torchvision's Resize on PIL images
+    config.input.resize = 448
+    config.image_size = 392
+    config.map_mode = "mean"
+    config.map_size = 256
+    config.blur_kernel = 5
+    config.blur_sigma = 4.0
+    config.max_ratio = 0.01
+    config.batch_size = 16
+    config.drop_last = True
+    config.total_steps = 10000
+    config.learning_rate = 2e-3
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.999
+    config.dinomaly.final_lr = 2e-4
+    config.dinomaly.warmup_steps = 100
+    config.dinomaly.eps = 1e-10
+    config.dinomaly.weight_decay = 1e-4
+    config.dinomaly.clip = 0.1
+    config.eval_every = 1000  # epochs: in effect once, at the end
+    config.checkpoint_every = 5
+    config.seed = 1
+    return config
