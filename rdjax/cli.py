@@ -254,7 +254,10 @@ def define_export_flags(fv: flags.FlagValues, argv: list[str]) -> None:
 
 def define_port_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string(
-        "arch", None, "Backbone: resnet18, resnet34, resnet50, wide_resnet50_2, wide_resnet101_2.", flag_values=fv
+        "arch",
+        None,
+        "Backbone: resnet18, resnet34, resnet50, wide_resnet50_2, wide_resnet101_2; Dinomaly: dinov2_vitb14_reg4, ...",
+        flag_values=fv,
     )
     flags.DEFINE_string(
         "src",
@@ -266,7 +269,9 @@ def define_port_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string(
         "teacher", None, "A model's teacher: a weights file, 'imagenet' or an rdjax teacher directory.", flag_values=fv
     )
-    flags.DEFINE_integer("image_size", 256, "Image size recorded in a ported workdir's config.", flag_values=fv)
+    flags.DEFINE_integer(
+        "image_size", 0, "Image size recorded in a ported workdir's config (0: the official config's).", flag_values=fv
+    )
     flags.mark_flags_as_required(["arch", "src", "out"], flag_values=fv)
 
 
@@ -316,7 +321,7 @@ def _port(fv: flags.FlagValues, args: list[str]) -> None:
 
     if len(args) != 1:
         raise ConfigError(
-            "rdjax port needs what to port: 'teacher' or a model name (rd4ad, rdpp), e.g. "
+            "rdjax port needs what to port: 'teacher' or a model name (rd4ad, rdpp, dinomaly), e.g. "
             "rdjax port rd4ad --arch=wide_resnet50_2 --teacher=imagenet --src=CKPT --out=WORKDIR"
         )
     port.port(args[0], fv.arch, fv.src, Path(fv.out), fv.teacher, fv.image_size)

@@ -45,6 +45,13 @@ def defaults() -> ml_collections.ConfigDict:
     return default.get_config()
 
 
+def shipped_config(name: str) -> ml_collections.ConfigDict:
+    """A shipped config by name (rdjax.configs.<name>.get_config())."""
+    if name not in shipped():
+        raise ConfigError(f"no shipped config {name!r} (shipped: {', '.join(shipped())})")
+    return importlib.import_module(f"rdjax.configs.{name}").get_config()
+
+
 LEGACY_EVALUATORS = "evaluators"  # 0.2.0's tuple of evaluator names, before config.evals
 # Before 0.6.0 every model read its inputs so: PIL's bilinear resize to image_size; and
 # every epoch ran full batches only.
@@ -176,7 +183,8 @@ def check(config: Any, device_count: int) -> None:
 # config.json: a list of what may change, so a key added later is protected until
 # someone decides otherwise.
 SCHEDULE_KEYS = (
-    "num_epochs", "total_steps", "num_epochs_by_category", "eval_every", "checkpoint_every", "keep_checkpoints", "profile_steps",
+    "num_epochs", "total_steps", "num_epochs_by_category", "eval_every", "checkpoint_every", "keep_checkpoints",
+    "profile_steps",
     "learning_rate", "adam_b1", "adam_b2", "rdpp.proj_lr",
     "feature_cache", "feature_cache_dir", "offline", "eval_batch_size", "exact_metrics_max_pixels",
     "report_best_on_test", "evals", "dataset.root", "dataset.data_dir", "dataset.train_dir",

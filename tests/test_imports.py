@@ -30,6 +30,8 @@ RANKS = [
         "rdjax.models.rd4ad",
         "rdjax.models.sinkhorn",
         "rdjax.models.rdpp",
+        "rdjax.models.vit",
+        "rdjax.models.dinomaly",
     },
     {"rdjax.config"},
     {"rdjax.state", "rdjax.workdir"},

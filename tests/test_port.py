@@ -261,6 +261,7 @@ def test_cli_teacher_wrong_arch_is_one_line_error(tmp_path):
 
 
 def test_cli_model_without_teacher_or_with_a_bad_size_writes_nothing(tmp_path):
+    torch.save({}, tmp_path / "c.pth")  # read first: a checkpoint may hold its teacher (Dinomaly's)
     result = rdjax_cli("port", "rd4ad", "--arch=resnet18", f"--src={tmp_path / 'c.pth'}", f"--out={tmp_path / 'w'}")
     assert "needs --teacher" in result.error_line()
     result = rdjax_cli(

@@ -44,6 +44,7 @@ class Toy:
 
     needs_images = False
     input_filter = "pil_bilinear"
+    official_config = "default"
     imagenet_file = None
 
     def __init__(self, arch: str, dtype: str) -> None:
@@ -103,6 +104,9 @@ class Toy:
 
     def port_official(self, state_dict: dict, source: str = "checkpoint") -> Variables:
         raise PortError(f"{source}: the toy model has no official checkpoint")
+
+    def official_teacher(self, state_dict: dict, source: str = "checkpoint") -> Variables | None:
+        return None
 
 
 def _register() -> None:

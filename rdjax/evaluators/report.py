@@ -44,8 +44,9 @@ class Report:
         config = context.config
         cal = needed[self.threshold_from].get("calibration") if self.threshold_from else None
         threshold = None if cal is None else cal["image_threshold"]
+        masks = map_masks(test.masks(rows), config.map_size)
         cases = outputs.Cases(
-            rows, to_display(test.images(rows)), map_masks(test.masks(rows), config.map_size), maps, passed.scores[rows],
+            rows, to_display(test.images(rows)), masks, maps, passed.scores[rows],
             [test.filenames[i] for i in rows], test.labels[rows], passed.pixels.lo, passed.pixels.hi,
         )  # fmt: skip
         roc = None

@@ -48,6 +48,12 @@ class Model(Protocol):
         ...
 
     @property
+    def official_config(self) -> str:
+        """The shipped config of the official settings (its recipe, maps and scores),
+        which `rdjax port` records for a ported checkpoint."""
+        ...
+
+    @property
     def imagenet_file(self) -> str | None:
         """The teacher's ImageNet weights file (rdjax.weights.download), or None."""
         ...
@@ -114,6 +120,11 @@ class Model(Protocol):
 
     def port_official(self, state_dict: dict[str, Any], source: str = "checkpoint") -> Variables:
         """The official code's checkpoint -> student_vars (strict)."""
+        ...
+
+    def official_teacher(self, state_dict: dict[str, Any], source: str = "checkpoint") -> Variables | None:
+        """The teacher_vars an official checkpoint holds itself (Dinomaly's ViTill keeps
+        its encoder), or None where the teacher comes apart (RD4AD, RD++)."""
         ...
 
 

@@ -272,7 +272,7 @@ def torch_clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 class StableAdamWState(NamedTuple):
-    count: jax.Array
+    step: jax.Array
     mu: Any
     nu: Any
     nu_max: Any
@@ -300,8 +300,8 @@ def stable_adamw(
     def update(grads: Any, state: StableAdamWState, params: Any = None) -> tuple[Any, StableAdamWState]:
         if params is None:
             raise ValueError("stable_adamw needs the parameters (decoupled weight decay)")
-        lr = learning_rate(state.count)
-        t = state.count + 1
+        lr = learning_rate(state.step)
+        t = state.step + 1
         bc1 = 1.0 - b1**t
         bc2 = 1.0 - b2**t
         mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
@@ -317,7 +317,7 @@ def stable_adamw(
         updates = jax.tree.map(one, params, grads, mu, nu_max)
         return updates, StableAdamWState(t, mu, nu, nu_max)
 
-    return optax.GradientTransformation(init, update)  # type: ignore[arg-type]  # optax's state protocol
+    return optax.GradientTransformation(init, update)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -332,6 +332,7 @@ class Dinomaly:
     dtype: str = "float32"
     needs_images = False  # the encoder's features can come from the cache; the dropout draws from the step's key
     input_filter = modes.ResizeFilter.PIL_BILINEAR.value  # the official torchvision Resize on PIL images
+    official_config = "dinomaly_mvtec"
 
     def __post_init__(self) -> None:
         get_vit(self.arch)
@@ -380,8 +381,8 @@ class Dinomaly:
     def teacher_features(self, teacher_vars: Variables, images: jax.Array) -> Features:
         """Normalized images -> the encoder's two group means (B, prefix + h*w, D), float32,
         the tokens the student reads (their mean is the bottleneck's input) and rebuilds."""
-        outs = self.encoder.apply(jax.lax.stop_gradient(teacher_vars), images)
-        layers = [outs[i] for i in self.targets]  # type: ignore[index]  # ViT returns a list
+        outs: list[jax.Array] = self.encoder.apply(jax.lax.stop_gradient(teacher_vars), images)  # type: ignore[assignment]
+        layers = [outs[i] for i in self.targets]
         return tuple(jax.lax.stop_gradient(at_least_float32(fuse([layers[i] for i in g]))) for g in GROUPS)
 
     def student_features(
@@ -466,6 +467,11 @@ class Dinomaly:
         except PortError as e:
             raise PortError(f"{e} -- is this a {self.arch} Dinomaly checkpoint?") from None
         return {"params": params["params"], "batch_stats": {}}
+
+    def official_teacher(self, state_dict: weights.StateDict, source: str = "checkpoint") -> Variables | None:
+        """The encoder a ViTill state dict holds ('encoder.*', DINOv2's names), or None."""
+        encoder = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
+        return self.port_teacher(encoder, source=f"{source} (its encoder)") if encoder else None
 
 
 MODEL: ModelType = Dinomaly

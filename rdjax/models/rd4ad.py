@@ -169,6 +169,7 @@ class RD4AD:
     dtype: str = "float32"
     needs_images = False  # training can read the teacher's features from a cache (config.feature_cache)
     input_filter = modes.ResizeFilter.PIL_BILINEAR.value  # the official code's torchvision Resize on PIL images
+    official_config = "mvtec"
 
     def __post_init__(self) -> None:
         get_arch(self.arch)
@@ -275,6 +276,10 @@ class RD4AD:
                 f"{source}: not an official RD4AD checkpoint: key {unknown[0]!r} is outside 'bn' and 'decoder'"
             )
         return official_parts(self, state_dict, self.abstract_variables()[1], source, "RD4AD")
+
+    def official_teacher(self, state_dict: weights.StateDict, source: str = "checkpoint") -> Variables | None:
+        """None: the official checkpoints hold no teacher (torchvision's ImageNet weights)."""
+        return None
 
 
 MODEL: ModelType = RD4AD

@@ -226,6 +226,7 @@ class RDPP(RD4AD):
 
     needs_images = True
     input_filter = modes.ResizeFilter.CV2_BILINEAR.value  # the official dataset's cv2.resize(image / 255.0)
+    official_config = "rdpp_mvtec"
 
     @property
     def student(self) -> Student:  # type: ignore[override]  # RD4AD's student plus the MPL
