@@ -23,6 +23,7 @@ def get_config():
     config.dataset.category = "all"
     config.input.filter = ""  # the model's: torchvision's Resize on PIL images
     config.input.resize = 448
+    config.input.mask_threshold = 0.0  # its evaluation takes any non-zero mask value as a defect
     config.image_size = 392
     config.map_mode = "mean"
     config.map_size = 256

@@ -54,15 +54,22 @@ def unified_markdown(result: dict) -> str:
     return head + table + note
 
 
+def fit_image(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A uint8 image at a map's ``shape``: where config.map_size gives maps of another size
+    than the model's inputs, the picture shows the input resized to the map."""
+    if image.shape[:2] == tuple(shape):
+        return image
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize(tuple(shape)[::-1], Image.Resampling.BILINEAR))
+
+
 def overlay(image: np.ndarray, amap: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """uint8 image blended half and half with the map in the 'jet' colour map (fixed lo..hi);
     an image of another size than the map (config.map_size) is resized to it first."""
     from matplotlib import colormaps
 
-    if image.shape[:2] != amap.shape:
-        from PIL import Image
-
-        image = np.asarray(Image.fromarray(image).resize(amap.shape[::-1], Image.Resampling.BILINEAR))
+    image = fit_image(image, amap.shape)
 
     heat = colormaps["jet"](np.clip((amap - lo) / max(hi - lo, 1e-12), 0, 1))[..., :3]
     return (np.clip(0.5 * image.astype(np.float32) / 255.0 + 0.5 * heat, 0, 1) * 255).astype(np.uint8)
@@ -148,6 +155,7 @@ def decision_picture(
     from matplotlib import colormaps
     from PIL import Image, ImageDraw, ImageFont
 
+    image = fit_image(image, amap.shape)
     h, w = amap.shape
     scale = max(1, -(-MIN_PICTURE // max(h, w)))
     bh, bw = h * scale, w * scale

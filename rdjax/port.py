@@ -40,6 +40,8 @@ def port(what: str, arch: str, src: str, out: Path, teacher: str | None = None, 
     else:
         model = MODELS.get(what)(arch, "float32")
         config = config_lib.shipped_config(model.official_config)  # the official recipe, maps and scores
+        if image_size and image_size != config.image_size and config.input.resize:  # the crop keeps its share
+            config.input.resize = round(config.input.resize * image_size / config.image_size)
         image_size = image_size or config.image_size
         model.check_image_size(image_size)
         state_dict = weights.read_state_dict(src)

@@ -35,6 +35,23 @@ def timm_encoder(dim: int, depth: int, heads: int, img_size: int, seed: int = 0)
     return model.eval()
 
 
+def encoder_at(source: nn.Module, size: int, grid: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """timm's encoder ``source`` (position grid ``grid``) at another input size, in ``dtype``,
+    its position embedding interpolated in that dtype as DINOv2's interpolate_pos_encoding
+    does: torch's bicubic, no antialiasing, scale factor (new grid + 0.1) / grid; the
+    checkpoint's own grid unchanged."""
+    dim, g = source.embed_dim, size // 14
+    target = timm_encoder(dim, len(source.blocks), source.blocks[0].attn.num_heads, size).to(dtype)
+    state = {k: v.to(dtype) for k, v in source.state_dict().items()}
+    pos = state["pos_embed"].reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
+    if g != grid:
+        scale = (g + 0.1) / grid
+        pos = F.interpolate(pos, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    state["pos_embed"] = pos.permute(0, 2, 3, 1).reshape(1, g * g, dim)
+    target.load_state_dict(state)
+    return target.eval()
+
+
 def encoder_blocks(encoder: nn.Module, x: torch.Tensor, upto: int) -> list[torch.Tensor]:
     """The token sequences after blocks 0..upto (timm's own modules, no final norm)."""
     t = encoder.norm_pre(encoder._pos_embed(encoder.patch_embed(x)))

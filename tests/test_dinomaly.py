@@ -12,19 +12,18 @@ arithmetic is elementwise.
 
 from __future__ import annotations
 
-import dinomaly_reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rdjax.errors import PortError
 from rdjax.models import dinomaly, vit
 from rdjax.models.dinomaly import Dinomaly
 
+import dinomaly_reference as ref
 from conftest import nchw_to_nhwc, port64, rel_err
 
 ARCH = "vit_tiny14_reg4"  # 96 wide, 3 heads, 4 registers, 16 x 16 position grid (224 px)
@@ -36,19 +35,7 @@ def _timm(size: int = 224) -> torch.nn.Module:
 
 
 def _at_size(source: torch.nn.Module, size: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """timm's encoder at another input size, in ``dtype``, its position embedding
-    interpolated in that dtype as DINOv2's interpolate_pos_encoding does (torch's bicubic
-    with scale factor (grid + 0.1) / 16)."""
-    grid, g = SPEC.pos_grid, size // vit.PATCH
-    target = _timm(size).to(dtype)
-    state = {k: v.to(dtype) for k, v in source.state_dict().items()}
-    pos = state["pos_embed"].reshape(1, grid, grid, SPEC.dim).permute(0, 3, 1, 2)
-    if g != grid:
-        scale = (g + 0.1) / grid
-        pos = F.interpolate(pos, scale_factor=(scale, scale), mode="bicubic", antialias=False)
-    state["pos_embed"] = pos.permute(0, 2, 3, 1).reshape(1, g * g, SPEC.dim)
-    target.load_state_dict(state)
-    return target.eval()
+    return ref.encoder_at(source, size, SPEC.pos_grid, dtype)
 
 
 def _numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
