@@ -61,7 +61,8 @@ def fit_image(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return image
     from PIL import Image
 
-    return np.asarray(Image.fromarray(image).resize(tuple(shape)[::-1], Image.Resampling.BILINEAR))
+    height, width = shape[:2]
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, lo: float, hi: float) -> np.ndarray:
