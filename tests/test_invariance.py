@@ -60,3 +60,32 @@ def test_one_step_is_invariant_to_the_device_count(probe, n):
     for key in grads:
         g1, gn = probe[f"grad/1/{key}"], probe[f"grad/{n}/{key}"]
         np.testing.assert_allclose(gn, g1, rtol=1e-7, atol=1e-9 * np.abs(g1).max(), err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def dinomaly_probe(tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe") / "dinomaly.npz"
+    proc = subprocess_run(sys.executable, str(ROOT / "tests" / "scale_probe.py"), str(out), "2", "dinomaly", devices=8)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(np.load(out))
+
+
+def test_a_dinomaly_step_on_two_devices_equals_the_step_on_one(dinomaly_probe):
+    """Dinomaly (dropout drawn from the step's key, the hard-mining threshold over the
+    global batch, clipping by the global gradient norm): loss and gradients of the first
+    step, and parameters after two StableAdamW steps, on 2 devices against 1, float64, with
+    the tolerances of the RD4AD checks above."""
+    probe = dinomaly_probe
+    assert float(probe["loss/2"]) == pytest.approx(float(probe["loss/1"]), rel=1e-12)
+    grads = sorted(k.split("/", 2)[2] for k in probe if k.startswith("grad/1/"))
+    assert grads and probe[f"grad/1/{grads[0]}"].dtype == np.float64
+    for key in grads:
+        g1, g2 = probe[f"grad/1/{key}"], probe[f"grad/2/{key}"]
+        np.testing.assert_allclose(g2, g1, rtol=1e-7, atol=1e-9 * np.abs(g1).max(), err_msg=key)
+    params = sorted(k.split("/", 2)[2] for k in probe if k.startswith("param64/1/"))
+    for key in params:
+        np.testing.assert_allclose(
+            probe[f"param64/2/{key}"], probe[f"param64/1/{key}"], rtol=1e-6, atol=1e-7, err_msg=key
+        )
+    start, after = probe["start/decoder_0/attn/qkv/kernel"], probe["param64/1/decoder_0/attn/qkv/kernel"]
+    assert np.abs(after - start).max() > 1e-4  # the steps moved the parameters (lr 2e-3 per step)
