@@ -117,7 +117,7 @@ class Model:
         return np.stack([recipe.image(a) for a in images])
 
     def predict_resized(self, batch: np.ndarray, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Maps (at image_size) and scores of model inputs (`preprocess`)."""
+        """Maps (at image_size, or config.map_size) and scores of model inputs (`preprocess`)."""
         bs = sharding.round_up(batch_size or int(self.config.eval_batch_size), jax.device_count())
         step = lambda x: self.eval_step(self.teacher_vars, self.student_vars, x)
         maps, scores = sharding.map_global_batches(step, batch, bs, self._put, "predicting")

@@ -204,3 +204,30 @@ def test_the_schedule_equals_warm_cosine_scheduler_at_every_iteration():
         ours = np.asarray(jax.vmap(lr)(jnp.arange(total + 3)))
     np.testing.assert_array_equal(ours, np.asarray(want))
     assert ours[0] == 0.0 and ours[99] == ours[100] == 2e-3
+
+
+@pytest.mark.slow  # two unified trainings with evaluation: ~30 s on 2 cores
+def test_the_demo_config_trains_exactly_total_steps_and_a_rerun_extends_it(synthetic_data, tmp_path):
+    """configs/dinomaly_synthetic.py (unified) on 16 training images a category at batch 8,
+    full batches only: total_steps=3 stops inside the first epoch's last steps or the
+    second epoch, with a checkpoint at 3 and metrics; a rerun with total_steps=5 resumes
+    at step 3 and stops at 5."""
+    from rdjax import train
+    from rdjax import workdir as workdir_lib
+    from rdjax.configs import dinomaly_synthetic
+
+    root = synthetic_data()
+    config = dinomaly_synthetic.get_config()
+    config.dataset.root, config.dataset.data_dir = str(root), str(root / "_tfds")
+    config.input.resize, config.image_size = 64, 56
+    config.threshold.method, config.threshold.validation_size = "f1", 0
+    config.total_steps, config.dinomaly.warmup_steps = 3, 1
+    result = train.run(config, tmp_path / "w")
+    assert "disk" in result and 0 <= result["disk"]["aupro_200"] <= 1
+    manager = workdir_lib.checkpoint_manager(tmp_path / "w", create=False)
+    assert manager.latest_step() == 3
+    saved = workdir_lib.load_config(tmp_path / "w")
+    assert (saved.total_steps, saved.model.name) == (3, "dinomaly")
+    config.total_steps = 5
+    train.run(config, tmp_path / "w")
+    assert workdir_lib.checkpoint_manager(tmp_path / "w", create=False).latest_step() == 5

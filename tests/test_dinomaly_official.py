@@ -35,7 +35,7 @@ from rdjax import export
 from rdjax.models import vit
 
 import dinomaly_reference as ref
-from conftest import rdjax_cli
+from conftest import rdjax_cli, rel_err
 
 pytestmark = pytest.mark.slow  # a port, an evaluation, predict, an export and the torch reference: ~1 min
 
@@ -188,3 +188,10 @@ def test_a_ported_vitill_evaluates_as_the_official_code(tmp_path):
     inputs = model.preprocess([np.asarray(Image.open(f).convert("RGB")) for f in files])
     _, exported = export.export_jax(model).call(inputs)
     np.testing.assert_allclose(np.asarray(exported), predicted, rtol=1e-5)
+    import onnxruntime  # the ViT, the linear attention and the 256 px map recipe convert: 1e-4, the export bound
+
+    session = onnxruntime.InferenceSession(export.export_onnx(model), providers=["CPUExecutionProvider"])
+    maps = model.predict_resized(inputs)[0]
+    assert rel_err(session.run(["maps"], {"images": inputs})[0], maps) < 1e-4
+    assert maps.shape == (len(files), MAP, MAP)
+    assert (ported / "eval/epoch_0000/part/report.html").is_file()
