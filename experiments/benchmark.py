@@ -3,6 +3,12 @@
   python experiments/benchmark.py                       # paper setting and a small one, one table
   python experiments/benchmark.py --arch=wide_resnet50_2 --size=256 --batch=8 --json
   python experiments/benchmark.py --arch=resnet18 --models=rd4ad,rdpp   # RD4AD beside RD++, same run
+  python experiments/benchmark.py --arch=resnet18 --size=256 --models=rd4ad,rdpp,dinomaly \
+      --vit_arch=vit_tiny14_reg4 --vit_size=392      # Dinomaly takes a ViT and its own size
+
+Dinomaly's settings come from --vit_arch and --vit_size (a ViT, a multiple of 14); the
+maps of every model follow its official config (Dinomaly's: the mean of its groups at
+256 px, a 5 x 5 blur, the top-1 % score).
 
 Training is measured as rdjax trains: one optimizer step on cached teacher features
 (`train_img_s`), and also with the teacher forward inside every step as the official code
@@ -80,7 +86,7 @@ def measure(arch: str, size: int, batch: int, steps: int, dtype: str, name: str 
 
     c_full, t_full = _timed(run_full, lambda: (x,), steps)
 
-    eval_step = maps.make_eval_step(model)
+    eval_step = maps.eval_step_for(model, config_lib.shipped_config(model.official_config))
     student_now = holder["state"].student_vars
     c_eval, t_eval = _timed(eval_step, lambda: (teacher_vars, student_now, x), steps)
     return {
@@ -107,12 +113,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed calls after the first")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--models", default="rd4ad", help="comma-separated model names, measured in turn")
+    parser.add_argument("--vit_arch", default="dinov2_vitb14_reg4", help="Dinomaly's encoder (one setting only)")
+    parser.add_argument("--vit_size", type=int, default=392, help="Dinomaly's input size (one setting only)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
-    settings = (
-        [(args.arch, args.size, args.batch)] if args.arch else [("wide_resnet50_2", 256, 16), ("resnet18", 128, 8)]
-    )
-    rows = [measure(a, s, b, args.steps, args.dtype, m) for m in args.models.split(",") for a, s, b in settings]
+    settings = {
+        "resnet": [(args.arch, args.size, args.batch)]
+        if args.arch
+        else [("wide_resnet50_2", 256, 16), ("resnet18", 128, 8)],
+        "vit": [(args.vit_arch, args.vit_size, args.batch)]
+        if args.arch
+        else [("dinov2_vitb14_reg4", 392, 16), ("vit_tiny14_reg4", 112, 8)],
+    }
+    rows = [
+        measure(a, s, b, args.steps, args.dtype, m)
+        for m in args.models.split(",")
+        for a, s, b in settings["vit" if m == "dinomaly" else "resnet"]
+    ]
     print(
         "| model | device | arch | px | batch | dtype | train img/s (cached teacher) | train img/s (teacher in step) "
         "| eval img/s (full path) | compile s | peak MB |"

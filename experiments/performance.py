@@ -27,15 +27,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK = ROOT / "experiments" / "benchmark.py"
 
-# (arch, image size, batch, timed steps, dtype)
-Setting = tuple[str, int, int, int, str]
+# (model, arch, image size, batch, timed steps, dtype)
+Setting = tuple[str, str, int, int, int, str]
 SETTINGS: dict[str, list[Setting]] = {
     "default": [
-        (arch, size, batch, steps, dtype)
-        for arch, size, batch, steps in [("resnet18", 128, 16, 3), ("wide_resnet50_2", 256, 8, 2)]
+        (model, arch, size, batch, steps, dtype)
+        for model, arch, size, batch, steps in [
+            ("rd4ad", "resnet18", 128, 16, 3),
+            ("rd4ad", "wide_resnet50_2", 256, 8, 2),
+            ("rdpp", "wide_resnet50_2", 256, 8, 2),
+            ("dinomaly", "vit_tiny14_reg4", 112, 16, 3),
+            ("dinomaly", "dinov2_vitb14_reg4", 392, 8, 2),
+        ]
         for dtype in ("float32", "bfloat16")
     ],
-    "quick": [("resnet18", 64, 4, 1, "float32")],
+    # A lent GPU: every model at its paper's setting, batch 16.
+    "gpu": [
+        (model, arch, size, 16, 5, dtype)
+        for model, arch, size in [
+            ("rd4ad", "wide_resnet50_2", 256),
+            ("rdpp", "wide_resnet50_2", 256),
+            ("dinomaly", "dinov2_vitb14_reg4", 392),
+        ]
+        for dtype in ("float32", "bfloat16")
+    ],
+    "quick": [("rd4ad", "resnet18", 64, 4, 1, "float32")],
 }
 
 HEADER = """# Performance
@@ -74,12 +90,13 @@ def version(package: str) -> str:
 
 def run_benchmark(setting: Setting) -> dict:
     """One setting in a fresh process; its last stdout line is the JSON result."""
-    arch, size, batch, steps, dtype = setting
+    model, arch, size, batch, steps, dtype = setting
+    shape = [f"--vit_arch={arch}", f"--vit_size={size}", "--arch=resnet18"] if model == "dinomaly" else []
     cmd = [
         sys.executable,
         str(BENCHMARK),
-        f"--arch={arch}",
-        f"--size={size}",
+        f"--models={model}",
+        *(shape or [f"--arch={arch}", f"--size={size}"]),
         f"--batch={batch}",
         f"--steps={steps}",
         f"--dtype={dtype}",
@@ -104,13 +121,13 @@ def render(rows: list[dict], command: str) -> str:
         f"flax {version('flax')}",
         f"- command: `{command}`\n",
         "## Results\n",
-        "| arch | px | batch | timed steps | dtype | train img/s | train img/s, teacher in step "
+        "| model | arch | px | batch | timed steps | dtype | train img/s | train img/s, teacher in step "
         "| eval img/s | peak MB | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['arch']} | {r['size']} | {r['batch']} | {r['steps']} | {r['dtype']} "
+            f"| {r['model']} | {r['arch']} | {r['size']} | {r['batch']} | {r['steps']} | {r['dtype']} "
             f"| {r['train_img_s']:.2f} | {r['train_teacher_img_s']:.2f} | {r['eval_img_s']:.2f} "
             f"| {r['peak_mem_mb']:.0f} | {r['compile_s']:.1f} |"
         )
@@ -124,7 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for setting in SETTINGS[args.settings]:
-        rows.append(run_benchmark(setting) | {"steps": setting[3]})
+        rows.append(run_benchmark(setting) | {"steps": setting[4]})
     command = shlex.join(["python", "experiments/performance.py", *sys.argv[1:]])
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text(render(rows, command))
