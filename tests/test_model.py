@@ -48,7 +48,7 @@ def test_unknown_arch_and_dtype_are_rejected():
 
 def test_models_are_chosen_by_name():
     assert MODELS.get("rd4ad") is RD4AD
-    with pytest.raises(ConfigError, match="unknown model 'rd5ad'; choose one of rd4ad"):
+    with pytest.raises(ConfigError, match="unknown model 'rd5ad'; choose one of dinomaly, rd4ad, rdpp"):
         MODELS.get("rd5ad")
 
 

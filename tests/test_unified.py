@@ -87,7 +87,7 @@ def test_step_schedule_scales_every_rate_from_its_boundary():
     config.num_epochs, config.lr_decay_epoch, config.lr_decay_factor = 10, 5, 0.1
 
     class _Model:
-        def optimizer(self, config):
+        def optimizer(self, config, total_steps=0):
             return optax.adam(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2)
 
     run = train.Run.__new__(train.Run)

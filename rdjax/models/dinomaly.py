@@ -264,7 +264,7 @@ def torch_clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     norm the L2 norm of all of them (optax's clip has no 1e-6)."""
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        norm = optax.global_norm(updates)
+        norm = optax.tree.norm(updates)
         coef = jnp.minimum(max_norm / (norm + 1e-6), 1.0)
         return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
 
