@@ -5,7 +5,9 @@ centre-cropped to 392; batch 16 with full batches only; 10,000 iterations of Sta
 (amsgrad, betas (0.9, 0.999), weight decay 1e-4, eps 1e-10) warming up to 2e-3 over 100
 and a cosine down to 2e-4, gradients clipped to norm 0.1; maps the mean of the groups'
 1 - cos, resized to 256 and blurred by a 5 x 5 Gaussian (sigma 4); the image score the
-mean of the map's top 1 %; seed 1.
+mean of the map's top 1 %; seed 1. rdjax holds 10% of train/good out for its thresholds
+by default; --config.threshold.method=f1 --config.threshold.validation_size=0 trains on
+every image, as the official script.
 
 python -m rdjax.main --config=configs/dinomaly_mvtec.py --workdir=runs/dinomaly \
     --config.dataset.root=/data/mvtec_anomaly_detection

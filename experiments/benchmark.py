@@ -113,16 +113,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed calls after the first")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--models", default="rd4ad", help="comma-separated model names, measured in turn")
-    parser.add_argument("--vit_arch", default="dinov2_vitb14_reg4", help="Dinomaly's encoder (one setting only)")
-    parser.add_argument("--vit_size", type=int, default=392, help="Dinomaly's input size (one setting only)")
+    parser.add_argument(
+        "--vit_arch", help="Dinomaly's encoder, one setting only (default with --arch: dinov2_vitb14_reg4)"
+    )
+    parser.add_argument("--vit_size", type=int, default=392, help="Dinomaly's input size, with --vit_arch or --arch")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     settings = {
         "resnet": [(args.arch, args.size, args.batch)]
         if args.arch
         else [("wide_resnet50_2", 256, 16), ("resnet18", 128, 8)],
-        "vit": [(args.vit_arch, args.vit_size, args.batch)]
-        if args.arch
+        "vit": [(args.vit_arch or "dinov2_vitb14_reg4", args.vit_size, args.batch)]
+        if args.arch or args.vit_arch
         else [("dinov2_vitb14_reg4", 392, 16), ("vit_tiny14_reg4", 112, 8)],
     }
     rows = [

@@ -185,7 +185,7 @@ def check(config: Any, device_count: int) -> None:
 SCHEDULE_KEYS = (
     "num_epochs", "total_steps", "num_epochs_by_category", "eval_every", "checkpoint_every", "keep_checkpoints",
     "profile_steps",
-    "learning_rate", "adam_b1", "adam_b2", "rdpp.proj_lr",
+    "learning_rate", "adam_b1", "adam_b2", "rdpp.proj_lr", "dinomaly.final_lr", "dinomaly.warmup_steps",
     "feature_cache", "feature_cache_dir", "offline", "eval_batch_size", "exact_metrics_max_pixels",
     "report_best_on_test", "evals", "dataset.root", "dataset.data_dir", "dataset.train_dir",
     "dataset.test_good_dir", "dataset.test_anomalous_dir", "dataset.mask_dir",
@@ -237,7 +237,7 @@ def check_rerun(workdir: Any, saved: Any, config: Any, evaluating: bool) -> list
     notes = []
     for key in sorted(before.keys() | now.keys()):
         old, new = before.get(key), now.get(key)
-        if old == new:
+        if old == new or (key == "num_epochs" and now.get("total_steps")):  # derived from total_steps
             continue
         if key in free or (key.startswith("dataset.") and old == ""):  # '': not recorded (rdjax port)
             notes.append(f"config.{key}={new!r} (the workdir's config.json has {old!r})")

@@ -6,7 +6,8 @@
 
 Both artifacts map the model's inputs (batch, S, S, 3), S = the workdir's image_size and
 any batch size, in its recipe's dtype (uint8, or float32 in [0, 1] for OpenCV's recipe;
-rdjax.data.preprocess.Recipe), to (maps (batch, S, S) float32, scores (batch,) float32): normalization, the
+rdjax.data.preprocess.Recipe), to (maps (batch, M, M) float32, scores (batch,) float32),
+M = config.map_size, else S: normalization, the
 teacher, the OCBE, the decoder, the maps, the upsampling, the blur and the image score
 (rdjax.maps.image_scores with the max_ratio the thresholds were calibrated with), with the
 weights inside. ``FILE.json`` beside it holds the input contract, the normalization, the
@@ -128,6 +129,7 @@ def _quiet(*loggers: str) -> Iterator[None]:
 def contract(model: Predictor, fmt: str, weights_dtype: str) -> dict:
     """What a caller needs besides the artifact: the input contract, the outputs, the
     image score's rule (max_ratio) and the decision rule with its thresholds (FILE.json)."""
+    side = int(model.config.map_size) or model.image_size  # the maps' side (config.map_size)
     cal = model.calibration
     ratio = model.max_ratio
     recipe = model.recipe
@@ -159,7 +161,7 @@ def contract(model: Predictor, fmt: str, weights_dtype: str) -> dict:
             "resizes each image to the input size; 'fit' and 'tile' run the artifact on windows and blend "
             "their maps (docs/usage.md, 'Large and non-square images')",
         },
-        "outputs": {"maps": ["batch", model.image_size, model.image_size, "float32"], "scores": ["batch", "float32"]},
+        "outputs": {"maps": ["batch", side, side, "float32"], "scores": ["batch", "float32"]},
         "score": {
             "max_ratio": ratio,
             "rule": f"{rule}: inside the artifact for its maps; with resize 'fit' or 'tile', the caller "

@@ -155,6 +155,11 @@ class Model:
                 f"resize={resize!r} tiles the whole image, but this model's inputs are centre-cropped "
                 f"(config.input.resize={self.recipe.resize}); use 'squeeze'"
             )
+        if not squeeze and int(self.config.map_size) not in (0, self.image_size):
+            raise ConfigError(
+                f"resize={resize!r} blends maps at the input's size, but this model's maps are resized "
+                f"(config.map_size={self.config.map_size}); use 'squeeze'"
+            )
         if squeeze:
             maps, scores = self.predict_resized(self.preprocess(images), batch_size)
             full = [tiling.uncrop_map(m, a.shape[:2], self.recipe) for m, a in zip(maps, images)]

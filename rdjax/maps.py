@@ -46,12 +46,6 @@ def _upsample64(out_size: int, in_size: int) -> np.ndarray:
     return m
 
 
-@functools.cache
-def upsample_matrix(out_size: int, in_size: int) -> np.ndarray:
-    """(out, in) matrix of bilinear interpolation with align_corners=True."""
-    return _upsample64(out_size, in_size).astype(np.float32)
-
-
 def _resize64(out_size: int, in_size: int) -> np.ndarray:
     """torch's bilinear interpolate(size=out, align_corners=False, antialias=False) along one
     axis: source (i + 0.5) in / out - 0.5, clamped at 0, the upper tap clamped to the border."""

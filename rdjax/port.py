@@ -54,7 +54,8 @@ def port(what: str, arch: str, src: str, out: Path, teacher: str | None = None, 
         student_vars = model.port_official(state_dict, source=src)
         config.model.name, config.model.arch, config.image_size = what, arch, image_size
         config.input.filter = model.input_filter  # the official code's recipe, which its weights were trained on
-        config.drop_last = False  # the official epoch
+        if config.drop_last is None:
+            config.drop_last = False  # the official epoch (Dinomaly's official config sets full batches only)
         config.model.teacher_weights = str((out / workdir_lib.TEACHER).resolve())
         config.dataset.name = config.dataset.category = ""  # trained elsewhere: the first evaluation names them
         # The official code trains on every train/good image: none are held out, so the

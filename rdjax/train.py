@@ -814,6 +814,8 @@ def _train(config: Any, workdir: Path, dataset: data.Dataset | None) -> dict:
         state = _initial_state(run, tx, manager)
         saved = start = int(state.step)
         start_epoch, skip = divmod(start, spe)
+        if start >= run.total_steps:  # trained to the end, which may lie inside its last epoch
+            start_epoch, skip = config.num_epochs, 0
         epoch = start_epoch + 1
         cleanup.callback(manager.close)  # the checkpoints are flushed
 
@@ -835,8 +837,9 @@ def _train(config: Any, workdir: Path, dataset: data.Dataset | None) -> dict:
             overall = tqdm.tqdm(total=total, initial=min(start, total), desc=f"[{label(config)}] training",
                                 unit="step", disable=None, dynamic_ncols=True)  # fmt: skip
             cleanup.callback(overall.close)
-            first = start_epoch + 1 if start < total else config.num_epochs + 1  # nothing left: evaluate
-            for epoch in range(first, config.num_epochs + 1):
+            if start > total:
+                _log("note: the workdir's step %d is past the run's %d steps: evaluating it as it is", start, total)
+            for epoch in range(start_epoch + 1, config.num_epochs + 1):
                 state, entry = trainer.epoch(state, epoch, profiler, stop, overall, skip)
                 skip = 0
                 profiler.stop(state)  # checkpoints and evaluations stay out of the trace
@@ -883,6 +886,8 @@ def evaluate(config: Any, workdir: str | Path, dataset: data.Dataset | None = No
         step, student_vars = workdir_lib.restore_student(workdir, student_shapes, sharding.replicated(run.mesh))
         trained = workdir_lib.load_config(workdir)  # an evaluation may give another batch size
         epoch = step // max(pipeline.steps_per_epoch(len(run.train), trained.batch_size, trained.drop_last), 1)
+        if trained.total_steps and step >= trained.total_steps:  # its last epoch may stop early
+            epoch = int(trained.num_epochs)
         result = evaluate_student(run, student_vars, epoch, step)
     Writer(workdir).evaluation(result)
     return result

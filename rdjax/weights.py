@@ -92,13 +92,15 @@ _LEAF_TO_TORCH = {
     "bias": "bias",
     "mean": "running_mean",
     "var": "running_var",
+    # DINOv2's ViT (rdjax.models.vit): its own names, LayerScale's gamma as ls1/ls2
+    **{name: name for name in ("cls_token", "pos_embed", "register_tokens", "patch_embed", "patch_bias", "ls1", "ls2")},
 }
 
 
 def torch_key(path: tuple[str, ...]) -> str:
     """('layer1_0', 'conv1', 'kernel') -> 'layer1.0.conv1.weight'."""
     parts = [re.sub(r"_(\d+)$", r".\1", p) for p in path[:-1]]
-    return ".".join(parts + [_LEAF_TO_TORCH.get(path[-1], path[-1])])
+    return ".".join(parts + [_LEAF_TO_TORCH[path[-1]]])
 
 
 def _to_flax(leaf: str, array: np.ndarray) -> np.ndarray:

@@ -104,6 +104,23 @@ def test_checks_name_the_key():
     bad.resize.mode = "crop"
     with pytest.raises(ConfigError, match="config.resize.mode='crop'"):
         config_lib.check(bad, 1)
+    for keys, message in (  # Dinomaly's recipe and schedule keys
+        ({"total_steps": -1}, "config.total_steps=-1"),
+        ({"map_size": -2}, "config.map_size=-2"),
+        ({"blur_kernel": 4}, "config.blur_kernel=4 0 or an odd size"),
+        ({"map_size": 128, "resize.mode": "tile"}, "config.map_size=128 resizes them"),
+        ({"input.mask_threshold": 1.0}, r"config.input.mask_threshold=1.0 must be in \[0, 1\)"),
+        ({"dinomaly.clip": 0.0}, "config.dinomaly: .* clip > 0"),
+    ):
+        bad = config.copy_and_resolve_references()
+        for key, value in keys.items():
+            node, *rest = key.split(".")
+            if rest:
+                bad[node][rest[0]] = value
+            else:
+                bad[node] = value
+        with pytest.raises(ConfigError, match=message):
+            config_lib.check(bad, 1)
 
 
 def test_registry_finds_modules_by_name_and_takes_registrations(tmp_path, monkeypatch):

@@ -228,6 +228,38 @@ def test_the_demo_config_trains_exactly_total_steps_and_a_rerun_extends_it(synth
     assert manager.latest_step() == 3
     saved = workdir_lib.load_config(tmp_path / "w")
     assert (saved.total_steps, saved.model.name) == (3, "dinomaly")
+    last = int(saved.num_epochs)  # ceil(3 / steps per epoch): the last epoch stops early
+    assert (tmp_path / "w" / "eval" / f"epoch_{last:04d}").is_dir()
+    train.run(config, tmp_path / "w")  # finished: evaluated again, under the same epoch
+    assert sorted(p.name for p in (tmp_path / "w" / "eval").iterdir()) == [f"epoch_{last:04d}"]
     config.total_steps = 5
     train.run(config, tmp_path / "w")
     assert workdir_lib.checkpoint_manager(tmp_path / "w", create=False).latest_step() == 5
+
+
+def test_hard_mining_on_a_padded_batch_equals_the_valid_rows_alone():
+    """A batch of 3 with 2 valid rows: the loss, the threshold (k from the valid rows'
+    points) and the gradients of the valid rows are those of the 2 rows alone, the padding
+    row gets no gradient, and other padding values change nothing. float64: only the
+    summation order differs (1e-12)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(8)
+        e = [jnp.asarray(rng.normal(size=(3, 4, 4, 6))) for _ in range(2)]
+        d = [jnp.asarray(rng.normal(size=(3, 4, 4, 6))) for _ in range(2)]
+        valid = jnp.asarray([1.0, 1.0, 0.0])
+        step = jnp.asarray(700)
+
+        def padded(d_):
+            return dinomaly.hard_mining_loss(tuple(e), tuple(d_), step, valid)
+
+        def alone(d_):
+            return dinomaly.hard_mining_loss(tuple(x[:2] for x in e), tuple(d_), step)
+
+        v_pad, g_pad = jax.value_and_grad(padded)(d)
+        v_alone, g_alone = jax.value_and_grad(alone)([x[:2] for x in d])
+        np.testing.assert_allclose(float(v_pad), float(v_alone), rtol=1e-12)
+        for gp, ga in zip(g_pad, g_alone):
+            np.testing.assert_allclose(np.asarray(gp[:2]), np.asarray(ga), rtol=1e-12, atol=1e-15)
+            assert float(jnp.max(jnp.abs(gp[2]))) == 0.0
+        other = [x.at[2].set(x[2] * -5.0 + 1.0) for x in d]
+        np.testing.assert_allclose(float(padded(other)), float(v_alone), rtol=1e-12)

@@ -95,3 +95,30 @@ def test_image_scores_count_and_the_max():
     np.testing.assert_array_equal(np.asarray(maps.image_scores(amaps, 0.01)), amaps.max(axis=(1, 2)))
     with pytest.raises(ValueError, match="max_ratio=1.5"):
         maps.image_scores(amaps, 1.5)
+
+
+@pytest.mark.parametrize(("out", "inp"), [(256, 392), (256, 112), (64, 64)])
+def test_dinomaly_map_resize_blur_and_masks_equal_torch(out, inp):
+    """Dinomaly's evaluation recipe against torch's own ops, float64: a 28 x 28 distance map
+    upsampled (align_corners=True) to the input size, then resized to the map size
+    (bilinear, align_corners=False: down from 392 as the official 392 px inputs, up from
+    112, and no resize), then the 5 x 5 Gaussian (sigma 4) by a zero-padded conv2d; the
+    masks by 'nearest'. The matrices are formed in float64 and stored in float32, so 1e-6
+    relative (float32 rounding of the weights) bounds the map; the masks are exact."""
+    rng = np.random.default_rng(out + inp)
+    dist = rng.random((2, 28, 28))
+    want = torch.nn.functional.interpolate(torch.tensor(dist)[:, None], size=inp, mode="bilinear", align_corners=True)
+    if out != inp:
+        want = torch.nn.functional.interpolate(want, size=out, mode="bilinear", align_corners=False)
+    g = np.arange(5) - 2.0
+    kernel = np.exp(-(g[:, None] ** 2 + g[None, :] ** 2) / (2 * 16.0))
+    want = torch.nn.functional.conv2d(want, torch.tensor(kernel / kernel.sum())[None, None], padding=2)[:, 0]
+    rows = maps.scale_matrix(out, inp, 28).astype(np.float64)
+    blur = maps.kernel_blur_matrix(out, 5, 4.0).astype(np.float64)
+    ours = blur @ (rows @ dist @ rows.T) @ blur.T
+    assert np.max(np.abs(ours - want.numpy())) / np.max(np.abs(want.numpy())) < 1e-6
+    masks = rng.random((2, inp, inp)) > 0.7
+    nearest = torch.nn.functional.interpolate(
+        torch.tensor(masks, dtype=torch.float64)[:, None], size=out, mode="nearest"
+    )
+    np.testing.assert_array_equal(maps.map_masks(masks, out), nearest[:, 0].numpy() > 0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -34,6 +35,7 @@ from rdjax.models.layers import Dtype
 from rdjax.models.lowering import at_least_float32
 from rdjax.models.rd4ad import cosine_distance_loss
 from rdjax.models.vit import (
+    HUB_URL,
     VIT_ARCHS,
     LayerNorm,
     Linear,
@@ -114,6 +116,8 @@ class DropoutMasks(NamedTuple):
 
 
 def dropout_masks(key: jax.Array, tokens: tuple[int, int, int], rate: float = DROPOUT) -> DropoutMasks:
+    """The masks for token sequences of shape ``tokens`` (B, N, D), a function of ``key``
+    alone: the same on any device count, and in float64 runs (uniforms drawn in float32)."""
     b, n, d = tokens
     ki, kh, ko = jax.random.split(key, 3)
     keep = lambda k, shape: jax.random.uniform(k, shape, jnp.float32) < 1.0 - rate  # noqa: E731  # any x64 mode
@@ -170,7 +174,7 @@ class Student(nn.Module):
 
 def to_grid(tokens: jax.Array, prefix: int) -> jax.Array:
     """(B, prefix + h*w, D) -> (B, h, w, D): the class and register tokens dropped, the
-    patches in their row-major order."""
+    patches in their row-major order. Inputs are square (the ViT's check_image_size)."""
     b, n, d = tokens.shape
     side = int(round((n - prefix) ** 0.5))
     return tokens[:, prefix:].reshape(b, side, side, d)
@@ -251,6 +255,7 @@ def warm_cosine_schedule(base: float, final: float, total_iters: int, warmup_ite
 
 
 def schedule_fn(table: np.ndarray, final: float) -> Callable[[jax.Array], jax.Array]:
+    """An optax schedule: step t -> table[t], ``final`` after the table."""
     values = jnp.asarray(table)  # float32, or float64 under jax_enable_x64 (the reference checks)
 
     def lr(count: jax.Array) -> jax.Array:
@@ -302,8 +307,9 @@ def stable_adamw(
             raise ValueError("stable_adamw needs the parameters (decoupled weight decay)")
         lr = learning_rate(state.step)
         t = state.step + 1
-        bc1 = 1.0 - b1**t
-        bc2 = 1.0 - b2**t
+        # 1 - b^t as -expm1(t log b): b^t in float32 would be off by about 1e-5 relative.
+        bc1 = -jnp.expm1(t * math.log(b1))
+        bc2 = -jnp.expm1(t * math.log(b2))
         mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
         nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
         nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu)
@@ -312,7 +318,10 @@ def stable_adamw(
             denom = jnp.sqrt(v) / jnp.sqrt(bc2).astype(v.dtype) + eps
             rms = jnp.sqrt(jnp.mean(jnp.square(g / denom)))
             step_size = lr / bc1 / jnp.maximum(1.0, rms / clip_threshold)
-            return (-p * (lr * weight_decay) - step_size * m / denom).astype(p.dtype)
+            # The official p.mul_(1 - lr * wd) rounds the factor to the parameter's dtype: in
+            # float32 the decay is quantized (none at all once lr * wd < 2^-25), and so is this.
+            decay = (1.0 - lr * weight_decay).astype(p.dtype) - 1.0
+            return (p * decay - step_size * m / denom).astype(p.dtype)
 
         updates = jax.tree.map(one, params, grads, mu, nu_max)
         return updates, StableAdamWState(t, mu, nu, nu_max)
@@ -350,7 +359,7 @@ class Dinomaly:
     def imagenet_file(self) -> str | None:
         """DINOv2's hub checkpoint (a full address), or None for the random demo encoder."""
         file = self.spec.hub_file
-        return None if file is None else f"https://dl.fbaipublicfiles.com/dinov2/{file}"
+        return None if file is None else HUB_URL + file
 
     @property
     def targets(self) -> tuple[int, ...]:

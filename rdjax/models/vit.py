@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -51,6 +52,7 @@ class ViTSpec:
 
 
 def _hub(model: str, registers: bool) -> str:
+    """The hub checkpoint's path under HUB_URL."""
     return f"{model}/{model}{'_reg4' if registers else ''}_pretrain.pth"
 
 
@@ -68,12 +70,14 @@ VIT_ARCHS = {
 
 
 def get_vit(name: str) -> ViTSpec:
+    """The spec of ``name``, or a one-line ConfigError listing the known ones."""
     if name not in VIT_ARCHS:
         raise ConfigError(f"unknown ViT architecture {name!r}; choose one of {sorted(VIT_ARCHS)}")
     return VIT_ARCHS[name]
 
 
 def check_image_size(image_size: int) -> None:
+    """Patches tile the input exactly (DINOv2's PatchEmbed asserts it)."""
     if image_size < PATCH or image_size % PATCH:
         raise ConfigError(f"image_size={image_size}: a ViT with patch {PATCH} takes a multiple of {PATCH}")
 
@@ -187,6 +191,7 @@ def split_heads(qkv: jax.Array, heads: int) -> tuple[jax.Array, jax.Array, jax.A
 
 
 def merge_heads(x: jax.Array) -> jax.Array:
+    """(B, heads, N, d) -> (B, N, heads * d), PyTorch's transpose(1, 2).reshape."""
     b, h, n, d = x.shape
     return x.transpose(0, 2, 1, 3).reshape(b, n, h * d)
 
@@ -298,7 +303,7 @@ def hub_state_dict(state_dict: weights.StateDict, spec: ViTSpec, source: str) ->
     return out
 
 
-def _ignored(depth: int):
+def _ignored(depth: int) -> Callable[[str], bool]:
     """DINOv2's final norm, mask token and classifier head, and blocks after the last one run."""
 
     def ignore(key: str) -> bool:
