@@ -17,6 +17,7 @@ import pytest
 import rdjax
 from rdjax import maps, metrics, registry
 from rdjax.data.preprocess import Recipe
+from rdjax.models.dinomaly import Dinomaly
 from rdjax.models.rd4ad import RD4AD
 
 from conftest import ROOT, assert_auroc_within, cpu_devices_env, data_flags, rdjax_cli, restore_state, small_config
@@ -165,12 +166,15 @@ def test_checkpoints_move_between_topologies(runs, synth_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_bfloat16_maps_stay_close_to_float32():
+@pytest.mark.parametrize("name", ["rd4ad", "dinomaly"])
+def test_bfloat16_maps_stay_close_to_float32(name):
     """Within 5% of the largest map value (bf16 keeps 8 significant bits; a ResNet-18
-    forward stacks a few dozen such roundings, partly cancelling) and ranked alike."""
-    model32, model16 = RD4AD("resnet18"), RD4AD("resnet18", dtype="bfloat16")
-    teacher_vars, student_vars = model32.init(jax.random.key(0), 64)
-    images = jax.random.randint(jax.random.key(1), (4, 64, 64, 3), 0, 256).astype(jnp.uint8)
+    forward, or the tiny ViT's ten blocks and the student's nine, stacks a few dozen such
+    roundings, partly cancelling) and ranked alike."""
+    kind, arch, size = (Dinomaly, "vit_tiny14_reg4", 56) if name == "dinomaly" else (RD4AD, "resnet18", 64)
+    model32, model16 = kind(arch), kind(arch, dtype="bfloat16")
+    teacher_vars, student_vars = model32.init(jax.random.key(0), size)
+    images = jax.random.randint(jax.random.key(1), (4, size, size, 3), 0, 256).astype(jnp.uint8)
     maps32, _ = maps.make_eval_step(model32)(teacher_vars, student_vars, images)
     maps16, _ = maps.make_eval_step(model16)(teacher_vars, student_vars, images)
     assert maps16.dtype == jnp.float32  # maps stay float32 whatever the compute dtype
