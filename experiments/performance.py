@@ -66,8 +66,11 @@ runs or machines. Recorded comparisons with the official code are in
 
 "train" is one optimizer step on cached teacher features (how rdjax trains); "teacher in
 step" also runs the teacher forward in every step, as the official code does; "eval" is
-the full inference path from uint8 images to scores. Peak memory is the device's peak
-where the backend reports it (GPUs, TPUs), else the process's peak RSS.
+the full inference path from uint8 images to scores ("–": RD++ has no cached-feature
+step, its every step runs the teacher on new noised images). Each model runs its official
+recipe: Dinomaly's maps are the mean of its groups at 256 px with a 5 × 5 blur. Peak
+memory is the device's peak where the backend reports it (GPUs, TPUs), else the process's
+peak RSS.
 """
 
 
@@ -109,6 +112,10 @@ def run_benchmark(setting: Setting) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _rate(value: float) -> str:
+    return "–" if value != value else f"{value:.2f}"  # NaN: a model without that step
+
+
 def render(rows: list[dict], command: str) -> str:
     device = f"{rows[0]['device']} x{rows[0]['num_devices']}" if rows else "unknown"
     lines = [
@@ -128,7 +135,7 @@ def render(rows: list[dict], command: str) -> str:
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['arch']} | {r['size']} | {r['batch']} | {r['steps']} | {r['dtype']} "
-            f"| {r['train_img_s']:.2f} | {r['train_teacher_img_s']:.2f} | {r['eval_img_s']:.2f} "
+            f"| {_rate(r['train_img_s'])} | {r['train_teacher_img_s']:.2f} | {r['eval_img_s']:.2f} "
             f"| {r['peak_mem_mb']:.0f} | {r['compile_s']:.1f} |"
         )
     return "\n".join(lines) + "\n"
