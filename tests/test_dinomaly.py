@@ -208,7 +208,7 @@ def test_the_schedule_equals_warm_cosine_scheduler_at_every_iteration():
 
 @pytest.mark.slow  # two unified trainings with evaluation: ~30 s on 2 cores
 def test_the_demo_config_trains_exactly_total_steps_and_a_rerun_extends_it(synthetic_data, tmp_path):
-    """configs/dinomaly_synthetic.py (unified) on 16 training images a category at batch 8,
+    """configs/dinomaly_synthetic.py on 16 training images of one category at batch 8,
     full batches only: total_steps=3 stops inside the first epoch's last steps or the
     second epoch, with a checkpoint at 3 and metrics; a rerun with total_steps=5 resumes
     at step 3 and stops at 5."""
@@ -219,6 +219,8 @@ def test_the_demo_config_trains_exactly_total_steps_and_a_rerun_extends_it(synth
     root = synthetic_data()
     config = dinomaly_synthetic.get_config()
     config.dataset.root, config.dataset.data_dir = str(root), str(root / "_tfds")
+    config.setting, config.dataset.category = "per_category", "disk"  # one evaluation a run
+    del config.evals["report"]  # its pictures are tested elsewhere
     config.input.resize, config.image_size = 64, 56
     config.threshold.method, config.threshold.validation_size = "f1", 0
     config.total_steps, config.dinomaly.warmup_steps = 3, 1

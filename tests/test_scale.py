@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,6 @@ import pytest
 import rdjax
 from rdjax import maps, metrics, registry
 from rdjax.data.preprocess import Recipe
-from rdjax.models.dinomaly import Dinomaly
 from rdjax.models.rd4ad import RD4AD
 
 from conftest import ROOT, assert_auroc_within, cpu_devices_env, data_flags, rdjax_cli, restore_state, small_config
@@ -90,40 +90,34 @@ def unified_runs(synthetic_data, tmp_path_factory):
     return _train_both(root, tmp_path_factory.mktemp("unified_runs"), *flags)
 
 
-@pytest.fixture(scope="module")
-def dinomaly_runs(synth_root, tmp_path_factory):
-    """Dinomaly (the tiny random ViT, 64 px images cropped to 56, its maps and score),
-    trained both ways: its dropout, hard mining and clipping over a global batch."""
-    flags = (
-        "--config.model.name=dinomaly", "--config.model.arch=vit_tiny14_reg4", "--config.image_size=56",
-        "--config.input.resize=64", "--config.map_mode=mean", "--config.max_ratio=0.01",
-        "--config.learning_rate=0.002", "--config.adam_b1=0.9",
-    )  # fmt: skip
-    return _train_both(synth_root, tmp_path_factory.mktemp("dinomaly_runs"), *flags)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("setting", ["runs", "unified_runs", "dinomaly_runs"])
-def test_two_processes_equal_one_process(setting, request):
-    """Two processes of one device each (jax.distributed, CPU collectives) compute exactly
-    what one process with two devices computes: bit-identical state, identical metrics;
-    in the unified setting too, where the lanes run over the union of the categories,
-    each epoch ends in a partial batch, and each category's metrics are gathered apart;
-    and for Dinomaly, whose dropout masks are drawn over the global batch."""
-    runs = request.getfixturevalue(setting)
-    model = {"arch": "vit_tiny14_reg4", "name": "dinomaly"} if setting == "dinomaly_runs" else {}
+def check_two_processes(runs: dict, categories: int, model: dict | None = None) -> None:
+    """The two-process run of `_train_both` equals its one-process twin: bit-identical
+    train state (``model``: restore_state's arch and name), identical metrics (the top
+    level and each of ``categories`` > 1 categories) and calibration."""
+    model = model or {}
     one, two = restore_state(runs["d2"], **model)[0], restore_state(runs["p2"], **model)[0]
     for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(two)):
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
     m1, m2 = (json.loads((runs[n] / "metrics.json").read_text()) for n in ("d2", "p2"))
     parts = [(m1, m2)] + [(m1["categories"][c], m2["categories"][c]) for c in m1.get("categories", {})]
-    assert len(parts) == (3 if setting == "unified_runs" else 1)
+    assert len(parts) == (categories + 1 if categories > 1 else 1)
     for i, (a, b) in enumerate(parts):  # the unified top level holds means, no image count
         keys = ("image_auroc", "pixel_auroc", "aupro", "pro_rd4ad_per_image", "image_f1_max")
-        for key in keys + (("num_images",) if i or setting != "unified_runs" else ()):
+        for key in keys + (("num_images",) if i or categories == 1 else ()):
             assert b[key] == a[key], key
     cal1, cal2 = (json.loads((runs[n] / "calibration.json").read_text()) for n in ("d2", "p2"))
     assert cal2 == cal1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["runs", "unified_runs"])
+def test_two_processes_equal_one_process(setting, request):
+    """Two processes of one device each (jax.distributed, CPU collectives) compute exactly
+    what one process with two devices computes: bit-identical state, identical metrics;
+    in the unified setting too, where the lanes run over the union of the categories,
+    each epoch ends in a partial batch, and each category's metrics are gathered apart
+    (Dinomaly's: tests/test_dinomaly_scale.py)."""
+    check_two_processes(request.getfixturevalue(setting), 2 if setting == "unified_runs" else 1)
 
 
 @pytest.mark.slow
@@ -165,14 +159,10 @@ def test_checkpoints_move_between_topologies(runs, synth_root, tmp_path):
             assert result["aupro"] == pytest.approx(metrics.aupro(maps, test.masks()), abs=1e-3), devices
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["rd4ad", "dinomaly"])
-def test_bfloat16_maps_stay_close_to_float32(name):
+def check_bfloat16_maps(model32: Any, model16: Any, size: int) -> None:
     """Within 5% of the largest map value (bf16 keeps 8 significant bits; a ResNet-18
-    forward, or the tiny ViT's ten blocks and the student's nine, stacks a few dozen such
+    forward, or a small ViT's blocks and Dinomaly's student, stacks a few dozen such
     roundings, partly cancelling) and ranked alike."""
-    kind, arch, size = (Dinomaly, "vit_tiny14_reg4", 56) if name == "dinomaly" else (RD4AD, "resnet18", 64)
-    model32, model16 = kind(arch), kind(arch, dtype="bfloat16")
     teacher_vars, student_vars = model32.init(jax.random.key(0), size)
     images = jax.random.randint(jax.random.key(1), (4, size, size, 3), 0, 256).astype(jnp.uint8)
     maps32, _ = maps.make_eval_step(model32)(teacher_vars, student_vars, images)
@@ -183,3 +173,9 @@ def test_bfloat16_maps_stay_close_to_float32(name):
     # The ranking of pixels, which is what every metric uses, barely moves.
     corr = np.corrcoef(np.asarray(maps16).ravel(), np.asarray(maps32).ravel())[0, 1]
     assert corr > 0.99
+
+
+@pytest.mark.slow
+def test_bfloat16_maps_stay_close_to_float32():
+    """RD4AD's (Dinomaly's: tests/test_dinomaly_scale.py)."""
+    check_bfloat16_maps(RD4AD("resnet18"), RD4AD("resnet18", dtype="bfloat16"), 64)
