@@ -1,7 +1,5 @@
 """Assembly, input checks, the loss, the frozen teacher, and the model registry."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,18 +72,10 @@ def test_teacher_is_frozen_through_a_train_step(small):
     tx = model.optimizer(config_lib.defaults())
     images = jax.random.normal(jax.random.key(1), (8, 64, 64, 3))
 
-    # Gradients with respect to both variable sets: the teacher's are exactly zero.
-    @jax.jit
-    @functools.partial(jax.grad, argnums=(0, 1))
-    def grads(tv, sv):
-        t = model.teacher_features(tv, images)
-        s, _ = model.student_features(sv, t, train=True)
-        return cosine_distance_loss(t, s)
-
-    g_teacher, g_student = grads(teacher_vars, student_vars)
+    # The teacher's features carry no gradient to its variables: exactly zero. (The
+    # student's gradients are nonzero: the step below moves its parameters.)
+    g_teacher = jax.jit(jax.grad(lambda tv: sum(jnp.sum(f) for f in model.teacher_features(tv, images))))(teacher_vars)
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree_util.tree_leaves(g_teacher))
-    assert set(g_student["params"]) == {"ocbe", "decoder"}
-    assert sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree_util.tree_leaves(g_student["params"])) > 0
 
     # The optimizer state covers student params only.
     state = jax.device_put(
@@ -111,3 +101,7 @@ def test_teacher_is_frozen_through_a_train_step(small):
         lambda a, b: bool(np.any(np.asarray(a) != b)), new_state.batch_stats, student_vars["batch_stats"]
     )
     assert all(jax.tree_util.tree_leaves(moved))
+    params_moved = jax.tree_util.tree_map(
+        lambda a, b: bool(np.any(np.asarray(a) != b)), new_state.params, student_vars["params"]
+    )
+    assert any(jax.tree_util.tree_leaves(params_moved))
