@@ -199,9 +199,10 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
 def pro_rd4ad_image(amap: np.ndarray, mask: np.ndarray, num_thresholds: int = 200) -> float:
     """The RD4AD paper's PRO of one anomalous image: 200 evenly spaced thresholds between
     the image's min and max score, points with FPR < 0.3 with FPR rescaled by its max,
-    sklearn's auc. NaN where it is undefined (no region, fewer than two points)."""
+    sklearn's auc. NaN where it is undefined: no region, no normal pixel (a defect
+    covering the whole view, as a tight centre crop can make it), fewer than two points."""
     amap, mask = np.asarray(amap, np.float64), np.asarray(mask).astype(bool)
-    if not mask.any():
+    if not mask.any() or mask.all():
         return float("nan")
     labeled, n = ndimage.label(mask, structure=EIGHT_CONNECTED)
     areas = np.bincount(labeled.ravel(), minlength=n + 1)[1:]

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from rdjax.calibration import CONFUSION_KEYS, colour_scale, few_images
+from rdjax.data.preprocess import Recipe
 from rdjax.metrics import METRIC_NAMES, PAPER_KEYS, TABLE_KEYS, nanmean, percent
 from rdjax.workdir import atomic_path
 
@@ -26,9 +28,27 @@ def results_markdown(result: dict) -> str:
     lines += [f"| {t} | {v['count']} | {percent(v['image_auroc'])} |" for t, v in result.get("per_type", {}).items()]
     if "threshold_note" in result:
         lines.append(f"\nDecisions: {result['threshold_note']}.")
-    for w in result.get("warnings", []):
-        lines.append(f"\n**Warning:** {w}")
+    cal = result.get("calibration")
+    if cal is not None and "confusion" in result:
+        lines += ["", confusion_markdown(result["confusion"], cal["image_threshold"])]
+    for w in [few_images(cal) if cal is not None else None, *result.get("warnings", [])]:
+        if w:
+            lines.append(f"\n**Warning:** {w}")
     return "\n".join(lines) + "\n"
+
+
+def confusion_markdown(counts: dict[str, int], threshold: float) -> str:
+    """The test images' decisions at the image threshold (calibration.confusion), as a
+    table of label against decision."""
+    total = sum(counts.values())
+    return "\n".join([
+        f"At the image threshold {threshold:.6g}, of {total} test images:",
+        "",
+        "| | called anomalous | called good |",
+        "|---|---|---|",
+        f"| defective | {counts['true_positives']} true positives | {counts['false_negatives']} false negatives |",
+        f"| good | {counts['false_positives']} false positives | {counts['true_negatives']} true negatives |",
+    ])  # fmt: skip
 
 
 def summary_markdown(results: dict[str, dict], keys: tuple[str, ...] | None = None) -> str:
@@ -51,7 +71,58 @@ def unified_markdown(result: dict) -> str:
     head = f"# one model for {len(result['categories'])} categories (epoch {result.get('epoch')})\n\n"
     table = summary_markdown({c: r for c, r in result["categories"].items() if "image_auroc" in r}, TABLE_KEYS)
     note = f"\nDecisions without a category: {result['threshold_note']}.\n" if "threshold_note" in result else ""
-    return head + table + note
+    return head + table + note + unified_decisions_markdown(result)
+
+
+def unified_decisions_markdown(result: dict) -> str:
+    """Each category's test images decided by its own thresholds (calibration.json's
+    'categories'), and all of them by the global one: the counts, and how many images
+    each threshold rests on (a warning where too few, calibration.few_images)."""
+    cal = result.get("calibration")
+    if cal is None:
+        return ""
+    rows = [(c, r["calibration"], r.get("confusion")) for c, r in result["categories"].items() if "calibration" in r]
+    rows.append(("**global**", cal, result.get("confusion")))
+    lines = [
+        "\n| thresholds of | image threshold | fitted on images | true positives | false positives "
+        "| true negatives | false negatives |",
+        "|---" * 7 + "|",
+    ]
+    for name, c, counts in rows:
+        cells = [counts[k] if counts else "n/a" for k in CONFUSION_KEYS]
+        lines.append(f"| {name} | {c['image_threshold']:.6g} | {c.get('num_images', 'n/a')} | "
+                     + " | ".join(str(v) for v in cells) + " |")  # fmt: skip
+    warnings = [(name, few_images(c)) for name, c, _ in rows]
+    lines += [f"\n**Warning** ({name.strip('*')}): {w}" for name, w in warnings if w]
+    return "\n".join(lines) + "\n"
+
+
+CROP_NOTE_AREA = 0.05
+"""A recipe's centre crop is stated when it cuts more than this share of an image's area.
+5% of the area is a band of about 1.3% of the side along each edge (13 px of a 1024 px
+part): framing margins are wider, and few marked defects are that thin. A larger crop
+can hide a whole defect near an edge (Dinomaly's official 448 -> 392 cuts 23%; 448 ->
+126 leaves 8% of the image)."""
+
+
+def seen_fraction(recipe: Recipe) -> float:
+    """The share of an image's area the model sees through the recipe's centre crop."""
+    side = recipe.resize or recipe.size
+    return min(1.0, (recipe.size / side) ** 2)
+
+
+def crop_note(recipe: Recipe) -> str | None:
+    """What a run says when it starts where the recipe's crop cuts more than CROP_NOTE_AREA
+    of each image, else None."""
+    seen = seen_fraction(recipe)
+    if 1 - seen <= CROP_NOTE_AREA:
+        return None
+    side = recipe.resize
+    return (
+        f"the model sees the central {recipe.size}x{recipe.size} px of each image resized to {side}x{side}: "
+        f"{100 * seen:.3g}% of its area ({100 * recipe.size / side:.3g}% of each side); the border outside "
+        f"is not inspected (config.input.resize={side}, config.image_size={recipe.size})"
+    )
 
 
 def fit_image(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -133,6 +204,55 @@ def _fit_left(text: str, font: Any, width: float) -> str:
     return "…" + text
 
 
+SHADE = 0.4  # brightness kept where the model did not look: darkened ...
+HATCH = (150, 150, 150)  # ... and crossed by grey diagonal lines, unlike any colour of the map's scale
+
+
+def shade_uninspected(panel: np.ndarray, image: np.ndarray, inspected: np.ndarray) -> np.ndarray:
+    """``panel`` (uint8 H x W x 3) with what the model did not inspect (outside the bool
+    ``inspected``, e.g. the border a centre crop cut away) replaced by the ``image``
+    darkened to SHADE and hatched: a map is 0 there, which the colour scale would draw as
+    'inspected and fine'. The hatch's lines are 1 / 8 of their spacing wide, the spacing
+    2% of the panel's height (at least 6 px), so they read at any resolution."""
+    h, w = inspected.shape
+    spacing = max(6, round(0.02 * h))
+    yy, xx = np.mgrid[0:h, 0:w]
+    hatch = (yy + xx) % spacing < max(1, spacing // 8)
+    out = panel.copy()
+    outside = ~inspected
+    out[outside] = (image[outside] * SHADE).astype(np.uint8)
+    out[outside & hatch] = HATCH
+    return out
+
+
+def inspected_region(shape: tuple[int, int], recipe: Recipe) -> np.ndarray:
+    """bool (H, W): the part of an image of ``shape`` the model saw through the recipe's
+    centre crop (all of it without a crop), as rdjax.tiling.uncrop_map places a map."""
+    from rdjax.tiling import uncrop_map
+
+    return uncrop_map(np.ones((recipe.size, recipe.size), np.float32), shape, recipe) > 0.5
+
+
+def header_lines(
+    score: float,
+    anomalous: bool | None,
+    normalized: float | None,
+    threshold: float | None,
+    category: str | None,
+    caption: str,
+) -> list[str]:
+    """A decision picture's header: the decision and the score against the threshold
+    that decided it, with whose threshold that is (``category``: a category, 'global' for
+    a unified model's global one, None when not known), then the caption."""
+    verdict = {None: "", True: "NG   ", False: "OK   "}[anomalous]
+    against = "" if threshold is None or anomalous is None else f" {'>=' if anomalous else '<'} {threshold:.4g}"
+    first = f"{verdict}score {score:.4f}{against}" + ("" if normalized is None else f"   normalized {normalized:.2f}")
+    if threshold is None:
+        return [first, caption]
+    whose = {None: "", "global": " (global, over every category)"}.get(category, f" of category {category}")
+    return [first, f"image threshold {threshold:.4g}{whose}", caption]
+
+
 def decision_picture(
     image: np.ndarray,
     amap: np.ndarray,
@@ -145,14 +265,20 @@ def decision_picture(
     mask: np.ndarray | None = None,
     truth: np.ndarray | None = None,
     caption: str = "",
+    threshold: float | None = None,
+    category: str | None = None,
+    inspected: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One image as a person checks it: a header with the decision (NG red, OK green, grey
-    without a threshold), the score, the normalized score and the caption; the plain
-    image (its ground truth ``truth`` outlined in red, where given) beside the image blended
-    with its map on the run's one colour scale (lo..hi), with the mask's outline in white
-    and the map's peak circled; and a colour bar with its range. The picture keeps the
-    image's resolution (small images are enlarged, nearest neighbour, to MIN_PICTURE px),
-    and its text, outlines, marker and bar grow with it (_Marks)."""
+    """One image as a person checks it: a header (`header_lines`: the decision, NG red, OK
+    green, grey without a threshold; the score against the ``threshold`` that decided and
+    whose it is, ``category``; the normalized score; the caption); the plain image (its
+    ground truth ``truth`` outlined in red, where given) beside the image blended with its
+    map on the colour scale lo..hi (calibration.colour_scale: the threshold in the
+    middle), with the mask's outline in white, the map's peak circled and what the model
+    did not see (outside the bool ``inspected``, at the map's size) shaded
+    (`shade_uninspected`); and a colour bar with its range and the threshold marked. The
+    picture keeps the image's resolution (small images are enlarged, nearest neighbour,
+    to MIN_PICTURE px), and its text, outlines, marker and bar grow with it (_Marks)."""
     from matplotlib import colormaps
     from PIL import Image, ImageDraw, ImageFont
 
@@ -168,18 +294,25 @@ def decision_picture(
     body = overlay(image, amap, lo, hi)
     if mask is not None:
         body[outline(mask, native_line)] = 255
+    if inspected is not None:
+        body = shade_uninspected(body, image, inspected)
+        amap = np.where(inspected, amap, -np.inf)  # the peak marked is one the model saw
 
     font = ImageFont.load_default(size=marks.text)
     small = ImageFont.load_default(size=max(MIN_TEXT, round(marks.text * 0.8)))
     pad, line_h = max(3, marks.text // 3), round(marks.text * 1.3)
-    header = 2 * pad + 2 * line_h
-    ticks = [(hi, 0), ((lo + hi) / 2, bh // 2), (lo, bh - 1)]
-    label_w = max(int(small.getlength(f"{v:.3g}")) for v, _ in ticks) + 2 * pad
-    bar_x = 2 * bw + 2 * marks.gap
     state = None if anomalous is None else bool(anomalous)
-    verdict = {None: "", True: "NG   ", False: "OK   "}[state]
-    first = f"{verdict}score {score:.4f}" + ("" if normalized is None else f"   normalized {normalized:.2f}")
-    width = max(bar_x + marks.bar + marks.gap + label_w, int(font.getlength(first)) + 2 * pad)  # narrow images
+    lines = header_lines(score, state, normalized, threshold, category, caption)
+    header = 2 * pad + len(lines) * line_h
+    if threshold is None:
+        ticks = [(hi, 0, ""), ((lo + hi) / 2, bh // 2, ""), (lo, bh - 1, "")]
+    else:
+        at = int(np.clip(round((hi - threshold) / max(hi - lo, 1e-12) * (bh - 1)), 0, bh - 1))
+        ticks = [(hi, 0, ""), (threshold, at, " threshold"), (lo, bh - 1, "")]
+    label_w = max(int(small.getlength(f"{v:.3g}{what}")) for v, _, what in ticks) + 2 * pad
+    bar_x = 2 * bw + 2 * marks.gap
+    text_w = max(int(font.getlength(line)) for line in lines[:-1]) + 2 * pad  # the caption is cut to fit
+    width = max(bar_x + marks.bar + marks.gap + label_w, text_w)  # narrow images
     canvas = Image.new("RGB", (width, header + bh), (255, 255, 255))
 
     heat = Image.fromarray(body).resize((bw, bh), Image.Resampling.NEAREST)
@@ -193,21 +326,24 @@ def decision_picture(
 
     draw = ImageDraw.Draw(canvas)
     draw.rectangle((0, 0, canvas.width, header - 1), fill=DECISION_COLOURS[state])
-    draw.text((pad, pad), first, fill=(255, 255, 255), font=font)
-    draw.text((pad, pad + line_h), _fit_left(caption, font, canvas.width - 2 * pad), fill=(255, 255, 255), font=font)
+    for k, line in enumerate(lines[:-1]):
+        draw.text((pad, pad + k * line_h), line, fill=(255, 255, 255), font=font)
+    caption_y = pad + (len(lines) - 1) * line_h
+    draw.text((pad, caption_y), _fit_left(lines[-1], font, canvas.width - 2 * pad), fill=(255, 255, 255), font=font)
 
     ramp = colormaps["jet"](np.linspace(1, 0, bh))[:, :3]
     canvas.paste(
         Image.fromarray((np.repeat(ramp[:, None, :], marks.bar, axis=1) * 255).astype(np.uint8)), (bar_x, header)
     )
-    for value, y in ticks:
+    for value, y, what in ticks:
         draw.line(
             (bar_x + marks.bar, header + y, bar_x + marks.bar + pad, header + y),
             fill=(0, 0, 0),
             width=max(1, marks.ring // 2),
         )
         anchor = "la" if y == 0 else "ld" if y == bh - 1 else "lm"
-        draw.text((bar_x + marks.bar + pad + 2, header + y), f"{value:.3g}", fill=(0, 0, 0), font=small, anchor=anchor)
+        label = f"{value:.3g}{what}"
+        draw.text((bar_x + marks.bar + pad + 2, header + y), label, fill=(0, 0, 0), font=small, anchor=anchor)
     return np.asarray(canvas)
 
 
@@ -230,13 +366,14 @@ class Cases:
     scores: np.ndarray
     filenames: list[str]
     labels: np.ndarray
-    lo: float  # the colour scale: the lowest and highest pixel score of the whole pass
+    lo: float  # the colour scale: calibration.colour_scale of the threshold, else the pass's pixel range
     hi: float
 
 
-def write_overlays(directory: Path, cases: Cases, threshold: float | None) -> list[Path]:
+def write_overlays(directory: Path, cases: Cases, threshold: float | None, category: str | None = None) -> list[Path]:
     """A decision picture with the ground truth for each of the hardest cases, named by
-    rank, outcome and file. Maps share one colour scale."""
+    rank, outcome and file, its header naming ``category``'s ``threshold``. Maps share
+    one colour scale (cases.lo..hi)."""
     from PIL import Image
 
     paths = []
@@ -253,6 +390,8 @@ def write_overlays(directory: Path, cases: Cases, threshold: float | None) -> li
             anomalous=anomalous,
             truth=cases.masks[rank],
             caption=f"{what}: {cases.filenames[rank]}",
+            threshold=threshold,
+            category=category,
         )
         name = cases.filenames[rank].replace("/", "_").rsplit(".", 1)[0]
         path = directory / f"{rank:02d}_{what.replace(' ', '_')}_{name}.png"
@@ -323,18 +462,30 @@ PREDICTION_FIELDS = ["file", "status", "score", "normalized_score", "decision", 
 
 
 def write_prediction(
-    out: Path, name: str, source: str, image: np.ndarray, pred: Any, i: int, lo_hi: tuple[float, float]
+    out: Path,
+    name: str,
+    source: str,
+    image: np.ndarray,
+    pred: Any,
+    i: int,
+    lo_hi: tuple[float, float],
+    recipe: Recipe | None = None,
 ) -> dict:
     """Image ``i`` of a Prediction: OUT/overlays/<name>.png, OUT/masks/<name>_mask.png
-    when calibrated; returns its scores.csv row."""
+    when calibrated; returns its scores.csv row. The picture's colour scale is that of
+    the threshold that decided the image (calibration.colour_scale), else ``lo_hi`` (the
+    run's); what the ``recipe``'s centre crop kept from the model is shaded."""
     from PIL import Image
 
     calibrated = pred.decisions is not None
+    threshold = float(pred.thresholds[i]) if calibrated else None
     picture = decision_picture(
-        image, pred.maps[i], *lo_hi, score=float(pred.scores[i]),
+        image, pred.maps[i], *(lo_hi if threshold is None else colour_scale(threshold)), score=float(pred.scores[i]),
         anomalous=bool(pred.decisions[i]) if calibrated else None,
         normalized=float(pred.normalized_scores[i]) if calibrated else None,
-        mask=pred.masks[i] if calibrated else None, caption=name,
+        mask=pred.masks[i] if calibrated else None, caption=name, threshold=threshold,
+        category=pred.categories[i] if calibrated else None,
+        inspected=None if recipe is None else inspected_region(pred.maps[i].shape, recipe),
     )  # fmt: skip
     overlay, mask_file = out / "overlays" / f"{name}.png", out / "masks" / f"{name}_mask.png"
     overlay.parent.mkdir(parents=True, exist_ok=True)

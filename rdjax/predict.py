@@ -78,11 +78,12 @@ def _decode(files: list[Path], bar: Any) -> tuple[list[Path], list[np.ndarray], 
 
 
 def _colour_range(model: Predictor, maps: list[np.ndarray]) -> tuple[float, float]:
-    """One colour scale for the whole run: the calibration's range if known, else the
-    first batch's."""
-    cal = model.calibration
-    if cal:
-        return cal["pixel_min"], cal["pixel_max"]
+    """One colour scale for the whole run (report.html's thumbnails; each decision picture
+    takes its own threshold's): the default threshold's if known, else the first batch's."""
+    from rdjax.calibration import colour_scale
+
+    if model.image_threshold is not None:
+        return colour_scale(model.image_threshold)
     return float(min(m.min() for m in maps)), float(max(m.max() for m in maps))
 
 
@@ -127,7 +128,7 @@ def predict_folder(
         pred = model.predict(arrays, batch_size, resize, tile_size, overlap)
         lo_hi = lo_hi or _colour_range(model, pred.maps)
         for i, f in enumerate(chunk):
-            rows[f] = outputs.write_prediction(out, names[f], str(f), arrays[i], pred, i, lo_hi)
+            rows[f] = outputs.write_prediction(out, names[f], str(f), arrays[i], pred, i, lo_hi, model.recipe)
             scores.append(float(pred.scores[i]))
             thumbnail_maps.append(webpage.shrink_map(pred.maps[i]))
         bar.update(len(chunk))

@@ -1,12 +1,14 @@
 """The evaluation report: one PNG sheet per evaluation, made with matplotlib.
 
-A title (what was evaluated, its headline metrics, and where the threshold came from).
-Top row: ROC curve (image level), PRO curve up to FPR 0.3 (MVTec standard), histograms
-of good and defective image scores with the threshold. Then a row of the highest-scoring
-good images and one of the lowest-scoring defective ones (the candidates for false
-positives and false negatives), each image beside its anomaly map, titled with what
-happened to it at the calibrated threshold (true or false positive or negative); the maps
-share one colour scale, and each row has its colour bar.
+A title (what was evaluated, its headline metrics, the threshold, where it came from, the
+test images' true and false positives and negatives at it, and a warning where it rests
+on few images). Top row: ROC curve (image level), PRO curve up to FPR 0.3 (MVTec
+standard), histograms of good and defective image scores with the threshold. Then a row
+of the highest-scoring good images and one of the lowest-scoring defective ones (the
+candidates for false positives and false negatives), each image (at its map's size, the
+truth outlined) beside its anomaly map, titled with what happened to it at the calibrated
+threshold (true or false positive or negative); the maps share one colour scale, the
+threshold in its middle (calibration.colour_scale), and each row has its colour bar.
 """
 
 from __future__ import annotations
@@ -17,19 +19,22 @@ from typing import Any
 
 import numpy as np
 
-from rdjax.calibration import describe
+from rdjax.calibration import confusion, describe, few_images
 from rdjax.metrics import METRIC_NAMES, TABLE_KEYS, PixelStats
-from rdjax.outputs import Cases, outcome
+from rdjax.outputs import Cases, fit_image, outcome
 from rdjax.workdir import atomic_path
 
 WIDTH = 16.0  # inches; at the saved 80 dpi, 1280 px
 CURVES_HEIGHT = 4.2  # inches: the curves' row
 
 
-def headline(metrics: Mapping[str, Any] | None, calibration: Mapping[str, Any] | None) -> str:
+def headline(
+    metrics: Mapping[str, Any] | None, calibration: Mapping[str, Any] | None, counts: Mapping[str, int] | None = None
+) -> str:
     """The table's metrics (percent, those defined), the image level on one line and the
     pixel level on the next; then the image threshold and where it came from
-    (rdjax.calibration.describe)."""
+    (rdjax.calibration.describe), the test images' decisions at it (``counts``:
+    calibration.confusion) and the warning of a threshold on few images."""
     levels: list[list[str]] = [[], []]
     for key in TABLE_KEYS:
         value = None if metrics is None else metrics.get(key)
@@ -38,6 +43,14 @@ def headline(metrics: Mapping[str, Any] | None, calibration: Mapping[str, Any] |
     lines = ["   |   ".join(parts) for parts in levels if parts]
     if calibration is not None:
         lines.append(f"image threshold {calibration['image_threshold']:.4g}   |   {describe(dict(calibration))}")
+        if counts is not None:
+            lines.append(
+                f"at it: {counts['true_positives']} true positives, {counts['false_positives']} false positives, "
+                f"{counts['true_negatives']} true negatives, {counts['false_negatives']} false negatives"
+            )
+        warning = few_images(dict(calibration))
+        if warning:
+            lines.append(f"warning: {warning}")
     return "\n".join(lines)
 
 
@@ -68,10 +81,13 @@ def write_report(
     groups = [g for g in (np.flatnonzero(cases.labels == 0), np.flatnonzero(cases.labels != 0)) if len(g)]
     columns = 2 * max(4, *(len(g) for g in groups)) if groups else 8
     row_height = (WIDTH - 1.0) / columns + 0.9  # square images, two title lines and the row's title
-    fig = plt.figure(figsize=(WIDTH, 0.8 + CURVES_HEIGHT + row_height * len(groups)), layout="constrained")
-    fig.suptitle(
-        f"{title}\n{headline(metrics or {'image_auroc': auroc, 'aupro': aupro}, calibration)}".strip(), fontsize=13
+    counts = None if calibration is None else confusion(labels, scores, calibration["image_threshold"])
+    head = headline(metrics or {"image_auroc": auroc, "aupro": aupro}, calibration, counts)
+    fig = plt.figure(
+        figsize=(WIDTH, 0.8 + 0.25 * head.count("\n") + CURVES_HEIGHT + row_height * len(groups)),
+        layout="constrained",
     )
+    fig.suptitle(f"{title}\n{head}".strip(), fontsize=13)
     heights = [CURVES_HEIGHT] + [row_height] * len(groups)
     top, *rows = fig.subfigures(len(heights), 1, squeeze=False, height_ratios=heights)[:, 0]
     _draw_curves(top, labels, scores, calibration, roc, pro, auroc, aupro)
@@ -133,13 +149,26 @@ def _draw_cases(fig: Any, cases: Cases, group: np.ndarray, columns: int, thresho
     for j, i in enumerate(group):
         kind = outcome(int(cases.labels[i]), None if threshold is None else bool(cases.scores[i] >= threshold))
         ax = axes[2 * j]
-        ax.imshow(cases.images[i])
+        ax.imshow(fit_image(cases.images[i], cases.maps[i].shape))  # the masks are at the map's size too
         if cases.masks[i].any():
-            ax.contour(cases.masks[i], levels=[0.5], colors="red", linewidths=0.8)
+            _outline(ax, cases.masks[i])
         ax.set_title(f"{kind}\n{cases.filenames[i]}", fontsize=8)
         ax = axes[2 * j + 1]
         heat = ax.imshow(cases.maps[i], cmap="jet", vmin=cases.lo, vmax=cases.hi)
         ax.set_title(f"score {cases.scores[i]:.4f}", fontsize=8)
     for ax in axes:
         ax.axis("off")
-    fig.colorbar(heat, ax=axes.tolist(), shrink=0.9, aspect=15, pad=0.01, label="pixel score")
+    label = "pixel score" if threshold is None else f"pixel score (middle: image threshold {threshold:.3g})"
+    bar = fig.colorbar(heat, ax=axes.tolist(), shrink=0.9, aspect=15, pad=0.01, label=label)
+    if threshold is not None:
+        bar.ax.axhline(threshold, color="k", linewidth=1.5)
+
+
+def _outline(ax: Any, mask: np.ndarray) -> None:
+    """The mask's outline in red, over an image of the mask's size: the contour of the
+    mask padded with a blank border, so a region reaching the image's edge (or filling the
+    image, where a contour of the mask alone has no level to draw) is closed along it."""
+    h, w = mask.shape
+    padded = np.pad(mask.astype(np.float32), 1)
+    ax.contour(np.arange(-1, w + 1), np.arange(-1, h + 1), padded, levels=[0.5], colors="red", linewidths=0.8)
+    ax.set(xlim=(-0.5, w - 0.5), ylim=(h - 0.5, -0.5))

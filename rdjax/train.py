@@ -49,6 +49,7 @@ from rdjax.data import pipeline
 from rdjax.data.pipeline import prefetch
 from rdjax.data.preprocess import Recipe, Split
 from rdjax.errors import ConfigError, DataError, Interrupted, TrainingError, WorkdirError
+from rdjax.evaluators.calibration import calibration_split
 from rdjax.models import Model
 from rdjax.modes import FeatureCache
 
@@ -184,6 +185,9 @@ def _setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | No
         for note in config_lib.check_rerun(workdir, saved_config, config, evaluating=not writing):
             _log("note: %s", note)
     recipe = Recipe.from_config(config)
+    crop = outputs.crop_note(recipe)
+    if crop:
+        _log("note: %s", crop)
     dataset = dataset or registry.build_dataset(config.dataset)
     unified = modes.Setting(config.setting) is modes.Setting.UNIFIED
     categories = dataset.categories() if unified else [config.dataset.category]
@@ -203,6 +207,9 @@ def _setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | No
             trains[category], validation = data.hold_out(train_split, config.threshold.validation_size, config.seed)
             parts[category] = Part(test_split, validation)
             check_exact_metrics(config, max(len(test_split), len(validation or ())))
+            warning = _few_images_warning(config, parts[category])
+            if warning:
+                _log("warning: %s", warning)
     train_split = Split.concat(trains) if unified else trains[categories[0]]
     if config.total_steps > 0:  # an iteration-counted schedule: as many epochs as its steps take
         spe = max(pipeline.steps_per_epoch(len(train_split), config.batch_size, config.drop_last), 1)
@@ -253,6 +260,16 @@ def _check_categories(workdir: Path, categories: list[str]) -> None:
             f"{workdir} was trained on the categories {', '.join(known)}, but the dataset now has "
             f"{', '.join(sorted(categories))}: use a new --workdir, or restore the dataset's folders"
         )
+
+
+def _few_images_warning(config: Any, part: Part) -> str | None:
+    """A category's thresholds will rest on too few images (calibration.few_images): said
+    once when the run starts, not at every evaluation. A unified model's global threshold
+    rests on more images than any category's, so its categories' warnings cover it."""
+    if not any(evaluators_lib.type_of(n, s) == "calibration" for n, s in config.evals.items()):
+        return None
+    split, source = calibration_split(config, part.test, part.validation)
+    return calibration_lib.few_images({"num_images": len(split), "source": source, "method": config.threshold.method})
 
 
 EXACT_BYTES_PER_PIXEL = 48  # maps and masks kept, then the exact metrics' sort and float64 weights
@@ -413,10 +430,12 @@ def _unified_result(
             )
 
         context = evaluators_lib.EvalContext(config, test, test_pass, merged, predict, validation, None, epoch)
-        cal = evaluators_lib.run_all(calibrating, context)["calibration"]  # one evaluator of a type at most
+        union_result = evaluators_lib.run_all(calibrating, context)  # one evaluator of a type at most
+        cal = union_result["calibration"]
         cal["source"] += f" of {len(run.parts)} categories"
         cal["categories"] = {c: r["calibration"] for c, r in results.items()}
-        result.update(calibration=cal, threshold_note=f"global {calibration_lib.describe(cal)}")
+        result.update(calibration=cal, threshold_note=f"global {calibration_lib.describe(cal)}",
+                      confusion=union_result["confusion"])  # fmt: skip
     return result
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import sklearn.metrics as skm
 
 from rdjax import outputs, report, webpage
-from rdjax.data.preprocess import to_display
+from rdjax.calibration import colour_scale
+from rdjax.data.preprocess import Recipe, to_display
 from rdjax.evaluators import EvalContext, EvaluatorType
 from rdjax.maps import map_masks
 from rdjax.workdir import write_csv
@@ -45,9 +46,10 @@ class Report:
         cal = needed[self.threshold_from].get("calibration") if self.threshold_from else None
         threshold = None if cal is None else cal["image_threshold"]
         masks = map_masks(test.masks(rows), config.map_size)
+        lo, hi = (passed.pixels.lo, passed.pixels.hi) if threshold is None else colour_scale(threshold)
         cases = outputs.Cases(
             rows, to_display(test.images(rows)), masks, maps, passed.scores[rows],
-            [test.filenames[i] for i in rows], test.labels[rows], passed.pixels.lo, passed.pixels.hi,
+            [test.filenames[i] for i in rows], test.labels[rows], lo, hi,
         )  # fmt: skip
         roc = None
         if test.labels.min() != test.labels.max():
@@ -58,19 +60,22 @@ class Report:
             pro = (fpr[fpr <= 0.3], overlap[fpr <= 0.3])
         out = context.out_dir
         title = f"{config.dataset.category}: {config.model.name} {config.model.arch}, epoch {context.epoch}"
+        seen = outputs.seen_fraction(Recipe.from_config(config))
+        if 1 - seen > outputs.CROP_NOTE_AREA:  # the pictures show the crop alone: say what it leaves out
+            title += f" (the model sees the central {100 * seen:.3g}% of each image's area)"
         metrics = needed[self.metrics_from] if self.metrics_from else None
         report.write_report(
             out / "report.png", test.labels, passed.scores, passed.pixels, cases, cal, roc, pro,
             title=title, metrics=metrics,
         )  # fmt: skip
-        written = outputs.write_overlays(out / "images", cases, threshold)
+        written = outputs.write_overlays(out / "images", cases, threshold, str(config.dataset.category))
         _write_scores(out / "scores.csv", test, passed.scores, threshold)
         page = webpage.Page(
             title=title, scores=passed.scores, filenames=test.filenames, labels=test.labels,
             images=lambda rows: to_display(test.images(rows)),
             metrics=metrics, threshold=threshold, roc=roc, pro=pro,
             pictures={int(r): f"images/{p.name}" for r, p in zip(rows, written)},
-            maps=thumbnail_maps, colour_range=(passed.pixels.lo, passed.pixels.hi), calibration=cal,
+            maps=thumbnail_maps, colour_range=(lo, hi), calibration=cal,
         )  # fmt: skip
         webpage.write_page(out / "report.html", page)
         return {}
