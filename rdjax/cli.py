@@ -157,6 +157,24 @@ def initialize_distributed(fv: flags.FlagValues) -> None:
     )
 
 
+def _evaluation_config(fv: flags.FlagValues, workdir: Path) -> ml_collections.ConfigDict:
+    """An evaluation's config: the workdir's own, with the --config.KEY flags the user gave
+    (rdjax.config.for_evaluation; --config=mvtec's defaults never block the evaluation of
+    weights trained with other settings). A note names the file's values left unused."""
+    import jax
+
+    from rdjax import workdir as workdir_lib
+
+    if not ((workdir / workdir_lib.CONFIG).is_file() or workdir_lib.categories(workdir)):
+        return fv.config  # nothing trained there: train.evaluate says so
+    given = config_flags.get_override_values(fv["config"])
+    config, unused = config_lib.for_evaluation(fv.config, workdir_lib.saved_config(workdir), given)
+    if unused and jax.process_index() == 0:
+        print(f"note: evaluating {workdir} with its own settings (config.json); the config file's "
+              f"{', '.join(unused)} are not used (a --config.KEY=VALUE flag changes one)")  # fmt: skip
+    return config
+
+
 def run_training(fv: flags.FlagValues, mode: str) -> None:
     import jax
 
@@ -168,6 +186,8 @@ def run_training(fv: flags.FlagValues, mode: str) -> None:
         raise ConfigError(f"rdjax {mode} needs --config (a config name such as mvtec, or a config file)")
     use_compilation_cache(fv.compilation_cache)
     initialize_distributed(fv)
+    if mode == "eval":
+        config = _evaluation_config(fv, workdir)
     results = train.run(config, workdir, mode)
     if jax.process_index() != 0:
         return
@@ -272,6 +292,13 @@ def define_port_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_integer(
         "image_size", 0, "Image size recorded in a ported workdir's config (0: the official config's).", flag_values=fv
     )
+    flags.DEFINE_string(
+        "dataset",
+        "mvtec",
+        "The dataset recorded in a ported workdir's config, which `rdjax eval` reads by default "
+        "(mvtec: any folder in MVTec AD's layout).",
+        flag_values=fv,
+    )
     flags.mark_flags_as_required(["arch", "src", "out"], flag_values=fv)
 
 
@@ -324,7 +351,7 @@ def _port(fv: flags.FlagValues, args: list[str]) -> None:
             "rdjax port needs what to port: 'teacher' or a model name (rd4ad, rdpp, dinomaly), e.g. "
             "rdjax port rd4ad --arch=wide_resnet50_2 --teacher=imagenet --src=CKPT --out=WORKDIR"
         )
-    port.port(args[0], fv.arch, fv.src, Path(fv.out), fv.teacher, fv.image_size)
+    port.port(args[0], fv.arch, fv.src, Path(fv.out), fv.teacher, fv.image_size, fv.dataset)
 
 
 COMMANDS: dict[str, Command] = {

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import shlex
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,11 @@ def check(config: Any, device_count: int) -> None:
     """Fail before any work on settings that cannot run: one clear line each. (The
     plug-in names are checked by rdjax.registry.check.)"""
     modes.parse(modes.Dtype, config.dtype, "config.dtype")
+    if not config.dataset.name:  # a workdir written by `rdjax port` before it recorded one
+        raise ConfigError(
+            "config.dataset.name is empty: pass --config.dataset.name=NAME (mvtec for any folder in "
+            "MVTec AD's layout; docs/config.md lists the datasets)"
+        )
     for key in _POSITIVE:
         if config[key] < 1:
             raise ConfigError(f"config.{key}={config[key]} must be at least 1")
@@ -228,23 +235,72 @@ def for_workdir(config: Any, saved: Any | None, model_filter: str) -> Any:
     return config
 
 
+def _node(config: Any, key: str) -> tuple[Any, str]:
+    """(the ConfigDict holding a dotted key, the key's last part)."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        config = config[part]
+    return config, leaf
+
+
+def for_evaluation(config: Any, saved: Any, given: Iterable[str]) -> tuple[Any, list[str]]:
+    """What `rdjax eval` runs with: the workdir's own config (``saved``), with the keys the
+    user gave as --config.KEY flags (``given``) taken from ``config``, for check_rerun to
+    judge. A --config file's values fill only what the workdir left empty (a port records
+    no root or category); any other value of the file is the file's default, not a choice
+    made for these weights, so it never blocks their evaluation. Returns the config and
+    the keys whose file value went unused (they differ, and an evaluation reads them)."""
+    given = set(given)
+    out = saved.copy_and_resolve_references()
+    before, unused = _flat(saved), []
+    with out.ignore_type():
+        for key, value in _flat(config).items():
+            if before.get(key) == "" or any(key == g or g.startswith(key + ".") for g in given):
+                node, leaf = _node(config, key)
+                target, _ = _node(out, key)
+                target[leaf] = node[leaf]
+            elif value not in ("", None, before.get(key)) and key not in SCHEDULE_KEYS + TRAINING_KEYS:
+                unused.append(key)
+    return out, unused
+
+
+# Listed first in a refusal: a changed model is the change that matters most.
+_MODEL_KEYS = ("model.name", "model.arch")
+
+
+def _order(key: str) -> tuple[int, str]:
+    return (_MODEL_KEYS.index(key) if key in _MODEL_KEYS else len(_MODEL_KEYS), key)
+
+
 def check_rerun(workdir: Any, saved: Any, config: Any, evaluating: bool) -> list[str]:
     """Refuse a run whose config changes what a trained workdir's weights or calibration
-    depend on (one line: the key and both values), before anything is written; return a
-    note for each other key that differs (num_epochs extended, a moved data folder)."""
+    depend on (one line naming every such key with both values, the model's first),
+    before anything is written; return a note for each other key that differs
+    (num_epochs extended, a moved data folder). A ported workdir (category '': trained
+    elsewhere) may be evaluated on any dataset."""
     before, now = _flat(saved), _flat(config)
     free = SCHEDULE_KEYS + (EVALUATION_KEYS + TRAINING_KEYS if evaluating else ())
-    notes = []
-    for key in sorted(before.keys() | now.keys()):
+    ported = before.get("dataset.category") == ""
+    notes, blocking = [], []
+    for key in sorted(before.keys() | now.keys(), key=_order):
         old, new = before.get(key), now.get(key)
         if old == new or (key == "num_epochs" and now.get("total_steps")):  # derived from total_steps
             continue
-        if key in free or (key.startswith("dataset.") and old == ""):  # '': not recorded (rdjax port)
+        if key in free or (key.startswith("dataset.") and (old == "" or ported)):
             notes.append(f"config.{key}={new!r} (the workdir's config.json has {old!r})")
-            continue
-        hint = " or evaluate it with `rdjax eval`" if key in EVALUATION_KEYS else ""
-        raise ConfigError(
-            f"config.{key}={new!r}, but {workdir} was trained with {old!r}: a rerun may not change it "
-            f"(use a new --workdir{hint}, or leave the key as it was)"
-        )
-    return notes
+        else:
+            blocking.append((key, old, new))
+    if not blocking:
+        return notes
+    (key, old, new), *rest = blocking
+    also = f" (and {'; '.join(f'config.{k}={n!r}, not {o!r}' for k, o, n in rest)})" if rest else ""
+    them, s, was = ("them", "s", "they were") if rest else ("it", "", "it was")
+    if evaluating:  # every key not given comes from the workdir: the same command without these flags works
+        data = [f"--config.{k}={shlex.quote(str(v))}" for k, v in now.items()
+                if k.startswith("dataset.") and v not in ("", None, before.get(k))]  # fmt: skip
+        command = " ".join(["rdjax eval", f"--workdir={shlex.quote(str(workdir))}", *data])
+        fix = f"an evaluation may not change {them}; leave out the flag{s}: {command}"
+    else:
+        hint = " or evaluate it with `rdjax eval`" if any(k in EVALUATION_KEYS for k, _, _ in blocking) else ""
+        fix = f"a rerun may not change {them} (use a new --workdir{hint}, or leave the key{s} as {was})"
+    raise ConfigError(f"config.{key}={new!r}, but {workdir} was trained with {old!r}{also}: {fix}")

@@ -25,15 +25,19 @@ from rdjax import weights
 from rdjax import workdir as workdir_lib
 from rdjax.errors import ConfigError, PortError, WorkdirError
 from rdjax.models.vit import VIT_ARCHS
-from rdjax.registry import MODELS
+from rdjax.registry import DATASETS, MODELS
 
 
-def port(what: str, arch: str, src: str, out: Path, teacher: str | None = None, image_size: int = 0) -> None:
+def port(
+    what: str, arch: str, src: str, out: Path, teacher: str | None = None, image_size: int = 0, dataset: str = "mvtec"
+) -> None:
     """Convert and write; nothing is written unless every check passed. The workdir's config
-    is the model's official one (image_size 0: its size). A checkpoint that holds its
-    teacher (Dinomaly's) needs no --teacher; given one, the two must be equal."""
+    is the model's official one (image_size 0: its size) on ``dataset``, which `rdjax eval`
+    then reads without being told. A checkpoint that holds its teacher (Dinomaly's) needs
+    no --teacher; given one, the two must be equal."""
     if out.exists():
         raise WorkdirError(f"{out}: already exists; choose a new output directory")
+    DATASETS.get(dataset)
     if what == "teacher":
         model = MODELS.get("dinomaly" if arch in VIT_ARCHS else "rd4ad")(arch, "float32")
         workdir_lib.save_teacher(out, arch, teacher_lib.from_source(model, src))
@@ -57,7 +61,9 @@ def port(what: str, arch: str, src: str, out: Path, teacher: str | None = None, 
         if config.drop_last is None:
             config.drop_last = False  # the official epoch (Dinomaly's official config sets full batches only)
         config.model.teacher_weights = str((out / workdir_lib.TEACHER).resolve())
-        config.dataset.name = config.dataset.category = ""  # trained elsewhere: the first evaluation names them
+        # Trained elsewhere: the evaluation names root and category; category '' marks a
+        # port, whose dataset keys any evaluation may change (rdjax.config.check_rerun).
+        config.dataset.name, config.dataset.root, config.dataset.category = dataset, "", ""
         # The official code trains on every train/good image: none are held out, so the
         # thresholds can only be fitted on the test set (labelled so wherever reported).
         config.threshold.method, config.threshold.validation_size = "f1", 0

@@ -88,7 +88,10 @@ def check(config: Any) -> None:
     from rdjax import evaluators
 
     build_model(config)
-    DATASETS.get(config.dataset.name)
+    try:
+        DATASETS.get(config.dataset.name)
+    except ConfigError as e:  # say which key to give: a workdir's config.json may name a dataset this install lacks
+        raise ConfigError(f"{e}: pass it as --config.dataset.name=NAME") from None
     evaluators.build(config.evals, EVALUATORS.get)
     if not any(evaluators.type_of(n, s) == METRICS_EVALUATOR for n, s in config.evals.items()):
         raise ConfigError(f"config.evals has no {METRICS_EVALUATOR!r} evaluator: the metrics every run reports")

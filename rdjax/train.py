@@ -251,14 +251,15 @@ def _setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | No
 
 def _check_categories(workdir: Path, categories: list[str]) -> None:
     """A unified workdir's model and global thresholds belong to the categories it was
-    calibrated on (calibration.json's 'categories'): a root that gained or lost one would
-    change the union silently."""
+    calibrated on (calibration.json's 'categories'): a root that gained or lost one, or
+    another dataset.category list, would change the union silently."""
     path = workdir / workdir_lib.CALIBRATION
     known = sorted(workdir_lib.read_json(path).get("categories", {})) if path.is_file() else []
     if known and known != sorted(categories):
         raise DataError(
-            f"{workdir} was trained on the categories {', '.join(known)}, but the dataset now has "
-            f"{', '.join(sorted(categories))}: use a new --workdir, or restore the dataset's folders"
+            f"{workdir} was trained on the categories {', '.join(known)}, but this run has "
+            f"{', '.join(sorted(categories))}: use a new --workdir, or pass --config.dataset.category="
+            f"{','.join(known)} with the dataset's folders as they were"
         )
 
 

@@ -175,6 +175,7 @@ def _hash_prefix(filename: str) -> str:
     return m.group(1) if m else ""
 
 
+RANDOM_TEACHER = "--config.model.teacher_weights=none"  # the flag that needs no weights at all
 _OFFLINE: contextvars.ContextVar[bool] = contextvars.ContextVar("rdjax_offline", default=False)
 
 
@@ -213,7 +214,8 @@ def download(filename: str, directory: str | os.PathLike | None = None) -> Path:
     url = base.rstrip("/") + "/" + filename
     if offline():
         raise PortError(f"offline (RDJAX_OFFLINE=1 or config.offline): {filename} is not in the cache; "
-                        f"place it at {dest} (it is {url})")  # fmt: skip
+                        f"place it at {dest} (it is {url}), or train with a random teacher, "
+                        f"{RANDOM_TEACHER} (demos and tests only)")  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{filename}.", suffix=".part")
     tmp = Path(tmp_name)
@@ -229,7 +231,9 @@ def download(filename: str, directory: str | os.PathLike | None = None) -> Path:
     except (urllib.error.URLError, OSError, ValueError) as e:
         tmp.unlink(missing_ok=True)
         raise PortError(
-            f"cannot download {url} ({getattr(e, 'reason', e)}); download it by hand and place it at {dest}"
+            f"cannot download {url} ({getattr(e, 'reason', e)}); download it by hand and place it at {dest}, "
+            f"or train with a random teacher, {RANDOM_TEACHER} (demos and tests only); RDJAX_OFFLINE=1 "
+            "stops before any download is tried"
         ) from None
     try:
         _check_hash(tmp, dest)

@@ -139,11 +139,14 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 def saved_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The config a workdir was trained with, to evaluate it again: its own config.json,
-    or for a run over several categories, the categories' config with category 'all'."""
+    or for a run over several categories, the categories' config with the categories it
+    holds as the list (not 'all': the root may hold others, never trained); one category
+    is 'all', since a list of one would name the folder itself as the workdir."""
     if (_abs(workdir) / CONFIG).is_file() or not categories(workdir):
         return load_config(workdir)
-    config = load_config(_abs(workdir) / categories(workdir)[0])
-    config.dataset.category = "all"
+    held = categories(workdir)
+    config = load_config(_abs(workdir) / held[0])
+    config.dataset.category = ",".join(held) if len(held) > 1 else "all"
     return config
 
 

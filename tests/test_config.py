@@ -248,3 +248,41 @@ def test_every_package_is_installed_and_configs_resolve_from_a_source_tree(tmp_p
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(tmp_path / "configs" / "synthetic.py"), "synthetic"]
+
+
+def test_a_refusal_names_every_key_that_blocks_the_model_first():
+    """The issue's case: a model change beside a batch-size change was reported as the
+    batch size alone. Every blocking key is named, model.name and model.arch first, and
+    keys a rerun may change stay notes."""
+    saved = config_lib.defaults()
+    config = saved.copy_and_resolve_references()
+    config.batch_size, config.model.arch, config.model.name, config.num_epochs = 8, "resnet18", "rdpp", 300
+    with pytest.raises(ConfigError) as info:
+        config_lib.check_rerun("W", saved, config, evaluating=False)
+    assert str(info.value) == (
+        "config.model.name='rdpp', but W was trained with 'rd4ad' (and config.model.arch='resnet18', not "
+        "'wide_resnet50_2'; config.batch_size=8, not 16): a rerun may not change them (use a new --workdir, or "
+        "leave the keys as they were)"
+    )
+
+
+def test_an_evaluation_takes_the_workdirs_settings_and_only_the_flags_given():
+    """`rdjax eval --config=mvtec` on a workdir trained otherwise: a key the file sets but
+    the user did not give takes the workdir's value (named as unused); one the user gave
+    keeps its value, for check_rerun to judge; the workdir's empty keys take the file's."""
+    saved = config_lib.defaults()
+    saved.model.arch, saved.image_size, saved.dataset.root, saved.dataset.category = "resnet18", 64, "", ""
+    file = config_lib.defaults()
+    file.dataset.root, file.eval_batch_size, file.resize.mode = "/data", 4, "fit"
+    config, unused = config_lib.for_evaluation(file, saved, {"dataset.root", "eval_batch_size"})
+    assert (config.model.arch, config.image_size, config.resize.mode) == ("resnet18", 64, "squeeze")
+    assert (config.dataset.root, config.dataset.category, config.eval_batch_size) == ("/data", "bottle", 4)
+    assert unused == ["model.arch", "image_size", "resize.mode"]
+
+
+def test_the_parent_of_a_list_of_categories_evaluates_those_it_holds(tmp_path):
+    from rdjax import workdir as workdir_lib
+
+    for category in ("disk", "rust"):
+        workdir_lib.save_config(tmp_path / category, config_lib.defaults())
+    assert workdir_lib.saved_config(tmp_path).dataset.category == "disk,rust"

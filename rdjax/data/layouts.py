@@ -70,7 +70,8 @@ def scan_folders(
         ("test_anomalous_dir", test_anomalous_dir),
     ):
         if not value or not Path(value).is_dir():
-            raise DataError(f"config.dataset.{key}={value!r}: not a folder")
+            problem = "is empty" if not value else "does not exist" if not Path(value).exists() else "is not a folder"
+            raise DataError(f"config.dataset.{key}={value!r}: {problem}")
     train = [Item(p, None, "good") for p in images_in(Path(train_dir))]
     if not train:
         raise DataError(f"{train_dir}: no training images (.png/.jpg/.bmp/.tif)")

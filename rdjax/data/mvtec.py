@@ -363,8 +363,28 @@ class FileDataset:
 
 
 def requested(category: str, available: Callable[[], list[str]]) -> Callable[[], list[str]]:
-    """dataset.category as a list: every available category for 'all'."""
-    return available if category == "all" else lambda: [category]
+    """dataset.category as a list: every available category for 'all', those named for a
+    comma-separated list (checked before any is trained, so a misspelt last one does not
+    fail hours in), else the one named."""
+    if category == "all":
+        return available
+    if "," not in category:
+        return lambda: [category]
+    wanted = list(dict.fromkeys(c.strip() for c in category.split(",") if c.strip()))
+    if not wanted:
+        raise DataError(f"config.dataset.category={category!r} names no category; give 'a,b', one, or 'all'")
+
+    def names() -> list[str]:
+        found = available()
+        unknown = [c for c in wanted if c not in found]
+        if unknown:
+            raise DataError(
+                f"config.dataset.category={category!r}: no category {', '.join(map(repr, unknown))}; "
+                f"found: {', '.join(found) or 'none'}"
+            )
+        return wanted
+
+    return names
 
 
 def extract_archive(archive: Path, cache: Path) -> Path:
@@ -407,6 +427,8 @@ def dataset_root(dataset: Any) -> Path:
     root = Path(dataset.root).expanduser()
     if root.name.endswith((".tar.xz", ".tar.gz", ".tar")):
         root = extract_archive(root, tfds_dir(dataset))
+    if not root.is_dir():  # before any category is listed: a missing root is not an empty one
+        raise DataError(f"{root}: {'not a folder' if root.exists() else 'does not exist'} (config.dataset.root)")
     return root
 
 

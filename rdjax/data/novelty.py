@@ -97,9 +97,15 @@ class NoveltyDataset:
     unifiable: bool = False  # the classes are each other's anomalies
 
     def categories(self) -> list[str]:
-        if self.normal_class != "all" and self.normal_class not in CLASSES:
-            raise DataError(f"config.dataset.normal_class={self.normal_class!r} must be 0..9 or 'all'")
-        return [f"class_{c}" for c in (CLASSES if self.normal_class == "all" else (self.normal_class,))]
+        """'all', one class or a comma-separated list of them ('0,3')."""
+        named = self.normal_class.split(",")
+        classes = CLASSES if self.normal_class == "all" else tuple(dict.fromkeys(c.strip() for c in named))
+        if not set(classes) <= set(CLASSES):
+            raise DataError(
+                f"config.dataset.normal_class={self.normal_class!r} must be 0..9, a list of them such as '0,3', "
+                "or 'all'"
+            )
+        return [f"class_{c}" for c in classes]
 
     def load(self, category: str, recipe: Recipe) -> tuple[Split, Split]:
         return load_novelty(self.name, int(category.removeprefix("class_")), recipe, self.data_dir)
