@@ -13,6 +13,7 @@ threshold in its middle (calibration.colour_scale), and each row has its colour 
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from rdjax.workdir import atomic_path
 
 WIDTH = 16.0  # inches; at the saved 80 dpi, 1280 px
 CURVES_HEIGHT = 4.2  # inches: the curves' row
+HEADLINE_WIDTH = 120  # characters: a longer line of the title is wrapped to stay on the sheet
 
 
 def headline(
@@ -45,12 +47,13 @@ def headline(
         lines.append(f"image threshold {calibration['image_threshold']:.4g}   |   {describe(dict(calibration))}")
         if counts is not None:
             lines.append(
-                f"at it: {counts['true_positives']} true positives, {counts['false_positives']} false positives, "
-                f"{counts['true_negatives']} true negatives, {counts['false_negatives']} false negatives"
+                f"test images at the threshold: {counts['true_positives']} true positives, "
+                f"{counts['false_positives']} false positives, {counts['true_negatives']} true negatives, "
+                f"{counts['false_negatives']} false negatives"
             )
         warning = few_images(dict(calibration))
         if warning:
-            lines.append(f"warning: {warning}")
+            lines += textwrap.wrap(f"warning: {warning}", HEADLINE_WIDTH)
     return "\n".join(lines)
 
 
@@ -158,10 +161,11 @@ def _draw_cases(fig: Any, cases: Cases, group: np.ndarray, columns: int, thresho
         ax.set_title(f"score {cases.scores[i]:.4f}", fontsize=8)
     for ax in axes:
         ax.axis("off")
-    label = "pixel score" if threshold is None else f"pixel score (middle: image threshold {threshold:.3g})"
-    bar = fig.colorbar(heat, ax=axes.tolist(), shrink=0.9, aspect=15, pad=0.01, label=label)
-    if threshold is not None:
+    bar = fig.colorbar(heat, ax=axes.tolist(), shrink=0.9, aspect=15, pad=0.01, label="pixel score")
+    if threshold is not None:  # marked as on a decision picture's bar
         bar.ax.axhline(threshold, color="k", linewidth=1.5)
+        ticks = [cases.lo, threshold, cases.hi]
+        bar.set_ticks(ticks, labels=[f"{cases.lo:.3g}", f"{threshold:.3g} threshold", f"{cases.hi:.3g}"])
 
 
 def _outline(ax: Any, mask: np.ndarray) -> None:

@@ -99,8 +99,12 @@ def test_report_headline_counts_the_decisions_and_warns():
     cal = {**_calibration(4), "image_threshold": 0.3}
     counts = calibration.confusion(np.array([0, 0, 0, 1, 1]), np.array([0.1, 0.5, 0.3, 0.6, 0.15]), 0.3)
     lines = report.headline({"image_auroc": 0.9}, cal, counts).splitlines()
-    assert "at it: 1 true positives, 2 false positives, 1 true negatives, 1 false negatives" in lines
-    assert lines[-1].startswith("warning: the image threshold rests on 4 held-out")
+    want = "test images at the threshold: 1 true positives, 2 false positives, 1 true negatives, 1 false negatives"
+    assert want in lines
+    warning = lines[lines.index(want) + 1 :]
+    assert warning[0].startswith("warning: the image threshold rests on 4 held-out")
+    assert " ".join(warning) == f"warning: {calibration.few_images(cal)}"  # wrapped to stay on the sheet
+    assert all(len(line) <= report.HEADLINE_WIDTH for line in warning)
 
 
 # ----------------------------------------------------------------------------- the crop, stated and shaded
