@@ -205,12 +205,13 @@ def run_training(fv: flags.FlagValues, mode: str) -> None:
 # ----------------------------------------------------------------------------- predict / export / port
 
 
-def _define_category_flag(fv: flags.FlagValues) -> None:
-    """--category, for predict and export."""
+def define_category_flag(fv: flags.FlagValues) -> None:
+    """--category, for predict, export, package and serve."""
     flags.DEFINE_string(
         "category",
         None,
-        "A unified workdir's category whose thresholds decide (default: its global thresholds).",
+        "A unified model's category whose thresholds decide; 'global': its thresholds over every category; "
+        "'auto': each image's category recognised by the workdir's router. Default: a package's own, else global.",
         flag_values=fv,
     )
 
@@ -252,7 +253,13 @@ def define_predict_flags(fv: flags.FlagValues, argv: list[str]) -> None:
         "category folder, its private test sets' maps in the evaluation server's layout (docs/datasets.md).",
         flag_values=fv,
     )
-    _define_category_flag(fv)
+    define_category_flag(fv)
+    flags.DEFINE_bool(
+        "overwrite",
+        False,
+        "Replace what an earlier predict wrote into --output (else it must be empty).",
+        flag_values=fv,
+    )
     flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
 
 
@@ -268,7 +275,7 @@ def define_export_flags(fv: flags.FlagValues, argv: list[str]) -> None:
         "Stored weights: float32, float16 or bfloat16 (computed in float32 either way).",
         flag_values=fv,
     )
-    _define_category_flag(fv)
+    define_category_flag(fv)
     flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
 
 
@@ -308,19 +315,21 @@ def define_package_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string(
         "weights_dtype", "float32", "The student's stored weights: float32 (exact) or bfloat16 (half).", flag_values=fv
     )
+    define_category_flag(fv)
     flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
 
 
 def _package(fv: flags.FlagValues, args: list[str]) -> None:
     from rdjax import package
 
-    package.package_workdir(fv.workdir, Path(fv.out), fv.weights_dtype)
+    package.package_workdir(fv.workdir, Path(fv.out), fv.weights_dtype, fv.category)
 
 
 def _serve_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     from rdjax import serve
 
     serve.define_flags(fv, argv)
+    define_category_flag(fv)
 
 
 def _serve(fv: flags.FlagValues, args: list[str]) -> None:
@@ -334,7 +343,7 @@ def _predict(fv: flags.FlagValues, args: list[str]) -> None:
 
     run = predict.predict_mvtec_ad2 if fv.format == "mvtec_ad_2" else predict.predict_folder
     run(fv.workdir, fv.input, Path(fv.output), fv.batch_size, fv.dtype, fv.resize, fv.tile_size, fv.tile_overlap,
-        category=fv.category)  # fmt: skip
+        category=fv.category, overwrite=fv.overwrite)  # fmt: skip
 
 
 def _export(fv: flags.FlagValues, args: list[str]) -> None:

@@ -168,6 +168,7 @@ def contract(model: Predictor, fmt: str, weights_dtype: str) -> dict:
             "applies it to the blended map at the scale it was computed",
         },
         "decision": "anomalous when score >= image_threshold; pixels with map >= pixel_threshold are anomalous",
+        "category": model.category,
         "model": model.config.model.name,
         "arch": model.config.model.arch,
         "step": model.step,
@@ -180,7 +181,8 @@ def export_workdir(
 ) -> None:
     """Write ``out`` and ``out``.json; checks every argument before anything is written.
     The JSON holds the workdir's calibration whole (a unified one's global and per-category
-    thresholds); with ``category``, that category's thresholds alone."""
+    thresholds); with ``category``, that category's thresholds alone, and its name. The
+    artifact computes maps and scores only, so routing ('auto') stays with rdjax."""
     from rdjax import inference
     from rdjax.workdir import write_bytes, write_json
 
@@ -192,6 +194,8 @@ def export_workdir(
         raise WorkdirError(f"{out.parent}: no such folder for --out")
     if out.is_dir():
         raise WorkdirError(f"{out}: is a folder; --out names the file to write")
+    if category == inference.AUTO:
+        raise ConfigError("--category=auto routes images inside rdjax; an export takes one category, or none")
     model = inference.load(workdir, dtype="float32" if fmt == "onnx" else None, category=category)
     data = export_jax(model, weights_dtype).serialize() if fmt == "jax" else export_onnx(model, weights_dtype)
     write_bytes(out, bytes(data))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,17 @@ from PIL import Image
 
 from rdjax import maps as maps_lib
 from rdjax import modes, sharding, tiling
+from rdjax import router as router_lib
 from rdjax import workdir as workdir_lib
 from rdjax.calibration import explanation_masks, normalize_scores
 from rdjax.data.preprocess import Recipe, open_image, to_rgb
 from rdjax.errors import ConfigError, DataError
 from rdjax.registry import MODELS
+from rdjax.router import ROUTER, Router, load_router
+
+GLOBAL = "global"  # a unified model's thresholds fitted over every category (calibration.json's top level)
+AUTO = "auto"  # each image's category chosen by the workdir's router (rdjax.router)
+ROUTER_HINT = f"{ROUTER} is written by the evaluation of a unified workdir: run `rdjax eval` on it"
 
 ImageLike = Any  # uint8 HxWx3 array, a batch of them, a PIL image, or a path
 
@@ -69,11 +76,19 @@ class Prediction:
     decisions: np.ndarray | None  # (N,) bool, True = anomalous; None if uncalibrated
     maps: list[np.ndarray]  # per image, float32 (H, W) at the input's original resolution
     masks: list[np.ndarray] | None  # per image, bool (H, W): rdjax.calibration.explanation_masks
+    categories: list[str] | None = None  # per image, whose thresholds decided: a category or GLOBAL
+    thresholds: np.ndarray | None = None  # (N,) the image threshold that decided each image
 
 
 @dataclasses.dataclass
 class Model:
-    """A trained RD4AD model restored from a workdir, ready for inference."""
+    """A trained model restored from a workdir or a package, ready for inference.
+
+    ``calibration`` holds the thresholds that decide by default: the workdir's own, or
+    for a unified one those of ``category`` (None: the global thresholds fitted over every
+    category). ``calibrations`` is calibration.json whole, so that any call may decide
+    with another category's thresholds (`thresholds`), or route each image to one
+    (``category=AUTO``, rdjax.router)."""
 
     config: Any
     workdir: Path
@@ -83,6 +98,9 @@ class Model:
     calibration: dict | None
     eval_step: maps_lib.EvalStep = dataclasses.field(repr=False)
     _put: Callable = dataclasses.field(repr=False)
+    calibrations: dict | None = None
+    category: str | None = None
+    router: Router | None = dataclasses.field(default=None, repr=False)
 
     @property
     def image_size(self) -> int:
@@ -91,6 +109,35 @@ class Model:
     @property
     def image_threshold(self) -> float | None:
         return None if self.calibration is None else self.calibration["image_threshold"]
+
+    @property
+    def categories(self) -> list[str]:
+        """A unified model's categories (those with thresholds of their own), else []."""
+        return sorted((self.calibrations or {}).get("categories") or {})
+
+    @property
+    def decided_by(self) -> str:
+        """Whose thresholds ``calibration`` holds: the category, GLOBAL for a unified
+        model's global ones, or the workdir's own category."""
+        if self.category is not None:
+            return self.category
+        return GLOBAL if self.categories else str(self.config.dataset.category or GLOBAL)
+
+    def thresholds(self, category: str | None = None) -> tuple[str, dict | None]:
+        """(whose, the calibration) that decide for ``category`` (None: the default)."""
+        if category is None or category in (self.category, self.decided_by):
+            return self.decided_by, self.calibration
+        if category == GLOBAL and self.categories:
+            return GLOBAL, self.calibrations
+        return category, category_calibration(self.workdir, self.calibrations, category)
+
+    def check_category(self, category: str | None) -> None:
+        """Raise ConfigError for a category this model cannot decide with."""
+        if category == AUTO:
+            if self.router is None:
+                raise ConfigError(f"{self.workdir}: category 'auto' needs a router ({ROUTER_HINT})")
+        elif category is not None:
+            self.thresholds(category)
 
     @property
     def resize(self) -> Any:
@@ -123,6 +170,18 @@ class Model:
         maps, scores = sharding.map_global_batches(step, batch, bs, self._put, "predicting")
         return maps, scores
 
+    def route(self, inputs: np.ndarray, batch_size: int | None = None) -> list[str]:
+        """Each model input's category by the router (rdjax.router)."""
+        if self.router is None:
+            raise ConfigError(f"{self.workdir}: category 'auto' needs a router ({ROUTER_HINT})")
+        bs = sharding.round_up(batch_size or int(self.config.eval_batch_size), jax.device_count())
+        step = router_lib.embed_step(MODELS.get(self.config.model.name)(self.config.model.arch, self.config.dtype),
+                                     bool(self.config.imagenet_normalize))  # fmt: skip
+        (embeddings,) = sharding.map_global_batches(
+            lambda x: (step(self.teacher_vars, x),), inputs, bs, self._put, "routing"
+        )
+        return self.router.route(embeddings)
+
     def predict(
         self,
         x: ImageLike | Sequence[ImageLike],
@@ -130,6 +189,7 @@ class Model:
         resize: str | None = None,
         tile_size: int | None = None,
         overlap: int | None = None,
+        category: str | None = None,
     ) -> Prediction:
         """Scores, maps at each input's own resolution, and masks/decisions when calibrated.
 
@@ -140,11 +200,14 @@ class Model:
         native pixels per window, ``overlap`` native pixels between windows): see
         rdjax.tiling. Each left as None takes the setting the thresholds were calibrated
         with (calibration.json's 'resize'; else the workdir's config.resize). The image
-        score always follows the thresholds' rule, `max_ratio`.
+        score always follows the thresholds' rule, `max_ratio`. ``category``: whose
+        thresholds decide (a unified model's category, GLOBAL, or AUTO to route each
+        image; None: the model's default, `category`).
         """
         images = as_images(x)
         if not images:
             raise DataError("predict() got no images")
+        self.check_category(category)
         setting = self.resize
         resize = setting.mode if resize is None else resize
         tile_size = (setting.tile_size or None) if tile_size is None else tile_size
@@ -160,8 +223,10 @@ class Model:
                 f"resize={resize!r} blends maps at the input's size, but this model's maps are resized "
                 f"(config.map_size={self.config.map_size}); use 'squeeze'"
             )
+        inputs = self.preprocess(images) if squeeze or AUTO in (category, self.category) else None
         if squeeze:
-            maps, scores = self.predict_resized(self.preprocess(images), batch_size)
+            assert inputs is not None
+            maps, scores = self.predict_resized(inputs, batch_size)
             full = [tiling.uncrop_map(m, a.shape[:2], self.recipe) for m, a in zip(maps, images)]
         else:
             run = lambda windows: self.predict_resized(windows, batch_size)[0]  # noqa: E731
@@ -169,21 +234,20 @@ class Model:
             tiled = tiling.tiled_maps(images, self.recipe, scales, overlap, run)
             scores = tiling.blended_scores(tiled, self.max_ratio)
             full = [tiling.resize_map(m, a.shape[:2]) for m, a in zip(tiled, images)]
-        cal = self.calibration
-        if cal is None:
+        if self.calibration is None:
             return Prediction(scores, None, None, full, None)
-        decisions = scores >= cal["image_threshold"]
-        return Prediction(
-            scores=scores,
-            normalized_scores=normalize_scores(scores, cal["image_threshold"], cal["score_min"], cal["score_max"]),
-            decisions=decisions,
-            maps=full,
-            masks=explanation_masks(full, decisions, cal["pixel_threshold"], cal["image_threshold"]),
-        )
+        chosen = self.category if category is None else category
+        if chosen == AUTO:
+            assert inputs is not None
+            names = self.route(inputs, batch_size)
+        else:
+            names = [self.thresholds(category)[0]] * len(images)
+        return decide(scores, full, names, {n: self.thresholds(n)[1] for n in set(names)})
 
-    def normalized_map(self, amap: np.ndarray) -> np.ndarray:
-        """A map on the normalized pixel scale: 0.5 at the pixel threshold."""
-        cal = self.calibration
+    def normalized_map(self, amap: np.ndarray, category: str | None = None) -> np.ndarray:
+        """A map on the normalized pixel scale of ``category``'s thresholds (`thresholds`):
+        0.5 at the pixel threshold."""
+        cal = self.thresholds(category)[1]
         if cal is None:
             raise ConfigError(f"{self.workdir}: no calibration.json; train (or evaluate) first to calibrate")
         return normalize_scores(amap, cal["pixel_threshold"], cal["pixel_min"], cal["pixel_max"])
@@ -207,14 +271,53 @@ def category_calibration(workdir: Path, calibration: dict | None, category: str)
     return dict(known[category])
 
 
+def decide(
+    scores: np.ndarray, maps: list[np.ndarray], names: list[str], calibrations: dict[str, dict | None]
+) -> Prediction:
+    """Each image decided by the thresholds of its category (``names``; their
+    calibrations by name): normalized scores, decisions and explanation masks."""
+    if any(c is None for c in calibrations.values()):
+        return Prediction(scores, None, None, maps, None)
+    cals = [calibrations[n] for n in names]
+    thresholds = np.array([c["image_threshold"] for c in cals], np.float64)  # type: ignore[index]
+    decisions = scores >= thresholds
+    normalized = np.array([normalize_scores(s, c["image_threshold"], c["score_min"], c["score_max"])  # type: ignore[index]
+                           for s, c in zip(scores, cals)])  # fmt: skip
+    masks = [explanation_masks([m], d[None], c["pixel_threshold"], c["image_threshold"])[0]  # type: ignore[index]
+             for m, d, c in zip(maps, decisions, cals)]  # fmt: skip
+    return Prediction(scores, normalized, decisions, maps, masks, list(names), thresholds)
+
+
+def disagreement(calibrations: dict | None, category: str | None) -> str | None:
+    """The warning for a unified model that decides with its global thresholds while its
+    categories' own differ (each product's defects judged against another's scale), with
+    the numbers; None where nothing is at stake."""
+    known = (calibrations or {}).get("categories") or {}
+    if category is not None or not known:
+        return None
+    top = float(calibrations["image_threshold"])  # type: ignore[index]
+    own = {c: float(v["image_threshold"]) for c, v in sorted(known.items())}
+    if all(np.isclose(t, top, rtol=1e-6, atol=0) for t in own.values()):
+        return None
+    listed = ", ".join(f"{c} {t:.6g}" for c, t in own.items())
+    return (
+        f"this unified model decides with its global image threshold {top:.6g}, but its categories' own "
+        f"thresholds differ ({listed}): choose one with --category=NAME (serve: ?category=NAME), "
+        f"or --category=auto to recognise each image's category"
+    )
+
+
 def load(
     workdir: str | os.PathLike, step: int | None = None, dtype: str | None = None, category: str | None = None
 ) -> Model:
     """Restore the model in ``workdir`` (its latest checkpoint by default), or in a package
     (`rdjax package`), on the available devices.
 
-    ``category``: a unified workdir's category whose thresholds decide (calibration.json's
-    'categories'); without it a unified model decides with its global thresholds.
+    ``category``: a unified workdir's category whose thresholds decide by default
+    (calibration.json's 'categories'), GLOBAL, or AUTO (each image routed, rdjax.router);
+    without it a package decides with the category it was packaged for, and any other
+    unified model with its global thresholds, saying so once on stderr where the
+    categories' own thresholds differ (`disagreement`).
 
     ``dtype`` overrides the compute dtype the model was trained with: ``'bfloat16'`` runs a
     float32-trained model faster on CPUs with AVX512-BF16/AMX, with maps within a few
@@ -240,9 +343,18 @@ def load(
             workdir, model.abstract_variables()[1], sharding.replicated(mesh), step
         )
     cal_path = workdir / workdir_lib.CALIBRATION
-    calibration = workdir_lib.read_json(cal_path) if cal_path.is_file() else None
-    if category is not None:
-        calibration = category_calibration(workdir, calibration, category)
+    calibrations = workdir_lib.read_json(cal_path) if cal_path.is_file() else None
+    if category is None and workdir_lib.is_package(workdir):
+        category = packaged_category(workdir)
+    calibration = calibrations
+    if category not in (None, AUTO, GLOBAL):
+        calibration = category_calibration(workdir, calibrations, category)
+    router = load_router(workdir / ROUTER)
+    if category == AUTO and router is None:
+        raise ConfigError(f"{workdir}: category 'auto' needs a router ({ROUTER_HINT})")
+    warning = disagreement(calibrations, category)
+    if warning:
+        print(f"warning: {workdir}: {warning}", file=sys.stderr)
     return Model(
         config=config,
         workdir=workdir,
@@ -252,4 +364,13 @@ def load(
         calibration=calibration,
         eval_step=maps_lib.eval_step_for(model, config, max_ratio=recorded_max_ratio(calibration, config)),
         _put=lambda b: sharding.put_batch(b, sharding.batch_sharding(mesh)),
+        calibrations=calibrations,
+        category=category,
+        router=router,
     )
+
+
+def packaged_category(package: Path) -> str | None:
+    """The category a package was made to decide with (`rdjax package --category`)."""
+    contract = package / "contract.json"
+    return workdir_lib.read_json(contract).get("category") if contract.is_file() else None

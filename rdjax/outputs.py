@@ -458,7 +458,8 @@ def evaluation_dir(workdir: Path, epoch: int) -> Path:
 
 # ----------------------------------------------------------------------------- predict's files
 
-PREDICTION_FIELDS = ["file", "status", "score", "normalized_score", "decision", "reason"]
+# 'category' and 'threshold': whose image threshold decided the row, and its value.
+PREDICTION_FIELDS = ["file", "status", "score", "normalized_score", "decision", "category", "threshold", "reason"]
 
 
 def write_prediction(
@@ -492,16 +493,17 @@ def write_prediction(
     with atomic_path(overlay) as tmp:
         Image.fromarray(picture).save(tmp)
     row = {"file": source, "status": "scored", "score": f"{pred.scores[i]:.6f}", "normalized_score": "",
-           "decision": "", "reason": ""}  # fmt: skip
+           "decision": "", "category": "", "threshold": "", "reason": ""}  # fmt: skip
     if calibrated:
         mask_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(mask_file) as tmp:
             Image.fromarray((pred.masks[i] * 255).astype(np.uint8)).save(tmp)
         row["normalized_score"] = f"{pred.normalized_scores[i]:.6f}"
         row["decision"] = "anomalous" if pred.decisions[i] else "normal"
+        row["category"], row["threshold"] = pred.categories[i], f"{pred.thresholds[i]:.6f}"
     return row
 
 
 def skipped_row(source: str, reason: str) -> dict:
     """scores.csv's row for an input that could not be scored."""
-    return {"file": source, "status": "skipped", "score": "", "normalized_score": "", "decision": "", "reason": reason}
+    return {**dict.fromkeys(PREDICTION_FIELDS, ""), "file": source, "status": "skipped", "reason": reason}

@@ -8,7 +8,13 @@ A package is a folder:
                     the optimizer state (orbax: 'variables' + 'meta' JSON: format, step,
                     weights dtype);
   calibration.json  thresholds and the normalized-score range (when calibrated);
-  contract.json     the inputs, outputs and decision rule (rdjax.export.contract).
+  contract.json     the inputs, outputs and decision rule (rdjax.export.contract), and
+                    for a unified model the category it decides with by default
+                    (--category; none: its global thresholds, with a warning where the
+                    categories' own differ);
+  router.npz        a unified workdir's category router (rdjax.router), when it has one.
+A unified package keeps every category's thresholds: predict --category and serve's
+?category= choose another than the default per call.
 `rdjax.load`, `rdjax predict`, `rdjax export` and `rdjax serve` read it as they read a
 workdir. Stored in float32 it scores exactly as the workdir; in bfloat16 (--weights_dtype)
 it is half the size and is computed in the config's dtype after a cast back, so scores
@@ -25,6 +31,7 @@ import jax
 
 from rdjax import workdir as workdir_lib
 from rdjax.errors import ConfigError, WorkdirError
+from rdjax.router import ROUTER
 
 CONTRACT = "contract.json"
 WEIGHTS_DTYPES = ("float32", "bfloat16")
@@ -34,7 +41,9 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def package_workdir(workdir: str | Path, out: Path, weights_dtype: str = "float32") -> None:
+def package_workdir(
+    workdir: str | Path, out: Path, weights_dtype: str = "float32", category: str | None = None
+) -> None:
     """Write the package ``out`` from ``workdir``'s latest checkpoint. Every argument is
     checked first; the package is written beside ``out`` and renamed into place, so a
     failure leaves nothing."""
@@ -49,7 +58,7 @@ def package_workdir(workdir: str | Path, out: Path, weights_dtype: str = "float3
     workdir = Path(workdir)
     if workdir_lib.is_package(workdir):
         raise WorkdirError(f"{workdir}: is a package already; --workdir takes a trained workdir")
-    model = inference.load(workdir)
+    model = inference.load(workdir, category=category)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         tmp.mkdir()
@@ -58,8 +67,10 @@ def package_workdir(workdir: str | Path, out: Path, weights_dtype: str = "float3
         workdir_lib.save_student(
             tmp / workdir_lib.STUDENT, model.step, jax.device_get(model.student_vars), weights_dtype
         )
-        if model.calibration is not None:
-            workdir_lib.write_json(tmp / workdir_lib.CALIBRATION, model.calibration)
+        if model.calibrations is not None:
+            workdir_lib.write_json(tmp / workdir_lib.CALIBRATION, model.calibrations)
+        if model.router is not None:
+            model.router.save(tmp / ROUTER)
         workdir_lib.write_json(tmp / CONTRACT, export.contract(model, "package", weights_dtype))
         tmp.rename(out)
     finally:

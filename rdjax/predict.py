@@ -15,7 +15,14 @@ inputs have distinct names by construction, since an image extension holds no '_
 Every file of the input is accounted for: scores.csv has a row for each, with status
 `scored`, or `skipped` and the reason (not an image file, or an image that does not
 decode), and report.html a card for each. scores.csv and report.html appear only when
-every file has been processed.
+every file has been processed. Each scored row names the category whose thresholds
+decided it and that image threshold (`--category`: a unified model's category, 'global',
+or 'auto' to recognise each image's product with the workdir's router, rdjax.router).
+
+An --output that holds files already is refused unless --overwrite is given; then the
+files predict writes (OWNED: overlays/, masks/, scores.csv, report.html; with
+--format=mvtec_ad_2 that category's folders of maps) are removed first, and nothing else
+there is touched, so no picture of an earlier run sits beside the new scores.
 
 `--format=mvtec_ad_2` takes one category folder of MVTec AD 2 and writes only the maps of
 its private test sets, in the layout MVTec's evaluation server takes
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +44,28 @@ from rdjax.errors import DataError, WorkdirError
 
 if TYPE_CHECKING:
     from rdjax.inference import Model as Predictor
+
+
+OWNED = ("overlays", "masks", "scores.csv", "report.html")  # what predict_folder writes under --output
+
+
+def prepare_output(out: Path, overwrite: bool, owned: list[Path]) -> None:
+    """Refuse an --output with files in it unless ``overwrite``; then remove ``owned``
+    (what this command writes there) and nothing else."""
+    if out.exists() and not out.is_dir():
+        raise WorkdirError(f"{out}: exists and is not a folder; choose another --output")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise WorkdirError(
+            f"{out}: holds files already (an earlier run's?); choose a new --output, or pass --overwrite to "
+            "replace what rdjax predict writes there"
+        )
+    for path in owned:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def find_inputs(pattern: str) -> list[Path]:
@@ -97,6 +127,7 @@ def predict_folder(
     tile_size: int | None = None,
     overlap: int | None = None,
     category: str | None = None,
+    overwrite: bool = False,
 ) -> None:
     from tqdm import tqdm
 
@@ -107,11 +138,10 @@ def predict_folder(
     images = [f for f in files if is_image(f)]
     if not images:
         raise DataError(f"{pattern}: no image files found")
-    if out.exists() and not out.is_dir():
-        raise WorkdirError(f"{out}: exists and is not a folder; choose another --output")
     model = inference.load(workdir, dtype=dtype, category=category)
     if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no decisions or masks", file=sys.stderr)
+    prepare_output(out, overwrite, [out / name for name in OWNED])
     root = Path(pattern) if Path(pattern).is_dir() else Path(os.path.commonpath([str(f.parent) for f in files]))
     names = dict(zip(files, output_names(files, root)))
     skipped = {f: f"not an image file ({f.suffix or 'no extension'})" for f in files if not is_image(f)}
@@ -140,7 +170,7 @@ def predict_folder(
     if cal is not None:  # a calibration.json older than its 'quantile' key: the workdir config's
         cal = {"quantile": model.config.threshold.quantile, **cal}
     page = webpage.Page(
-        f"rdjax predict: {workdir}", np.array(scores), [names[f] for f in done],
+        f"rdjax predict: {workdir}", np.array(scores), [f.relative_to(root).as_posix() for f in done],
         lambda idx: [inference.as_images(done[i])[0] for i in idx], threshold=model.image_threshold,
         pictures={i: f"overlays/{names[f]}.png" for i, f in enumerate(done)},
         skipped=[(f.relative_to(root).as_posix(), skipped[f]) for f in files if f in skipped],
@@ -149,8 +179,10 @@ def predict_folder(
     )  # fmt: skip
     webpage.write_page(out / "report.html", page)
     flagged = sum(r["decision"] == "anomalous" for r in rows.values())
-    print(f"{len(rows)} images scored, {flagged} anomalous, {len(skipped)} files skipped (scores.csv says why) "
-          f"-> {out / 'scores.csv'}")  # fmt: skip
+    deciders = sorted({r["category"] for r in rows.values() if r["category"]})
+    decided = f", decided by the thresholds of {', '.join(deciders)}" if deciders else ""
+    print(f"{len(rows)} images scored, {flagged} anomalous{decided}, {len(skipped)} files skipped "
+          f"(scores.csv says why) -> {out / 'scores.csv'}")  # fmt: skip
 
 
 def predict_mvtec_ad2(
@@ -163,6 +195,7 @@ def predict_mvtec_ad2(
     tile_size: int | None = None,
     overlap: int | None = None,
     category: str | None = None,
+    overwrite: bool = False,
 ) -> None:
     """The maps of the test_private and test_private_mixed images of a category's
     ``folder``, at each image's resolution, under ``out`` as MVTec AD 2's server takes
@@ -178,6 +211,7 @@ def predict_mvtec_ad2(
     model = inference.load(workdir, dtype=dtype, category=category)
     if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no {mvtec_ad2.THRESHOLDED}", file=sys.stderr)
+    prepare_output(out, overwrite, [out / kind / category_dir.name for kind in (mvtec_ad2.MAPS, mvtec_ad2.THRESHOLDED)])
     for start in tqdm(range(0, len(inputs), batch_size), unit="batch", desc="predicting", disable=None):
         chunk = inputs[start : start + batch_size]
         pred = model.predict([f for _, f in chunk], batch_size, resize, tile_size, overlap)

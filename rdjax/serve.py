@@ -10,7 +10,10 @@ padded call costs a full batch, which on CPU is as much as its images one by one
 the default batch size is 1 (experiments/serve_load.py measures it).
 
 Endpoints: ``POST /predict`` (the image file's bytes as the body, or a multipart form
-field ``image``; ``?map=1`` adds the anomaly map as a PNG), ``GET /health``, and ``GET /``,
+field ``image``; ``?map=1`` adds the anomaly map as a PNG; ``?category=NAME`` decides
+with a unified model's category NAME, 'global' or 'auto', else with --category, else
+the model's default, and the answer names the category and threshold that decided),
+``GET /health``, and ``GET /``,
 a self-contained page to try an image by hand. Every refused request gets a 4xx status
 and a one-line JSON reason; a failing model call answers 500 to its batch and the server
 goes on. Needs the optional stack: pip install 'rdjax[serve]' (starlette, uvicorn,
@@ -136,52 +139,75 @@ class Scored:
     """One image's share of a batch's Prediction."""
 
     score: float
-    normalized_score: float | None
-    anomalous: bool | None
     map: np.ndarray  # float32 (H, W) at the image's resolution
+    routed: str | None = None  # its category by the router, where the batch was routed
 
 
-def split(prediction: Prediction) -> list[Scored]:
-    norm, decisions = prediction.normalized_scores, prediction.decisions
+def split(prediction: Prediction, routed: bool) -> list[Scored]:
+    names = prediction.categories if routed else None
     return [
-        Scored(
-            score=float(prediction.scores[i]),
-            normalized_score=None if norm is None else float(norm[i]),
-            anomalous=None if decisions is None else bool(decisions[i]),
-            map=m,
-        )
+        Scored(score=float(prediction.scores[i]), map=m, routed=None if names is None else names[i])
         for i, m in enumerate(prediction.maps)
     ]
 
 
-def map_levels(model: Model, amap: np.ndarray) -> tuple[np.ndarray, dict]:
+def choose(model: Model, category: str | None) -> str | None:
+    """A request's category (None: the server's default), checked: a RequestError 400 for
+    one the model cannot decide with."""
+    if category is None:
+        return model.category
+    try:
+        model.check_category(category)
+    except ConfigError as e:
+        raise RequestError(400, f"?category={category}: {one_line(e)}") from None
+    return category
+
+
+def map_levels(model: Model, amap: np.ndarray, category: str | None) -> tuple[np.ndarray, dict]:
     """The map as 8-bit levels and how to read them: calibrated, the normalized pixel scale
-    (level / 255, the pixel threshold at 0.5); uncalibrated, the image's own min..max."""
+    of the deciding category (level / 255, the pixel threshold at 0.5); uncalibrated, the
+    image's own min..max."""
     if model.calibration is not None:
-        values, info = model.normalized_map(amap), {"scale": "normalized", "min": 0.0, "max": 1.0}
+        values, info = model.normalized_map(amap, category), {"scale": "normalized", "min": 0.0, "max": 1.0}
     else:
         lo, hi = float(amap.min()), float(amap.max())
         values, info = (amap - lo) / max(hi - lo, 1e-12), {"scale": "raw", "min": lo, "max": hi}
     return np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8), info
 
 
-def answer(model: Model, scored: Scored, with_map: bool) -> dict:
-    """The JSON body of a scored image."""
+def answer(model: Model, scored: Scored, with_map: bool, category: str | None = None) -> dict:
+    """The JSON body of a scored image, decided by ``category``'s thresholds (`choose`;
+    AUTO: the category the router gave it)."""
     from PIL import Image
+
+    from rdjax.calibration import normalize_scores
+    from rdjax.inference import AUTO
 
     if not np.isfinite(scored.score):  # NaN >= threshold is False: never call such an image normal
         raise RequestError(500, f"the model gave a non-finite score ({scored.score}) for this image")
+    name, cal = model.thresholds(scored.routed if category == AUTO else category)
     height, width = scored.map.shape
     body: dict[str, Any] = {
         "score": scored.score,
-        "normalized_score": scored.normalized_score,
-        "decision": None if scored.anomalous is None else ("anomalous" if scored.anomalous else "normal"),
+        "normalized_score": None,
+        "decision": None,
+        "category": name,
+        "threshold": None,
         "width": width,
         "height": height,
         "step": model.step,
     }
+    if cal is not None:
+        t = float(cal["image_threshold"])
+        body.update(
+            normalized_score=float(
+                normalize_scores(np.array([scored.score]), t, cal["score_min"], cal["score_max"])[0]
+            ),
+            decision="anomalous" if scored.score >= t else "normal",
+            threshold=t,
+        )
     if with_map:
-        levels, info = map_levels(model, scored.map)
+        levels, info = map_levels(model, scored.map, name)
         buf = io.BytesIO()
         Image.fromarray(levels, mode="L").save(buf, format="PNG")
         body["map"] = {"png": base64.b64encode(buf.getvalue()).decode("ascii"), **info}
@@ -196,6 +222,7 @@ class _Pending:
     image: np.ndarray
     arrived: float
     future: asyncio.Future
+    route: bool = False  # its answer needs the router's category
 
 
 class Batcher:
@@ -204,10 +231,16 @@ class Batcher:
     The first waiting image opens a batch; it closes when ``batch_size`` images wait or
     ``max_wait_s`` after that image arrived. While the model runs, newcomers queue, and
     the next batch takes them at once. One call runs at a time, in its own thread.
+    ``predict(images, route)`` routes the batch's images (rdjax.router) where any of its
+    requests needs that.
     """
 
     def __init__(
-        self, predict: Callable[[list[np.ndarray]], Prediction], batch_size: int, max_wait_s: float, max_queue: int
+        self,
+        predict: Callable[[list[np.ndarray], bool], Prediction],
+        batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
     ) -> None:
         self.predict = predict
         self.batch_size = batch_size
@@ -241,12 +274,12 @@ class Batcher:
     def waiting(self) -> int:
         return len(self._pending)
 
-    async def submit(self, image: np.ndarray) -> Scored:
+    async def submit(self, image: np.ndarray, route: bool = False) -> Scored:
         assert self._wakeup is not None, "Batcher.start() first"
         if len(self._pending) >= self.max_queue:
             raise RequestError(503, f"busy: {len(self._pending)} images wait for the model; try again")
         loop = asyncio.get_running_loop()
-        item = _Pending(image, loop.time(), loop.create_future())
+        item = _Pending(image, loop.time(), loop.create_future(), route)
         self._pending.append(item)
         self._wakeup.set()
         return await item.future
@@ -271,9 +304,10 @@ class Batcher:
             self._running = batch = [p for p in await self._next_batch() if not p.future.done()]
             if not batch:
                 continue
+            route = any(p.route for p in batch)
             try:
-                prediction = await loop.run_in_executor(self._executor, self.predict, [p.image for p in batch])
-                results = split(prediction)
+                prediction = await loop.run_in_executor(self._executor, self.predict, [p.image for p in batch], route)
+                results = split(prediction, route)
             except Exception as e:  # this batch fails, the server goes on
                 log.exception("predict failed on a batch of %d", len(batch))
                 error = RequestError(500, f"the model failed on this batch ({_reason(e)})")
@@ -460,8 +494,14 @@ def create_app(model: Model, settings: Settings = Settings()) -> Starlette:
     from starlette.responses import HTMLResponse, JSONResponse
     from starlette.routing import Route
 
+    from rdjax.inference import AUTO, GLOBAL
+
+    def predict_batch(images: list[np.ndarray], route: bool) -> Prediction:
+        category = AUTO if route else (GLOBAL if model.categories else None)
+        return model.predict(images, batch_size=settings.batch_size, category=category)
+
     batcher = Batcher(
-        lambda images: model.predict(images, batch_size=settings.batch_size),
+        predict_batch,
         settings.batch_size,
         settings.max_wait_ms / 1000,
         settings.max_queue,
@@ -476,9 +516,10 @@ def create_app(model: Model, settings: Settings = Settings()) -> Starlette:
     async def predict(request: Request) -> Response:
         with_map = _flag(request.query_params.get("map"), "map")
         data = await _image_bytes(request, settings.max_bytes)
+        category = choose(model, request.query_params.get("category"))
         image = await in_thread(decode, data, settings.max_pixels)
-        scored = await batcher.submit(image)
-        return JSONResponse(await in_thread(answer, model, scored, with_map))
+        scored = await batcher.submit(image, route=category == AUTO)
+        return JSONResponse(await in_thread(answer, model, scored, with_map, category))
 
     async def health(request: Request) -> Response:
         return JSONResponse(
@@ -488,11 +529,15 @@ def create_app(model: Model, settings: Settings = Settings()) -> Starlette:
                 "step": model.step,
                 "image_size": model.image_size,
                 "image_threshold": model.image_threshold,
+                "category": model.decided_by if model.calibration is not None else None,
+                "categories": model.categories,
+                "router": model.router is not None,
                 "resize": model.resize.mode,
                 "batch_size": settings.batch_size,
                 "max_wait_ms": settings.max_wait_ms,
                 "max_bytes": settings.max_bytes,
                 "max_pixels": settings.max_pixels,
+                "max_queue": settings.max_queue,
                 "waiting": batcher.waiting,
                 "batches": batcher.batches,
                 "images": batcher.images,
@@ -618,6 +663,13 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_integer(
         "max_pixels", defaults.max_pixels, "Largest image, width x height.", lower_bound=1, flag_values=fv
     )
+    flags.DEFINE_integer(
+        "max_queue",
+        defaults.max_queue,
+        "Images waiting for the model beyond which a request is refused with 503 (at least --batch_size).",
+        lower_bound=1,
+        flag_values=fv,
+    )
     flags.DEFINE_string("dtype", None, "Compute dtype (float32 or bfloat16); default: the model's own.", flag_values=fv)
     flags.mark_flags_as_mutual_exclusive(["workdir", "package"], required=True, flag_values=fv)
 
@@ -637,15 +689,16 @@ def main(fv: flags.FlagValues, args: Sequence[str]) -> None:
     from rdjax import inference
 
     batch_size = fv.batch_size or default_batch_size()
-    settings = Settings(batch_size, fv.max_wait_ms, fv.max_bytes, fv.max_pixels)
+    settings = Settings(batch_size, fv.max_wait_ms, fv.max_bytes, fv.max_pixels, fv.max_queue)
     sock = listen(fv.host, fv.port)
     path = fv.workdir or fv.package
-    model = inference.load(path, dtype=fv.dtype)
+    model = inference.load(path, dtype=fv.dtype, category=fv.category)
     if model.calibration is None:
         print(f"warning: {path} has no calibration.json: answers carry no decisions", file=sys.stderr)
     warm_up(model, settings.batch_size)
-    print(f"rdjax serve: {path} (step {model.step}, batch size {batch_size}) at {url_of(sock)}/  (Ctrl-C stops)",
-          flush=True)  # fmt: skip
+    decides = f", thresholds of {model.decided_by}" if model.calibration is not None else ""
+    print(f"rdjax serve: {path} (step {model.step}, batch size {batch_size}{decides}) at {url_of(sock)}/  "
+          "(Ctrl-C stops)", flush=True)  # fmt: skip
     config = uvicorn.Config(create_app(model, settings), log_level="warning", access_log=False)
     # uvicorn shuts down gracefully on Ctrl-C, then raises it again for the caller: done, not an error.
     with contextlib.suppress(KeyboardInterrupt):

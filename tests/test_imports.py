@@ -53,7 +53,7 @@ RANKS = [
     },
     {"rdjax.teacher", "rdjax.features"},
     {"rdjax.steps"},
-    {"rdjax.maps", "rdjax.tiling"},
+    {"rdjax.maps", "rdjax.tiling", "rdjax.router"},
     {"rdjax.metrics", "rdjax.calibration"},
     {"rdjax.evaluation"},
     {

@@ -198,6 +198,35 @@ def test_predict_accounts_for_every_file(workdir, tmp_path):
     assert float(row["score"]) == pytest.approx(float(model.predict(row["file"]).scores[0]), rel=1e-5)
     page = (out / "report.html").read_text()
     assert page.count('class="skipcard"') == 3 and "skipped: not an image file (.txt)" in page
+    assert "<div>hole/000.png</div>" in page and "<div>hole/000.jpg</div>" in page  # the names, not output names
+    assert "000_png<" not in page
+    cal = json.loads((work / "calibration.json").read_text())  # a per-category workdir decides by its own
+    assert {(r["category"], float(r["threshold"])) for r in scored} == {("disk", round(cal["image_threshold"], 6))}
+
+
+def test_a_used_output_is_refused_unless_overwrite_which_clears_only_predicts_files(workdir, tmp_path):
+    """predict into a folder that holds files is one line and changes nothing there;
+    with --overwrite the earlier run's pictures of images no longer in the input are
+    gone, the new run's are all there, and a file of the user's stays."""
+    work, data, _ = workdir
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, kind in ((first, "hole"), (second, "good")):
+        folder.mkdir()
+        for src in sorted((data / "disk" / "test" / kind).glob("*.png"))[:2]:
+            shutil.copy(src, folder / src.name)
+    out = tmp_path / "out"
+    assert rdjax_cli("predict", f"--workdir={work}", f"--input={first}", f"--output={out}").code == 0
+    (out / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    refused = rdjax_cli("predict", f"--workdir={work}", f"--input={second}", f"--output={out}")
+    assert "--overwrite" in refused.error_line()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    again = rdjax_cli("predict", f"--workdir={work}", f"--input={second}", f"--output={out}", "--overwrite")
+    assert again.code == 0, again.stderr[-2000:]
+    overlays = sorted(p.relative_to(out / "overlays").as_posix() for p in (out / "overlays").rglob("*.png"))
+    assert overlays == sorted(f"{p.stem}_png.png" for p in second.glob("*.png"))
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [r["file"] for r in csv.DictReader(open(out / "scores.csv"))] == sorted(str(p) for p in second.glob("*"))
 
 
 def test_colliding_names_get_distinct_outputs(workdir, tmp_path):

@@ -238,17 +238,17 @@ class FailsWhenArmed:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def predict(self, images, batch_size=None):
+    def predict(self, images, batch_size=None, category=None):
         if self.armed:
             self.armed = False
             raise RuntimeError("simulated device failure")
-        return self.model.predict(images, batch_size=batch_size)
+        return self.model.predict(images, batch_size=batch_size, category=category)
 
-    def normalized_map(self, amap):
+    def normalized_map(self, amap, category=None):
         if self.map_armed:
             self.map_armed = False
             raise ZeroDivisionError("simulated bug")
-        return self.model.normalized_map(amap)
+        return self.model.normalized_map(amap, category)
 
 
 def test_a_failing_model_call_answers_500_and_the_server_goes_on(model, images, truths):

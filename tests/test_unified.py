@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 from sklearn import metrics as skm
 
 from rdjax import config as config_lib
@@ -277,3 +278,198 @@ def test_one_class_problems_are_refused_unified(tmp_path):
 # predict's scores.csv holds six decimals: a score this close to the threshold may print
 # on either side of it.
 RECOMPUTED_MARGIN = 1e-6
+
+
+# ----------------------------------------------------------------------------- deciding per category (slow)
+
+
+def _rows(out):
+    import csv
+
+    return list(csv.DictReader((out / "scores.csv").open()))
+
+
+@pytest.mark.slow
+def test_every_row_names_the_thresholds_that_decided_and_the_global_warns(unified, tmp_path):
+    """The global threshold set above every weave test score, weave's own midway among
+    them: without --category every weave image is 'normal' and the command says once,
+    with both numbers, that the categories' thresholds differ; with --category=weave each
+    row names weave and its threshold, and decides by it (score >= threshold)."""
+    import shutil
+
+    from conftest import rdjax_cli
+
+    root, workdir, _ = unified
+    copy = tmp_path / "w"
+    shutil.copytree(workdir, copy)
+    cal = json.loads((copy / "calibration.json").read_text())
+    images = root / "weave" / "test"
+    probe = rdjax_cli("predict", f"--workdir={copy}", f"--input={images}", f"--output={tmp_path / 'probe'}",
+                      "--category=weave")  # fmt: skip
+    assert probe.code == 0, probe.stderr[-2000:]
+    scores = np.array([float(r["score"]) for r in _rows(tmp_path / "probe")])
+    cal["image_threshold"] = float(scores.max()) + 1.0
+    ordered = np.sort(scores)  # midway between two middle scores: 6-decimal rows cannot straddle it
+    cal["categories"]["weave"]["image_threshold"] = float(ordered[len(ordered) // 2 - 1 : len(ordered) // 2 + 1].mean())
+    assert ordered[len(ordered) // 2] - ordered[len(ordered) // 2 - 1] > 1e-5
+    (copy / "calibration.json").write_text(json.dumps(cal))
+    plain = rdjax_cli("predict", f"--workdir={copy}", f"--input={images}", f"--output={tmp_path / 'plain'}")
+    assert plain.code == 0, plain.stderr[-2000:]
+    warnings = [line for line in plain.stderr.splitlines() if "decides with its global image threshold" in line]
+    assert len(warnings) == 1 and f"{cal['image_threshold']:.6g}" in warnings[0]
+    assert f"weave {cal['categories']['weave']['image_threshold']:.6g}" in warnings[0]
+    rows = _rows(tmp_path / "plain")
+    assert {r["decision"] for r in rows} == {"normal"} and {r["category"] for r in rows} == {"global"}
+    assert [float(r["threshold"]) for r in rows] == [pytest.approx(cal["image_threshold"], abs=1e-6)] * len(rows)
+    own = rdjax_cli("predict", f"--workdir={copy}", f"--input={images}", f"--output={tmp_path / 'own'}",
+                    "--category=weave")  # fmt: skip
+    assert own.code == 0 and "decides with its global" not in own.stderr
+    threshold = cal["categories"]["weave"]["image_threshold"]
+    rows = _rows(tmp_path / "own")
+    assert {r["category"] for r in rows} == {"weave"}
+    for row in rows:
+        assert float(row["threshold"]) == pytest.approx(threshold, abs=1e-6)
+        assert row["decision"] == ("anomalous" if float(row["score"]) >= threshold else "normal")
+    assert {r["decision"] for r in rows} == {"normal", "anomalous"}
+    assert "decided by the thresholds of weave" in own.stdout
+
+
+@pytest.mark.slow
+def test_the_router_recognises_each_test_images_category(unified, tmp_path):
+    """The unified evaluation writes router.npz and measures it on the test images
+    (metrics.json); --category=auto gives each image the category of its nearest
+    training image, which for these two products (a disk on a plain background, a
+    woven texture) is the folder it came from, and decides it by that category's
+    thresholds. The export, one artifact for one category, refuses 'auto' in one line."""
+    from conftest import rdjax_cli
+
+    root, workdir, _ = unified
+    result = json.loads((workdir / "metrics.json").read_text())
+    assert (workdir / "router.npz").is_file()
+    cal = json.loads((workdir / "calibration.json").read_text())
+    for category in ("disk", "weave"):
+        out = tmp_path / category
+        run = rdjax_cli("predict", f"--workdir={workdir}", f"--input={root / category / 'test'}", f"--output={out}",
+                        "--category=auto")  # fmt: skip
+        assert run.code == 0, run.stderr[-2000:]
+        rows = _rows(out)
+        routed = [r["category"] for r in rows]
+        assert routed.count(category) / len(rows) == pytest.approx(result["router_accuracy"][category], abs=1e-9)
+        for row in rows:
+            threshold = cal["categories"][row["category"]]["image_threshold"]
+            assert float(row["threshold"]) == pytest.approx(threshold, abs=1e-6)
+    assert result["router_accuracy"]["all"] >= 0.9  # two products that look nothing alike
+    bad = rdjax_cli("export", f"--workdir={workdir}", f"--out={tmp_path / 'm.onnx'}", "--format=onnx",
+                    "--category=auto")  # fmt: skip
+    assert "auto" in bad.error_line() and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow
+def test_a_package_decides_with_its_category_and_keeps_the_others(unified, tmp_path):
+    """`rdjax package --category=weave` makes weave the package's default (contract.json
+    names it); the package still holds every category's thresholds and the router, so
+    predict --category=disk on it decides by disk's; an unknown category is one line and
+    leaves no package."""
+    from conftest import rdjax_cli
+
+    root, workdir, _ = unified
+    cal = json.loads((workdir / "calibration.json").read_text())
+    package = tmp_path / "pkg"
+    made = rdjax_cli("package", f"--workdir={workdir}", f"--out={package}", "--category=weave")
+    assert made.code == 0, made.stderr[-2000:]
+    assert json.loads((package / "contract.json").read_text())["category"] == "weave"
+    assert json.loads((package / "calibration.json").read_text()) == cal and (package / "router.npz").is_file()
+    images = root / "disk" / "test"
+    for category, extra in (("weave", []), ("disk", ["--category=disk"])):
+        out = tmp_path / f"pred_{category}"
+        run = rdjax_cli("predict", f"--workdir={package}", f"--input={images}", f"--output={out}", *extra)
+        assert run.code == 0, run.stderr[-2000:]
+        threshold = cal["categories"][category]["image_threshold"]
+        for row in _rows(out):
+            assert row["category"] == category and float(row["threshold"]) == pytest.approx(threshold, abs=1e-6)
+    bad = rdjax_cli("package", f"--workdir={workdir}", f"--out={tmp_path / 'no'}", "--category=bottle")
+    assert "no category 'bottle'" in bad.error_line() and not (tmp_path / "no").exists()
+
+
+@pytest.mark.slow
+def test_the_server_decides_per_request_category(unified, tmp_path):
+    """`rdjax serve --category=weave --max_queue=5` as a user starts it (a subprocess on a
+    loopback port): /health names the default category and the queue; each answer names
+    the category and threshold that decided it, ?category=disk and ?category=auto choose
+    per request (the router's category for a disk image is disk), and an unknown category
+    is a 400 with one line, after which the server still answers."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from test_serve import png, post
+
+    import rdjax
+
+    from conftest import ROOT
+
+    root, workdir, _ = unified
+    cal = json.loads((workdir / "calibration.json").read_text())
+    proc = subprocess.Popen([sys.executable, "-m", "rdjax", "serve", f"--workdir={workdir}", "--port=0",
+                             "--category=weave", "--max_queue=5"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert "thresholds of weave" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = line.split(" at ")[1].split("/  ")[0]
+        health = json.loads(urllib.request.urlopen(url + "/health", timeout=60).read())
+        assert (health["category"], health["max_queue"], health["categories"]) == ("weave", 5, ["disk", "weave"])
+        image = np.asarray(Image.open(sorted((root / "disk" / "test" / "good").iterdir())[0]).convert("RGB"))
+        routed = rdjax.load(workdir, category="auto").predict(image).categories[0]  # as predict routes it
+        expected = {None: "weave", "disk": "disk", "auto": routed, "global": "global"}
+        for query, name in expected.items():
+            status, answer = post(url, png(image), "/predict" + (f"?category={query}" if query else ""))
+            assert status == 200, answer
+            threshold = cal["image_threshold"] if name == "global" else cal["categories"][name]["image_threshold"]
+            assert (answer["category"], answer["threshold"]) == (name, threshold)
+            assert answer["decision"] == ("anomalous" if answer["score"] >= threshold else "normal")
+        status, answer = post(url, png(image), "/predict?category=bottle")
+        assert status == 400 and "bottle" in answer["error"] and "\n" not in answer["error"]
+        assert post(url, png(image))[0] == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
+def test_router_is_cosine_nearest_neighbour_and_refuses_a_damaged_file(tmp_path):
+    """route() gives each query the label of sklearn's cosine nearest neighbour; embed()
+    is the per-scale pooled, normalised, concatenated vector (numpy, by hand); spread()
+    keeps every row of a small set and evenly spaced rows of a large one; router.npz
+    round-trips, and a damaged or inconsistent file is one WorkdirError."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from rdjax import router as router_lib
+    from rdjax.errors import WorkdirError
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(30, 8)).astype(np.float32)
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    router = router_lib.Router(train, rng.integers(0, 3, 30), ("a", "b", "c"))
+    queries = rng.normal(size=(50, 8)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    nearest = NearestNeighbors(n_neighbors=1, metric="cosine").fit(train).kneighbors(queries)[1][:, 0]
+    assert router.route(queries) == [router.categories[router.labels[j]] for j in nearest]
+    feats = (rng.normal(size=(2, 4, 4, 3)), rng.normal(size=(2, 5, 6)))  # NHWC and tokens
+    want = [f.mean(axis=tuple(range(1, f.ndim - 1))) for f in feats]
+    want = np.concatenate([w / np.linalg.norm(w, axis=1, keepdims=True) for w in want], axis=1) / np.sqrt(2)
+    np.testing.assert_allclose(router_lib.embed([jnp.asarray(f, jnp.float32) for f in feats]), want, rtol=1e-5)
+    assert router_lib.spread(5).tolist() == [0, 1, 2, 3, 4]
+    assert router_lib.spread(200, 3).tolist() == [0, 100, 199]
+    path = tmp_path / "router.npz"
+    router.save(path)
+    back = router_lib.load_router(path)
+    assert back is not None and back.categories == router.categories
+    np.testing.assert_array_equal(back.embeddings, train)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(WorkdirError, match="not a readable router"):
+        router_lib.load_router(path)
+    router_lib.Router(train, np.full(30, 3), ("a", "b", "c")).save(path)  # a label beyond the names
+    with pytest.raises(WorkdirError, match="inconsistent"):
+        router_lib.load_router(path)
+    assert router_lib.load_router(tmp_path / "none.npz") is None
