@@ -71,7 +71,18 @@ def unified_markdown(result: dict) -> str:
     head = f"# one model for {len(result['categories'])} categories (epoch {result.get('epoch')})\n\n"
     table = summary_markdown({c: r for c, r in result["categories"].items() if "image_auroc" in r}, TABLE_KEYS)
     note = f"\nDecisions without a category: {result['threshold_note']}.\n" if "threshold_note" in result else ""
-    return head + table + note + unified_decisions_markdown(result)
+    return head + table + note + unified_decisions_markdown(result) + router_markdown(result)
+
+
+def router_markdown(result: dict) -> str:
+    """How often the category router (rdjax.router, predict's --category=auto) named each
+    category's test images rightly."""
+    accuracy = result.get("router_accuracy")
+    if not accuracy:
+        return ""
+    parts = ", ".join(f"{c} {100 * a:.1f}%" for c, a in accuracy.items() if c != "all")
+    recognised = f"{100 * accuracy['all']:.1f}% of the test images recognised ({parts})"
+    return f"\nCategory router (`--category=auto`): {recognised}.\n"
 
 
 def unified_decisions_markdown(result: dict) -> str:

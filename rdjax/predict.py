@@ -49,18 +49,20 @@ if TYPE_CHECKING:
 OWNED = ("overlays", "masks", "scores.csv", "report.html")  # what predict_folder writes under --output
 
 
-def prepare_output(out: Path, overwrite: bool, owned: list[Path]) -> None:
-    """Refuse an --output with files in it unless ``overwrite``; then remove ``owned``
-    (what this command writes there) and nothing else."""
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an --output that is a file, or a folder with files in it unless
+    ``overwrite``: checked before the model loads, so a refusal costs nothing."""
     if out.exists() and not out.is_dir():
         raise WorkdirError(f"{out}: exists and is not a folder; choose another --output")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not overwrite:
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise WorkdirError(
             f"{out}: holds files already (an earlier run's?); choose a new --output, or pass --overwrite to "
             "replace what rdjax predict writes there"
         )
+
+
+def clear_owned(owned: list[Path]) -> None:
+    """Remove what this command writes under --output (--overwrite), and nothing else."""
     for path in owned:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -138,10 +140,11 @@ def predict_folder(
     images = [f for f in files if is_image(f)]
     if not images:
         raise DataError(f"{pattern}: no image files found")
+    check_output(out, overwrite)
     model = inference.load(workdir, dtype=dtype, category=category)
     if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no decisions or masks", file=sys.stderr)
-    prepare_output(out, overwrite, [out / name for name in OWNED])
+    clear_owned([out / name for name in OWNED])
     root = Path(pattern) if Path(pattern).is_dir() else Path(os.path.commonpath([str(f.parent) for f in files]))
     names = dict(zip(files, output_names(files, root)))
     skipped = {f: f"not an image file ({f.suffix or 'no extension'})" for f in files if not is_image(f)}
@@ -208,10 +211,11 @@ def predict_mvtec_ad2(
 
     category_dir = Path(folder).resolve()
     inputs = mvtec_ad2.private_images(category_dir)
+    check_output(out, overwrite)
     model = inference.load(workdir, dtype=dtype, category=category)
     if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no {mvtec_ad2.THRESHOLDED}", file=sys.stderr)
-    prepare_output(out, overwrite, [out / kind / category_dir.name for kind in (mvtec_ad2.MAPS, mvtec_ad2.THRESHOLDED)])
+    clear_owned([out / kind / category_dir.name for kind in (mvtec_ad2.MAPS, mvtec_ad2.THRESHOLDED)])
     for start in tqdm(range(0, len(inputs), batch_size), unit="batch", desc="predicting", disable=None):
         chunk = inputs[start : start + batch_size]
         pred = model.predict([f for _, f in chunk], batch_size, resize, tile_size, overlap)

@@ -359,6 +359,8 @@ def test_the_router_recognises_each_test_images_category(unified, tmp_path):
             threshold = cal["categories"][row["category"]]["image_threshold"]
             assert float(row["threshold"]) == pytest.approx(threshold, abs=1e-6)
     assert result["router_accuracy"]["all"] >= 0.9  # two products that look nothing alike
+    recognised = f"{100 * result['router_accuracy']['all']:.1f}% of the test images recognised"
+    assert recognised in (workdir / "results.md").read_text()
     bad = rdjax_cli("export", f"--workdir={workdir}", f"--out={tmp_path / 'm.onnx'}", "--format=onnx",
                     "--category=auto")  # fmt: skip
     assert "auto" in bad.error_line() and not (tmp_path / "m.onnx").exists()
