@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import json
 import signal
 import threading
 import time
@@ -324,7 +325,8 @@ def _eval_functions(run: Run, student_vars: Any) -> tuple[Callable, Callable]:
 def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: list[str] | None = None) -> dict:
     """One evaluation pass over the test images and the evaluators ``names`` (in run
     order; default: all of run.evaluators); returns the result for Writer.evaluation.
-    The evaluators write their own files into eval/epoch_NNNN on process 0.
+    The evaluators write their own files into eval/epoch_NNNN on process 0, beside the
+    config.json they ran with; what that folder held before goes to history/ first.
 
     Unified: each category is evaluated on its own test split, by every evaluator, into
     eval/epoch_NNNN/<category>; the result holds them under 'categories', their mean
@@ -334,6 +336,10 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: 
     evaluators = {n: e for n, e in run.evaluators.items() if names is None or n in names}
     run_pass, predict = _eval_functions(run, student_vars)
     out_dir = outputs.evaluation_dir(run.workdir, epoch) if jax.process_index() == 0 else None
+    if out_dir is not None:
+        if out_dir.is_dir():  # this epoch was evaluated before (a finished run's rerun, a rerun after a kill)
+            _keep_results(run.workdir, out_dir)
+        workdir_lib.save_config(out_dir, config)  # what made these results: a rerun compares it (_stale)
     if not run.unified:
         ((category, part),) = run.parts.items()
         result = _evaluate_part(run, category, part, evaluators, run_pass, predict, out_dir, epoch)[0]
@@ -461,6 +467,61 @@ def _finish_result(run: Run, result: dict, epoch: int, step: int) -> dict:
     if "threshold_note" in result:
         _log("epoch %d: %s", epoch, result["threshold_note"])
     return result
+
+
+def _keep_results(workdir: Path, evaluation: Path) -> None:
+    """workdir_lib.keep_results, and a line saying where the previous results went."""
+    kept = workdir_lib.keep_results(workdir, evaluation)
+    if kept is not None:
+        names = sorted(p.name for p in kept.iterdir() if p.is_file())
+        names += sorted(f"{p.relative_to(kept).as_posix()}/" for p in kept.glob("*/*") if p.is_dir())
+        _log("the previous %s are kept in %s", ", ".join(names), kept)
+
+
+# What only training reads: a rerun of a finished workdir that changes nothing else finds
+# its evaluation current. Prefixes of dotted keys (num_epochs_by_category.<category>).
+TRAINING_ONLY = (
+    "num_epochs", "total_steps", "num_epochs_by_category", "eval_every", "checkpoint_every", "keep_checkpoints",
+    "profile_steps", "learning_rate", "adam_b1", "adam_b2", "lr_decay_epoch", "lr_decay_factor", "rdpp.proj_lr",
+    "rdpp.accumulation", "dinomaly.final_lr", "dinomaly.warmup_steps", "feature_cache", "feature_cache_dir",
+    "offline", "batch_size", "drop_last",
+)  # fmt: skip
+
+
+def _evaluation_settings(config: Any) -> dict[str, Any]:
+    """Dotted key -> value of every key an evaluation reads (all but TRAINING_ONLY)."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+
+    walk(json.loads(config.to_json_best_effort()), "")
+    return {k: v for k, v in flat.items() if not any(k == t or k.startswith(t + ".") for t in TRAINING_ONLY)}
+
+
+def _stale(run: Run, step: int) -> str | None:
+    """Why a finished run's stored evaluation (eval/epoch_NNNN of its last epoch) is not
+    current, or None where it is: it holds a complete evaluation (metrics.json, written
+    last) of ``step``, the latest checkpoint, made with the config.json beside it, which
+    equals run.config in every key an evaluation reads."""
+    folder = outputs.evaluation_dir(run.workdir, int(run.config.num_epochs))
+    name = folder.relative_to(run.workdir)
+    if not (folder / "metrics.json").is_file():
+        return f"{name} holds no complete evaluation"
+    evaluated = workdir_lib.read_json(folder / "metrics.json").get("step")
+    if evaluated != step:
+        return f"{name} evaluated step {evaluated}"
+    if not (folder / workdir_lib.CONFIG).is_file():
+        return f"{name} does not record the config it was evaluated with"
+    before, now = _evaluation_settings(workdir_lib.load_config(folder)), _evaluation_settings(run.config)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        return f"config.{changed[0]} is {now.get(changed[0])!r}, {name} was evaluated with {before.get(changed[0])!r}"
+    return None
 
 
 def _feature_mode(config: Any, model: Model, workdir: Path, rows: int) -> tuple[str, Path]:
@@ -800,7 +861,8 @@ def _initial_state(run: Run, tx: optax.GradientTransformation, manager: Any) -> 
     state = workdir_lib.restore_state(manager, state)
     epoch, skip = divmod(int(state.step), run.steps_per_epoch)
     within = f", {skip} of its {run.steps_per_epoch} steps done" if skip else ""
-    _log("resuming from step %d (epoch %d%s)", int(state.step), epoch + 1 if skip else epoch, within)
+    if int(state.step) < run.total_steps:  # a finished run is evaluated only (_train says so)
+        _log("resuming from step %d (epoch %d%s)", int(state.step), epoch + 1 if skip else epoch, within)
     return state
 
 
@@ -823,10 +885,25 @@ def train_and_evaluate(config: Any, workdir: str | Path, dataset: data.Dataset |
 def _train(config: Any, workdir: Path, dataset: data.Dataset | None) -> dict:
     run = setup(config, workdir, writing=True, dataset=dataset)
     config = run.config  # resolved against the workdir (config_lib.for_workdir)
+    manager = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
+    latest = manager.latest_step()
+    if latest is not None and latest >= run.total_steps:  # trained to the end: nothing to train
+        why = _stale(run, latest)
+        if jax.process_count() > 1:  # every process must take the same path: the evaluation is a collective
+            from jax.experimental import multihost_utils
+
+            if np.max(multihost_utils.process_allgather(np.int32(why is not None))):
+                why = why or "another process finds the stored evaluation out of date"
+        if why is None:
+            manager.close()
+            folder = outputs.evaluation_dir(workdir, int(config.num_epochs))
+            _log("trained to step %d and evaluated with these settings (%s): nothing to do; "
+                 "`rdjax eval` evaluates again", latest, folder)  # fmt: skip
+            return workdir_lib.read_json(folder / "metrics.json")
+        _log("trained to step %d already: evaluating it again, no training (%s)", latest, why)
     writer = Writer(workdir)
     writer.config(config)
     tx = optimizer(run)
-    manager = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
     spe = run.steps_per_epoch
     result: dict = {}
     finished = [False]
@@ -883,6 +960,11 @@ def _train(config: Any, workdir: Path, dataset: data.Dataset | None) -> dict:
         if stop.requested:
             if int(state.step) != saved and _whole(state):
                 save()
+            if saved >= run.total_steps:  # nothing left to train: the last evaluation was stopped
+                raise Interrupted(
+                    f"interrupted after the last epoch ({config.num_epochs}, step {saved}), before its evaluation "
+                    "ended; the training is complete: rerun the same command to evaluate it"
+                )
             resume_epoch, done = divmod(saved, spe)
             where = f"epoch {resume_epoch + 1}" + (f", step {saved}" if done else "")
             raise Interrupted(f"interrupted at epoch {epoch}; rerun the same command to resume from {where}")
@@ -908,6 +990,8 @@ def evaluate(config: Any, workdir: str | Path, dataset: data.Dataset | None = No
         epoch = step // max(pipeline.steps_per_epoch(len(run.train), trained.batch_size, trained.drop_last), 1)
         if trained.total_steps and step >= trained.total_steps:  # its last epoch may stop early
             epoch = int(trained.num_epochs)
+        if jax.process_index() == 0:  # the previous calibration and report, even of another epoch
+            _keep_results(workdir, outputs.evaluation_dir(workdir, epoch))
         result = evaluate_student(run, student_vars, epoch, step)
     Writer(workdir).evaluation(result)
     return result

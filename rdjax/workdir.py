@@ -3,9 +3,11 @@
 A workdir is self-describing, so evaluation, prediction and export need nothing else:
   config.json     the full config;
   teacher/        the frozen teacher, saved once (orbax: 'variables' + 'meta' JSON);
-  checkpoints/N/  orbax CheckpointManager steps holding the train state
-                  {step, params, batch_stats, opt_state};
-  calibration.json, metrics.json, results.md, eval/, train_log.json: see docs/config.md.
+  checkpoints/N/  orbax CheckpointManager steps: item 'state' {step, params, batch_stats}
+                  and item 'opt_state', the optimizer's state, which only the latest step
+                  keeps (a resume needs no other; older workdirs hold it in 'state');
+  calibration.json, metrics.json, results.md, eval/, train_log.json: see docs/config.md;
+  history/<n>/    what an evaluation replaced (keep_results).
 Every file is written atomically (a temporary name, then a rename), and orbax renames a
 checkpoint into place when complete, so a killed run never leaves a half-written file.
 """
@@ -40,6 +42,8 @@ CONFIG = "config.json"
 TEACHER = "teacher"
 CHECKPOINTS = "checkpoints"
 CALIBRATION = "calibration.json"
+OPT_STATE = "opt_state"  # a checkpoint's optimizer item (save_state)
+HISTORY = "history"
 STUDENT = "student"  # a package's (rdjax.package) trained variables, without optimizer state
 PACKAGE_FORMAT = "rdjax-package-v1"
 
@@ -110,6 +114,35 @@ def check_writable(directory: Path, need_bytes: int = 0) -> None:
         raise WorkdirError(
             f"{directory}: only {free / 2**20:.0f} MiB free, a checkpoint needs about {need_bytes / 2**21:.0f} MiB"
         )
+
+
+# ----------------------------------------------------------------------------- history
+
+KEPT = (CALIBRATION, "metrics.json", "results.md")  # the workdir's current results, beside eval/
+
+
+def keep_results(workdir: Path, evaluation: Path) -> Path | None:
+    """Before an evaluation writes its results: move ``evaluation`` (its eval/epoch_NNNN,
+    where an earlier evaluation of that epoch left one), with copies of the workdir's
+    current calibration.json, metrics.json and results.md, to history/<n> (n = 1, 2, ...,
+    the oldest first), so that no evaluation replaces another's results without a trace.
+    Returns history/<n>, or None where there was nothing to keep."""
+    present = [name for name in KEPT if (workdir / name).is_file()]
+    if not present and not evaluation.is_dir():
+        return None
+    folder = workdir / HISTORY
+    n = 1 + max((int(p.name) for p in folder.glob("*") if p.name.isdigit()), default=0)
+    target, staging = folder / str(n), folder / f".{n}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)  # a copy a kill cut short
+    staging.mkdir(parents=True)
+    for name in present:
+        shutil.copy2(workdir / name, staging / name)
+    os.replace(staging, target)  # then the folder: a kill in between leaves it where it was
+    if evaluation.is_dir():
+        moved = target / evaluation.relative_to(workdir)
+        moved.parent.mkdir(parents=True)
+        os.replace(evaluation, moved)
+    return target
 
 
 # ----------------------------------------------------------------------------- config
@@ -206,16 +239,49 @@ def checkpoint_manager(workdir: str | os.PathLike, keep: int = 3, create: bool =
 
 
 def save_state(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flax.serialization.to_state_dict(state))))
+    """Save ``state`` as step ``step``, then drop the optimizer state of every older step:
+    a resume needs only the latest, and the optimizer state is most of a checkpoint's
+    size (Adam's two moments: twice the parameters)."""
+    tree = flax.serialization.to_state_dict(state)
+    optimizer = tree.pop(OPT_STATE)
+    manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), opt_state=ocp.args.StandardSave(optimizer))
+    )
     manager.wait_until_finished()
+    if jax.process_index() == 0:
+        for older in manager.all_steps():
+            if older != step:
+                _drop_optimizer(Path(manager.directory) / str(older))
+
+
+def _drop_optimizer(step_dir: Path) -> None:
+    """Remove a checkpoint's optimizer item: renamed first, so it is present whole or not
+    at all; a removal cut short leaves only the renamed folder, removed next time."""
+    if (step_dir / OPT_STATE).is_dir():
+        os.replace(step_dir / OPT_STATE, step_dir / f".{OPT_STATE}.removed")
+    shutil.rmtree(step_dir / f".{OPT_STATE}.removed", ignore_errors=True)
 
 
 def restore_state(manager: ocp.CheckpointManager, template: Any, step: int | None = None) -> Any:
-    """Restore into the structure (and shardings) of ``template``; latest step by default."""
+    """Restore into the structure (and shardings) of ``template``; latest step by default.
+    A WorkdirError for a step whose optimizer state was dropped (save_state)."""
     step = manager.latest_step() if step is None else step
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, flax.serialization.to_state_dict(template))
+    step_dir = Path(manager.directory) / str(step)
+    if (step_dir / OPT_STATE).is_dir():
+        student = {k: v for k, v in abstract.items() if k != OPT_STATE}
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(student), opt_state=ocp.args.StandardRestore(abstract[OPT_STATE])
+        )
+        restored = manager.restore(step, args=args)
+        return flax.serialization.from_state_dict(template, {**restored["state"], OPT_STATE: restored[OPT_STATE]})
+    if OPT_STATE not in ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree:
+        raise WorkdirError(
+            f"{step_dir}: this older checkpoint has no optimizer state (only the "
+            "latest keeps it), so it can be evaluated but not resumed from"
+        )
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return flax.serialization.from_state_dict(template, restored["state"])
+    return flax.serialization.from_state_dict(template, restored["state"])  # an older workdir's
 
 
 def restore_student(
