@@ -44,6 +44,7 @@ from rdjax import (
     weights,
 )
 from rdjax import evaluators as evaluators_lib
+from rdjax import router as router_lib
 from rdjax import state as state_lib
 from rdjax import workdir as workdir_lib
 from rdjax.data import pipeline
@@ -369,9 +370,46 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: 
             )
         merge("test", test_pass)
     result = _unified_result(run, results, calibrating, union, run_pass, predict, epoch)
+    result["router_accuracy"] = route_categories(run)
     seconds = sum(len(run.parts[c].test) / r["eval_images_per_second"] for c, r in results.items())
     result["eval_images_per_second"] = sum(len(p.test) for p in run.parts.values()) / seconds  # the test passes'
     return _finish_result(run, result, epoch, step)
+
+
+def route_categories(run: Run) -> dict[str, float]:
+    """The category router of a unified run (rdjax.router): built from up to PER_CATEGORY
+    training images of each category and written to the workdir (process 0), then
+    measured on every category's test images. It reads only the frozen teacher, so one
+    built by an earlier evaluation of this workdir is the same and is reused."""
+    step = router_lib.embed_step(run.model, bool(run.config.imagenet_normalize))
+
+    def embed(split: Split, rows: np.ndarray) -> np.ndarray:  # a few batches decoded at a time
+        fn = lambda x: (step(run.teacher_vars, x),)  # noqa: E731
+        chunk = 8 * run.eval_batch
+        return np.concatenate([
+            sharding.map_global_batches(fn, split.images(rows[i : i + chunk]), run.eval_batch, run.put, "routing")[0]
+            for i in range(0, len(rows), chunk)
+        ])  # fmt: skip
+
+    path = run.workdir / router_lib.ROUTER
+    router = router_lib.load_router(path)
+    categories = tuple(run.parts)
+    if router is None or router.categories != categories:
+        owner = np.array([f.split("/", 1)[0] for f in run.train.filenames])
+        rows = [np.flatnonzero(owner == c)[router_lib.spread(int(np.sum(owner == c)))] for c in categories]
+        labels = np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)])
+        router = router_lib.Router(embed(run.train, np.concatenate(rows)), labels, categories)
+        if jax.process_index() == 0:
+            router.save(path)
+    accuracy = {}
+    for category, part in run.parts.items():
+        tests = np.arange(len(part.test))
+        routed = (router.route(embed(part.test, tests[i : i + 256])) for i in range(0, len(tests), 256))
+        accuracy[category] = sum(int(r == category) for chunk in routed for r in chunk) / max(len(tests), 1)
+    total = sum(len(p.test) for p in run.parts.values())
+    accuracy["all"] = sum(accuracy[c] * len(p.test) for c, p in run.parts.items()) / max(total, 1)
+    _log("category router: %.1f%% of the test images recognised (%s)", 100 * accuracy["all"], router_lib.ROUTER)
+    return accuracy
 
 
 def _evaluate_part(
