@@ -1,5 +1,6 @@
-"""The train state: what trains (the student) and its optimizer state, the format of every
-checkpoint. The teacher's variables are never part of it: they are never differentiated,
+"""The train state: what trains (the student) and its optimizer state, what a checkpoint
+holds (workdir.save_state keeps the optimizer state in the latest step only: a resume needs
+no other). The teacher's variables are never part of it: they are never differentiated,
 never seen by the optimizer, and saved apart (workdir.TEACHER)."""
 
 from __future__ import annotations
