@@ -204,6 +204,7 @@ def test_predict_accounts_for_every_file(workdir, tmp_path):
     assert {(r["category"], float(r["threshold"])) for r in scored} == {("disk", round(cal["image_threshold"], 6))}
 
 
+@pytest.mark.slow  # three predict runs; the fast tier's budget
 def test_a_used_output_is_refused_unless_overwrite_which_clears_only_predicts_files(workdir, tmp_path):
     """predict into a folder that holds files is one line and changes nothing there;
     with --overwrite the earlier run's pictures of images no longer in the input are
@@ -301,6 +302,7 @@ def test_predict_on_a_missing_workdir_or_a_bad_dtype_writes_nothing(workdir, tmp
     assert not (tmp_path / "o").exists() and not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow  # a package written and compiled again; the fast tier's budget
 def test_a_package_scores_exactly_as_its_workdir(workdir, model, tmp_path):
     """`rdjax package` keeps what inference needs and drops the optimizer state: float32
     scores, maps and decisions equal the workdir's bit for bit (the same variables, the
