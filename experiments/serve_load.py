@@ -123,13 +123,12 @@ def main() -> None:
                     label = f"rdjax serve --batch_size={batch_size}, {clients} client{'s' * (clients > 1)}"
                     rows.append(row(label, seconds, latencies))
 
-        max_pixels = serve.Settings().max_pixels
-        model.predict(serve.decode(bodies[0], max_pixels), batch_size=1)  # compile outside the timing
+        model.predict(serve.decode(bodies[0]), batch_size=1)  # compile outside the timing
         latencies = []
         start = time.perf_counter()
         for i in order:
             t = time.perf_counter()
-            model.predict(serve.decode(bodies[i], max_pixels), batch_size=1)
+            model.predict(serve.decode(bodies[i]), batch_size=1)
             latencies.append(time.perf_counter() - t)
         label = "Model.predict(decoded PNG, batch_size=1), one at a time"
         rows.append(row(label, time.perf_counter() - start, latencies))

@@ -15,9 +15,10 @@ with a unified model's category NAME, 'global' or 'auto', else with --category, 
 the model's default, and the answer names the category and threshold that decided),
 ``GET /health``, and ``GET /``,
 a self-contained page to try an image by hand. Every refused request gets a 4xx status
-and a one-line JSON reason; a failing model call answers 500 to its batch and the server
-goes on. Needs the optional stack: pip install 'rdjax[serve]' (starlette, uvicorn,
-python-multipart).
+(503 when busy, with Retry-After) and a one-line JSON reason; a failing model call
+answers 500 to its batch and the server goes on. Memory, connections, the time a client
+may take and who may call are bounded by rdjax.serve_limits. Needs the optional stack:
+pip install 'rdjax[serve]' (starlette, uvicorn, python-multipart).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import importlib.util
 import io
 import logging
 import os
-import re
 import socket
 import sys
 import threading
@@ -44,8 +44,27 @@ import numpy as np
 from absl import flags
 
 from rdjax.errors import ConfigError, one_line
+from rdjax.modes import CATEGORY_HELP
+from rdjax.serve_limits import (
+    MAX_HEADER_BYTES,
+    ASGIApp,
+    Budget,
+    Guard,
+    Header,
+    RequestError,
+    Settings,
+    decode,
+    error_reason,
+    exposure_warning,
+    image_bytes,
+    probe,
+    protocol,
+    settings_of,
+)
+from rdjax.serve_limits import define_flags as define_limit_flags
 
 if TYPE_CHECKING:
+    import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
@@ -56,38 +75,6 @@ log = logging.getLogger(__name__)
 
 # The import name of each package of the extra, and what pip calls it.
 REQUIRED = {"starlette": "starlette", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
-# The formats of the files rdjax reads (rdjax.data.preprocess.IMAGE_EXTENSIONS): a request
-# cannot reach PIL's other decoders (EPS would run Ghostscript).
-FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """How requests are batched and what a request may hold."""
-
-    batch_size: int = 8  # images per Model.predict call; every call is padded to it
-    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
-    max_bytes: int = 64 * 2**20  # largest request body
-    max_pixels: int = 50_000_000  # largest image (width x height), checked from its header before decoding
-    max_queue: int = 64  # requests waiting for the model beyond this are refused with 503
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "max_bytes", "max_pixels", "max_queue"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"serve: {name} must be at least 1, got {getattr(self, name)}")
-        if not self.max_wait_ms >= 0:
-            raise ConfigError(f"serve: max_wait_ms must be at least 0, got {self.max_wait_ms}")
-        if self.max_queue < self.batch_size:
-            raise ConfigError(f"serve: max_queue ({self.max_queue}) must hold a batch ({self.batch_size})")
-
-
-class RequestError(Exception):
-    """A request answered with ``status`` and a one-line JSON reason."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = " ".join(reason.split())
 
 
 def require() -> None:
@@ -98,40 +85,6 @@ def require() -> None:
 
 
 # ----------------------------------------------------------------------------- images in, answers out
-
-
-def _reason(error: BaseException) -> str:
-    """PIL's message without the object reprs it embeds (``<_io.BytesIO object at 0x...>``)."""
-    text = re.sub(r"\s*<[^>]*>", "", one_line(error))
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def decode(data: bytes, max_pixels: int) -> np.ndarray:
-    """Request body -> uint8 (H, W, 3), or a RequestError; the size is checked from the
-    header, so an oversized image is refused before its pixels are decoded."""
-    from PIL import Image, UnidentifiedImageError
-
-    from rdjax.data.preprocess import to_rgb
-
-    if not data:
-        raise RequestError(400, "empty body: send the image file's bytes")
-    try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
-            width, height = probe.size
-            probe.verify()  # PNG: every chunk's CRC, so a truncated file fails here
-    except Image.DecompressionBombError:
-        raise RequestError(413, f"image has more than --max_pixels={max_pixels} pixels") from None
-    except UnidentifiedImageError:
-        raise RequestError(400, f"not a readable image: not a {', '.join(FORMATS)} file") from None
-    except Exception as e:
-        raise RequestError(400, f"not a readable image ({_reason(e)})") from None
-    if width * height > max_pixels:
-        raise RequestError(413, f"image is {width}x{height}, more than --max_pixels={max_pixels} pixels")
-    try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
-            return np.asarray(to_rgb(img), np.uint8)
-    except Exception as e:  # damage verify() cannot see, e.g. inside a JPEG's entropy-coded data
-        raise RequestError(400, f"not a readable image ({_reason(e)})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,16 +116,26 @@ def choose(model: Model, category: str | None) -> str | None:
     return category
 
 
+# The map becomes levels a band of rows at a time: the float64 temporaries of the scaling
+# (several per pixel) then cost a band's pixels, not the image's.
+BAND_PIXELS = 2**20
+
+
 def map_levels(model: Model, amap: np.ndarray, category: str | None) -> tuple[np.ndarray, dict]:
     """The map as 8-bit levels and how to read them: calibrated, the normalized pixel scale
     of the deciding category (level / 255, the pixel threshold at 0.5); uncalibrated, the
     image's own min..max."""
+    scale: Callable[[np.ndarray], np.ndarray]
     if model.calibration is not None:
-        values, info = model.normalized_map(amap, category), {"scale": "normalized", "min": 0.0, "max": 1.0}
+        scale, info = lambda band: model.normalized_map(band, category), {"scale": "normalized", "min": 0.0, "max": 1.0}
     else:
         lo, hi = float(amap.min()), float(amap.max())
-        values, info = (amap - lo) / max(hi - lo, 1e-12), {"scale": "raw", "min": lo, "max": hi}
-    return np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8), info
+        scale, info = lambda band: (band - lo) / max(hi - lo, 1e-12), {"scale": "raw", "min": lo, "max": hi}
+    levels = np.empty(amap.shape, np.uint8)
+    rows = max(1, BAND_PIXELS // amap.shape[1])
+    for top in range(0, amap.shape[0], rows):  # elementwise, so the bands' levels are the whole map's
+        levels[top : top + rows] = np.round(np.clip(scale(amap[top : top + rows]), 0.0, 1.0) * 255.0)
+    return levels, info
 
 
 def answer(model: Model, scored: Scored, with_map: bool, category: str | None = None) -> dict:
@@ -277,7 +240,7 @@ class Batcher:
     async def submit(self, image: np.ndarray, route: bool = False) -> Scored:
         assert self._wakeup is not None, "Batcher.start() first"
         if len(self._pending) >= self.max_queue:
-            raise RequestError(503, f"busy: {len(self._pending)} images wait for the model; try again")
+            raise RequestError(503, f"busy: {len(self._pending)} images wait for the model (--max_queue); try again")
         loop = asyncio.get_running_loop()
         item = _Pending(image, loop.time(), loop.create_future(), route)
         self._pending.append(item)
@@ -299,27 +262,34 @@ class Batcher:
         return [self._pending.popleft() for _ in range(count)]
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self._running = batch = [p for p in await self._next_batch() if not p.future.done()]
-            if not batch:
-                continue
-            route = any(p.route for p in batch)
-            try:
-                prediction = await loop.run_in_executor(self._executor, self.predict, [p.image for p in batch], route)
-                results = split(prediction, route)
-            except Exception as e:  # this batch fails, the server goes on
-                log.exception("predict failed on a batch of %d", len(batch))
-                error = RequestError(500, f"the model failed on this batch ({_reason(e)})")
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(error)
-                continue
-            self.batches += 1
-            self.images += len(batch)
-            for p, result in zip(batch, results):
+        while True:  # no local names the batch: its images and maps are freed with its requests
+            await self._score([p for p in await self._next_batch() if not p.future.done()])
+
+    async def _score(self, batch: list[_Pending]) -> None:
+        if not batch:
+            return
+        self._running = batch
+        route = any(p.route for p in batch)
+        results: list[Scored] | RequestError
+        try:
+            prediction = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.predict, [p.image for p in batch], route
+            )
+            results = split(prediction, route)
+        except Exception as e:  # this batch fails, the server goes on
+            log.exception("predict failed on a batch of %d", len(batch))
+            results = RequestError(500, f"the model failed on this batch ({error_reason(e)})")
+        self._running = []  # not when cancelled: stop() answers the batch in the model
+        if isinstance(results, RequestError):
+            for p in batch:
                 if not p.future.done():
-                    p.future.set_result(result)
+                    p.future.set_exception(results)
+            return
+        self.batches += 1
+        self.images += len(batch)
+        for p, result in zip(batch, results):
+            if not p.future.done():
+                p.future.set_result(result)
 
 
 # ----------------------------------------------------------------------------- the application
@@ -332,44 +302,6 @@ def _flag(value: str | None, name: str) -> bool:
     if value.lower() in ("", "1", "true", "yes"):
         return True
     raise RequestError(400, f"?{name}={value}: use {name}=1 or {name}=0")
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 past ``limit`` bytes (by Content-Length before reading)."""
-    from starlette.requests import ClientDisconnect
-
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise RequestError(413, f"body is {int(length)} bytes, more than --max_bytes={limit}")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(413, f"body is more than --max_bytes={limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:  # a camera gone mid-upload: nobody to answer, nothing to log
-        raise RequestError(400, "the client disconnected before sending the whole body") from None
-    return b"".join(chunks)
-
-
-async def _image_bytes(request: Request, limit: int) -> bytes:
-    """The image file: the whole body, or a multipart form's field ``image``."""
-    from starlette.datastructures import UploadFile
-    from starlette.requests import Request as StarletteRequest
-
-    body = await _read_body(request, limit)
-    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        return body
-
-    async def replay() -> dict:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async with StarletteRequest(request.scope, replay).form(max_files=1, max_fields=16, max_part_size=limit) as form:
-        field = form.get("image")
-        if not isinstance(field, UploadFile):
-            raise RequestError(400, "multipart form without a file field 'image'")
-        return await field.read()
 
 
 PAGE = """<!doctype html>
@@ -398,6 +330,9 @@ body{font-family:sans-serif;margin:1.5em;color:#222;max-width:60em}
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
+// A server started with a token: open the page as /#token=TOKEN (a fragment is never sent).
+const token = new URLSearchParams(location.hash.slice(1)).get("token");
+const auth = token ? {"Authorization": "Bearer " + token} : {};
 const clamp = (x) => Math.max(0, Math.min(1, x));
 const band = (v, k) => clamp(1.5 - Math.abs(4 * v - k));
 const jet = (v) => [band(v, 3), band(v, 2), band(v, 1)];
@@ -444,7 +379,7 @@ async function score(file) {
   let resp, data;
   try {
     resp = await fetch("predict?map=1", {method: "POST", body: file,
-      headers: {"Content-Type": file.type || "application/octet-stream"}});
+      headers: {...auth, "Content-Type": file.type || "application/octet-stream"}});
     data = await resp.json();
   } catch (e) {
     $("status").textContent = "error: " + e.message;
@@ -476,7 +411,7 @@ drop.addEventListener("drop", (e) => {
   drop.classList.remove("over");
   if (e.dataTransfer.files.length) score(e.dataTransfer.files[0]);
 });
-fetch("health").then((r) => r.json()).then((h) => {
+fetch("health", {headers: auth}).then((r) => r.json()).then((h) => {
   const threshold = h.image_threshold === null ? "uncalibrated (no decisions)" :
     "image threshold " + h.image_threshold.toPrecision(4);
   $("model").textContent = "model step " + h.step + ", image size " + h.image_size + " px, " + threshold;
@@ -486,8 +421,10 @@ fetch("health").then((r) => r.json()).then((h) => {
 """
 
 
-def create_app(model: Model, settings: Settings = Settings()) -> Starlette:
-    """The ASGI application; the batcher starts and stops with it (its lifespan)."""
+def create_app(model: Model, settings: Settings | None = None) -> ASGIApp:
+    """The ASGI application behind its access checks (serve_limits.Guard); the batcher
+    starts and stops with it (its lifespan). ``settings`` None: the defaults."""
+    settings = settings or Settings()
     import anyio
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -506,8 +443,9 @@ def create_app(model: Model, settings: Settings = Settings()) -> Starlette:
         settings.max_wait_ms / 1000,
         settings.max_queue,
     )
-    # Decoding and encoding run in threads, as many at once as there are cores: a burst of
-    # large images cannot hold more decoded pixels than that.
+    # What requests hold is bounded by the budget they lease from, not by the queue or by
+    # these threads: admitted images may wait for the model, decoded, however many there are.
+    budget = Budget(settings.max_memory)
     workers = anyio.CapacityLimiter(os.cpu_count() or 1)
 
     async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -515,17 +453,20 @@ def create_app(model: Model, settings: Settings = Settings()) -> Starlette:
 
     async def predict(request: Request) -> Response:
         with_map = _flag(request.query_params.get("map"), "map")
-        data = await _image_bytes(request, settings.max_bytes)
         category = choose(model, request.query_params.get("category"))
-        image = await in_thread(decode, data, settings.max_pixels)
-        scored = await batcher.submit(image, route=category == AUTO)
-        return JSONResponse(await in_thread(answer, model, scored, with_map, category))
+        with budget.lease() as lease:
+            data = await image_bytes(request, settings, lease)
+            header: Header = await in_thread(probe, data, settings.max_pixels)
+            lease.grow(header.memory, f"a {header.width}x{header.height} {header.mode} image")
+            # Decoded only now, and named nowhere here: the batcher drops it with its batch.
+            scored = await batcher.submit(await in_thread(decode, data), route=category == AUTO)
+            return JSONResponse(await in_thread(answer, model, scored, with_map, category))
 
     async def health(request: Request) -> Response:
         return JSONResponse(
             {
                 "status": "ok",
-                "model": str(model.workdir),
+                "model": model.workdir.name,  # its folder's name: where it lies is the server's business
                 "step": model.step,
                 "image_size": model.image_size,
                 "image_threshold": model.image_threshold,
@@ -538,6 +479,12 @@ def create_app(model: Model, settings: Settings = Settings()) -> Starlette:
                 "max_bytes": settings.max_bytes,
                 "max_pixels": settings.max_pixels,
                 "max_queue": settings.max_queue,
+                "max_memory": settings.max_memory,
+                "max_connections": settings.max_connections,
+                "header_timeout_s": settings.header_timeout_s,
+                "body_timeout_s": settings.body_timeout_s,
+                "keep_alive_s": settings.keep_alive_s,
+                "memory_in_use": budget.used,
                 "waiting": batcher.waiting,
                 "batches": batcher.batches,
                 "images": batcher.images,
@@ -549,14 +496,14 @@ def create_app(model: Model, settings: Settings = Settings()) -> Starlette:
 
     async def refused(request: Request, error: Exception) -> Response:
         assert isinstance(error, RequestError)
-        return JSONResponse({"error": error.reason}, status_code=error.status)
+        return JSONResponse({"error": error.reason}, error.status, error.headers)
 
     async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, HTTPException)
         return JSONResponse({"error": " ".join(str(error.detail).split())}, error.status_code, error.headers)
 
     async def internal_error(request: Request, error: Exception) -> Response:  # uvicorn logs the traceback too
-        return JSONResponse({"error": f"internal error ({_reason(error)})"}, 500)
+        return JSONResponse({"error": f"internal error ({error_reason(error)})"}, 500)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -566,7 +513,7 @@ def create_app(model: Model, settings: Settings = Settings()) -> Starlette:
         finally:
             await batcher.stop()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", page, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
@@ -575,6 +522,8 @@ def create_app(model: Model, settings: Settings = Settings()) -> Starlette:
         exception_handlers={RequestError: refused, HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
     )
+    hosts = frozenset(h.lower() for h in (*settings.allow_hosts, socket.gethostname()))
+    return Guard(app, settings.token, frozenset(settings.allow_origins), hosts)
 
 
 # ----------------------------------------------------------------------------- running it
@@ -608,27 +557,44 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-@contextlib.contextmanager
-def running(model: Model, host: str = "127.0.0.1", port: int = 0, settings: Settings = Settings()) -> Iterator[str]:
-    """Serve ``model`` from a background thread (port 0: a free port); yields the base URL
-    once requests are answered, and stops the server (in-flight requests finish) on exit."""
-    require()
+def server(model: Model, settings: Settings, **options: Any) -> uvicorn.Server:
+    """A uvicorn server of ``model`` with the connection limits of ``settings``: h11
+    (the parser whose limits are set here), its header size, the idle keep-alive
+    timeout, and serve_limits.protocol's connection cap and header deadline."""
     import uvicorn
 
+    config = uvicorn.Config(
+        create_app(model, settings),
+        http=protocol(settings.max_connections, settings.header_timeout_s),
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        timeout_keep_alive=settings.keep_alive_s,
+        access_log=False,
+        **options,
+    )
+    return uvicorn.Server(config)
+
+
+@contextlib.contextmanager
+def running(model: Model, host: str = "127.0.0.1", port: int = 0, settings: Settings | None = None) -> Iterator[str]:
+    """Serve ``model`` from a background thread (port 0: a free port); yields the base URL
+    once requests are answered, and stops the server (in-flight requests finish) on exit.
+    ``settings`` None: the defaults."""
+    require()
+    settings = settings or Settings()
     warm_up(model, settings.batch_size)
     sock = listen(host, port)
     url = url_of(sock)
-    server = uvicorn.Server(uvicorn.Config(create_app(model, settings), log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="rdjax-serve", daemon=True)
+    uvicorn_server = server(model, settings, log_config=None)
+    thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [sock]}, name="rdjax-serve", daemon=True)
     thread.start()
     try:
-        while not server.started:
+        while not uvicorn_server.started:
             if not thread.is_alive():
                 raise RuntimeError(f"the server at {url} did not start (its error is logged above)")
             time.sleep(0.01)
         yield url
     finally:
-        server.should_exit = True
+        uvicorn_server.should_exit = True
         thread.join()
         sock.close()
 
@@ -641,7 +607,10 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string("workdir", None, "A trained rdjax workdir (or --package).", flag_values=fv)
     flags.DEFINE_string("package", None, "A model package folder (or --workdir).", flag_values=fv)
     flags.DEFINE_string(
-        "host", "127.0.0.1", "Address to listen on; 0.0.0.0 for every interface (no authentication).", flag_values=fv
+        "host",
+        "127.0.0.1",
+        "Address to listen on; 0.0.0.0 for every interface (plain HTTP; set a token, and a warning is printed).",
+        flag_values=fv,
     )
     flags.DEFINE_integer("port", 8000, "Port to listen on.", lower_bound=0, upper_bound=65535, flag_values=fv)
     flags.DEFINE_integer(
@@ -666,11 +635,14 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_integer(
         "max_queue",
         defaults.max_queue,
-        "Images waiting for the model beyond which a request is refused with 503 (at least --batch_size).",
+        "Images waiting for the model beyond which a request is refused with 503 (at least --batch_size); "
+        "it bounds latency, --max_memory bounds memory.",
         lower_bound=1,
         flag_values=fv,
     )
+    define_limit_flags(fv, defaults)
     flags.DEFINE_string("dtype", None, "Compute dtype (float32 or bfloat16); default: the model's own.", flag_values=fv)
+    flags.DEFINE_string("category", None, CATEGORY_HELP, flag_values=fv)
     flags.mark_flags_as_mutual_exclusive(["workdir", "package"], required=True, flag_values=fv)
 
 
@@ -684,13 +656,14 @@ def default_batch_size() -> int:
 
 def main(fv: flags.FlagValues, args: Sequence[str]) -> None:
     require()
-    import uvicorn
-
     from rdjax import inference
 
     batch_size = fv.batch_size or default_batch_size()
-    settings = Settings(batch_size, fv.max_wait_ms, fv.max_bytes, fv.max_pixels, fv.max_queue)
+    settings = settings_of(fv, batch_size)
     sock = listen(fv.host, fv.port)
+    warning = exposure_warning(sock.getsockname()[0], sock.getsockname()[1], settings.token)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
     path = fv.workdir or fv.package
     model = inference.load(path, dtype=fv.dtype, category=fv.category)
     if model.calibration is None:
@@ -699,8 +672,7 @@ def main(fv: flags.FlagValues, args: Sequence[str]) -> None:
     decides = f", thresholds of {model.decided_by}" if model.calibration is not None else ""
     print(f"rdjax serve: {path} (step {model.step}, batch size {batch_size}{decides}) at {url_of(sock)}/  "
           "(Ctrl-C stops)", flush=True)  # fmt: skip
-    config = uvicorn.Config(create_app(model, settings), log_level="warning", access_log=False)
     # uvicorn shuts down gracefully on Ctrl-C, then raises it again for the caller: done, not an error.
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.Server(config).run(sockets=[sock])
+        server(model, settings, log_level="warning").run(sockets=[sock])
     print("rdjax serve: stopped", flush=True)

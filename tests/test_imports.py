@@ -68,7 +68,7 @@ RANKS = [
     {"rdjax.registry"},  # it reaches every model, dataset and evaluator module
     {"rdjax.train", "rdjax.inference"},
     {"rdjax.predict", "rdjax.export", "rdjax.port"},
-    {"rdjax.package", "rdjax.serve"},  # over inference, export (the contract) and predict
+    {"rdjax.package", "rdjax.serve", "rdjax.serve_limits"},  # over inference, export (the contract) and predict
     {"rdjax.cli"},
     {"rdjax.main", "rdjax.__main__", "rdjax"},
 ]
