@@ -44,7 +44,6 @@ import numpy as np
 from absl import flags
 
 from rdjax.errors import ConfigError, one_line
-from rdjax.modes import CATEGORY_HELP
 from rdjax.serve_limits import (
     MAX_HEADER_BYTES,
     ASGIApp,
@@ -642,7 +641,6 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     )
     define_limit_flags(fv, defaults)
     flags.DEFINE_string("dtype", None, "Compute dtype (float32 or bfloat16); default: the model's own.", flag_values=fv)
-    flags.DEFINE_string("category", None, CATEGORY_HELP, flag_values=fv)
     flags.mark_flags_as_mutual_exclusive(["workdir", "package"], required=True, flag_values=fv)
 
 
