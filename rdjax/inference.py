@@ -25,7 +25,7 @@ from rdjax import modes, sharding, tiling
 from rdjax import router as router_lib
 from rdjax import workdir as workdir_lib
 from rdjax.calibration import explanation_masks, normalize_scores
-from rdjax.data.preprocess import Recipe, open_image, to_rgb
+from rdjax.data.preprocess import FORMATS, NOT_AN_IMAGE, Recipe, open_image, to_rgb
 from rdjax.errors import ConfigError, DataError
 from rdjax.registry import MODELS
 from rdjax.router import ROUTER, Router, load_router
@@ -41,6 +41,8 @@ ImageLike = Any  # uint8 HxWx3 array, a batch of them, a PIL image, or a path
 
 
 def _to_array(item: ImageLike, name: str) -> np.ndarray:
+    """One input as uint8 (H, W, 3). Files are decoded only as FORMATS; so is a PIL image
+    opened from a file (Pillow decodes lazily: an EPS image would start Ghostscript here)."""
     if isinstance(item, (str, os.PathLike)):
         try:
             data = Path(item).read_bytes()
@@ -48,6 +50,8 @@ def _to_array(item: ImageLike, name: str) -> np.ndarray:
             raise DataError(f"{item}: cannot read ({e.strerror or e})") from None
         item = open_image(data, str(item))
     if isinstance(item, Image.Image):
+        if item.format not in (None, "MPO", *FORMATS):  # MPO: a camera's JPEG with several pictures
+            raise DataError(f"{name}: a PIL image of format {item.format}, {NOT_AN_IMAGE}")
         return np.asarray(to_rgb(item), np.uint8)
     arr = np.asarray(item)
     if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:

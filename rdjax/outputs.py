@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from rdjax.calibration import CONFUSION_KEYS, colour_scale, few_images
-from rdjax.data.preprocess import Recipe
+from rdjax.data.preprocess import Recipe, printable
+from rdjax.errors import WorkdirError
 from rdjax.metrics import METRIC_NAMES, PAPER_KEYS, TABLE_KEYS, nanmean, percent
 from rdjax.workdir import atomic_path
 
@@ -499,7 +500,7 @@ def write_prediction(
         category=pred.categories[i] if calibrated else None,
         inspected=None if recipe is None else inspected_region(pred.maps[i].shape, recipe),
     )  # fmt: skip
-    overlay, mask_file = out / "overlays" / f"{name}.png", out / "masks" / f"{name}_mask.png"
+    overlay, mask_file = inside(out, f"overlays/{name}.png"), inside(out, f"masks/{name}_mask.png")
     overlay.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(overlay) as tmp:
         Image.fromarray(picture).save(tmp)
@@ -513,6 +514,17 @@ def write_prediction(
         row["decision"] = "anomalous" if pred.decisions[i] else "normal"
         row["category"], row["threshold"] = pred.categories[i], f"{pred.thresholds[i]:.6f}"
     return row
+
+
+def inside(out: Path, relative: str) -> Path:
+    """``out / relative``, refused unless it resolves (links and '..' followed) to a path
+    within ``out``: predict never writes beside or above its --output."""
+    path = out / relative
+    if not path.resolve().is_relative_to(out.resolve()):
+        raise WorkdirError(
+            f"{printable(str(path))}: lies outside --output={printable(str(out))}; nothing written there"
+        )
+    return path
 
 
 def skipped_row(source: str, reason: str) -> dict:

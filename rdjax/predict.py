@@ -11,7 +11,13 @@ rdjax.webpage).
 
 <name> keeps the input's path under the input folder, folders included, with its
 extension folded into the file name (line3/a/part.png -> line3/a/part_png): distinct
-inputs have distinct names by construction, since an image extension holds no '_'.
+inputs have distinct names by construction, since an image extension holds no '_'. Each
+folder and file name of <name> is made valid on Linux, macOS and Windows (`portable`:
+what is not UTF-8 or Windows refuses is escaped as %XX, a name longer than NAME_BYTES is
+cut and given a hash), and names that would share a file on a case-insensitive file
+system get a hash each (`output_names`). Every path written is checked to lie within
+OUT (rdjax.outputs.inside); a disk that fills or refuses a write is one line, and what
+the run wrote is removed.
 Every file of the input is accounted for: scores.csv has a row for each, with status
 `scored`, or `skipped` and the reason (not an image file, or an image that does not
 decode), and report.html a card for each. scores.csv and report.html appear only when
@@ -31,15 +37,17 @@ its private test sets, in the layout MVTec's evaluation server takes
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import sys
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rdjax.data.preprocess import IMAGE_EXTENSIONS
+from rdjax.data.preprocess import IMAGE_EXTENSIONS, printable
 from rdjax.errors import DataError, WorkdirError
 
 if TYPE_CHECKING:
@@ -82,13 +90,83 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+# A folder or file name of an output name has at most NAME_BYTES bytes (UTF-8): with a
+# case-fold hash (CUT, 12), '_mask.png' and atomic_path's '.NAME.xxxxxxxx.tmp' (23) it
+# stays under 200, within the 255 of ext4, APFS and NTFS.
+NAME_BYTES = 160
+CUT = "%-"  # then HASH_DIGITS of sha256: a name cut to NAME_BYTES, or one that clashes case-folded
+HASH_DIGITS = 10
+UNSAFE = frozenset('<>:"/\\|?*%')  # Windows refuses the first nine in a name; '%' starts our escapes
+PORTS = [f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3"]  # COM1, COM¹ alike
+# Windows' device names, whatever follows a dot (con.d, aux.tar.png)
+RESERVED = frozenset({"CON", "CONIN$", "CONOUT$", "PRN", "AUX", "NUL", *PORTS})
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(os.fsencode(text)).hexdigest()[:HASH_DIGITS]
+
+
+def portable(name: str) -> str:
+    """A folder or file name as one that Linux, macOS and Windows all accept, injectively:
+    each byte that is not UTF-8 (Python holds it as a surrogate), each character Windows
+    refuses (UNSAFE, control characters, trailing dots and spaces, the first of a reserved
+    name such as CON or con.d) and '%' itself become %XX, so two names never escape alike.
+    A result over NAME_BYTES is cut and ends in CUT and a hash of the whole name."""
+    text = os.fsencode(name).decode("utf-8", "surrogateescape")
+    out = [f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff"
+           else f"%{ord(c):02X}" if c in UNSAFE or c < " " or c == "\x7f" else c for c in text]  # fmt: skip
+    for k in range(len(text) - 1, -1, -1):  # Windows drops trailing dots and spaces
+        if text[k] not in ". ":
+            break
+        out[k] = f"%{ord(text[k]):02X}"
+    if text.split(".")[0].rstrip(" ").upper() in RESERVED:
+        out[0] = f"%{ord(text[0]):02X}"
+    if len("".join(out).encode()) <= NAME_BYTES:
+        return "".join(out)
+    kept: list[str] = []
+    size = len(CUT) + HASH_DIGITS
+    for piece in out:  # whole characters and escapes only
+        size += len(piece.encode())
+        if size > NAME_BYTES:
+            break
+        kept.append(piece)
+    return "".join(kept) + CUT + _digest(name)
+
+
+def _fold(name: str) -> str:
+    """What a case-insensitive file system compares (macOS's and Windows' defaults):
+    Unicode's canonical caseless form, so 'CASE' is 'case' and a composed 'é' its
+    decomposed twin."""
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
+
+
+def _clashes(names: list[str]) -> set[int]:
+    """The names whose files (<name>.png, <name>_mask.png) would share a path, case-folded,
+    with another's file or folder."""
+    folders = {_fold(n.rsplit("/", k)[0]) for n in names for k in range(1, n.count("/") + 1)}
+    owners: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        owners.setdefault(_fold(n), []).append(i)
+    return {i for key, idx in owners.items() for i in idx
+            if len(idx) > 1 or f"{key}.png" in folders or f"{key}_mask.png" in folders}  # fmt: skip
+
+
 def output_names(files: list[Path], root: Path) -> list[str]:
-    """One output name per input file, distinct by construction (the module docstring)."""
-    names = []
-    for f in files:
-        rel = f.relative_to(root)
-        names.append((rel.parent / f"{rel.stem}_{rel.suffix.lstrip('.').lower()}").as_posix())
-    return names
+    """One output name per input file (the module docstring): its path under ``root``, or
+    under the folder above them all where a glob's '..' leads above ``root`` ('..' is
+    resolved: no name climbs), each part `portable`; names that would clash on a
+    case-insensitive file system (CASE.PNG and CASE.png) end in CUT and a hash of their
+    input's path, so distinct inputs get distinct files on every file system."""
+    absolute = [os.path.abspath(f) for f in files]
+    base = os.path.commonpath([os.path.abspath(root), *(os.path.dirname(f) for f in absolute)])
+    names, rels = [], []
+    for f in absolute:
+        rel = Path(f).relative_to(base)
+        parts = [*rel.parent.parts, f"{rel.stem}_{rel.suffix.lstrip('.').lower()}"]
+        names.append("/".join(portable(p) for p in parts))
+        rels.append(rel.as_posix())
+    clashing = _clashes(names)
+    return [f"{n}{CUT}{_digest(rels[i])}" if i in clashing else n for i, n in enumerate(names)]
 
 
 def _decode(files: list[Path], bar: Any) -> tuple[list[Path], list[np.ndarray], dict[Path, str]]:
@@ -131,10 +209,7 @@ def predict_folder(
     category: str | None = None,
     overwrite: bool = False,
 ) -> None:
-    from tqdm import tqdm
-
-    from rdjax import inference, outputs, webpage
-    from rdjax.workdir import write_csv
+    from rdjax import inference
 
     files = find_inputs(pattern)
     images = [f for f in files if is_image(f)]
@@ -144,9 +219,40 @@ def predict_folder(
     model = inference.load(workdir, dtype=dtype, category=category)
     if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no decisions or masks", file=sys.stderr)
-    clear_owned([out / name for name in OWNED])
+    owned, created = [out / name for name in OWNED], not out.exists()
+    clear_owned(owned)
+    try:
+        _predict_files(model, workdir, pattern, files, images, out, batch_size, resize, tile_size, overlap)
+    except OSError as e:  # a full disk, a refused write: nothing half-written stays
+        clear_owned(owned)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if isinstance(e, WorkdirError):
+            raise
+        where = printable(str(e.filename or out))
+        raise WorkdirError(f"{where}: cannot write ({e.strerror or e}); predict removed what it had written") from None
+
+
+def _predict_files(
+    model: Predictor,
+    workdir: str,
+    pattern: str,
+    files: list[Path],
+    images: list[Path],
+    out: Path,
+    batch_size: int,
+    resize: str | None,
+    tile_size: int | None,
+    overlap: int | None,
+) -> None:
+    """predict_folder's work once the model is loaded: every file's row, picture and card."""
+    from tqdm import tqdm
+
+    from rdjax import inference, outputs, webpage
+    from rdjax.workdir import write_csv
+
     root = Path(pattern) if Path(pattern).is_dir() else Path(os.path.commonpath([str(f.parent) for f in files]))
-    names = dict(zip(files, output_names(files, root)))
+    names = dict(zip(images, output_names(images, root)))
     skipped = {f: f"not an image file ({f.suffix or 'no extension'})" for f in files if not is_image(f)}
     rows: dict[Path, dict] = {}
     scores: list[float] = []
@@ -167,8 +273,10 @@ def predict_folder(
         bar.update(len(chunk))
     bar.close()
     done = list(rows)
-    write_csv(out / "scores.csv", outputs.PREDICTION_FIELDS,
-              [rows.get(f) or outputs.skipped_row(str(f), skipped[f]) for f in files])  # fmt: skip
+    table = [rows.get(f) or outputs.skipped_row(str(f), skipped[f]) for f in files]
+    for row in table:  # any name survives: bytes that are not UTF-8 as \xNN (docs/usage.md)
+        row["file"], row["reason"] = printable(row["file"]), printable(row["reason"])
+    write_csv(outputs.inside(out, "scores.csv"), outputs.PREDICTION_FIELDS, table)
     cal = model.calibration
     if cal is not None:  # a calibration.json older than its 'quantile' key: the workdir config's
         cal = {"quantile": model.config.threshold.quantile, **cal}
@@ -180,12 +288,12 @@ def predict_folder(
         maps=None if lo_hi is None else lambda idx: [thumbnail_maps[i] for i in idx], colour_range=lo_hi,
         calibration=cal,
     )  # fmt: skip
-    webpage.write_page(out / "report.html", page)
+    webpage.write_page(outputs.inside(out, "report.html"), page)
     flagged = sum(r["decision"] == "anomalous" for r in rows.values())
     deciders = sorted({r["category"] for r in rows.values() if r["category"]})
     decided = f", decided by the thresholds of {', '.join(deciders)}" if deciders else ""
     print(f"{len(rows)} images scored, {flagged} anomalous{decided}, {len(skipped)} files skipped "
-          f"(scores.csv says why) -> {out / 'scores.csv'}")  # fmt: skip
+          f"(scores.csv says why) -> {printable(str(out / 'scores.csv'))}")  # fmt: skip
 
 
 def predict_mvtec_ad2(

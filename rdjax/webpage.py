@@ -9,8 +9,8 @@ the slider re-decides every card and recounts, in the browser from the scores em
 the page, true and false positives and negatives (labelled images) or anomalous and
 normal decisions (predict). Beside the calibrated threshold the page says where it came
 from, and marks one fitted on the test set itself. Every name from the data is escaped
-(file names are text, never markup), and the embedded data is JSON with '<' escaped, so
-no file name can end the script.
+(file names are text, never markup; a byte that is not UTF-8 is shown as \\xNN), and the
+embedded data is JSON with '<' escaped, so no file name can end the script.
 """
 
 from __future__ import annotations
@@ -28,12 +28,19 @@ from typing import Any
 import numpy as np
 
 from rdjax.calibration import describe
+from rdjax.data.preprocess import printable
 from rdjax.metrics import METRIC_NAMES, TABLE_KEYS, percent
 from rdjax.outputs import overlay
 from rdjax.workdir import atomic_path
 
 THUMBNAIL = 112  # px, the longer side of each of a card's two pictures (the image, its heat map)
 CURVE_POINTS = 400  # curves are thinned to about this many points
+
+
+def _text(text: str) -> str:
+    """A name from the data (or a message holding one) as HTML text: escaped, and any
+    byte that is not UTF-8 written as \\xNN (preprocess.printable), as scores.csv has it."""
+    return html.escape(printable(text))
 
 
 def shrink_map(amap: np.ndarray) -> np.ndarray:
@@ -221,8 +228,8 @@ def _head(page: Page, scores: np.ndarray) -> str:
     if page.skipped:
         counts += f', skipped <b id="skipped">{len(page.skipped)}</b>'
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(page.title)}</title><style>{_STYLE}</style></head>
-<body><h1>{html.escape(page.title)}</h1>
+<html lang="en"><head><meta charset="utf-8"><title>{_text(page.title)}</title><style>{_STYLE}</style></head>
+<body><h1>{_text(page.title)}</h1>
 {table}
 <div class="curves">{"".join(curves)}</div>
 <div id="controls"><label for="threshold">image threshold</label>
@@ -242,7 +249,7 @@ def _card(page: Page, row: int, image: np.ndarray, amap: np.ndarray | None, scor
     label = "" if page.labels is None else ("defective, " if page.labels[row] else "good, ")
     thumbnail = _thumbnail(image, amap, *(page.colour_range or (0.0, 1.0)))
     return (
-        f'<div class="card"><img alt="" src="{thumbnail}"><div>{html.escape(page.filenames[row])}'
+        f'<div class="card"><img alt="" src="{thumbnail}"><div>{_text(page.filenames[row])}'
         f"</div><div>{label}score {scores[row]:.5f}</div>"
         f'<div class="outcome"></div>{extra}</div>\n'
     )
@@ -272,9 +279,7 @@ def write_page(path: Path, page: Page) -> Path:
             for row, image, amap in zip(rows, page.images(rows), maps):
                 out.write(_card(page, int(row), image, amap, scores))
         for name, reason in page.skipped:
-            out.write(
-                f'<div class="skipcard"><div>{html.escape(name)}</div><div>skipped: {html.escape(reason)}</div></div>\n'
-            )
+            out.write(f'<div class="skipcard"><div>{_text(name)}</div><div>skipped: {_text(reason)}</div></div>\n')
         out.write(f"""</div>
 <script type="application/json" id="data">{data}</script>
 <script>{_SCRIPT}</script>

@@ -8,25 +8,41 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from rdjax import modes
 from rdjax.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# The only formats rdjax decodes, on every path (datasets, predict, rdjax.load, serve), by
+# Pillow's names: Image.open tries no other decoder, whatever a file's name or content (an
+# EPS file named x.png would otherwise start Ghostscript).
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+NOT_AN_IMAGE = f"not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def printable(text: str) -> str:
+    """``text`` (a file name, or a message naming one) with each byte that is not UTF-8,
+    which Python holds as a surrogate, written as a backslash escape (\\xff): what
+    scores.csv and report.html show, since UTF-8 text cannot hold the byte itself."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 def open_image(data: bytes, name: str) -> Image.Image:
-    """Decode an encoded file; a DataError naming ``name`` if it is not a readable image."""
+    """Decode an encoded file of one of FORMATS; a DataError naming ``name`` if it is not
+    a readable image of one of them."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
         img.load()
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: not a readable image ({NOT_AN_IMAGE})") from None
     except Exception as e:
         raise DataError(
             f"{name}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})"
@@ -165,9 +181,11 @@ def header_size(data: bytes, name: str) -> tuple[int, int]:
     naming ``name`` if the file fails. Damage verify() cannot see (inside a JPEG's
     entropy-coded data) surfaces when the image is decoded, as the same one-line error."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             img.verify()
             return img.size
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: not a readable image ({NOT_AN_IMAGE})") from None
     except Exception as e:
         raise DataError(f"{name}: not a readable image ({type(e).__name__})") from None
 
