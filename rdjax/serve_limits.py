@@ -39,10 +39,11 @@ log = logging.getLogger(__name__)
 
 MiB = 2**20
 # Bytes one request holds per pixel at its peak, measured by experiments/serve_memory.py
-# (docs/usage.md) and rounded up. 8-bit images: while Model.predict resizes the map back
-# to the image, the decoded image (3 B/px) and PIL's float map with its numpy copy
-# (4 + 4 + 4 B/px while tobytes joins) are alive together, and decoding alone peaks at
-# PIL's 4 B/px RGB buffer plus the 3 B/px array it becomes (twice while joined).
+# (docs/usage.md: 15.5 for RGB, 27.0 for 16-bit), with a margin. 8-bit images: while
+# Model.predict resizes the map back to the image, the decoded image (3 B/px) and PIL's
+# float map with its numpy copy (4 + 4 + 4 B/px while tobytes joins) are alive together,
+# and decoding alone peaks at PIL's 4 B/px RGB buffer plus the 3 B/px array it becomes
+# (twice while joined).
 BYTES_PER_PIXEL = 20
 # 16- and 32-bit grayscale (PNG, TIFF) is scaled to 8 bits through float64
 # (rdjax.data.preprocess.to_rgb): the 8 B/px array and two 8 B/px temporaries on top.
