@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from absl import flags
 
+from rdjax.data.preprocess import FORMATS  # the one list of formats rdjax decodes, on every path
 from rdjax.errors import ConfigError, one_line
 
 if TYPE_CHECKING:
@@ -52,9 +53,6 @@ WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait: about one large image's time
 TOKEN_ENV = "RDJAX_SERVE_TOKEN"
 MAX_HEADER_BYTES = 16 * 2**10  # h11's default, set explicitly: larger request headers are a 400
-# The formats of the files rdjax reads (rdjax.data.preprocess.IMAGE_EXTENSIONS): a request
-# cannot reach PIL's other decoders (EPS would run Ghostscript).
-FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 
 
 class RequestError(Exception):
