@@ -15,13 +15,25 @@ anomalous always shows why (`explanation_masks`).
 A threshold fitted on few images is warned about (`few_images`), and every report of
 the decisions gives their counts on the test set (`confusion`). Pictures of maps put the
 image threshold in the middle of their colour scale (`colour_scale`).
+
+calibration.json has one schema (`problem`), checked where it is written (rdjax.train)
+and where it is read (`read`): a NaN threshold decides every image normal, so no
+calibration that is not the schema's is ever used.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from rdjax import modes
+from rdjax import workdir as workdir_lib
+from rdjax.errors import WorkdirError
 from rdjax.metrics import PixelStats, best_f1
 
 MIN_CALIBRATION_IMAGES = 20
@@ -159,3 +171,63 @@ def colour_scale(threshold: float) -> tuple[float, float]:
     are >= 0). Scores of twice the threshold and more are all the top colour."""
     t = float(threshold)
     return (0.0, 2 * t) if t > 0 else (t - 1.0, t + 1.0)
+
+
+# ----------------------------------------------------------------------------- the schema
+
+NUMBERS = ("image_threshold", "pixel_threshold", "score_min", "score_max", "pixel_min", "pixel_max")
+REQUIRED = (*NUMBERS, "method", "source", "step")  # every calibration.json since the first has them
+OPTIONAL = ("epoch", "quantile", "num_images", "fitted_on_test_set", "resize", "max_ratio", "categories")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def problem(cal: Any, top: bool = True) -> str | None:
+    """What keeps ``cal`` (calibration.json, or a unified one's category under
+    'categories') from deciding, in words, or None: it is an object of the known keys
+    (REQUIRED, OPTIONAL; 'categories' at the top only), its thresholds and ranges finite
+    numbers, 'step' (the checkpoint it was fitted on) a count, and so on."""
+    if not isinstance(cal, dict):
+        return f"expected an object of thresholds, found {json.dumps(cal)[:40]}"
+    missing = [k for k in REQUIRED if k not in cal]
+    if missing:
+        return f"no {', '.join(repr(k) for k in missing)}"
+    known = REQUIRED + OPTIONAL if top else REQUIRED + OPTIONAL[:-1]
+    unknown = sorted(set(cal) - set(known))
+    if unknown:
+        return f"unknown key {unknown[0]!r}"
+    methods = modes.values(modes.ThresholdMethod)
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+        **{k: (_finite, "a finite number") for k in (*NUMBERS, "quantile", "max_ratio")},
+        **{k: (_count, "a whole number >= 0") for k in ("step", "epoch", "num_images")},
+        "method": (lambda v: v in methods, f"one of {', '.join(methods)}"),
+        "source": (lambda v: isinstance(v, str), "text"),
+        "fitted_on_test_set": (lambda v: isinstance(v, bool), "true or false"),
+        "resize": (lambda v: isinstance(v, dict) and v.get("mode") in modes.values(modes.ResizeMode),
+                   "an object with a resize mode"),
+        "categories": (lambda v: isinstance(v, dict) and bool(v), "an object of categories"),
+    }  # fmt: skip
+    for key, (valid, wanted) in checks.items():
+        if key in cal and not valid(cal[key]):
+            return f"{key!r} is {json.dumps(cal[key])[:40]}, not {wanted}"
+    for name, part in (cal.get("categories") or {}).items():
+        wrong = problem(part, top=False)
+        if wrong:
+            return f"category {name!r}: {wrong}"
+    return None
+
+
+def read(path: Path, fix: str) -> dict:
+    """calibration.json at ``path``, checked (`problem`); a WorkdirError naming the file,
+    what is wrong and ``fix`` (the command that writes a good one) otherwise."""
+    cal = workdir_lib.read_json(path)
+    wrong = problem(cal)
+    if wrong:
+        raise WorkdirError(f"{path}: {wrong}: these thresholds cannot decide; {fix}")
+    return cal

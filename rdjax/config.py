@@ -2,8 +2,9 @@
 run before any work.
 
 Configs are Python files (ml_collections), shipped inside the package as rdjax.configs
-(the repository's configs/ folder). A config is named by path (`configs/mvtec.py`) or,
-anywhere rdjax is installed, by name (`mvtec`).
+(the repository's configs/ folder). A config is named by path (`configs/mvtec.py`,
+`./mine`) or, anywhere rdjax is installed, by name (`mvtec`): a bare name is always a
+shipped config, never a file of that name in the current folder (`resolve`).
 """
 
 from __future__ import annotations
@@ -28,16 +29,27 @@ def shipped() -> list[str]:
 
 
 def resolve(name_or_path: str) -> Path:
-    """A config file: an existing path, else a shipped config of that name (with or
-    without '.py', or as 'configs/<name>.py' from outside the repository)."""
+    """A config file. A path (it holds a '/' or ends in '.py') is that file, or where none
+    exists, the shipped config of its name ('mvtec.py', 'configs/mvtec.py' from outside
+    the repository). A bare name is a shipped config only: a config file runs its code,
+    so a file named 'mvtec' in the current folder is never run unless pointed at
+    ('./mvtec')."""
+    shipped_names = shipped()
+    if "/" not in name_or_path and not name_or_path.endswith(".py"):
+        if name_or_path in shipped_names:
+            return Path(str(importlib.resources.files("rdjax.configs") / f"{name_or_path}.py"))
+        raise ConfigError(
+            f"{name_or_path}: no shipped config of that name (shipped: {', '.join(shipped_names)}); "
+            f"a config file of your own is named by its path: ./{name_or_path}"
+        )
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
     name = path.name[:-3] if path.name.endswith(".py") else path.name
-    if path.parent in (Path("."), Path("configs")) and name in shipped():
+    if path.parent in (Path("."), Path("configs")) and name in shipped_names:
         return Path(str(importlib.resources.files("rdjax.configs") / f"{name}.py"))
     raise ConfigError(
-        f"{name_or_path}: no such config file, and no shipped config of that name (shipped: {', '.join(shipped())})"
+        f"{name_or_path}: no such config file, and no shipped config of that name (shipped: {', '.join(shipped_names)})"
     )
 
 

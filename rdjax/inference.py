@@ -20,13 +20,14 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from rdjax import calibration as calibration_lib
 from rdjax import maps as maps_lib
 from rdjax import modes, sharding, tiling
 from rdjax import router as router_lib
 from rdjax import workdir as workdir_lib
 from rdjax.calibration import explanation_masks, normalize_scores
 from rdjax.data.preprocess import FORMATS, NOT_AN_IMAGE, Recipe, open_image, to_rgb
-from rdjax.errors import ConfigError, DataError
+from rdjax.errors import ConfigError, DataError, WorkdirError
 from rdjax.registry import MODELS
 from rdjax.router import ROUTER, Router, load_router
 
@@ -315,7 +316,10 @@ def load(
     workdir: str | os.PathLike, step: int | None = None, dtype: str | None = None, category: str | None = None
 ) -> Model:
     """Restore the model in ``workdir`` (its latest checkpoint by default), or in a package
-    (`rdjax package`), on the available devices.
+    (`rdjax package`), on the available devices. Nothing damaged or mismatched loads: the
+    weights are checked against their recorded checksums (rdjax.workdir), calibration.json
+    against its schema (rdjax.calibration.read) and its step against the weights'
+    (`check_fitted`), each failure one WorkdirError line.
 
     ``category``: a unified workdir's category whose thresholds decide by default
     (calibration.json's 'categories'), GLOBAL, or AUTO (each image routed, rdjax.router);
@@ -336,19 +340,27 @@ def load(
         config.dtype = dtype
     model = MODELS.get(config.model.name)(config.model.arch, config.dtype)
     mesh = sharding.make_mesh()
+    package = workdir_lib.is_package(workdir)
+    fix = "make the package again with `rdjax package`" if package else f"refit them: rdjax eval --workdir={workdir}"
+    cal_path = workdir / workdir_lib.CALIBRATION
+    calibrations = calibration_lib.read(cal_path, fix) if cal_path.is_file() else None  # before the weights: cheaper
     teacher_vars = workdir_lib.restore_teacher(workdir / workdir_lib.TEACHER, model.arch)
-    if workdir_lib.is_package(workdir):
+    if package:
         if step is not None:
             raise ConfigError(f"{workdir}: a package holds one step ({step} was asked for)")
         step, student_vars = workdir_lib.restore_package_student(workdir, model.abstract_variables()[1])
         student_vars = jax.device_put(student_vars, sharding.replicated(mesh))
+        check_fitted(workdir, step, calibrations, fix, asked=False)
     else:
+        asked = step is not None
+        if not asked:  # the latest step: checked before its weights are hashed and read
+            check_fitted(workdir, workdir_lib.latest_step(workdir), calibrations, fix, asked)
         step, student_vars = workdir_lib.restore_student(
             workdir, model.abstract_variables()[1], sharding.replicated(mesh), step
         )
-    cal_path = workdir / workdir_lib.CALIBRATION
-    calibrations = workdir_lib.read_json(cal_path) if cal_path.is_file() else None
-    if category is None and workdir_lib.is_package(workdir):
+        if asked:
+            check_fitted(workdir, step, calibrations, fix, asked)
+    if category is None and package:
         category = packaged_category(workdir)
     calibration = calibrations
     if category not in (None, AUTO, GLOBAL):
@@ -374,7 +386,35 @@ def load(
     )
 
 
+def check_fitted(workdir: Path, step: int | None, calibrations: dict | None, fix: str, asked: bool) -> None:
+    """Weights and thresholds of one step, or a WorkdirError naming both steps and ``fix``.
+
+    A run killed after a checkpoint and before the evaluation that refits the thresholds,
+    or one whose calibration runs every few checkpoints, leaves a latest step newer than
+    calibration.json's: its thresholds were fitted on other weights' scores. Training
+    cannot write the two together (an evaluation is not due at every checkpoint, and is
+    the slow part a kill most likely interrupts), so readers refuse the pair instead.
+    An older step asked for by name (``asked``, rdjax.load(workdir, step=N)) is the
+    caller's choice: it loads, with a warning that the thresholds are another step's.
+    No step (no checkpoint) is restore_student's error to report."""
+    if calibrations is None or step is None or calibrations["step"] == step:
+        return
+    fitted = calibrations["step"]
+    if asked:
+        print(f"warning: {workdir}: step {step} is decided by thresholds fitted at step {fitted} "
+              "(calibration.json)", file=sys.stderr)  # fmt: skip
+        return
+    held = "the package's student is" if workdir_lib.is_package(workdir) else "the latest checkpoint is"
+    raise WorkdirError(
+        f"{workdir}: {held} step {step}, but calibration.json was fitted at step {fitted}: "
+        f"its thresholds belong to other weights; {fix}"
+    )
+
+
 def packaged_category(package: Path) -> str | None:
     """The category a package was made to decide with (`rdjax package --category`)."""
-    contract = package / "contract.json"
-    return workdir_lib.read_json(contract).get("category") if contract.is_file() else None
+    path = package / "contract.json"
+    contract = workdir_lib.read_json(path) if path.is_file() else {}
+    if not isinstance(contract, dict) or not isinstance(contract.get("category"), (str, type(None))):
+        raise WorkdirError(f"{path}: not a package's contract; {workdir_lib.DAMAGED}")
+    return contract.get("category")

@@ -507,6 +507,14 @@ def _finish_result(run: Run, result: dict, epoch: int, step: int) -> dict:
     return result
 
 
+def _remove_leftovers(workdir: Path) -> None:
+    """What a killed run left under temporary names (workdir_lib.remove_leftovers),
+    removed by the next run that writes the workdir, and named."""
+    if jax.process_index() == 0:
+        for path in workdir_lib.remove_leftovers(workdir):
+            _log("removed %s, left by a run that was stopped while writing it", path)
+
+
 def _keep_results(workdir: Path, evaluation: Path) -> None:
     """workdir_lib.keep_results, and a line saying where the previous results went."""
     kept = workdir_lib.keep_results(workdir, evaluation)
@@ -703,6 +711,10 @@ class Writer:
             self.board.add_scalar("train/images_per_second", entry["images_per_second"], entry["step"])
 
     def evaluation(self, result: dict) -> None:
+        wrong = calibration_lib.problem(result["calibration"]) if "calibration" in result else None
+        if wrong:  # the schema every reader checks (calibration.read): never write what they refuse
+            raise TrainingError(f"the evaluation at step {result['step']} fitted unusable thresholds ({wrong}); "
+                                "calibration.json is left as it was")  # fmt: skip
         if self.primary:
             outputs.write_evaluation(self.workdir, result["epoch"], result)
         if self.board is not None:
@@ -939,6 +951,7 @@ def _train(config: Any, workdir: Path, dataset: data.Dataset | None) -> dict:
                  "`rdjax eval` evaluates again", latest, folder)  # fmt: skip
             return workdir_lib.read_json(folder / "metrics.json")
         _log("trained to step %d already: evaluating it again, no training (%s)", latest, why)
+    _remove_leftovers(workdir)
     writer = Writer(workdir)
     writer.config(config)
     tx = optimizer(run)
@@ -1028,6 +1041,7 @@ def evaluate(config: Any, workdir: str | Path, dataset: data.Dataset | None = No
         epoch = step // max(pipeline.steps_per_epoch(len(run.train), trained.batch_size, trained.drop_last), 1)
         if trained.total_steps and step >= trained.total_steps:  # its last epoch may stop early
             epoch = int(trained.num_epochs)
+        _remove_leftovers(workdir)
         if jax.process_index() == 0:  # the previous calibration and report, even of another epoch
             _keep_results(workdir, outputs.evaluation_dir(workdir, epoch))
         result = evaluate_student(run, student_vars, epoch, step)

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import hashlib
 import os
+import pickle
 import re
 import tempfile
 import urllib.error
@@ -48,7 +49,8 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     """Read a (possibly nested) PyTorch state dict as flat numpy arrays.
 
     .pth/.pt need torch and are loaded with weights_only=True, so a pickle from the
-    internet cannot run code; .safetensors and .npz need no torch. Nested dicts (the
+    internet cannot run code (a refusal never repeats torch's advice to retry without
+    it: `refused_pickle`); .safetensors and .npz need no torch. Nested dicts (the
     official {'bn': ..., 'decoder': ...} format) flatten to 'bn.conv1.weight' keys.
     """
     path = Path(path)
@@ -64,7 +66,10 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
                     f"{path}: reading .pth/.pt files needs PyTorch (pip install torch); "
                     "or convert it to .safetensors/.npz on a machine that has it"
                 ) from None
-            tree = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                tree = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise PortError(f"{path}: {refused_pickle(str(e))}") from None
             if not isinstance(tree, Mapping):
                 raise PortError(f"{path}: expected a state dict, found {type(tree).__name__}")
             flat = _flatten(tree)
@@ -83,6 +88,19 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
             f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt file'})"
         ) from None
     raise PortError(f"{path}: unknown weights format {suffix!r}; use .pth, .pt, .safetensors or .npz")
+
+
+def refused_pickle(message: str) -> str:
+    """Why a .pth that torch's weights_only loader refused is not read, without torch's
+    advice to load it with weights_only=False: that runs whatever code the file holds,
+    and rdjax never suggests it. Names the object the file asked for, where torch says."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)  # "... GLOBAL posix.system whose module posix is blocked"
+    named = f" ({found.group(1)})" if found else ""
+    return (
+        f"holds Python objects besides tensors{named}, which could run code when loaded, so rdjax does not "
+        "load it; a weights file holds a state dict of tensors alone (torch.save(model.state_dict(), PATH)), "
+        "or is a .safetensors file: ask its author for one"
+    )
 
 
 _LEAF_TO_TORCH = {

@@ -9,16 +9,25 @@ A workdir is self-describing, so evaluation, prediction and export need nothing 
   calibration.json, metrics.json, results.md, eval/, train_log.json: see docs/config.md;
   history/<n>/    what an evaluation replaced (keep_results).
 Every file is written atomically (a temporary name, then a rename), and orbax renames a
-checkpoint into place when complete, so a killed run never leaves a half-written file.
+checkpoint into place when complete, so a killed run never leaves a half-written file;
+what a kill leaves under a temporary name is removed by the next run (remove_leftovers).
+
+Each folder of weights (teacher/, a checkpoint's step folder, a package's student/)
+holds sha256.json, the SHA-256 of every file orbax wrote into it, and every reader
+verifies the files it reads against it (`verify_checksums`): a flipped byte or a copy cut
+short is one line naming the file, never scores from damaged weights. A folder written
+before rdjax recorded checksums has none and is read unverified, as it always was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -34,7 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from rdjax import config as config_lib
-from rdjax.errors import WorkdirError
+from rdjax.errors import RdjaxError, WorkdirError
 from rdjax.state import create_train_state
 
 TEACHER_FORMAT = "rdjax-teacher-v1"
@@ -46,6 +55,8 @@ OPT_STATE = "opt_state"  # a checkpoint's optimizer item (save_state)
 HISTORY = "history"
 STUDENT = "student"  # a package's (rdjax.package) trained variables, without optimizer state
 PACKAGE_FORMAT = "rdjax-package-v1"
+CHECKSUMS = "sha256.json"  # in each folder of weights: its files' SHA-256 (record_checksums)
+DAMAGED = "restore it from a copy (a package: copy it again, or make it anew with `rdjax package`)"
 
 
 def _abs(path: str | os.PathLike) -> Path:
@@ -114,6 +125,88 @@ def check_writable(directory: Path, need_bytes: int = 0) -> None:
         raise WorkdirError(
             f"{directory}: only {free / 2**20:.0f} MiB free, a checkpoint needs about {need_bytes / 2**21:.0f} MiB"
         )
+
+
+# A name atomic_path gives (".calibration.1a2b3c4d.tmp.json"), a package's folder while it
+# is written (".pkg.1a2b3c4d.tmp"), and orbax's folder of a checkpoint being written.
+LEFTOVER = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(\.[^.]+)?$|\.orbax-checkpoint-tmp")
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Remove what a killed write left under a temporary name below ``folder`` (LEFTOVER:
+    never read, as its writer renames only a complete file or folder into place), and
+    return them, for the caller to name. Called by the one run that writes there."""
+    found = sorted(p for p in folder.rglob("*") if LEFTOVER.search(p.name)) if folder.is_dir() else []
+    found = [p for p in found if not any(q in p.parents for q in found)]  # a folder's content goes with it
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def record_checksums(folder: Path) -> None:
+    """``folder``/sha256.json: the SHA-256 of every file below it, by relative path.
+
+    The weight files of an orbax folder are all its files: the array chunks
+    (ocdbt.process_*/d/*), and the manifests and metadata that say where each array
+    lies and what shape it has, since a flipped byte in either changes what is restored.
+    Recorded once the folder is complete (orbax has renamed it into place), by the
+    primary process."""
+    if jax.process_index() != 0:
+        return
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / CHECKSUMS)
+    write_json(folder / CHECKSUMS, {p.relative_to(folder).as_posix(): _sha256(p) for p in files})
+
+
+def verify_checksums(folder: Path, items: tuple[str, ...] = ()) -> None:
+    """Check the files below ``folder`` against its sha256.json, where it has one; with
+    ``items``, only those below these subfolders: what the reader reads (a checkpoint's
+    'state' for inference, and 'opt_state' too for a resume), so a load hashes no byte it
+    does not read (the optimizer state, twice the student, is read by a resume alone).
+    A missing or changed file is a WorkdirError naming it."""
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        return  # written before rdjax recorded checksums: read unverified, as before
+    recorded = read_json(path)
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise WorkdirError(f"{path}: not a list of checksums; {DAMAGED}")
+    for name, digest in sorted(recorded.items()):
+        if items and name.split("/", 1)[0] not in items:
+            continue
+        file = folder / name
+        if not file.is_file():
+            raise WorkdirError(f"{file}: missing, though {path.name} records it: the folder is incomplete; {DAMAGED}")
+        if _sha256(file) != digest:
+            raise WorkdirError(
+                f"{file}: damaged: its SHA-256 differs from the one recorded when it was written ({path.name}); "
+                f"{DAMAGED}"
+            )
+
+
+@contextlib.contextmanager
+def reading(path: Path, what: str) -> Iterator[None]:
+    """Whatever orbax or tensorstore raise on a damaged folder without checksums (a copy
+    cut short, an edited file) as one line naming it, instead of their traceback."""
+    try:
+        yield
+    except RdjaxError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise WorkdirError(f"{path}: cannot read {what} ({type(e).__name__}: {first}); {DAMAGED}") from None
 
 
 # ----------------------------------------------------------------------------- history
@@ -194,15 +287,18 @@ def _save_tagged(directory: str | os.PathLike, variables: Any, meta: dict) -> No
             _abs(directory),
             args=ocp.args.Composite(variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)),
         )
+    record_checksums(_abs(directory))
 
 
 def _restore_tagged(path: Path, fmt: str, what: str) -> tuple[Any, dict]:
-    """(variables, tag) saved by _save_tagged; a WorkdirError unless the tag's format is ``fmt``."""
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    """(variables, tag) saved by _save_tagged, its files verified first; a WorkdirError
+    unless the tag's format is ``fmt``."""
+    verify_checksums(path)
+    with reading(path, what), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         restored = ckptr.restore(
             path, args=ocp.args.Composite(variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
         )
-    meta = restored["meta"] or {}
+    meta = restored["meta"] if isinstance(restored["meta"], dict) else {}
     if meta.get("format") != fmt:
         raise WorkdirError(f"{path}: not {what}")
     return restored["variables"], meta
@@ -239,15 +335,18 @@ def checkpoint_manager(workdir: str | os.PathLike, keep: int = 3, create: bool =
 
 
 def save_state(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-    """Save ``state`` as step ``step``, then drop the optimizer state of every older step:
-    a resume needs only the latest, and the optimizer state is most of a checkpoint's
-    size (Adam's two moments: twice the parameters)."""
+    """Save ``state`` as step ``step``, record its checksums (both items: a resume reads
+    the optimizer state too), then drop the optimizer state of every older step: a resume
+    needs only the latest, and the optimizer state is most of a checkpoint's size (Adam's
+    two moments: twice the parameters). The dropped item's checksums stay recorded;
+    readers verify only the items they read."""
     tree = flax.serialization.to_state_dict(state)
     optimizer = tree.pop(OPT_STATE)
     manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), opt_state=ocp.args.StandardSave(optimizer))
     )
     manager.wait_until_finished()
+    record_checksums(Path(manager.directory) / str(step))
     if jax.process_index() == 0:
         for older in manager.all_steps():
             if older != step:
@@ -269,30 +368,44 @@ def restore_state(manager: ocp.CheckpointManager, template: Any, step: int | Non
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, flax.serialization.to_state_dict(template))
     step_dir = Path(manager.directory) / str(step)
     if (step_dir / OPT_STATE).is_dir():
+        verify_checksums(step_dir, ("state", OPT_STATE))
         student = {k: v for k, v in abstract.items() if k != OPT_STATE}
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(student), opt_state=ocp.args.StandardRestore(abstract[OPT_STATE])
         )
-        restored = manager.restore(step, args=args)
+        with reading(step_dir, "the checkpoint"):
+            restored = manager.restore(step, args=args)
         return flax.serialization.from_state_dict(template, {**restored["state"], OPT_STATE: restored[OPT_STATE]})
-    if OPT_STATE not in ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree:
-        raise WorkdirError(
-            f"{step_dir}: this older checkpoint has no optimizer state (only the "
-            "latest keeps it), so it can be evaluated but not resumed from"
-        )
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    verify_checksums(step_dir, ("state",))
+    with reading(step_dir, "the checkpoint"):
+        if OPT_STATE not in ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree:
+            raise WorkdirError(
+                f"{step_dir}: this older checkpoint has no optimizer state (only the "
+                "latest keeps it), so it can be evaluated but not resumed from"
+            )
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return flax.serialization.from_state_dict(template, restored["state"])  # an older workdir's
+
+
+def latest_step(workdir: str | os.PathLike) -> int | None:
+    """The workdir's latest checkpoint step (None: none), read from the folder names alone."""
+    with checkpoint_manager(workdir, create=False) as manager:
+        return manager.latest_step()
 
 
 def restore_student(
     workdir: str | os.PathLike, student_shapes: Any, sharding: jax.sharding.Sharding, step: int | None = None
 ) -> tuple[int, Any]:
     """(step, student variables) of a checkpoint, without the optimizer state: evaluation
-    and inference need no optimizer, so they never build one."""
+    and inference need no optimizer, so they never build one. Its 'state' item is
+    verified first (verify_checksums)."""
     with checkpoint_manager(workdir, create=False) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise WorkdirError(f"{_abs(workdir) / CHECKPOINTS}: no checkpoint")
+        if step not in manager.all_steps():
+            steps = ", ".join(map(str, manager.all_steps())) or "none"
+            raise WorkdirError(f"{_abs(workdir) / CHECKPOINTS}: no step {step} (its steps: {steps})")
         target = {
             "step": jax.ShapeDtypeStruct((), np.int32, sharding=sharding),
             **{
@@ -303,7 +416,10 @@ def restore_student(
         args = ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
         )
-        restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+        step_dir = Path(manager.directory) / str(step)
+        verify_checksums(step_dir, ("state",))
+        with reading(step_dir, "the checkpoint"):
+            restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
     return int(restored["step"]), {k: restored[k] for k in student_shapes}
 
 

@@ -36,8 +36,10 @@ def test_every_config_ships_with_the_package_and_resolves_by_name_and_path(tmp_p
     mine = tmp_path / "mine.py"
     mine.write_text("from rdjax.configs import default\n\ndef get_config():\n    return default.get_config()\n")
     assert config_lib.resolve(str(mine)) == mine
-    with pytest.raises(ConfigError, match="nope: no such config file"):
+    with pytest.raises(ConfigError, match="nope: no shipped config of that name"):
         config_lib.resolve("nope")
+    with pytest.raises(ConfigError, match="nope.py: no such config file"):
+        config_lib.resolve("nope.py")
 
 
 def test_every_shipped_config_passes_the_checks():
