@@ -168,7 +168,10 @@ def colour_scale(threshold: float) -> tuple[float, float]:
     max_ratio 0) its image score, so an image called anomalous has its peak in the upper
     half, from yellow to red, and one called normal stays in the lower half: the colour
     agrees with the decision whatever the calibration's pixel range (maps, 1 - cosine,
-    are >= 0). Scores of twice the threshold and more are all the top colour."""
+    are >= 0). With max_ratio > 0 (Dinomaly's mean of the top 1%) the score lies at or
+    below the peak, so an NG image still reaches the upper half, while an OK one may show
+    a few hot pixels above the middle that the mean kept below the threshold. Scores of
+    twice the threshold and more are all the top colour."""
     t = float(threshold)
     return (0.0, 2 * t) if t > 0 else (t - 1.0, t + 1.0)
 

@@ -206,14 +206,8 @@ def run_training(fv: flags.FlagValues, mode: str) -> None:
 
 
 def define_category_flag(fv: flags.FlagValues) -> None:
-    """--category, for predict, export, package and serve."""
-    flags.DEFINE_string(
-        "category",
-        None,
-        "A unified model's category whose thresholds decide; 'global': its thresholds over every category; "
-        "'auto': each image's category recognised by the workdir's router. Default: a package's own, else global.",
-        flag_values=fv,
-    )
+    """--category, for predict, export and package (serve defines its own)."""
+    flags.DEFINE_string("category", None, modes.CATEGORY_HELP, flag_values=fv)
 
 
 def define_predict_flags(fv: flags.FlagValues, argv: list[str]) -> None:
@@ -329,7 +323,6 @@ def _serve_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     from rdjax import serve
 
     serve.define_flags(fv, argv)
-    define_category_flag(fv)
 
 
 def _serve(fv: flags.FlagValues, args: list[str]) -> None:

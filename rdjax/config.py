@@ -234,6 +234,24 @@ def _flat(config: Any) -> dict[str, Any]:
     return out
 
 
+# The keys only training reads: an evaluation's results do not depend on them.
+TRAINING_ONLY = (
+    "num_epochs", "total_steps", "num_epochs_by_category", "eval_every", "checkpoint_every", "keep_checkpoints",
+    "profile_steps", "learning_rate", "adam_b1", "adam_b2", "lr_decay_epoch", "lr_decay_factor", "rdpp.proj_lr",
+    "rdpp.accumulation", "dinomaly.final_lr", "dinomaly.warmup_steps", "feature_cache", "feature_cache_dir",
+    "offline", "batch_size", "drop_last",
+)  # fmt: skip
+
+
+def evaluation_settings(config: Any) -> dict[str, Any]:
+    """Dotted key -> value of every key an evaluation reads (all but TRAINING_ONLY)."""
+    return {k: v for k, v in _flat(config).items() if not _training_only(k)}
+
+
+def _training_only(key: str) -> bool:
+    return any(key == t or key.startswith(t + ".") for t in TRAINING_ONLY)
+
+
 def for_workdir(config: Any, saved: Any | None, model_filter: str) -> Any:
     """A copy of ``config`` with what it leaves to the workdir resolved, so that config.json
     records it and a rerun (resuming an older workdir too) keeps it: config.input.filter ''
@@ -271,7 +289,7 @@ def for_evaluation(config: Any, saved: Any, given: Iterable[str]) -> tuple[Any, 
                 node, leaf = _node(config, key)
                 target, _ = _node(out, key)
                 target[leaf] = node[leaf]
-            elif value not in ("", None, before.get(key)) and key not in SCHEDULE_KEYS + TRAINING_KEYS:
+            elif value not in ("", None, before.get(key)) and not _training_only(key):
                 unused.append(key)
     return out, unused
 
@@ -308,8 +326,9 @@ def check_rerun(workdir: Any, saved: Any, config: Any, evaluating: bool) -> list
     also = f" (and {'; '.join(f'config.{k}={n!r}, not {o!r}' for k, o, n in rest)})" if rest else ""
     them, s, was = ("them", "s", "they were") if rest else ("it", "", "it was")
     if evaluating:  # every key not given comes from the workdir: the same command without these flags works
+        refused = {k for k, _, _ in blocking}
         data = [f"--config.{k}={shlex.quote(str(v))}" for k, v in now.items()
-                if k.startswith("dataset.") and v not in ("", None, before.get(k))]  # fmt: skip
+                if k.startswith("dataset.") and k not in refused and v not in ("", None, before.get(k))]  # fmt: skip
         command = " ".join(["rdjax eval", f"--workdir={shlex.quote(str(workdir))}", *data])
         fix = f"an evaluation may not change {them}; leave out the flag{s}: {command}"
     else:

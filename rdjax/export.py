@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rdjax import modes
 from rdjax.errors import ConfigError, WorkdirError
 
 if TYPE_CHECKING:
@@ -167,7 +168,12 @@ def contract(model: Predictor, fmt: str, weights_dtype: str) -> dict:
             "rule": f"{rule}: inside the artifact for its maps; with resize 'fit' or 'tile', the caller "
             "applies it to the blended map at the scale it was computed",
         },
-        "decision": "anomalous when score >= image_threshold; pixels with map >= pixel_threshold are anomalous",
+        "decision": (
+            "each image by the thresholds of the category router.npz recognises (calibration's 'categories'): "
+            if model.category == modes.AUTO
+            else ""
+        )
+        + "anomalous when score >= image_threshold; pixels with map >= pixel_threshold are anomalous",
         "category": model.category,
         "model": model.config.model.name,
         "arch": model.config.model.arch,

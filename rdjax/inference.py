@@ -28,11 +28,10 @@ from rdjax import workdir as workdir_lib
 from rdjax.calibration import explanation_masks, normalize_scores
 from rdjax.data.preprocess import FORMATS, NOT_AN_IMAGE, Recipe, open_image, to_rgb
 from rdjax.errors import ConfigError, DataError, WorkdirError
+from rdjax.modes import AUTO, GLOBAL
 from rdjax.registry import MODELS
 from rdjax.router import ROUTER, Router, load_router
 
-GLOBAL = "global"  # a unified model's thresholds fitted over every category (calibration.json's top level)
-AUTO = "auto"  # each image's category chosen by the workdir's router (rdjax.router)
 ROUTER_HINT = f"{ROUTER} is written by the evaluation of a unified workdir: run `rdjax eval` on it"
 
 ImageLike = Any  # uint8 HxWx3 array, a batch of them, a PIL image, or a path
@@ -132,8 +131,8 @@ class Model:
         """(whose, the calibration) that decide for ``category`` (None: the default)."""
         if category is None or category in (self.category, self.decided_by):
             return self.decided_by, self.calibration
-        if category == GLOBAL and self.categories:
-            return GLOBAL, self.calibrations
+        if category == GLOBAL:  # a unified model's global thresholds; a per-category workdir's own
+            return (GLOBAL, self.calibrations) if self.categories else (self.decided_by, self.calibration)
         return category, category_calibration(self.workdir, self.calibrations, category)
 
     def check_category(self, category: str | None) -> None:
@@ -180,12 +179,25 @@ class Model:
         if self.router is None:
             raise ConfigError(f"{self.workdir}: category 'auto' needs a router ({ROUTER_HINT})")
         bs = sharding.round_up(batch_size or int(self.config.eval_batch_size), jax.device_count())
-        step = router_lib.embed_step(MODELS.get(self.config.model.name)(self.config.model.arch, self.config.dtype),
-                                     bool(self.config.imagenet_normalize))  # fmt: skip
-        (embeddings,) = sharding.map_global_batches(
-            lambda x: (step(self.teacher_vars, x),), inputs, bs, self._put, "routing"
-        )
-        return self.router.route(embeddings)
+        model = MODELS.get(self.config.model.name)(self.config.model.arch, self.config.dtype)
+        normalize = bool(self.config.imagenet_normalize)
+        return self.router.route(router_lib.embeddings(model, normalize, self.teacher_vars, inputs, bs, self._put))
+
+    def _squeezes(self, resize: str) -> bool:
+        """Whether ``resize`` squeezes; 'fit' and 'tile' are refused where this model's
+        inputs are centre-cropped or its maps resized (windows need neither)."""
+        squeeze = modes.parse(modes.ResizeMode, resize, "resize") is modes.ResizeMode.SQUEEZE
+        if not squeeze and self.recipe.resize not in (0, self.image_size):
+            raise ConfigError(
+                f"resize={resize!r} tiles the whole image, but this model's inputs are centre-cropped "
+                f"(config.input.resize={self.recipe.resize}); use 'squeeze'"
+            )
+        if not squeeze and int(self.config.map_size) not in (0, self.image_size):
+            raise ConfigError(
+                f"resize={resize!r} blends maps at the input's size, but this model's maps are resized "
+                f"(config.map_size={self.config.map_size}); use 'squeeze'"
+            )
+        return squeeze
 
     def predict(
         self,
@@ -217,18 +229,9 @@ class Model:
         resize = setting.mode if resize is None else resize
         tile_size = (setting.tile_size or None) if tile_size is None else tile_size
         overlap = setting.overlap if overlap is None else overlap
-        squeeze = modes.parse(modes.ResizeMode, resize, "resize") is modes.ResizeMode.SQUEEZE
-        if not squeeze and self.recipe.resize not in (0, self.image_size):
-            raise ConfigError(
-                f"resize={resize!r} tiles the whole image, but this model's inputs are centre-cropped "
-                f"(config.input.resize={self.recipe.resize}); use 'squeeze'"
-            )
-        if not squeeze and int(self.config.map_size) not in (0, self.image_size):
-            raise ConfigError(
-                f"resize={resize!r} blends maps at the input's size, but this model's maps are resized "
-                f"(config.map_size={self.config.map_size}); use 'squeeze'"
-            )
-        inputs = self.preprocess(images) if squeeze or AUTO in (category, self.category) else None
+        squeeze = self._squeezes(resize)
+        chosen = self.category if category is None else category
+        inputs = self.preprocess(images) if squeeze or chosen == AUTO else None
         if squeeze:
             assert inputs is not None
             maps, scores = self.predict_resized(inputs, batch_size)
@@ -241,7 +244,6 @@ class Model:
             full = [tiling.resize_map(m, a.shape[:2]) for m, a in zip(tiled, images)]
         if self.calibration is None:
             return Prediction(scores, None, None, full, None)
-        chosen = self.category if category is None else category
         if chosen == AUTO:
             assert inputs is not None
             names = self.route(inputs, batch_size)
@@ -276,6 +278,11 @@ def category_calibration(workdir: Path, calibration: dict | None, category: str)
     return dict(known[category])
 
 
+def normalized_score(score: float | np.ndarray, cal: dict) -> np.ndarray:
+    """Image scores on the normalized scale of one calibration (0.5 at its threshold)."""
+    return normalize_scores(np.asarray(score), cal["image_threshold"], cal["score_min"], cal["score_max"])
+
+
 def decide(
     scores: np.ndarray, maps: list[np.ndarray], names: list[str], calibrations: dict[str, dict | None]
 ) -> Prediction:
@@ -286,8 +293,7 @@ def decide(
     cals = [calibrations[n] for n in names]
     thresholds = np.array([c["image_threshold"] for c in cals], np.float64)  # type: ignore[index]
     decisions = scores >= thresholds
-    normalized = np.array([normalize_scores(s, c["image_threshold"], c["score_min"], c["score_max"])  # type: ignore[index]
-                           for s, c in zip(scores, cals)])  # fmt: skip
+    normalized = np.array([normalized_score(s, c) for s, c in zip(scores, cals)])  # type: ignore[arg-type]
     masks = [explanation_masks([m], d[None], c["pixel_threshold"], c["image_threshold"])[0]  # type: ignore[index]
              for m, d, c in zip(maps, decisions, cals)]  # fmt: skip
     return Prediction(scores, normalized, decisions, maps, masks, list(names), thresholds)
@@ -362,6 +368,8 @@ def load(
             check_fitted(workdir, step, calibrations, fix, asked)
     if category is None and package:
         category = packaged_category(workdir)
+    if not (calibrations or {}).get("categories") and category in (GLOBAL, str(config.dataset.category)):
+        category = None  # a per-category workdir's own thresholds, however named
     calibration = calibrations
     if category not in (None, AUTO, GLOBAL):
         calibration = category_calibration(workdir, calibrations, category)

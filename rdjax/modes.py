@@ -58,6 +58,16 @@ class FeatureCache(str, enum.Enum):
     OFF = "off"
 
 
+# Whose thresholds decide a unified model's image (--category, ?category=, rdjax.load):
+# a category's name, or one of these.
+GLOBAL = "global"  # the thresholds fitted over every category (calibration.json's top level)
+AUTO = "auto"  # each image's category chosen by the workdir's router (rdjax.router)
+CATEGORY_HELP = (
+    "A unified model's category whose thresholds decide; 'global': its thresholds over every category; "
+    "'auto': each image's category recognised by the workdir's router. Default: a package's own, else global."
+)
+
+
 def values(kind: type[enum.Enum]) -> list[str]:
     return [m.value for m in kind]
 

@@ -27,8 +27,10 @@ or 'auto' to recognise each image's product with the workdir's router, rdjax.rou
 
 An --output that holds files already is refused unless --overwrite is given; then the
 files predict writes (OWNED: overlays/, masks/, scores.csv, report.html; with
---format=mvtec_ad_2 that category's folders of maps) are removed first, and nothing else
-there is touched, so no picture of an earlier run sits beside the new scores.
+--format=mvtec_ad_2, whose --output gathers every category, only that category's folders
+of maps count and are removed) are removed first, and nothing else there is touched, so
+no picture of an earlier run sits beside the new scores. An input inside what would be
+removed is refused.
 
 `--format=mvtec_ad_2` takes one category folder of MVTec AD 2 and writes only the maps of
 its private test sets, in the layout MVTec's evaluation server takes
@@ -57,16 +59,23 @@ if TYPE_CHECKING:
 OWNED = ("overlays", "masks", "scores.csv", "report.html")  # what predict_folder writes under --output
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an --output that is a file, or a folder with files in it unless
-    ``overwrite``: checked before the model loads, so a refusal costs nothing."""
+def check_output(out: Path, overwrite: bool, owned: list[Path], inputs: list[Path], shared: bool = False) -> None:
+    """Refuse an --output that is a file, or one that holds files already unless
+    ``overwrite`` (``shared``: only ``owned`` counts, for MVTec AD 2's submission folder,
+    which gathers every category's maps), and an --overwrite that would remove an input.
+    Checked before the model loads, so a refusal costs nothing."""
     if out.exists() and not out.is_dir():
         raise WorkdirError(f"{out}: exists and is not a folder; choose another --output")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    used = [p for p in owned if p.exists()] if shared else (list(out.iterdir()) if out.is_dir() else [])
+    if used and not overwrite:
         raise WorkdirError(
-            f"{out}: holds files already (an earlier run's?); choose a new --output, or pass --overwrite to "
-            "replace what rdjax predict writes there"
+            f"{used[0] if shared else out}: holds files already (an earlier run's?); choose a new --output, or pass "
+            "--overwrite to replace what rdjax predict writes there"
         )
+    doomed = [p.resolve() for p in owned if p.exists()]
+    hit = next((f for f in inputs if any(f.resolve().is_relative_to(d) for d in doomed)), None)
+    if overwrite and hit is not None:
+        raise WorkdirError(f"{hit}: an input inside what --overwrite would remove; choose another --output")
 
 
 def clear_owned(owned: list[Path]) -> None:
@@ -215,11 +224,11 @@ def predict_folder(
     images = [f for f in files if is_image(f)]
     if not images:
         raise DataError(f"{pattern}: no image files found")
-    check_output(out, overwrite)
+    owned, created = [out / name for name in OWNED], not out.exists()
+    check_output(out, overwrite, owned, images)
     model = inference.load(workdir, dtype=dtype, category=category)
     if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no decisions or masks", file=sys.stderr)
-    owned, created = [out / name for name in OWNED], not out.exists()
     clear_owned(owned)
     try:
         _predict_files(model, workdir, pattern, files, images, out, batch_size, resize, tile_size, overlap)
@@ -278,11 +287,15 @@ def _predict_files(
         row["file"], row["reason"] = printable(row["file"]), printable(row["reason"])
     write_csv(outputs.inside(out, "scores.csv"), outputs.PREDICTION_FIELDS, table)
     cal = model.calibration
-    if cal is not None:  # a calibration.json older than its 'quantile' key: the workdir config's
+    thresholds = {r["threshold"] for r in rows.values()}
+    if len(thresholds) > 1:  # routed (--category=auto): no one threshold for the page's slider; the cards say
+        cal = None
+    elif cal is not None:  # a calibration.json older than its 'quantile' key: the workdir config's
         cal = {"quantile": model.config.threshold.quantile, **cal}
     page = webpage.Page(
         f"rdjax predict: {workdir}", np.array(scores), [f.relative_to(root).as_posix() for f in done],
-        lambda idx: [inference.as_images(done[i])[0] for i in idx], threshold=model.image_threshold,
+        lambda idx: [inference.as_images(done[i])[0] for i in idx],
+        threshold=None if cal is None else model.image_threshold,
         pictures={i: f"overlays/{names[f]}.png" for i, f in enumerate(done)},
         skipped=[(f.relative_to(root).as_posix(), skipped[f]) for f in files if f in skipped],
         maps=None if lo_hi is None else lambda idx: [thumbnail_maps[i] for i in idx], colour_range=lo_hi,
@@ -319,11 +332,12 @@ def predict_mvtec_ad2(
 
     category_dir = Path(folder).resolve()
     inputs = mvtec_ad2.private_images(category_dir)
-    check_output(out, overwrite)
+    owned = [out / kind / category_dir.name for kind in (mvtec_ad2.MAPS, mvtec_ad2.THRESHOLDED)]
+    check_output(out, overwrite, owned, [f for _, f in inputs], shared=True)
     model = inference.load(workdir, dtype=dtype, category=category)
     if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no {mvtec_ad2.THRESHOLDED}", file=sys.stderr)
-    clear_owned([out / kind / category_dir.name for kind in (mvtec_ad2.MAPS, mvtec_ad2.THRESHOLDED)])
+    clear_owned(owned)
     for start in tqdm(range(0, len(inputs), batch_size), unit="batch", desc="predicting", disable=None):
         chunk = inputs[start : start + batch_size]
         pred = model.predict([f for _, f in chunk], batch_size, resize, tile_size, overlap)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rdjax import sharding
 from rdjax.errors import WorkdirError
 from rdjax.features import normalize
 from rdjax.models import Model
@@ -56,6 +57,14 @@ def embed_step(model: Model, imagenet_normalize: bool) -> Callable[[Variables, j
         return embed(model.teacher_features(teacher_vars, normalize(images, imagenet_normalize)))
 
     return step
+
+
+def embeddings(
+    model: Model, imagenet_normalize: bool, teacher_vars: Variables, inputs: np.ndarray, batch_size: int, put: Callable
+) -> np.ndarray:
+    """Model inputs -> embeddings, in global batches over every device (all processes call it)."""
+    step = embed_step(model, imagenet_normalize)
+    return sharding.map_global_batches(lambda x: (step(teacher_vars, x),), inputs, batch_size, put, "routing")[0]
 
 
 def spread(n: int, k: int = PER_CATEGORY) -> np.ndarray:

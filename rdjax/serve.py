@@ -44,6 +44,7 @@ import numpy as np
 from absl import flags
 
 from rdjax.errors import ConfigError, one_line
+from rdjax.modes import CATEGORY_HELP
 from rdjax.serve_limits import (
     MAX_HEADER_BYTES,
     ASGIApp,
@@ -142,8 +143,7 @@ def answer(model: Model, scored: Scored, with_map: bool, category: str | None = 
     AUTO: the category the router gave it)."""
     from PIL import Image
 
-    from rdjax.calibration import normalize_scores
-    from rdjax.inference import AUTO
+    from rdjax.inference import AUTO, normalized_score
 
     if not np.isfinite(scored.score):  # NaN >= threshold is False: never call such an image normal
         raise RequestError(500, f"the model gave a non-finite score ({scored.score}) for this image")
@@ -162,9 +162,7 @@ def answer(model: Model, scored: Scored, with_map: bool, category: str | None = 
     if cal is not None:
         t = float(cal["image_threshold"])
         body.update(
-            normalized_score=float(
-                normalize_scores(np.array([scored.score]), t, cal["score_min"], cal["score_max"])[0]
-            ),
+            normalized_score=float(normalized_score(scored.score, cal)),
             decision="anomalous" if scored.score >= t else "normal",
             threshold=t,
         )
@@ -641,6 +639,7 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     )
     define_limit_flags(fv, defaults)
     flags.DEFINE_string("dtype", None, "Compute dtype (float32 or bfloat16); default: the model's own.", flag_values=fv)
+    flags.DEFINE_string("category", None, CATEGORY_HELP, flag_values=fv)
     flags.mark_flags_as_mutual_exclusive(["workdir", "package"], required=True, flag_values=fv)
 
 

@@ -12,7 +12,6 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import json
 import signal
 import threading
 import time
@@ -377,30 +376,27 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: 
 
 
 def route_categories(run: Run) -> dict[str, float]:
-    """The category router of a unified run (rdjax.router): built from up to PER_CATEGORY
+    """The category router of a unified run (rdjax.router), built from up to PER_CATEGORY
     training images of each category and written to the workdir (process 0), then
-    measured on every category's test images. It reads only the frozen teacher, so one
-    built by an earlier evaluation of this workdir is the same and is reused."""
-    step = router_lib.embed_step(run.model, bool(run.config.imagenet_normalize))
+    measured on every category's test images. Built again at each evaluation (a few
+    batches of the frozen teacher), so every process holds the same router without
+    reading a file another process wrote."""
 
     def embed(split: Split, rows: np.ndarray) -> np.ndarray:  # a few batches decoded at a time
-        fn = lambda x: (step(run.teacher_vars, x),)  # noqa: E731
         chunk = 8 * run.eval_batch
         return np.concatenate([
-            sharding.map_global_batches(fn, split.images(rows[i : i + chunk]), run.eval_batch, run.put, "routing")[0]
+            router_lib.embeddings(run.model, bool(run.config.imagenet_normalize), run.teacher_vars,
+                                  split.images(rows[i : i + chunk]), run.eval_batch, run.put)
             for i in range(0, len(rows), chunk)
         ])  # fmt: skip
 
-    path = run.workdir / router_lib.ROUTER
-    router = router_lib.load_router(path)
     categories = tuple(run.parts)
-    if router is None or router.categories != categories:
-        owner = np.array([f.split("/", 1)[0] for f in run.train.filenames])
-        rows = [np.flatnonzero(owner == c)[router_lib.spread(int(np.sum(owner == c)))] for c in categories]
-        labels = np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)])
-        router = router_lib.Router(embed(run.train, np.concatenate(rows)), labels, categories)
-        if jax.process_index() == 0:
-            router.save(path)
+    owner = np.array([f.split("/", 1)[0] for f in run.train.filenames])
+    rows = [np.flatnonzero(owner == c)[router_lib.spread(int(np.sum(owner == c)))] for c in categories]
+    labels = np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)])
+    router = router_lib.Router(embed(run.train, np.concatenate(rows)), labels, categories)
+    if jax.process_index() == 0:
+        router.save(run.workdir / router_lib.ROUTER)
     accuracy = {}
     for category, part in run.parts.items():
         tests = np.arange(len(part.test))
@@ -524,31 +520,6 @@ def _keep_results(workdir: Path, evaluation: Path) -> None:
         _log("the previous %s are kept in %s", ", ".join(names), kept)
 
 
-# What only training reads: a rerun of a finished workdir that changes nothing else finds
-# its evaluation current. Prefixes of dotted keys (num_epochs_by_category.<category>).
-TRAINING_ONLY = (
-    "num_epochs", "total_steps", "num_epochs_by_category", "eval_every", "checkpoint_every", "keep_checkpoints",
-    "profile_steps", "learning_rate", "adam_b1", "adam_b2", "lr_decay_epoch", "lr_decay_factor", "rdpp.proj_lr",
-    "rdpp.accumulation", "dinomaly.final_lr", "dinomaly.warmup_steps", "feature_cache", "feature_cache_dir",
-    "offline", "batch_size", "drop_last",
-)  # fmt: skip
-
-
-def _evaluation_settings(config: Any) -> dict[str, Any]:
-    """Dotted key -> value of every key an evaluation reads (all but TRAINING_ONLY)."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[prefix + key] = value
-
-    walk(json.loads(config.to_json_best_effort()), "")
-    return {k: v for k, v in flat.items() if not any(k == t or k.startswith(t + ".") for t in TRAINING_ONLY)}
-
-
 def _stale(run: Run, step: int) -> str | None:
     """Why a finished run's stored evaluation (eval/epoch_NNNN of its last epoch) is not
     current, or None where it is: it holds a complete evaluation (metrics.json, written
@@ -563,7 +534,10 @@ def _stale(run: Run, step: int) -> str | None:
         return f"{name} evaluated step {evaluated}"
     if not (folder / workdir_lib.CONFIG).is_file():
         return f"{name} does not record the config it was evaluated with"
-    before, now = _evaluation_settings(workdir_lib.load_config(folder)), _evaluation_settings(run.config)
+    before, now = (
+        config_lib.evaluation_settings(workdir_lib.load_config(folder)),
+        config_lib.evaluation_settings(run.config),
+    )
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
         return f"config.{changed[0]} is {now.get(changed[0])!r}, {name} was evaluated with {before.get(changed[0])!r}"

@@ -347,7 +347,7 @@ def save_state(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
     )
     manager.wait_until_finished()
     record_checksums(Path(manager.directory) / str(step))
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and (Path(manager.directory) / str(step) / OPT_STATE).is_dir():  # saved: else keep
         for older in manager.all_steps():
             if older != step:
                 _drop_optimizer(Path(manager.directory) / str(older))

@@ -129,7 +129,7 @@ def check_submission(out: Path, category_dir: Path, thresholded: bool) -> int:
     assert sorted(p.name for p in out.iterdir()) == sorted(folders)
     checked = 0
     for folder, ext in folders.items():
-        assert [p.name for p in (out / folder).iterdir()] == [category_dir.name]
+        assert category_dir.name in [p.name for p in (out / folder).iterdir()]  # beside the other categories
         assert sorted(p.name for p in (out / folder / category_dir.name).iterdir()) == sorted(PRIVATE)
         for split, kind in PRIVATE.items():
             inputs = sorted((category_dir / split).iterdir())
@@ -219,6 +219,15 @@ def test_predict_writes_the_submission_of_a_category(ad2_root, trained, tmp_path
     png = np.asarray(Image.open(out / "anomaly_images_thresholded/can/test_private_mixed/001_mixed.png"))
     assert pred.masks is not None
     np.testing.assert_array_equal(png == 255, pred.masks[0])
+    # The submission gathers every category in one --output (docs/datasets.md's loop): a second
+    # category joins it; the same category again is refused unless --overwrite.
+    shutil.copytree(ad2_root / "can", tmp_path / "jar")
+    flags = ["predict", "--format=mvtec_ad_2", f"--workdir={work}", f"--output={out}", "--resize=fit"]
+    assert rdjax_cli(*flags, f"--input={tmp_path / 'jar'}").code == 0
+    assert check_submission(out, tmp_path / "jar", thresholded=True) == 12
+    assert "--overwrite" in rdjax_cli(*flags, f"--input={ad2_root / 'can'}").error_line()
+    assert rdjax_cli(*flags, f"--input={ad2_root / 'can'}", "--overwrite").code == 0
+    assert check_submission(out, ad2_root / "can", thresholded=True) == 12
 
 
 @pytest.mark.slow  # an evaluation pass and a prediction

@@ -353,12 +353,11 @@ def test_the_router_recognises_each_test_images_category(unified, tmp_path):
                         "--category=auto")  # fmt: skip
         assert run.code == 0, run.stderr[-2000:]
         rows = _rows(out)
-        routed = [r["category"] for r in rows]
-        assert routed.count(category) / len(rows) == pytest.approx(result["router_accuracy"][category], abs=1e-9)
+        assert [r["category"] for r in rows] == [category] * len(rows)  # the folder it came from
+        assert result["router_accuracy"][category] == 1.0
         for row in rows:
             threshold = cal["categories"][row["category"]]["image_threshold"]
             assert float(row["threshold"]) == pytest.approx(threshold, abs=1e-6)
-    assert result["router_accuracy"]["all"] >= 0.9  # two products that look nothing alike
     recognised = f"{100 * result['router_accuracy']['all']:.1f}% of the test images recognised"
     assert recognised in (workdir / "results.md").read_text()
     bad = rdjax_cli("export", f"--workdir={workdir}", f"--out={tmp_path / 'm.onnx'}", "--format=onnx",
@@ -407,8 +406,6 @@ def test_the_server_decides_per_request_category(unified, tmp_path):
 
     from test_serve import png, post
 
-    import rdjax
-
     from conftest import ROOT
 
     root, workdir, _ = unified
@@ -423,8 +420,7 @@ def test_the_server_decides_per_request_category(unified, tmp_path):
         health = json.loads(urllib.request.urlopen(url + "/health", timeout=60).read())
         assert (health["category"], health["max_queue"], health["categories"]) == ("weave", 5, ["disk", "weave"])
         image = np.asarray(Image.open(sorted((root / "disk" / "test" / "good").iterdir())[0]).convert("RGB"))
-        routed = rdjax.load(workdir, category="auto").predict(image).categories[0]  # as predict routes it
-        expected = {None: "weave", "disk": "disk", "auto": routed, "global": "global"}
+        expected = {None: "weave", "disk": "disk", "auto": "disk", "global": "global"}
         for query, name in expected.items():
             status, answer = post(url, png(image), "/predict" + (f"?category={query}" if query else ""))
             assert status == 200, answer
