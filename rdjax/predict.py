@@ -38,12 +38,14 @@ its private test sets, in the layout MVTec's evaluation server takes
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
 import shutil
 import sys
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -230,10 +232,24 @@ def predict_folder(
     if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no decisions or masks", file=sys.stderr)
     clear_owned(owned)
-    try:
+    with undone_on_write_error(out, owned, created):
         _predict_files(model, workdir, pattern, files, images, out, batch_size, resize, tile_size, overlap)
-    except OSError as e:  # a full disk, a refused write: nothing half-written stays
+
+
+@contextlib.contextmanager
+def undone_on_write_error(out: Path, owned: list[Path], created: bool) -> Iterator[None]:
+    """A full disk or a refused write inside the block: what predict wrote (``owned``,
+    and --output itself where this run ``created`` it) is removed, and the error is one
+    line; nothing half-written stays."""
+    try:
+        yield
+    except OSError as e:
         clear_owned(owned)
+        for path in owned:  # folders left empty, up to --output (itself only where this run made it)
+            parent = path.parent
+            while parent != out and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         if isinstance(e, WorkdirError):
@@ -333,17 +349,19 @@ def predict_mvtec_ad2(
     category_dir = Path(folder).resolve()
     inputs = mvtec_ad2.private_images(category_dir)
     owned = [out / kind / category_dir.name for kind in (mvtec_ad2.MAPS, mvtec_ad2.THRESHOLDED)]
+    created = not out.exists()
     check_output(out, overwrite, owned, [f for _, f in inputs], shared=True)
     model = inference.load(workdir, dtype=dtype, category=category)
     if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no {mvtec_ad2.THRESHOLDED}", file=sys.stderr)
     clear_owned(owned)
-    for start in tqdm(range(0, len(inputs), batch_size), unit="batch", desc="predicting", disable=None):
-        chunk = inputs[start : start + batch_size]
-        pred = model.predict([f for _, f in chunk], batch_size, resize, tile_size, overlap)
-        for i, (split, f) in enumerate(chunk):
-            mask = None if pred.masks is None else pred.masks[i]
-            mvtec_ad2.write_submission(out, category_dir.name, split, f, pred.maps[i], mask)
+    with undone_on_write_error(out, owned, created):
+        for start in tqdm(range(0, len(inputs), batch_size), unit="batch", desc="predicting", disable=None):
+            chunk = inputs[start : start + batch_size]
+            pred = model.predict([f for _, f in chunk], batch_size, resize, tile_size, overlap)
+            for i, (split, f) in enumerate(chunk):
+                mask = None if pred.masks is None else pred.masks[i]
+                mvtec_ad2.write_submission(out, category_dir.name, split, f, pred.maps[i], mask)
     print(f"{len(inputs)} maps of {category_dir.name} -> {out}")
 
 

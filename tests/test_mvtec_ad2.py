@@ -5,6 +5,7 @@ checked against the rules of MVTec's own checker (check_and_prepare_data_for_upl
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 
@@ -197,7 +198,7 @@ def test_predict_refuses_a_folder_without_the_private_sets(ad2_root, tmp_path):
 
 
 @pytest.mark.slow  # a model restored and run on every private image
-def test_predict_writes_the_submission_of_a_category(ad2_root, trained, tmp_path):
+def test_predict_writes_the_submission_of_a_category(ad2_root, trained, tmp_path, monkeypatch):
     """The shared 64 px model on 96x64 private images with resize 'fit': every map at the
     input's resolution as float16, its thresholded PNG the model's own mask."""
     _, work, _ = trained
@@ -228,6 +229,22 @@ def test_predict_writes_the_submission_of_a_category(ad2_root, trained, tmp_path
     assert "--overwrite" in rdjax_cli(*flags, f"--input={ad2_root / 'can'}").error_line()
     assert rdjax_cli(*flags, f"--input={ad2_root / 'can'}", "--overwrite").code == 0
     assert check_submission(out, ad2_root / "can", thresholded=True) == 12
+    # A full disk while writing a third category: one line, its partial maps gone, the others kept.
+    shutil.copytree(ad2_root / "can", tmp_path / "box")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    written = []
+
+    def fill_disk(path, *args, **kwargs):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path)
+        return real_imwrite(path, *args, **kwargs)
+
+    real_imwrite = tifffile.imwrite
+    monkeypatch.setattr(tifffile, "imwrite", fill_disk)
+    full = rdjax_cli(*flags, f"--input={tmp_path / 'box'}")
+    assert "No space left on device" in full.error_line() and written
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 @pytest.mark.slow  # an evaluation pass and a prediction
