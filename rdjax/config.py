@@ -234,12 +234,13 @@ def _flat(config: Any) -> dict[str, Any]:
     return out
 
 
-# The keys only training reads: an evaluation's results do not depend on them.
+# The keys only training reads: an evaluation's results do not depend on them (the teacher it
+# uses is the workdir's own, whatever teacher_weights named at training).
 TRAINING_ONLY = (
     "num_epochs", "total_steps", "num_epochs_by_category", "eval_every", "checkpoint_every", "keep_checkpoints",
     "profile_steps", "learning_rate", "adam_b1", "adam_b2", "lr_decay_epoch", "lr_decay_factor", "rdpp.proj_lr",
     "rdpp.accumulation", "dinomaly.final_lr", "dinomaly.warmup_steps", "feature_cache", "feature_cache_dir",
-    "offline", "batch_size", "drop_last",
+    "offline", "batch_size", "drop_last", "model.teacher_weights",
 )  # fmt: skip
 
 
