@@ -197,6 +197,7 @@ def decodes(monkeypatch) -> list[tuple[int, ...]]:
 # ----------------------------------------------------------------------------- 1. memory
 
 
+@pytest.mark.slow  # timeouts and a burst take a second or so; the fast tier's budget
 def test_a_burst_of_large_images_gets_503_with_retry_after_and_a_small_image_still_passes(server, gated, decodes):
     """Finding 1: decoded images queued without bound (16 large PNGs: 4.9 GB). Now one
     large image holds the budget and the rest of the burst is refused before decoding."""
@@ -241,6 +242,7 @@ def test_a_full_queue_answers_503_with_retry_after(server, gated):
 # ----------------------------------------------------------------------------- 7. timeouts and connections
 
 
+@pytest.mark.slow  # timeouts and a burst take a second or so; the fast tier's budget
 def test_incomplete_headers_are_cut_off_after_the_header_timeout(server):
     """Finding 7: a connection with incomplete headers stayed open indefinitely."""
     sock = raw(server)
@@ -251,6 +253,7 @@ def test_incomplete_headers_are_cut_off_after_the_header_timeout(server):
     still_answers(server)
 
 
+@pytest.mark.slow  # timeouts and a burst take a second or so; the fast tier's budget
 def test_a_stalled_body_gets_408(server):
     """Finding 7: a stalled body held its connection (and its part of the body) forever."""
     sock = raw(server)
@@ -312,6 +315,7 @@ def test_a_cross_origin_text_plain_post_is_not_scored(server):
     still_answers(server)
 
 
+@pytest.mark.slow  # timeouts and a burst take a second or so; the fast tier's budget
 def test_an_allowed_origin_gets_cors(gated):
     settings = serve.Settings(allow_origins=("http://allowed.example",), batch_size=1)
     with serve.running(gated, settings=settings) as url:

@@ -67,6 +67,7 @@ def test_loss_equals_official_flattened_cosine():
     np.testing.assert_allclose(float(ours), float(want), rtol=1e-10)
 
 
+@pytest.mark.slow  # a step differentiated through the teacher (12 s); the fast tier's budget
 def test_teacher_is_frozen_through_a_train_step(small):
     model, teacher_vars, student_vars = small
     tx = model.optimizer(config_lib.defaults())

@@ -55,6 +55,7 @@ def test_metrics_equal_an_independent_recomputation(trained):
     assert result["num_images"] == len(test) == 4 + 3 * 3
 
 
+@pytest.mark.slow  # every output file drawn (10 s); the fast tier's budget
 def test_workdir_outputs(trained):
     config, workdir, result = trained
     saved = json.loads((workdir / "metrics.json").read_text())
@@ -294,7 +295,8 @@ def official_evaluation(teacher, ocbe, decoder, root, category: str, size: int, 
     return roc_auc_score(px_gt, px_pr), roc_auc_score(sp_gt, sp_pr)
 
 
-@pytest.mark.parametrize("name", ["rd4ad", pytest.param("rdpp", marks=pytest.mark.slow)])
+@pytest.mark.slow  # a port evaluated against torch (9 s each); the fast tier's budget
+@pytest.mark.parametrize("name", ["rd4ad", "rdpp"])
 def test_ported_official_model_evaluates_like_the_official_code(synthetic_data, tmp_path, name):
     """Official-format weights (random, written by torch; RD++'s with its projection
     layers) through `rdjax port` and `rdjax eval`: AUROCs within 1e-3 of the official
