@@ -283,6 +283,10 @@ RECOMPUTED_MARGIN = 1e-6
 # ----------------------------------------------------------------------------- deciding per category (slow)
 
 
+# scores.csv prints thresholds with six decimals: within 5e-7 of calibration.json's value,
+# whatever the CPU, so rows are compared with abs=1e-6.
+
+
 def _rows(out):
     import csv
 
@@ -456,6 +460,8 @@ def test_router_is_cosine_nearest_neighbour_and_refuses_a_damaged_file(tmp_path)
     feats = (rng.normal(size=(2, 4, 4, 3)), rng.normal(size=(2, 5, 6)))  # NHWC and tokens
     want = [f.mean(axis=tuple(range(1, f.ndim - 1))) for f in feats]
     want = np.concatenate([w / np.linalg.norm(w, axis=1, keepdims=True) for w in want], axis=1) / np.sqrt(2)
+    # float32 against float64: a mean of <= 30 values, a norm and a division, each a few
+    # float32 roundings (2^-24 relative) on any CPU: well inside 1e-5.
     np.testing.assert_allclose(router_lib.embed([jnp.asarray(f, jnp.float32) for f in feats]), want, rtol=1e-5)
     assert router_lib.spread(5).tolist() == [0, 1, 2, 3, 4]
     assert router_lib.spread(200, 3).tolist() == [0, 100, 199]
