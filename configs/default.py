@@ -99,7 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.input.mask_threshold = 0.5
     config.eval_batch_size = 16
     # How evaluation (and, by default, predict) turns an image into model inputs
-    # (rdjax.tiling, docs/usage.md "Large and non-square images"): 'squeeze' (the whole
+    # (rdjax.scoring.tiling, docs/usage.md "Large and non-square images"): 'squeeze' (the whole
     # image to image_size, the paper's protocol), 'fit' or 'tile' (blended windows of a
     # proportionally scaled copy; tile_size native pixels per window, 0 = image_size;
     # overlap native pixels between windows). Thresholds are calibrated on these maps.

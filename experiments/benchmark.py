@@ -30,11 +30,12 @@ import jax
 import numpy as np
 
 from rdjax import config as config_lib
-from rdjax import maps, sharding
-from rdjax import state as state_lib
-from rdjax import steps as steps_lib
-from rdjax.features import normalize
+from rdjax.data.features import normalize
 from rdjax.registry import MODELS
+from rdjax.runtime import sharding
+from rdjax.runtime import state as state_lib
+from rdjax.scoring import maps
+from rdjax.train import steps as steps_lib
 
 
 def _timed(fn, args_fn, steps: int) -> tuple[float, float]:

@@ -4,7 +4,7 @@
 
 DIR: local clones of hq-deng/RD4AD and tientrandinh/Revisiting-Reverse-Distillation, imported at run time
 one at a time (both define `resnet`, `de_resnet`, `dataset`, ...: their modules leave sys.modules before
-and after). The tests cannot (the clones are not in the repository; tests/torch_reference.py rebuilds
+and after). The tests cannot (the clones are not in the repository; tests/reference/torch_reference.py rebuilds
 them). Per model, on the official builders' random weights with random BatchNorm statistics:
 1. teacher, MPL (RD++) and student features, float32, eval mode, ported with port_teacher/port_official;
 2. one float64 train-mode step: the official loss (RD4AD main.loss_fucntion; RD++ main.py's loop body,

@@ -36,9 +36,9 @@ from performance import cpu_model  # noqa: E402  (experiments/ is on sys.path wh
 
 
 def throwaway_workdir(base: Path, size: int) -> Path:
-    from rdjax import train
     from rdjax.configs import synthetic as synthetic_config
     from rdjax.data import synthetic
+    from rdjax.train import loop as train
 
     root = synthetic.generate(base / "data", categories=("disk",), size=size, num_train=16, num_test_good=4,
                               num_per_defect=2)  # fmt: skip
@@ -101,7 +101,7 @@ def main() -> None:
     import jax
 
     import rdjax
-    from rdjax import serve
+    from rdjax.serve import app as serve
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir) if args.workdir else throwaway_workdir(Path(tmp), args.size)

@@ -14,7 +14,7 @@ image follows 0.5 s later, whose latency says whether small requests starve behi
 burst (--map: every request asks for ?map=1; --mode: RGB or I;16, 16-bit grayscale).
 The server's peak resident memory is its VmHWM (Linux /proc/PID/status), reset before
 the burst and read after it; with --burst=1, its growth over the pixels is what one request holds per pixel
-(rdjax.serve_limits.BYTES_PER_PIXEL). Without --workdir it trains the demo (ResNet-18, random teacher,
+(rdjax.serve.limits.BYTES_PER_PIXEL). Without --workdir it trains the demo (ResNet-18, random teacher,
 1 epoch on 64 px generated images) in a temporary folder: the memory of a request does
 not depend on the weights. The workdir is made by this checkout's code.
 """

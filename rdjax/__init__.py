@@ -26,7 +26,7 @@ if not (_source / "configs").is_dir() and (_source.parent / "configs" / "__init_
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from rdjax import inference
+        from rdjax.deploy import predictor as inference
 
         return getattr(inference, name)
     raise AttributeError(f"module 'rdjax' has no attribute {name!r}")

@@ -49,7 +49,7 @@ def _workdir_config(argv: list[str]) -> ml_collections.ConfigDict | None:
     given += [a for previous, a in zip(argv, argv[1:]) if previous == "--workdir"]
     if not given:
         return None
-    from rdjax import workdir as workdir_lib
+    from rdjax.runtime import workdir as workdir_lib
 
     return workdir_lib.saved_config(given[-1])
 
@@ -163,7 +163,7 @@ def _evaluation_config(fv: flags.FlagValues, workdir: Path) -> ml_collections.Co
     weights trained with other settings). A note names the file's values left unused."""
     import jax
 
-    from rdjax import workdir as workdir_lib
+    from rdjax.runtime import workdir as workdir_lib
 
     if not ((workdir / workdir_lib.CONFIG).is_file() or workdir_lib.categories(workdir)):
         return fv.config  # nothing trained there: train.evaluate says so
@@ -178,7 +178,7 @@ def _evaluation_config(fv: flags.FlagValues, workdir: Path) -> ml_collections.Co
 def run_training(fv: flags.FlagValues, mode: str) -> None:
     import jax
 
-    from rdjax import train
+    from rdjax.train import loop as train
 
     workdir = Path(fv.workdir)
     config = fv.config
@@ -194,7 +194,7 @@ def run_training(fv: flags.FlagValues, mode: str) -> None:
     if len(results) > 1 or config.dataset.category == "all" or config.setting == "unified":
         print((workdir / "results.md").read_text(), end="")
         return
-    from rdjax.metrics import headline
+    from rdjax.scoring.metrics import headline
 
     ((category, r),) = results.items()
     print(f"{category}: {headline(r)}  (epoch {r['epoch']}; {workdir / 'results.md'})")
@@ -314,25 +314,25 @@ def define_package_flags(fv: flags.FlagValues, argv: list[str]) -> None:
 
 
 def _package(fv: flags.FlagValues, args: list[str]) -> None:
-    from rdjax import package
+    from rdjax.deploy import package
 
     package.package_workdir(fv.workdir, Path(fv.out), fv.weights_dtype, fv.category)
 
 
 def _serve_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-    from rdjax import serve
+    from rdjax.serve import app as serve
 
     serve.define_flags(fv, argv)
 
 
 def _serve(fv: flags.FlagValues, args: list[str]) -> None:
-    from rdjax import serve
+    from rdjax.serve import app as serve
 
     serve.main(fv, args)
 
 
 def _predict(fv: flags.FlagValues, args: list[str]) -> None:
-    from rdjax import predict
+    from rdjax.deploy import predict
 
     run = predict.predict_mvtec_ad2 if fv.format == "mvtec_ad_2" else predict.predict_folder
     run(fv.workdir, fv.input, Path(fv.output), fv.batch_size, fv.dtype, fv.resize, fv.tile_size, fv.tile_overlap,
@@ -340,13 +340,13 @@ def _predict(fv: flags.FlagValues, args: list[str]) -> None:
 
 
 def _export(fv: flags.FlagValues, args: list[str]) -> None:
-    from rdjax import export
+    from rdjax.deploy import export
 
     export.export_workdir(fv.workdir, Path(fv.out), fv.format, fv.weights_dtype, fv.category)
 
 
 def _port(fv: flags.FlagValues, args: list[str]) -> None:
-    from rdjax import port
+    from rdjax.deploy import port
 
     if len(args) != 1:
         raise ConfigError(

@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from rdjax import modes
+from rdjax import compat, modes
 from rdjax.errors import ConfigError
 
 
@@ -66,36 +66,14 @@ def shipped_config(name: str) -> ml_collections.ConfigDict:
     return importlib.import_module(f"rdjax.configs.{name}").get_config()
 
 
-LEGACY_EVALUATORS = "evaluators"  # 0.2.0's tuple of evaluator names, before config.evals
-# Before 0.6.0 every model read its inputs so: PIL's bilinear resize to image_size; and
-# every epoch ran full batches only.
-LEGACY_INPUT = {"filter": modes.ResizeFilter.PIL_BILINEAR.value, "resize": 0}
-LEGACY_DROP_LAST = True
-
-
-def evals_from_names(names: Any) -> dict:
-    """0.2.0's config.evaluators (a tuple of names, run in order) as config.evals, with
-    today's default settings, which are 0.2.0's behaviour."""
-    shipped = defaults().evals.to_dict()
-    evals = {name: shipped.get(name, {"type": name}) for name in names}
-    if "report" in evals and "calibration" not in evals:
-        evals["report"].pop("threshold_from", None)
-    return evals
-
-
 def from_dict(saved: dict) -> ml_collections.ConfigDict:
     """A saved config (a workdir's config.json) over today's defaults: keys added to rdjax
     since the workdir was written take their default, which reproduces the old behaviour.
     config.evals is taken whole (an evaluator left out stays out), 0.2.0's
-    config.evaluators becomes config.evals, and a workdir written before config.input
-    and config.drop_last reads as the recipe and the epochs it was trained with
-    (LEGACY_INPUT, LEGACY_DROP_LAST), whatever today's defaults."""
+    config.evaluators becomes config.evals, and the keys an old workdir lacks read as it
+    was trained (rdjax.compat), whatever today's defaults."""
     config = defaults()
-    saved = dict(saved)
-    if LEGACY_EVALUATORS in saved:
-        saved["evals"] = evals_from_names(saved.pop(LEGACY_EVALUATORS))
-    saved.setdefault("input", LEGACY_INPUT)
-    saved.setdefault("drop_last", LEGACY_DROP_LAST)
+    saved = compat.migrate_config(saved, config.evals.to_dict())
 
     def merge(node: ml_collections.ConfigDict, values: dict) -> None:
         for key, value in values.items():
@@ -187,7 +165,7 @@ def check(config: Any, device_count: int) -> None:
         )
     if not 0 <= config.max_ratio <= 1:
         raise ConfigError(f"config.max_ratio={config.max_ratio} must be 0 (the map's maximum) or a fraction in (0, 1]")
-    if LEGACY_EVALUATORS in config:
+    if compat.EVALUATORS in config:
         raise ConfigError("config.evaluators was replaced by config.evals in rdjax 0.3 (docs/config.md)")
     for name, setting in config.evals.items():
         if not hasattr(setting, "get") or setting.get("every", 0) < 0:

@@ -61,7 +61,7 @@ class FeatureCache(str, enum.Enum):
 # Whose thresholds decide a unified model's image (--category, ?category=, rdjax.load):
 # a category's name, or one of these.
 GLOBAL = "global"  # the thresholds fitted over every category (calibration.json's top level)
-AUTO = "auto"  # each image's category chosen by the workdir's router (rdjax.router)
+AUTO = "auto"  # each image's category chosen by the workdir's router (rdjax.scoring.router)
 CATEGORY_HELP = (
     "A unified model's category whose thresholds decide; 'global': its thresholds over every category; "
     "'auto': each image's category recognised by the workdir's router. Default: a package's own, else global."

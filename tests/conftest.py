@@ -15,6 +15,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,6 +36,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import torch  # noqa: E402  (after the cache variable)
 
 ROOT = Path(__file__).resolve().parents[1]
+# The torch references (tests/reference/) and the probes' helpers import by module name
+# from any test folder, as the flat tests/ folder let them.
+sys.path[:0] = [str(ROOT / "tests" / "reference")]
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -236,9 +240,9 @@ def restore_state(workdir: Path, arch: str = "resnet18", name: str = "rd4ad"):
     import jax
 
     from rdjax import config as config_lib
-    from rdjax import state as state_lib
-    from rdjax import workdir as workdir_lib
     from rdjax.registry import MODELS
+    from rdjax.runtime import state as state_lib
+    from rdjax.runtime import workdir as workdir_lib
 
     model = MODELS.get(name)(arch)
     student = model.abstract_variables()[1]
@@ -262,9 +266,9 @@ def _shared_run(tmp_path_factory, worker_id, name: str, **overrides):
 
     from filelock import FileLock
 
-    from rdjax import train
-    from rdjax import workdir as workdir_lib
     from rdjax.data import synthetic
+    from rdjax.runtime import workdir as workdir_lib
+    from rdjax.train import loop as train
 
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if worker_id != "master" else base

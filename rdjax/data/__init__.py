@@ -18,7 +18,7 @@ from rdjax.errors import ConfigError
 class Dataset(Protocol):
     @property
     def summary_keys(self) -> tuple[str, ...]:
-        """The metrics of the table over categories; () for all of rdjax.metrics.TABLE_KEYS
+        """The metrics of the table over categories; () for all of rdjax.scoring.metrics.TABLE_KEYS
         (a dataset module cannot import the metrics, which come after it on the data path)."""
         ...
 

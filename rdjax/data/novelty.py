@@ -20,7 +20,7 @@ from PIL import Image
 
 from rdjax.data.preprocess import Recipe, Split
 from rdjax.errors import DataError
-from rdjax.weights import offline
+from rdjax.runtime.weights import offline
 
 CLASSES = tuple(str(c) for c in range(10))
 

@@ -252,7 +252,7 @@ class Split:
         return image, np.zeros(image.shape[:2], bool) if mask is None else mask
 
     def native_image(self, row: int) -> np.ndarray:
-        """Row ``row``'s image at its file's own resolution (rdjax.tiling)."""
+        """Row ``row``'s image at its file's own resolution (rdjax.scoring.tiling)."""
         if self.read_native is None:
             raise DataError("this dataset has no images beyond image_size to tile: use config.resize.mode='squeeze'")
         return self.read_native(int(self.records[row]))

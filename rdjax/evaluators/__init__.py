@@ -19,7 +19,7 @@ import numpy as np
 
 from rdjax.data.preprocess import Split
 from rdjax.errors import ConfigError
-from rdjax.evaluation import PassResult
+from rdjax.scoring.passes import PassResult
 
 
 @dataclasses.dataclass(frozen=True)

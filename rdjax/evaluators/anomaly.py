@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from rdjax import metrics
 from rdjax.evaluators import EvalContext, EvaluatorType
+from rdjax.scoring import metrics
 
 NO_MASKS = "the anomalous test images have no masks: image-level metrics only"
 

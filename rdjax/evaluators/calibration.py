@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from rdjax import modes
-from rdjax.calibration import calibrate, confusion, describe
 from rdjax.data.preprocess import Split
 from rdjax.evaluators import EvalContext, EvaluatorType
+from rdjax.scoring.thresholds import calibrate, confusion, describe
 
 
 def calibration_split(config: Any, test: Split, validation: Split | None) -> tuple[Split, str]:

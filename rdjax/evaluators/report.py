@@ -1,5 +1,5 @@
 """Evaluator 'report': report.png, the hardest cases' decision pictures, report.html
-(every image with its heat map, a threshold slider; rdjax.webpage) and scores.csv (every
+(every image with its heat map, a threshold slider; rdjax.outputs.webpage) and scores.csv (every
 image's score).
 
 Settings: ``hardest`` (cases of each kind pictured), ``metrics_from`` (the evaluator
@@ -15,12 +15,14 @@ from typing import Any
 import numpy as np
 import sklearn.metrics as skm
 
-from rdjax import outputs, report, webpage
-from rdjax.calibration import colour_scale
 from rdjax.data.preprocess import Recipe, to_display
 from rdjax.evaluators import EvalContext, EvaluatorType
-from rdjax.maps import map_masks
-from rdjax.workdir import write_csv
+from rdjax.outputs import results as outputs
+from rdjax.outputs import sheet as report
+from rdjax.outputs import webpage
+from rdjax.runtime.workdir import write_csv
+from rdjax.scoring.maps import map_masks
+from rdjax.scoring.thresholds import colour_scale
 
 
 class Report:

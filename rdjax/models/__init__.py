@@ -10,6 +10,7 @@ with a model goes through these members, so a new model is one module and a conf
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -17,6 +18,30 @@ import jax
 import optax
 
 from rdjax.pytrees import Features, Variables
+
+
+@dataclasses.dataclass(frozen=True)
+class MapRecipe:
+    """How a model's feature pairs become an anomaly map and an image score: one value
+    where seven parameters travelled together. Each model supplies its own (the official
+    code's); a config's map keys, where set, override it (rdjax.config)."""
+
+    mode: str = "add"  # rdjax.modes.MapMode over the scales: 'add', 'mul' or 'mean'
+    blur_sigma: float = 4.0
+    blur_kernel: int = 0  # 0: scipy's gaussian_filter (truncate 4, reflect); k > 0 (odd): a k x k zero-padded Gaussian
+    size: int = 0  # the maps' side: 0 = the input's; > 0 = resized to it (bilinear) before the blur
+    max_ratio: float = 0.0  # the image score: 0 = the map's maximum; r in (0, 1] = the mean of its top r fraction
+
+    @classmethod
+    def of(cls, config: Any) -> MapRecipe:
+        """The recipe a resolved config's map keys give."""
+        return cls(
+            mode=str(config.map_mode),
+            blur_sigma=float(config.blur_sigma),
+            blur_kernel=int(config.blur_kernel),
+            size=int(config.map_size),
+            max_ratio=float(config.max_ratio),
+        )
 
 
 @runtime_checkable
@@ -55,7 +80,7 @@ class Model(Protocol):
 
     @property
     def imagenet_file(self) -> str | None:
-        """The teacher's ImageNet weights file (rdjax.weights.download), or None."""
+        """The teacher's ImageNet weights file (rdjax.runtime.weights.download), or None."""
         ...
 
     def __hash__(self) -> int:

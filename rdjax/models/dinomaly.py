@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rdjax import modes, weights
+from rdjax import modes
 from rdjax.errors import ConfigError, PortError
 from rdjax.models import ModelType
 from rdjax.models.layers import Dtype
@@ -49,6 +49,7 @@ from rdjax.models.vit import (
     split_heads,
 )
 from rdjax.pytrees import Features, Variables
+from rdjax.runtime import weights
 
 DROPOUT = 0.2  # bMlp(drop=0.2): the "noisy bottleneck"
 DECODER_DEPTH = 8

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rdjax import modes, weights
+from rdjax import modes
 from rdjax.errors import ConfigError, PortError
 from rdjax.models import ModelType
 from rdjax.models.layers import BatchNorm, Conv, Dtype
@@ -32,6 +32,7 @@ from rdjax.models.resnet import (
     run_layer,
 )
 from rdjax.pytrees import Features, Variables
+from rdjax.runtime import weights
 
 
 class OCBE(nn.Module):
@@ -265,7 +266,7 @@ class RD4AD:
         return jax.eval_shape(lambda: self.init(jax.random.key(0), 64))
 
     def port_teacher(self, state_dict: weights.StateDict, source: str = "state dict") -> Variables:
-        """torchvision ImageNet weights -> teacher variables (strict; see rdjax.weights)."""
+        """torchvision ImageNet weights -> teacher variables (strict; see rdjax.runtime.weights)."""
         return convert_teacher(self.arch, state_dict, self.abstract_variables()[0], source)
 
     def port_official(self, state_dict: weights.StateDict, source: str = "checkpoint") -> Variables:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rdjax import modes, weights
+from rdjax import modes
 from rdjax.errors import PortError
 from rdjax.models import ModelType
 from rdjax.models.layers import Conv, Dtype, torch_default_init
@@ -39,6 +39,7 @@ from rdjax.models.rd4ad import (
 )
 from rdjax.models.resnet import ArchSpec
 from rdjax.models.sinkhorn import sinkhorn_divergence
+from rdjax.runtime import weights
 
 # Projection loss: (SSOT + 0.01 reconstruction + 0.1 contrast) / 1.11, weighted 0.2 in the total.
 RECONSTRUCT_WEIGHT, CONTRAST_WEIGHT, PROJ_NORMALIZER, PROJ_WEIGHT = 0.01, 0.1, 1.11, 0.2

@@ -18,9 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rdjax import weights
 from rdjax.errors import ConfigError, PortError
 from rdjax.models.layers import BatchNorm, Conv, ConvTranspose2x2, Dtype, max_pool_3x3_s2
+from rdjax.runtime import weights
 
 
 @dataclasses.dataclass(frozen=True)

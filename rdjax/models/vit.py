@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdjax import weights
 from rdjax.errors import ConfigError, PortError
 from rdjax.models.layers import Dtype
 from rdjax.models.lowering import at_least_float32
+from rdjax.runtime import weights
 
 PATCH = 14
 INTERPOLATE_OFFSET = 0.1  # DINOv2's interpolate_offset: the scale factor is (grid + 0.1) / source grid
