@@ -11,7 +11,7 @@ M = config.map_size, else S: normalization, the
 teacher, the OCBE, the decoder, the maps, the upsampling, the blur and the image score
 (rdjax.scoring.maps.image_scores with the max_ratio the thresholds were calibrated with), with the
 weights inside. ``FILE.json`` beside it holds the input contract, the normalization, the
-score's rule, the thresholds and how to decide (the same rule as rdjax.Model.predict).
+score's rule, the thresholds and how to decide (the same rule as rdjax.Predictor.predict).
 
 Resizing to S is left to the caller, by the recipe FILE.json names (the model's official
 pipeline's): images arrive in any size, and PIL's antialiasing filter has no exact
@@ -35,7 +35,7 @@ from rdjax import modes
 from rdjax.errors import ConfigError, WorkdirError
 
 if TYPE_CHECKING:
-    from rdjax.deploy.predictor import Model as Predictor
+    from rdjax.deploy.predictor import Predictor
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 FORMATS = ("jax", "onnx")
@@ -46,7 +46,7 @@ def inference_fn(
     model: Predictor, weights_dtype: str = "float32"
 ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
     """Model inputs -> (maps, scores), the weights closed over as constants; the scores
-    by the model's max_ratio (rdjax.Model.max_ratio), which its eval step applies.
+    by the model's max_ratio (rdjax.Predictor.max_ratio), which its eval step applies.
 
     With ``weights_dtype`` float16 or bfloat16 the constants are stored in that type and
     widened to float32 where they are used: half the file, float32 arithmetic (the map

@@ -55,7 +55,7 @@ from rdjax.data.preprocess import IMAGE_EXTENSIONS, printable
 from rdjax.errors import DataError, WorkdirError
 
 if TYPE_CHECKING:
-    from rdjax.deploy.predictor import Model as Predictor
+    from rdjax.deploy.predictor import Predictor
 
 
 OWNED = ("overlays", "masks", "scores.csv", "report.html")  # what predict_folder writes under --output

@@ -77,7 +77,7 @@ def as_images(x: ImageLike | Sequence[ImageLike]) -> list[np.ndarray]:
 class Prediction:
     """What predict returns, one entry per input image."""
 
-    scores: np.ndarray  # (N,) raw image scores (rdjax.scoring.maps.image_scores with Model.max_ratio)
+    scores: np.ndarray  # (N,) raw image scores (rdjax.scoring.maps.image_scores with Predictor.max_ratio)
     normalized_scores: np.ndarray | None  # (N,) in [0, 1], threshold at 0.5; None if uncalibrated
     decisions: np.ndarray | None  # (N,) bool, True = anomalous; None if uncalibrated
     maps: list[np.ndarray]  # per image, float32 (H, W) at the input's original resolution
@@ -87,7 +87,7 @@ class Prediction:
 
 
 @dataclasses.dataclass
-class Model:
+class Predictor:
     """A trained model restored from a workdir or a package, ready for inference.
 
     ``calibration`` holds the thresholds that decide by default: the workdir's own, or
@@ -322,7 +322,7 @@ def disagreement(calibrations: dict | None, category: str | None) -> str | None:
 
 def load(
     workdir: str | os.PathLike, step: int | None = None, dtype: str | None = None, category: str | None = None
-) -> Model:
+) -> Predictor:
     """Restore the model in ``workdir`` (its latest checkpoint by default), or in a package
     (`rdjax package`), on the available devices. Nothing damaged or mismatched loads: the
     weights are checked against their recorded checksums (rdjax.runtime.workdir), calibration.json
@@ -381,7 +381,7 @@ def load(
     warning = disagreement(calibrations, category)
     if warning:
         print(f"warning: {workdir}: {warning}", file=sys.stderr)
-    return Model(
+    return Predictor(
         config=config,
         workdir=workdir,
         step=step,

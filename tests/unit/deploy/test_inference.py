@@ -35,8 +35,15 @@ def model(workdir):
     return rdjax.load(workdir[0])
 
 
+def test_the_predictor_keeps_its_old_name():
+    assert rdjax.Predictor is inference.Predictor
+    assert rdjax.Model is rdjax.Predictor  # the name up to 0.7.0, for old code
+    assert set(rdjax.__all__) == {"Model", "Prediction", "Predictor", "load"}
+
+
 def test_load_restores_the_trained_model(workdir, model):
     work, data, result = workdir
+    assert isinstance(model, rdjax.Predictor)
     assert model.step == 3 * 3
     cal = json.loads((work / "calibration.json").read_text())
     assert cal == model.calibration and cal["method"] == "f1" and cal["step"] == 9
