@@ -31,23 +31,11 @@ import optax
 from rdjax import modes
 from rdjax.errors import ConfigError, PortError
 from rdjax.models import ModelType
+from rdjax.models.blocks import Block, Linear, merge_heads, split_heads
 from rdjax.models.layers import Dtype
 from rdjax.models.lowering import at_least_float32
 from rdjax.models.rd4ad import cosine_distance_loss
-from rdjax.models.vit import (
-    HUB_URL,
-    VIT_ARCHS,
-    LayerNorm,
-    Linear,
-    Mlp,
-    ViT,
-    ViTSpec,
-    check_image_size,
-    convert_vit,
-    get_vit,
-    merge_heads,
-    split_heads,
-)
+from rdjax.models.vit import HUB_URL, VIT_ARCHS, ViT, ViTSpec, check_image_size, convert_vit, get_vit
 from rdjax.pytrees import Features, Variables
 from rdjax.runtime import weights
 
@@ -88,23 +76,6 @@ class LinearAttention2(nn.Module):
         z = 1.0 / jnp.einsum("bhsd,bhd->bhs", q, jnp.sum(k, axis=-2), precision=hp)
         out = jnp.einsum("bhsd,bhde->bhse", q, kv, precision=hp) * z[..., None]
         return Linear(dim, self.dtype, kernel_init=trunc_normal_init, name="proj")(merge_heads(out.astype(self.dtype)))
-
-
-class DecoderBlock(nn.Module):
-    """x + attn(norm1(x)), then x + mlp(norm2(x)); LayerNorm eps 1e-8, no LayerScale."""
-
-    heads: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dim = x.shape[-1]
-        y = LinearAttention2(self.heads, self.dtype, name="attn")(
-            LayerNorm(DECODER_NORM_EPS, self.dtype, name="norm1")(x)
-        )
-        x = x + at_least_float32(y).astype(x.dtype)
-        mlp = Mlp(4 * dim, self.dtype, kernel_init=trunc_normal_init, name="mlp")
-        return x + at_least_float32(mlp(LayerNorm(DECODER_NORM_EPS, self.dtype, name="norm2")(x))).astype(x.dtype)
 
 
 class DropoutMasks(NamedTuple):
@@ -166,8 +137,9 @@ class Student(nn.Module):
         x = fuse(encoder_groups)  # the groups are equal-sized, so this is the mean of all targets
         x = Bottleneck(self.dtype, name="bottleneck_0")(x, masks)
         outs = []
+        block = functools.partial(Block, self.heads, LinearAttention2, DECODER_NORM_EPS, layer_scale=False)
         for i in range(DECODER_DEPTH):
-            x = DecoderBlock(self.heads, self.dtype, name=f"decoder_{i}")(x)
+            x = block(kernel_init=trunc_normal_init, dtype=self.dtype, name=f"decoder_{i}")(x)
             outs.append(x)
         outs = outs[::-1]
         return tuple(at_least_float32(fuse([outs[i] for i in group])) for group in GROUPS)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rdjax.errors import ConfigError, PortError
+from rdjax.models.blocks import Attention, Block
 from rdjax.models.layers import Dtype
 from rdjax.models.lowering import at_least_float32
 from rdjax.runtime import weights
@@ -31,6 +32,7 @@ from rdjax.runtime import weights
 PATCH = 14
 INTERPOLATE_OFFSET = 0.1  # DINOv2's interpolate_offset: the scale factor is (grid + 0.1) / source grid
 HUB_URL = "https://dl.fbaipublicfiles.com/dinov2/"
+EPS = 1e-6  # the blocks' LayerNorm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,110 +130,6 @@ def interpolate_pos_embed(pos: jax.Array, grid: tuple[int, int], source: int) ->
     return out.reshape(h * w, dim).astype(pos.dtype)
 
 
-class Linear(nn.Module):
-    """torch.nn.Linear: y = x W^T + b, the kernel stored (in, out) and computed in ``dtype``
-    with at least float32 accumulation."""
-
-    features: int
-    dtype: Dtype = jnp.float32
-    use_bias: bool = True
-    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-        y = jnp.dot(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            preferred_element_type=jnp.promote_types(self.dtype, jnp.float32),
-            precision=jax.lax.Precision.HIGHEST,
-        )
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        return y.astype(self.dtype)
-
-
-class LayerNorm(nn.Module):
-    """torch.nn.LayerNorm over the last axis, statistics in at least float32."""
-
-    eps: float
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dim = x.shape[-1]
-        x32 = at_least_float32(x)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.param("scale", nn.initializers.ones, (dim,), jnp.float32)
-        return (y + self.param("bias", nn.initializers.zeros, (dim,), jnp.float32)).astype(self.dtype)
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU (erf) -> fc2."""
-
-    hidden: int
-    dtype: Dtype = jnp.float32
-    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dim = x.shape[-1]
-        x = Linear(self.hidden, self.dtype, kernel_init=self.kernel_init, name="fc1")(x)
-        x = nn.gelu(at_least_float32(x), approximate=False).astype(self.dtype)
-        return Linear(dim, self.dtype, kernel_init=self.kernel_init, name="fc2")(x)
-
-
-def split_heads(qkv: jax.Array, heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(B, N, 3D) -> q, k, v of shape (B, heads, N, D / heads), PyTorch's qkv layout."""
-    b, n, three_d = qkv.shape
-    parts = qkv.reshape(b, n, 3, heads, three_d // 3 // heads).transpose(2, 0, 3, 1, 4)
-    return parts[0], parts[1], parts[2]
-
-
-def merge_heads(x: jax.Array) -> jax.Array:
-    """(B, heads, N, d) -> (B, N, heads * d), PyTorch's transpose(1, 2).reshape."""
-    b, h, n, d = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(b, n, h * d)
-
-
-class Attention(nn.Module):
-    """Softmax attention, scale head_dim^-0.5, softmax in at least float32."""
-
-    heads: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dim = x.shape[-1]
-        q, k, v = split_heads(Linear(3 * dim, self.dtype, name="qkv")(x), self.heads)
-        hp = jax.lax.Precision.HIGHEST
-        acc = jnp.promote_types(self.dtype, jnp.float32)
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=hp, preferred_element_type=acc)
-        attn = jax.nn.softmax(logits * (q.shape[-1] ** -0.5), axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bhkd->bhqd", attn, v, precision=hp, preferred_element_type=acc)
-        return Linear(dim, self.dtype, name="proj")(merge_heads(out.astype(self.dtype)))
-
-
-class Block(nn.Module):
-    """x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
-
-    spec: ViTSpec
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dim = self.spec.dim
-        # LayerScale starts at 1 for a random encoder (ported weights replace it).
-        ls1 = self.param("ls1", nn.initializers.ones, (dim,), jnp.float32)
-        ls2 = self.param("ls2", nn.initializers.ones, (dim,), jnp.float32)
-        y = Attention(self.spec.heads, self.dtype, name="attn")(LayerNorm(1e-6, self.dtype, name="norm1")(x))
-        x = x + (at_least_float32(y) * ls1).astype(x.dtype)
-        y = Mlp(dim * self.spec.mlp_ratio, self.dtype, name="mlp")(LayerNorm(1e-6, self.dtype, name="norm2")(x))
-        return x + (at_least_float32(y) * ls2).astype(x.dtype)
-
-
 class ViT(nn.Module):
     """Images (B, H, W, 3), normalized, H and W multiples of 14 -> the token sequences
     (B, 1 + registers + h*w, D) after each of blocks 0..upto (the residual stream, before
@@ -268,7 +166,7 @@ class ViT(nn.Module):
         x = jnp.concatenate([*parts, x], axis=1)
         outs = []
         for i in range(self.depth):
-            x = Block(s, self.dtype, name=f"blocks_{i}")(x)
+            x = Block(s.heads, Attention, EPS, True, s.mlp_ratio, dtype=self.dtype, name=f"blocks_{i}")(x)
             outs.append(x)
         return outs
 
