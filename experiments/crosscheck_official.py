@@ -244,7 +244,7 @@ def rdjax_cli(*argv: str) -> None:
     """`rdjax <argv>` in this process, its output kept out of the table (shown on failure)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = cli.run(list(argv))
+        code = cli.invoke(list(argv))
     if code:
         raise SystemExit(f"rdjax {argv[0]} failed ({code}):\n{out.getvalue()[-3000:]}")
 

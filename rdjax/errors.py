@@ -1,7 +1,7 @@
 """The errors a user can cause.
 
 Every error rdjax raises on purpose derives from `RdjaxError`; the command line
-(rdjax.cli.run, the one place that does it) prints its message, or an OSError's, as a
+(rdjax.cli.invoke, the one place that does it) prints its message, or an OSError's, as a
 single `error: ...` line and exits with status 1. Python callers
 see ordinary exceptions: the subclasses also derive from ValueError or OSError, so
 existing `except ValueError` code keeps working.

@@ -20,7 +20,7 @@ def _mode_flag(fv: flags.FlagValues) -> None:
 
 
 def main(argv: list[str]) -> int:
-    return cli.run(["train", *argv], extra_flags=_mode_flag, handler=lambda fv, _: cli.run_training(fv, fv.mode))
+    return cli.invoke(["train", *argv], extra_flags=_mode_flag, handler=lambda fv, _: cli.run_training(fv, fv.mode))
 
 
 if __name__ == "__main__":

@@ -144,12 +144,12 @@ class Result:
 
 
 def rdjax_cli(*argv: str) -> Result:
-    """`rdjax <argv>` in this process (rdjax.cli.run), capturing stdout and stderr."""
+    """`rdjax <argv>` in this process (rdjax.cli.invoke), capturing stdout and stderr."""
     from rdjax import cli
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.run(list(argv))
+        code = cli.invoke(list(argv))
     return Result(code, out.getvalue(), err.getvalue())
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from rdjax import modes
 from rdjax.errors import ConfigError, WorkdirError
@@ -207,6 +208,28 @@ def export_workdir(
     write_bytes(out, bytes(data))
     write_json(out.with_name(out.name + ".json"), contract(model, fmt, weights_dtype))
     print(f"wrote {out} ({len(data) / 2**20:.1f} MiB, {fmt}, {weights_dtype} weights) and {out.name}.json")
+
+
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+    """`rdjax export`'s flags."""
+    flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir, or a package.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output file for the serialized function (its folder must exist).", flag_values=fv)
+    flags.DEFINE_string(
+        "format", "jax", "jax (jax.export for cpu, cuda and tpu) or onnx (onnxruntime, OpenVINO).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "weights_dtype",
+        "float32",
+        "Stored weights: float32, float16 or bfloat16 (computed in float32 either way).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string("category", None, modes.CATEGORY_HELP, flag_values=fv)
+    flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
+
+
+def main(fv: flags.FlagValues, args: list[str]) -> None:
+    """`rdjax export`."""
+    export_workdir(fv.workdir, Path(fv.out), fv.format, fv.weights_dtype, fv.category)
 
 
 if __name__ == "__main__":  # 0.2.0's spelling: say the one that works, import nothing back

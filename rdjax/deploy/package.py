@@ -32,7 +32,9 @@ import uuid
 from pathlib import Path
 
 import jax
+from absl import flags
 
+from rdjax import modes
 from rdjax.errors import ConfigError, RdjaxError, WorkdirError, one_line
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring.router import ROUTER
@@ -99,3 +101,19 @@ def package_workdir(
         shutil.rmtree(tmp, ignore_errors=True)
     size, whole = folder_bytes(out), folder_bytes(workdir)
     print(f"wrote {out} ({size / 2**20:.1f} MiB, {weights_dtype} student; the workdir holds {whole / 2**20:.1f} MiB)")
+
+
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+    """`rdjax package`'s flags."""
+    flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir.", flag_values=fv)
+    flags.DEFINE_string("out", None, "The package folder to write (must not exist).", flag_values=fv)
+    flags.DEFINE_string(
+        "weights_dtype", "float32", "The student's stored weights: float32 (exact) or bfloat16 (half).", flag_values=fv
+    )
+    flags.DEFINE_string("category", None, modes.CATEGORY_HELP, flag_values=fv)
+    flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
+
+
+def main(fv: flags.FlagValues, args: list[str]) -> None:
+    """`rdjax package`."""
+    package_workdir(fv.workdir, Path(fv.out), fv.weights_dtype, fv.category)

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 
 from rdjax import config as config_lib
 from rdjax.errors import ConfigError, PortError, WorkdirError
@@ -74,6 +75,47 @@ def port(
 def _equal(a: Any, b: Any) -> bool:
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     return len(leaves_a) == len(leaves_b) and all(np.array_equal(x, y) for x, y in zip(leaves_a, leaves_b))
+
+
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+    """`rdjax port`'s flags (what to port is its one positional argument)."""
+    flags.DEFINE_string(
+        "arch",
+        None,
+        "Backbone: resnet18, resnet34, resnet50, wide_resnet50_2, wide_resnet101_2; Dinomaly: dinov2_vitb14_reg4, ...",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "src",
+        None,
+        "teacher: a .pth/.pt/.safetensors/.npz file or 'imagenet'; a model (rd4ad, rdpp): its official checkpoint.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string("out", None, "Output directory (must not exist).", flag_values=fv)
+    flags.DEFINE_string(
+        "teacher", None, "A model's teacher: a weights file, 'imagenet' or an rdjax teacher directory.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "image_size", 0, "Image size recorded in a ported workdir's config (0: the official config's).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "dataset",
+        "mvtec",
+        "The dataset recorded in a ported workdir's config, which `rdjax eval` reads by default "
+        "(mvtec: any folder in MVTec AD's layout).",
+        flag_values=fv,
+    )
+    flags.mark_flags_as_required(["arch", "src", "out"], flag_values=fv)
+
+
+def main(fv: flags.FlagValues, args: list[str]) -> None:
+    """`rdjax port WHAT`."""
+    if len(args) != 1:
+        raise ConfigError(
+            "rdjax port needs what to port: 'teacher' or a model name (rd4ad, rdpp, dinomaly), e.g. "
+            "rdjax port rd4ad --arch=wide_resnet50_2 --teacher=imagenet --src=CKPT --out=WORKDIR"
+        )
+    port(args[0], fv.arch, fv.src, Path(fv.out), fv.teacher, fv.image_size, fv.dataset)
 
 
 if __name__ == "__main__":  # 0.2.0's spelling: say the one that works, import nothing back

@@ -50,7 +50,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from absl import flags
 
+from rdjax import modes
 from rdjax.data.preprocess import IMAGE_EXTENSIONS, printable
 from rdjax.errors import DataError, WorkdirError
 
@@ -365,6 +367,61 @@ def predict_mvtec_ad2(
                 mask = None if pred.masks is None else pred.masks[i]
                 mvtec_ad2.write_submission(out, category_dir.name, split, f, pred.maps[i], mask)
     print(f"{len(inputs)} maps of {category_dir.name} -> {out}")
+
+
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+    """`rdjax predict`'s flags."""
+    flags.DEFINE_string("workdir", None, "A trained (or ported) rdjax workdir, or a package.", flag_values=fv)
+    flags.DEFINE_string("input", None, "A folder (searched recursively) or a glob of image files.", flag_values=fv)
+    flags.DEFINE_string("output", None, "Output folder.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("dtype", None, "Compute dtype (float32 or bfloat16); default: the workdir's.", flag_values=fv)
+    flags.DEFINE_enum(
+        "resize",
+        None,
+        modes.values(modes.ResizeMode),
+        "squeeze: the whole image to image_size; "
+        "fit, tile: blended windows without distortion (docs/usage.md). Default: the workdir's "
+        "config.resize, which its thresholds were calibrated with.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "tile_size",
+        None,
+        "resize=tile: native pixels per window (default: the workdir's, else image_size).",
+        lower_bound=1,
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "tile_overlap",
+        None,
+        "resize=fit or tile: native pixels shared by neighbouring windows (default: the workdir's).",
+        lower_bound=0,
+        flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "format",
+        "rdjax",
+        ["rdjax", "mvtec_ad_2"],
+        "rdjax: overlays, masks, scores.csv, report.html; mvtec_ad_2: --input is an MVTec AD 2 "
+        "category folder, its private test sets' maps in the evaluation server's layout (docs/datasets.md).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string("category", None, modes.CATEGORY_HELP, flag_values=fv)
+    flags.DEFINE_bool(
+        "overwrite",
+        False,
+        "Replace what an earlier predict wrote into --output (else it must be empty).",
+        flag_values=fv,
+    )
+    flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
+
+
+def main(fv: flags.FlagValues, args: list[str]) -> None:
+    """`rdjax predict`: a folder's images scored, or an MVTec AD 2 submission (--format)."""
+    run = predict_mvtec_ad2 if fv.format == "mvtec_ad_2" else predict_folder
+    run(fv.workdir, fv.input, Path(fv.output), fv.batch_size, fv.dtype, fv.resize, fv.tile_size, fv.tile_overlap,
+        category=fv.category, overwrite=fv.overwrite)  # fmt: skip
 
 
 if __name__ == "__main__":  # 0.2.0's spelling: say the one that works, import nothing back

@@ -1,5 +1,5 @@
 """The command line: each bad input is one `error:` line naming the file or key, exit
-status 1, and nothing half-written. Runs in-process (rdjax.cli.run); the subprocess
+status 1, and nothing half-written. Runs in-process (rdjax.cli.invoke); the subprocess
 runs of the documented commands are in the slow tier (test_train.py)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torchvision
 from PIL import Image
 
 from rdjax import config as config_lib
-from rdjax.data import mvtec
+from rdjax.data import index, mvtec
 from rdjax.data.preprocess import Recipe
 from rdjax.errors import ConfigError, WorkdirError
 from rdjax.runtime import workdir as workdir_lib
@@ -200,8 +200,8 @@ def test_image_kinds_that_are_not_errors(root, tmp_path):
     for name, img in variants.items():
         fmt = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP"}[name.rsplit(".", 1)[1].lower()]
         (good / name).write_bytes(_encode(img, fmt))
-    builder = mvtec.prepare(root, "disk", tmp_path / "tfds")
-    train = mvtec.load_split(builder, "train", Recipe(size=32), root)
+    builder = index.prepare(root, "disk", tmp_path / "tfds", mvtec.scan_category(root, "disk"))
+    train = index.load_split(builder, "train", Recipe(size=32), root)
     assert len(train) == 8 + len(variants)
     assert train.images().shape[1:] == (32, 32, 3)
     gray = train.images()[train.filenames.index("good/gray.png")]
@@ -275,30 +275,30 @@ def test_offline_refuses_every_download(synthetic_data, tmp_path, monkeypatch):
 def test_the_xla_cache_has_a_switch_a_place_and_a_bound(monkeypatch, tmp_path):
     import jax
 
-    from rdjax import cli
+    from rdjax.runtime import xla_cache
 
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     monkeypatch.delenv("RDJAX_XLA_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert cli.default_compilation_cache() == str(tmp_path / "rdjax" / "xla")
+    assert xla_cache.default_compilation_cache() == str(tmp_path / "rdjax" / "xla")
     monkeypatch.setenv("RDJAX_XLA_CACHE", "0")
-    assert cli.default_compilation_cache() == ""
+    assert xla_cache.default_compilation_cache() == ""
     monkeypatch.setenv("RDJAX_XLA_CACHE", str(tmp_path / "x"))
-    assert cli.default_compilation_cache() == str(tmp_path / "x")
+    assert xla_cache.default_compilation_cache() == str(tmp_path / "x")
     cache = tmp_path / "x"
     cache.mkdir()
     for age, name in enumerate(("old", "middle", "new")):  # 4 KiB each, oldest first
         (cache / name).write_bytes(bytes(4096))
         os.utime(cache / name, (1_000_000 + age, 1_000_000 + age))
-    cli.prune_cache(cache, 8192)
+    xla_cache.prune_cache(cache, 8192)
     assert sorted(p.name for p in cache.iterdir()) == ["middle", "new"]
     keys = ("jax_compilation_cache_dir", "jax_enable_compilation_cache", "jax_persistent_cache_min_compile_time_secs",
             "jax_persistent_cache_min_entry_size_bytes")  # fmt: skip
     before = {key: getattr(jax.config, key) for key in keys}
     try:
-        cli.use_compilation_cache(str(cache))
+        xla_cache.use_compilation_cache(str(cache))
         assert jax.config.jax_compilation_cache_dir == str(cache)
-        cli.use_compilation_cache("")
+        xla_cache.use_compilation_cache("")
         assert jax.config.jax_enable_compilation_cache is False
     finally:
         for key, value in before.items():

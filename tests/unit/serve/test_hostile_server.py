@@ -370,7 +370,7 @@ def test_max_pixels_above_pillows_own_cap_is_refused_in_one_line(capsys):
     cap = 2 * Image.MAX_IMAGE_PIXELS
     with pytest.raises(ConfigError, match=rf"max_pixels must be at most {cap} \(Pillow's own limit\)"):
         serve.Settings(max_pixels=cap + 1)
-    assert cli.run(["serve", "--workdir=unused", f"--max_pixels={cap + 1}"]) == 1
+    assert cli.invoke(["serve", "--workdir=unused", f"--max_pixels={cap + 1}"]) == 1
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith("error: serve: max_pixels must be at most"), errors
 
@@ -391,7 +391,7 @@ def test_a_multipart_body_cut_short_says_it_is_incomplete(server):
 
 
 def test_the_help_lists_every_limit(capsys):
-    assert cli.run(["serve", "--help"]) == 0
+    assert cli.invoke(["serve", "--help"]) == 0
     text = capsys.readouterr().out
     for flag in ("max_bytes", "max_pixels", "max_queue", "max_memory", "max_connections", "header_timeout_s",
                  "body_timeout_s", "keep_alive_s", "token", "allow_origin", "allow_host"):  # fmt: skip
