@@ -17,7 +17,19 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import optax
 
+from rdjax import modes
+from rdjax.errors import ConfigError
 from rdjax.pytrees import Features, Variables
+
+
+def check_dtype(dtype: str) -> None:
+    """A compute dtype a model takes: a config's (rdjax.modes.Dtype), or 'float64', the
+    reference precision of numerical checks, which needs jax_enable_x64."""
+    if dtype == "float64":
+        if not jax.config.read("jax_enable_x64"):
+            raise ConfigError("dtype 'float64' needs jax_enable_x64")
+    else:
+        modes.parse(modes.Dtype, dtype, "dtype")
 
 
 @dataclasses.dataclass(frozen=True)

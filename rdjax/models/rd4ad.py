@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from rdjax import modes
-from rdjax.errors import ConfigError, PortError
-from rdjax.models import ModelType
+from rdjax.errors import PortError
+from rdjax.models import ModelType, check_dtype
 from rdjax.models.layers import BatchNorm, Conv, Dtype
 from rdjax.models.lowering import at_least_float32
 from rdjax.models.resnet import (
@@ -174,11 +174,7 @@ class RD4AD:
 
     def __post_init__(self) -> None:
         get_arch(self.arch)
-        if self.dtype == "float64":
-            if not jax.config.read("jax_enable_x64"):
-                raise ConfigError("dtype 'float64' needs jax_enable_x64")
-        else:
-            modes.parse(modes.Dtype, self.dtype, "dtype")
+        check_dtype(self.dtype)
 
     @property
     def imagenet_file(self) -> str:

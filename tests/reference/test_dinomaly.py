@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from rdjax.errors import PortError
-from rdjax.models import dinomaly, vit
+from rdjax.models import dinomaly, optim, vit
 from rdjax.models.dinomaly import Dinomaly
 
 import dinomaly_reference as ref
@@ -179,10 +179,10 @@ def test_stable_adamw_with_clipping_equals_the_official_optimizer():
         want.append({k: p.detach().numpy().copy() for k, p in params.items()})
 
     with jax.enable_x64(True):
-        table = dinomaly.warm_cosine_schedule(2e-3, 2e-4, 6, 3)
+        table = optim.warm_cosine_schedule(2e-3, 2e-4, 6, 3)
         tx = optax.chain(
-            dinomaly.torch_clip_by_global_norm(0.1),
-            dinomaly.stable_adamw(dinomaly.schedule_fn(table, 2e-4), eps=1e-10, weight_decay=1e-4),
+            optim.torch_clip_by_global_norm(0.1),
+            optim.stable_adamw(optim.schedule_fn(table, 2e-4), eps=1e-10, weight_decay=1e-4),
         )
         ours = {k: jnp.asarray(v) for k, v in start.items()}
         state = tx.init(ours)
@@ -203,7 +203,7 @@ def test_the_schedule_equals_warm_cosine_scheduler_at_every_iteration():
         opt.step()
         sched.step()
     with jax.enable_x64(True):
-        lr = dinomaly.schedule_fn(dinomaly.warm_cosine_schedule(2e-3, 2e-4, total, warmup), 2e-4)
+        lr = optim.schedule_fn(optim.warm_cosine_schedule(2e-3, 2e-4, total, warmup), 2e-4)
         ours = np.asarray(jax.vmap(lr)(jnp.arange(total + 3)))
     np.testing.assert_array_equal(ours, np.asarray(want))
     assert ours[0] == 0.0 and ours[99] == ours[100] == 2e-3
