@@ -9,7 +9,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from rdjax.data.mvtec import FileDataset, Item, dataset_root, images_in, requested
+from rdjax.data.index import Item
+from rdjax.data.mvtec import FileDataset, dataset_root, images_in, requested
 from rdjax.errors import DataError
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from rdjax.data import DatasetBuilder
-from rdjax.data.mvtec import FileDataset, Item, dataset_root, requested
+from rdjax.data.index import Item
+from rdjax.data.mvtec import FileDataset, dataset_root, requested
 from rdjax.errors import DataError
 
 DEFAULT_SPLIT_SET = "realiad_jsons"

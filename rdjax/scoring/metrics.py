@@ -27,6 +27,16 @@ import numpy as np
 from scipy import ndimage
 from sklearn import metrics as skm
 
+from rdjax.scoring.aupimo import AUPIMO_FPR_BOUNDS, AUPIMO_NUM_THRESHOLDS, aupimo_scores
+from rdjax.scoring.binned import (
+    ap_from_histograms,
+    auroc_from_histograms,
+    best_f1_from_histograms,
+    f1_curve,
+    pro_curve_from_histograms,
+    quantile_from_histogram,
+)
+
 EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 
 # How people read each result key: tables, report.html and report.png use these names.
@@ -57,13 +67,6 @@ TABLE_KEYS = (
 )
 # The three the paper reports, which progress lines print.
 PAPER_KEYS = ("image_auroc", "pixel_auroc", "aupro")
-# F1 = 2PR / (P + R + F1_EPSILON), as Dinomaly's f1_score_max (utils.py); it keeps 0/0 at 0.
-F1_EPSILON = 1e-7
-# anomalib 2's AUPIMO defaults (metrics/pimo/pimo.py): thresholds, shared-FPR bounds, and
-# the fewest integration points it computes with (it refuses 30 or fewer).
-AUPIMO_NUM_THRESHOLDS = 300_000
-AUPIMO_FPR_BOUNDS = (1e-5, 1e-4)
-AUPIMO_MIN_POINTS = 31
 
 
 def percent(value: float | None) -> str:
@@ -90,11 +93,6 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     if not labels.any():
         return float("nan")
     return float(skm.average_precision_score(labels, np.asarray(scores).ravel()))
-
-
-def f1_curve(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
-    """F1 at each point of a precision-recall curve, with Dinomaly's epsilon (0 where P = R = 0)."""
-    return 2 * precision * recall / (precision + recall + F1_EPSILON)
 
 
 def best_f1(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
@@ -239,62 +237,6 @@ def region_weights(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return inv_area[labeled], n
 
 
-def aupimo_scores(
-    maps: np.ndarray,
-    masks: np.ndarray,
-    labels: np.ndarray,
-    num_thresholds: int = AUPIMO_NUM_THRESHOLDS,
-    fpr_bounds: tuple[float, float] = AUPIMO_FPR_BOUNDS,
-) -> np.ndarray:
-    """Each anomalous image's AUPIMO as anomalib 2 defines it (metrics/pimo/functional.py),
-    NaN for the other images, or for all of them where anomalib refuses to compute it.
-
-    ``num_thresholds`` thresholds evenly spaced from the min to the max score of the normal
-    (label 0) images, in the maps' dtype; the shared FPR at each is the fraction of those
-    images' pixels scoring >= it (anomalib's mean of per-image FPRs, the images being of one
-    size); an anomalous image's PIMO curve is the fraction of its ground-truth pixels
-    scoring >= it. Each bound of ``fpr_bounds`` is met by the threshold whose shared FPR is
-    nearest (the lowest such threshold on a tie), without interpolation; between them the
-    curve is integrated by trapezoids over ln(FPR) (points of FPR 0 left out), divided by
-    ln(upper / lower) and clipped to [0, 1].
-
-    NaN for all where anomalib raises: no normal image, or no anomalous one with a
-    ground-truth pixel; constant normal scores; a bound outside the shared FPR's range (as
-    with fewer than 1 / lower normal pixels); both bounds met by one threshold; at most 30
-    points between them. A label-1 image without ground-truth pixels gets NaN (anomalib,
-    which classes images by their masks, would count its pixels as normal ones).
-    """
-    maps = np.asarray(maps)
-    masks = np.asarray(masks).astype(bool)
-    labels = np.asarray(labels).ravel()
-    if maps.shape != masks.shape or len(labels) != len(maps):
-        raise ValueError(f"maps {maps.shape}, masks {masks.shape} and {len(labels)} labels do not match")
-    result = np.full(len(maps), np.nan)
-    anomalous = np.flatnonzero((labels != 0) & masks.any(axis=(1, 2)))
-    normal = np.sort(maps[labels == 0], axis=None)
-    if not len(anomalous) or not normal.size or normal[0] == normal[-1]:
-        return result
-    thresholds = np.linspace(float(normal[0]), float(normal[-1]), num_thresholds).astype(maps.dtype)
-    fpr = (normal.size - np.searchsorted(normal, thresholds, side="left")) / normal.size
-    lower, upper = fpr_bounds
-    if lower < fpr.min() or upper > fpr.max():
-        return result
-    first = int(np.argmin(np.abs(fpr - upper)))  # FPR falls as the threshold rises
-    last = int(np.argmin(np.abs(fpr - lower)))
-    if first >= last:
-        return result
-    log_fpr = np.log(fpr[first : last + 1][::-1])
-    finite = np.isfinite(log_fpr)
-    if finite.sum() < AUPIMO_MIN_POINTS:
-        return result
-    window = thresholds[first : last + 1][::-1][finite]
-    for i in anomalous:
-        positives = np.sort(maps[i][masks[i]])
-        tpr = (positives.size - np.searchsorted(positives, window, side="left")) / positives.size
-        result[i] = np.trapezoid(tpr, log_fpr[finite]) / np.log(upper / lower)
-    return np.clip(result, 0, 1)
-
-
 def aupimo(
     maps: np.ndarray,
     masks: np.ndarray,
@@ -304,64 +246,6 @@ def aupimo(
 ) -> float:
     """anomalib's AUPIMO: the mean of `aupimo_scores` over the anomalous images."""
     return nanmean(aupimo_scores(maps, masks, labels, num_thresholds, fpr_bounds))
-
-
-# ----------------------------------------------------------------------------- streaming (binned) pixel metrics
-
-
-def auroc_from_histograms(neg: np.ndarray, pos: np.ndarray) -> float:
-    """AUROC of pixels counted in the same bins: pairs in one bin count one half (the
-    bins' only error, at most half the probability that a normal and an anomalous pixel
-    share a bin)."""
-    neg, pos = np.asarray(neg, np.float64), np.asarray(pos, np.float64)
-    if neg.sum() == 0 or pos.sum() == 0:
-        return float("nan")
-    below = np.cumsum(neg) - neg
-    return float(np.sum(pos * (below + 0.5 * neg)) / (neg.sum() * pos.sum()))
-
-
-def _counts_at_edges(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(true, false positives) with each bin's lower edge as the threshold."""
-    neg, pos = np.asarray(neg, np.float64), np.asarray(pos, np.float64)
-    return np.cumsum(pos[::-1])[::-1], np.cumsum(neg[::-1])[::-1]
-
-
-def ap_from_histograms(neg: np.ndarray, pos: np.ndarray) -> float:
-    """sklearn's AP of the binned pixels, each bin one group of tied scores: precision at
-    each bin's lower edge, weighted by the recall the bin adds."""
-    pos = np.asarray(pos, np.float64)
-    if pos.sum() == 0:
-        return float("nan")
-    tp, fp = _counts_at_edges(neg, pos)
-    precision = tp / np.maximum(tp + fp, 1e-300)
-    return float(np.sum(pos * precision) / pos.sum())
-
-
-def best_f1_from_histograms(neg: np.ndarray, pos: np.ndarray, edges: np.ndarray) -> tuple[float, float]:
-    """(best F1, its threshold) over the bins' lower edges; scores >= threshold are anomalous."""
-    tp, fp = _counts_at_edges(neg, pos)
-    precision = tp / np.maximum(tp + fp, 1e-300)
-    recall = tp / max(tp[0], 1e-300)
-    f1 = f1_curve(precision, recall)
-    best = int(np.argmax(f1))
-    return float(f1[best]), float(edges[best])
-
-
-def quantile_from_histogram(counts: np.ndarray, edges: np.ndarray, q: float) -> float:
-    """The q-quantile of the binned values, linear within its bin (error below one bin)."""
-    cum = np.cumsum(np.asarray(counts, np.float64))
-    target = q * cum[-1]
-    k = min(int(np.searchsorted(cum, target, side="left")), len(counts) - 1)
-    before = cum[k - 1] if k else 0.0
-    frac = (target - before) / counts[k] if counts[k] else 0.0
-    return float(edges[k] + (edges[k + 1] - edges[k]) * frac)
-
-
-def pro_curve_from_histograms(neg: np.ndarray, pro: np.ndarray, num_regions: int) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, PRO) at every bin edge, from (0, 0) up: the exact curve sampled at the bins."""
-    fp = np.cumsum(np.asarray(neg, np.float64)[::-1]) / max(float(np.sum(neg)), 1e-300)
-    overlap = np.cumsum(np.asarray(pro, np.float64)[::-1]) / num_regions
-    return np.clip(np.concatenate([[0.0], fp]), 0, 1), np.clip(np.concatenate([[0.0], overlap]), 0, 1)
 
 
 @dataclasses.dataclass

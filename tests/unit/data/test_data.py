@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision import transforms
 
 from rdjax import data, registry
-from rdjax.data import features, mvtec, pipeline, preprocess, synthetic
+from rdjax.data import index, mvtec, normalize, pipeline, preprocess, synthetic
 from rdjax.data.preprocess import Recipe
 from rdjax.errors import ConfigError
 from rdjax.runtime import sharding
@@ -58,9 +58,9 @@ def test_synthetic_masks_are_exactly_the_changed_pixels(category, kind):
 
 
 def test_builder_reads_the_layout(synth_root, tmp_path):
-    builder = mvtec.prepare(synth_root, "disk", tmp_path / "tfds")
-    train = mvtec.load_split(builder, "train", Recipe(size=32), synth_root)
-    test = mvtec.load_split(builder, "test", Recipe(size=32), synth_root)
+    builder = index.prepare(synth_root, "disk", tmp_path / "tfds", mvtec.scan_category(synth_root, "disk"))
+    train = index.load_split(builder, "train", Recipe(size=32), synth_root)
+    test = index.load_split(builder, "test", Recipe(size=32), synth_root)
     assert train.images().shape == (6, 32, 32, 3) and train.images().dtype == np.uint8
     assert len(test) == 3 + 3 * 2
     assert test.defect_types.count("good") == 3
@@ -79,20 +79,20 @@ def test_builder_sees_an_edited_folder(synth_root, tmp_path):
 
     root = tmp_path / "copy"
     shutil.copytree(synth_root, root)
-    first = mvtec.prepare(root, "disk", tmp_path / "tfds")
+    first = index.prepare(root, "disk", tmp_path / "tfds", mvtec.scan_category(root, "disk"))
     (root / "disk/train/good/000.png").unlink()
-    second = mvtec.prepare(root, "disk", tmp_path / "tfds")
+    second = index.prepare(root, "disk", tmp_path / "tfds", mvtec.scan_category(root, "disk"))
     assert first.builder_config.name != second.builder_config.name
-    assert len(mvtec.load_split(second, "train", Recipe(size=32), root)) == 5
+    assert len(index.load_split(second, "train", Recipe(size=32), root)) == 5
     # Each edit prepares a copy; only the KEEP_PREPARED most recently used stay, the one in use among them.
     (root / "disk" / "train" / "good" / "001.png").unlink()
-    third = mvtec.prepare(root, "disk", tmp_path / "tfds")
+    third = index.prepare(root, "disk", tmp_path / "tfds", mvtec.scan_category(root, "disk"))
     (root / "disk" / "train" / "good" / "002.png").unlink()
-    fourth = mvtec.prepare(root, "disk", tmp_path / "tfds")
+    fourth = index.prepare(root, "disk", tmp_path / "tfds", mvtec.scan_category(root, "disk"))
     kept = sorted(p.name for p in (tmp_path / "tfds" / "mvtec_ad").iterdir() if p.name.startswith("disk-"))
-    assert mvtec.KEEP_PREPARED == 3
+    assert index.KEEP_PREPARED == 3
     assert kept == sorted(b.builder_config.name for b in (second, third, fourth))
-    assert len(mvtec.load_split(fourth, "train", Recipe(size=32), root)) == 3
+    assert len(index.load_split(fourth, "train", Recipe(size=32), root)) == 3
 
 
 def test_prepared_index_holds_paths_and_survives_a_moved_root(synth_root, tmp_path):
@@ -102,15 +102,15 @@ def test_prepared_index_holds_paths_and_survives_a_moved_root(synth_root, tmp_pa
 
     root = tmp_path / "before"
     shutil.copytree(synth_root, root, ignore=shutil.ignore_patterns("_tfds"))
-    builder = mvtec.prepare(root, "disk", tmp_path / "tfds")
+    builder = index.prepare(root, "disk", tmp_path / "tfds", mvtec.scan_category(root, "disk"))
     record = builder.as_data_source()["train"][0]
     assert record["image"].decode().startswith("disk/train/good/") and record["mask"] == b""
-    before = mvtec.load_split(builder, "train", Recipe(size=32), root).images()
+    before = index.load_split(builder, "train", Recipe(size=32), root).images()
     moved = tmp_path / "after"
     root.rename(moved)
-    again = mvtec.prepare(moved, "disk", tmp_path / "tfds")
+    again = index.prepare(moved, "disk", tmp_path / "tfds", mvtec.scan_category(moved, "disk"))
     assert again.builder_config.name == builder.builder_config.name  # the same index, reused
-    np.testing.assert_array_equal(mvtec.load_split(again, "train", Recipe(size=32), moved).images(), before)
+    np.testing.assert_array_equal(index.load_split(again, "train", Recipe(size=32), moved).images(), before)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
@@ -125,7 +125,7 @@ def test_image_preprocessing_equals_torchvision(mode):
     official = transforms.Compose([transforms.Resize((64, 64)), transforms.ToTensor()])(reference)
     np.testing.assert_array_equal(ours.astype(np.float32) / 255.0, official.permute(1, 2, 0).numpy())
     norm = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(official)
-    np.testing.assert_allclose(np.asarray(features.normalize(ours[None]))[0], norm.permute(1, 2, 0).numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(normalize.normalize(ours[None]))[0], norm.permute(1, 2, 0).numpy(), atol=1e-6)
 
 
 def test_mask_preprocessing_equals_official():

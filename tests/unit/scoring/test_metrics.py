@@ -5,8 +5,8 @@ import pytest
 from scipy import ndimage
 from sklearn import metrics as skm
 
+from rdjax.scoring import aupimo, metrics
 from rdjax.scoring import maps as maps_lib
-from rdjax.scoring import metrics
 
 from conftest import auroc_bounds, pair_auroc
 
@@ -357,7 +357,7 @@ def test_aupimo_matches_brute_force(seed):
     maps, masks, labels = _aupimo_maps(np.random.default_rng(seed), 4, 24)
     labels[-1] = 1
     masks[-1] = False  # a label-1 image without ground truth: left out
-    got = metrics.aupimo_scores(maps, masks, labels, 1000, (1e-2, 1e-1))
+    got = aupimo.aupimo_scores(maps, masks, labels, 1000, (1e-2, 1e-1))
     assert np.isnan(got[:4]).all() and np.isnan(got[-1]) and np.isfinite(got[4:-1]).all()
     expected = brute_force_aupimo(maps, masks, labels, 1000, (1e-2, 1e-1))
     assert metrics.aupimo(maps, masks, labels, 1000, (1e-2, 1e-1)) == pytest.approx(expected, abs=1e-12)
