@@ -36,9 +36,9 @@ from performance import cpu_model  # noqa: E402  (experiments/ is on sys.path wh
 
 
 def throwaway_workdir(base: Path, size: int) -> Path:
+    from rdjax import train
     from rdjax.configs import synthetic as synthetic_config
     from rdjax.data import synthetic
-    from rdjax.train import loop as train
 
     root = synthetic.generate(base / "data", categories=("disk",), size=size, num_train=16, num_test_good=4,
                               num_per_defect=2)  # fmt: skip
@@ -101,7 +101,8 @@ def main() -> None:
     import jax
 
     import rdjax
-    from rdjax.serve import app as serve
+    from rdjax.serve import server as serve
+    from rdjax.serve.limits import Settings, decode
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir) if args.workdir else throwaway_workdir(Path(tmp), args.size)
@@ -115,7 +116,7 @@ def main() -> None:
         rows, mismatches = [], 0
         for batch_size in (args.batch_size, 1):
             truth = [float(model.predict(a, batch_size=batch_size).scores[0]) for a in images]
-            settings = serve.Settings(batch_size=batch_size, max_wait_ms=args.max_wait_ms)
+            settings = Settings(batch_size=batch_size, max_wait_ms=args.max_wait_ms)
             with serve.running(model, settings=settings) as url:
                 for clients, count in ((args.clients, args.requests), (1, args.single_requests)):
                     seconds, latencies, answers = load_test(url, bodies, order[:count], clients)
@@ -123,12 +124,12 @@ def main() -> None:
                     label = f"rdjax serve --batch_size={batch_size}, {clients} client{'s' * (clients > 1)}"
                     rows.append(row(label, seconds, latencies))
 
-        model.predict(serve.decode(bodies[0]), batch_size=1)  # compile outside the timing
+        model.predict(decode(bodies[0]), batch_size=1)  # compile outside the timing
         latencies = []
         start = time.perf_counter()
         for i in order:
             t = time.perf_counter()
-            model.predict(serve.decode(bodies[i]), batch_size=1)
+            model.predict(decode(bodies[i]), batch_size=1)
             latencies.append(time.perf_counter() - t)
         label = "Model.predict(decoded PNG, batch_size=1), one at a time"
         rows.append(row(label, time.perf_counter() - start, latencies))

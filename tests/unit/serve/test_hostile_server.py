@@ -5,7 +5,7 @@ would, asserts the status the server must give, and then that the server still s
 good image. Every wait is bounded. The model is the shared trained run; where a test needs
 a request held inside the model, `Gated` holds it (a closed gate), so what is in memory
 at that moment is known rather than raced. Timeouts are set to fractions of a second here
-(serve.Settings), so the slow-client cases take about a second each.
+(rdjax.serve.limits.Settings), so the slow-client cases take about a second each.
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ from PIL import Image
 import rdjax
 from rdjax import cli
 from rdjax.errors import ConfigError
-from rdjax.serve import app as serve
+from rdjax.serve import app
+from rdjax.serve import server as serve
+from rdjax.serve.limits import Settings
 
-LARGE = 1000  # side of the large images: 1 Mpx, 20 MB of budget each (serve_limits.BYTES_PER_PIXEL)
+LARGE = 1000  # side of the large images: 1 Mpx, 20 MB of budget each (rdjax.serve.limits.BYTES_PER_PIXEL)
 # Room for one large image and a few small ones, not for two large ones.
 BUDGET = 30 * 2**20
-LIMITS = serve.Settings(
+LIMITS = Settings(
     batch_size=1,
     max_wait_ms=0,
     max_bytes=2_000_000,
@@ -184,14 +186,14 @@ def server(gated):
 def decodes(monkeypatch) -> list[tuple[int, ...]]:
     """The shape of every image the server decodes, in order."""
     seen: list[tuple[int, ...]] = []
-    decode = serve.decode
+    decode = app.decode
 
     def counted(data: bytes) -> np.ndarray:
         image = decode(data)
         seen.append(image.shape)
         return image
 
-    monkeypatch.setattr(serve, "decode", counted)
+    monkeypatch.setattr(app, "decode", counted)
     return seen
 
 
@@ -272,7 +274,7 @@ def test_a_stalled_body_gets_408(server):
 
 def test_connections_beyond_the_cap_are_closed(gated):
     """Finding 7: 300 idle connections held 300 file descriptors."""
-    settings = serve.Settings(max_connections=4, header_timeout_s=30, batch_size=1)
+    settings = Settings(max_connections=4, header_timeout_s=30, batch_size=1)
     with serve.running(gated, settings=settings) as url:
         idle = [raw(url) for _ in range(4)]
         health_sock = raw(url)  # the fifth
@@ -287,7 +289,7 @@ def test_connections_beyond_the_cap_are_closed(gated):
 
 
 def test_a_token_is_required_when_set(gated):
-    settings = serve.Settings(token="s3cret", batch_size=1)
+    settings = Settings(token="s3cret", batch_size=1)
     with serve.running(gated, settings=settings) as url:
         assert refused(url, 401, "token")["www-authenticate"] == "Bearer"
         refused(url, 401, "token", Authorization="Bearer s3cre")
@@ -318,7 +320,7 @@ def test_a_cross_origin_text_plain_post_is_not_scored(server):
 
 @pytest.mark.slow  # timeouts and a burst take a second or so; the fast tier's budget
 def test_an_allowed_origin_gets_cors(gated):
-    settings = serve.Settings(allow_origins=("http://allowed.example",), batch_size=1)
+    settings = Settings(allow_origins=("http://allowed.example",), batch_size=1)
     with serve.running(gated, settings=settings) as url:
         origin = {"Origin": "http://allowed.example"}
         status, head, _ = call(url, "OPTIONS", "/predict", headers={**origin, "Access-Control-Request-Method": "POST"})
@@ -369,7 +371,7 @@ def test_max_pixels_above_pillows_own_cap_is_refused_in_one_line(capsys):
     and the answer named --max_pixels for images under it."""
     cap = 2 * Image.MAX_IMAGE_PIXELS
     with pytest.raises(ConfigError, match=rf"max_pixels must be at most {cap} \(Pillow's own limit\)"):
-        serve.Settings(max_pixels=cap + 1)
+        Settings(max_pixels=cap + 1)
     assert cli.invoke(["serve", "--workdir=unused", f"--max_pixels={cap + 1}"]) == 1
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith("error: serve: max_pixels must be at most"), errors

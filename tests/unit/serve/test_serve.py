@@ -34,11 +34,12 @@ from PIL import Image
 
 import rdjax
 from rdjax.errors import ConfigError
-from rdjax.serve import app as serve
+from rdjax.serve import server as serve
+from rdjax.serve.limits import Settings
 
 BATCH = 4
 REAL = 13  # the test images of the trained run (conftest._shared_run): 4 good, 3 of each of 3 defects
-SETTINGS = serve.Settings(batch_size=BATCH, max_wait_ms=5, max_bytes=2_000_000, max_pixels=1_000_000)
+SETTINGS = Settings(batch_size=BATCH, max_wait_ms=5, max_bytes=2_000_000, max_pixels=1_000_000)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -337,7 +338,7 @@ def parse(*argv: str) -> flags.FlagValues:
 def test_flags_take_exactly_one_model_and_default_to_loopback():
     fv = parse("--workdir=w")
     assert (fv.host, fv.port, fv.batch_size, fv.max_wait_ms) == ("127.0.0.1", 8000, None, 5.0)
-    assert (fv.max_bytes, fv.max_pixels, fv.dtype) == (serve.Settings().max_bytes, 50_000_000, None)
+    assert (fv.max_bytes, fv.max_pixels, fv.dtype) == (Settings().max_bytes, 50_000_000, None)
     assert parse("--package=p").package == "p"
     for argv in ((), ("--workdir=w", "--package=p")):
         with pytest.raises(flags.IllegalFlagValueError, match="Exactly one of"):
@@ -362,7 +363,7 @@ def test_a_taken_port_is_a_one_line_error():
 SERVE_MAIN = """
 import sys
 from absl import flags
-from rdjax.serve import app as serve
+from rdjax.serve import server as serve
 argv = ["rdjax serve", *sys.argv[1:]]
 fv = flags.FlagValues()
 serve.define_flags(fv, argv)
@@ -397,9 +398,9 @@ def test_the_command_serves_until_ctrl_c(trained, model, images, truths):
 
 def test_settings_refuse_what_cannot_run():
     with pytest.raises(ConfigError, match="batch_size must be at least 1"):
-        serve.Settings(batch_size=0)
+        Settings(batch_size=0)
     with pytest.raises(ConfigError, match="max_wait_ms"):
-        serve.Settings(max_wait_ms=-1)
+        Settings(max_wait_ms=-1)
 
 
 # ----------------------------------------------------------------------------- the page
