@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import importlib.resources
 import io
 import json
 import urllib.parse
@@ -106,57 +107,14 @@ def _svg_curve(x: np.ndarray, y: np.ndarray, title: str, xlabel: str, ylabel: st
     )
 
 
-_STYLE = """
-body{font-family:sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-.curves{display:flex;gap:1.5em}.curve{margin:0}.curve figcaption{text-align:center}
-#controls{position:sticky;top:0;background:#fff;padding:.5em 0;border-bottom:1px solid #ddd;line-height:1.8}
-#threshold{width:28em;vertical-align:middle}
-.origin{color:#555}.origin.optimistic{color:#7a3a00;background:#fde2c4;border:1px solid #d93;padding:0 .4em;
-font-weight:bold}
-.cards{display:flex;flex-wrap:wrap;gap:.6em;margin-top:1em}
-.card{width:228px;border:3px solid #ccc;border-radius:4px;padding:4px;font-size:12px;overflow-wrap:anywhere}
-.card img{max-width:100%}.card.tp{border-color:#1a7f37}.card.tn{border-color:#8c8}
-.card.fp{border-color:#d93}.card.fn{border-color:#c22}.card.ng{border-color:#c22}.card.ok{border-color:#8c8}
-.outcome{font-weight:bold}
-.skipcard{width:228px;border:3px dashed #999;border-radius:4px;padding:4px;font-size:12px;overflow-wrap:anywhere}
-.skipcard{color:#555}
-"""
+def _asset(name: str) -> str:
+    """A file of rdjax/outputs/assets: the page's style and script, kept as files so they can
+    be linted and tested as such."""
+    return (importlib.resources.files("rdjax.outputs") / "assets" / name).read_text(encoding="utf-8")
 
-_SCRIPT = """
-const data = JSON.parse(document.getElementById('data').textContent);
-const slider = document.getElementById('threshold');
-const cards = Array.from(document.querySelectorAll('.card'));
-const names = {tp: 'true positive', fp: 'false positive', tn: 'true negative', fn: 'false negative',
-               ng: 'anomalous', ok: 'normal'};
-function update() {
-  const t = parseFloat(slider.value);
-  const counts = data.labels ? {tp: 0, fp: 0, tn: 0, fn: 0} : {ng: 0, ok: 0};
-  cards.forEach((card, i) => {
-    const anomalous = data.scores[i] >= t;
-    const kind = !data.labels ? (anomalous ? 'ng' : 'ok')
-      : anomalous ? (data.labels[i] ? 'tp' : 'fp') : (data.labels[i] ? 'fn' : 'tn');
-    counts[kind] += 1;
-    card.className = 'card ' + kind;
-    card.querySelector('.outcome').textContent = (anomalous ? 'NG, ' : 'OK, ') + names[kind];
-  });
-  for (const k in counts) document.getElementById(k).textContent = counts[k];
-  document.getElementById('value').textContent = t.toPrecision(6);
-}
-// Cards keep their index into data.scores; ordering moves them, the skipped cards stay last.
-const order = document.getElementById('order');
-function reorder() {
-  const rows = cards.map((card, i) => i);
-  if (order.value === 'up') rows.sort((a, b) => data.scores[a] - data.scores[b]);
-  if (order.value === 'down') rows.sort((a, b) => data.scores[b] - data.scores[a]);
-  const box = document.querySelector('.cards');
-  rows.forEach(i => box.appendChild(cards[i]));
-  document.querySelectorAll('.skipcard').forEach(card => box.appendChild(card));
-}
-slider.addEventListener('input', update);
-order.addEventListener('change', reorder);
-update();
-"""
+
+STYLE = _asset("report.css")
+SCRIPT = _asset("report.js")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +186,8 @@ def _head(page: Page, scores: np.ndarray) -> str:
     if page.skipped:
         counts += f', skipped <b id="skipped">{len(page.skipped)}</b>'
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{_text(page.title)}</title><style>{_STYLE}</style></head>
+<html lang="en"><head><meta charset="utf-8"><title>{_text(page.title)}</title><style>
+{STYLE}</style></head>
 <body><h1>{_text(page.title)}</h1>
 {table}
 <div class="curves">{"".join(curves)}</div>
@@ -282,7 +241,8 @@ def write_page(path: Path, page: Page) -> Path:
             out.write(f'<div class="skipcard"><div>{_text(name)}</div><div>skipped: {_text(reason)}</div></div>\n')
         out.write(f"""</div>
 <script type="application/json" id="data">{data}</script>
-<script>{_SCRIPT}</script>
+<script>
+{SCRIPT}</script>
 </body></html>
 """)
     return path
