@@ -12,12 +12,12 @@ rdjax.outputs.webpage).
 <name> keeps the input's path under the input folder, folders included, with its
 extension folded into the file name (line3/a/part.png -> line3/a/part_png): distinct
 inputs have distinct names by construction, since an image extension holds no '_'. Each
-folder and file name of <name> is made valid on Linux, macOS and Windows (`portable`:
-what is not UTF-8 or Windows refuses is escaped as %XX, a name longer than NAME_BYTES is
-cut and given a hash), and names that would share a file on a case-insensitive file
-system get a hash each (`output_names`). Every path written is checked to lie within
-OUT (rdjax.outputs.results.inside); a disk that fills or refuses a write is one line, and what
-the run wrote is removed.
+folder and file name of <name> is made valid on Linux, macOS and Windows
+(rdjax.deploy.names.portable: what is not UTF-8 or Windows refuses is escaped as %XX, a
+name longer than NAME_BYTES is cut and given a hash), and names that would share a file
+on a case-insensitive file system get a hash each (rdjax.deploy.names.output_names).
+Every path written is checked to lie within OUT (rdjax.outputs.results.inside); a disk
+that fills or refuses a write is one line, and what the run wrote is removed.
 Every file of the input is accounted for: scores.csv has a row for each, with status
 `scored`, or `skipped` and the reason (not an image file, or an image that does not
 decode), and report.html a card for each. scores.csv and report.html appear only when
@@ -39,12 +39,11 @@ its private test sets, in the layout MVTec's evaluation server takes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
-import hashlib
 import os
 import shutil
 import sys
-import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +53,8 @@ from absl import flags
 
 from rdjax import modes
 from rdjax.data.preprocess import IMAGE_EXTENSIONS, printable
+from rdjax.deploy.images import as_images
+from rdjax.deploy.names import output_names
 from rdjax.errors import DataError, WorkdirError
 
 if TYPE_CHECKING:
@@ -103,95 +104,14 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-# A folder or file name of an output name has at most NAME_BYTES bytes (UTF-8): with a
-# case-fold hash (CUT, 12), '_mask.png' and atomic_path's '.NAME.xxxxxxxx.tmp' (23) it
-# stays under 200, within the 255 of ext4, APFS and NTFS.
-NAME_BYTES = 160
-CUT = "%-"  # then HASH_DIGITS of sha256: a name cut to NAME_BYTES, or one that clashes case-folded
-HASH_DIGITS = 10
-UNSAFE = frozenset('<>:"/\\|?*%')  # Windows refuses the first nine in a name; '%' starts our escapes
-PORTS = [f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3"]  # COM1, COM¹ alike
-# Windows' device names, whatever follows a dot (con.d, aux.tar.png)
-RESERVED = frozenset({"CON", "CONIN$", "CONOUT$", "PRN", "AUX", "NUL", *PORTS})
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(os.fsencode(text)).hexdigest()[:HASH_DIGITS]
-
-
-def portable(name: str) -> str:
-    """A folder or file name as one that Linux, macOS and Windows all accept, injectively:
-    each byte that is not UTF-8 (Python holds it as a surrogate), each character Windows
-    refuses (UNSAFE, control characters, trailing dots and spaces, the first of a reserved
-    name such as CON or con.d) and '%' itself become %XX, so two names never escape alike.
-    A result over NAME_BYTES is cut and ends in CUT and a hash of the whole name."""
-    text = os.fsencode(name).decode("utf-8", "surrogateescape")
-    out = [f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff"
-           else f"%{ord(c):02X}" if c in UNSAFE or c < " " or c == "\x7f" else c for c in text]  # fmt: skip
-    for k in range(len(text) - 1, -1, -1):  # Windows drops trailing dots and spaces
-        if text[k] not in ". ":
-            break
-        out[k] = f"%{ord(text[k]):02X}"
-    if text.split(".")[0].rstrip(" ").upper() in RESERVED:
-        out[0] = f"%{ord(text[0]):02X}"
-    if len("".join(out).encode()) <= NAME_BYTES:
-        return "".join(out)
-    kept: list[str] = []
-    size = len(CUT) + HASH_DIGITS
-    for piece in out:  # whole characters and escapes only
-        size += len(piece.encode())
-        if size > NAME_BYTES:
-            break
-        kept.append(piece)
-    return "".join(kept) + CUT + _digest(name)
-
-
-def _fold(name: str) -> str:
-    """What a case-insensitive file system compares (macOS's and Windows' defaults):
-    Unicode's canonical caseless form, so 'CASE' is 'case' and a composed 'é' its
-    decomposed twin."""
-    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
-
-
-def _clashes(names: list[str]) -> set[int]:
-    """The names whose files (<name>.png, <name>_mask.png) would share a path, case-folded,
-    with another's file or folder."""
-    folders = {_fold(n.rsplit("/", k)[0]) for n in names for k in range(1, n.count("/") + 1)}
-    owners: dict[str, list[int]] = {}
-    for i, n in enumerate(names):
-        owners.setdefault(_fold(n), []).append(i)
-    return {i for key, idx in owners.items() for i in idx
-            if len(idx) > 1 or f"{key}.png" in folders or f"{key}_mask.png" in folders}  # fmt: skip
-
-
-def output_names(files: list[Path], root: Path) -> list[str]:
-    """One output name per input file (the module docstring): its path under ``root``, or
-    under the folder above them all where a glob's '..' leads above ``root`` ('..' is
-    resolved: no name climbs), each part `portable`; names that would clash on a
-    case-insensitive file system (CASE.PNG and CASE.png) end in CUT and a hash of their
-    input's path, so distinct inputs get distinct files on every file system."""
-    absolute = [os.path.abspath(f) for f in files]
-    base = os.path.commonpath([os.path.abspath(root), *(os.path.dirname(f) for f in absolute)])
-    names, rels = [], []
-    for f in absolute:
-        rel = Path(f).relative_to(base)
-        parts = [*rel.parent.parts, f"{rel.stem}_{rel.suffix.lstrip('.').lower()}"]
-        names.append("/".join(portable(p) for p in parts))
-        rels.append(rel.as_posix())
-    clashing = _clashes(names)
-    return [f"{n}{CUT}{_digest(rels[i])}" if i in clashing else n for i, n in enumerate(names)]
-
-
 def _decode(files: list[Path], bar: Any) -> tuple[list[Path], list[np.ndarray], dict[Path, str]]:
     """The readable files of a chunk and their images, and each unreadable one's reason."""
     from tqdm import tqdm
 
-    from rdjax.deploy import predictor as inference
-
     kept, arrays, failed = [], [], {}
     for f in files:
         try:
-            arrays.append(inference.as_images(f)[0])
+            arrays.append(as_images(f)[0])
             kept.append(f)
         except DataError as e:
             failed[f] = str(e)
@@ -210,18 +130,26 @@ def _colour_range(model: Predictor, maps: list[np.ndarray]) -> tuple[float, floa
     return float(min(m.min() for m in maps)), float(max(m.max() for m in maps))
 
 
-def predict_folder(
-    workdir: str,
-    pattern: str,
-    out: Path,
-    batch_size: int = 32,
-    dtype: str | None = None,
-    resize: str | None = None,
-    tile_size: int | None = None,
-    overlap: int | None = None,
-    category: str | None = None,
-    overwrite: bool = False,
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class PredictOptions:
+    """What `rdjax predict` takes besides the workdir, the input and the output, for either
+    --format. ``resize``, ``tile_size`` and ``overlap`` left as None take the setting the
+    thresholds were calibrated with (rdjax.Predictor.predict); ``category``: a unified
+    workdir's thresholds to use (see rdjax.load); ``overwrite``: replace what an earlier
+    predict wrote into the output (`check_output`)."""
+
+    batch_size: int = 32
+    dtype: str | None = None
+    resize: str | None = None
+    tile_size: int | None = None
+    overlap: int | None = None
+    category: str | None = None
+    overwrite: bool = False
+
+
+def predict_folder(workdir: str, pattern: str, out: Path, options: PredictOptions = PredictOptions()) -> None:
+    """Every file of ``pattern`` (a folder or a glob) scored by ``workdir``'s model into ``out``
+    (the module docstring)."""
     from rdjax.deploy import predictor as inference
 
     files = find_inputs(pattern)
@@ -229,13 +157,13 @@ def predict_folder(
     if not images:
         raise DataError(f"{pattern}: no image files found")
     owned, created = [out / name for name in OWNED], not out.exists()
-    check_output(out, overwrite, owned, images)
-    model = inference.load(workdir, dtype=dtype, category=category)
+    check_output(out, options.overwrite, owned, images)
+    model = inference.load(workdir, dtype=options.dtype, category=options.category)
     if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no decisions or masks", file=sys.stderr)
     clear_owned(owned)
     with undone_on_write_error(out, owned, created):
-        _predict_files(model, workdir, pattern, files, images, out, batch_size, resize, tile_size, overlap)
+        _predict_files(model, workdir, pattern, files, images, out, options)
 
 
 @contextlib.contextmanager
@@ -260,22 +188,50 @@ def undone_on_write_error(out: Path, owned: list[Path], created: bool) -> Iterat
         raise WorkdirError(f"{where}: cannot write ({e.strerror or e}); predict removed what it had written") from None
 
 
-def _predict_files(
-    model: Predictor,
-    workdir: str,
-    pattern: str,
-    files: list[Path],
-    images: list[Path],
-    out: Path,
-    batch_size: int,
-    resize: str | None,
-    tile_size: int | None,
-    overlap: int | None,
-) -> None:
-    """predict_folder's work once the model is loaded: every file's row, picture and card."""
+@dataclasses.dataclass
+class _Scored:
+    """What predict_folder's pass over the images gathers for scores.csv and report.html."""
+
+    rows: dict[Path, dict]  # each scored file's row, in input order
+    scores: list[float]
+    thumbnail_maps: list[np.ndarray]  # the page's, small: the full-resolution maps are not kept
+    lo_hi: tuple[float, float] | None  # the run's colour scale (`_colour_range`), once a batch is scored
+
+
+def _score_images(
+    model: Predictor, images: list[Path], names: dict[Path, str], out: Path, options: PredictOptions,
+    skipped: dict[Path, str],
+) -> _Scored:  # fmt: skip
+    """Each image's picture and mask written and its row made, batch by batch; files that
+    do not decode join ``skipped``."""
     from tqdm import tqdm
 
-    from rdjax.deploy import predictor as inference
+    from rdjax.outputs import results as outputs
+    from rdjax.outputs import webpage
+
+    scored = _Scored({}, [], [], None)
+    bar = tqdm(total=len(images), unit="img", desc="predicting", disable=None)
+    for start in range(0, len(images), options.batch_size):
+        chunk, arrays, failed = _decode(images[start : start + options.batch_size], bar)
+        skipped.update(failed)
+        if not chunk:
+            continue
+        pred = model.predict(arrays, options.batch_size, options.resize, options.tile_size, options.overlap)
+        scored.lo_hi = lo_hi = scored.lo_hi or _colour_range(model, pred.maps)
+        for i, f in enumerate(chunk):
+            scored.rows[f] = outputs.write_prediction(out, names[f], str(f), arrays[i], pred, i, lo_hi, model.recipe)
+            scored.scores.append(float(pred.scores[i]))
+            scored.thumbnail_maps.append(webpage.shrink_map(pred.maps[i]))
+        bar.update(len(chunk))
+    bar.close()
+    return scored
+
+
+def _predict_files(
+    model: Predictor, workdir: str, pattern: str, files: list[Path], images: list[Path], out: Path,
+    options: PredictOptions,
+) -> None:  # fmt: skip
+    """predict_folder's work once the model is loaded: every file's row, picture and card."""
     from rdjax.outputs import results as outputs
     from rdjax.outputs import webpage
     from rdjax.runtime.workdir import write_csv
@@ -283,24 +239,8 @@ def _predict_files(
     root = Path(pattern) if Path(pattern).is_dir() else Path(os.path.commonpath([str(f.parent) for f in files]))
     names = dict(zip(images, output_names(images, root)))
     skipped = {f: f"not an image file ({f.suffix or 'no extension'})" for f in files if not is_image(f)}
-    rows: dict[Path, dict] = {}
-    scores: list[float] = []
-    thumbnail_maps: list[np.ndarray] = []  # the page's, small: the full-resolution maps are not kept
-    lo_hi = None
-    bar = tqdm(total=len(images), unit="img", desc="predicting", disable=None)
-    for start in range(0, len(images), batch_size):
-        chunk, arrays, failed = _decode(images[start : start + batch_size], bar)
-        skipped.update(failed)
-        if not chunk:
-            continue
-        pred = model.predict(arrays, batch_size, resize, tile_size, overlap)
-        lo_hi = lo_hi or _colour_range(model, pred.maps)
-        for i, f in enumerate(chunk):
-            rows[f] = outputs.write_prediction(out, names[f], str(f), arrays[i], pred, i, lo_hi, model.recipe)
-            scores.append(float(pred.scores[i]))
-            thumbnail_maps.append(webpage.shrink_map(pred.maps[i]))
-        bar.update(len(chunk))
-    bar.close()
+    scored = _score_images(model, images, names, out, options, skipped)
+    rows, lo_hi = scored.rows, scored.lo_hi
     done = list(rows)
     table = [rows.get(f) or outputs.skipped_row(str(f), skipped[f]) for f in files]
     for row in table:  # any name survives: bytes that are not UTF-8 as \xNN (docs/usage.md)
@@ -313,12 +253,12 @@ def _predict_files(
     elif cal is not None:  # a calibration.json older than its 'quantile' key: the workdir config's
         cal = {"quantile": model.config.threshold.quantile, **cal}
     page = webpage.Page(
-        f"rdjax predict: {workdir}", np.array(scores), [f.relative_to(root).as_posix() for f in done],
-        lambda idx: [inference.as_images(done[i])[0] for i in idx],
+        f"rdjax predict: {workdir}", np.array(scored.scores), [f.relative_to(root).as_posix() for f in done],
+        lambda idx: [as_images(done[i])[0] for i in idx],
         threshold=None if cal is None else model.image_threshold,
         pictures={i: f"overlays/{names[f]}.png" for i, f in enumerate(done)},
         skipped=[(f.relative_to(root).as_posix(), skipped[f]) for f in files if f in skipped],
-        maps=None if lo_hi is None else lambda idx: [thumbnail_maps[i] for i in idx], colour_range=lo_hi,
+        maps=None if lo_hi is None else lambda idx: [scored.thumbnail_maps[i] for i in idx], colour_range=lo_hi,
         calibration=cal,
     )  # fmt: skip
     webpage.write_page(outputs.inside(out, "report.html"), page)
@@ -329,22 +269,11 @@ def _predict_files(
           f"(scores.csv says why) -> {printable(str(out / 'scores.csv'))}")  # fmt: skip
 
 
-def predict_mvtec_ad2(
-    workdir: str,
-    folder: str,
-    out: Path,
-    batch_size: int = 32,
-    dtype: str | None = None,
-    resize: str | None = None,
-    tile_size: int | None = None,
-    overlap: int | None = None,
-    category: str | None = None,
-    overwrite: bool = False,
-) -> None:
+def predict_mvtec_ad2(workdir: str, folder: str, out: Path, options: PredictOptions = PredictOptions()) -> None:
     """The maps of the test_private and test_private_mixed images of a category's
     ``folder``, at each image's resolution, under ``out`` as MVTec AD 2's server takes
     them; the thresholded maps are the calibrated workdir's masks (none without a
-    calibration). ``category``: a unified workdir's thresholds to use (see rdjax.load)."""
+    calibration)."""
     from tqdm import tqdm
 
     from rdjax.data import mvtec_ad2
@@ -354,15 +283,16 @@ def predict_mvtec_ad2(
     inputs = mvtec_ad2.private_images(category_dir)
     owned = [out / kind / category_dir.name for kind in (mvtec_ad2.MAPS, mvtec_ad2.THRESHOLDED)]
     created = not out.exists()
-    check_output(out, overwrite, owned, [f for _, f in inputs], shared=True)
-    model = inference.load(workdir, dtype=dtype, category=category)
+    check_output(out, options.overwrite, owned, [f for _, f in inputs], shared=True)
+    model = inference.load(workdir, dtype=options.dtype, category=options.category)
     if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no {mvtec_ad2.THRESHOLDED}", file=sys.stderr)
     clear_owned(owned)
     with undone_on_write_error(out, owned, created):
-        for start in tqdm(range(0, len(inputs), batch_size), unit="batch", desc="predicting", disable=None):
-            chunk = inputs[start : start + batch_size]
-            pred = model.predict([f for _, f in chunk], batch_size, resize, tile_size, overlap)
+        for start in tqdm(range(0, len(inputs), options.batch_size), unit="batch", desc="predicting", disable=None):
+            chunk = inputs[start : start + options.batch_size]
+            pred = model.predict([f for _, f in chunk], options.batch_size, options.resize, options.tile_size,
+                                 options.overlap)  # fmt: skip
             for i, (split, f) in enumerate(chunk):
                 mask = None if pred.masks is None else pred.masks[i]
                 mvtec_ad2.write_submission(out, category_dir.name, split, f, pred.maps[i], mask)
@@ -420,8 +350,9 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
 def main(fv: flags.FlagValues, args: list[str]) -> None:
     """`rdjax predict`: a folder's images scored, or an MVTec AD 2 submission (--format)."""
     run = predict_mvtec_ad2 if fv.format == "mvtec_ad_2" else predict_folder
-    run(fv.workdir, fv.input, Path(fv.output), fv.batch_size, fv.dtype, fv.resize, fv.tile_size, fv.tile_overlap,
-        category=fv.category, overwrite=fv.overwrite)  # fmt: skip
+    options = PredictOptions(fv.batch_size, fv.dtype, fv.resize, fv.tile_size, fv.tile_overlap, fv.category,
+                             fv.overwrite)  # fmt: skip
+    run(fv.workdir, fv.input, Path(fv.output), options)
 
 
 if __name__ == "__main__":  # 0.2.0's spelling: say the one that works, import nothing back

@@ -18,10 +18,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
 
 from rdjax import modes
-from rdjax.data.preprocess import FORMATS, NOT_AN_IMAGE, Recipe, open_image, to_rgb
+from rdjax.data.preprocess import Recipe
+from rdjax.deploy.images import ImageLike, as_images
 from rdjax.errors import ConfigError, DataError, WorkdirError
 from rdjax.modes import AUTO, GLOBAL
 from rdjax.registry import MODELS
@@ -35,40 +35,6 @@ from rdjax.scoring.router import ROUTER, Router, load_router
 from rdjax.scoring.thresholds import explanation_masks, normalize_scores
 
 ROUTER_HINT = f"{ROUTER} is written by the evaluation of a unified workdir: run `rdjax eval` on it"
-
-ImageLike = Any  # uint8 HxWx3 array, a batch of them, a PIL image, or a path
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def _to_array(item: ImageLike, name: str) -> np.ndarray:
-    """One input as uint8 (H, W, 3). Files are decoded only as FORMATS; so is a PIL image
-    opened from a file (Pillow decodes lazily: an EPS image would start Ghostscript here)."""
-    if isinstance(item, (str, os.PathLike)):
-        try:
-            data = Path(item).read_bytes()
-        except OSError as e:
-            raise DataError(f"{item}: cannot read ({e.strerror or e})") from None
-        item = open_image(data, str(item))
-    if isinstance(item, Image.Image):
-        if item.format not in (None, "MPO", *FORMATS):  # MPO: a camera's JPEG with several pictures
-            raise DataError(f"{name}: a PIL image of format {item.format}, {NOT_AN_IMAGE}")
-        return np.asarray(to_rgb(item), np.uint8)
-    arr = np.asarray(item)
-    if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-        raise DataError(f"{name}: expected a uint8 array of shape (H, W, 3), got {arr.dtype} {arr.shape}")
-    return arr
-
-
-def as_images(x: ImageLike | Sequence[ImageLike]) -> list[np.ndarray]:
-    """Any supported input -> a list of uint8 HxWx3 arrays at their original size."""
-    if isinstance(x, np.ndarray) and x.ndim == 4:
-        return [_to_array(a, f"image {i}") for i, a in enumerate(x)]
-    if isinstance(x, (list, tuple)):
-        return [_to_array(a, f"image {i}") for i, a in enumerate(x)]
-    return [_to_array(x, "image")]
-
 
 # ----------------------------------------------------------------------------- the model
 
@@ -353,21 +319,7 @@ def load(
     cal_path = workdir / workdir_lib.CALIBRATION
     calibrations = calibration_lib.read(cal_path, fix) if cal_path.is_file() else None  # before the weights: cheaper
     teacher_vars = workdir_lib.restore_teacher(workdir / workdir_lib.TEACHER, model.arch)
-    if package:
-        if step is not None:
-            raise ConfigError(f"{workdir}: a package holds one step ({step} was asked for)")
-        step, student_vars = workdir_lib.restore_package_student(workdir, model.abstract_variables()[1])
-        student_vars = jax.device_put(student_vars, sharding.replicated(mesh))
-        check_fitted(workdir, step, calibrations, fix, asked=False)
-    else:
-        asked = step is not None
-        if not asked:  # the latest step: checked before its weights are hashed and read
-            check_fitted(workdir, workdir_lib.latest_step(workdir), calibrations, fix, asked)
-        step, student_vars = workdir_lib.restore_student(
-            workdir, model.abstract_variables()[1], sharding.replicated(mesh), step
-        )
-        if asked:
-            check_fitted(workdir, step, calibrations, fix, asked)
+    step, student_vars = _restore_student(workdir, model, mesh, step, calibrations, fix)
     if category is None and package:
         category = packaged_category(workdir)
     if not (calibrations or {}).get("categories") and category in (GLOBAL, str(config.dataset.category)):
@@ -394,6 +346,29 @@ def load(
         category=category,
         router=router,
     )
+
+
+def _restore_student(
+    workdir: Path, model: Any, mesh: jax.sharding.Mesh, step: int | None, calibrations: dict | None, fix: str
+) -> tuple[int, Any]:
+    """The student's step and variables, replicated on ``mesh``: a package's one step, or a
+    workdir's checkpoint ``step`` (None: the latest), each checked against the thresholds'
+    step (`check_fitted`)."""
+    if workdir_lib.is_package(workdir):
+        if step is not None:
+            raise ConfigError(f"{workdir}: a package holds one step ({step} was asked for)")
+        step, student_vars = workdir_lib.restore_package_student(workdir, model.abstract_variables()[1])
+        check_fitted(workdir, step, calibrations, fix, asked=False)
+        return step, jax.device_put(student_vars, sharding.replicated(mesh))
+    asked = step is not None
+    if not asked:  # the latest step: checked before its weights are hashed and read
+        check_fitted(workdir, workdir_lib.latest_step(workdir), calibrations, fix, asked)
+    step, student_vars = workdir_lib.restore_student(
+        workdir, model.abstract_variables()[1], sharding.replicated(mesh), step
+    )
+    if asked:
+        check_fitted(workdir, step, calibrations, fix, asked)
+    return step, student_vars
 
 
 def check_fitted(workdir: Path, step: int | None, calibrations: dict | None, fix: str, asked: bool) -> None:

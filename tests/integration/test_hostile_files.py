@@ -28,8 +28,8 @@ import pytest
 from PIL import EpsImagePlugin, Image
 
 from rdjax.data import preprocess
-from rdjax.deploy import predict
-from rdjax.deploy import predictor as inference
+from rdjax.deploy.images import as_images
+from rdjax.deploy.names import output_names
 from rdjax.errors import DataError, WorkdirError
 from rdjax.outputs import results as outputs
 
@@ -40,7 +40,7 @@ UNDECODABLE = os.fsdecode(b"\xff\xfe.png")
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
 
 # Microsoft's rules for a file or folder name ("Naming Files, Paths, and Namespaces"),
-# written out here apart from rdjax.deploy.predict's escaping: the truth it is checked against.
+# written out here apart from rdjax.deploy.names' escaping: the truth it is checked against.
 WINDOWS_REFUSES = set('<>:"/\\|?*') | {chr(c) for c in range(32)}
 DEVICES = {"CON", "CONIN$", "CONOUT$", "PRN", "AUX", "NUL"}
 DEVICES |= {f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789¹²³"}
@@ -80,7 +80,7 @@ def _png(colour: int = 0) -> bytes:
 
 def test_a_name_too_long_with_predicts_suffixes_is_cut_and_hashed(tmp_path):
     twin = LONG.replace("像.png", "象.png")  # differs only near its end, in what a cut drops
-    names = predict.output_names([Path("/r") / LONG, Path("/r") / twin], Path("/r"))
+    names = output_names([Path("/r") / LONG, Path("/r") / twin], Path("/r"))
     assert len(set(names)) == 2 and all(valid_everywhere(n) for n in names)
     assert names[0].startswith("検査画像" * 10)
     for n in names:  # the longest file predict makes of it, atomic_path's temporary mask
@@ -88,7 +88,7 @@ def test_a_name_too_long_with_predicts_suffixes_is_cut_and_hashed(tmp_path):
 
 
 def test_a_name_that_is_not_utf8_is_escaped():
-    (name,) = predict.output_names([Path("/r") / UNDECODABLE], Path("/r"))
+    (name,) = output_names([Path("/r") / UNDECODABLE], Path("/r"))
     assert name == "%FF%FE_png" and valid_everywhere(name)
     assert preprocess.printable(f"/r/{UNDECODABLE}") == "/r/\\xff\\xfe.png"
 
@@ -96,7 +96,7 @@ def test_a_name_that_is_not_utf8_is_escaped():
 def test_names_windows_refuses_are_escaped_and_stay_distinct():
     files = ["a:b?.png", 'q"<>|*.png', "tab\there.png", "con.d/x.png", "dot./x.png", "aux.tar.png",
              "a%3Ab%3F.png", "%25.png", "%.png", "LPT¹/x.png"]  # fmt: skip
-    names = predict.output_names([Path("/r") / f for f in files], Path("/r"))
+    names = output_names([Path("/r") / f for f in files], Path("/r"))
     assert len({n.casefold() for n in names}) == len(files)
     assert all(valid_everywhere(part) for n in names for part in n.split("/")), names
     assert names[0] == "a%3Ab%3F_png" and names[6] == "a%253Ab%253F_png"  # readable, and no escape mimicked
@@ -105,7 +105,7 @@ def test_names_windows_refuses_are_escaped_and_stay_distinct():
 def test_names_only_case_tells_apart_get_distinct_outputs():
     """Also a folder whose name is another input's picture (x_png.png/ beside x.png)."""
     files = ["CASE.PNG", "CASE.png", "Dir/x.png", "dir/x.png", "other.png", "x_png.png/y.png", "x.png"]
-    names = predict.output_names([Path("/r") / f for f in files], Path("/r"))
+    names = output_names([Path("/r") / f for f in files], Path("/r"))
     written = [f"overlays/{n}.png".casefold() for n in names] + [f"masks/{n}_mask.png".casefold() for n in names]
     folders = {f"{tree}/{n.rsplit('/', 1)[0]}".casefold() for tree in ("overlays", "masks") for n in names if "/" in n}
     assert len(set(written)) == len(written) and not folders & set(written)
@@ -114,7 +114,7 @@ def test_names_only_case_tells_apart_get_distinct_outputs():
 
 def test_a_glob_through_dotdot_names_nothing_above_the_output():
     files = [Path("/r/base/in/sub/../../a.png"), Path("/r/base/in/../../z.png")]
-    names = predict.output_names(files, Path("/r/base/in"))  # the glob's common folder, as written
+    names = output_names(files, Path("/r/base/in"))  # the glob's common folder, as written
     assert names == ["base/a_png", "z_png"]
 
 
@@ -137,8 +137,8 @@ def test_an_eps_file_named_png_never_starts_ghostscript(tmp_path, ghostscript):
     path = tmp_path / "x.png"
     path.write_bytes(EPS)
     attempts = {
-        "load (path)": lambda: inference.as_images(str(path)),
-        "load (PIL image)": lambda: inference.as_images(Image.open(path)),
+        "load (path)": lambda: as_images(str(path)),
+        "load (PIL image)": lambda: as_images(Image.open(path)),
         "dataset image": lambda: preprocess.decode_image(EPS, "x.png"),
         "dataset mask": lambda: preprocess.decode_mask(EPS, "x.png"),
         "dataset header": lambda: preprocess.header_size(EPS, "x.png"),
@@ -159,7 +159,7 @@ def test_png_jpeg_bmp_and_tiff_still_decode(tmp_path):
         assert decoded.shape == (8, 8, 3) and (fmt == "JPEG" or np.array_equal(decoded, image)), fmt
         (tmp_path / fmt).write_bytes(buf.getvalue())
         with Image.open(tmp_path / fmt) as opened:  # a caller's PIL image of the format
-            assert inference.as_images(opened)[0].shape == (8, 8, 3)
+            assert as_images(opened)[0].shape == (8, 8, 3)
 
 
 # ----------------------------------------------------------------------------- predict (slow)

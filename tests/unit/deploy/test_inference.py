@@ -18,6 +18,7 @@ from rdjax import data, registry
 from rdjax.data.preprocess import Recipe
 from rdjax.deploy import predict
 from rdjax.deploy import predictor as inference
+from rdjax.deploy.names import output_names
 from rdjax.scoring import thresholds as calibration
 from rdjax.train import loop as train
 
@@ -256,7 +257,7 @@ def test_colliding_names_get_distinct_outputs(workdir, tmp_path):
     assert first.is_file() and second.is_file() and first.read_bytes() != second.read_bytes()
     page = (out / "report.html").read_text()
     assert 'href="overlays/x/y_z_png.png"' in page and 'href="overlays/x_y/z_png.png"' in page
-    names = predict.output_names([Path("/r/a/b_c.png"), Path("/r/a_b/c.png"), Path("/r/a/b.png"), Path("/r/a/b.jpg")],
+    names = output_names([Path("/r/a/b_c.png"), Path("/r/a_b/c.png"), Path("/r/a/b.png"), Path("/r/a/b.jpg")],
                                  Path("/r"))  # fmt: skip
     assert len(set(names)) == 4
 
