@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from rdjax import config as config_lib
-from rdjax.data.features import normalize
+from rdjax.data.normalize import normalize
 from rdjax.registry import MODELS
 from rdjax.runtime import sharding
 from rdjax.runtime import state as state_lib

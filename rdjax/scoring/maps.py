@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from rdjax import modes
-from rdjax.data.features import Features, normalize
+from rdjax.data.normalize import normalize
 from rdjax.errors import ConfigError
 from rdjax.models import Model
-from rdjax.pytrees import Variables
+from rdjax.pytrees import Features, Variables
 from rdjax.runtime.sharding import map_local
 
 HIGHEST = jax.lax.Precision.HIGHEST

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdjax.data.features import normalize
+from rdjax.data.normalize import normalize
 from rdjax.errors import WorkdirError
 from rdjax.models import Model
 from rdjax.pytrees import Variables

@@ -1,4 +1,4 @@
-"""Images -> model inputs -> teacher features, and where training gets them from
+"""The teacher's features of the training images, and where training gets them from
 (config.feature_cache):
 
   memory  this process's share of the training images' features, computed once, in host
@@ -25,41 +25,26 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdjax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from rdjax.data import pipeline
+from rdjax.data.normalize import standardize, to_unit
 from rdjax.errors import ConfigError, WorkdirError
 from rdjax.models import Model
 from rdjax.modes import FeatureCache
 from rdjax.pytrees import Features
+from rdjax.runtime import sharding
 from rdjax.runtime.workdir import write_text
+from rdjax.train.log import label, log
+
+if TYPE_CHECKING:
+    from rdjax.train.prepare import Run
 
 AUTO_MEMORY_MAX_BYTES = 2**30
-
-
-def to_unit(images: jax.Array) -> jax.Array:
-    """Model inputs as their recipe (rdjax.data.preprocess.Recipe) gives them -> float32
-    in [0, 1]: uint8 over 255, as ToTensor; float32 (OpenCV's recipe) as it is."""
-    if images.dtype == jnp.uint8:
-        return images.astype(jnp.float32) / 255.0
-    return images.astype(jnp.float32)
-
-
-def normalize(images: jax.Array, imagenet: bool = True) -> jax.Array:
-    """Model inputs (NHWC) -> float32 as ToTensor + Normalize(ImageNet mean, std); ToTensor
-    alone with ``imagenet=False`` (the official MNIST/Fashion-MNIST helpers skip Normalize)."""
-    return standardize(to_unit(images), imagenet)
-
-
-def standardize(x: jax.Array, imagenet: bool = True) -> jax.Array:
-    """[0, 1] float images -> the model's input (Normalize with ImageNet's mean and std)."""
-    if not imagenet:
-        return x
-    return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
 
 
 def teacher_fn(model: Model, imagenet_normalize: bool) -> Callable[[Any, jax.Array], Features]:
@@ -293,3 +278,105 @@ def fill(
         feats = compute(batch["image"])
         if valid:
             store.write(start, [f[:valid] for f in feats])
+
+
+# ----------------------------------------------------------------------------- a run's cache
+
+
+def feature_mode(config: Any, model: Model, workdir: Path, rows: int) -> tuple[str, Path]:
+    """config.feature_cache resolved for this process's share of ``rows`` training rows,
+    then agreed on by all processes: the most frugal choice of any process wins, since
+    'off' compiles a different step. Returns (mode, the folder 'disk' uses). A model
+    whose every step needs the images (RD++'s noised branch) trains with 'off'."""
+    if model.needs_images:
+        if config.feature_cache not in (FeatureCache.AUTO, FeatureCache.OFF):
+            raise ConfigError(
+                f"config.feature_cache={config.feature_cache!r}: model {config.model.name!r} runs the "
+                "teacher on new noised images in every step; use 'auto' or 'off'"
+            )
+        log("feature cache: off (model %s needs the images in every step)", config.model.name)
+        return FeatureCache.OFF.value, workdir / "feature_cache"
+    p, count = jax.process_index(), jax.process_count()
+    owned = len(pipeline.owned_rows(rows, config.batch_size, config.seed, p, count))
+    folder = (
+        Path(config.feature_cache_dir).expanduser() / label(config)
+        if config.feature_cache_dir
+        else (workdir / "feature_cache")
+    )
+    directory = folder / f"process_{p}_of_{count}"
+    need = bytes_per_image(feature_shapes(model, config.image_size)) * owned
+    mode, figures = choose_mode(config.feature_cache, need, directory)
+    if count > 1:
+        from jax.experimental import multihost_utils
+
+        order = [m.value for m in (FeatureCache.MEMORY, FeatureCache.DISK, FeatureCache.OFF)]
+        mode = order[int(np.max(multihost_utils.process_allgather(np.int32(order.index(mode)))))]
+    log(
+        "feature cache: %s (%s%s)",
+        mode,
+        figures,
+        ", requested 'auto'" if config.feature_cache == FeatureCache.AUTO else "",
+    )
+    return mode, directory
+
+
+def _cache_identity(run: Run) -> dict:
+    """What the cached features are a function of: a disk cache with other values (another
+    dataset, teacher file, size, order) is never reused."""
+    config = run.config
+    weights = Path(config.model.teacher_weights).expanduser()
+    stamp = [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None
+    return {
+        "model": config.model.to_dict(),
+        "teacher_file": stamp,
+        "dataset": config.dataset.to_dict(),
+        "image_size": config.image_size,
+        "input": config.input.to_dict(),  # the recipe that made the images the teacher saw
+        "dtype": config.dtype,
+        "imagenet_normalize": config.imagenet_normalize,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "validation_size": config.threshold.validation_size,
+        "train_rows": len(run.train),
+        "train_files": list(run.train.filenames)[:1] + list(run.train.filenames)[-1:],
+    }
+
+
+def cached_features(run: Run, owned: np.ndarray, mode: str, directory: Path) -> Any:
+    """This process's share of the training images' teacher features, in a store
+    (MemoryStore or DiskStore), computed once (a complete disk cache of the same
+    run is reused, e.g. on resume)."""
+    config, model = run.config, run.model
+    shapes = feature_shapes(model, config.image_size)
+    store: MemoryStore | DiskStore
+    if mode == FeatureCache.MEMORY:
+        store = MemoryStore(shapes, len(owned))
+    else:
+        store = DiskStore(directory, shapes, len(owned), _cache_identity(run))
+        complete = store.complete
+        if jax.process_count() > 1:  # reuse only if every process can: the fill is a collective
+            from jax.experimental import multihost_utils
+
+            complete = bool(np.min(multihost_utils.process_allgather(np.int32(complete))))
+            if not complete:
+                store.invalidate()
+        if complete:
+            log("feature cache: reusing %s", directory)
+            return store
+    local_batch = run.eval_batch // jax.process_count()
+    most = max(
+        len(pipeline.owned_rows(len(run.train), config.batch_size, config.seed, q, jax.process_count()))
+        for q in range(jax.process_count())
+    )
+    steps = -(-most // local_batch)
+    chunks = [owned[i * local_batch : (i + 1) * local_batch] for i in range(steps)]
+    batches = [sharding.pad(c if len(c) else owned[-1:], local_batch)[0] for c in chunks]
+    teacher = jax.jit(teacher_fn(model, config.imagenet_normalize))
+
+    def compute(images: np.ndarray) -> list[np.ndarray]:
+        return [sharding.local_rows(f) for f in teacher(run.teacher_vars, run.put(images))]
+
+    fill(store, len(owned), local_batch, steps, pipeline.load_batches(run.train, batches, "train"), compute)
+    if isinstance(store, DiskStore):
+        store.finish()
+    return store

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import optax
 
-from rdjax.data.features import standardize, to_unit
+from rdjax.data.normalize import standardize, to_unit
 from rdjax.models import Model
 from rdjax.pytrees import Variables
 from rdjax.runtime.sharding import batch_sharding, replicated

@@ -409,7 +409,7 @@ def rdpp_vars():
 def test_train_inputs_noise_before_normalizing(rdpp_vars):
     """train_inputs: the teacher sees the normalized image and the normalized noised image
     (noise added in [0, 1], as the official dataset does before Normalize)."""
-    from rdjax.data.features import standardize
+    from rdjax.data.normalize import standardize
 
     model = RDPP("resnet18")
     teacher_vars, _ = rdpp_vars

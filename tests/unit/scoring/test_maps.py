@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from rdjax.data import features
+from rdjax.data import normalize
 from rdjax.scoring import maps
 
 
@@ -57,7 +57,7 @@ def test_normalize_is_imagenet():
     """1e-6: one float32 subtraction and division of values below 3 (rounding ~2e-7)."""
     x = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
     want = (x / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-    np.testing.assert_allclose(np.asarray(features.normalize(jnp.asarray(x))), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(normalize.normalize(jnp.asarray(x))), want, rtol=1e-6, atol=1e-6)
 
 
 def top_ratio_reference(amaps: np.ndarray, max_ratio: float) -> np.ndarray:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from rdjax import config as config_lib
-from rdjax.data import features
 from rdjax.errors import ConfigError
 from rdjax.runtime import state as state_lib
+from rdjax.train import cache
 
 from conftest import random_variables
 
@@ -43,7 +43,7 @@ def test_disk_store_round_trips_and_is_reused_only_when_complete(tmp_path):
     shapes = [jax.ShapeDtypeStruct((2, 3, 4), np.float32), jax.ShapeDtypeStruct((5,), jax.numpy.bfloat16)]
     rng = np.random.default_rng(0)
     data = [rng.normal(size=(7, 2, 3, 4)).astype(np.float32), rng.normal(size=(7, 5)).astype(jax.numpy.bfloat16)]
-    store = features.DiskStore(tmp_path / "c", shapes, 7, {"run": 1})
+    store = cache.DiskStore(tmp_path / "c", shapes, 7, {"run": 1})
     assert not store.complete
     store.write(0, [d[:4] for d in data])
     store.write(4, [d[4:] for d in data])
@@ -51,35 +51,35 @@ def test_disk_store_round_trips_and_is_reused_only_when_complete(tmp_path):
     for got, want in zip(store.read(rows), data):
         np.testing.assert_array_equal(got, want[rows])
     store.close(delete=False)
-    assert not features.DiskStore(tmp_path / "c", shapes, 7, {"run": 1}).complete  # never finished: refilled
-    store = features.DiskStore(tmp_path / "c", shapes, 7, {"run": 1})
+    assert not cache.DiskStore(tmp_path / "c", shapes, 7, {"run": 1}).complete  # never finished: refilled
+    store = cache.DiskStore(tmp_path / "c", shapes, 7, {"run": 1})
     store.write(0, data)
     store.finish()
     store.close(delete=False)
-    again = features.DiskStore(tmp_path / "c", shapes, 7, {"run": 1})
+    again = cache.DiskStore(tmp_path / "c", shapes, 7, {"run": 1})
     assert again.complete
     np.testing.assert_array_equal(again.read(np.arange(7))[0], data[0])
     np.testing.assert_array_equal(np.load(tmp_path / "c" / "scale0.npy"), data[0])  # a valid .npy, rows in order
     again.close(delete=False)
-    assert not features.DiskStore(tmp_path / "c", shapes, 7, {"run": 2}).complete  # another run's cache
+    assert not cache.DiskStore(tmp_path / "c", shapes, 7, {"run": 2}).complete  # another run's cache
 
 
 def test_auto_chooses_by_the_figures(monkeypatch, tmp_path):
     gib = 2**30
-    monkeypatch.setattr(features, "available_memory", lambda: 8 * gib)
-    monkeypatch.setattr(features, "_free_disk", lambda d: 100 * gib)
-    assert features.choose_mode("auto", gib // 2, tmp_path)[0] == "memory"  # small: kept in the process
-    assert features.choose_mode("auto", 3 * gib, tmp_path)[0] == "disk"  # larger: through the page cache
-    assert features.choose_mode("auto", 90 * gib, tmp_path)[0] == "off"  # fits nowhere
-    monkeypatch.setattr(features, "_free_disk", lambda d: 1 * gib)
-    assert features.choose_mode("auto", 3 * gib, tmp_path)[0] == "memory"  # no disk room, memory has
-    assert features.choose_mode("auto", 5 * gib, tmp_path)[0] == "off"  # more than half the memory
-    monkeypatch.setattr(features, "_free_disk", lambda d: 100 * gib)
-    assert "features 5.00 GiB, available memory 8.0 GiB" in features.choose_mode("auto", 5 * gib, tmp_path)[1]
+    monkeypatch.setattr(cache, "available_memory", lambda: 8 * gib)
+    monkeypatch.setattr(cache, "_free_disk", lambda d: 100 * gib)
+    assert cache.choose_mode("auto", gib // 2, tmp_path)[0] == "memory"  # small: kept in the process
+    assert cache.choose_mode("auto", 3 * gib, tmp_path)[0] == "disk"  # larger: through the page cache
+    assert cache.choose_mode("auto", 90 * gib, tmp_path)[0] == "off"  # fits nowhere
+    monkeypatch.setattr(cache, "_free_disk", lambda d: 1 * gib)
+    assert cache.choose_mode("auto", 3 * gib, tmp_path)[0] == "memory"  # no disk room, memory has
+    assert cache.choose_mode("auto", 5 * gib, tmp_path)[0] == "off"  # more than half the memory
+    monkeypatch.setattr(cache, "_free_disk", lambda d: 100 * gib)
+    assert "features 5.00 GiB, available memory 8.0 GiB" in cache.choose_mode("auto", 5 * gib, tmp_path)[1]
     with pytest.raises(ConfigError, match=r"feature_cache='memory' does not fit .* use 'disk', 'off' or 'auto'"):
-        features.choose_mode("memory", 9 * gib, tmp_path)
+        cache.choose_mode("memory", 9 * gib, tmp_path)
     with pytest.raises(ConfigError, match=r"feature_cache='disk' does not fit .* set config.feature_cache_dir"):
-        features.choose_mode("disk", 101 * gib, tmp_path)
+        cache.choose_mode("disk", 101 * gib, tmp_path)
 
 
 def test_feature_size_estimate_matches_the_teacher():
@@ -88,10 +88,10 @@ def test_feature_size_estimate_matches_the_teacher():
 
     model = RD4AD("resnet18")
     teacher_vars, _ = random_variables(model, 64, seed=0, dtype=np.float32)
-    real = features.teacher_fn(model, True)(teacher_vars, np.zeros((1, 64, 64, 3), np.uint8))
-    shapes = features.feature_shapes(model, 64)
+    real = cache.teacher_fn(model, True)(teacher_vars, np.zeros((1, 64, 64, 3), np.uint8))
+    shapes = cache.feature_shapes(model, 64)
     assert [s.shape for s in shapes] == [f.shape[1:] for f in real]
-    assert features.bytes_per_image(shapes) == sum(f.nbytes for f in real)
+    assert cache.bytes_per_image(shapes) == sum(f.nbytes for f in real)
 
 
 @pytest.mark.slow  # three float64 programs to compile
@@ -113,7 +113,7 @@ def test_off_step_equals_the_cached_step_in_float64():
         images = [np.random.default_rng(i).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8) for i in range(3)]
         off = steps.make_image_train_step(model, tx, mesh)
         cached = steps.make_train_step(model, tx, mesh)
-        teacher = jax.jit(features.teacher_fn(model, True))
+        teacher = jax.jit(cache.teacher_fn(model, True))
         # Committed, replicated states (as train.py makes them): an uncommitted first
         # argument would compile each step twice.
         a, b = (
