@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
     # 'imagenet' (download/cache), a .pth/.safetensors/.npz file, an rdjax teacher
     # directory, or 'none' (random teacher: for tests and demos only).
     config.model.teacher_weights = "imagenet"
+    # Every other config.model key is an option of the model (rdjax.models.<name>, with its
+    # defaults), e.g. config.model.proj_lr for 'rdpp', config.model.warmup_steps for
+    # 'dinomaly'; a config that sets one names the model (configs/rdpp_*.py, dinomaly_*.py).
     # True: never download (teacher weights must already be in the cache); the same as
     # the environment variable RDJAX_OFFLINE=1.
     config.offline = False
@@ -72,18 +75,22 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_decay_epoch = 0
     config.lr_decay_factor = 0.1
     config.keep_checkpoints = 3
-    config.map_mode = "add"  # 'add' or 'mul' over the three scales
-    config.blur_sigma = 4.0
+    # The maps and the image score (rdjax.models.MapRecipe). Each left None (unset) is the
+    # model's own recipe, the official code's (RD4AD's and RD++'s: add, 4.0, 0, 0, 0.0;
+    # Dinomaly's: mean, 4.0, 5, 256, 0.01), or a trained workdir's; recorded in
+    # config.json when training starts.
+    config.map_mode = ml_collections.config_dict.placeholder(str)  # 'add', 'mul' or 'mean' over the scales
+    config.blur_sigma = ml_collections.config_dict.placeholder(float)
     # 0: scipy's gaussian_filter (truncate 4, reflect), RD4AD's and RD++'s blur; k > 0 (odd):
     # a k x k Gaussian with zero padding, Dinomaly's (5).
-    config.blur_kernel = 0
+    config.blur_kernel = ml_collections.config_dict.placeholder(int)
     # The side of the maps the metrics compare: 0 = the input's; > 0 = the map resized to
     # it (bilinear, align_corners=False) before the blur, and the masks by nearest
     # neighbour, as Dinomaly's evaluation does at 256.
-    config.map_size = 0
+    config.map_size = ml_collections.config_dict.placeholder(int)
     # The image score from its map: 0 = the map's maximum (RD4AD, RD++); r in (0, 1] = the
     # mean of the map's highest r fraction of pixels (Dinomaly's max_ratio, 0.01 there).
-    config.max_ratio = 0.0
+    config.max_ratio = ml_collections.config_dict.placeholder(float)
     config.imagenet_normalize = True  # False for MNIST/Fashion-MNIST, as the official helpers
     # How a file becomes the model's input (rdjax.data.preprocess.Recipe, docs/config.md):
     # filter 'pil_bilinear' (torchvision's Resize on PIL images: RD4AD's code) or
@@ -137,21 +144,6 @@ def get_config() -> ml_collections.ConfigDict:
         }
     )
 
-    # model.name='rdpp' only (RD++): the projection layers' Adam learning rate (OCBE and
-    # decoder use learning_rate) and how many batches' gradients make one optimizer step.
-    config.rdpp = ml_collections.ConfigDict()
-    config.rdpp.proj_lr = 0.001
-    config.rdpp.accumulation = 2
-    # model.name='dinomaly' only: StableAdamW (amsgrad, betas adam_b1/adam_b2) with
-    # decoupled weight decay, on a schedule warming up linearly from 0 to learning_rate over
-    # warmup_steps, then a cosine down to final_lr at the run's last step; the gradients'
-    # global norm is clipped to clip first.
-    config.dinomaly = ml_collections.ConfigDict()
-    config.dinomaly.final_lr = 2e-4
-    config.dinomaly.warmup_steps = 100
-    config.dinomaly.eps = 1e-10
-    config.dinomaly.weight_decay = 1e-4
-    config.dinomaly.clip = 0.1
     # Epochs by category where they differ from num_epochs ({} = num_epochs everywhere);
     # configs/rdpp_mvtec.py sets RD++'s official table.
     config.num_epochs_by_category = ml_collections.ConfigDict()

@@ -15,5 +15,5 @@ def get_config():
     config.setting = "per_category"
     config.dataset.category = "all"
     config.total_steps = 5000
-    config.dinomaly.eps = 1e-8
+    config.model.eps = 1e-8
     return config

@@ -38,11 +38,11 @@ def get_config():
     config.learning_rate = 2e-3
     config.adam_b1 = 0.9
     config.adam_b2 = 0.999
-    config.dinomaly.final_lr = 2e-4
-    config.dinomaly.warmup_steps = 100
-    config.dinomaly.eps = 1e-10
-    config.dinomaly.weight_decay = 1e-4
-    config.dinomaly.clip = 0.1
+    config.model.final_lr = 2e-4
+    config.model.warmup_steps = 100
+    config.model.eps = 1e-10
+    config.model.weight_decay = 1e-4
+    config.model.clip = 0.1
     config.eval_every = 1000  # epochs: in effect once, at the end
     config.checkpoint_every = 5
     config.seed = 1

@@ -20,7 +20,7 @@ def get_config():
     config.map_size = 0  # the crop's own size: no 256 px resize for 112 px inputs
     config.batch_size = 8
     config.total_steps = 220  # the RD4AD demo's budget in the unified setting: 20 epochs of 11 steps
-    config.dinomaly.warmup_steps = 20
+    config.model.warmup_steps = 20
     config.eval_every = 1000
     config.checkpoint_every = 5
     return config

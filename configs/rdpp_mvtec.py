@@ -37,8 +37,8 @@ EPOCHS = {
 def get_config():
     config = mvtec.get_config()
     config.model.name = "rdpp"
-    config.rdpp.proj_lr = 0.001
-    config.rdpp.accumulation = 2
+    config.model.proj_lr = 0.001
+    config.model.accumulation = 2
     config.learning_rate = 0.005
     config.num_epochs = 200
     config.num_epochs_by_category.update(EPOCHS)

@@ -15,7 +15,7 @@ from rdjax.configs import mvtec_unified
 def get_config():
     config = mvtec_unified.get_config()
     config.model.name = "rdpp"
-    config.rdpp.proj_lr = 0.001
-    config.rdpp.accumulation = 2
+    config.model.proj_lr = 0.001
+    config.model.accumulation = 2
     config.learning_rate = 0.005
     return config

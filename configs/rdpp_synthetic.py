@@ -7,6 +7,6 @@ from rdjax.configs import synthetic
 def get_config():
     config = synthetic.get_config()
     config.model.name = "rdpp"
-    config.rdpp.proj_lr = 0.001
-    config.rdpp.accumulation = 2
+    config.model.proj_lr = 0.001
+    config.model.accumulation = 2
     return config

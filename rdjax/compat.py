@@ -6,6 +6,7 @@ with (never today's default where that would change a result)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from rdjax import modes
@@ -15,6 +16,8 @@ EVALUATORS = "evaluators"  # 0.2.0's tuple of evaluator names, before config.eva
 # every epoch ran full batches only.
 INPUT = {"filter": modes.ResizeFilter.PIL_BILINEAR.value, "resize": 0}
 DROP_LAST = True
+# Before 0.8.0 the map keys defaulted to RD4AD's recipe, not to the model's.
+MAPS = {"map_mode": "add", "blur_sigma": 4.0, "blur_kernel": 0, "map_size": 0, "max_ratio": 0.0}
 
 
 def evals_from_names(names: Any, shipped_evals: dict) -> dict:
@@ -26,13 +29,31 @@ def evals_from_names(names: Any, shipped_evals: dict) -> dict:
     return evals
 
 
-def migrate_config(saved: dict, shipped_evals: dict) -> dict:
-    """A saved config.json's keys in today's layout: 0.2.0's config.evaluators becomes
-    config.evals, and a workdir written before config.input and config.drop_last reads as
-    the recipe and the epochs it was trained with (INPUT, DROP_LAST)."""
+def model_options(saved: dict, sections: Collection[str]) -> dict:
+    """0.7.0 kept each model's options in a top-level section of the model's name
+    (config.rdpp, config.dinomaly), every section in every config.json: the workdir's
+    model's section becomes its options in config.model, the others go. A model section
+    is a dict under a key today's config (``sections``: its top-level keys) lacks."""
     saved = dict(saved)
+    model = dict(saved.get("model", {}))
+    for key in [k for k, v in saved.items() if isinstance(v, dict) and k not in sections]:
+        section = saved.pop(key)
+        if key == model.get("name"):
+            model.update(section)
+    saved["model"] = model
+    return saved
+
+
+def migrate_config(saved: dict, shipped_evals: dict, sections: Collection[str]) -> dict:
+    """A saved config.json's keys in today's layout: 0.2.0's config.evaluators becomes
+    config.evals; 0.7.0's model sections become config.model's options (`model_options`);
+    and a workdir written before config.input, config.drop_last or a map key reads as the
+    recipe, the epochs and the maps it was trained with (INPUT, DROP_LAST, MAPS)."""
+    saved = model_options(saved, sections)
     if EVALUATORS in saved:
         saved["evals"] = evals_from_names(saved.pop(EVALUATORS), shipped_evals)
     saved.setdefault("input", INPUT)
     saved.setdefault("drop_last", DROP_LAST)
+    for key, value in MAPS.items():
+        saved.setdefault(key, value)
     return saved

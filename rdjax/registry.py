@@ -12,6 +12,7 @@ Code outside those packages (a user's plug-in, a test's toy model) calls `regist
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -66,11 +67,36 @@ DATASETS: Registry[DatasetBuilder] = Registry("dataset", "rdjax.data", "DATASET"
 EVALUATORS: Registry[EvaluatorType] = Registry("evaluator", "rdjax.evaluators", "EVALUATOR")
 
 
+# config.model's keys that are not options: what the registry and the teacher read.
+MODEL_KEYS = ("name", "arch", "teacher_weights")
+
+
 def build_model(config: Any) -> Model:
-    """The config's model, its architecture and compute dtype checked."""
-    model = MODELS.get(config.model.name)(config.model.arch, config.dtype)
+    """The config's model, `MODEL(arch, dtype, **options)` with config.model's other keys
+    as its options (the model checks them), and the image size checked."""
+    model_type = MODELS.get(config.model.name)
+    options = {k: v for k, v in config.model.items() if k not in MODEL_KEYS}
+    params = inspect.signature(model_type).parameters
+    taken = list(params)[2:]  # after arch and dtype
+    unknown = [k for k in options if k not in taken]
+    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        known = f"its options: {', '.join(taken)}" if taken else "it has none"
+        raise ConfigError(f"config.model.{unknown[0]}: not an option of model {config.model.name!r} ({known})")
+    model = model_type(config.model.arch, config.dtype, **options)
     model.check_image_size(config.image_size)
     return model
+
+
+def model_for_arch(arch: str) -> ModelType:
+    """The model `rdjax port teacher --arch` converts a teacher with: the first by name whose
+    `archs` (its teacher architectures) lists ``arch``."""
+    known: set[str] = set()
+    for name in MODELS.names():
+        archs = getattr(MODELS.get(name), "archs", ())
+        if arch in archs:
+            return MODELS.get(name)
+        known.update(archs)
+    raise ConfigError(f"unknown architecture {arch!r}; choose one of {sorted(known)}")
 
 
 def build_dataset(dataset_config: Any) -> Dataset:

@@ -22,8 +22,7 @@ from absl import flags
 
 from rdjax import config as config_lib
 from rdjax.errors import ConfigError, PortError, WorkdirError
-from rdjax.models.vit import VIT_ARCHS
-from rdjax.registry import DATASETS, MODELS
+from rdjax.registry import DATASETS, MODELS, model_for_arch
 from rdjax.runtime import weights
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.train import teacher as teacher_lib
@@ -40,7 +39,7 @@ def port(
         raise WorkdirError(f"{out}: already exists; choose a new output directory")
     DATASETS.get(dataset)
     if what == "teacher":
-        model = MODELS.get("dinomaly" if arch in VIT_ARCHS else "rd4ad")(arch, "float32")
+        model = model_for_arch(arch)(arch, "float32")
         workdir_lib.save_teacher(out, arch, teacher_lib.from_source(model, src))
     else:
         model = MODELS.get(what)(arch, "float32")
@@ -61,6 +60,7 @@ def port(
         config.input.filter = model.input_filter  # the official code's recipe, which its weights were trained on
         if config.drop_last is None:
             config.drop_last = False  # the official epoch (Dinomaly's official config sets full batches only)
+        config = config_lib.for_workdir(config, None, model)  # the map keys it leaves unset: the model's recipe
         config.model.teacher_weights = str((out / workdir_lib.TEACHER).resolve())
         # Trained elsewhere: the evaluation names root and category; category '' marks a
         # port, whose dataset keys any evaluation may change (rdjax.config.check_rerun).

@@ -1,6 +1,8 @@
 """The model contract. A model is chosen by name (config.model.name) from
 `rdjax.registry.MODELS`: the module `rdjax.models.<name>` exports `MODEL`, a class built
-as `MODEL(arch, dtype)` whose instances satisfy `Model`. RD4AD is 'rd4ad', RD++ 'rdpp',
+as `MODEL(arch, dtype, **options)` whose instances satisfy `Model`. Its options are
+config.model's keys beyond name, arch and teacher_weights, with the model's defaults
+(big_vision's `Model(**config.model)`); a model checks them itself. RD4AD is 'rd4ad', RD++ 'rdpp',
 Dinomaly 'dinomaly'.
 
 Everything the training loop, evaluation, the feature cache, the port and the export do
@@ -85,6 +87,31 @@ class Model(Protocol):
         ...
 
     @property
+    def map_recipe(self) -> MapRecipe:
+        """The official code's maps and image score: what a config's map keys left unset
+        (None) mean for a new workdir (rdjax.config.for_workdir)."""
+        ...
+
+    @property
+    def archs(self) -> tuple[str, ...]:
+        """The teacher architectures it takes (a class attribute): `rdjax port teacher
+        --arch=A` converts A's weights with the first model by name that lists A
+        (rdjax.registry.model_for_arch)."""
+        ...
+
+    @property
+    def rerun_options(self) -> tuple[str, ...]:
+        """Its options (config.model keys) a rerun of a trained workdir may change, as
+        the learning rates: the trained part stays valid (rdjax.config.check_rerun)."""
+        ...
+
+    @property
+    def training_options(self) -> tuple[str, ...]:
+        """Its options only training reads: an evaluation may change them, and its
+        results do not depend on them (rdjax.config.evaluation_settings)."""
+        ...
+
+    @property
     def official_config(self) -> str:
         """The shipped config of the official settings (its recipe, maps and scores),
         which `rdjax port` records for a ported checkpoint."""
@@ -165,4 +192,4 @@ class Model(Protocol):
         ...
 
 
-ModelType = Callable[[str, str], Model]
+ModelType = Callable[..., Model]  # MODEL(arch, dtype, **options)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -28,8 +28,8 @@ import numpy as np
 import optax
 
 from rdjax import modes
-from rdjax.errors import PortError
-from rdjax.models import ModelType, check_dtype
+from rdjax.errors import ConfigError, PortError
+from rdjax.models import MapRecipe, ModelType, check_dtype
 from rdjax.models.blocks import Block, Linear, merge_heads, split_heads
 from rdjax.models.layers import Dtype
 from rdjax.models.lowering import at_least_float32
@@ -224,13 +224,33 @@ class Dinomaly:
 
     arch: str = "dinov2_vitb14_reg4"
     dtype: str = "float32"
+    # Options (config.model): StableAdamW (amsgrad, betas config.adam_b1/adam_b2) with
+    # decoupled weight decay, on a schedule warming up linearly from 0 to
+    # config.learning_rate over warmup_steps, then a cosine down to final_lr at the run's
+    # last step; the gradients' global norm is clipped to clip first.
+    final_lr: float = 2e-4
+    warmup_steps: int = 100
+    eps: float = 1e-10
+    weight_decay: float = 1e-4
+    clip: float = 0.1
     needs_images = False  # the encoder's features can come from the cache; the dropout draws from the step's key
     input_filter = modes.ResizeFilter.PIL_BILINEAR.value  # the official torchvision Resize on PIL images
     official_config = "dinomaly_mvtec"
+    archs = tuple(VIT_ARCHS)
+    # The official evaluation: the mean of the groups' 1 - cos, resized to 256, blurred by a
+    # 5 x 5 Gaussian (sigma 4); the image score the mean of the map's top 1 %.
+    map_recipe = MapRecipe(mode="mean", blur_sigma=4.0, blur_kernel=5, size=256, max_ratio=0.01)
+    rerun_options: ClassVar[tuple[str, ...]] = ("final_lr", "warmup_steps")
+    training_options: ClassVar[tuple[str, ...]] = ("final_lr", "warmup_steps")
 
     def __post_init__(self) -> None:
         get_vit(self.arch)
         check_dtype(self.dtype)
+        if self.warmup_steps < 0 or min(self.final_lr, self.eps, self.clip) <= 0 or self.weight_decay < 0:
+            raise ConfigError(
+                "config.model: warmup_steps and weight_decay must be >= 0, final_lr, eps and clip > 0 "
+                f"(got {self.warmup_steps}, {self.weight_decay}, {self.final_lr}, {self.eps}, {self.clip})"
+            )
 
     @property
     def spec(self) -> ViTSpec:
@@ -322,22 +342,21 @@ class Dinomaly:
         return loss, batch_stats
 
     def optimizer(self, config: Any, total_steps: int = 0) -> optax.GradientTransformation:
-        """Gradient clipping at config.dinomaly.clip, then StableAdamW (amsgrad; betas
-        config.adam_b1, adam_b2; eps and weight decay from config.dinomaly) on the
-        warm-cosine schedule from config.learning_rate to config.dinomaly.final_lr over
-        the run's ``total_steps`` (the official total_iters)."""
-        d = config.dinomaly
-        warmup = int(d.warmup_steps)
+        """Gradient clipping at ``clip``, then StableAdamW (amsgrad; betas config.adam_b1,
+        adam_b2; ``eps`` and ``weight_decay``) on the warm-cosine schedule from
+        config.learning_rate to ``final_lr`` over the run's ``total_steps`` (the official
+        total_iters)."""
+        warmup = int(self.warmup_steps)
         total = max(int(total_steps), warmup + 1)  # a port's optimizer is only a shape: any length will do
-        table = warm_cosine_schedule(config.learning_rate, d.final_lr, total, warmup)
+        table = warm_cosine_schedule(config.learning_rate, self.final_lr, total, warmup)
         return optax.chain(
-            torch_clip_by_global_norm(d.clip),
+            torch_clip_by_global_norm(self.clip),
             stable_adamw(
-                schedule_fn(table, d.final_lr),
+                schedule_fn(table, self.final_lr),
                 b1=config.adam_b1,
                 b2=config.adam_b2,
-                eps=d.eps,
-                weight_decay=d.weight_decay,
+                eps=self.eps,
+                weight_decay=self.weight_decay,
             ),
         )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -19,10 +19,11 @@ import optax
 
 from rdjax import modes
 from rdjax.errors import PortError
-from rdjax.models import ModelType, check_dtype
+from rdjax.models import MapRecipe, ModelType, check_dtype
 from rdjax.models.layers import BatchNorm, Conv, Dtype
 from rdjax.models.lowering import at_least_float32
 from rdjax.models.resnet import (
+    ARCHS,
     IMAGENET_FILES,
     ArchSpec,
     Teacher,
@@ -171,6 +172,12 @@ class RD4AD:
     needs_images = False  # training can read the teacher's features from a cache (config.feature_cache)
     input_filter = modes.ResizeFilter.PIL_BILINEAR.value  # the official code's torchvision Resize on PIL images
     official_config = "mvtec"
+    archs = tuple(ARCHS)
+    # The official test code: the scales' maps added at the input's size, scipy's Gaussian
+    # (sigma 4), the image score the map's maximum.
+    map_recipe = MapRecipe(mode="add", blur_sigma=4.0, blur_kernel=0, size=0, max_ratio=0.0)
+    rerun_options: ClassVar[tuple[str, ...]] = ()  # RD4AD has no options of its own
+    training_options: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         get_arch(self.arch)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from rdjax import modes
-from rdjax.errors import PortError
+from rdjax.errors import ConfigError, PortError
 from rdjax.models import ModelType
 from rdjax.models.layers import Conv, Dtype, torch_default_init
 from rdjax.models.lowering import at_least_float32
@@ -223,11 +223,23 @@ def add_noise(x: jax.Array, key: jax.Array) -> jax.Array:
 class RDPP(RD4AD):
     """RD4AD's assembly with the MPL inside the student; evaluation and maps are RD4AD's
     (the MPL sits in the inference path). Training needs the images in every step, for the
-    noised branch."""
+    noised branch. Its options (config.model) are the optimizer's."""
 
+    proj_lr: float = 0.001  # the projection layers' Adam learning rate (OCBE and decoder: config.learning_rate)
+    accumulation: int = 2  # how many batches' gradients make one optimizer step
     needs_images = True
     input_filter = modes.ResizeFilter.CV2_BILINEAR.value  # the official dataset's cv2.resize(image / 255.0)
     official_config = "rdpp_mvtec"
+    rerun_options: ClassVar[tuple[str, ...]] = ("proj_lr",)
+    training_options: ClassVar[tuple[str, ...]] = ("proj_lr", "accumulation")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.accumulation < 1 or self.proj_lr <= 0:
+            raise ConfigError(
+                f"config.model.accumulation={self.accumulation} must be >= 1 and "
+                f"config.model.proj_lr={self.proj_lr} > 0"
+            )
 
     @property
     def student(self) -> Student:  # type: ignore[override]  # RD4AD's student plus the MPL
@@ -265,14 +277,14 @@ class RDPP(RD4AD):
         return distill + PROJ_WEIGHT * proj, updates["batch_stats"]
 
     def optimizer(self, config: Any, total_steps: int = 0) -> optax.GradientTransformation:
-        """Two Adams (betas config.adam_b1, adam_b2): the MPL at config.rdpp.proj_lr, OCBE and
-        decoder at config.learning_rate, stepping every config.rdpp.accumulation batches on
+        """Two Adams (betas config.adam_b1, adam_b2): the MPL at ``proj_lr``, OCBE and
+        decoder at config.learning_rate, stepping every ``accumulation`` batches on
         the *sum* of their gradients, as the official loop does. The sum is kept in float64
         where jax_enable_x64 allows it (the reference checks), else in float32."""
-        k = int(config.rdpp.accumulation)
+        k = int(self.accumulation)
         adam = lambda lr: optax.adam(lr, b1=config.adam_b1, b2=config.adam_b2)  # noqa: E731
         both = optax.multi_transform(
-            {"proj": adam(config.rdpp.proj_lr), "distill": adam(config.learning_rate)},
+            {"proj": adam(self.proj_lr), "distill": adam(config.learning_rate)},
             lambda params: {
                 name: jax.tree.map(lambda _, label="proj" if name == "proj" else "distill": label, tree)
                 for name, tree in params.items()

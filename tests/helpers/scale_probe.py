@@ -70,7 +70,7 @@ def _setup(name: str, dtype: str, batches: int):
 def run(count: int, name: str = "rd4ad") -> dict:
     model, student_vars, batches = _setup(name, "float64", count)
     config = config_lib.defaults()
-    config.dinomaly.warmup_steps = 0  # the first step moves the parameters (warm-up starts at rate 0)
+    config.model.warmup_steps = 0  # the first step moves the parameters (warm-up starts at rate 0)
     tx = model.optimizer(config, total_steps=10)
     result = _flat("start", student_vars["params"])
     for n, mesh, rep, dat in _meshes((1, 2) if name == "dinomaly" else (1, 2, 8)):

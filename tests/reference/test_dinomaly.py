@@ -215,9 +215,9 @@ def test_the_demo_config_trains_exactly_total_steps_and_a_rerun_extends_it(synth
     full batches only: total_steps=3 stops inside the first epoch's last steps or the
     second epoch, with a checkpoint at 3 and metrics; a rerun with total_steps=5 resumes
     at step 3 and stops at 5."""
+    from rdjax import train
     from rdjax.configs import dinomaly_synthetic
     from rdjax.runtime import workdir as workdir_lib
-    from rdjax.train import loop as train
 
     root = synthetic_data()
     config = dinomaly_synthetic.get_config()
@@ -226,7 +226,7 @@ def test_the_demo_config_trains_exactly_total_steps_and_a_rerun_extends_it(synth
     del config.evals["report"]  # its pictures are tested elsewhere
     config.input.resize, config.image_size = 64, 56
     config.threshold.method, config.threshold.validation_size = "f1", 0
-    config.total_steps, config.dinomaly.warmup_steps = 3, 1
+    config.total_steps, config.model.warmup_steps = 3, 1
     result = train.run(config, tmp_path / "w")
     assert "disk" in result and 0 <= result["disk"]["aupro_200"] <= 1
     manager = workdir_lib.checkpoint_manager(tmp_path / "w", create=False)

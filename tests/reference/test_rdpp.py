@@ -27,6 +27,7 @@ import torch
 
 import rdjax
 from rdjax import config as config_lib
+from rdjax import train
 from rdjax.configs import rdpp_synthetic
 from rdjax.deploy import export, port
 from rdjax.errors import ConfigError
@@ -35,7 +36,6 @@ from rdjax.models.rdpp import RDPP
 from rdjax.models.sinkhorn import epsilon_schedule, sinkhorn_divergence
 from rdjax.runtime import state as state_lib
 from rdjax.runtime import weights
-from rdjax.train import loop as train
 
 from conftest import (
     ROOT,
@@ -305,7 +305,8 @@ def test_rdpp_trains_predicts_exports_and_ports(synthetic_data, tmp_path):
     root = synthetic_data()
     config = small_config(root, num_epochs=9, eval_every=1, report_best_on_test=True)
     config.num_epochs_by_category.disk = 2  # RD++'s per-category table
-    config.model.name, config.rdpp = "rdpp", rdpp_synthetic.get_config().rdpp
+    rdpp = rdpp_synthetic.get_config().model  # RD++'s options
+    config.model.name, config.model.proj_lr, config.model.accumulation = "rdpp", rdpp.proj_lr, rdpp.accumulation
     with pytest.raises(ConfigError, match="feature_cache='memory': model 'rdpp'"):
         bad = config.copy_and_resolve_references()
         bad.feature_cache = "memory"

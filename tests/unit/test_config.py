@@ -11,6 +11,7 @@ from rdjax import config as config_lib
 from rdjax import evaluators as evaluators_lib
 from rdjax import registry
 from rdjax.errors import ConfigError
+from rdjax.models.rd4ad import RD4AD
 from rdjax.registry import DATASETS, EVALUATORS, MODELS, Registry
 
 from conftest import ROOT
@@ -68,13 +69,14 @@ def test_workdirs_before_the_official_epoch_resume_with_full_batches(tmp_path):
     del saved["drop_last"], saved["input"]
     old = config_lib.from_dict(saved)
     assert old.drop_last is True and config_lib.from_dict({"drop_last": False}).drop_last is False
-    rerun = config_lib.for_workdir(config_lib.defaults(), old, "pil_bilinear")
-    assert rerun.drop_last is True and config_lib.check_rerun(tmp_path, old, rerun, evaluating=False) == []
-    assert config_lib.for_workdir(config_lib.defaults(), None, "pil_bilinear").drop_last is False
+    model = RD4AD()
+    rerun = config_lib.for_workdir(config_lib.defaults(), old, model)
+    assert rerun.drop_last is True and config_lib.check_rerun(tmp_path, old, rerun, evaluating=False, model=model) == []
+    assert config_lib.for_workdir(config_lib.defaults(), None, model).drop_last is False
     explicit = config_lib.defaults()
     explicit.drop_last = False
     with pytest.raises(ConfigError, match="config.drop_last=False, but .* was trained with True"):
-        config_lib.check_rerun(tmp_path, old, config_lib.for_workdir(explicit, old, "pil_bilinear"), evaluating=False)
+        config_lib.check_rerun(tmp_path, old, config_lib.for_workdir(explicit, old, model), False, model)
 
 
 def test_old_evaluator_tuples_become_evals():
@@ -112,7 +114,6 @@ def test_checks_name_the_key():
         ({"blur_kernel": 4}, "config.blur_kernel=4 0 or an odd size"),
         ({"map_size": 128, "resize.mode": "tile"}, "config.map_size=128 resizes them"),
         ({"input.mask_threshold": 1.0}, r"config.input.mask_threshold=1.0 must be in \[0, 1\)"),
-        ({"dinomaly.clip": 0.0}, "config.dinomaly: .* clip > 0"),
     ):
         bad = config.copy_and_resolve_references()
         for key, value in keys.items():
@@ -204,7 +205,7 @@ def test_check_rerun_names_the_key_and_what_each_command_may_change():
     calibration.json and what only training reads; a ported workdir's dataset ('') is
     named by its first evaluation."""
     saved = config_lib.defaults()
-    same = config_lib.check_rerun("W", saved, saved.copy_and_resolve_references(), evaluating=False)
+    same = config_lib.check_rerun("W", saved, saved.copy_and_resolve_references(), evaluating=False, model=RD4AD())
     assert same == []
 
     def changed(key: str, value, evaluating: bool) -> list[str]:
@@ -213,7 +214,7 @@ def test_check_rerun_names_the_key_and_what_each_command_may_change():
         for part in path[:-1]:
             node = node[part]
         node[path[-1]] = value
-        return config_lib.check_rerun("W", saved, config, evaluating)
+        return config_lib.check_rerun("W", saved, config, evaluating, RD4AD())
 
     assert changed("num_epochs", 300, evaluating=False) == ["config.num_epochs=300 (the workdir's config.json has 200)"]
     for key, value in [("image_size", 128), ("model.arch", "resnet18"), ("dataset.category", "cable"),
@@ -227,7 +228,7 @@ def test_check_rerun_names_the_key_and_what_each_command_may_change():
         assert len(changed(key, value, evaluating=True)) == 1
     ported = saved.copy_and_resolve_references()
     ported.dataset.name = ported.dataset.category = ""
-    assert len(config_lib.check_rerun("W", ported, saved, evaluating=True)) == 2
+    assert len(config_lib.check_rerun("W", ported, saved, evaluating=True, model=RD4AD())) == 2
 
 
 def test_every_package_is_installed_and_configs_resolve_from_a_source_tree(tmp_path):
@@ -260,7 +261,7 @@ def test_a_refusal_names_every_key_that_blocks_the_model_first():
     config = saved.copy_and_resolve_references()
     config.batch_size, config.model.arch, config.model.name, config.num_epochs = 8, "resnet18", "rdpp", 300
     with pytest.raises(ConfigError) as info:
-        config_lib.check_rerun("W", saved, config, evaluating=False)
+        config_lib.check_rerun("W", saved, config, evaluating=False, model=RD4AD())
     assert str(info.value) == (
         "config.model.name='rdpp', but W was trained with 'rd4ad' (and config.model.arch='resnet18', not "
         "'wide_resnet50_2'; config.batch_size=8, not 16): a rerun may not change them (use a new --workdir, or "
@@ -288,3 +289,114 @@ def test_the_parent_of_a_list_of_categories_evaluates_those_it_holds(tmp_path):
     for category in ("disk", "rust"):
         workdir_lib.save_config(tmp_path / category, config_lib.defaults())
     assert workdir_lib.saved_config(tmp_path).dataset.category == "disk,rust"
+
+
+def _v070(model: dict, **keys) -> dict:
+    """A config.json in 0.7.0's layout: every model's options in a section of its name,
+    the map keys explicit (their defaults then RD4AD's recipe)."""
+    saved = config_lib.defaults().to_dict()
+    saved.update(map_mode="add", blur_sigma=4.0, blur_kernel=0, map_size=0, max_ratio=0.0, drop_last=False)
+    saved["model"] = model
+    saved["rdpp"] = {"proj_lr": 0.001, "accumulation": 2}
+    saved["dinomaly"] = {"final_lr": 2e-4, "warmup_steps": 100, "eps": 1e-10, "weight_decay": 1e-4, "clip": 0.1}
+    saved.update(keys)
+    return saved
+
+
+def test_a_070_workdir_reads_its_model_sections_as_the_models_options(tmp_path):
+    """0.7.0's config.dinomaly and config.rdpp: the workdir's model's section becomes its
+    options in config.model, the other goes; its map keys stay as written, and a rerun of
+    its own (migrated) config builds the model with those options."""
+    import json
+
+    from rdjax.runtime import workdir as workdir_lib
+
+    dinomaly = {"name": "dinomaly", "arch": "vit_tiny14_reg4", "teacher_weights": "none"}
+    saved = _v070(dinomaly, map_mode="mean", blur_kernel=5, max_ratio=0.01, image_size=112)
+    saved["dinomaly"]["warmup_steps"] = 20
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = workdir_lib.load_config(tmp_path)
+    assert "dinomaly" not in config and "rdpp" not in config
+    assert config.model.warmup_steps == 20 and config.model.eps == 1e-10 and "proj_lr" not in config.model
+    assert (config.map_mode, config.blur_kernel, config.map_size, config.max_ratio) == ("mean", 5, 0, 0.01)
+    model = registry.build_model(config)
+    assert (model.warmup_steps, model.clip) == (20, 0.1)
+    assert config_lib.check_rerun(tmp_path, config, config_lib.for_workdir(config, config, model), False, model) == []
+    rdpp = config_lib.from_dict(_v070({"name": "rdpp", "arch": "resnet18"}, rdpp={"proj_lr": 0.002, "accumulation": 3}))
+    assert (rdpp.model.proj_lr, rdpp.model.accumulation) == (0.002, 3) and "final_lr" not in rdpp.model
+    rd4ad = config_lib.from_dict(_v070({"name": "rd4ad", "arch": "resnet18"}))
+    assert set(rd4ad.model) == {"name", "arch", "teacher_weights"} and rd4ad.map_size == 0
+    before_maps = config_lib.defaults().to_dict()
+    for key in config_lib.MAP_KEYS:
+        del before_maps[key]
+    assert config_lib.from_dict(before_maps).map_mode == "add"  # written before a map key existed
+
+
+def test_the_map_keys_left_unset_are_the_models_recipe():
+    """`--config=mvtec --config.model.name=dinomaly` scores with Dinomaly's recipe, not
+    RD4AD's; a key the config sets is kept; a trained workdir's recipe is its own; the
+    resolved recipe is checked."""
+    from rdjax.models import MapRecipe
+    from rdjax.models.dinomaly import Dinomaly
+
+    config = config_lib.shipped_config("mvtec")
+    assert MapRecipe.of(config_lib.for_workdir(config, None, registry.build_model(config))) == RD4AD.map_recipe
+    config.model.name, config.model.arch, config.image_size = "dinomaly", "vit_tiny14_reg4", 392
+    model = registry.build_model(config)
+    resolved = config_lib.for_workdir(config, None, model)
+    assert MapRecipe.of(resolved) == Dinomaly.map_recipe == MapRecipe("mean", 4.0, 5, 256, 0.01)
+    assert config_lib.from_dict(resolved.to_dict()).map_size == 256  # recorded in config.json
+    config.map_size = 0
+    assert MapRecipe.of(config_lib.for_workdir(config, None, model)).size == 0
+    config.map_size = None
+    assert config_lib.for_workdir(config, config_lib.from_dict(_v070({})), model).map_mode == "add"
+    config.resize.mode = "tile"
+    with pytest.raises(ConfigError, match="config.map_size=256 resizes them"):
+        config_lib.for_workdir(config, None, model)
+
+
+def test_a_model_checks_its_own_options():
+    """config.model's keys beyond name, arch and teacher_weights are the model's options:
+    out of range or unknown, one line names them."""
+    config = config_lib.shipped_config("dinomaly_synthetic")
+    assert registry.build_model(config).warmup_steps == 20
+    config.model.clip = 0.0
+    with pytest.raises(ConfigError, match="config.model: .* clip > 0"):
+        registry.build_model(config)
+    config = config_lib.shipped_config("rdpp_synthetic")
+    config.model.accumulation = 0
+    with pytest.raises(ConfigError, match="config.model.accumulation=0 must be >= 1"):
+        registry.build_model(config)
+    config = config_lib.shipped_config("synthetic")
+    config.model.warmup_steps = 5
+    with pytest.raises(
+        ConfigError, match="config.model.warmup_steps: not an option of model 'rd4ad' \\(it has none\\)"
+    ):
+        registry.build_model(config)
+
+
+def test_a_models_rerun_options_may_change():
+    """Dinomaly's final_lr and warmup_steps are schedule keys a rerun may change; its
+    eps may not; RD++'s accumulation only an evaluation may."""
+    saved = config_lib.shipped_config("dinomaly_synthetic")
+    model = registry.build_model(saved)
+    config = saved.copy_and_resolve_references()
+    config.model.warmup_steps, config.model.final_lr = 10, 1e-4
+    assert len(config_lib.check_rerun("W", saved, config, False, model)) == 2
+    config.model.eps = 1e-8
+    with pytest.raises(ConfigError, match=r"^config\.model\.eps=1e-08, but W was trained with 1e-10"):
+        config_lib.check_rerun("W", saved, config, False, model)
+    saved = config_lib.shipped_config("rdpp_synthetic")
+    config = saved.copy_and_resolve_references()
+    config.model.accumulation = 4
+    with pytest.raises(ConfigError, match="config.model.accumulation=4"):
+        config_lib.check_rerun("W", saved, config, False, registry.build_model(saved))
+    assert len(config_lib.check_rerun("W", saved, config, True, registry.build_model(saved))) == 1
+
+
+def test_port_teacher_finds_the_model_by_its_archs():
+    from rdjax.models.dinomaly import Dinomaly
+
+    assert registry.model_for_arch("dinov2_vits14") is Dinomaly and registry.model_for_arch("resnet18") is RD4AD
+    with pytest.raises(ConfigError, match="unknown architecture 'vgg16'; choose one of"):
+        registry.model_for_arch("vgg16")

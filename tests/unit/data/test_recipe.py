@@ -181,15 +181,15 @@ def test_new_config_keeps_its_filter():
 def test_resolve_input():
     config = rdconfig.defaults()
     assert config.input.filter == ""
-    assert rdconfig.for_workdir(config, None, RDPP.input_filter).input.filter == "cv2_bilinear"
+    assert rdconfig.for_workdir(config, None, RDPP()).input.filter == "cv2_bilinear"
     assert config.input.filter == ""  # the caller's config is left as it was
-    assert rdconfig.for_workdir(config, None, RD4AD.input_filter).input.filter == "pil_bilinear"
+    assert rdconfig.for_workdir(config, None, RD4AD()).input.filter == "pil_bilinear"
 
     saved = rdconfig.from_dict(_legacy_rdpp_dict())  # a workdir trained with PIL's filter
-    assert rdconfig.for_workdir(config, saved, RDPP.input_filter).input.filter == "pil_bilinear"
+    assert rdconfig.for_workdir(config, saved, RDPP()).input.filter == "pil_bilinear"
 
     config.input.filter = "cv2_bilinear"
-    assert rdconfig.for_workdir(config, saved, RD4AD.input_filter).input.filter == "cv2_bilinear"
+    assert rdconfig.for_workdir(config, saved, RD4AD()).input.filter == "cv2_bilinear"
 
 
 def test_check_accepts_the_recipes():
