@@ -3,7 +3,7 @@
 
 Writes OUT/overlays/<name>.png (the decision picture: OK/NG, score, normalized score,
 the plain image beside the image blended with its map on one colour scale for the run,
-the mask outlined, the map's peak marked, a colour bar; rdjax.outputs.results.decision_picture),
+the mask outlined, the map's peak marked, a colour bar; rdjax.outputs.pictures.decision_picture),
 OUT/masks/<name>_mask.png (when the workdir is calibrated;
 rdjax.scoring.thresholds.explanation_masks), OUT/scores.csv and OUT/report.html (every image
 with its heat map and score, a threshold slider and where the threshold came from;
@@ -16,7 +16,7 @@ folder and file name of <name> is made valid on Linux, macOS and Windows
 (rdjax.deploy.names.portable: what is not UTF-8 or Windows refuses is escaped as %XX, a
 name longer than NAME_BYTES is cut and given a hash), and names that would share a file
 on a case-insensitive file system get a hash each (rdjax.deploy.names.output_names).
-Every path written is checked to lie within OUT (rdjax.outputs.results.inside); a disk
+Every path written is checked to lie within OUT (rdjax.outputs.files.inside); a disk
 that fills or refuses a write is one line, and what the run wrote is removed.
 Every file of the input is accounted for: scores.csv has a row for each, with status
 `scored`, or `skipped` and the reason (not an image file, or an image that does not
@@ -206,7 +206,7 @@ def _score_images(
     do not decode join ``skipped``."""
     from tqdm import tqdm
 
-    from rdjax.outputs import results as outputs
+    from rdjax.outputs import files as outputs
     from rdjax.outputs import webpage
 
     scored = _Scored({}, [], [], None)
@@ -232,7 +232,7 @@ def _predict_files(
     options: PredictOptions,
 ) -> None:  # fmt: skip
     """predict_folder's work once the model is loaded: every file's row, picture and card."""
-    from rdjax.outputs import results as outputs
+    from rdjax.outputs import files as outputs
     from rdjax.outputs import webpage
     from rdjax.runtime.workdir import write_csv
 

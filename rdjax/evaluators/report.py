@@ -17,9 +17,7 @@ import sklearn.metrics as skm
 
 from rdjax.data.preprocess import Recipe, to_display
 from rdjax.evaluators import EvalContext, EvaluatorType
-from rdjax.outputs import results as outputs
-from rdjax.outputs import sheet as report
-from rdjax.outputs import webpage
+from rdjax.outputs import pictures, sheet, webpage
 from rdjax.runtime.workdir import write_csv
 from rdjax.scoring.maps import map_masks
 from rdjax.scoring.thresholds import colour_scale
@@ -37,7 +35,7 @@ class Report:
         where the pass did not keep them (binned pixel statistics), for the page's
         thumbnails. Every process takes part in those computations."""
         test, passed = context.test, context.test_pass
-        rows = np.concatenate(outputs.hardest_cases(test.labels, passed.scores, self.hardest))
+        rows = np.concatenate(pictures.hardest_cases(test.labels, passed.scores, self.hardest))
         maps = context.predict(test, rows)
         thumbnail_maps = _thumbnail_maps(context)
         if context.out_dir is None:
@@ -49,38 +47,43 @@ class Report:
         threshold = None if cal is None else cal["image_threshold"]
         masks = map_masks(test.masks(rows), config.map_size)
         lo, hi = (passed.pixels.lo, passed.pixels.hi) if threshold is None else colour_scale(threshold)
-        cases = outputs.Cases(
+        cases = pictures.Cases(
             rows, to_display(test.images(rows)), masks, maps, passed.scores[rows],
             [test.filenames[i] for i in rows], test.labels[rows], lo, hi,
         )  # fmt: skip
-        roc = None
-        if test.labels.min() != test.labels.max():
-            roc = tuple(skm.roc_curve(test.labels, passed.scores)[:2])
-        pro = None
-        if passed.pixels.has_regions:
-            fpr, overlap = passed.pixels.pro_curve
-            pro = (fpr[fpr <= 0.3], overlap[fpr <= 0.3])
+        curves = _curves(test.labels, passed)
         out = context.out_dir
         title = f"{config.dataset.category}: {config.model.name} {config.model.arch}, epoch {context.epoch}"
-        seen = outputs.seen_fraction(Recipe.from_config(config))
-        if 1 - seen > outputs.CROP_NOTE_AREA:  # the pictures show the crop alone: say what it leaves out
+        seen = pictures.seen_fraction(Recipe.from_config(config))
+        if 1 - seen > pictures.CROP_NOTE_AREA:  # the pictures show the crop alone: say what it leaves out
             title += f" (the model sees the central {100 * seen:.3g}% of each image's area)"
         metrics = needed[self.metrics_from] if self.metrics_from else None
-        report.write_report(
-            out / "report.png", test.labels, passed.scores, passed.pixels, cases, cal, roc, pro,
-            title=title, metrics=metrics,
-        )  # fmt: skip
-        written = outputs.write_overlays(out / "images", cases, threshold, str(config.dataset.category))
+        scored = sheet.ScoredSet(test.labels, passed.scores, passed.pixels)
+        sheet.write_report(out / "report.png", scored, cases, cal, curves, title=title, metrics=metrics)
+        written = pictures.write_overlays(out / "images", cases, threshold, str(config.dataset.category))
         _write_scores(out / "scores.csv", test, passed.scores, threshold)
         page = webpage.Page(
             title=title, scores=passed.scores, filenames=test.filenames, labels=test.labels,
             images=lambda rows: to_display(test.images(rows)),
-            metrics=metrics, threshold=threshold, roc=roc, pro=pro,
+            metrics=metrics, threshold=threshold, roc=curves.roc, pro=curves.pro,
             pictures={int(r): f"images/{p.name}" for r, p in zip(rows, written)},
             maps=thumbnail_maps, colour_range=(lo, hi), calibration=cal,
         )  # fmt: skip
         webpage.write_page(out / "report.html", page)
         return {}
+
+
+def _curves(labels: np.ndarray, passed: Any) -> sheet.Curves:
+    """The image ROC curve (None with one class only) and the PRO curve up to FPR 0.3 (None
+    without regions), computed once for report.png and report.html."""
+    roc = None
+    if labels.min() != labels.max():
+        roc = tuple(skm.roc_curve(labels, passed.scores)[:2])
+    pro = None
+    if passed.pixels.has_regions:
+        fpr, overlap = passed.pixels.pro_curve
+        pro = (fpr[fpr <= 0.3], overlap[fpr <= 0.3])
+    return sheet.Curves(roc, pro)
 
 
 def _thumbnail_maps(context: EvalContext) -> Callable[[np.ndarray], np.ndarray]:

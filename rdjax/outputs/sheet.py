@@ -13,6 +13,7 @@ threshold in its middle (calibration.colour_scale), and each row has its colour 
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,21 +21,21 @@ from typing import Any
 
 import numpy as np
 
-from rdjax.outputs.results import Cases, fit_image, outcome
+from rdjax.outputs.pictures import Cases, fit_image, outcome
 from rdjax.runtime.workdir import atomic_path
 from rdjax.scoring.metrics import METRIC_NAMES, TABLE_KEYS, PixelStats
 from rdjax.scoring.thresholds import confusion, describe, few_images
 
 WIDTH = 16.0  # inches; at the saved 80 dpi, 1280 px
 CURVES_HEIGHT = 4.2  # inches: the curves' row
-HEADLINE_WIDTH = 120  # characters: a longer line of the title is wrapped to stay on the sheet
+SUBTITLE_WIDTH = 120  # characters: a longer line of the subtitle is wrapped to stay on the sheet
 
 
-def headline(
+def subtitle(
     metrics: Mapping[str, Any] | None, calibration: Mapping[str, Any] | None, counts: Mapping[str, int] | None = None
 ) -> str:
-    """The table's metrics (percent, those defined), the image level on one line and the
-    pixel level on the next; then the image threshold and where it came from
+    """The lines under the sheet's title: the table's metrics (percent, those defined), the
+    image level on one line and the pixel level on the next; then the image threshold and where it came from
     (rdjax.scoring.thresholds.describe), the test images' decisions at it (``counts``:
     calibration.confusion) and the warning of a threshold on few images."""
     levels: list[list[str]] = [[], []]
@@ -53,25 +54,39 @@ def headline(
             )
         warning = few_images(dict(calibration))
         if warning:
-            lines += textwrap.wrap(f"warning: {warning}", HEADLINE_WIDTH)
+            lines += textwrap.wrap(f"warning: {warning}", SUBTITLE_WIDTH)
     return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredSet:
+    """A test set as the evaluation pass scored it: its labels (0 = good), image scores
+    and pixel statistics."""
+
+    labels: np.ndarray
+    scores: np.ndarray
+    pixels: PixelStats
+
+
+@dataclasses.dataclass(frozen=True)
+class Curves:
+    """``roc``: the image ROC curve (fpr, tpr), None with one class only; ``pro``: the PRO
+    curve up to FPR 0.3, None without regions (computed once, shared with report.html)."""
+
+    roc: tuple[np.ndarray, np.ndarray] | None
+    pro: tuple[np.ndarray, np.ndarray] | None
 
 
 def write_report(
     path: Path,
-    labels: np.ndarray,
-    scores: np.ndarray,
-    pixels: PixelStats,
+    scored: ScoredSet,
     cases: Cases,
     calibration: dict | None,
-    roc: tuple[np.ndarray, np.ndarray] | None,
-    pro: tuple[np.ndarray, np.ndarray] | None,
+    curves: Curves,
     title: str = "",
     metrics: Mapping[str, Any] | None = None,
 ) -> Path:
-    """``roc``: the image ROC curve (fpr, tpr), None with one class only; ``pro``: the PRO
-    curve up to FPR 0.3, None without regions (computed once, shared with report.html);
-    ``title``: what was evaluated; ``metrics``: a result whose TABLE_KEYS head the sheet
+    """``title``: what was evaluated; ``metrics``: a result whose TABLE_KEYS head the sheet
     (None: the image AUROC and AUPRO the curves give)."""
     import matplotlib
 
@@ -79,13 +94,14 @@ def write_report(
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_auc_score
 
-    auroc = None if roc is None else float(roc_auc_score(labels, scores))
-    aupro = None if pro is None else pixels.aupro()
+    labels, scores = scored.labels, scored.scores
+    auroc = None if curves.roc is None else float(roc_auc_score(labels, scores))
+    aupro = None if curves.pro is None else scored.pixels.aupro()
     groups = [g for g in (np.flatnonzero(cases.labels == 0), np.flatnonzero(cases.labels != 0)) if len(g)]
     columns = 2 * max(4, *(len(g) for g in groups)) if groups else 8
     row_height = (WIDTH - 1.0) / columns + 0.9  # square images, two title lines and the row's title
     counts = None if calibration is None else confusion(labels, scores, calibration["image_threshold"])
-    head = headline(metrics or {"image_auroc": auroc, "aupro": aupro}, calibration, counts)
+    head = subtitle(metrics or {"image_auroc": auroc, "aupro": aupro}, calibration, counts)
     fig = plt.figure(
         figsize=(WIDTH, 0.8 + 0.25 * head.count("\n") + CURVES_HEIGHT + row_height * len(groups)),
         layout="constrained",
@@ -93,7 +109,7 @@ def write_report(
     fig.suptitle(f"{title}\n{head}".strip(), fontsize=13)
     heights = [CURVES_HEIGHT] + [row_height] * len(groups)
     top, *rows = fig.subfigures(len(heights), 1, squeeze=False, height_ratios=heights)[:, 0]
-    _draw_curves(top, labels, scores, calibration, roc, pro, auroc, aupro)
+    _draw_curves(top, scored, calibration, curves, auroc, aupro)
     threshold = None if calibration is None else calibration["image_threshold"]
     for sub, group in zip(rows, groups):
         _draw_cases(sub, cases, group, columns, threshold)
@@ -104,15 +120,9 @@ def write_report(
 
 
 def _draw_curves(
-    fig: Any,
-    labels: np.ndarray,
-    scores: np.ndarray,
-    calibration: dict | None,
-    roc: tuple[np.ndarray, np.ndarray] | None,
-    pro: tuple[np.ndarray, np.ndarray] | None,
-    auroc: float | None,
-    aupro: float | None,
+    fig: Any, scored: ScoredSet, calibration: dict | None, curves: Curves, auroc: float | None, aupro: float | None
 ) -> None:
+    labels, scores, roc, pro = scored.labels, scored.scores, curves.roc, curves.pro
     ax_roc, ax_pro, ax_hist = fig.subplots(1, 3, width_ratios=[1, 1, 1.6])
     if roc is not None:
         ax_roc.plot(*roc, label=f"AUROC {auroc:.3f}")

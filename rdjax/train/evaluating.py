@@ -18,7 +18,7 @@ from rdjax import config as config_lib
 from rdjax import evaluators as evaluators_lib
 from rdjax import modes
 from rdjax.data.preprocess import Recipe, Split
-from rdjax.outputs import results as outputs
+from rdjax.outputs import files as outputs
 from rdjax.runtime import sharding
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring import maps, metrics, tiling

@@ -14,7 +14,8 @@ from typing import Any
 import jax
 
 from rdjax.errors import TrainingError
-from rdjax.outputs import results as outputs
+from rdjax.outputs import files as outputs
+from rdjax.outputs import tables
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring import metrics
 from rdjax.scoring import thresholds as calibration_lib
@@ -112,7 +113,7 @@ class Writer:
     def summary(self, results: dict[str, dict], keys: tuple[str, ...]) -> None:
         """results.md over the categories of a run, with the mean row."""
         if self.primary:
-            workdir_lib.write_text(self.workdir / "results.md", outputs.summary_markdown(results, keys))
+            workdir_lib.write_text(self.workdir / "results.md", tables.summary_markdown(results, keys))
 
     def finish(self, config: Any) -> None:
         if self.primary and config.report_best_on_test:

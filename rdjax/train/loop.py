@@ -29,7 +29,7 @@ from rdjax.data import pipeline
 from rdjax.data.pipeline import prefetch
 from rdjax.errors import DataError, Interrupted, TrainingError, WorkdirError
 from rdjax.modes import FeatureCache
-from rdjax.outputs import results as outputs
+from rdjax.outputs import files as outputs
 from rdjax.runtime import sharding
 from rdjax.runtime import state as state_lib
 from rdjax.runtime import workdir as workdir_lib

@@ -21,7 +21,7 @@ from rdjax.errors import ConfigError, DataError
 from rdjax.evaluators.calibration import calibration_split
 from rdjax.models import Model
 from rdjax.modes import FeatureCache
-from rdjax.outputs import results as outputs
+from rdjax.outputs import pictures as outputs
 from rdjax.runtime import sharding, weights
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring import thresholds as calibration_lib

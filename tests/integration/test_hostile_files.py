@@ -31,7 +31,7 @@ from rdjax.data import preprocess
 from rdjax.deploy.images import as_images
 from rdjax.deploy.names import output_names
 from rdjax.errors import DataError, WorkdirError
-from rdjax.outputs import results as outputs
+from rdjax.outputs import files as outputs
 
 from conftest import rdjax_cli
 

@@ -286,7 +286,7 @@ def test_novelty_trains_and_reports_both_scores(mock_tfds, tmp_path):
     # A sum of H*W values each within RECOMPUTED: within H*W times that.
     sum_tol = RECOMPUTED * maps[0].size
     assert_auroc_within(result["image_auroc_sum"], test.labels, maps.sum(axis=(1, 2)), sum_tol)
-    from rdjax.outputs.results import summary_markdown
+    from rdjax.outputs.tables import summary_markdown
 
     table = summary_markdown({"class_3": result}, registry.build_dataset(config.dataset).summary_keys)
     assert "image AUROC (sum of map)" in table and "**mean**" in table

@@ -10,8 +10,8 @@ from matplotlib import colormaps
 from PIL import Image, ImageFont
 from sklearn.metrics import roc_curve
 
-from rdjax.outputs import results as outputs
-from rdjax.outputs import sheet as report
+from rdjax.outputs import pictures, sheet
+from rdjax.outputs.pictures import Regions, Verdict
 from rdjax.scoring import metrics
 from rdjax.scoring.thresholds import describe
 
@@ -21,12 +21,12 @@ WHITE = (255, 255, 255)
 def test_outline_is_the_masks_edge():
     mask = np.zeros((6, 6), bool)
     mask[1:4, 1:5] = True
-    edge = outputs.outline(mask)
+    edge = pictures.outline(mask)
     inner = np.zeros((6, 6), bool)
     inner[2, 2:4] = True
     np.testing.assert_array_equal(edge, mask & ~inner)
     full = np.ones((4, 4), bool)
-    assert not outputs.outline(full).any()  # the image border does not count as an edge
+    assert not pictures.outline(full).any()  # the image border does not count as an edge
 
 
 def test_a_wider_outline_is_drawn_inside_the_mask():
@@ -34,7 +34,7 @@ def test_a_wider_outline_is_drawn_inside_the_mask():
     mask[1:11, 2:10] = True
     want = mask.copy()
     want[3:9, 4:8] = False  # two pixels in from every side
-    np.testing.assert_array_equal(outputs.outline(mask, 2), want)
+    np.testing.assert_array_equal(pictures.outline(mask, 2), want)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +49,7 @@ def test_a_wider_outline_is_drawn_inside_the_mask():
     ],
 )
 def test_outcome(label, anomalous, want):
-    assert outputs.outcome(label, anomalous) == want
+    assert pictures.outcome(label, anomalous) == want
 
 
 def _layout(picture: np.ndarray, colour: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -76,11 +76,13 @@ def test_decision_picture_shows_the_plain_image_beside_its_overlay():
     amap[40, 10] = 2.0  # the peak
     mask = np.zeros((64, 48), bool)
     mask[5:15, 20:30] = True
-    ng = outputs.decision_picture(image, amap, 0.0, 2.0, score=2.0, anomalous=True, normalized=0.9, mask=mask)
-    ok = outputs.decision_picture(image, amap, 0.0, 2.0, score=2.0, anomalous=False, normalized=0.4)
+    ng = pictures.decision_picture(
+        image, amap, (0.0, 2.0), Verdict(2.0, anomalous=True, normalized=0.9), Regions(mask=mask)
+    )
+    ok = pictures.decision_picture(image, amap, (0.0, 2.0), Verdict(2.0, anomalous=False, normalized=0.4))
     assert ng.shape == ok.shape and ng.dtype == np.uint8
-    header, right, bar = _layout(ng, outputs.DECISION_COLOURS[True])
-    assert _layout(ok, outputs.DECISION_COLOURS[False]) == (header, right, bar)
+    header, right, bar = _layout(ng, pictures.DECISION_COLOURS[True])
+    assert _layout(ok, pictures.DECISION_COLOURS[False]) == (header, right, bar)
     bh = ng.shape[0] - header
     scale = bh // 64
     assert bh == 64 * scale and bh >= 256  # small images are enlarged for the text to fit
@@ -88,7 +90,7 @@ def test_decision_picture_shows_the_plain_image_beside_its_overlay():
     plain = np.asarray(Image.fromarray(image).resize((bw, bh), Image.Resampling.NEAREST))
     np.testing.assert_array_equal(ng[header:, :bw], plain)
     heat = np.asarray(
-        Image.fromarray(outputs.overlay(image, amap, 0.0, 2.0)).resize((bw, bh), Image.Resampling.NEAREST)
+        Image.fromarray(pictures.overlay(image, amap, 0.0, 2.0)).resize((bw, bh), Image.Resampling.NEAREST)
     )
     # Without a mask, the right panel is the overlay except for the ring around the peak.
     panel = ok[header:, right : right + bw].astype(int)
@@ -110,8 +112,8 @@ def test_decision_picture_outlines_the_truth_in_red_on_the_plain_image():
     image = np.full((32, 32, 3), 100, np.uint8)
     truth = np.zeros((32, 32), bool)
     truth[8:20, 8:20] = True
-    picture = outputs.decision_picture(image, np.zeros((32, 32)), 0.0, 1.0, score=0.1, truth=truth)
-    header, right, _ = _layout(picture, outputs.DECISION_COLOURS[None])
+    picture = pictures.decision_picture(image, np.zeros((32, 32)), (0.0, 1.0), Verdict(0.1), Regions(truth=truth))
+    header, right, _ = _layout(picture, pictures.DECISION_COLOURS[None])
     scale = (picture.shape[0] - header) // 32
     left = picture[header:, : 32 * scale]
     assert tuple(left[8 * scale, 14 * scale]) == (255, 0, 0)
@@ -130,9 +132,9 @@ def _marks(h: int, w: int) -> dict[str, float]:
     amap[h // 2, w // 4] = 1.0
     mask = np.zeros((h, w), bool)
     mask[h // 4 : h // 2 - h // 10, w // 2 : 3 * w // 4] = True
-    pic = outputs.decision_picture(_gradient(h, w), amap, 0.0, 1.0, score=0.5, anomalous=True, normalized=0.7,
-                                   mask=mask, caption="a/b_png")  # fmt: skip
-    header, right, bar = _layout(pic, outputs.DECISION_COLOURS[True])
+    pic = pictures.decision_picture(_gradient(h, w), amap, (0.0, 1.0), Verdict(0.5, anomalous=True, normalized=0.7),
+                                    Regions(mask=mask), caption="a/b_png")  # fmt: skip
+    header, right, bar = _layout(pic, pictures.DECISION_COLOURS[True])
     scale = (pic.shape[0] - header) / h
     column = pic[header:, right + int((5 * w // 8) * scale)]
     white = np.all(column == 255, axis=1)
@@ -161,11 +163,11 @@ def test_decision_picture_marks_grow_with_the_picture():
 def test_a_long_caption_keeps_its_end():
     image = np.zeros((64, 64, 3), np.uint8)
     caption = "line3/" + "deep/" * 40 + "part_png"
-    narrow = outputs.decision_picture(image, np.zeros((64, 64)), 0.0, 1.0, score=0.1, caption=caption)
-    short = outputs.decision_picture(image, np.zeros((64, 64)), 0.0, 1.0, score=0.1, caption="part_png")
+    narrow = pictures.decision_picture(image, np.zeros((64, 64)), (0.0, 1.0), Verdict(0.1), caption=caption)
+    short = pictures.decision_picture(image, np.zeros((64, 64)), (0.0, 1.0), Verdict(0.1), caption="part_png")
     assert narrow.shape == short.shape  # the caption does not widen the picture
-    font = ImageFont.load_default(size=outputs.MIN_TEXT)
-    cut = outputs._fit_left(caption, font, 300)
+    font = ImageFont.load_default(size=pictures.MIN_TEXT)
+    cut = pictures._fit_left(caption, font, 300)
     assert cut.startswith("…") and cut.endswith("part_png") and font.getlength(cut) <= 300
 
 
@@ -178,17 +180,17 @@ def _report_inputs(n_good: int, n_bad: int, size: int = 32):
     masks[labels == 1, 8:16, 8:16] = True
     scores = maps.reshape(len(labels), -1).max(1)
     pixels = metrics.PixelStats(lo=float(maps.min()), hi=float(maps.max()), maps=maps, masks=masks)
-    good, bad = outputs.hardest_cases(labels, scores, 4)
+    good, bad = pictures.hardest_cases(labels, scores, 4)
     rows = np.concatenate([good, bad])
-    cases = outputs.Cases(rows, images[rows], masks[rows], maps[rows], scores[rows], [f"{r}.png" for r in rows],
+    cases = pictures.Cases(rows, images[rows], masks[rows], maps[rows], scores[rows], [f"{r}.png" for r in rows],
                           labels[rows], pixels.lo, pixels.hi)  # fmt: skip
     return labels, scores, pixels, cases
 
 
 def _longest_white_band(path) -> float:
     """The tallest run of blank rows, as a share of the sheet's height."""
-    sheet = np.asarray(Image.open(path).convert("RGB"))
-    blank = np.all(sheet >= 250, axis=(1, 2))
+    png = np.asarray(Image.open(path).convert("RGB"))
+    blank = np.all(png >= 250, axis=(1, 2))
     longest = run = 0
     for b in blank:
         run = run + 1 if b else 0
@@ -196,20 +198,23 @@ def _longest_white_band(path) -> float:
     return longest / len(blank)
 
 
-def test_report_sheet_has_a_headline_and_no_empty_bands(tmp_path):
+def test_report_sheet_has_a_subtitle_and_no_empty_bands(tmp_path):
     labels, scores, pixels, cases = _report_inputs(6, 6)
     fpr, tpr, _ = roc_curve(labels, scores)
     fpr_p, overlap = pixels.pro_curve
     cal = {"method": "quantile", "source": "5 held-out train/good images", "quantile": 0.9,
            "image_threshold": float(np.median(scores))}  # fmt: skip
-    path = report.write_report(tmp_path / "r.png", labels, scores, pixels, cases, cal, (fpr, tpr),
-                               (fpr_p[fpr_p <= 0.3], overlap[fpr_p <= 0.3]), title="disk: rd4ad, epoch 3",
+    path = sheet.write_report(tmp_path / "r.png", sheet.ScoredSet(labels, scores, pixels), cases, cal,
+                              sheet.Curves((fpr, tpr), (fpr_p[fpr_p <= 0.3], overlap[fpr_p <= 0.3])),
+                              title="disk: rd4ad, epoch 3",
                                metrics={"image_auroc": 0.9876, "pixel_auroc": 0.5, "aupro": float("nan")})  # fmt: skip
     assert _longest_white_band(path) < 0.06
-    lines = report.headline({"image_auroc": 0.9876, "pixel_auroc": 0.5, "aupro": float("nan")}, cal).splitlines()
+    lines = sheet.subtitle({"image_auroc": 0.9876, "pixel_auroc": 0.5, "aupro": float("nan")}, cal).splitlines()
     assert lines[0] == "image AUROC 98.8" and lines[1] == "pixel AUROC 50.0"  # a level a line; NaN left out
     assert lines[2].endswith(describe(cal))  # the threshold and where it came from
     # Good images only, no calibration, no curves: still a sheet, one row of cases.
     labels, scores, pixels, cases = _report_inputs(5, 0)
-    path = report.write_report(tmp_path / "g.png", labels, scores, pixels, cases, None, None, None)
+    path = sheet.write_report(
+        tmp_path / "g.png", sheet.ScoredSet(labels, scores, pixels), cases, None, sheet.Curves(None, None)
+    )
     assert _longest_white_band(path) < 0.06

@@ -19,8 +19,8 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix
 
 from rdjax.data.preprocess import Recipe
-from rdjax.outputs import results as outputs
-from rdjax.outputs import sheet as report
+from rdjax.outputs import pictures, sheet, tables
+from rdjax.outputs.pictures import Regions, Verdict
 from rdjax.scoring import metrics
 from rdjax.scoring import thresholds as calibration
 
@@ -49,7 +49,7 @@ def _calibration(count: int, method: str = "quantile") -> dict:
     maps = rng.random((count, 4, 4))
     pixels = metrics.PixelStats(lo=float(maps.min()), hi=float(maps.max()), maps=maps, masks=np.zeros(maps.shape, bool))
     source = f"{count} held-out train/good images"
-    return calibration.calibrate(method, scores, np.zeros(count, int), pixels, 0.99, source)
+    return calibration.calibrate(method, scores, np.zeros(count, int), pixels, 0.99, source).to_json()
 
 
 def test_a_threshold_on_fewer_than_twenty_images_is_warned_about():
@@ -67,12 +67,12 @@ def test_results_md_counts_the_decisions_and_warns():
     cal = {**_calibration(4), "image_threshold": 0.3}
     result = {"category": "disk", "epoch": 3, "calibration": cal, "threshold_note": calibration.describe(cal),
               "confusion": calibration.confusion(labels, scores, 0.3), "warnings": []}  # fmt: skip
-    text = outputs.results_markdown(result)
+    text = tables.results_markdown(result)
     assert "At the image threshold 0.3, of 5 test images:" in text
     assert "| defective | 1 true positives | 1 false negatives |" in text
     assert "| good | 2 false positives | 1 true negatives |" in text
     assert text.count("**Warning:** the image threshold rests on 4 held-out train/good images") == 1
-    assert "**Warning:**" not in outputs.results_markdown({**result, "calibration": {**cal, "num_images": 25}})
+    assert "**Warning:**" not in tables.results_markdown({**result, "calibration": {**cal, "num_images": 25}})
 
 
 def test_unified_results_md_counts_each_categorys_decisions():
@@ -88,7 +88,7 @@ def test_unified_results_md_counts_each_categorys_decisions():
         "calibration": {**_calibration(35), "categories": cats},
         "confusion": dict(zip(keys, (7, 1, 25, 3))),
     }
-    text = outputs.unified_markdown(result)
+    text = tables.unified_markdown(result)
     rows = {line.split("|")[1].strip(): [x.strip() for x in line.split("|")[2:-1]] for line in text.splitlines()
             if line.startswith("| ") and "image threshold" not in line and line.count("|") == 8}  # fmt: skip
     assert rows["a"][1:] == ["30", "3", "1", "20", "2"] and rows["b"][1:] == ["5", "4", "0", "5", "1"]
@@ -98,40 +98,40 @@ def test_unified_results_md_counts_each_categorys_decisions():
     assert len(warned) == 1 and warned[0].startswith("**Warning** (b): the image threshold rests on 5")
 
 
-def test_report_headline_counts_the_decisions_and_warns():
+def test_report_subtitle_counts_the_decisions_and_warns():
     cal = {**_calibration(4), "image_threshold": 0.3}
     counts = calibration.confusion(np.array([0, 0, 0, 1, 1]), np.array([0.1, 0.5, 0.3, 0.6, 0.15]), 0.3)
-    lines = report.headline({"image_auroc": 0.9}, cal, counts).splitlines()
+    lines = sheet.subtitle({"image_auroc": 0.9}, cal, counts).splitlines()
     want = "test images at the threshold: 1 true positives, 2 false positives, 1 true negatives, 1 false negatives"
     assert want in lines
     warning = lines[lines.index(want) + 1 :]
     assert warning[0].startswith("warning: the image threshold rests on 4 held-out")
     assert " ".join(warning) == f"warning: {calibration.few_images(cal)}"  # wrapped to stay on the sheet
-    assert all(len(line) <= report.HEADLINE_WIDTH for line in warning)
+    assert all(len(line) <= sheet.SUBTITLE_WIDTH for line in warning)
 
 
 # ----------------------------------------------------------------------------- the crop, stated and shaded
 
 
 def test_a_crop_of_more_than_five_percent_is_stated_with_the_fraction_seen():
-    assert outputs.seen_fraction(Recipe(size=126, resize=448)) == pytest.approx((126 / 448) ** 2)
-    note = outputs.crop_note(Recipe(size=126, resize=448))
+    assert pictures.seen_fraction(Recipe(size=126, resize=448)) == pytest.approx((126 / 448) ** 2)
+    note = pictures.crop_note(Recipe(size=126, resize=448))
     assert note is not None and "7.91% of its area (28.1% of each side)" in note and "config.input.resize" in note
-    assert "76.6% of its area" in outputs.crop_note(Recipe(size=392, resize=448))  # Dinomaly's own recipe
-    assert outputs.crop_note(Recipe(size=256, resize=262)) is None  # 4.5% cut
-    assert outputs.crop_note(Recipe(size=256)) is None
+    assert "76.6% of its area" in pictures.crop_note(Recipe(size=392, resize=448))  # Dinomaly's own recipe
+    assert pictures.crop_note(Recipe(size=256, resize=262)) is None  # 4.5% cut
+    assert pictures.crop_note(Recipe(size=256)) is None
 
 
 def test_the_inspected_region_is_the_crops_place_on_the_image():
     """Recipe 80 -> crop 64 on a 64 px image: the crop starts at 8 of 80, so on the image
     at 8 * 64 / 80 = 6.4 -> 6 and ends at 72 * 64 / 80 = 57.6 -> 58 (rows and columns)."""
-    region = outputs.inspected_region((64, 64), Recipe(size=64, resize=80))
+    region = pictures.inspected_region((64, 64), Recipe(size=64, resize=80))
     want = np.zeros((64, 64), bool)
     want[6:58, 6:58] = True
     np.testing.assert_array_equal(region, want)
-    wide = outputs.inspected_region((40, 100), Recipe(size=64, resize=80))  # rows 4..36, columns 10..90
+    wide = pictures.inspected_region((40, 100), Recipe(size=64, resize=80))  # rows 4..36, columns 10..90
     assert wide[4:36, 10:90].all() and wide.sum() == 32 * 80
-    assert outputs.inspected_region((30, 50), Recipe(size=64)).all()
+    assert pictures.inspected_region((30, 50), Recipe(size=64)).all()
 
 
 def _panels(picture: np.ndarray, colour: tuple[int, int, int], height: int) -> tuple[int, int]:
@@ -148,7 +148,7 @@ def _assert_shaded(panel: np.ndarray, plain: np.ndarray, outside: np.ndarray) ->
     darkened to 40%, or (where the peak lies near the region's edge) its ring's white or
     black: none is the overlay's colour."""
     dark = (plain.astype(np.float64) * 0.4).astype(np.uint8)
-    hatch = np.all(panel == outputs.HATCH, axis=-1)
+    hatch = np.all(panel == pictures.HATCH, axis=-1)
     darkened = np.all(panel == dark, axis=-1)
     ring = np.all(panel == 255, axis=-1) | np.all(panel == 0, axis=-1)
     assert np.all((hatch | darkened | ring)[outside])
@@ -159,21 +159,23 @@ def _assert_shaded(panel: np.ndarray, plain: np.ndarray, outside: np.ndarray) ->
 def test_a_decision_picture_shades_what_the_model_did_not_see():
     rng = np.random.default_rng(2)
     image = rng.integers(60, 256, (64, 64, 3), dtype=np.uint8)
-    inspected = outputs.inspected_region((64, 64), Recipe(size=64, resize=80))
+    inspected = pictures.inspected_region((64, 64), Recipe(size=64, resize=80))
     amap = np.where(inspected, rng.random((64, 64)), 0.0).astype(np.float32)  # as uncrop_map leaves it
-    picture = outputs.decision_picture(image, amap, 0.0, 1.0, score=float(amap.max()), inspected=inspected)
-    header, right = _panels(picture, outputs.DECISION_COLOURS[None], 256)
+    picture = pictures.decision_picture(
+        image, amap, (0.0, 1.0), Verdict(float(amap.max())), Regions(inspected=inspected)
+    )
+    header, right = _panels(picture, pictures.DECISION_COLOURS[None], 256)
     scale = 4  # 64 px enlarged to 256
     panel = picture[header : header + 256, right : right + 256]
     big = lambda a: np.repeat(np.repeat(a, scale, 0), scale, 1)  # noqa: E731
     _assert_shaded(panel, big(image), ~big(inspected))
-    heat = big(outputs.overlay(image, amap, 0.0, 1.0))
+    heat = big(pictures.overlay(image, amap, 0.0, 1.0))
     inside = big(inspected)
     inside[96:160, 96:160] = False  # leave out the peak's ring
     same = np.all(panel == heat, axis=-1)
     assert same[inside].mean() > 0.97  # the overlay, but for the ring around the peak
     # Without the region, the border shows the map's 0 in the scale's colour: what the shading replaces.
-    plain = outputs.decision_picture(image, amap, 0.0, 1.0, score=float(amap.max()))
+    plain = pictures.decision_picture(image, amap, (0.0, 1.0), Verdict(float(amap.max())))
     assert np.all(plain[header : header + 256, right : right + 256][~big(inspected)] == heat[~big(inspected)])
 
 
@@ -191,14 +193,14 @@ def test_the_colour_scale_puts_the_threshold_in_the_middle():
     for peak, anomalous in ((0.415, True), (0.8 * t, False), (1.2 * t, True)):
         amap = np.full((32, 32), 0.02, np.float32)
         amap[10, 20] = peak
-        picture = outputs.decision_picture(black, amap, lo, hi, score=peak, anomalous=peak >= t, threshold=t)
-        header, right = _panels(picture, outputs.DECISION_COLOURS[anomalous], 256)
+        picture = pictures.decision_picture(black, amap, (lo, hi), Verdict(peak, anomalous=peak >= t, threshold=t))
+        header, right = _panels(picture, pictures.DECISION_COLOURS[anomalous], 256)
         pixel = picture[header + 10 * 8 + 4, right + 20 * 8 + 4].astype(float)  # 32 px enlarged 8 times
         want = 0.5 * np.asarray(colormaps["jet"](min(peak / (2 * t), 1.0))[:3]) * 255
         # Blending rounds each channel to uint8 once after the colormap's own rounding: 1.5 levels.
         np.testing.assert_allclose(pixel, want, atol=1.5)
     # The bar's ticks: its top, the threshold at its middle row (255 / 2), its bottom.
-    header, _ = _panels(picture, outputs.DECISION_COLOURS[True], 256)
+    header, _ = _panels(picture, pictures.DECISION_COLOURS[True], 256)
     top = np.all(np.abs(picture[header].astype(int) - np.asarray(colormaps["jet"](1.0)[:3]) * 255) <= 1, axis=-1)
     beyond = int(np.flatnonzero(top)[-1]) + 1  # the first column right of the bar
     ticks = np.flatnonzero(np.all(picture[header : header + 256, beyond] == 0, axis=-1))
@@ -206,20 +208,20 @@ def test_the_colour_scale_puts_the_threshold_in_the_middle():
 
 
 def test_the_header_names_whose_threshold_decided():
-    lines = outputs.header_lines(0.415, True, 0.93, 0.113, "bottle", "a/part_png")
+    lines = pictures.header_lines(Verdict(0.415, True, 0.93, 0.113, "bottle"), "a/part_png")
     assert lines == ["NG   score 0.4150 >= 0.113   normalized 0.93", "image threshold 0.113 of category bottle",
                      "a/part_png"]  # fmt: skip
-    assert outputs.header_lines(0.05, False, 0.2, 0.113, "global", "x")[1] == (
+    assert pictures.header_lines(Verdict(0.05, False, 0.2, 0.113, "global"), "x")[1] == (
         "image threshold 0.113 (global, over every category)"
     )
-    assert outputs.header_lines(0.05, None, None, None, None, "x") == ["score 0.0500", "x"]
+    assert pictures.header_lines(Verdict(0.05), "x") == ["score 0.0500", "x"]
     image, amap = np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64), np.float32)
     one, other = (
-        outputs.decision_picture(image, amap, 0.0, 0.2, score=0.05, anomalous=False, threshold=0.1, category=c)
+        pictures.decision_picture(image, amap, (0.0, 0.2), Verdict(0.05, anomalous=False, threshold=0.1, category=c))
         for c in ("bottle", "screw")
     )
-    header, _ = _panels(one, outputs.DECISION_COLOURS[False], 256)
-    assert header == _panels(other, outputs.DECISION_COLOURS[False], 256)[0]
+    header, _ = _panels(one, pictures.DECISION_COLOURS[False], 256)
+    assert header == _panels(other, pictures.DECISION_COLOURS[False], 256)[0]
     assert not np.array_equal(one[:header], other[:header]) and np.array_equal(one[header:], other[header:])
 
 
@@ -248,14 +250,15 @@ def test_report_draws_images_and_truth_at_the_maps_size(tmp_path):
     masks[1] = True
     scores = np.array([1.0, 2.0])
     pixels = metrics.PixelStats(lo=0.0, hi=1.0, maps=maps, masks=masks)
-    cases = outputs.Cases(np.arange(2), images, masks, maps, scores, ["a.png", "b.png"], labels, 0.0, 1.0)
-    path = report.write_report(tmp_path / "r.png", labels, scores, pixels, cases, None, None, None)
-    sheet = np.asarray(Image.open(path).convert("RGB"))
-    top, bottom, left, right = _colour_box(sheet, (0, 255, 0))
-    heat = _colour_box(sheet, tuple(int(255 * c) for c in colormaps["jet"](0.0)[:3]), after=right)  # its map
+    cases = pictures.Cases(np.arange(2), images, masks, maps, scores, ["a.png", "b.png"], labels, 0.0, 1.0)
+    no_curves = sheet.Curves(None, None)
+    path = sheet.write_report(tmp_path / "r.png", sheet.ScoredSet(labels, scores, pixels), cases, None, no_curves)
+    png = np.asarray(Image.open(path).convert("RGB"))
+    top, bottom, left, right = _colour_box(png, (0, 255, 0))
+    heat = _colour_box(png, tuple(int(255 * c) for c in colormaps["jet"](0.0)[:3]), after=right)  # its map
     # matplotlib places each panel on whole pixels of the sheet: a side may differ by a pixel at each end.
     assert abs((bottom - top) - (heat[1] - heat[0])) <= 2 and abs((right - left) - (heat[3] - heat[2])) <= 2
-    red = np.all(np.abs(sheet.astype(int) - (255, 0, 0)) <= 40, axis=-1)
+    red = np.all(np.abs(png.astype(int) - (255, 0, 0)) <= 40, axis=-1)
     ys, xs = np.nonzero(red[:, : heat[2]])  # left of the map: the image's panel (the colour bar holds red too)
     assert len(ys) and ys.min() >= top and ys.max() <= bottom and xs.min() >= left and xs.max() <= right
     # The outline sits where the mask is: from 40/64 to 60/64 of the image's side, within the
@@ -354,7 +357,7 @@ def test_a_cropped_unified_run_on_few_held_out_images_says_so(trained, tmp_path)
     picture = np.asarray(Image.open(tmp_path / "out" / "overlays" / "good_png.png").convert("RGB"))
     row = next(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
     anomalous = row["decision"] == "anomalous"
-    header, right = _panels(picture, outputs.DECISION_COLOURS[anomalous], 256)
+    header, right = _panels(picture, pictures.DECISION_COLOURS[anomalous], 256)
     plain = np.asarray(Image.open(source).convert("RGB"))
     big = lambda a: np.repeat(np.repeat(a, 4, 0), 4, 1)  # noqa: E731  (64 px enlarged to 256)
     outside = np.ones((64, 64), bool)
