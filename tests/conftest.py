@@ -267,7 +267,7 @@ def _shared_run(tmp_path_factory, worker_id, name: str, **overrides):
     from filelock import FileLock
 
     from rdjax.data import synthetic
-    from rdjax.runtime import workdir as workdir_lib
+    from rdjax.runtime import disk
     from rdjax.train import loop as train
 
     base = tmp_path_factory.getbasetemp()
@@ -279,7 +279,7 @@ def _shared_run(tmp_path_factory, worker_id, name: str, **overrides):
         if not (workdir / "result.json").is_file():
             synthetic.generate(root, categories=("disk",), size=64, num_train=16, num_test_good=4, num_per_defect=3)
             result = train.train_and_evaluate(config, workdir / "w")
-            workdir_lib.write_json(workdir / "result.json", result)
+            disk.write_json(workdir / "result.json", result)
     return config, workdir / "w", json.loads((workdir / "result.json").read_text())
 
 

@@ -191,7 +191,7 @@ def export_workdir(
     thresholds); with ``category``, that category's thresholds alone, and its name. The
     artifact computes maps and scores only, so routing ('auto') stays with rdjax."""
     from rdjax.deploy import predictor as inference
-    from rdjax.runtime.workdir import write_bytes, write_json
+    from rdjax.runtime.disk import write_bytes, write_json
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format={fmt}: choose one of {', '.join(FORMATS)}")

@@ -14,7 +14,7 @@ A package is a folder:
                     categories' own differ);
   router.npz        a unified workdir's category router (rdjax.scoring.router), when it has one.
 teacher/ and student/ each hold sha256.json, their files' SHA-256, which every load
-verifies (rdjax.runtime.workdir.verify_checksums).
+verifies (rdjax.runtime.disk.verify_checksums).
 A unified package keeps every category's thresholds: predict --category and serve's
 ?category= choose another than the default per call.
 `rdjax.load`, `rdjax predict`, `rdjax export` and `rdjax serve` read it as they read a
@@ -36,6 +36,7 @@ from absl import flags
 
 from rdjax import modes
 from rdjax.errors import ConfigError, RdjaxError, WorkdirError, one_line
+from rdjax.runtime import disk
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring.router import ROUTER
 
@@ -50,7 +51,7 @@ def folder_bytes(path: Path) -> int:
 def remove_leftovers(out: Path) -> list[Path]:
     """The temporary folders of earlier package runs onto ``out`` that were killed
     before renaming theirs into place (package_workdir's '.NAME.1a2b3c4d.tmp'), removed."""
-    found = [p for p in out.parent.glob(f".{glob.escape(out.name)}.*.tmp") if workdir_lib.LEFTOVER.search(p.name)]
+    found = [p for p in out.parent.glob(f".{glob.escape(out.name)}.*.tmp") if disk.LEFTOVER.search(p.name)]
     for path in found:
         shutil.rmtree(path, ignore_errors=True)
     return sorted(found)
@@ -87,10 +88,10 @@ def package_workdir(
             tmp / workdir_lib.STUDENT, model.step, jax.device_get(model.student_vars), weights_dtype
         )
         if model.calibrations is not None:
-            workdir_lib.write_json(tmp / workdir_lib.CALIBRATION, model.calibrations)
+            disk.write_json(tmp / workdir_lib.CALIBRATION, model.calibrations)
         if model.router is not None:
             model.router.save(tmp / ROUTER)
-        workdir_lib.write_json(tmp / CONTRACT, export.contract(model, "package", weights_dtype))
+        disk.write_json(tmp / CONTRACT, export.contract(model, "package", weights_dtype))
         tmp.rename(out)
     except RdjaxError:
         raise

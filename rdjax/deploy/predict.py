@@ -234,7 +234,7 @@ def _predict_files(
     """predict_folder's work once the model is loaded: every file's row, picture and card."""
     from rdjax.outputs import files as outputs
     from rdjax.outputs import webpage
-    from rdjax.runtime.workdir import write_csv
+    from rdjax.runtime.disk import write_csv
 
     root = Path(pattern) if Path(pattern).is_dir() else Path(os.path.commonpath([str(f.parent) for f in files]))
     names = dict(zip(images, output_names(images, root)))

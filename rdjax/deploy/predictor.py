@@ -25,7 +25,7 @@ from rdjax.deploy.images import ImageLike, as_images
 from rdjax.errors import ConfigError, DataError, WorkdirError
 from rdjax.modes import AUTO, GLOBAL
 from rdjax.registry import MODELS
-from rdjax.runtime import sharding
+from rdjax.runtime import disk, sharding
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring import maps as maps_lib
 from rdjax.scoring import router as router_lib
@@ -399,7 +399,7 @@ def check_fitted(workdir: Path, step: int | None, calibrations: dict | None, fix
 def packaged_category(package: Path) -> str | None:
     """The category a package was made to decide with (`rdjax package --category`)."""
     path = package / "contract.json"
-    contract = workdir_lib.read_json(path) if path.is_file() else {}
+    contract = disk.read_json(path) if path.is_file() else {}
     if not isinstance(contract, dict) or not isinstance(contract.get("category"), (str, type(None))):
-        raise WorkdirError(f"{path}: not a package's contract; {workdir_lib.DAMAGED}")
+        raise WorkdirError(f"{path}: not a package's contract; {disk.DAMAGED}")
     return contract.get("category")

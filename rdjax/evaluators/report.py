@@ -18,7 +18,7 @@ import sklearn.metrics as skm
 from rdjax.data.preprocess import Recipe, to_display
 from rdjax.evaluators import EvalContext, EvaluatorType
 from rdjax.outputs import pictures, sheet, webpage
-from rdjax.runtime.workdir import write_csv
+from rdjax.runtime.disk import write_csv
 from rdjax.scoring.maps import map_masks
 from rdjax.scoring.thresholds import colour_scale
 

@@ -12,7 +12,7 @@ from rdjax.data.preprocess import Recipe, printable
 from rdjax.errors import WorkdirError
 from rdjax.outputs.pictures import Regions, Verdict, decision_picture, inspected_region
 from rdjax.outputs.tables import results_markdown, unified_markdown
-from rdjax.runtime.workdir import atomic_path
+from rdjax.runtime.disk import atomic_path
 from rdjax.scoring.metrics import PAPER_KEYS
 from rdjax.scoring.thresholds import colour_scale
 
@@ -22,7 +22,8 @@ def write_evaluation(workdir: Path, epoch: int, result: dict) -> Path:
     metrics (an evaluation without them, by the evaluators' cadences, has none), also
     results.md there, and both copied to the workdir's top (the latest evaluation with
     metrics). Its calibration, where it has one, becomes calibration.json."""
-    from rdjax.runtime.workdir import CALIBRATION, write_json, write_text
+    from rdjax.runtime.disk import write_json, write_text
+    from rdjax.runtime.workdir import CALIBRATION
 
     out = evaluation_dir(workdir, epoch)
     if "calibration" in result:
@@ -46,7 +47,7 @@ def write_best_on_test(workdir: Path) -> dict | None:
     """best_on_test.json: the evaluation with the highest mean of image AUROC, pixel AUROC and
     AUPRO, as RD++'s official script keeps its checkpoint. That is a choice made on the
     test set, so the file says so; metrics.json stays the last evaluation."""
-    from rdjax.runtime.workdir import read_json, write_json
+    from rdjax.runtime.disk import read_json, write_json
 
     best = None
     for path in sorted((workdir / "eval").glob("epoch_*/metrics.json")):

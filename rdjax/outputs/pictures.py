@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from rdjax.data.preprocess import Recipe
-from rdjax.runtime.workdir import atomic_path
+from rdjax.runtime.disk import atomic_path
 
 CROP_NOTE_AREA = 0.05
 """A recipe's centre crop is stated when it cuts more than this share of an image's area.

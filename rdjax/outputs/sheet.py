@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from rdjax.outputs.pictures import Cases, fit_image, outcome
-from rdjax.runtime.workdir import atomic_path
+from rdjax.runtime.disk import atomic_path
 from rdjax.scoring.metrics import METRIC_NAMES, TABLE_KEYS, PixelStats
 from rdjax.scoring.thresholds import confusion, describe, few_images
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from rdjax.data.preprocess import printable
 from rdjax.outputs.pictures import overlay
-from rdjax.runtime.workdir import atomic_path
+from rdjax.runtime.disk import atomic_path
 from rdjax.scoring.metrics import METRIC_NAMES, TABLE_KEYS, percent
 from rdjax.scoring.thresholds import describe
 

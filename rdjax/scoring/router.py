@@ -29,7 +29,7 @@ from rdjax.errors import WorkdirError
 from rdjax.models import Model
 from rdjax.pytrees import Variables
 from rdjax.runtime import sharding
-from rdjax.runtime.workdir import atomic_path
+from rdjax.runtime.disk import atomic_path
 
 ROUTER = "router.npz"
 # Training images kept per category: the nearest neighbour needs a few views of each

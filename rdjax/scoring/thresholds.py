@@ -33,7 +33,7 @@ import numpy as np
 
 from rdjax import modes
 from rdjax.errors import WorkdirError
-from rdjax.runtime import workdir as workdir_lib
+from rdjax.runtime import disk
 from rdjax.scoring.metrics import PixelStats, best_f1
 
 MIN_CALIBRATION_IMAGES = 20
@@ -229,7 +229,7 @@ def problem(cal: Any, top: bool = True) -> str | None:
 def read(path: Path, fix: str) -> dict:
     """calibration.json at ``path``, checked (`problem`); a WorkdirError naming the file,
     what is wrong and ``fix`` (the command that writes a good one) otherwise."""
-    cal = workdir_lib.read_json(path)
+    cal = disk.read_json(path)
     wrong = problem(cal)
     if wrong:
         raise WorkdirError(f"{path}: {wrong}: these thresholds cannot decide; {fix}")

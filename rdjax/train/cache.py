@@ -38,7 +38,7 @@ from rdjax.models import Model
 from rdjax.modes import FeatureCache
 from rdjax.pytrees import Features
 from rdjax.runtime import sharding
-from rdjax.runtime.workdir import write_text
+from rdjax.runtime.disk import write_text
 from rdjax.train.log import label, log
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from rdjax import evaluators as evaluators_lib
 from rdjax import modes
 from rdjax.data.preprocess import Recipe, Split
 from rdjax.outputs import files as outputs
-from rdjax.runtime import sharding
+from rdjax.runtime import disk, sharding
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring import maps, metrics, tiling
 from rdjax.scoring import passes as evaluation
@@ -317,7 +317,7 @@ def stale(run: Run, step: int) -> str | None:
     name = folder.relative_to(run.workdir)
     if not (folder / "metrics.json").is_file():
         return f"{name} holds no complete evaluation"
-    evaluated = workdir_lib.read_json(folder / "metrics.json").get("step")
+    evaluated = disk.read_json(folder / "metrics.json").get("step")
     if evaluated != step:
         return f"{name} evaluated step {evaluated}"
     if not (folder / workdir_lib.CONFIG).is_file():

@@ -16,6 +16,7 @@ import jax
 from rdjax.errors import TrainingError
 from rdjax.outputs import files as outputs
 from rdjax.outputs import tables
+from rdjax.runtime import disk
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring import metrics
 from rdjax.scoring import thresholds as calibration_lib
@@ -76,7 +77,7 @@ class Writer:
 
     def resume(self, start_epoch: int) -> None:
         if self.log_path.is_file():
-            self.train_log = [e for e in workdir_lib.read_json(self.log_path) if e["epoch"] <= start_epoch]
+            self.train_log = [e for e in disk.read_json(self.log_path) if e["epoch"] <= start_epoch]
         if self.primary:
             from tensorboardX import SummaryWriter
 
@@ -108,12 +109,12 @@ class Writer:
 
     def checkpoint(self) -> None:
         if self.primary:
-            workdir_lib.write_json(self.log_path, self.train_log)
+            disk.write_json(self.log_path, self.train_log)
 
     def summary(self, results: dict[str, dict], keys: tuple[str, ...]) -> None:
         """results.md over the categories of a run, with the mean row."""
         if self.primary:
-            workdir_lib.write_text(self.workdir / "results.md", tables.summary_markdown(results, keys))
+            disk.write_text(self.workdir / "results.md", tables.summary_markdown(results, keys))
 
     def finish(self, config: Any) -> None:
         if self.primary and config.report_best_on_test:

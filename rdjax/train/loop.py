@@ -30,7 +30,7 @@ from rdjax.data.pipeline import prefetch
 from rdjax.errors import DataError, Interrupted, TrainingError, WorkdirError
 from rdjax.modes import FeatureCache
 from rdjax.outputs import files as outputs
-from rdjax.runtime import sharding
+from rdjax.runtime import disk, sharding
 from rdjax.runtime import state as state_lib
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring import metrics
@@ -43,10 +43,10 @@ from rdjax.train.prepare import Run, category_epochs, setup
 
 
 def _remove_leftovers(workdir: Path) -> None:
-    """What a killed run left under temporary names (workdir_lib.remove_leftovers),
+    """What a killed run left under temporary names (disk.remove_leftovers),
     removed by the next run that writes the workdir, and named."""
     if jax.process_index() == 0:
-        for path in workdir_lib.remove_leftovers(workdir):
+        for path in disk.remove_leftovers(workdir):
             log("removed %s, left by a run that was stopped while writing it", path)
 
 
@@ -271,7 +271,7 @@ def _stored_result(run: Run, manager: Any) -> dict | None:
         folder = outputs.evaluation_dir(run.workdir, int(run.config.num_epochs))
         log("trained to step %d and evaluated with these settings (%s): nothing to do; "
             "`rdjax eval` evaluates again", latest, folder)  # fmt: skip
-        return workdir_lib.read_json(folder / "metrics.json")
+        return disk.read_json(folder / "metrics.json")
     log("trained to step %d already: evaluating it again, no training (%s)", latest, why)
     return None
 

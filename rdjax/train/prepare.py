@@ -22,7 +22,7 @@ from rdjax.evaluators.calibration import calibration_split
 from rdjax.models import Model
 from rdjax.modes import FeatureCache
 from rdjax.outputs import pictures as outputs
-from rdjax.runtime import sharding, weights
+from rdjax.runtime import disk, sharding, weights
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring import thresholds as calibration_lib
 from rdjax.train import cache, teacher
@@ -206,7 +206,7 @@ def _teacher(config: Any, model: Model, workdir: Path, writing: bool) -> tuple[A
     if writing:
         student = model.abstract_variables()[1]
         params = sum(x.size for x in jax.tree_util.tree_leaves(student))
-        workdir_lib.check_writable(workdir, params * 4 * 3 * 2)  # params + Adam's two moments, float32, twice
+        disk.check_writable(workdir, params * 4 * 3 * 2)  # params + Adam's two moments, float32, twice
     if not saved:
         workdir_lib.save_teacher(workdir / workdir_lib.TEACHER, model.arch, teacher_vars)  # every process takes part
     return teacher_vars, warnings
@@ -217,7 +217,7 @@ def _check_categories(workdir: Path, categories: list[str]) -> None:
     calibrated on (calibration.json's 'categories'): a root that gained or lost one, or
     another dataset.category list, would change the union silently."""
     path = workdir / workdir_lib.CALIBRATION
-    known = sorted(workdir_lib.read_json(path).get("categories", {})) if path.is_file() else []
+    known = sorted(disk.read_json(path).get("categories", {})) if path.is_file() else []
     if known and known != sorted(categories):
         raise DataError(
             f"{workdir} was trained on the categories {', '.join(known)}, but this run has "

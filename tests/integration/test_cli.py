@@ -18,7 +18,7 @@ from rdjax import config as config_lib
 from rdjax.data import index, mvtec
 from rdjax.data.preprocess import Recipe
 from rdjax.errors import ConfigError, WorkdirError
-from rdjax.runtime import workdir as workdir_lib
+from rdjax.runtime import disk
 
 from conftest import data_flags, rdjax_cli
 
@@ -166,7 +166,7 @@ def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1 << 20))
     with pytest.raises(WorkdirError, match=r"only 1 MiB free, a checkpoint needs about 12 MiB"):
-        workdir_lib.check_writable(tmp_path / "w", 12 << 21)
+        disk.check_writable(tmp_path / "w", 12 << 21)
 
 
 def test_batch_size_must_divide_over_the_devices():

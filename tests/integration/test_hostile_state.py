@@ -25,6 +25,7 @@ import rdjax
 from rdjax import config as config_lib
 from rdjax.deploy import package as package_lib
 from rdjax.errors import WorkdirError
+from rdjax.runtime import disk
 from rdjax.runtime import workdir as workdir_lib
 
 from conftest import rdjax_cli
@@ -135,7 +136,7 @@ def test_a_damaged_package_from_before_checksums_is_one_line(package, images):
     image = np.asarray(Image.open(images / "part.png"))
     verified = rdjax.load(package).predict(image).scores
     for folder in ("teacher", "student"):
-        (package / folder / workdir_lib.CHECKSUMS).unlink()
+        (package / folder / disk.CHECKSUMS).unlink()
     np.testing.assert_array_equal(rdjax.load(package).predict(image).scores, verified)
     chunk = largest_file(package / "student")
     chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
@@ -278,7 +279,7 @@ def test_a_killed_writes_leftovers_in_a_workdir_are_removed_by_the_next_run_that
         path.mkdir() if "orbax" in path.name else path.write_text("cut short")
     (planted[2] / "state").mkdir()
     before = sorted(p for p in workdir.rglob("*") if not any(q == p or q in p.parents for q in planted))
-    assert workdir_lib.remove_leftovers(workdir) == sorted(planted)
+    assert disk.remove_leftovers(workdir) == sorted(planted)
     assert sorted(workdir.rglob("*")) == before
 
 
