@@ -179,7 +179,7 @@ def contract(model: Predictor, fmt: str, weights_dtype: str) -> dict:
         "model": model.config.model.name,
         "arch": model.config.model.arch,
         "step": model.step,
-        "calibration": cal,
+        "calibration": None if cal is None else cal.to_json(),
     }
 
 

@@ -88,7 +88,7 @@ def package_workdir(
             tmp / workdir_lib.STUDENT, model.step, jax.device_get(model.student_vars), weights_dtype
         )
         if model.calibrations is not None:
-            disk.write_json(tmp / workdir_lib.CALIBRATION, model.calibrations)
+            disk.write_json(tmp / workdir_lib.CALIBRATION, model.calibrations.to_json())
         if model.router is not None:
             model.router.save(tmp / ROUTER)
         disk.write_json(tmp / CONTRACT, export.contract(model, "package", weights_dtype))

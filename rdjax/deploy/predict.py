@@ -246,7 +246,7 @@ def _predict_files(
     for row in table:  # any name survives: bytes that are not UTF-8 as \xNN (docs/usage.md)
         row["file"], row["reason"] = printable(row["file"]), printable(row["reason"])
     write_csv(outputs.inside(out, "scores.csv"), outputs.PREDICTION_FIELDS, table)
-    cal = model.calibration
+    cal = None if model.calibration is None else model.calibration.to_json()
     thresholds = {r["threshold"] for r in rows.values()}
     if len(thresholds) > 1:  # routed (--category=auto): no one threshold for the page's slider; the cards say
         cal = None

@@ -32,7 +32,7 @@ from rdjax.scoring import router as router_lib
 from rdjax.scoring import thresholds as calibration_lib
 from rdjax.scoring import tiling
 from rdjax.scoring.router import ROUTER, Router, load_router
-from rdjax.scoring.thresholds import explanation_masks, normalize_scores
+from rdjax.scoring.thresholds import Calibration, explanation_masks, normalize_scores
 
 ROUTER_HINT = f"{ROUTER} is written by the evaluation of a unified workdir: run `rdjax eval` on it"
 
@@ -67,10 +67,10 @@ class Predictor:
     step: int
     teacher_vars: Any
     student_vars: Any
-    calibration: dict | None
+    calibration: Calibration | None
     eval_step: maps_lib.EvalStep = dataclasses.field(repr=False)
     _put: Callable = dataclasses.field(repr=False)
-    calibrations: dict | None = None
+    calibrations: Calibration | None = None
     category: str | None = None
     router: Router | None = dataclasses.field(default=None, repr=False)
 
@@ -80,12 +80,12 @@ class Predictor:
 
     @property
     def image_threshold(self) -> float | None:
-        return None if self.calibration is None else self.calibration["image_threshold"]
+        return None if self.calibration is None else self.calibration.image_threshold
 
     @property
     def categories(self) -> list[str]:
         """A unified model's categories (those with thresholds of their own), else []."""
-        return sorted((self.calibrations or {}).get("categories") or {})
+        return sorted(self.calibrations.categories or {}) if self.calibrations is not None else []
 
     @property
     def decided_by(self) -> str:
@@ -95,7 +95,7 @@ class Predictor:
             return self.category
         return GLOBAL if self.categories else str(self.config.dataset.category or GLOBAL)
 
-    def thresholds(self, category: str | None = None) -> tuple[str, dict | None]:
+    def thresholds(self, category: str | None = None) -> tuple[str, Calibration | None]:
         """(whose, the calibration) that decide for ``category`` (None: the default)."""
         if category is None or category in (self.category, self.decided_by):
             return self.decided_by, self.calibration
@@ -115,8 +115,8 @@ class Predictor:
     def resize(self) -> Any:
         """The resize setting of the thresholds (calibration.json), else of the config."""
         cal = self.calibration
-        if cal is not None and "resize" in cal:
-            return ml_collections.ConfigDict(cal["resize"])
+        if cal is not None and cal.resize is not None:
+            return ml_collections.ConfigDict(cal.resize)
         return self.config.resize
 
     @property
@@ -225,57 +225,57 @@ class Predictor:
         cal = self.thresholds(category)[1]
         if cal is None:
             raise ConfigError(f"{self.workdir}: no calibration.json; train (or evaluate) first to calibrate")
-        return normalize_scores(amap, cal["pixel_threshold"], cal["pixel_min"], cal["pixel_max"])
+        return normalize_scores(amap, cal.pixel_threshold, cal.pixel_min, cal.pixel_max)
 
 
-def recorded_max_ratio(calibration: dict | None, config: Any) -> float:
+def recorded_max_ratio(calibration: Calibration | None, config: Any) -> float:
     """The max_ratio of the thresholds: calibration.json's, else (uncalibrated, or a
     calibration.json older than the key) the workdir config's, which defaults to 0."""
-    if calibration is not None and "max_ratio" in calibration:
-        return float(calibration["max_ratio"])
+    if calibration is not None and calibration.max_ratio is not None:
+        return float(calibration.max_ratio)
     return float(config.max_ratio)
 
 
-def category_calibration(workdir: Path, calibration: dict | None, category: str) -> dict:
+def category_calibration(workdir: Path, calibration: Calibration | None, category: str) -> Calibration:
     """One category's thresholds of a unified workdir's calibration.json."""
-    known = (calibration or {}).get("categories")
+    known = None if calibration is None else calibration.categories
     if not known:
         raise ConfigError(f"{workdir}: not a calibrated unified workdir; its thresholds have no categories")
     if category not in known:
         raise ConfigError(f"{workdir}: no category {category!r}; its categories: {', '.join(sorted(known))}")
-    return dict(known[category])
+    return known[category]
 
 
-def normalized_score(score: float | np.ndarray, cal: dict) -> np.ndarray:
+def normalized_score(score: float | np.ndarray, cal: Calibration) -> np.ndarray:
     """Image scores on the normalized scale of one calibration (0.5 at its threshold)."""
-    return normalize_scores(np.asarray(score), cal["image_threshold"], cal["score_min"], cal["score_max"])
+    return normalize_scores(np.asarray(score), cal.image_threshold, cal.score_min, cal.score_max)
 
 
 def decide(
-    scores: np.ndarray, maps: list[np.ndarray], names: list[str], calibrations: dict[str, dict | None]
+    scores: np.ndarray, maps: list[np.ndarray], names: list[str], calibrations: dict[str, Calibration | None]
 ) -> Prediction:
     """Each image decided by the thresholds of its category (``names``; their
     calibrations by name): normalized scores, decisions and explanation masks."""
     if any(c is None for c in calibrations.values()):
         return Prediction(scores, None, None, maps, None)
     cals = [calibrations[n] for n in names]
-    thresholds = np.array([c["image_threshold"] for c in cals], np.float64)  # type: ignore[index]
+    thresholds = np.array([c.image_threshold for c in cals], np.float64)  # type: ignore[union-attr]
     decisions = scores >= thresholds
     normalized = np.array([normalized_score(s, c) for s, c in zip(scores, cals)])  # type: ignore[arg-type]
-    masks = [explanation_masks([m], d[None], c["pixel_threshold"], c["image_threshold"])[0]  # type: ignore[index]
+    masks = [explanation_masks([m], d[None], c.pixel_threshold, c.image_threshold)[0]  # type: ignore[union-attr]
              for m, d, c in zip(maps, decisions, cals)]  # fmt: skip
     return Prediction(scores, normalized, decisions, maps, masks, list(names), thresholds)
 
 
-def disagreement(calibrations: dict | None, category: str | None) -> str | None:
+def disagreement(calibrations: Calibration | None, category: str | None) -> str | None:
     """The warning for a unified model that decides with its global thresholds while its
     categories' own differ (each product's defects judged against another's scale), with
     the numbers; None where nothing is at stake."""
-    known = (calibrations or {}).get("categories") or {}
-    if category is not None or not known:
+    known = (None if calibrations is None else calibrations.categories) or {}
+    if calibrations is None or category is not None or not known:
         return None
-    top = float(calibrations["image_threshold"])  # type: ignore[index]
-    own = {c: float(v["image_threshold"]) for c, v in sorted(known.items())}
+    top = float(calibrations.image_threshold)
+    own = {c: float(v.image_threshold) for c, v in sorted(known.items())}
     if all(np.isclose(t, top, rtol=1e-6, atol=0) for t in own.values()):
         return None
     listed = ", ".join(f"{c} {t:.6g}" for c, t in own.items())
@@ -322,7 +322,7 @@ def load(
     step, student_vars = _restore_student(workdir, model, mesh, step, calibrations, fix)
     if category is None and package:
         category = packaged_category(workdir)
-    if not (calibrations or {}).get("categories") and category in (GLOBAL, str(config.dataset.category)):
+    if not (calibrations and calibrations.categories) and category in (GLOBAL, str(config.dataset.category)):
         category = None  # a per-category workdir's own thresholds, however named
     calibration = calibrations
     if category not in (None, AUTO, GLOBAL):
@@ -349,7 +349,7 @@ def load(
 
 
 def _restore_student(
-    workdir: Path, model: Any, mesh: jax.sharding.Mesh, step: int | None, calibrations: dict | None, fix: str
+    workdir: Path, model: Any, mesh: jax.sharding.Mesh, step: int | None, calibrations: Calibration | None, fix: str
 ) -> tuple[int, Any]:
     """The student's step and variables, replicated on ``mesh``: a package's one step, or a
     workdir's checkpoint ``step`` (None: the latest), each checked against the thresholds'
@@ -371,7 +371,7 @@ def _restore_student(
     return step, student_vars
 
 
-def check_fitted(workdir: Path, step: int | None, calibrations: dict | None, fix: str, asked: bool) -> None:
+def check_fitted(workdir: Path, step: int | None, calibrations: Calibration | None, fix: str, asked: bool) -> None:
     """Weights and thresholds of one step, or a WorkdirError naming both steps and ``fix``.
 
     A run killed after a checkpoint and before the evaluation that refits the thresholds,
@@ -382,9 +382,9 @@ def check_fitted(workdir: Path, step: int | None, calibrations: dict | None, fix
     An older step asked for by name (``asked``, rdjax.load(workdir, step=N)) is the
     caller's choice: it loads, with a warning that the thresholds are another step's.
     No step (no checkpoint) is restore_student's error to report."""
-    if calibrations is None or step is None or calibrations["step"] == step:
+    if calibrations is None or step is None or calibrations.step == step:
         return
-    fitted = calibrations["step"]
+    fitted = calibrations.step
     if asked:
         print(f"warning: {workdir}: step {step} is decided by thresholds fitted at step {fitted} "
               "(calibration.json)", file=sys.stderr)  # fmt: skip

@@ -1,10 +1,11 @@
 """Evaluator 'calibration': the decision thresholds and normalization range
 (calibration.json), by config.threshold's method, a note of where the threshold came
 from (metrics.json's threshold_note), which every report of the decisions repeats, and
-the test images' decisions at it (metrics.json's confusion: calibration.confusion)."""
+the test images' decisions at it (metrics.json's confusion: rdjax.scoring.thresholds.confusion)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,9 +33,10 @@ class Calibration:
         split, source = calibration_split(context.config, context.test, context.validation)
         passed = context.test_pass if split is context.test else context.run_pass(split)
         cal = calibrate(threshold.method, passed.scores, split.labels, passed.pixels, threshold.quantile, source)
-        cal["fitted_on_test_set"] = split is context.test
-        counts = confusion(context.test.labels, context.test_pass.scores, cal["image_threshold"])
-        return {"calibration": cal, "threshold_note": describe(cal), "confusion": counts}
+        cal = dataclasses.replace(cal, fitted_on_test_set=split is context.test)
+        counts = confusion(context.test.labels, context.test_pass.scores, cal.image_threshold)
+        # The result holds calibration.json's dict (metrics.json); training adds its step (Calibration.fitted).
+        return {"calibration": cal.to_json(), "threshold_note": describe(cal.to_json()), "confusion": counts}
 
 
 EVALUATOR: EvaluatorType = Calibration

@@ -23,6 +23,7 @@ calibration that is not the schema's is ever used.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -93,33 +94,33 @@ def explanation_masks(
 
 def calibrate(
     method: str, scores: np.ndarray, labels: np.ndarray, pixels: PixelStats, quantile: float, source: str
-) -> dict:
+) -> Calibration:
     """Image and pixel thresholds, and the range used for normalized scores.
 
     'f1': F1-optimal on a labelled set (image labels; pixel masks).
     'quantile': the given quantile of held-out normal images' scores (and of their pixels).
     Pixel thresholds come from ``pixels``, exact or binned (rdjax.scoring.metrics.PixelStats).
     """
-    extra = {}
     if modes.parse(modes.ThresholdMethod, method, "threshold method") is modes.ThresholdMethod.F1:
         image_t = midway(scores, best_f1(labels, scores)[1])
         pixel_t = pixels.best_f1()[1] if pixels.has_regions else pixels.quantile(0.99)
+        kept_quantile = None
     else:
         image_t = midway(scores, float(np.quantile(scores, quantile)))
         pixel_t = pixels.quantile(quantile)
-        extra["quantile"] = quantile
-    return {
-        **extra,
-        "method": method,
-        "source": source,
-        "num_images": int(len(scores)),
-        "image_threshold": image_t,
-        "pixel_threshold": pixel_t,
-        "score_min": float(np.min(scores)),
-        "score_max": float(np.max(scores)),
-        "pixel_min": pixels.lo,
-        "pixel_max": pixels.hi,
-    }
+        kept_quantile = quantile
+    return Calibration(
+        image_threshold=image_t,
+        pixel_threshold=pixel_t,
+        score_min=float(np.min(scores)),
+        score_max=float(np.max(scores)),
+        pixel_min=pixels.lo,
+        pixel_max=pixels.hi,
+        method=method,
+        source=source,
+        quantile=kept_quantile,
+        num_images=int(len(scores)),
+    )
 
 
 def describe(cal: dict) -> str:
@@ -183,6 +184,62 @@ REQUIRED = (*NUMBERS, "method", "source", "step")  # every calibration.json sinc
 OPTIONAL = ("epoch", "quantile", "num_images", "fitted_on_test_set", "resize", "max_ratio", "categories")
 
 
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """calibration.json, one dataclass: written by `to_json` (the evaluator 'calibration'
+    fits it, training adds the step it was fitted on, `fitted`) and read by `read`.
+
+    An optional field left None is a key the file does not hold: ``quantile`` (the
+    'quantile' method's only), and the keys newer than the first calibration.json, which
+    older files lack and their readers default as they always did: ``num_images`` (no
+    warning of few images), ``fitted_on_test_set`` (the 'f1' method's), ``resize`` and
+    ``max_ratio`` (the workdir config's: rdjax.deploy.predictor), ``epoch``. ``step`` is
+    None only before training records it; every file holds it (`problem`)."""
+
+    image_threshold: float
+    pixel_threshold: float
+    score_min: float
+    score_max: float
+    pixel_min: float
+    pixel_max: float
+    method: str
+    source: str
+    step: int | None = None  # the checkpoint the thresholds were fitted on
+    epoch: int | None = None
+    quantile: float | None = None
+    num_images: int | None = None
+    fitted_on_test_set: bool | None = None
+    resize: dict | None = None  # the config.resize the maps were made with
+    max_ratio: float | None = None  # the image score's rule (rdjax.scoring.maps.image_scores)
+    categories: dict[str, Calibration] | None = None  # a unified workdir's: each category's own
+
+    @classmethod
+    def from_json(cls, data: dict) -> Calibration:
+        """The calibration of a dict that `problem` passed (calibration.json, or a result's)."""
+        fields = {k: data[k] for k in (*REQUIRED, *OPTIONAL) if k in data}
+        if "categories" in fields:
+            fields["categories"] = {name: cls.from_json(part) for name, part in fields["categories"].items()}
+        return cls(**fields)
+
+    def to_json(self) -> dict:
+        """The dict calibration.json holds: every field that is set (its keys sorted when
+        written, rdjax.runtime.disk.write_json)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        if self.categories is not None:
+            data["categories"] = {name: part.to_json() for name, part in self.categories.items()}
+        return data
+
+    def fitted(self, step: int, epoch: int, resize: dict, max_ratio: float) -> Calibration:
+        """What training records with thresholds (and each category's): the step and epoch
+        they were fitted on, the resize setting and the image score's rule of their maps."""
+        parts = self.categories
+        if parts is not None:
+            parts = {name: part.fitted(step, epoch, resize, max_ratio) for name, part in parts.items()}
+        return dataclasses.replace(
+            self, step=step, epoch=epoch, resize=dict(resize), max_ratio=max_ratio, categories=parts
+        )
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -226,11 +283,11 @@ def problem(cal: Any, top: bool = True) -> str | None:
     return None
 
 
-def read(path: Path, fix: str) -> dict:
+def read(path: Path, fix: str) -> Calibration:
     """calibration.json at ``path``, checked (`problem`); a WorkdirError naming the file,
     what is wrong and ``fix`` (the command that writes a good one) otherwise."""
     cal = disk.read_json(path)
     wrong = problem(cal)
     if wrong:
         raise WorkdirError(f"{path}: {wrong}: these thresholds cannot decide; {fix}")
-    return cal
+    return Calibration.from_json(cal)

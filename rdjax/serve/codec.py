@@ -92,7 +92,7 @@ def answer(model: Predictor, scored: Scored, with_map: bool, category: str | Non
         "step": model.step,
     }
     if cal is not None:
-        t = float(cal["image_threshold"])
+        t = float(cal.image_threshold)
         body.update(
             normalized_score=float(normalized_score(scored.score, cal)),
             decision="anomalous" if scored.score >= t else "normal",

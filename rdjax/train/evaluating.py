@@ -269,9 +269,11 @@ def _global_calibration(
     merged = _Reusing(passes, validation, union.validation)
     context = evaluators_lib.EvalContext(run.config, test, union.test, merged, passes.predict, validation, None, epoch)
     union_result = evaluators_lib.run_all(calibrating, context)  # one evaluator of a type at most
-    cal = union_result["calibration"]
-    cal["source"] += f" of {len(run.parts)} categories"
-    cal["categories"] = {c: r["calibration"] for c, r in results.items()}
+    fit = calibration_lib.Calibration.from_json(union_result["calibration"])
+    cal = dataclasses.replace(
+        fit, source=f"{fit.source} of {len(run.parts)} categories",
+        categories={c: calibration_lib.Calibration.from_json(r["calibration"]) for c, r in results.items()},
+    ).to_json()  # fmt: skip
     return {"calibration": cal, "threshold_note": f"global {calibration_lib.describe(cal)}",
             "confusion": union_result["confusion"]}  # fmt: skip
 
@@ -280,10 +282,10 @@ def _finish_result(run: Run, result: dict, epoch: int, step: int) -> dict:
     """What every evaluation's result records beside its metrics, and its log lines."""
     config = run.config
     result["warnings"] = list(run.warnings) + result["warnings"]
-    calibrations = [result.get("calibration")] + [r.get("calibration") for r in result.get("categories", {}).values()]
-    for cal in calibrations:
-        if cal is not None:
-            cal.update(step=step, epoch=epoch, resize=config.resize.to_dict(), max_ratio=config.max_ratio)
+    for part in [result, *result.get("categories", {}).values()]:  # the thresholds and each category's
+        if "calibration" in part:
+            fit = calibration_lib.Calibration.from_json(part["calibration"])
+            part["calibration"] = fit.fitted(step, epoch, config.resize.to_dict(), config.max_ratio).to_json()
     for part in result.get("categories", {}).values():
         part.update(epoch=epoch, step=step, seed=config.seed)
     category = "unified" if run.unified else next(iter(run.parts))

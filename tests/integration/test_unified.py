@@ -212,7 +212,7 @@ def test_predict_and_export_with_and_without_a_category(unified, tmp_path):
             if abs(score - threshold) > RECOMPUTED_MARGIN:
                 assert row["decision"] == ("anomalous" if score >= threshold else "normal"), (category, row)
     api = rdjax.load(workdir, category="weave")  # the category's thresholds, not the global ones
-    assert api.calibration == cal["categories"]["weave"] and rdjax.load(workdir).calibration == cal
+    assert api.calibration.to_json() == cal["categories"]["weave"] and rdjax.load(workdir).calibration.to_json() == cal
     scores = np.array([float(r["score"]) for r in rows])
     between = (scores - cal["image_threshold"]) * (scores - weave) < 0
     if between.any():  # where the two thresholds disagree, the runs' decisions must too

@@ -54,7 +54,7 @@ def test_jax_export_declares_three_platforms_and_runs_without_rdjax(setup, jax_f
     work, model, batch, want_maps, want_scores = setup
     out, meta = jax_file
     assert meta["input"]["shape"] == ["batch", 64, 64, 3] and meta["input"]["dtype"] == "uint8"
-    assert meta["step"] == 9 and meta["model"] == "rd4ad" and meta["calibration"] == model.calibration
+    assert meta["step"] == 9 and meta["model"] == "rd4ad" and meta["calibration"] == model.calibration.to_json()
     exported = export.deserialize(out.read_bytes())
     assert exported.platforms == ("cpu", "cuda", "tpu")
     for n in (len(batch), 1):  # the batch size is symbolic
@@ -166,7 +166,7 @@ def test_exports_score_by_the_recorded_max_ratio(setup, tmp_path):
     work, model, batch, _, _ = setup
     copy = tmp_path / "w"
     shutil.copytree(work, copy, ignore=shutil.ignore_patterns("eval"))
-    (copy / "calibration.json").write_text(json.dumps({**model.calibration, "max_ratio": 0.01}))
+    (copy / "calibration.json").write_text(json.dumps({**model.calibration.to_json(), "max_ratio": 0.01}))
     top = rdjax.load(copy)
     want_maps, want_scores = top.predict_resized(batch)
     assert np.all(want_scores < want_maps.max(axis=(1, 2)))  # not the maximum

@@ -4,6 +4,7 @@ normalized scores, and `rdjax predict`. (Export: test_export.py.)"""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -47,7 +48,7 @@ def test_load_restores_the_trained_model(workdir, model):
     assert isinstance(model, rdjax.Predictor)
     assert model.step == 3 * 3
     cal = json.loads((work / "calibration.json").read_text())
-    assert cal == model.calibration and cal["method"] == "f1" and cal["step"] == 9
+    assert cal == model.calibration.to_json() and model.calibration.method == "f1" and model.calibration.step == 9
     # Scores from predict on the original test files equal the evaluation's scores.
     files = sorted((data / "disk" / "test").rglob("*.png"))
     pred = model.predict([str(f) for f in files])
@@ -87,15 +88,15 @@ def test_predict_accepts_every_input_kind(workdir, model):
     assert mixed.maps[1].shape == arr.shape[:2]
     cal = model.calibration
     assert mixed.decisions.dtype == bool
-    np.testing.assert_array_equal(mixed.decisions, mixed.scores >= cal["image_threshold"])
+    np.testing.assert_array_equal(mixed.decisions, mixed.scores >= cal.image_threshold)
     np.testing.assert_allclose(
         mixed.normalized_scores,
-        calibration.normalize_scores(mixed.scores, cal["image_threshold"], cal["score_min"], cal["score_max"]),
+        calibration.normalize_scores(mixed.scores, cal.image_threshold, cal.score_min, cal.score_max),
     )
     normalized = model.normalized_map(mixed.maps[1])
     above = normalized >= 0.5  # 0.5 is the pixel threshold
     if mixed.decisions[1]:  # an anomalous image also shows where its map reaches the image threshold
-        above |= mixed.maps[1] >= min(cal["image_threshold"], mixed.maps[1].max())
+        above |= mixed.maps[1] >= min(cal.image_threshold, mixed.maps[1].max())
     np.testing.assert_array_equal(above, mixed.masks[1])
     # Batching is automatic and does not change results (beyond float32 rounding: another
     # batch size is another compiled program, ~1e-7 relative).
@@ -123,14 +124,15 @@ def test_load_takes_the_recorded_max_ratio(workdir, model, tmp_path):
     --config.max_ratio=0.01` writes, config.json unchanged) is what rdjax.load scores
     with; one older than the key, or none, leaves the workdir config's."""
     work, _, _ = workdir
-    assert model.calibration["max_ratio"] == 0.0 == model.max_ratio
+    assert model.calibration.max_ratio == 0.0 == model.max_ratio
     copy = _copy(work, tmp_path / "w")
-    (copy / "calibration.json").write_text(json.dumps({**model.calibration, "max_ratio": 0.01}))
+    (copy / "calibration.json").write_text(json.dumps({**model.calibration.to_json(), "max_ratio": 0.01}))
     top = rdjax.load(copy)
     assert top.max_ratio == top.eval_step.max_ratio == 0.01 and top.config.max_ratio == 0.0
     config = config_lib.defaults()
     config.max_ratio = 0.05
-    assert inference.recorded_max_ratio({"image_threshold": 1.0}, config) == 0.05
+    older = dataclasses.replace(model.calibration, max_ratio=None)  # a calibration.json older than the key
+    assert "max_ratio" not in older.to_json() and inference.recorded_max_ratio(older, config) == 0.05
     assert inference.recorded_max_ratio(None, config) == 0.05
 
 
@@ -334,7 +336,7 @@ def test_a_package_scores_exactly_as_its_workdir(workdir, model, tmp_path):
         np.testing.assert_array_equal(x, y)
     assert packed.step == model.step and packed.calibration == model.calibration
     contract = json.loads((tmp_path / "p" / "contract.json").read_text())
-    assert contract["format"] == "package" and contract["calibration"] == model.calibration
+    assert contract["format"] == "package" and contract["calibration"] == model.calibration.to_json()
     assert not (tmp_path / "p" / "checkpoints").exists()
 
     def size(folder: Path) -> int:

@@ -43,7 +43,7 @@ def test_f1_calibration_reaches_the_best_f1_between_two_scores():
     maps = rng.random((60, 4, 4))
     pixels = metrics.PixelStats(lo=0.0, hi=1.0, maps=maps, masks=maps > 0.9)
     cal = calibration.calibrate("f1", scores, labels, pixels, 0.99, "test set")
-    t = cal["image_threshold"]
+    t = cal.image_threshold
     best = max(f1_score(labels, scores >= c) for c in scores)
     assert f1_score(labels, scores >= t) == pytest.approx(best)
     assert np.min(np.abs(scores - t)) > 0
@@ -55,11 +55,11 @@ def test_quantile_calibration():
     pixels = metrics.PixelStats(lo=float(maps.min()), hi=float(maps.max()), maps=maps, masks=np.zeros((50, 4, 4), bool))
     cal = calibration.calibrate("quantile", scores, np.zeros(50), pixels, 0.9, "held out")
     q = np.quantile(scores, 0.9)
-    np.testing.assert_array_equal(scores >= cal["image_threshold"], scores >= q)
+    np.testing.assert_array_equal(scores >= cal.image_threshold, scores >= q)
     below, above = np.max(scores[scores < q]), np.min(scores[scores >= q])
-    assert cal["image_threshold"] == pytest.approx((below + above) / 2)
-    assert cal["pixel_threshold"] == pytest.approx(np.quantile(maps, 0.9))
-    assert (cal["score_min"], cal["score_max"]) == (scores.min(), scores.max())
+    assert cal.image_threshold == pytest.approx((below + above) / 2)
+    assert cal.pixel_threshold == pytest.approx(np.quantile(maps, 0.9))
+    assert (cal.score_min, cal.score_max) == (scores.min(), scores.max())
 
 
 def test_normalized_scores_formula():
