@@ -28,9 +28,9 @@ from performance import cpu_model  # noqa: E402  (experiments/ is on sys.path wh
 
 
 def throwaway_workdir(base: Path, arch: str, size: int, batch: int) -> Path:
+    from rdjax import train
     from rdjax.configs import synthetic as synthetic_config
     from rdjax.data import synthetic
-    from rdjax.train import loop as train
 
     root = synthetic.generate(
         base / "data", categories=("disk",), size=size, num_train=batch, num_test_good=2, num_per_defect=1

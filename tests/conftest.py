@@ -266,9 +266,9 @@ def _shared_run(tmp_path_factory, worker_id, name: str, **overrides):
 
     from filelock import FileLock
 
+    from rdjax import train
     from rdjax.data import synthetic
     from rdjax.runtime import disk
-    from rdjax.train import loop as train
 
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if worker_id != "master" else base

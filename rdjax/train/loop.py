@@ -178,7 +178,7 @@ def _initial_state(run: Run, tx: optax.GradientTransformation, manager: Any) -> 
     state = workdir_lib.restore_state(manager, state)
     epoch, skip = divmod(int(state.step), run.steps_per_epoch)
     within = f", {skip} of its {run.steps_per_epoch} steps done" if skip else ""
-    if int(state.step) < run.total_steps:  # a finished run is evaluated only (_train says so)
+    if int(state.step) < run.total_steps:  # a finished run is evaluated only (_stored_result says so)
         log("resuming from step %d (epoch %d%s)", int(state.step), epoch + 1 if skip else epoch, within)
     return state
 

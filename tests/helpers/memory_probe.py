@@ -10,7 +10,7 @@ import sys
 import tracemalloc
 from pathlib import Path
 
-from rdjax.train import loop as train
+from rdjax import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 from conftest import small_config  # noqa: E402

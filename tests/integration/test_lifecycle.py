@@ -19,7 +19,7 @@ import pytest
 
 import rdjax
 from rdjax.runtime import workdir as workdir_lib
-from rdjax.train import loop as train
+from rdjax.train import loop
 
 from conftest import ROOT, data_flags, rdjax_cli, restore_state, subprocess_run
 
@@ -98,7 +98,7 @@ def test_a_rerun_of_a_finished_run_says_what_it_does_and_ctrl_c_names_a_real_epo
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt  # what a press does outside a step (StopRequest)
 
-    monkeypatch.setattr(train, "evaluate_student", stopped)
+    monkeypatch.setattr(loop, "evaluate_student", stopped)
     out = rdjax_cli(*command, "--config.eval_batch_size=4")
     assert out.code == 130, out.stderr[-3000:]
     assert "[disk] trained to step 9 already: evaluating it again, no training (config.eval_batch_size is 4, " \

@@ -14,10 +14,10 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from rdjax import config as config_lib
+from rdjax import train
 from rdjax.data.preprocess import Recipe, Split
 from rdjax.scoring import maps, metrics
 from rdjax.scoring import passes as evaluation
-from rdjax.train import loop as train
 
 
 def _split(seed: int, n: int, size: int = 8, records: np.ndarray | None = None) -> Split:

@@ -12,10 +12,9 @@ import pytest
 from PIL import Image
 
 import rdjax
-from rdjax import registry
+from rdjax import registry, train
 from rdjax.data.preprocess import Recipe
 from rdjax.errors import DataError
-from rdjax.train import loop as train
 
 from conftest import RECOMPUTED, assert_auroc_within, rdjax_cli, small_config
 

@@ -16,12 +16,11 @@ import tifffile
 from PIL import Image
 
 import rdjax
-from rdjax import registry
+from rdjax import registry, train
 from rdjax.data import mvtec_ad2
 from rdjax.data.preprocess import Recipe
 from rdjax.errors import DataError
 from rdjax.scoring import tiling
-from rdjax.train import loop as train
 
 from conftest import rdjax_cli, small_config
 

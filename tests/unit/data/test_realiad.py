@@ -154,7 +154,7 @@ def test_sample_and_view_of_a_name():
 def test_one_model_trains_and_evaluates_on_every_category(realiad_root, tmp_path):
     """The unified setting over the split files: one workdir, each category evaluated on
     its own test rows (the counts the split files give) with its own thresholds."""
-    from rdjax.train import loop as train
+    from rdjax import train
 
     config = realiad_config(realiad_root, tmp_path, category="all")
     config.setting, config.batch_size = "unified", 8

@@ -15,13 +15,12 @@ from PIL import Image
 
 import rdjax
 from rdjax import config as config_lib
-from rdjax import data, registry
+from rdjax import data, registry, train
 from rdjax.data.preprocess import Recipe
 from rdjax.deploy import predict
 from rdjax.deploy import predictor as inference
 from rdjax.deploy.names import output_names
 from rdjax.scoring import thresholds as calibration
-from rdjax.train import loop as train
 
 from conftest import RECOMPUTED, assert_auroc_within, rdjax_cli, small_config
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import rdjax
+from rdjax import train
 from rdjax.data import synthetic
 from rdjax.data.preprocess import Recipe
 from rdjax.errors import ConfigError, DataError
 from rdjax.scoring import tiling
-from rdjax.train import loop as train
 
 from conftest import small_config
 

@@ -114,7 +114,7 @@ def test_off_step_equals_the_cached_step_in_float64():
         off = steps.make_image_train_step(model, tx, mesh)
         cached = steps.make_train_step(model, tx, mesh)
         teacher = jax.jit(cache.teacher_fn(model, True))
-        # Committed, replicated states (as train.py makes them): an uncommitted first
+        # Committed, replicated states (as rdjax.train.loop makes them): an uncommitted first
         # argument would compile each step twice.
         a, b = (
             jax.device_put(state_lib.create_train_state(student_vars, tx), sharding.replicated(mesh)) for _ in range(2)

@@ -20,12 +20,12 @@ from PIL import Image
 
 import rdjax
 from rdjax import config as config_lib
-from rdjax import registry
+from rdjax import registry, train
 from rdjax.data import synthetic
 from rdjax.data.preprocess import Recipe
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring import metrics
-from rdjax.train import loop as train
+from rdjax.train import loop
 
 from conftest import (
     assert_auroc_within,
@@ -400,7 +400,7 @@ def test_a_stop_inside_an_epoch_ending_in_a_partial_batch_resumes_exactly(traine
 
     config, uninterrupted, _ = trained
     steps_done = [0]
-    make_trainer = train.make_trainer
+    make_trainer = loop.make_trainer
 
     def counting(*args):
         trainer = make_trainer(*args)
@@ -411,11 +411,11 @@ def test_a_stop_inside_an_epoch_ending_in_a_partial_batch_resumes_exactly(traine
 
         return dataclasses.replace(trainer, step_fn=step)
 
-    class StopAfterFive(train.StopRequest):
+    class StopAfterFive(loop.StopRequest):
         requested = property(lambda self: steps_done[0] >= 5, lambda self, value: None)
 
-    monkeypatch.setattr(train, "make_trainer", counting)
-    monkeypatch.setattr(train, "StopRequest", StopAfterFive)
+    monkeypatch.setattr(loop, "make_trainer", counting)
+    monkeypatch.setattr(loop, "StopRequest", StopAfterFive)
     workdir = tmp_path / "w"
     with pytest.raises(Interrupted, match="resume from epoch 2, step 5"):
         train.train_and_evaluate(config, workdir)
