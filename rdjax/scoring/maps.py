@@ -26,7 +26,7 @@ import numpy as np
 from rdjax import modes
 from rdjax.data.normalize import normalize
 from rdjax.errors import ConfigError
-from rdjax.models import Model
+from rdjax.models import MapRecipe, Model
 from rdjax.pytrees import Features, Variables
 from rdjax.runtime.sharding import map_local
 
@@ -194,16 +194,9 @@ class EvalStep:
 
 
 @functools.cache
-def make_eval_step(
-    model: Model,
-    mode: str = "add",
-    sigma: float = 4.0,
-    imagenet_normalize: bool = True,
-    max_ratio: float = 0.0,
-    map_size: int = 0,
-    blur_kernel: int = 0,
-) -> EvalStep:
-    """The full path from model inputs to maps and `image_scores`.
+def make_eval_step(model: Model, recipe: MapRecipe, imagenet_normalize: bool = True) -> EvalStep:
+    """The full path from model inputs to maps (``recipe``: map mode, size and blur) and
+    `image_scores` (``recipe.max_ratio``).
 
     Cached, so that every evaluation of a run reuses one compilation."""
 
@@ -211,10 +204,12 @@ def make_eval_step(
     def eval_step(teacher_vars: Variables, student_vars: Variables, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = normalize(images, imagenet_normalize)
         t, s = model(teacher_vars, student_vars, x, train=False)
-        maps = anomaly_map(t, s, (x.shape[1], x.shape[2]), mode, sigma, map_size, blur_kernel)
-        return maps, image_scores(maps, max_ratio)
+        maps = anomaly_map(
+            t, s, (x.shape[1], x.shape[2]), recipe.mode, recipe.blur_sigma, recipe.size, recipe.blur_kernel
+        )
+        return maps, image_scores(maps, recipe.max_ratio)
 
-    return EvalStep(eval_step, max_ratio)
+    return EvalStep(eval_step, recipe.max_ratio)
 
 
 # ----------------------------------------------------------------------------- binned pixel statistics
@@ -269,18 +264,10 @@ def stats_step(
 
 
 @functools.cache
-def make_pass_step(
-    model: Model,
-    mode: str = "add",
-    sigma: float = 4.0,
-    imagenet_normalize: bool = True,
-    max_ratio: float = 0.0,
-    map_size: int = 0,
-    blur_kernel: int = 0,
-):
+def make_pass_step(model: Model, recipe: MapRecipe, imagenet_normalize: bool = True) -> Callable:
     """The eval step of an evaluation pass over squeezed images: the maps and scores
     computed from the images, then `stats_step`, in one program."""
-    eval_step = make_eval_step(model, mode, sigma, imagenet_normalize, max_ratio, map_size, blur_kernel)
+    eval_step = make_eval_step(model, recipe, imagenet_normalize)
 
     @jax.jit
     def pass_step(
@@ -341,14 +328,8 @@ def eval_step_for(model: Model, config: Any, full_pass: bool = False, max_ratio:
     """The eval step a config asks for (map mode, size and blur, input normalization, the
     image score's ``max_ratio``: config.max_ratio unless given); with ``full_pass`` the pass step
     that adds the binned pixel statistics."""
-    ratio = float(config.max_ratio if max_ratio is None else max_ratio)
-    args = (
-        model,
-        config.map_mode,
-        config.blur_sigma,
-        config.imagenet_normalize,
-        ratio,
-        config.map_size,
-        config.blur_kernel,
-    )
+    recipe = MapRecipe.of(config)
+    if max_ratio is not None:
+        recipe = dataclasses.replace(recipe, max_ratio=float(max_ratio))
+    args = (model, recipe, config.imagenet_normalize)
     return make_pass_step(*args) if full_pass else make_eval_step(*args)

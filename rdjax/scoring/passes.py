@@ -94,41 +94,45 @@ class _Accumulator:
         )
 
 
-def run_pass(
-    pass_step: Callable,
-    teacher_vars: Variables,
-    student_vars: Variables,
-    split: Split,
-    batch_size: int,
-    put: Callable[[Any], Any],
-    exact: bool,
-    kind: str = "test",
-    tiler: Tiler | None = None,
-    map_size: int = 0,
-) -> PassResult:
-    """Maps of every row of ``split`` exactly once, in global batches of ``batch_size``
-    (sharding.global_batches: the last padded, its padding masked out), each process
-    decoding only its share. Kept: one score, one sum and one per-image PRO per image,
-    and the binned pixel statistics summed over hosts; with ``exact``, every map and
-    mask too (small sets).
+@dataclasses.dataclass(frozen=True)
+class PassSetup:
+    """What stays fixed across the evaluation passes of one student: the step, the
+    variables, the global batch, how a batch reaches the devices, and how the maps are
+    made.
 
     ``tiler`` (config.resize 'fit' or 'tile'): this process's images at their own
     resolution -> (maps at image_size, scores), computed on the host's side of the
-    batch; ``pass_step`` then only reduces them (maps.stats_step). Without it,
-    ``pass_step`` computes the maps of the squeezed images too. ``map_size``
-    (config.map_size): the maps' side where it differs from the inputs'; the masks are
-    resized to it by nearest neighbour (maps.map_masks)."""
-    batches = global_batches(len(split), batch_size)
+    batch; ``step`` then only reduces them (maps.stats_step). Without it, ``step``
+    computes the maps of the squeezed images too. ``map_size`` (config.map_size): the
+    maps' side where it differs from the inputs'; the masks are resized to it by
+    nearest neighbour (maps.map_masks)."""
+
+    step: Callable
+    teacher_vars: Variables
+    student_vars: Variables
+    batch_size: int
+    put: Callable[[Any], Any]
+    tiler: Tiler | None = None
+    map_size: int = 0
+
+
+def run_pass(setup: PassSetup, split: Split, exact: bool, kind: str = "test") -> PassResult:
+    """Maps of every row of ``split`` exactly once, in global batches of
+    ``setup.batch_size`` (sharding.global_batches: the last padded, its padding masked
+    out), each process decoding only its share. Kept: one score, one sum and one
+    per-image PRO per image, and the binned pixel statistics summed over hosts; with
+    ``exact``, every map and mask too (small sets)."""
+    batches = global_batches(len(split), setup.batch_size)
     local = [local_share(rows) for rows, _ in batches]
-    local_valid = [local_share(np.arange(batch_size) < valid) for _, valid in batches]
+    local_valid = [local_share(np.arange(setup.batch_size) < valid) for _, valid in batches]
 
     def prepare(item: tuple[dict, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, tuple, Any]:
         """Host batch -> (host masks, valid rows, the step's device inputs, device masks)."""
         batch, rows, valid = item
-        masks = maps_lib.map_masks(batch["mask"], map_size)
+        masks = maps_lib.map_masks(batch["mask"], setup.map_size)
         weights, regions = zip(*(metrics.region_weights(m) for m in masks))
-        inputs = (batch["image"],) if tiler is None else tiler([split.native_image(r) for r in rows])
-        device = put((*inputs, masks, np.stack(weights).astype(np.float32), np.asarray(regions, np.int32), valid))
+        inputs = (batch["image"],) if setup.tiler is None else setup.tiler([split.native_image(r) for r in rows])
+        device = setup.put((*inputs, masks, np.stack(weights).astype(np.float32), np.asarray(regions, np.int32), valid))
         return masks, valid, device, device[len(inputs)]
 
     kept = _Accumulator()
@@ -136,13 +140,13 @@ def run_pass(
     bar = tqdm.tqdm(total=len(split), desc=f"evaluating {kind}", unit="img", leave=False,
                     disable=None if jax.process_index() == 0 else True)  # fmt: skip
     for (_, valid_count), (host_masks, host_valid, device, device_masks) in zip(batches, prefetch(loaded, prepare)):
-        maps, batch_scores, batch_sums, stats = pass_step(teacher_vars, student_vars, *device)
+        maps, batch_scores, batch_sums, stats = setup.step(setup.teacher_vars, setup.student_vars, *device)
         kept.add_stats(stats)
         kept.scores.append(gather(batch_scores)[:valid_count])
         kept.sums.append(gather(batch_sums)[:valid_count])
         per_image = [metrics.pro_rd4ad_image(m, k) if v else np.nan
                      for m, k, v in zip(local_rows(maps), host_masks, host_valid)]  # fmt: skip
-        kept.pro_images.append(gather(put(np.array(per_image, np.float32)))[:valid_count])
+        kept.pro_images.append(gather(setup.put(np.array(per_image, np.float32)))[:valid_count])
         if exact:
             kept.maps.append(gather(maps)[:valid_count])
             kept.masks.append(gather(device_masks)[:valid_count])

@@ -35,10 +35,8 @@ class Passes:
     evaluators get as run_pass and predict."""
 
     run: Run
-    student_vars: Any
     eval_step: maps.EvalStep
-    pass_step: Callable
-    tiler: Callable | None  # config.resize 'fit' or 'tile': images at their own size -> maps
+    fixed: evaluation.PassSetup  # what stays fixed across the passes
 
     @classmethod
     def of(cls, run: Run, student_vars: Any) -> Passes:
@@ -52,23 +50,23 @@ class Passes:
             recipe = Recipe.from_config(config)
             tiler = functools.partial(tiling.evaluation_maps, recipe=recipe, setting=config.resize, run=windows)
             pass_step = lambda teacher_vars, student_vars, *batch: maps.stats_step(*batch)
-        return cls(run, student_vars, eval_step, pass_step, tiler)
+        fixed = evaluation.PassSetup(
+            pass_step, run.teacher_vars, student_vars, run.eval_batch, run.put, tiler, config.map_size
+        )
+        return cls(run, eval_step, fixed)
 
     def run_pass(self, split: Split, kind: str = "validation") -> evaluation.PassResult:
         """An evaluation pass over ``split``, exact where its maps fit the exact budget."""
-        run, config = self.run, self.run.config
+        config = self.run.config
         exact = len(split) * map_side(config) ** 2 <= config.exact_metrics_max_pixels
-        return evaluation.run_pass(
-            self.pass_step, run.teacher_vars, self.student_vars, split, run.eval_batch, run.put, exact, kind,
-            self.tiler, config.map_size,
-        )  # fmt: skip
+        return evaluation.run_pass(self.fixed, split, exact, kind)
 
     def predict(self, split: Split, rows: np.ndarray) -> np.ndarray:
         """The maps of ``rows`` of ``split``."""
-        run = self.run
-        if self.tiler is not None:
-            return self.tiler([split.native_image(r) for r in rows])[0]
-        step = lambda x: self.eval_step(run.teacher_vars, self.student_vars, x)
+        run, fixed = self.run, self.fixed
+        if fixed.tiler is not None:
+            return fixed.tiler([split.native_image(r) for r in rows])[0]
+        step = lambda x: self.eval_step(run.teacher_vars, fixed.student_vars, x)
         return sharding.map_global_batches(step, split.images(rows), run.eval_batch, run.put, "evaluating")[0]
 
 

@@ -18,6 +18,7 @@ import pytest
 import rdjax
 from rdjax import registry
 from rdjax.data.preprocess import Recipe
+from rdjax.models import MapRecipe
 from rdjax.models.rd4ad import RD4AD
 from rdjax.scoring import maps, metrics
 
@@ -166,8 +167,8 @@ def check_bfloat16_maps(model32: Any, model16: Any, size: int) -> None:
     roundings, partly cancelling) and ranked alike."""
     teacher_vars, student_vars = model32.init(jax.random.key(0), size)
     images = jax.random.randint(jax.random.key(1), (4, size, size, 3), 0, 256).astype(jnp.uint8)
-    maps32, _ = maps.make_eval_step(model32)(teacher_vars, student_vars, images)
-    maps16, _ = maps.make_eval_step(model16)(teacher_vars, student_vars, images)
+    maps32, _ = maps.make_eval_step(model32, MapRecipe())(teacher_vars, student_vars, images)
+    maps16, _ = maps.make_eval_step(model16, MapRecipe())(teacher_vars, student_vars, images)
     assert maps16.dtype == jnp.float32  # maps stay float32 whatever the compute dtype
     rel = float(jnp.max(jnp.abs(maps16 - maps32)) / jnp.max(jnp.abs(maps32)))
     assert rel < 0.05

@@ -224,7 +224,7 @@ def test_evaluation_sees_every_image_exactly_once():
         return maps.stats_step(image_maps, image_maps.max(axis=(1, 2)), *rest)
 
     before = pipeline.decoded["once"]
-    passed = evaluation.run_pass(pass_step, None, None, split, 4, put, exact=True, kind="once")
+    passed = evaluation.run_pass(evaluation.PassSetup(pass_step, None, None, 4, put), split, exact=True, kind="once")
     assert pipeline.decoded["once"] - before == 12
     np.testing.assert_array_equal(passed.scores, np.arange(11) + 1.0)
     np.testing.assert_array_equal(passed.sums, (np.arange(11) + 1.0) * 16)
