@@ -21,11 +21,12 @@ import numpy as np
 
 from rdjax import modes
 from rdjax.data.preprocess import Recipe
+from rdjax.deploy import loading
 from rdjax.deploy.images import ImageLike, as_images
-from rdjax.errors import ConfigError, DataError, WorkdirError
+from rdjax.errors import ConfigError, DataError
 from rdjax.modes import AUTO, GLOBAL
 from rdjax.registry import MODELS
-from rdjax.runtime import disk, sharding
+from rdjax.runtime import sharding
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring import maps as maps_lib
 from rdjax.scoring import router as router_lib
@@ -291,9 +292,9 @@ def load(
 ) -> Predictor:
     """Restore the model in ``workdir`` (its latest checkpoint by default), or in a package
     (`rdjax package`), on the available devices. Nothing damaged or mismatched loads: the
-    weights are checked against their recorded checksums (rdjax.runtime.workdir), calibration.json
+    weights are checked against their recorded checksums (rdjax.runtime.disk), calibration.json
     against its schema (rdjax.scoring.thresholds.read) and its step against the weights'
-    (`check_fitted`), each failure one WorkdirError line.
+    (rdjax.deploy.loading.check_fitted), each failure one WorkdirError line.
 
     ``category``: a unified workdir's category whose thresholds decide by default
     (calibration.json's 'categories'), GLOBAL, or AUTO (each image routed, rdjax.scoring.router);
@@ -319,9 +320,9 @@ def load(
     cal_path = workdir / workdir_lib.CALIBRATION
     calibrations = calibration_lib.read(cal_path, fix) if cal_path.is_file() else None  # before the weights: cheaper
     teacher_vars = workdir_lib.restore_teacher(workdir / workdir_lib.TEACHER, model.arch)
-    step, student_vars = _restore_student(workdir, model, mesh, step, calibrations, fix)
+    step, student_vars = loading.restore_student(workdir, model, mesh, step, calibrations, fix)
     if category is None and package:
-        category = packaged_category(workdir)
+        category = loading.packaged_category(workdir)
     if not (calibrations and calibrations.categories) and category in (GLOBAL, str(config.dataset.category)):
         category = None  # a per-category workdir's own thresholds, however named
     calibration = calibrations
@@ -346,60 +347,3 @@ def load(
         category=category,
         router=router,
     )
-
-
-def _restore_student(
-    workdir: Path, model: Any, mesh: jax.sharding.Mesh, step: int | None, calibrations: Calibration | None, fix: str
-) -> tuple[int, Any]:
-    """The student's step and variables, replicated on ``mesh``: a package's one step, or a
-    workdir's checkpoint ``step`` (None: the latest), each checked against the thresholds'
-    step (`check_fitted`)."""
-    if workdir_lib.is_package(workdir):
-        if step is not None:
-            raise ConfigError(f"{workdir}: a package holds one step ({step} was asked for)")
-        step, student_vars = workdir_lib.restore_package_student(workdir, model.abstract_variables()[1])
-        check_fitted(workdir, step, calibrations, fix, asked=False)
-        return step, jax.device_put(student_vars, sharding.replicated(mesh))
-    asked = step is not None
-    if not asked:  # the latest step: checked before its weights are hashed and read
-        check_fitted(workdir, workdir_lib.latest_step(workdir), calibrations, fix, asked)
-    step, student_vars = workdir_lib.restore_student(
-        workdir, model.abstract_variables()[1], sharding.replicated(mesh), step
-    )
-    if asked:
-        check_fitted(workdir, step, calibrations, fix, asked)
-    return step, student_vars
-
-
-def check_fitted(workdir: Path, step: int | None, calibrations: Calibration | None, fix: str, asked: bool) -> None:
-    """Weights and thresholds of one step, or a WorkdirError naming both steps and ``fix``.
-
-    A run killed after a checkpoint and before the evaluation that refits the thresholds,
-    or one whose calibration runs every few checkpoints, leaves a latest step newer than
-    calibration.json's: its thresholds were fitted on other weights' scores. Training
-    cannot write the two together (an evaluation is not due at every checkpoint, and is
-    the slow part a kill most likely interrupts), so readers refuse the pair instead.
-    An older step asked for by name (``asked``, rdjax.load(workdir, step=N)) is the
-    caller's choice: it loads, with a warning that the thresholds are another step's.
-    No step (no checkpoint) is restore_student's error to report."""
-    if calibrations is None or step is None or calibrations.step == step:
-        return
-    fitted = calibrations.step
-    if asked:
-        print(f"warning: {workdir}: step {step} is decided by thresholds fitted at step {fitted} "
-              "(calibration.json)", file=sys.stderr)  # fmt: skip
-        return
-    held = "the package's student is" if workdir_lib.is_package(workdir) else "the latest checkpoint is"
-    raise WorkdirError(
-        f"{workdir}: {held} step {step}, but calibration.json was fitted at step {fitted}: "
-        f"its thresholds belong to other weights; {fix}"
-    )
-
-
-def packaged_category(package: Path) -> str | None:
-    """The category a package was made to decide with (`rdjax package --category`)."""
-    path = package / "contract.json"
-    contract = disk.read_json(path) if path.is_file() else {}
-    if not isinstance(contract, dict) or not isinstance(contract.get("category"), (str, type(None))):
-        raise WorkdirError(f"{path}: not a package's contract; {disk.DAMAGED}")
-    return contract.get("category")

@@ -26,7 +26,6 @@ from rdjax import config as config_lib
 from rdjax.deploy import package as package_lib
 from rdjax.errors import WorkdirError
 from rdjax.runtime import disk
-from rdjax.runtime import workdir as workdir_lib
 
 from conftest import rdjax_cli
 
@@ -244,7 +243,7 @@ def test_package_onto_a_full_disk_is_one_line_and_leaves_nothing(trained, tmp_pa
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(workdir_lib, "write_json", full)
+    monkeypatch.setattr(disk, "write_json", full)
     error = rdjax_cli("package", f"--workdir={trained[1]}", f"--out={tmp_path / 'pkg'}").error_line()
     assert (
         error
