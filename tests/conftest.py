@@ -36,9 +36,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import torch  # noqa: E402  (after the cache variable)
 
 ROOT = Path(__file__).resolve().parents[1]
-# The torch references (tests/reference/) and the probes' helpers import by module name
-# from any test folder, as the flat tests/ folder let them.
-sys.path[:0] = [str(ROOT / "tests" / "reference")]
+# The torch references (tests/reference/) and the helpers (tests/helpers/) import by
+# module name from any test folder.
+sys.path[:0] = [str(ROOT / "tests" / "reference"), str(ROOT / "tests" / "helpers")]
 
 
 # ----------------------------------------------------------------------------- synthetic data

@@ -230,7 +230,3 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
 def main(fv: flags.FlagValues, args: list[str]) -> None:
     """`rdjax export`."""
     export_workdir(fv.workdir, Path(fv.out), fv.format, fv.weights_dtype, fv.category)
-
-
-if __name__ == "__main__":  # 0.2.0's spelling: say the one that works, import nothing back
-    raise SystemExit("error: `python -m rdjax.deploy.export` is gone; use `rdjax export` or `python -m rdjax export`")

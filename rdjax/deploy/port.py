@@ -116,7 +116,3 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
             "rdjax port rd4ad --arch=wide_resnet50_2 --teacher=imagenet --src=CKPT --out=WORKDIR"
         )
     port(args[0], fv.arch, fv.src, Path(fv.out), fv.teacher, fv.image_size, fv.dataset)
-
-
-if __name__ == "__main__":  # 0.2.0's spelling: say the one that works, import nothing back
-    raise SystemExit("error: `python -m rdjax.deploy.port` is gone; use `rdjax port` or `python -m rdjax port`")

@@ -353,9 +353,3 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
     options = PredictOptions(fv.batch_size, fv.dtype, fv.resize, fv.tile_size, fv.tile_overlap, fv.category,
                              fv.overwrite)  # fmt: skip
     run(fv.workdir, fv.input, Path(fv.output), options)
-
-
-if __name__ == "__main__":  # 0.2.0's spelling: say the one that works, import nothing back
-    raise SystemExit(
-        "error: `python -m rdjax.deploy.predict` is gone; use `rdjax predict` or `python -m rdjax predict`"
-    )

@@ -7,7 +7,7 @@ Dinomaly 'dinomaly'.
 
 Everything the training loop, evaluation, the feature cache, the port and the export do
 with a model goes through these members, so a new model is one module and a config.
-(`rdjax.Model`, what `rdjax.load` returns, is the trained predictor built around one.)
+(`rdjax.Predictor`, what `rdjax.load` returns, is the trained predictor built around one.)
 """
 
 from __future__ import annotations

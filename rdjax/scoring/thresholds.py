@@ -16,7 +16,7 @@ A threshold fitted on few images is warned about (`few_images`), and every repor
 the decisions gives their counts on the test set (`confusion`). Pictures of maps put the
 image threshold in the middle of their colour scale (`colour_scale`).
 
-calibration.json has one schema (`problem`), checked where it is written (rdjax.train.loop)
+calibration.json has one schema (`problem`), checked where it is written (rdjax.train.hooks)
 and where it is read (`read`): a NaN threshold decides every image normal, so no
 calibration that is not the schema's is ever used.
 """

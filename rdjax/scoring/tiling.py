@@ -137,7 +137,7 @@ def evaluation_maps(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tiled evaluation (config.resize): each image's blended map resized to (size, size),
     where the masks and pixel metrics live, and its score by ``run``'s max_ratio, from the
-    blended map at the scale it was computed (as `Model.predict` scores it), before that
+    blended map at the scale it was computed (as `Predictor.predict` scores it), before that
     resize."""
     size = recipe.size
     scales = [scale_for(setting.mode, image.shape[:2], size, setting.tile_size or None) for image in images]

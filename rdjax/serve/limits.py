@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 MiB = 2**20
 # Bytes one request holds per pixel at its peak, measured by experiments/serve_memory.py
 # (docs/usage.md: 15.5 for RGB, 27.0 for 16-bit), with a margin. 8-bit images: while
-# Model.predict resizes the map back to the image, the decoded image (3 B/px) and PIL's
+# Predictor.predict resizes the map back to the image, the decoded image (3 B/px) and PIL's
 # float map with its numpy copy (4 + 4 + 4 B/px while tobytes joins) are alive together,
 # and decoding alone peaks at PIL's 4 B/px RGB buffer plus the 3 B/px array it becomes
 # (twice while joined).
@@ -94,7 +94,7 @@ def pillow_limit() -> int | None:
 class Settings:
     """How requests are batched, what a request may hold, and who may call."""
 
-    batch_size: int = 8  # images per Model.predict call; every call is padded to it
+    batch_size: int = 8  # images per Predictor.predict call; every call is padded to it
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
     max_bytes: int = 64 * 2**20  # largest request body
     max_pixels: int = 50_000_000  # largest image (width x height), checked from its header before decoding

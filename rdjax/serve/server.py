@@ -1,7 +1,7 @@
 """`rdjax serve --workdir=DIR`: an HTTP server that scores images one request at a time.
 
 A production line sends each camera image as it comes; requests that arrive together
-are batched into one Model.predict call (up to --batch_size, waiting at most
+are batched into one Predictor.predict call (up to --batch_size, waiting at most
 --max_wait_ms for the batch to fill), run in one worker thread so the event loop keeps
 accepting. Every call pads to the same batch size (rdjax.runtime.sharding pads to it), so one
 compiled program serves every batch and an image's answer is bit-identical whatever

@@ -410,7 +410,7 @@ def test_the_server_decides_per_request_category(unified, tmp_path):
     import sys
     import urllib.request
 
-    from test_serve import png, post
+    from http_client import png, post
 
     from conftest import ROOT
 

@@ -331,8 +331,9 @@ def test_training_reaches_the_demo_targets(synthetic_data, tmp_path):
 def test_the_promised_commands_run_from_another_folder(synthetic_data, tmp_path):
     """`python -m rdjax.main --config=configs/synthetic.py --workdir=DIR` (the documented
     command) and the `rdjax` console script, as a user runs them, outside the repository;
-    `python -m rdjax <subcommand>` answers, and 0.2.0's per-module spellings say which
-    spelling to use instead of silently doing nothing."""
+    `python -m rdjax <subcommand>` answers, and 0.2.0's per-module spellings (modules
+    that 0.8.0 moved into folders) fail with exit status 1 naming the module, never
+    silently doing nothing."""
     root = synthetic_data()
     flags = data_flags(root)[1:]
     proc = subprocess_run(
@@ -361,7 +362,7 @@ def test_the_promised_commands_run_from_another_folder(synthetic_data, tmp_path)
         proc = subprocess_run(sys.executable, "-m", "rdjax", command, "--help", cwd=tmp_path)
         assert proc.returncode == 0 and flag in proc.stdout, (command, proc.stderr[-2000:])
         proc = subprocess_run(sys.executable, "-m", f"rdjax.{command}", "--help", cwd=tmp_path)
-        assert proc.returncode == 1 and f"use `rdjax {command}` or `python -m rdjax {command}`" in proc.stderr
+        assert proc.returncode == 1 and f"No module named rdjax.{command}" in proc.stderr
 
 
 def test_eval_and_predict_read_the_workdirs_own_config(trained, tmp_path):
