@@ -5,7 +5,7 @@ or an evaluator is chosen by a config string, and a new one is a new module, nev
 The convention: `MODELS.get("rd4ad")` imports `rdjax.models.rd4ad` and takes its `MODEL`;
 datasets are `rdjax.data.<name>` with `DATASET`, evaluators `rdjax.evaluators.<name>` with
 `EVALUATOR`. Plug-in modules never import this module, so the import graph stays one way
-(tests/test_imports.py counts an edge from here to every module of the three packages).
+(tests/unit/test_imports.py counts an edge from here to every module of the three packages).
 Code outside those packages (a user's plug-in, a test's toy model) calls `register`.
 """
 

@@ -1,15 +1,14 @@
-"""Datasets 'mvtec' (and the layout shared by every folder dataset): a
-tensorflow-datasets builder over image files, and decoding as the official code.
+"""Dataset 'mvtec', and what every dataset of image files shares (FileDataset): a
+layout scanned into items, each category prepared once as an index of its files
+(rdjax.data.index), decoded batch by batch as the official code decodes.
 
-The builder reads MVTec's own folder layout from a manual directory:
+MVTec's own folder layout:
   <root>/<category>/train/good/*.png
   <root>/<category>/test/<type>/*.png               (type 'good' = normal)
   <root>/<category>/ground_truth/<type>/*_mask.png
 Any folder in this layout works (the synthetic one and MPDD too; JPEG/BMP and upper-case
 extensions are accepted). BTAD's variant reads as well: normal images in 'ok' folders
 (train/ok, test/ok), anomalous in test/ko, masks named as their image (<stem>.png or .bmp).
-
-Each category is prepared once as an index of its files (rdjax.data.index).
 """
 
 from __future__ import annotations

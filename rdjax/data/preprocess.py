@@ -89,7 +89,7 @@ def resize_cv2(image: np.ndarray, width: int, height: int) -> np.ndarray:
     ``cv2.resize(image / 255.0, (width, height))``, OpenCV's bilinear filter (no
     antialiasing), separable, in float64 with float64 weights, rounded once to float32.
     That is OpenCV's IPP path (its x86 wheels); its generic path rounds the coordinates to
-    float32 (tests/test_recipe.py bounds the difference)."""
+    float32 (tests/unit/data/test_recipe.py bounds the difference)."""
     top, bottom, fy = _cv2_taps(image.shape[0], height)
     rows = lambda i: np.take(image, i, axis=0).astype(np.float64) / 255.0  # noqa: E731  (the taps only)
     tall = rows(top) * (1.0 - fy)[:, None, None] + rows(bottom) * fy[:, None, None]

@@ -148,6 +148,7 @@ def test_truncated_teacher_weights(root, tmp_path):
     assert "r18.pth" in error and "cannot read weights" in error
 
 
+@pytest.mark.slow  # the fast tier's 3-minute budget (docs/testing.md)
 def test_write_protected_workdir(root, tmp_path):
     if os.geteuid() == 0:
         # root ignores permission bits: a regular file where the workdir should be is

@@ -1,4 +1,4 @@
-"""Dinomaly at scale, apart from tests/test_scale.py so that pytest-xdist's workers share
+"""Dinomaly at scale, apart from tests/integration/test_scale.py so that pytest-xdist's workers share
 the load: two processes equal one, and bfloat16 maps stay close to float32's."""
 
 from __future__ import annotations

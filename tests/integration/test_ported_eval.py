@@ -4,7 +4,7 @@ Official-format checkpoints (random weights, written by torch) of RD4AD, RD++ an
 Dinomaly, ported with `rdjax port`, evaluate through the commands the README prints
 (`rdjax eval --config=mvtec ...`, `python -m rdjax.main --config=configs/mvtec.py
 --mode=eval ...`) and through the workdir's own config, and score what a torch re-run of
-the official evaluation scores (tests/test_train.py's and tests/test_dinomaly_official.py's
+the official evaluation scores (tests/unit/train/test_train.py's and tests/reference/test_dinomaly_official.py's
 references). A key the user gives that the weights depend on is refused in one line that
 names every such key and the command that works; a missing dataset root, a category
 list and the offline download say what to do.
@@ -38,7 +38,7 @@ from conftest import randomize_batchnorm, rdjax_cli
 from torch_reference import TorchDecoder, TorchMPL, TorchOCBE, official_evaluation, official_state_dict
 
 SIZE = 64
-TOLERANCE = 1e-3  # float32 rounding of the maps on either side (tests/test_train.py, test_dinomaly_official.py)
+TOLERANCE = 1e-3  # float32 rounding of the maps on either side (tests/unit/train/test_train.py, test_dinomaly_official.py)
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,7 @@ def test_two_processes_equal_one_process(setting, request):
     what one process with two devices computes: bit-identical state, identical metrics;
     in the unified setting too, where the lanes run over the union of the categories,
     each epoch ends in a partial batch, and each category's metrics are gathered apart
-    (Dinomaly's: tests/test_dinomaly_scale.py)."""
+    (Dinomaly's: tests/integration/test_dinomaly_scale.py)."""
     check_two_processes(request.getfixturevalue(setting), 2 if setting == "unified_runs" else 1)
 
 
@@ -179,5 +179,5 @@ def check_bfloat16_maps(model32: Any, model16: Any, size: int) -> None:
 
 @pytest.mark.slow
 def test_bfloat16_maps_stay_close_to_float32():
-    """RD4AD's (Dinomaly's: tests/test_dinomaly_scale.py)."""
+    """RD4AD's (Dinomaly's: tests/integration/test_dinomaly_scale.py)."""
     check_bfloat16_maps(RD4AD("resnet18"), RD4AD("resnet18", dtype="bfloat16"), 64)

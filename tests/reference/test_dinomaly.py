@@ -90,6 +90,7 @@ def _vitill(size: int, dtype: torch.dtype = torch.float32) -> tuple[ref.ViTill, 
     return official, model.port_teacher(_numpy(source)), model.port_official(official.state_dict_official())
 
 
+@pytest.mark.slow  # the fast tier's 3-minute budget (docs/testing.md)
 def test_the_student_in_eval_mode_equals_the_official_vitill():
     official, teacher_vars, student_vars = _vitill(84)
     official.eval()

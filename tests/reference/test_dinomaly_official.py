@@ -13,7 +13,7 @@ roc_auc_score and average_precision_score, F1-max with 1e-7, compute_pro with 20
 thresholds). At the official 448 / 392 scaled to the tiny encoder: R = 128, S = 112.
 
 Tolerance 1e-3 on each metric, the issue's bound. The maps of both sides agree to float32
-rounding (about 1e-6 relative, tests/test_dinomaly.py), which can only reorder pixels
+rounding (about 1e-6 relative, tests/reference/test_dinomaly.py), which can only reorder pixels
 whose scores agree that closely.
 """
 

@@ -12,7 +12,7 @@ with a 3x3 structure).
 
 Tolerance 1e-4 on each metric, the issue's bound: rdjax's convolutions and the torch
 reference's differ by float32 rounding (relative 1e-6 on the maps, measured by
-tests/test_port.py's module checks), which can reorder only pixels whose scores agree to
+tests/unit/deploy/test_port.py's module checks), which can reorder only pixels whose scores agree to
 about 1e-6; each reordered pair moves a pixel AUROC by 1 / (positives x negatives), far
 below 1e-4 at these sizes, and the image AUROC not at all unless two images' scores agree
 that closely. The test also shows it can tell the filters apart: the other model's

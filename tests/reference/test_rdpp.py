@@ -73,7 +73,8 @@ def _clouds(rng: np.random.Generator, kind: str) -> tuple[np.ndarray, np.ndarray
     return rng.normal(size=(7, 5)), rng.normal(size=(9, 5)) * 0.5 + 0.2  # generic, unequal sizes
 
 
-@pytest.mark.parametrize("kind", ["generic", "softmax"])
+# 'generic' runs in the slow tier: the fast tier's 3-minute budget (docs/testing.md)
+@pytest.mark.parametrize("kind", [pytest.param("generic", marks=pytest.mark.slow), "softmax"])
 def test_sinkhorn_divergence_equals_geomloss(kind):
     """Values and gradients in float64 against geomloss (rtol 1e-9, module docstring), the
     temperatures against geomloss's own schedule, and rdjax's float32 value against the
@@ -125,6 +126,7 @@ def test_ssot_of_a_batch_and_its_shuffle_vanishes():
     assert float(generic) > 1e-6  # the same points rescaled are not the same measure
 
 
+@pytest.mark.slow  # the fast tier's 3-minute budget (docs/testing.md)
 def test_sinkhorn_on_valid_rows_is_the_divergence_of_those_rows():
     """A padded partial batch: rows marked invalid weigh nothing, so the divergence of the
     padded clouds equals that of the valid rows alone (float64; the log-sum-exps differ
@@ -157,7 +159,8 @@ def _official(arch: str, seed: int):
     return (mpl, ocbe, decoder), flat
 
 
-@pytest.mark.parametrize("arch", ["resnet18", pytest.param("wide_resnet50_2", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the fast tier's 3-minute budget (docs/testing.md)
+@pytest.mark.parametrize("arch", ["resnet18", "wide_resnet50_2"])
 def test_mpl_and_student_match_the_official_modules(arch):
     """Ported from an official-layout checkpoint {'proj', 'bn', 'decoder'} (strictly: every
     key used), the MPL and the student features in eval mode equal the torch modules'."""
@@ -355,6 +358,7 @@ def test_rdpp_trains_predicts_exports_and_ports(synthetic_data, tmp_path):
     assert lo <= evaluated["image_auroc"] <= hi and hi - lo < 0.5
 
 
+@pytest.mark.slow  # the fast tier's 3-minute budget (docs/testing.md)
 def test_one_steps_loss_terms_match_the_official_code_in_float32():
     """One training step's terms in float32 (train mode): SSOT, reconstruction, contrast and
     distillation each, and the total, within 1e-5 of torch's float32 run with geomloss.
@@ -455,7 +459,7 @@ def test_rdpp_steps_are_invariant_to_the_device_count(tmp_path):
     """RD++'s step from images on 2 devices equals it on 1 (tests/helpers/rdpp_probe.py, float64, one
     optimizer step of 2 accumulated batches): the per-image noise, the batch permutation of
     SSOT, the sharded teacher and student passes, global BatchNorm statistics and the
-    all-reduced gradients. Tolerances as tests/test_invariance.py's, for the same reasons."""
+    all-reduced gradients. Tolerances as tests/integration/test_invariance.py's, for the same reasons."""
     out = tmp_path / "probe.npz"
     proc = subprocess_run(sys.executable, str(ROOT / "tests" / "helpers" / "rdpp_probe.py"), str(out), devices=2)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -118,7 +118,7 @@ def test_only_a_models_own_module_names_it():
 
 
 MODULE_MENTION = re.compile(r"\brdjax(?:\.[a-z_][a-z0-9_]*)+")
-PATH_MENTION = re.compile(r"\brdjax/[A-Za-z0-9_/]+\.(?:py|html|js|css)\b")
+PATH_MENTION = re.compile(r"\b(?:rdjax|tests|experiments|configs|scripts)/[A-Za-z0-9_/]+\.(?:py|html|js|css|sh)\b")
 
 
 def _exists(module: str) -> bool:

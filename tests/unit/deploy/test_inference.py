@@ -57,6 +57,7 @@ def test_load_restores_the_trained_model(workdir, model):
     assert_auroc_within(result["image_auroc"], labels, pred.scores)  # predict is another program
 
 
+@pytest.mark.slow  # the fast tier's 3-minute budget (docs/testing.md)
 def test_load_in_bfloat16_keeps_the_maps(workdir, model):
     """A float32-trained workdir evaluated in bfloat16: maps within 5% of the largest
     value (bf16 keeps 8 bits: each rounding is 2^-9 relative, and a ResNet-18 forward
@@ -73,6 +74,7 @@ def test_load_in_bfloat16_keeps_the_maps(workdir, model):
     assert np.corrcoef(p16.scores, p32.scores)[0, 1] > 0.99
 
 
+@pytest.mark.slow  # the fast tier's 3-minute budget (docs/testing.md)
 def test_predict_accepts_every_input_kind(workdir, model):
     _, data, _ = workdir
     path = sorted((data / "disk" / "test" / "hole").glob("*.png"))[0]
@@ -176,6 +178,7 @@ def test_report_is_written(workdir):
     assert img.size[0] > 800 and img.size[1] > 600
 
 
+@pytest.mark.slow  # the fast tier's 3-minute budget (docs/testing.md)
 def test_predict_accounts_for_every_file(workdir, tmp_path):
     """A mixed folder: images, a truncated PNG, a text file, a file without extension and
     the same image under another extension. scores.csv has one row per file, in the

@@ -136,6 +136,7 @@ def test_the_toy_satisfies_the_contract():
 MODEL: ModelType = Toy  # the static check of the contract
 
 
+@pytest.mark.slow  # the fast tier's 3-minute budget (docs/testing.md)
 def test_a_toy_model_trains_evaluates_and_predicts_through_the_cli(synthetic_data, tmp_path):
     """Three epochs of 16 images at batch 8 are six steps (the second traced by
     config.profile_steps). Calibration runs every epoch, the metrics every second and at

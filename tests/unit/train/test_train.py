@@ -128,7 +128,7 @@ def test_binned_metrics_of_a_trained_model_equal_the_exact_ones(trained, tmp_pat
     against the exact path the trained run took. Bound: 1e-3, the streaming path's
     promise; the bins have relative width 2^-12, so the pixel F1 threshold (below 4
     here, asserted) moves by at most 4 * 2^-12 < 1e-3, and AUROC and AUPRO only by the
-    mass of pixel pairs sharing a bin (tests/test_metrics.py bounds it on random maps)."""
+    mass of pixel pairs sharing a bin (tests/unit/scoring/test_metrics.py bounds it on random maps)."""
     config, trained_dir, _ = trained
     workdir = tmp_path / "w"
     shutil.copytree(trained_dir, workdir)
