@@ -38,7 +38,8 @@ from conftest import randomize_batchnorm, rdjax_cli
 from torch_reference import TorchDecoder, TorchMPL, TorchOCBE, official_evaluation, official_state_dict
 
 SIZE = 64
-TOLERANCE = 1e-3  # float32 rounding of the maps on either side (tests/unit/train/test_train.py, test_dinomaly_official.py)
+# float32 rounding of the maps on either side (tests/unit/train/test_train.py, test_dinomaly_official.py)
+TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")
