@@ -87,7 +87,8 @@ def measure(arch: str, size: int, batch: int, steps: int, dtype: str, name: str 
 
     c_full, t_full = _timed(run_full, lambda: (x,), steps)
 
-    eval_step = maps.eval_step_for(model, config_lib.shipped_config(model.official_config))
+    official = config_lib.for_workdir(config_lib.shipped_config(model.official_config), None, model)
+    eval_step = maps.eval_step_for(model, official)  # the official maps and score
     student_now = holder["state"].student_vars
     c_eval, t_eval = _timed(eval_step, lambda: (teacher_vars, student_now, x), steps)
     return {

@@ -1,4 +1,4 @@
-"""`rdjax serve` under load on loopback, beside Model.predict one image at a time in one
+"""`rdjax serve` under load on loopback, beside Predictor.predict one image at a time in one
 process, on one machine in one run.
 
   python experiments/serve_load.py                          # throwaway demo model, 1,000 requests
@@ -7,11 +7,11 @@ process, on one machine in one run.
 --clients threads each keep one HTTP connection open and send their share of --requests
 PNG images (a pool of --images distinct random images of --image_px pixels), each waiting
 for its answer before sending the next, as a camera would. Every answer is checked
-against Model.predict on the same image alone with the server's batch size (the same
+against Predictor.predict on the same image alone with the server's batch size (the same
 compiled program, so equal bit for bit). The server runs batching as asked (--batch_size,
 --max_wait_ms) and without (batch size 1), each with --clients clients and with one
 client (--single_requests requests: a single camera, where every call still costs a full
-padded batch). The last row decodes each PNG and calls Model.predict(image,
+padded batch). The last row decodes each PNG and calls Predictor.predict(image,
 batch_size=1) one at a time in this process. Latency is per request, from sending to the
 parsed answer. Without --workdir it trains the demo (ResNet-18, random teacher, 1 epoch
 on generated images) in a temporary folder: speed does not depend on the weights.
@@ -131,7 +131,7 @@ def main() -> None:
             t = time.perf_counter()
             model.predict(decode(bodies[i]), batch_size=1)
             latencies.append(time.perf_counter() - t)
-        label = "Model.predict(decoded PNG, batch_size=1), one at a time"
+        label = "Predictor.predict(decoded PNG, batch_size=1), one at a time"
         rows.append(row(label, time.perf_counter() - start, latencies))
 
     print(
@@ -142,7 +142,7 @@ def main() -> None:
     print("| setting | requests | images/s | p50 latency (ms) | p99 latency (ms) |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"\nanswers that differ from Model.predict on the same image alone (or not 200): {mismatches}")
+    print(f"\nanswers that differ from Predictor.predict on the same image alone (or not 200): {mismatches}")
     if mismatches:
         sys.exit(1)
 

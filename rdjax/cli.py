@@ -156,7 +156,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "serve": _owned_by("rdjax.serve.server", "serve a model over HTTP: POST /predict, GET /health, a page at /"),
     "port": _owned_by(
-        "rdjax.deploy.port", "import PyTorch weights: 'teacher', or an official model checkpoint ('rd4ad', 'rdpp')"
+        "rdjax.deploy.port", "import PyTorch weights: 'teacher', or a model's official checkpoint (its name)"
     ),
 }
 
@@ -186,6 +186,20 @@ def _config_file_frame(error: BaseException, argv: list[str]) -> traceback.Frame
     return frames[-1] if frames else None
 
 
+def _unknown_config_key(key: str) -> str:
+    """The message for an unknown --config.KEY. A model's options (config.model.X) are keys
+    of the configs of that model only (rdjax.models): say which configs set it."""
+    from rdjax import registry
+
+    owners = registry.option_owners(key.removeprefix("model.")) if key.startswith("model.") else []
+    if owners:
+        configs = ", ".join(f"--config={registry.MODELS.get(n).official_config}" for n in owners)
+        models = " or ".join(map(repr, owners))
+        return (f"unknown config key {key!r} in this config: it is an option of model {models}, set in that "
+                f"model's configs ({configs}, or a config file of your own that sets it)")  # fmt: skip
+    return f"unknown config key {key!r} (--config.{key}); docs/config.md lists them"
+
+
 def _parse(
     name: str, command: Command, args: list[str], extra: Callable[[flags.FlagValues], None] | None
 ) -> tuple[flags.FlagValues, list[str]]:
@@ -199,9 +213,7 @@ def _parse(
     except flags.UnrecognizedFlagError as e:
         key = e.flagname
         if key.startswith("config."):
-            raise ConfigError(
-                f"unknown config key {key[len('config.') :]!r} (--{key}); docs/config.md lists them"
-            ) from None
+            raise ConfigError(_unknown_config_key(key[len("config.") :])) from None
         raise ConfigError(f"unknown flag --{key}; rdjax {name} --help lists the flags") from None
     except ImportError as e:  # a config that imports what is not installed
         raise ConfigError(f"{one_line(e)}; configs import rdjax.configs, which needs rdjax installed "
@@ -214,6 +226,8 @@ def _parse(
         if isinstance(e, (AttributeError, KeyError)):  # ml_collections: a misspelt --config.a.b=... key
             match = re.match(r"""\W*(\w+)\W*(.*)""", " ".join(str(e).replace("\\n", " ").split()))
             key, hint = match.groups() if match else (str(e), "")
+            if any(arg.split("=", 1)[0] == f"--config.model.{key}" for arg in argv):  # another model's option?
+                raise ConfigError(_unknown_config_key(f"model.{key}")) from None
             raise ConfigError(f"unknown config key {key!r}. {hint.rstrip(chr(39))}".strip()) from None
         if isinstance(e, (flags.Error, TypeError, ValueError)):
             raise ConfigError(one_line(e)) from None

@@ -1,6 +1,6 @@
 """python -m rdjax.main --config=configs/mvtec.py --workdir=DIR [--mode=train|eval]
 
-The same as `rdjax train` (`rdjax eval` with --mode=eval): rdjax.train.loop.run, which calls
+The same as `rdjax train` (`rdjax eval` with --mode=eval): rdjax.train.run, which calls
 train_and_evaluate (or evaluate) for each category the config asks for.
 """
 

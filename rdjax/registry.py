@@ -16,6 +16,7 @@ import inspect
 import pkgutil
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from rdjax.config import MODEL_KEYS
 from rdjax.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -67,10 +68,6 @@ DATASETS: Registry[DatasetBuilder] = Registry("dataset", "rdjax.data", "DATASET"
 EVALUATORS: Registry[EvaluatorType] = Registry("evaluator", "rdjax.evaluators", "EVALUATOR")
 
 
-# config.model's keys that are not options: what the registry and the teacher read.
-MODEL_KEYS = ("name", "arch", "teacher_weights")
-
-
 def build_model(config: Any) -> Model:
     """The config's model, `MODEL(arch, dtype, **options)` with config.model's other keys
     as its options (the model checks them), and the image size checked."""
@@ -85,6 +82,12 @@ def build_model(config: Any) -> Model:
     model = model_type(config.model.arch, config.dtype, **options)
     model.check_image_size(config.image_size)
     return model
+
+
+def option_owners(option: str) -> list[str]:
+    """The models (by name) that take ``option`` (a key of config.model), for the message
+    that says where an option is set."""
+    return [n for n in MODELS.names() if option in list(inspect.signature(MODELS.get(n)).parameters)[2:]]
 
 
 def model_for_arch(arch: str) -> ModelType:

@@ -190,7 +190,7 @@ def export_workdir(
     The JSON holds the workdir's calibration whole (a unified one's global and per-category
     thresholds); with ``category``, that category's thresholds alone, and its name. The
     artifact computes maps and scores only, so routing ('auto') stays with rdjax."""
-    from rdjax.deploy import predictor as inference
+    from rdjax.deploy import predictor
     from rdjax.runtime.disk import write_bytes, write_json
 
     if fmt not in FORMATS:
@@ -201,9 +201,9 @@ def export_workdir(
         raise WorkdirError(f"{out.parent}: no such folder for --out")
     if out.is_dir():
         raise WorkdirError(f"{out}: is a folder; --out names the file to write")
-    if category == inference.AUTO:
+    if category == predictor.AUTO:
         raise ConfigError("--category=auto routes images inside rdjax; an export takes one category, or none")
-    model = inference.load(workdir, dtype="float32" if fmt == "onnx" else None, category=category)
+    model = predictor.load(workdir, dtype="float32" if fmt == "onnx" else None, category=category)
     data = export_jax(model, weights_dtype).serialize() if fmt == "jax" else export_onnx(model, weights_dtype)
     write_bytes(out, bytes(data))
     write_json(out.with_name(out.name + ".json"), contract(model, fmt, weights_dtype))

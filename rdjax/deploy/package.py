@@ -64,8 +64,7 @@ def package_workdir(
     checked first; the package is written beside ``out`` and renamed into place, so a
     failure (a full disk included: one line) leaves nothing, and a kill leaves a
     temporary folder that the next run onto ``out`` removes."""
-    from rdjax.deploy import export
-    from rdjax.deploy import predictor as inference
+    from rdjax.deploy import export, predictor
 
     if weights_dtype not in WEIGHTS_DTYPES:
         raise ConfigError(f"--weights_dtype={weights_dtype}: choose one of {', '.join(WEIGHTS_DTYPES)}")
@@ -76,7 +75,7 @@ def package_workdir(
     workdir = Path(workdir)
     if workdir_lib.is_package(workdir):
         raise WorkdirError(f"{workdir}: is a package already; --workdir takes a trained workdir")
-    model = inference.load(workdir, category=category)
+    model = predictor.load(workdir, category=category)
     for left in remove_leftovers(out):
         print(f"note: removed {left}, left by a package run that was stopped", file=sys.stderr)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")

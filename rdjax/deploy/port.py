@@ -22,7 +22,7 @@ from absl import flags
 
 from rdjax import config as config_lib
 from rdjax.errors import ConfigError, PortError, WorkdirError
-from rdjax.registry import DATASETS, MODELS, model_for_arch
+from rdjax.registry import DATASETS, MODELS, build_model, model_for_arch
 from rdjax.runtime import weights
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.train import teacher as teacher_lib
@@ -61,6 +61,7 @@ def port(
         if config.drop_last is None:
             config.drop_last = False  # the official epoch (Dinomaly's official config sets full batches only)
         config = config_lib.for_workdir(config, None, model)  # the map keys it leaves unset: the model's recipe
+        model = build_model(config)  # with the official config's options, as a run builds it
         config.model.teacher_weights = str((out / workdir_lib.TEACHER).resolve())
         # Trained elsewhere: the evaluation names root and category; category '' marks a
         # port, whose dataset keys any evaluation may change (rdjax.config.check_rerun).
@@ -88,7 +89,8 @@ def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string(
         "src",
         None,
-        "teacher: a .pth/.pt/.safetensors/.npz file or 'imagenet'; a model (rd4ad, rdpp): its official checkpoint.",
+        "teacher: a .pth/.pt/.safetensors/.npz file or 'imagenet'; a model (rdjax port --help lists them): its "
+        "official checkpoint.",
         flag_values=fv,
     )
     flags.DEFINE_string("out", None, "Output directory (must not exist).", flag_values=fv)
@@ -112,7 +114,7 @@ def main(fv: flags.FlagValues, args: list[str]) -> None:
     """`rdjax port WHAT`."""
     if len(args) != 1:
         raise ConfigError(
-            "rdjax port needs what to port: 'teacher' or a model name (rd4ad, rdpp, dinomaly), e.g. "
+            f"rdjax port needs what to port: 'teacher' or a model name ({', '.join(MODELS.names())}), e.g. "
             "rdjax port rd4ad --arch=wide_resnet50_2 --teacher=imagenet --src=CKPT --out=WORKDIR"
         )
     port(args[0], fv.arch, fv.src, Path(fv.out), fv.teacher, fv.image_size, fv.dataset)

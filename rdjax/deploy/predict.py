@@ -150,7 +150,7 @@ class PredictOptions:
 def predict_folder(workdir: str, pattern: str, out: Path, options: PredictOptions = PredictOptions()) -> None:
     """Every file of ``pattern`` (a folder or a glob) scored by ``workdir``'s model into ``out``
     (the module docstring)."""
-    from rdjax.deploy import predictor as inference
+    from rdjax.deploy import predictor
 
     files = find_inputs(pattern)
     images = [f for f in files if is_image(f)]
@@ -158,7 +158,7 @@ def predict_folder(workdir: str, pattern: str, out: Path, options: PredictOption
         raise DataError(f"{pattern}: no image files found")
     owned, created = [out / name for name in OWNED], not out.exists()
     check_output(out, options.overwrite, owned, images)
-    model = inference.load(workdir, dtype=options.dtype, category=options.category)
+    model = predictor.load(workdir, dtype=options.dtype, category=options.category)
     if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no decisions or masks", file=sys.stderr)
     clear_owned(owned)
@@ -277,14 +277,14 @@ def predict_mvtec_ad2(workdir: str, folder: str, out: Path, options: PredictOpti
     from tqdm import tqdm
 
     from rdjax.data import mvtec_ad2
-    from rdjax.deploy import predictor as inference
+    from rdjax.deploy import predictor
 
     category_dir = Path(folder).resolve()
     inputs = mvtec_ad2.private_images(category_dir)
     owned = [out / kind / category_dir.name for kind in (mvtec_ad2.MAPS, mvtec_ad2.THRESHOLDED)]
     created = not out.exists()
     check_output(out, options.overwrite, owned, [f for _, f in inputs], shared=True)
-    model = inference.load(workdir, dtype=options.dtype, category=options.category)
+    model = predictor.load(workdir, dtype=options.dtype, category=options.category)
     if model.calibration is None:
         print(f"warning: {workdir} has no calibration.json: no {mvtec_ad2.THRESHOLDED}", file=sys.stderr)
     clear_owned(owned)

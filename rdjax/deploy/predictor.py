@@ -25,7 +25,7 @@ from rdjax.deploy import loading
 from rdjax.deploy.images import ImageLike, as_images
 from rdjax.errors import ConfigError, DataError
 from rdjax.modes import AUTO, GLOBAL
-from rdjax.registry import MODELS
+from rdjax.registry import build_model
 from rdjax.runtime import sharding
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring import maps as maps_lib
@@ -148,7 +148,7 @@ class Predictor:
         if self.router is None:
             raise ConfigError(f"{self.workdir}: category 'auto' needs a router ({ROUTER_HINT})")
         bs = sharding.round_up(batch_size or int(self.config.eval_batch_size), jax.device_count())
-        model = MODELS.get(self.config.model.name)(self.config.model.arch, self.config.dtype)
+        model = build_model(self.config)
         normalize = bool(self.config.imagenet_normalize)
         return self.router.route(router_lib.embeddings(model, normalize, self.teacher_vars, inputs, bs, self._put))
 
@@ -313,7 +313,7 @@ def load(
     if dtype is not None:
         modes.parse(modes.Dtype, dtype, "dtype")
         config.dtype = dtype
-    model = MODELS.get(config.model.name)(config.model.arch, config.dtype)
+    model = build_model(config)  # MODEL(arch, dtype, **options), as the run built it
     mesh = sharding.make_mesh()
     package = workdir_lib.is_package(workdir)
     fix = "make the package again with `rdjax package`" if package else f"refit them: rdjax eval --workdir={workdir}"

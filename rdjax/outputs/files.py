@@ -91,7 +91,7 @@ def write_prediction(
 ) -> dict:
     """Image ``i`` of a Prediction: OUT/overlays/<name>.png, OUT/masks/<name>_mask.png
     when calibrated; returns its scores.csv row. The picture's colour scale is that of
-    the threshold that decided the image (calibration.colour_scale), else ``lo_hi`` (the
+    the threshold that decided the image (thresholds.colour_scale), else ``lo_hi`` (the
     run's); what the ``recipe``'s centre crop kept from the model is shaded."""
     from PIL import Image
 

@@ -301,7 +301,7 @@ def decision_picture(
     green, grey without a threshold; the score against the threshold that decided and
     whose it is; the normalized score; the caption); the plain image (its ground truth
     outlined in red, where given) beside the image blended with its map on the colour
-    scale ``lo_hi`` (calibration.colour_scale: the threshold in the middle), with the
+    scale ``lo_hi`` (thresholds.colour_scale: the threshold in the middle), with the
     mask's outline in white, the map's peak circled and what the model did not see
     (Regions.inspected) shaded (`shade_uninspected`); and a colour bar with its range and
     the threshold marked. The picture keeps the image's resolution (small images are
@@ -348,7 +348,7 @@ class Cases:
     scores: np.ndarray
     filenames: list[str]
     labels: np.ndarray
-    lo: float  # the colour scale: calibration.colour_scale of the threshold, else the pass's pixel range
+    lo: float  # the colour scale: thresholds.colour_scale of the threshold, else the pass's pixel range
     hi: float
 
 

@@ -8,7 +8,7 @@ of the highest-scoring good images and one of the lowest-scoring defective ones 
 candidates for false positives and false negatives), each image (at its map's size, the
 truth outlined) beside its anomaly map, titled with what happened to it at the calibrated
 threshold (true or false positive or negative); the maps share one colour scale, the
-threshold in its middle (calibration.colour_scale), and each row has its colour bar.
+threshold in its middle (thresholds.colour_scale), and each row has its colour bar.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def subtitle(
     """The lines under the sheet's title: the table's metrics (percent, those defined), the
     image level on one line and the pixel level on the next; then the image threshold and where it came from
     (rdjax.scoring.thresholds.describe), the test images' decisions at it (``counts``:
-    calibration.confusion) and the warning of a threshold on few images."""
+    thresholds.confusion) and the warning of a threshold on few images."""
     levels: list[list[str]] = [[], []]
     for key in TABLE_KEYS:
         value = None if metrics is None else metrics.get(key)

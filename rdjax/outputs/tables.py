@@ -33,7 +33,7 @@ def results_markdown(result: dict) -> str:
 
 
 def confusion_markdown(counts: dict[str, int], threshold: float) -> str:
-    """The test images' decisions at the image threshold (calibration.confusion), as a
+    """The test images' decisions at the image threshold (thresholds.confusion), as a
     table of label against decision."""
     total = sum(counts.values())
     return "\n".join([
@@ -83,7 +83,7 @@ def router_markdown(result: dict) -> str:
 def unified_decisions_markdown(result: dict) -> str:
     """Each category's test images decided by its own thresholds (calibration.json's
     'categories'), and all of them by the global one: the counts, and how many images
-    each threshold rests on (a warning where too few, calibration.few_images)."""
+    each threshold rests on (a warning where too few, thresholds.few_images)."""
     cal = result.get("calibration")
     if cal is None:
         return ""

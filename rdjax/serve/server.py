@@ -190,7 +190,7 @@ def default_batch_size() -> int:
 
 def main(fv: flags.FlagValues, args: Sequence[str]) -> None:
     require()
-    from rdjax.deploy import predictor as inference
+    from rdjax.deploy import predictor
 
     batch_size = fv.batch_size or default_batch_size()
     settings = settings_of(fv, batch_size)
@@ -199,7 +199,7 @@ def main(fv: flags.FlagValues, args: Sequence[str]) -> None:
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)
     path = fv.workdir or fv.package
-    model = inference.load(path, dtype=fv.dtype, category=fv.category)
+    model = predictor.load(path, dtype=fv.dtype, category=fv.category)
     if model.calibration is None:
         print(f"warning: {path} has no calibration.json: answers carry no decisions", file=sys.stderr)
     warm_up(model, settings.batch_size)

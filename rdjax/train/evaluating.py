@@ -18,11 +18,11 @@ from rdjax import config as config_lib
 from rdjax import evaluators as evaluators_lib
 from rdjax import modes
 from rdjax.data.preprocess import Recipe, Split
-from rdjax.outputs import files as outputs
+from rdjax.outputs import files
 from rdjax.runtime import disk, sharding
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring import maps, metrics, tiling
-from rdjax.scoring import passes as evaluation
+from rdjax.scoring import passes as passes_lib
 from rdjax.scoring import router as router_lib
 from rdjax.scoring import thresholds as calibration_lib
 from rdjax.train.log import log, naming
@@ -36,7 +36,7 @@ class Passes:
 
     run: Run
     eval_step: maps.EvalStep
-    fixed: evaluation.PassSetup  # what stays fixed across the passes
+    fixed: passes_lib.PassSetup  # what stays fixed across the passes
 
     @classmethod
     def of(cls, run: Run, student_vars: Any) -> Passes:
@@ -50,16 +50,16 @@ class Passes:
             recipe = Recipe.from_config(config)
             tiler = functools.partial(tiling.evaluation_maps, recipe=recipe, setting=config.resize, run=windows)
             pass_step = lambda teacher_vars, student_vars, *batch: maps.stats_step(*batch)
-        fixed = evaluation.PassSetup(
+        fixed = passes_lib.PassSetup(
             pass_step, run.teacher_vars, student_vars, run.eval_batch, run.put, tiler, config.map_size
         )
         return cls(run, eval_step, fixed)
 
-    def run_pass(self, split: Split, kind: str = "validation") -> evaluation.PassResult:
+    def run_pass(self, split: Split, kind: str = "validation") -> passes_lib.PassResult:
         """An evaluation pass over ``split``, exact where its maps fit the exact budget."""
         config = self.run.config
         exact = len(split) * map_side(config) ** 2 <= config.exact_metrics_max_pixels
-        return evaluation.run_pass(self.fixed, split, exact, kind)
+        return passes_lib.run_pass(self.fixed, split, exact, kind)
 
     def predict(self, split: Split, rows: np.ndarray) -> np.ndarray:
         """The maps of ``rows`` of ``split``."""
@@ -78,16 +78,16 @@ class _Union:
 
     budget: int
     active: bool
-    test: evaluation.PassResult | None = None
-    validation: evaluation.PassResult | None = None
+    test: passes_lib.PassResult | None = None
+    validation: passes_lib.PassResult | None = None
 
-    def add_test(self, passed: evaluation.PassResult) -> None:
+    def add_test(self, passed: passes_lib.PassResult) -> None:
         if self.active:
-            self.test = evaluation.merge(self.test, passed, self.budget)
+            self.test = passes_lib.merge(self.test, passed, self.budget)
 
-    def add_validation(self, passed: evaluation.PassResult) -> None:
+    def add_validation(self, passed: passes_lib.PassResult) -> None:
         if self.active:
-            self.validation = evaluation.merge(self.validation, passed, self.budget)
+            self.validation = passes_lib.merge(self.validation, passed, self.budget)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,7 @@ class _Recording:
     validation: Split | None
     union: _Union
 
-    def __call__(self, split: Split, kind: str = "validation") -> evaluation.PassResult:
+    def __call__(self, split: Split, kind: str = "validation") -> passes_lib.PassResult:
         passed = self.passes.run_pass(split, kind)
         if split is self.validation:
             self.union.add_validation(passed)
@@ -115,9 +115,9 @@ class _Reusing:
 
     passes: Passes
     split: Split | None
-    passed: evaluation.PassResult | None
+    passed: passes_lib.PassResult | None
 
-    def __call__(self, split: Split, kind: str = "validation") -> evaluation.PassResult:
+    def __call__(self, split: Split, kind: str = "validation") -> passes_lib.PassResult:
         if split is self.split and self.passed is not None:
             return self.passed
         return self.passes.run_pass(split, kind)
@@ -146,7 +146,7 @@ def evaluate_student(run: Run, student_vars: Any, epoch: int, step: int, names: 
 def _results_dir(run: Run, epoch: int) -> Path | None:
     """eval/epoch_NNNN on process 0 (None elsewhere), holding the config it is evaluated
     with (a rerun compares it: `stale`)."""
-    out_dir = outputs.evaluation_dir(run.workdir, epoch) if jax.process_index() == 0 else None
+    out_dir = files.evaluation_dir(run.workdir, epoch) if jax.process_index() == 0 else None
     if out_dir is not None:
         if out_dir.is_dir():  # this epoch was evaluated before (a finished run's rerun, a rerun after a kill)
             keep_results(run.workdir, out_dir)
@@ -215,11 +215,11 @@ def _evaluate_part(
     category: str,
     part: Part,
     evaluators: dict,
-    run_pass: Callable[..., evaluation.PassResult],
+    run_pass: Callable[..., passes_lib.PassResult],
     predict: Callable[[Split, np.ndarray], np.ndarray],
     out_dir: Path | None,
     epoch: int,
-) -> tuple[dict, evaluation.PassResult]:
+) -> tuple[dict, passes_lib.PassResult]:
     """One category's evaluation: (its evaluators' results, its test pass)."""
     config = run.config
     if run.unified:  # what the evaluators read of the config names the category they are about
@@ -313,7 +313,7 @@ def stale(run: Run, step: int) -> str | None:
     current, or None where it is: it holds a complete evaluation (metrics.json, written
     last) of ``step``, the latest checkpoint, made with the config.json beside it, which
     equals run.config in every key an evaluation reads."""
-    folder = outputs.evaluation_dir(run.workdir, int(run.config.num_epochs))
+    folder = files.evaluation_dir(run.workdir, int(run.config.num_epochs))
     name = folder.relative_to(run.workdir)
     if not (folder / "metrics.json").is_file():
         return f"{name} holds no complete evaluation"

@@ -14,8 +14,7 @@ from typing import Any
 import jax
 
 from rdjax.errors import TrainingError
-from rdjax.outputs import files as outputs
-from rdjax.outputs import tables
+from rdjax.outputs import files, tables
 from rdjax.runtime import disk
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring import metrics
@@ -96,11 +95,11 @@ class Writer:
 
     def evaluation(self, result: dict) -> None:
         wrong = calibration_lib.problem(result["calibration"]) if "calibration" in result else None
-        if wrong:  # the schema every reader checks (calibration.read): never write what they refuse
+        if wrong:  # the schema every reader checks (thresholds.read): never write what they refuse
             raise TrainingError(f"the evaluation at step {result['step']} fitted unusable thresholds ({wrong}); "
                                 "calibration.json is left as it was")  # fmt: skip
         if self.primary:
-            outputs.write_evaluation(self.workdir, result["epoch"], result)
+            files.write_evaluation(self.workdir, result["epoch"], result)
         if self.board is not None:
             for key in metrics.TABLE_KEYS:
                 if key in result:
@@ -118,7 +117,7 @@ class Writer:
 
     def finish(self, config: Any) -> None:
         if self.primary and config.report_best_on_test:
-            outputs.write_best_on_test(self.workdir)
+            files.write_best_on_test(self.workdir)
 
     def close(self) -> None:
         if self.board is not None:

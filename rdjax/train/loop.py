@@ -29,7 +29,7 @@ from rdjax.data import pipeline
 from rdjax.data.pipeline import prefetch
 from rdjax.errors import DataError, Interrupted, TrainingError, WorkdirError
 from rdjax.modes import FeatureCache
-from rdjax.outputs import files as outputs
+from rdjax.outputs import files
 from rdjax.runtime import disk, sharding
 from rdjax.runtime import state as state_lib
 from rdjax.runtime import workdir as workdir_lib
@@ -268,7 +268,7 @@ def _stored_result(run: Run, manager: Any) -> dict | None:
             why = why or "another process finds the stored evaluation out of date"
     if why is None:
         manager.close()
-        folder = outputs.evaluation_dir(run.workdir, int(run.config.num_epochs))
+        folder = files.evaluation_dir(run.workdir, int(run.config.num_epochs))
         log("trained to step %d and evaluated with these settings (%s): nothing to do; "
             "`rdjax eval` evaluates again", latest, folder)  # fmt: skip
         return disk.read_json(folder / "metrics.json")
@@ -364,7 +364,7 @@ def evaluate(config: Any, workdir: str | Path, dataset: data.Dataset | None = No
             epoch = int(trained.num_epochs)
         _remove_leftovers(workdir)
         if jax.process_index() == 0:  # the previous calibration and report, even of another epoch
-            keep_results(workdir, outputs.evaluation_dir(workdir, epoch))
+            keep_results(workdir, files.evaluation_dir(workdir, epoch))
         result = evaluate_student(run, student_vars, epoch, step)
     Writer(workdir).evaluation(result)
     return result

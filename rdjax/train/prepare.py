@@ -21,7 +21,7 @@ from rdjax.errors import ConfigError, DataError
 from rdjax.evaluators.calibration import calibration_split
 from rdjax.models import Model
 from rdjax.modes import FeatureCache
-from rdjax.outputs import pictures as outputs
+from rdjax.outputs import pictures
 from rdjax.runtime import disk, sharding, weights
 from rdjax.runtime import workdir as workdir_lib
 from rdjax.scoring import thresholds as calibration_lib
@@ -88,7 +88,7 @@ def setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | Non
 def _setup(config: Any, workdir: Path, writing: bool, dataset: data.Dataset | None) -> Run:
     config, model = _resolved(config, workdir, writing)
     recipe = Recipe.from_config(config)
-    crop = outputs.crop_note(recipe)
+    crop = pictures.crop_note(recipe)
     if crop:
         log("note: %s", crop)
     dataset = dataset or registry.build_dataset(config.dataset)
@@ -227,7 +227,7 @@ def _check_categories(workdir: Path, categories: list[str]) -> None:
 
 
 def _few_images_warning(config: Any, part: Part) -> str | None:
-    """A category's thresholds will rest on too few images (calibration.few_images): said
+    """A category's thresholds will rest on too few images (thresholds.few_images): said
     once when the run starts, not at every evaluation. A unified model's global threshold
     rests on more images than any category's, so its categories' warnings cover it."""
     if not any(evaluators_lib.type_of(n, s) == "calibration" for n, s in config.evals.items()):

@@ -107,6 +107,8 @@ def test_unknown_architecture_model_dataset_and_evaluator(root, tmp_path):
 def test_misspelt_config_key_file_and_flag(root, tmp_path):
     error = train_error(root, tmp_path / "w", "--config.num_epoch=2")
     assert "unknown config key 'num_epoch'" in error and 'Did you mean "num_epochs"' in error
+    error = train_error(root, tmp_path / "w", "--config.model.proj_lr=0.002")  # RD++'s option on an RD4AD config
+    assert "'model.proj_lr' in this config: it is an option of model 'rdpp'" in error and "--config=rdpp_mvtec" in error
     error = rdjax_cli("train", "--config=configs/mvtek.py", f"--workdir={tmp_path / 'w'}").error_line()
     assert "configs/mvtek.py: no such config file" in error and "mvtec" in error
     assert "unknown flag --workdr" in rdjax_cli("train", "--config=mvtec", f"--workdr={tmp_path}").error_line()

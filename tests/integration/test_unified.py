@@ -16,8 +16,7 @@ from sklearn import metrics as skm
 from rdjax import config as config_lib
 from rdjax import train
 from rdjax.data.preprocess import Recipe, Split
-from rdjax.scoring import maps, metrics
-from rdjax.scoring import passes as evaluation
+from rdjax.scoring import maps, metrics, passes
 
 
 def _split(seed: int, n: int, size: int = 8, records: np.ndarray | None = None) -> Split:
@@ -46,7 +45,7 @@ def test_concat_reads_every_row_from_its_own_split():
     np.testing.assert_array_equal(joined.labels, np.concatenate([a.labels, b.labels]))
 
 
-def _pass(rng: np.random.Generator, n: int, exact: bool) -> evaluation.PassResult:
+def _pass(rng: np.random.Generator, n: int, exact: bool) -> passes.PassResult:
     """A pass over n random 16x16 maps, its statistics accumulated as the jitted step does."""
     amaps = rng.random((n, 16, 16)).astype(np.float32)
     masks = rng.random((n, 16, 16)) > 0.8
@@ -54,7 +53,7 @@ def _pass(rng: np.random.Generator, n: int, exact: bool) -> evaluation.PassResul
     stats = maps.stats_step(jnp.asarray(amaps), jnp.asarray(amaps.max((1, 2))), jnp.asarray(masks),
                             jnp.asarray(np.stack(weights), jnp.float32), jnp.asarray(regions, jnp.int32),
                             jnp.ones(n, bool))[3]  # fmt: skip
-    acc = evaluation._Accumulator()
+    acc = passes._Accumulator()
     acc.add_stats(jax.device_get(stats))
     acc.scores, acc.sums, acc.pro_images = [amaps.max((1, 2))], [amaps.sum((1, 2))], [np.zeros(n)]
     acc.maps, acc.masks = [amaps], [masks]
@@ -68,7 +67,7 @@ def test_merged_passes_equal_one_pass_over_both(exact):
     counts: exact), the exact maps kept only while within the pixel limit."""
     rng = np.random.default_rng(0)
     a, b = _pass(rng, 5, exact), _pass(rng, 3, exact)
-    merged = evaluation.merge(evaluation.merge(None, a, 10**6), b, 10**6)
+    merged = passes.merge(passes.merge(None, a, 10**6), b, 10**6)
     np.testing.assert_array_equal(merged.scores, np.concatenate([a.scores, b.scores]))
     np.testing.assert_array_equal(merged.pixels.neg, a.pixels.neg + b.pixels.neg)
     assert merged.pixels.num_regions == a.pixels.num_regions + b.pixels.num_regions
@@ -77,7 +76,7 @@ def test_merged_passes_equal_one_pass_over_both(exact):
         labels = np.concatenate([a.pixels.masks, b.pixels.masks]).ravel()
         values = np.concatenate([a.pixels.maps, b.pixels.maps]).ravel()
         assert merged.pixels.auroc() == pytest.approx(skm.roc_auc_score(labels, values), abs=1e-12)
-        assert not evaluation.merge(a, b, a.pixels.maps.size).pixels.exact  # beyond the limit: binned
+        assert not passes.merge(a, b, a.pixels.maps.size).pixels.exact  # beyond the limit: binned
 
 
 def test_step_schedule_scales_every_rate_from_its_boundary():
@@ -167,7 +166,7 @@ def test_thresholds_per_category_and_global_from_the_union(unified):
     """Each category's image threshold lies midway between the two highest of its own 4
     held-out scores (the 0.99 quantile, moved to the middle of its gap, `midway`), the
     global one between the two highest of all 8, on scores recomputed independently of
-    the evaluation. The recomputed scores are within RECOMPUTED of the evaluation's, so
+    the passes. The recomputed scores are within RECOMPUTED of the evaluation's, so
     their midpoint is within RECOMPUTED of the threshold, however narrow the gap (a gap
     of 1e-3 on a 2-core Xeon put the threshold 5e-4 from both neighbours)."""
     from conftest import RECOMPUTED

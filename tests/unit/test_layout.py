@@ -9,6 +9,7 @@ comment, its docstrings excluded (blank lines and comments hold none).
 from __future__ import annotations
 
 import ast
+import importlib
 import io
 import re
 import textwrap
@@ -121,16 +122,23 @@ MODULE_MENTION = re.compile(r"\brdjax(?:\.[a-z_][a-z0-9_]*)+")
 PATH_MENTION = re.compile(r"\b(?:rdjax|tests|experiments|configs|scripts)/[A-Za-z0-9_/]+\.(?:py|html|js|css|sh)\b")
 
 
-def _exists(module: str) -> bool:
-    """A module, or a module's attribute (rdjax.scoring.maps.anomaly_map), that exists."""
-    parts = module.split(".")
+def _exists(name: str) -> bool:
+    """A module, or an attribute of one (rdjax.scoring.maps.anomaly_map, a class's method),
+    that exists: the longest importable prefix, then each further name an attribute."""
+    parts = name.split(".")
     if parts[1] in rdjax.__all__:  # rdjax.load, rdjax.Predictor
         return True
     for n in range(len(parts), 1, -1):
-        path = PACKAGE.parent.joinpath(*parts[:n])
-        if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
-            return True
-    return parts[1] == "configs"
+        try:
+            found = importlib.import_module(".".join(parts[:n]))
+        except ImportError:
+            continue
+        for attribute in parts[n:]:
+            if not hasattr(found, attribute):
+                return False
+            found = getattr(found, attribute)
+        return True
+    return False
 
 
 def test_the_docs_name_modules_and_files_that_exist():

@@ -14,8 +14,7 @@ from rdjax.data import index, mvtec, normalize, pipeline, preprocess, synthetic
 from rdjax.data.preprocess import Recipe
 from rdjax.errors import ConfigError
 from rdjax.runtime import sharding
-from rdjax.scoring import maps
-from rdjax.scoring import passes as evaluation
+from rdjax.scoring import maps, passes
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +206,7 @@ def test_grain_batches_decode_each_requested_row_once():
 
 
 def test_evaluation_sees_every_image_exactly_once():
-    """evaluation.run_pass over 11 images in batches of 4: each image is decoded once (and
+    """passes.run_pass over 11 images in batches of 4: each image is decoded once (and
     the last batch's one padding row, a repeat of its last image), its score comes back
     once and in order, and the padding adds nothing to the pixel counts (11 images x 16
     pixels, half of image 3's anomalous)."""
@@ -224,7 +223,7 @@ def test_evaluation_sees_every_image_exactly_once():
         return maps.stats_step(image_maps, image_maps.max(axis=(1, 2)), *rest)
 
     before = pipeline.decoded["once"]
-    passed = evaluation.run_pass(evaluation.PassSetup(pass_step, None, None, 4, put), split, exact=True, kind="once")
+    passed = passes.run_pass(passes.PassSetup(pass_step, None, None, 4, put), split, exact=True, kind="once")
     assert pipeline.decoded["once"] - before == 12
     np.testing.assert_array_equal(passed.scores, np.arange(11) + 1.0)
     np.testing.assert_array_equal(passed.sums, (np.arange(11) + 1.0) * 16)

@@ -251,7 +251,7 @@ def test_predict_writes_the_submission_of_a_category(ad2_root, trained, tmp_path
 @pytest.mark.slow  # an evaluation pass and a prediction
 def test_evaluation_with_fit_scores_as_predict_does(ad2_root, trained, tmp_path):
     """The shared 64 px model evaluated on the 96x64 test_public images with
-    resize.mode='fit': the scores it writes are Model.predict's on the same files (the
+    resize.mode='fit': the scores it writes are Predictor.predict's on the same files (the
     setting is recorded in calibration.json), within float32 batching, and the same
     images squeezed to 64x64 score differently."""
     import csv

@@ -133,7 +133,7 @@ def test_evaluation_tiles_as_predict_does(trained, synthetic_data, tmp_path):
     score, far below any score gap, plus 1e-6 for scores.csv's six decimals. (2) 64 px
     tiles with overlap: the evaluation pass
     (this process's device, rdjax.scoring.tiling.evaluation_maps) scores every image as
-    Model.predict does by default afterwards, since calibration.json records the setting."""
+    Predictor.predict does by default afterwards, since calibration.json records the setting."""
     import json
     import shutil
 

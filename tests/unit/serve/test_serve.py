@@ -1,11 +1,11 @@
-"""`rdjax serve` over real HTTP on loopback: every answer equals Model.predict called
+"""`rdjax serve` over real HTTP on loopback: every answer equals Predictor.predict called
 directly on the same image, bad requests get a 4xx and a one-line reason without
 harming the server, concurrent requests are batched, and the page works in chromium.
 
 Exactness: the server pads every model call to its batch size B (rdjax.runtime.sharding.pad),
 so every batch runs the one compiled program of shape (B, S, S, 3), and each image's
 row is computed by the same arithmetic whatever shares its batch (rows are independent
-in inference). The truth is therefore Model.predict(image, batch_size=B), and answers
+in inference). The truth is therefore Predictor.predict(image, batch_size=B), and answers
 must equal it bit for bit: a score goes through JSON as a double, which holds a float32
 exactly. (Another batch size is another program: on CPU, batch 1 differs from batch 8 by
 float32 rounding, about 4e-7 in the maps.)
@@ -47,13 +47,13 @@ SETTINGS = Settings(batch_size=BATCH, max_wait_ms=5, max_bytes=2_000_000, max_pi
 
 
 def levels(model, amap: np.ndarray) -> np.ndarray:
-    """The 8-bit map the API documents, from Model.predict's map: the calibrated normalized
+    """The 8-bit map the API documents, from Predictor.predict's map: the calibrated normalized
     pixel scale, 255 = 1."""
     return np.round(np.clip(model.normalized_map(amap), 0, 1) * 255).astype(np.uint8)
 
 
 def assert_answer(model, answer: dict, image, truth) -> None:
-    """``answer`` says what ``truth`` (Model.predict on ``image`` alone) says, exactly."""
+    """``answer`` says what ``truth`` (Predictor.predict on ``image`` alone) says, exactly."""
     assert np.float32(answer["score"]) == truth.scores[0] and answer["score"] == float(truth.scores[0])
     assert answer["normalized_score"] == float(truth.normalized_scores[0])
     assert answer["decision"] == ("anomalous" if truth.decisions[0] else "normal")
@@ -137,7 +137,7 @@ def test_a_multipart_upload_answers_as_the_raw_body(server, model, images, truth
 
 
 def test_other_formats_and_modes_are_read_as_model_predict_reads_them(server, model, images):
-    """The server decodes and converts as Model.predict does for a PIL image
+    """The server decodes and converts as Predictor.predict does for a PIL image
     (rdjax.data.preprocess.to_rgb)."""
     for mode, fmt in (("L", "PNG"), ("RGBA", "PNG"), ("I;16", "PNG"), ("RGB", "JPEG"), ("RGB", "BMP"), ("RGB", "TIFF")):
         img = Image.fromarray(images[-1]).convert("L" if mode == "I;16" else mode)

@@ -17,8 +17,7 @@ import rdjax
 from rdjax import config as config_lib
 from rdjax import data, registry, train
 from rdjax.data.preprocess import Recipe
-from rdjax.deploy import predict
-from rdjax.deploy import predictor as inference
+from rdjax.deploy import predict, predictor
 from rdjax.deploy.names import output_names
 from rdjax.scoring import thresholds as calibration
 
@@ -37,7 +36,7 @@ def model(workdir):
 
 
 def test_the_predictor_keeps_its_old_name():
-    assert rdjax.Predictor is inference.Predictor
+    assert rdjax.Predictor is predictor.Predictor
     assert rdjax.Model is rdjax.Predictor  # the name up to 0.7.0, for old code
     assert set(rdjax.__all__) == {"Model", "Prediction", "Predictor", "load"}
 
@@ -133,8 +132,8 @@ def test_load_takes_the_recorded_max_ratio(workdir, model, tmp_path):
     config = config_lib.defaults()
     config.max_ratio = 0.05
     older = dataclasses.replace(model.calibration, max_ratio=None)  # a calibration.json older than the key
-    assert "max_ratio" not in older.to_json() and inference.recorded_max_ratio(older, config) == 0.05
-    assert inference.recorded_max_ratio(None, config) == 0.05
+    assert "max_ratio" not in older.to_json() and predictor.recorded_max_ratio(older, config) == 0.05
+    assert predictor.recorded_max_ratio(None, config) == 0.05
 
 
 @pytest.mark.slow  # an evaluation of the shared run, and predict compiled for another score
@@ -183,7 +182,7 @@ def test_predict_accounts_for_every_file(workdir, tmp_path):
     """A mixed folder: images, a truncated PNG, a text file, a file without extension and
     the same image under another extension. scores.csv has one row per file, in the
     folder's order, scored or skipped with the reason; every scored image has its own
-    overlay and mask (the two 000 files too) and decides as Model.predict does."""
+    overlay and mask (the two 000 files too) and decides as Predictor.predict does."""
     work, data, _ = workdir
     inputs = tmp_path / "in"
     shutil.copytree(data / "disk" / "test", inputs)
@@ -269,7 +268,7 @@ def test_colliding_names_get_distinct_outputs(workdir, tmp_path):
 @pytest.mark.slow
 def test_the_default_threshold_uses_no_test_image(workdir, tmp_path):
     """The default calibration: the 0.99 quantile of held-out train/good images (0.1 of
-    16, so 2, never trained on), recomputed here with Model.predict. Evaluated again on a
+    16, so 2, never trained on), recomputed here with Predictor.predict. Evaluated again on a
     test set with half its images removed, the metrics change and calibration.json stays
     the same bit for bit: no test image enters it."""
     _, root, _ = workdir
