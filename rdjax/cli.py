@@ -193,7 +193,7 @@ def _unknown_config_key(key: str) -> str:
 
     owners = registry.option_owners(key.removeprefix("model.")) if key.startswith("model.") else []
     if owners:
-        configs = ", ".join(f"--config={registry.MODELS.get(n).official_config}" for n in owners)
+        configs = ", ".join(f"--config={getattr(registry.MODELS.get(n), 'official_config', n)}" for n in owners)
         models = " or ".join(map(repr, owners))
         return (f"unknown config key {key!r} in this config: it is an option of model {models}, set in that "
                 f"model's configs ({configs}, or a config file of your own that sets it)")  # fmt: skip
