@@ -39,7 +39,7 @@ from rdjax.train.cache import cached_features
 from rdjax.train.evaluating import evaluate_student, keep_results, stale
 from rdjax.train.hooks import Profiler, StopRequest, Writer
 from rdjax.train.log import label, log, naming
-from rdjax.train.prepare import Run, category_epochs, setup
+from rdjax.train.prepare import Run, category_epochs, check_model_of, setup
 
 
 def _remove_leftovers(workdir: Path) -> None:
@@ -378,6 +378,7 @@ def run(config: Any, workdir: str | Path, mode: str = "train") -> dict[str, dict
     workdir itself, whose results.md is that table."""
     workdir = Path(workdir)
     config_lib.check(config, jax.device_count())  # before the dataset is built (it may generate or extract)
+    check_model_of(workdir, config, evaluating=mode != "train")
     registry.check(config)
     dataset = registry.build_dataset(config.dataset)
     categories = dataset.categories()

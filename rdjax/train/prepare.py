@@ -133,10 +133,22 @@ def category_epochs(config: Any) -> Any:
     return config
 
 
+def check_model_of(workdir: Path, config: Any, evaluating: bool) -> None:
+    """A config that names another model than a trained workdir's is refused as
+    config.check_rerun refuses it, before that model reads the workdir's options (which
+    are another model's: its own refusal would name an option, not the model)."""
+    if not ((workdir / workdir_lib.CONFIG).is_file() or workdir_lib.categories(workdir)):
+        return
+    saved = workdir_lib.saved_config(workdir)
+    if saved.model.name != config.model.name:
+        config_lib.check_rerun(workdir, saved, config, evaluating, registry.build_model(saved))
+
+
 def _resolved(config: Any, workdir: Path, writing: bool) -> tuple[Any, Model]:
     """The checked config, resolved against a trained workdir's (its weights' settings
     stay as they are), and the model it builds."""
     config_lib.check(config, jax.device_count())
+    check_model_of(workdir, config, evaluating=not writing)
     registry.check(config)
     model = registry.build_model(config)
     saved_config = workdir_lib.load_config(workdir) if (workdir / workdir_lib.CONFIG).is_file() else None

@@ -51,7 +51,8 @@ def _cast(tree, dtype):
 
 def _setup(name: str, dtype: str, batches: int):
     if name == "dinomaly":  # the tiny random ViT at 56 px: 4 x 4 patches
-        model, size = Dinomaly("vit_tiny14_reg4", dtype), 56
+        # warmup_steps=0: the first step moves the parameters (warm-up starts at rate 0)
+        model, size = Dinomaly("vit_tiny14_reg4", dtype, warmup_steps=0), 56
         teacher_vars, student_vars = _cast(Dinomaly("vit_tiny14_reg4").init(jax.random.key(0), size), dtype)
     else:
         model, size = RD4AD("resnet18", dtype), SIZE
@@ -70,7 +71,6 @@ def _setup(name: str, dtype: str, batches: int):
 def run(count: int, name: str = "rd4ad") -> dict:
     model, student_vars, batches = _setup(name, "float64", count)
     config = config_lib.defaults()
-    config.model.warmup_steps = 0  # the first step moves the parameters (warm-up starts at rate 0)
     tx = model.optimizer(config, total_steps=10)
     result = _flat("start", student_vars["params"])
     for n, mesh, rep, dat in _meshes((1, 2) if name == "dinomaly" else (1, 2, 8)):
