@@ -134,13 +134,18 @@ def category_epochs(config: Any) -> Any:
 
 
 def check_model_of(workdir: Path, config: Any, evaluating: bool) -> None:
-    """A config that names another model than a trained workdir's is refused as
-    config.check_rerun refuses it, before that model reads the workdir's options (which
-    are another model's: its own refusal would name an option, not the model)."""
+    """A config that names another model than a trained workdir's, and carries the
+    workdir's options (an evaluation's config is the workdir's own), is refused as
+    config.check_rerun refuses another model, naming the model: the named model's own
+    refusal would name one of the other model's options instead."""
     if not ((workdir / workdir_lib.CONFIG).is_file() or workdir_lib.categories(workdir)):
         return
     saved = workdir_lib.saved_config(workdir)
-    if saved.model.name != config.model.name:
+    if saved.model.name == config.model.name:
+        return
+    try:
+        registry.build_model(config)
+    except ConfigError:
         config_lib.check_rerun(workdir, saved, config, evaluating, registry.build_model(saved))
 
 
